@@ -1,0 +1,9 @@
+//! The VMM as a library: the binary in `main.rs` is a thin CLI over these modules.
+//!
+//! Module ownership while the first version is built in parallel:
+//! boot/memory/vcpu/devices/arch/vm (bzImage boot, issue 3), uffd/paging
+//! (demand paging, issue 4), guest (built-in test guests, issue 4).
+
+pub mod guest;
+pub mod paging;
+pub mod uffd;

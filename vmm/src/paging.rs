@@ -1,0 +1,1 @@
+//! Demand paging of guest RAM through userfaultfd and the stage2 engine (placeholder).

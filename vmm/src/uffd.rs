@@ -1,0 +1,1 @@
+//! A small userfaultfd layer over the kernel ioctls (placeholder).
