@@ -4,6 +4,12 @@
 //! boot/memory/vcpu/devices/arch/vm (bzImage boot, issue 3), uffd/paging
 //! (demand paging, issue 4), guest (built-in test guests, issue 4).
 
+pub mod arch;
+pub mod boot;
+pub mod devices;
 pub mod guest;
+pub mod memory;
 pub mod paging;
 pub mod uffd;
+pub mod vcpu;
+pub mod vm;

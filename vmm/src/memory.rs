@@ -1,0 +1,522 @@
+//! Guest RAM: the physical layout (RAM below the 32-bit PCI hole, the rest above 4 GiB), its host
+//! backing (hugetlbfs 2 MiB / 1 GiB, THP, 4 KiB pages) and the e820 map that describes it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use log::{info, warn};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Start of the 32-bit PCI/MMIO hole: RAM above this guest-physical address is moved above 4 GiB.
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+/// End of the 32-bit hole (4 GiB): the second RAM region starts here.
+pub const MMIO_HOLE_END: u64 = 4 << 30;
+/// Start of the legacy EBDA/VGA/BIOS area (e820 "reserved", ACPI spec 6.5 §15 / the PC memory map).
+pub const LEGACY_HOLE_START: u64 = 0x9_fc00;
+/// End of the legacy area: the first megabyte ends here.
+pub const LEGACY_HOLE_END: u64 = 0x10_0000;
+
+const SZ_4K: u64 = 4 << 10;
+const SZ_2M: u64 = 2 << 20;
+const SZ_1G: u64 = 1 << 30;
+
+/// `MAP_HUGE_SHIFT` (include/uapi/asm-generic/hugetlb_encode.h): log2(page size) goes in the
+/// mmap flags at this shift to choose the hugetlb page size.
+const MAP_HUGE_SHIFT: i32 = 26;
+const MAP_HUGE_2MB: i32 = 21 << MAP_HUGE_SHIFT;
+const MAP_HUGE_1GB: i32 = 30 << MAP_HUGE_SHIFT;
+
+/// How guest RAM is backed on the host (`--hugepages`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackingKind {
+    /// 2 MiB hugetlbfs when the free pool covers the guest, else THP.
+    Auto,
+    /// Anonymous hugetlbfs mapping with 2 MiB pages.
+    Hugetlb2M,
+    /// Anonymous hugetlbfs mapping with 1 GiB pages.
+    Hugetlb1G,
+    /// Anonymous memory with `MADV_HUGEPAGE` (transparent huge pages).
+    Thp,
+    /// Anonymous memory with 4 KiB pages.
+    Small,
+}
+
+impl BackingKind {
+    /// Host page size of this backing (the granularity of demand paging); 4 KiB for THP.
+    pub fn page_size(self) -> u64 {
+        match self {
+            BackingKind::Hugetlb2M => SZ_2M,
+            BackingKind::Hugetlb1G => SZ_1G,
+            BackingKind::Auto | BackingKind::Thp | BackingKind::Small => SZ_4K,
+        }
+    }
+
+    /// True for the hugetlbfs backings.
+    pub fn is_hugetlb(self) -> bool {
+        matches!(self, BackingKind::Hugetlb2M | BackingKind::Hugetlb1G)
+    }
+
+    fn sysfs_dir(self) -> Option<&'static str> {
+        match self {
+            BackingKind::Hugetlb2M => Some("/sys/kernel/mm/hugepages/hugepages-2048kB"),
+            BackingKind::Hugetlb1G => Some("/sys/kernel/mm/hugepages/hugepages-1048576kB"),
+            _ => None,
+        }
+    }
+
+    /// The knob an administrator writes to grow this pool.
+    pub fn pool_knob(self) -> &'static str {
+        match self {
+            BackingKind::Hugetlb1G => "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages",
+            _ => "/proc/sys/vm/nr_hugepages",
+        }
+    }
+}
+
+impl fmt::Display for BackingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackingKind::Auto => "auto",
+            BackingKind::Hugetlb2M => "2M hugetlbfs",
+            BackingKind::Hugetlb1G => "1G hugetlbfs",
+            BackingKind::Thp => "THP",
+            BackingKind::Small => "4K pages",
+        })
+    }
+}
+
+/// Errors building guest RAM; each says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Zero bytes of RAM.
+    #[error("guest memory size is 0: give --mem a size such as 512M or 4G")]
+    Empty,
+    /// Size not a multiple of the backing's page size.
+    #[error("guest memory size {size:#x} is not a multiple of the {backing} page size ({page:#x}): round --mem to a multiple of {page_h}", page_h = human(*page))]
+    Unaligned {
+        /// Requested size.
+        size: u64,
+        /// Backing chosen.
+        backing: BackingKind,
+        /// Its page size.
+        page: u64,
+    },
+    /// The hugetlb pool has too few free pages.
+    #[error("{backing} pool too small: the guest needs {needed} free pages, {free} are free (short by {short}); raise the pool with `echo {want} > {knob}` (as root) or choose --hugepages thp")]
+    PoolTooSmall {
+        /// Backing asked for.
+        backing: BackingKind,
+        /// Pages needed.
+        needed: u64,
+        /// Pages free and unreserved.
+        free: u64,
+        /// needed - free.
+        short: u64,
+        /// A pool size that would be enough.
+        want: u64,
+        /// The sysfs knob.
+        knob: &'static str,
+    },
+    /// The kernel has no pool of this size at all.
+    #[error("{backing} pages are not available on this host ({dir} is missing): choose --hugepages 2M, thp or none")]
+    NoPool {
+        /// Backing asked for.
+        backing: BackingKind,
+        /// The missing sysfs dir.
+        dir: PathBuf,
+    },
+    /// mmap failed.
+    #[error(
+        "cannot map {size} of guest memory ({backing}): {source}; lower --mem or free host memory"
+    )]
+    Mmap {
+        /// Human size.
+        size: String,
+        /// Backing.
+        backing: BackingKind,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// vm-memory refused the layout (a bug, not user input).
+    #[error("invalid guest memory layout: {0}")]
+    Layout(String),
+}
+
+/// One contiguous range of guest RAM and where it lives in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Host virtual address of `gpa`.
+    pub host_addr: u64,
+}
+
+/// e820 entry types (ACPI spec 6.5 §15.1, Table 15.1 "Address Range Types").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum E820Type {
+    /// AddressRangeMemory: usable RAM.
+    Ram = 1,
+    /// AddressRangeReserved.
+    Reserved = 2,
+}
+
+/// One e820 map entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    /// Start address.
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Type.
+    pub kind: E820Type,
+}
+
+/// Guest RAM: a `GuestMemoryMmap` laid out around the PCI hole on the chosen backing.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    regions: Vec<RamRegion>,
+    backing: BackingKind,
+    size: u64,
+}
+
+/// Formats a byte count with the largest exact binary suffix (4G, 512M, 4K, or bytes).
+pub fn human(bytes: u64) -> String {
+    for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
+            return format!("{}{}", bytes >> shift, suffix);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// The guest-physical ranges (gpa, len) that `size` bytes of RAM occupy.
+pub fn layout(size: u64) -> Vec<(u64, u64)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut out = vec![(0, low)];
+    if size > low {
+        out.push((MMIO_HOLE_END, size - low));
+    }
+    out
+}
+
+fn read_sysfs_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Free, unreserved pages in a hugetlb pool, or `None` when the pool does not exist.
+fn pool_available(backing: BackingKind) -> Option<u64> {
+    let dir = Path::new(backing.sysfs_dir()?);
+    let free = read_sysfs_u64(&dir.join("free_hugepages"))?;
+    let resv = read_sysfs_u64(&dir.join("resv_hugepages")).unwrap_or(0);
+    Some(free.saturating_sub(resv))
+}
+
+fn check_pool(backing: BackingKind, size: u64) -> Result<(), MemoryError> {
+    let dir = backing.sysfs_dir().expect("hugetlb backing");
+    let Some(free) = pool_available(backing) else {
+        return Err(MemoryError::NoPool {
+            backing,
+            dir: dir.into(),
+        });
+    };
+    let needed = size / backing.page_size();
+    if free < needed {
+        let total = read_sysfs_u64(&Path::new(dir).join("nr_hugepages")).unwrap_or(0);
+        return Err(MemoryError::PoolTooSmall {
+            backing,
+            needed,
+            free,
+            short: needed - free,
+            want: total + (needed - free),
+            knob: backing.pool_knob(),
+        });
+    }
+    Ok(())
+}
+
+impl GuestRam {
+    /// Maps `size` bytes of guest RAM on `backing`. Nothing is prefaulted: the host pages are
+    /// populated on first touch (by KVM, or by the userfaultfd handlers when they register).
+    pub fn new(size: u64, backing: BackingKind) -> Result<GuestRam, MemoryError> {
+        if size == 0 {
+            return Err(MemoryError::Empty);
+        }
+        let backing = match backing {
+            BackingKind::Auto => {
+                let resolved = if size.is_multiple_of(SZ_2M)
+                    && pool_available(BackingKind::Hugetlb2M).unwrap_or(0) >= size / SZ_2M
+                {
+                    BackingKind::Hugetlb2M
+                } else {
+                    BackingKind::Thp
+                };
+                info!(
+                    "--hugepages auto: backing {} of guest RAM with {resolved}",
+                    human(size)
+                );
+                resolved
+            }
+            b => b,
+        };
+        let page = backing.page_size().max(SZ_4K);
+        if !size.is_multiple_of(page) {
+            return Err(MemoryError::Unaligned {
+                size,
+                backing,
+                page,
+            });
+        }
+        if backing.is_hugetlb() {
+            check_pool(backing, size)?;
+        }
+        let mut mm_regions = Vec::new();
+        let mut regions = Vec::new();
+        for (gpa, len) in layout(size) {
+            let mapping = map_backing(len, backing)?;
+            let host_addr = mapping.as_ptr() as u64;
+            regions.push(RamRegion {
+                gpa,
+                len,
+                host_addr,
+            });
+            mm_regions.push(
+                GuestRegionMmap::new(mapping, GuestAddress(gpa))
+                    .ok_or_else(|| MemoryError::Layout(format!("region at {gpa:#x} overflows")))?,
+            );
+        }
+        let mem = GuestMemoryMmap::from_regions(mm_regions)
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        info!(
+            "guest RAM: {} on {backing}, regions {regions:x?}",
+            human(size)
+        );
+        Ok(GuestRam {
+            mem,
+            regions,
+            backing,
+            size,
+        })
+    }
+
+    /// The RAM regions in guest-physical order.
+    pub fn regions(&self) -> impl Iterator<Item = RamRegion> + '_ {
+        self.regions.iter().copied()
+    }
+
+    /// Total RAM bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The highest guest-physical address of RAM plus one.
+    pub fn end_gpa(&self) -> u64 {
+        self.regions.last().map(|r| r.gpa + r.len).unwrap_or(0)
+    }
+
+    /// Host address of guest-physical `gpa`, if it is RAM.
+    pub fn gpa_to_host(&self, gpa: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
+            .map(|r| r.host_addr + (gpa - r.gpa))
+    }
+
+    /// Guest-physical address of host address `hva`, if it lies in guest RAM.
+    pub fn host_to_gpa(&self, hva: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| hva >= r.host_addr && hva - r.host_addr < r.len)
+            .map(|r| r.gpa + (hva - r.host_addr))
+    }
+
+    /// The resolved backing (never `Auto`).
+    pub fn backing(&self) -> BackingKind {
+        self.backing
+    }
+
+    /// Host page size of the backing (4 KiB for THP and small pages).
+    pub fn page_size(&self) -> u64 {
+        self.backing.page_size()
+    }
+
+    /// The vm-memory view of guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The e820 map: every byte of RAM, the legacy area below 1 MiB marked reserved.
+    pub fn e820_entries(&self) -> Vec<E820Entry> {
+        e820_for(&self.regions)
+    }
+}
+
+fn e820_for(regions: &[RamRegion]) -> Vec<E820Entry> {
+    let mut out = Vec::new();
+    for r in regions {
+        let end = r.gpa + r.len;
+        if r.gpa < LEGACY_HOLE_END {
+            let low_end = end.min(LEGACY_HOLE_START);
+            out.push(E820Entry {
+                addr: r.gpa,
+                size: low_end - r.gpa,
+                kind: E820Type::Ram,
+            });
+            let resv_end = end.min(LEGACY_HOLE_END);
+            if resv_end > LEGACY_HOLE_START {
+                out.push(E820Entry {
+                    addr: LEGACY_HOLE_START,
+                    size: resv_end - LEGACY_HOLE_START,
+                    kind: E820Type::Reserved,
+                });
+            }
+            if end > LEGACY_HOLE_END {
+                out.push(E820Entry {
+                    addr: LEGACY_HOLE_END,
+                    size: end - LEGACY_HOLE_END,
+                    kind: E820Type::Ram,
+                });
+            }
+        } else {
+            out.push(E820Entry {
+                addr: r.gpa,
+                size: r.len,
+                kind: E820Type::Ram,
+            });
+        }
+    }
+    out
+}
+
+fn map_backing(len: u64, backing: BackingKind) -> Result<MmapRegion, MemoryError> {
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    match backing {
+        BackingKind::Hugetlb2M => {
+            flags = (flags & !libc::MAP_NORESERVE) | libc::MAP_HUGETLB | MAP_HUGE_2MB
+        }
+        BackingKind::Hugetlb1G => {
+            flags = (flags & !libc::MAP_NORESERVE) | libc::MAP_HUGETLB | MAP_HUGE_1GB
+        }
+        _ => {}
+    }
+    let mmap_err = |source| MemoryError::Mmap {
+        size: human(len),
+        backing,
+        source,
+    };
+    let len_usize = usize::try_from(len)
+        .map_err(|_| mmap_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+    // Hugetlb mappings are private without MAP_NORESERVE: the kernel reserves every huge page at
+    // mmap time, so a short pool fails here (ENOMEM) instead of as SIGBUS on a later touch.
+    let region = MmapRegion::build(None, len_usize, libc::PROT_READ | libc::PROT_WRITE, flags)
+        .map_err(|e| match e {
+            vm_memory::mmap::MmapRegionError::Mmap(io) => mmap_err(io),
+            other => mmap_err(std::io::Error::other(other.to_string())),
+        })?;
+    let mut region = region;
+    region.set_hugetlbfs(backing.is_hugetlb());
+    if backing == BackingKind::Thp {
+        // SAFETY: the range is the mapping just created and owned by `region`; madvise only
+        // changes the kernel's paging policy for it.
+        let ret = unsafe { libc::madvise(region.as_ptr().cast(), len_usize, libc::MADV_HUGEPAGE) };
+        if ret != 0 {
+            warn!(
+                "madvise(MADV_HUGEPAGE) failed: {}; guest RAM may use 4 KiB pages",
+                std::io::Error::last_os_error()
+            );
+        }
+        if !(region.as_ptr() as u64).is_multiple_of(SZ_2M) {
+            warn!(
+                "THP guest RAM mapping at {:p} is not 2 MiB aligned",
+                region.as_ptr()
+            );
+        }
+    }
+    Ok(region)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn layout_splits_at_pci_hole() {
+        assert_eq!(layout(1 << 30), vec![(0, 1 << 30)]);
+        assert_eq!(layout(3 << 30), vec![(0, 3 << 30)]);
+        assert_eq!(layout(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
+    }
+
+    #[test]
+    fn e820_covers_all_ram_with_legacy_hole_reserved() {
+        let regions: Vec<RamRegion> = layout(4 << 30)
+            .into_iter()
+            .map(|(gpa, len)| RamRegion {
+                gpa,
+                len,
+                host_addr: 0,
+            })
+            .collect();
+        let e = e820_for(&regions);
+        let total: u64 = e.iter().map(|x| x.size).sum();
+        assert_eq!(total, 4 << 30);
+        let usable: u64 = e
+            .iter()
+            .filter(|x| x.kind == E820Type::Ram)
+            .map(|x| x.size)
+            .sum();
+        assert_eq!(usable, (4 << 30) - (LEGACY_HOLE_END - LEGACY_HOLE_START));
+        assert_eq!(
+            e[1],
+            E820Entry {
+                addr: LEGACY_HOLE_START,
+                size: 0x6_0400,
+                kind: E820Type::Reserved
+            }
+        );
+        assert_eq!(e[3].addr, 4 << 30);
+    }
+
+    #[test]
+    fn small_backing_maps_and_translates() {
+        let ram = GuestRam::new(64 << 20, BackingKind::Small).unwrap();
+        assert_eq!(ram.backing(), BackingKind::Small);
+        let r = ram.regions().next().unwrap();
+        assert_eq!(ram.gpa_to_host(0x1000), Some(r.host_addr + 0x1000));
+        assert_eq!(ram.host_to_gpa(r.host_addr + 0x2000), Some(0x2000));
+        assert_eq!(ram.gpa_to_host(64 << 20), None);
+        assert_eq!(ram.memory().num_regions(), 1);
+        let last = ram.memory().iter().next().unwrap().last_addr();
+        assert_eq!(last.raw_value(), (64 << 20) - 1);
+    }
+
+    #[test]
+    fn unaligned_size_for_hugetlb_is_an_error() {
+        let err = GuestRam::new((2 << 20) + 4096, BackingKind::Hugetlb2M).unwrap_err();
+        assert!(matches!(err, MemoryError::Unaligned { .. }), "{err}");
+        assert!(err.to_string().contains("--mem"));
+    }
+
+    #[test]
+    fn oversized_pool_request_names_the_knob() {
+        // 1 TiB of 2 MiB pages is more than any pool on a test machine.
+        let err = GuestRam::new(1 << 40, BackingKind::Hugetlb2M).unwrap_err();
+        match err {
+            MemoryError::PoolTooSmall { knob, .. } => {
+                assert_eq!(knob, "/proc/sys/vm/nr_hugepages")
+            }
+            MemoryError::NoPool { .. } => {}
+            ref e => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(4 << 30), "4G");
+        assert_eq!(human(3 << 20), "3M");
+        assert_eq!(human(5), "5 bytes");
+    }
+}

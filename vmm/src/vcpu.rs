@@ -1,0 +1,672 @@
+//! vCPU threads: one thread per vCPU running KVM_RUN, an explicit run state (running / paused /
+//! stopped) driven by messages, the exit handler, and the VM-wide exit request with its code.
+//!
+//! Control follows Firecracker's vcpu.rs idea: the VMM sends a command over a channel and kicks
+//! the thread out of KVM_RUN with a signal whose handler sets `kvm_run.immediate_exit`, so a
+//! command is seen even when the signal lands just before the thread re-enters the guest.
+
+use std::cell::Cell;
+use std::fmt::Write as _;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use log::{debug, error, info, warn};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::PioBus;
+
+/// Exit code of a VM that ended normally (reset, shutdown, signal, test PASS).
+pub const EXIT_OK: i32 = 0;
+/// Exit code of a VM that stopped because a vCPU failed (emulation failure, entry failure, ...).
+pub const EXIT_VCPU_FAILED: i32 = 2;
+
+/// `kvm_run.internal.suberror` for an emulation failure (include/uapi/linux/kvm.h).
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+/// `KVM_SYSTEM_EVENT_*` types (include/uapi/linux/kvm.h).
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+/// Longest x86 instruction (Intel SDM Vol. 2 §2.3.11).
+const MAX_INSN_LEN: usize = 15;
+/// How long pause/resume wait for every vCPU to acknowledge.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of vCPU control.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// Could not spawn a thread or register the kick signal.
+    #[error("cannot start vCPU {id}: {what}")]
+    Start {
+        /// vCPU id.
+        id: usize,
+        /// What failed.
+        what: String,
+    },
+    /// A vCPU did not acknowledge a command in time, or its thread is gone.
+    #[error("vCPU {id} did not acknowledge {cmd:?} ({why})")]
+    NoAck {
+        /// vCPU id.
+        id: usize,
+        /// The command.
+        cmd: Command,
+        /// Why.
+        why: &'static str,
+    },
+}
+
+/// The VM-wide "please stop with this code" latch: devices and vCPU threads request, the main
+/// loop waits (on the condition variable or the event fd) and then stops every vCPU.
+#[derive(Clone)]
+pub struct ExitRequest {
+    inner: Arc<ExitInner>,
+}
+
+struct ExitInner {
+    code: Mutex<Option<i32>>,
+    cv: Condvar,
+    evt: EventFd,
+}
+
+impl std::fmt::Debug for ExitRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExitRequest")
+            .field("code", &self.code())
+            .finish()
+    }
+}
+
+impl ExitRequest {
+    /// A fresh, unset request.
+    pub fn new() -> std::io::Result<ExitRequest> {
+        Ok(ExitRequest {
+            inner: Arc::new(ExitInner {
+                code: Mutex::new(None),
+                cv: Condvar::new(),
+                evt: EventFd::new(EFD_NONBLOCK)?,
+            }),
+        })
+    }
+
+    /// Asks the VM to stop with `code`; the first request wins. Returns true if this one won.
+    pub fn request(&self, code: i32, why: &str) -> bool {
+        let mut slot = self.inner.code.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            debug!("exit request ({why}, code {code}) after the VM was already stopping");
+            return false;
+        }
+        info!("VM stopping with exit code {code}: {why}");
+        *slot = Some(code);
+        self.inner.cv.notify_all();
+        if let Err(e) = self.inner.evt.write(1) {
+            warn!("cannot signal the exit event fd: {e}");
+        }
+        true
+    }
+
+    /// The requested code, if any.
+    pub fn code(&self) -> Option<i32> {
+        *self.inner.code.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Blocks until someone requests an exit; returns the code.
+    pub fn wait(&self) -> i32 {
+        let mut slot = self.inner.code.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(code) = *slot {
+                return code;
+            }
+            slot = self.inner.cv.wait(slot).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Like [`wait`](Self::wait) with a limit: `None` on timeout.
+    pub fn wait_timeout(&self, limit: Duration) -> Option<i32> {
+        let slot = self.inner.code.lock().unwrap_or_else(|p| p.into_inner());
+        let (slot, _) = self
+            .inner
+            .cv
+            .wait_timeout_while(slot, limit, |c| c.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        *slot
+    }
+
+    /// An event fd that becomes readable when an exit is requested (for epoll loops).
+    pub fn eventfd(&self) -> &EventFd {
+        &self.inner.evt
+    }
+}
+
+/// The run state of one vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Entering the guest in a loop.
+    Running,
+    /// Out of the guest, waiting for `Resume` or `Stop`.
+    Paused,
+    /// The guest halted this vCPU with no interrupt controller to wake it; waits for commands.
+    Halted,
+    /// The thread is leaving.
+    Stopped,
+}
+
+/// A command to a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Leave the guest and wait.
+    Pause,
+    /// Enter the guest again.
+    Resume,
+    /// End the thread.
+    Stop,
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Re-enter the guest.
+    Continue,
+    /// The vCPU halted and nothing will wake it: park until a command.
+    Halt,
+    /// The VM must stop with this code (reset, shutdown).
+    Stop(i32, String),
+    /// The vCPU failed: report registers and instruction bytes, then stop the VM non-zero.
+    Fault(String),
+}
+
+/// Decides what an exit means. Pure apart from the device calls, so unit tests drive it with
+/// a dummy bus and hand-made exits, no KVM needed.
+pub fn handle_exit(vcpu: usize, exit: VcpuExit<'_>, bus: &PioBus) -> ExitAction {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            bus.read(vcpu, port, data);
+            ExitAction::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            bus.write(vcpu, port, data);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            debug!(
+                "vcpu{vcpu}: MMIO read of {} bytes at {addr:#x}: no device, all ones",
+                data.len()
+            );
+            data.fill(0xff);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            debug!("vcpu{vcpu}: MMIO write {data:x?} at {addr:#x}: no device, ignored");
+            ExitAction::Continue
+        }
+        VcpuExit::Hlt => ExitAction::Halt,
+        VcpuExit::Shutdown => ExitAction::Stop(
+            EXIT_OK,
+            format!("vCPU {vcpu}: guest shut down (triple fault or reset)"),
+        ),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            KVM_SYSTEM_EVENT_SHUTDOWN => {
+                ExitAction::Stop(EXIT_OK, format!("vCPU {vcpu}: guest powered off"))
+            }
+            KVM_SYSTEM_EVENT_RESET => {
+                ExitAction::Stop(EXIT_OK, format!("vCPU {vcpu}: guest reset"))
+            }
+            KVM_SYSTEM_EVENT_CRASH => {
+                ExitAction::Fault("the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)".into())
+            }
+            other => ExitAction::Fault(format!("unknown KVM system event {other}")),
+        },
+        VcpuExit::InternalError => ExitAction::Fault("KVM_EXIT_INTERNAL_ERROR".into()),
+        VcpuExit::FailEntry(reason, cpu) => ExitAction::Fault(format!(
+            "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
+        )),
+        VcpuExit::MemoryFault { flags, gpa, size } => ExitAction::Fault(format!(
+            "KVM_EXIT_MEMORY_FAULT at gpa {gpa:#x} size {size:#x} flags {flags:#x}"
+        )),
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => ExitAction::Continue,
+        other => ExitAction::Fault(format!("unexpected KVM exit {other:?}")),
+    }
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only async-signal-safe work here: a thread-local read and one volatile store.
+    let ptr = KVM_RUN_PTR.with(|p| p.get());
+    if !ptr.is_null() {
+        // SAFETY: `ptr` is this thread's kvm_run mapping, set by the vCPU thread before its
+        // first KVM_RUN and cleared before the VcpuFd (and so the mapping) is dropped.
+        unsafe { std::ptr::addr_of_mut!((*ptr).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn register_kick_handler() -> Result<(), String> {
+    static ONCE: Once = Once::new();
+    static mut RESULT: Option<String> = None;
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), handle_kick) {
+            // SAFETY: written once inside call_once, read only after it completes.
+            unsafe { RESULT = Some(format!("cannot register the vCPU kick signal handler: {e}")) };
+        }
+    });
+    // SAFETY: call_once has completed, so no one writes RESULT any more.
+    match unsafe { (*std::ptr::addr_of!(RESULT)).clone() } {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Describes a failed vCPU: the reason, registers, and the instruction bytes at RIP.
+pub fn fault_report(id: usize, vcpu: &mut VcpuFd, mem: &GuestMemoryMmap, reason: &str) -> String {
+    let mut out = format!("vCPU {id} stopped: {reason}");
+    if reason.starts_with("KVM_EXIT_INTERNAL_ERROR") {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union field.
+        let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let _ = write!(
+            out,
+            " (suberror {}, data {:x?})",
+            internal.suberror,
+            &internal.data[..n]
+        );
+        if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+            out.push_str(
+                "\nKVM could not emulate the instruction at RIP. This host's KVM (software, no EPT) \
+                 cannot emulate some instructions (int3, xrstor, lock cmpxchg16b) in guest kernel \
+                 mode; on hardware KVM this guest would run on.",
+            );
+        }
+    }
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => {
+            let _ = write!(
+                out,
+                "\n  RIP {:#018x} RSP {:#018x} RFLAGS {:#010x}\n  RAX {:#018x} RBX {:#018x} RCX {:#018x} RDX {:#018x}\n  RSI {:#018x} RDI {:#018x} RBP {:#018x}\n  CR0 {:#x} CR2 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x}\n  CS {:#06x} (base {:#x}, l={} db={}) SS {:#06x} DS {:#06x}",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.base, s.cs.l, s.cs.db,
+                s.ss.selector, s.ds.selector
+            );
+            let linear = r.rip.wrapping_add(if s.cs.l == 1 { 0 } else { s.cs.base });
+            let gpa = match vcpu.translate_gva(linear) {
+                Ok(t) if t.valid != 0 => Some(t.physical_address),
+                _ if s.cr0 & crate::arch::x86_64::regs::X86_CR0_PG == 0 => Some(linear),
+                _ => None,
+            };
+            match gpa {
+                Some(gpa) => {
+                    let mut bytes = [0u8; MAX_INSN_LEN];
+                    match mem.read_slice(&mut bytes, GuestAddress(gpa)) {
+                        Ok(()) => {
+                            let _ = write!(out, "\n  instruction bytes at RIP (gpa {gpa:#x}):");
+                            for b in bytes {
+                                let _ = write!(out, " {b:02x}");
+                            }
+                        }
+                        Err(e) => {
+                            let _ = write!(
+                                out,
+                                "\n  instruction bytes: gpa {gpa:#x} not readable ({e})"
+                            );
+                        }
+                    }
+                }
+                None => out
+                    .push_str("\n  instruction bytes: RIP is not mapped by the guest page tables"),
+            }
+        }
+        (r, s) => {
+            let _ = write!(
+                out,
+                "\n  registers unavailable: {:?} {:?}",
+                r.err(),
+                s.err()
+            );
+        }
+    }
+    out
+}
+
+/// What a vCPU thread needs.
+struct VcpuThread {
+    id: usize,
+    fd: VcpuFd,
+    bus: Arc<PioBus>,
+    mem: GuestMemoryMmap,
+    exit: ExitRequest,
+    commands: Receiver<Command>,
+    acks: Sender<(RunState, Command)>,
+}
+
+impl VcpuThread {
+    fn run(mut self) {
+        let ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| p.set(ptr));
+        let mut state = RunState::Running;
+        while state != RunState::Stopped {
+            state = match state {
+                RunState::Running => self.step(),
+                RunState::Paused | RunState::Halted => match self.commands.recv() {
+                    Ok(cmd) => self.apply(state, cmd),
+                    Err(_) => RunState::Stopped,
+                },
+                RunState::Stopped => RunState::Stopped,
+            };
+        }
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        debug!("vcpu{} thread ends", self.id);
+    }
+
+    fn apply(&self, from: RunState, cmd: Command) -> RunState {
+        let to = match cmd {
+            Command::Pause => RunState::Paused,
+            Command::Resume => {
+                if from == RunState::Halted {
+                    RunState::Halted
+                } else {
+                    RunState::Running
+                }
+            }
+            Command::Stop => RunState::Stopped,
+        };
+        let _ = self.acks.send((to, cmd));
+        to
+    }
+
+    /// Runs the guest once from the Running state; returns the next state.
+    fn step(&mut self) -> RunState {
+        // Clear the kick before looking at commands: a kick that lands after this is either for a
+        // command we are about to read, or makes the next KVM_RUN return at once.
+        self.fd.set_kvm_immediate_exit(0);
+        let mut state = RunState::Running;
+        while let Ok(cmd) = self.commands.try_recv() {
+            state = self.apply(state, cmd);
+        }
+        if state != RunState::Running {
+            return state;
+        }
+        let action = match self.fd.run() {
+            Ok(exit) => handle_exit(self.id, exit, &self.bus),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitAction::Continue,
+            Err(e) => ExitAction::Fault(format!("KVM_RUN failed: {e}")),
+        };
+        match action {
+            ExitAction::Continue => RunState::Running,
+            ExitAction::Halt => {
+                debug!("vcpu{} halted", self.id);
+                RunState::Halted
+            }
+            ExitAction::Stop(code, why) => {
+                self.exit.request(code, &why);
+                RunState::Halted
+            }
+            ExitAction::Fault(reason) => {
+                let report = fault_report(self.id, &mut self.fd, &self.mem, &reason);
+                error!("{report}");
+                self.exit
+                    .request(EXIT_VCPU_FAILED, &format!("vCPU {} failed", self.id));
+                RunState::Halted
+            }
+        }
+    }
+}
+
+struct VcpuHandle {
+    id: usize,
+    commands: Sender<Command>,
+    acks: Receiver<(RunState, Command)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    fn send(&self, cmd: Command) {
+        // A send fails only when the thread has already ended, which is what Stop wants anyway.
+        let _ = self.commands.send(cmd);
+        if let Some(t) = &self.thread {
+            if let Err(e) = t.kill(kick_signal()) {
+                debug!("kick of vcpu{} failed: {e}", self.id);
+            }
+        }
+    }
+
+    fn wait_ack(&self, cmd: Command) -> Result<RunState, VcpuError> {
+        loop {
+            match self.acks.recv_timeout(ACK_TIMEOUT) {
+                Ok((state, c)) if c == cmd => return Ok(state),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::NoAck {
+                        id: self.id,
+                        cmd,
+                        why: "timed out",
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VcpuError::NoAck {
+                        id: self.id,
+                        cmd,
+                        why: "thread has ended",
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// The running vCPUs of a VM: pause, resume, stop, wait for the exit code.
+pub struct VmControl {
+    vcpus: Vec<VcpuHandle>,
+    exit: ExitRequest,
+}
+
+impl std::fmt::Debug for VmControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmControl")
+            .field("vcpus", &self.vcpus.len())
+            .finish()
+    }
+}
+
+impl VmControl {
+    /// Starts one thread per configured vCPU (index = vCPU id), each entering the guest at once.
+    pub fn start(
+        vcpus: Vec<VcpuFd>,
+        bus: Arc<PioBus>,
+        mem: GuestMemoryMmap,
+        exit: ExitRequest,
+    ) -> Result<VmControl, VcpuError> {
+        register_kick_handler().map_err(|what| VcpuError::Start { id: 0, what })?;
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for (id, fd) in vcpus.into_iter().enumerate() {
+            let (cmd_tx, cmd_rx) = channel();
+            let (ack_tx, ack_rx) = channel();
+            let thread = VcpuThread {
+                id,
+                fd,
+                bus: bus.clone(),
+                mem: mem.clone(),
+                exit: exit.clone(),
+                commands: cmd_rx,
+                acks: ack_tx,
+            };
+            let join = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || thread.run())
+                .map_err(|e| VcpuError::Start {
+                    id,
+                    what: e.to_string(),
+                })?;
+            handles.push(VcpuHandle {
+                id,
+                commands: cmd_tx,
+                acks: ack_rx,
+                thread: Some(join),
+            });
+        }
+        Ok(VmControl {
+            vcpus: handles,
+            exit,
+        })
+    }
+
+    /// The exit latch shared with the devices.
+    pub fn exit_request(&self) -> &ExitRequest {
+        &self.exit
+    }
+
+    /// Number of vCPU threads.
+    pub fn len(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// True with no vCPUs.
+    pub fn is_empty(&self) -> bool {
+        self.vcpus.is_empty()
+    }
+
+    fn broadcast(&self, cmd: Command) -> Result<Vec<RunState>, VcpuError> {
+        for v in &self.vcpus {
+            v.send(cmd);
+        }
+        self.vcpus.iter().map(|v| v.wait_ack(cmd)).collect()
+    }
+
+    /// Takes every vCPU out of the guest and waits until all are paused.
+    pub fn pause_all(&self) -> Result<(), VcpuError> {
+        self.broadcast(Command::Pause).map(|_| ())
+    }
+
+    /// Lets every paused vCPU enter the guest again.
+    pub fn resume_all(&self) -> Result<(), VcpuError> {
+        self.broadcast(Command::Resume).map(|_| ())
+    }
+
+    /// Stops every vCPU thread and joins them (idempotent).
+    pub fn stop_all(&mut self) {
+        for v in &self.vcpus {
+            if v.thread.is_some() {
+                v.send(Command::Stop);
+            }
+        }
+        for v in &mut self.vcpus {
+            if let Some(t) = v.thread.take() {
+                if t.join().is_err() {
+                    error!("vcpu{} thread panicked", v.id);
+                }
+            }
+        }
+    }
+
+    /// Waits for an exit request, stops every vCPU, returns the exit code.
+    pub fn wait_and_stop(&mut self) -> i32 {
+        let code = self.exit.wait();
+        self.stop_all();
+        code
+    }
+}
+
+impl Drop for VmControl {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::tests::Recorder;
+
+    fn bus_with_recorder() -> (PioBus, Arc<Recorder>) {
+        let mut bus = PioBus::new();
+        let rec = Arc::new(Recorder::default());
+        bus.register(0x3f8..=0x3ff, rec.clone()).unwrap();
+        (bus, rec)
+    }
+
+    #[test]
+    fn io_exits_reach_the_bus() {
+        let (bus, rec) = bus_with_recorder();
+        assert_eq!(
+            handle_exit(1, VcpuExit::IoOut(0x3f8, b"x"), &bus),
+            ExitAction::Continue
+        );
+        let mut d = [0u8; 1];
+        assert_eq!(
+            handle_exit(0, VcpuExit::IoIn(0x3fd, &mut d), &bus),
+            ExitAction::Continue
+        );
+        assert_eq!(d, [0xfd]);
+        let mut d = [0u8; 4];
+        assert_eq!(
+            handle_exit(0, VcpuExit::IoIn(0x80, &mut d), &bus),
+            ExitAction::Continue
+        );
+        assert_eq!(d, [0xff; 4]);
+        assert_eq!(*rec.writes.lock().unwrap(), vec![(1, 0x3f8, vec![b'x'])]);
+    }
+
+    #[test]
+    fn mmio_is_ignored_and_reads_all_ones() {
+        let (bus, _) = bus_with_recorder();
+        let mut d = [0u8; 4];
+        assert_eq!(
+            handle_exit(0, VcpuExit::MmioRead(0xfee0_0000, &mut d), &bus),
+            ExitAction::Continue
+        );
+        assert_eq!(d, [0xff; 4]);
+        assert_eq!(
+            handle_exit(0, VcpuExit::MmioWrite(0xfee0_0000, &[1]), &bus),
+            ExitAction::Continue
+        );
+    }
+
+    #[test]
+    fn ending_exits_stop_or_fault() {
+        let (bus, _) = bus_with_recorder();
+        assert!(matches!(
+            handle_exit(0, VcpuExit::Shutdown, &bus),
+            ExitAction::Stop(EXIT_OK, _)
+        ));
+        assert!(matches!(
+            handle_exit(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &bus),
+            ExitAction::Stop(EXIT_OK, _)
+        ));
+        assert!(matches!(
+            handle_exit(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[]), &bus),
+            ExitAction::Fault(_)
+        ));
+        match handle_exit(2, VcpuExit::InternalError, &bus) {
+            ExitAction::Fault(r) => assert!(r.contains("INTERNAL_ERROR")),
+            a => panic!("{a:?}"),
+        }
+        assert_eq!(handle_exit(0, VcpuExit::Hlt, &bus), ExitAction::Halt);
+        assert!(matches!(
+            handle_exit(0, VcpuExit::FailEntry(0x21, 1), &bus),
+            ExitAction::Fault(_)
+        ));
+    }
+
+    #[test]
+    fn first_exit_request_wins() {
+        let ex = ExitRequest::new().unwrap();
+        assert_eq!(ex.wait_timeout(Duration::from_millis(1)), None);
+        let other = ex.clone();
+        let t = std::thread::spawn(move || other.request(1, "test FAIL"));
+        assert_eq!(ex.wait(), 1);
+        assert!(t.join().unwrap());
+        assert!(!ex.request(0, "late"));
+        assert_eq!(ex.code(), Some(1));
+        assert_eq!(ex.eventfd().read().unwrap(), 1);
+    }
+}
