@@ -394,6 +394,8 @@ pub enum Event {
         wp: bool,
         /// A minor fault (page cache has the page).
         minor: bool,
+        /// Thread id of the faulting thread (0 unless `UFFD_FEATURE_THREAD_ID` is enabled).
+        tid: u32,
     },
     /// `[start, end)` was dropped (MADV_DONTNEED / MADV_REMOVE): pages there will fault again.
     Remove {
@@ -435,6 +437,8 @@ impl Event {
                 write: arg[0] & UFFD_PAGEFAULT_FLAG_WRITE != 0,
                 wp: arg[0] & UFFD_PAGEFAULT_FLAG_WP != 0,
                 minor: arg[0] & UFFD_PAGEFAULT_FLAG_MINOR != 0,
+                // `feat.ptid` is a __u32 at the start of the third word.
+                tid: (arg[2] & u64::from(u32::MAX)) as u32,
             },
             UFFD_EVENT_REMOVE => Event::Remove {
                 start: arg[0],
@@ -842,7 +846,8 @@ mod tests {
                 addr: 0x7000,
                 write: true,
                 wp: true,
-                minor: false
+                minor: false,
+                tid: 42
             }
         );
         let msg = uffd_msg {

@@ -80,23 +80,37 @@ fn copy_from(uffd: &Uffd, dst: u64, buf: &[u8], mode: u64) -> Result<u64, UffdEr
 
 #[test]
 fn zeropage_and_copy_resolve_missing_faults_of_a_touching_thread() {
-    let uffd = Uffd::new(0, 0).unwrap();
+    let uffd = Uffd::new(UFFD_FEATURE_THREAD_ID, 0).unwrap();
     let m = Mapping::new(4 * PAGE, 0).unwrap();
     let ioctls = uffd
         .register(m.addr, m.len, UFFDIO_REGISTER_MODE_MISSING)
         .unwrap();
     assert!(ioctls.zeropage() && ioctls.copy() && ioctls.wake());
     let base = m.addr;
-    let toucher = thread::spawn(move || (read_u64(base), read_u64(base + PAGE + 8)));
+    let toucher_tid = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let t = toucher_tid.clone();
+    let toucher = thread::spawn(move || {
+        // SAFETY: gettid has no arguments and cannot fail.
+        t.store(unsafe { libc::gettid() } as u32, Ordering::SeqCst);
+        (read_u64(base), read_u64(base + PAGE + 8))
+    });
 
     let pattern: Vec<u8> = (0..PAGE).map(|i| (i % 251) as u8 + 1).collect();
     let mut faults = Vec::new();
     while faults.len() < 2 {
         for ev in next_events(&uffd) {
-            let Event::Pagefault { addr, write, .. } = ev else {
+            let Event::Pagefault {
+                addr, write, tid, ..
+            } = ev
+            else {
                 panic!("unexpected event {ev:?}");
             };
             assert!(!write, "the toucher only reads");
+            assert_eq!(
+                tid,
+                toucher_tid.load(Ordering::SeqCst),
+                "THREAD_ID names the toucher"
+            );
             faults.push(addr);
             if addr == base {
                 assert_eq!(uffd.zeropage(base, PAGE, 0).unwrap(), PAGE);
@@ -232,7 +246,8 @@ fn write_protect_raises_a_wp_fault_and_unprotect_wakes_the_writer() {
             addr: base,
             write: true,
             wp: true,
-            minor: false
+            minor: false,
+            tid: 0
         }]
     );
     thread::sleep(Duration::from_millis(50));
