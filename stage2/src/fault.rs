@@ -1,0 +1,269 @@
+//! The racing-fault decision: install the largest allowed leaf, or report spurious, relax in place,
+//! replace with break-before-make, retry, or deny (seed rules 1–4).
+
+use crate::format::Format;
+use crate::stats::C;
+use crate::sync::{AtomicU64, Ordering};
+use crate::table::Guard;
+use crate::tlb::Tlb;
+use crate::types::{level_bytes, Access, Fault, Outcome, PageSize, Perms, Resolved, GPA_LIMIT};
+use crate::walk::Found;
+use crate::{Backing, Stage2};
+
+/// Times a fault re-reads an entry another thread changed under it before answering `Retry`.
+const MAX_ATTEMPTS: usize = 4;
+
+/// What the fault path knows once the backing is resolved.
+struct Want {
+    fault: Fault,
+    need: Perms,
+    /// Output address for `fault.gpa` itself.
+    pa: u64,
+    /// Largest size the backing and dirty logging allow.
+    size: PageSize,
+    /// The backing's permissions (never exceeded).
+    allowed: Perms,
+    logging: bool,
+    seq: u64,
+}
+
+impl<F: Format, T: Tlb> Stage2<F, T> {
+    /// Handle a stage-2 fault. `seq` is [`Stage2::invalidate_seq`] read *before* `backing` was
+    /// consulted: if an invalidation ran since (or is running over this address) nothing is
+    /// installed and the answer is `Retry`.
+    pub fn handle_fault(&self, fault: Fault, backing: &impl Backing, seq: u64) -> Outcome {
+        let _g = self.global_guard();
+        let out = self.fault_inner(fault, backing, seq);
+        self.stats.inc(match out {
+            Outcome::Installed { size, .. } => {
+                self.stats.installed(size);
+                return out;
+            }
+            Outcome::Spurious => C::Spurious,
+            Outcome::Relaxed { .. } => C::Relaxed,
+            Outcome::Retry => C::Retry,
+            Outcome::Denied => C::Denied,
+        });
+        out
+    }
+
+    fn fault_inner(&self, fault: Fault, backing: &impl Backing, seq: u64) -> Outcome {
+        let gpa = fault.gpa;
+        if gpa >= GPA_LIMIT {
+            return Outcome::Denied;
+        }
+        let need = fault.access.perms();
+        let Some(res) = backing.resolve(gpa) else {
+            return Outcome::Denied;
+        };
+        // A permission the memory itself does not give is a genuine fault: report, never retry.
+        // Every mapping is readable (EPT forbids write-only entries).
+        if !res.perms.contains(need) || !res.perms.contains(Perms::R) {
+            return Outcome::Denied;
+        }
+        // Cheap early answer when an invalidation already raced with the backing lookup.
+        if self.invalidate_retry(seq, gpa, gpa + 1) {
+            return Outcome::Retry;
+        }
+        let logging = self.dirty.enabled();
+        let want = Want {
+            fault,
+            need,
+            pa: resolved_pa(&res, gpa),
+            size: fault_size(&res, gpa, logging),
+            allowed: res.perms,
+            logging,
+            seq,
+        };
+        let g = self.reclaim.pin();
+        for _ in 0..MAX_ATTEMPTS {
+            let found = self.descend(gpa, want.size.level(), true, &g);
+            if let Some(out) = self.decide(&want, found, &g) {
+                return out;
+            }
+        }
+        Outcome::Retry
+    }
+
+    /// Decide on the entry the descent stopped at. `None`: the entry changed under us, look again.
+    fn decide(&self, w: &Want, f: Found<'_>, g: &Guard) -> Option<Outcome> {
+        let Found { slot, old, level } = f;
+        let gpa = w.fault.gpa;
+        let lsize = level_bytes(level);
+        let base = gpa & !(lsize - 1);
+        if self.fmt.is_locked(old) {
+            // Another thread is between break and make (or installing): take the fault again.
+            return Some(Outcome::Retry);
+        }
+        if old == 0 {
+            return self.install_leaf(w, slot, level, base);
+        }
+        debug_assert!(self.fmt.is_leaf(old, level));
+        let have_pa = self.fmt.leaf_oa(old, level) + (gpa - base);
+        if have_pa != w.pa {
+            // The output address changed under a live mapping: break-before-make.
+            return self.replace_leaf(w, slot, old, level, base);
+        }
+        let have = self.fmt.leaf_perms(old);
+        if have.contains(w.need) {
+            // Seed rule 3: the TLB held a stale or invalid entry. One local flush, done.
+            self.flush_addr(Some(w.fault.vcpu), gpa & !0xfff);
+            return Some(Outcome::Spurious);
+        }
+        if w.logging && w.fault.access == Access::Write && level < 3 {
+            // Dirty logging records 4 KiB pages: split the block (lazy policy) and look again.
+            if self.split_entry(slot, old, level, base, g).is_err() {
+                return Some(Outcome::Retry);
+            }
+            return None;
+        }
+        self.relax(w, slot, old, level, base, have)
+    }
+
+    /// Install a new leaf in the empty entry: lock it (prepare), check the invalidation state,
+    /// then make it. A sweep that steals our marker makes us answer `Retry`.
+    fn install_leaf(&self, w: &Want, slot: &AtomicU64, level: usize, base: u64) -> Option<Outcome> {
+        let lsize = level_bytes(level);
+        let size = PageSize::at_level(level)?;
+        if !self.try_lock_empty(slot) {
+            return None;
+        }
+        if self.invalidate_retry(w.seq, base, base + lsize) {
+            self.unlock_empty(slot);
+            return Some(Outcome::Retry);
+        }
+        let perms = install_perms(w.need, w.allowed);
+        let new = self.fmt.leaf(w.pa & !(lsize - 1), level, perms);
+        if !self.make(slot, new) {
+            return Some(Outcome::Retry);
+        }
+        self.stats.mapped(level, 1, true);
+        if w.logging && perms.contains(Perms::W) {
+            // After publishing (see dirty.rs: a harvest clears the bit, then write-protects).
+            self.mark_dirty(base, lsize, w.fault.vcpu);
+        }
+        Some(Outcome::Installed { gpa: base, size })
+    }
+
+    /// Widen permissions in place: one CAS, no break (seed rule 1). Never reduces.
+    #[allow(clippy::too_many_arguments)]
+    fn relax(
+        &self,
+        w: &Want,
+        slot: &AtomicU64,
+        old: u64,
+        level: usize,
+        base: u64,
+        have: Perms,
+    ) -> Option<Outcome> {
+        let lsize = level_bytes(level);
+        let size = PageSize::at_level(level)?;
+        if self.invalidate_retry(w.seq, base, base + lsize) {
+            return Some(Outcome::Retry);
+        }
+        let perms = have.union(w.need).union(Perms::R);
+        let mut new = self.fmt.with_perms(old, perms);
+        if perms.contains(Perms::W) {
+            new = self.fmt.with_dirty_wp(new, false);
+        }
+        if slot
+            .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return None;
+        }
+        if self.invalidate_retry(w.seq, base, base + lsize) {
+            // Only possible if the entry was zapped and refaulted between our read and our CAS
+            // (ABA): drop what we published.
+            self.undo(slot, new, level, base);
+            return Some(Outcome::Retry);
+        }
+        if w.logging && w.need.contains(Perms::W) {
+            self.mark_dirty(base, lsize, w.fault.vcpu);
+        }
+        Some(Outcome::Relaxed { gpa: base, size })
+    }
+
+    /// The leaf maps another output address: break-before-make. Same level: replace it with the new
+    /// leaf. A bigger block than the backing allows now: break it to empty and retry.
+    fn replace_leaf(
+        &self,
+        w: &Want,
+        slot: &AtomicU64,
+        old: u64,
+        level: usize,
+        base: u64,
+    ) -> Option<Outcome> {
+        let lsize = level_bytes(level);
+        if !self.try_break(slot, old, level, base) {
+            return None;
+        }
+        if level < w.size.level() || self.invalidate_retry(w.seq, base, base + lsize) {
+            self.unlock_empty(slot);
+            return Some(Outcome::Retry);
+        }
+        let perms = install_perms(w.need, w.allowed);
+        let new = self.fmt.leaf(w.pa & !(lsize - 1), level, perms);
+        if !self.make(slot, new) {
+            return Some(Outcome::Retry);
+        }
+        self.stats.mapped(level, 1, true);
+        if w.logging && perms.contains(Perms::W) {
+            self.mark_dirty(base, lsize, w.fault.vcpu);
+        }
+        Some(Outcome::Installed {
+            gpa: base,
+            size: PageSize::at_level(level)?,
+        })
+    }
+
+    /// Drop a leaf we published after an invalidation raced with us: zap whatever leaf maps the
+    /// same output address there now (another fault may have widened ours), then flush.
+    pub(crate) fn undo(&self, slot: &AtomicU64, ours: u64, level: usize, base: u64) {
+        let oa = self.fmt.leaf_oa(ours, level);
+        let mut cur = slot.load(Ordering::SeqCst);
+        while self.fmt.is_leaf(cur, level) && self.fmt.leaf_oa(cur, level) == oa {
+            match slot.compare_exchange(cur, 0, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    self.stats.mapped(level, 1, false);
+                    self.stats.inc(C::Undo);
+                    self.flush_range(base, base + level_bytes(level));
+                    break;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// Output address of `gpa` in the backing.
+#[inline]
+fn resolved_pa(res: &Resolved, gpa: u64) -> u64 {
+    res.frame + (gpa & (res.max_size.bytes() - 1))
+}
+
+/// Largest leaf the backing allows at `gpa`: no bigger than `max_size`, output address aligned like
+/// the guest address, 4 KiB while dirty logging is on.
+#[inline]
+fn fault_size(res: &Resolved, gpa: u64, logging: bool) -> PageSize {
+    if logging {
+        return PageSize::Size4K;
+    }
+    let pa = resolved_pa(res, gpa);
+    let mut size = res.max_size;
+    while let Some(smaller) = size.smaller() {
+        let mask = size.bytes() - 1;
+        if pa & mask == gpa & mask {
+            break;
+        }
+        size = smaller;
+    }
+    size
+}
+
+/// Permissions a fault installs: what it needs, plus read (EPT has no write-only or exec-only-less
+/// read mapping we would want), within what the backing allows.
+#[inline]
+fn install_perms(need: Perms, allowed: Perms) -> Perms {
+    need.union(Perms::R).intersect(allowed)
+}

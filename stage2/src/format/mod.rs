@@ -1,0 +1,69 @@
+//! The `Format` trait: how one architecture encodes stage-2 descriptors (the engine is generic over it).
+
+pub mod arm64;
+pub mod ept;
+
+pub use arm64::Arm64;
+pub use ept::Ept;
+
+use crate::types::Perms;
+
+/// One stage-2 descriptor format. Levels count from the root: 0 (512 GiB per entry), 1 (1 GiB),
+/// 2 (2 MiB), 3 (4 KiB). Leaves are allowed at levels 1–3. All methods are pure bit manipulation.
+///
+/// The value `0` is the empty (invalid, unlocked) entry in every format.
+pub trait Format: Send + Sync + 'static {
+    /// Short name for logs and stats.
+    const NAME: &'static str;
+
+    /// Whether a block may be replaced by a table that maps the same memory with the same attributes
+    /// without the break step (x86 EPT: yes; ARM64: only with FEAT_BBM level 2).
+    fn split_without_bbm(&self) -> bool;
+
+    /// The break-before-make marker: invalid for the hardware, recognisable by the engine.
+    fn locked(&self) -> u64;
+
+    /// Whether `d` is the break-before-make marker.
+    #[inline]
+    fn is_locked(&self, d: u64) -> bool {
+        d == self.locked()
+    }
+
+    /// Whether the hardware treats `d` as present (a table or a leaf).
+    fn is_present(&self, d: u64) -> bool;
+
+    /// Whether `d` at `level` points to a next-level table.
+    fn is_table(&self, d: u64, level: usize) -> bool;
+
+    /// Whether `d` at `level` is a present leaf (page or block).
+    fn is_leaf(&self, d: u64, level: usize) -> bool;
+
+    /// A table descriptor pointing to the table page at `next` (4 KiB aligned).
+    fn table(&self, next: u64) -> u64;
+
+    /// The next-level table address in a table descriptor.
+    fn table_addr(&self, d: u64) -> u64;
+
+    /// A leaf at `level` mapping `oa` (aligned to the level's size) with `perms`, as normal
+    /// write-back cacheable memory.
+    fn leaf(&self, oa: u64, level: usize, perms: Perms) -> u64;
+
+    /// The output address of a leaf at `level`.
+    fn leaf_oa(&self, d: u64, level: usize) -> u64;
+
+    /// The permissions the hardware grants through leaf `d`.
+    fn leaf_perms(&self, d: u64) -> Perms;
+
+    /// `d` with its hardware permissions replaced by `perms` (everything else kept).
+    fn with_perms(&self, d: u64, perms: Perms) -> u64;
+
+    /// Whether leaf `d` carries the software "write-protected for dirty logging" mark.
+    fn is_dirty_wp(&self, d: u64) -> bool;
+
+    /// `d` with the "write-protected for dirty logging" mark set or cleared.
+    fn with_dirty_wp(&self, d: u64, on: bool) -> u64;
+
+    /// Memory-attribute bits of a leaf (everything that must be equal for two leaves to merge into
+    /// one block, besides output address and permissions).
+    fn leaf_attrs(&self, d: u64) -> u64;
+}

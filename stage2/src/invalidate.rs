@@ -1,0 +1,256 @@
+//! Range invalidation (the host's mmu notifier): start/end with an in-progress count, the list of
+//! in-flight ranges and a sequence number; zaps leaves only, skips empty upper entries in one read,
+//! flushes the TLB once per batch and yields every `Config::yield_every` entries.
+//!
+//! The handshake with the fault path (`invalidate_retry`, KVM's `mmu_invalidate_retry_gfn`):
+//! `start` publishes its range, then raises the count, then zaps; `end` bumps the sequence before it
+//! removes the range. A fault locks (or writes) its entry, then checks the count / ranges, then the
+//! sequence. With all of these `SeqCst`, either the fault sees the invalidation (and installs
+//! nothing), or the invalidation's zap sees the fault's entry (and zaps it, stealing a marker).
+
+use std::ops::Range;
+use std::sync::Mutex as StdMutex;
+
+use crate::format::Format;
+use crate::stats::C;
+use crate::sync::{self, AtomicU64, AtomicUsize, Ordering};
+use crate::table::Guard;
+use crate::tlb::Tlb;
+use crate::types::GPA_LIMIT;
+use crate::walk::{flags, Ctx, Step, Visit, Visitor, Walked};
+use crate::Stage2;
+
+/// Invalidation state shared with the fault path.
+pub(crate) struct InvState {
+    seq: AtomicU64,
+    in_progress: AtomicUsize,
+    /// In-flight ranges. A plain mutex: only read when `in_progress` is non-zero, never held across
+    /// anything else.
+    ranges: StdMutex<Vec<Range<u64>>>,
+}
+
+impl InvState {
+    pub(crate) fn new() -> Self {
+        InvState {
+            seq: AtomicU64::new(0),
+            in_progress: AtomicUsize::new(0),
+            ranges: StdMutex::new(Vec::new()),
+        }
+    }
+
+    fn ranges(&self) -> std::sync::MutexGuard<'_, Vec<Range<u64>>> {
+        match self.ranges.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn covers(&self, start: u64, end: u64) -> bool {
+        self.ranges().iter().any(|r| r.start < end && start < r.end)
+    }
+
+    /// Bump the sequence (an invalidation ended, or dirty logging changed the rules).
+    pub(crate) fn bump(&self) {
+        self.seq.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A running invalidation: started by [`Stage2::invalidate`], ended when dropped.
+#[must_use = "the invalidation ends when this guard drops"]
+pub struct Invalidation<'a, F: Format, T: Tlb> {
+    s2: &'a Stage2<F, T>,
+    range: Range<u64>,
+    zapped: usize,
+}
+
+impl<F: Format, T: Tlb> Invalidation<'_, F, T> {
+    /// Leaves zapped by the start.
+    pub fn zapped(&self) -> usize {
+        self.zapped
+    }
+
+    /// The (page-rounded) range.
+    pub fn range(&self) -> Range<u64> {
+        self.range.clone()
+    }
+}
+
+impl<F: Format, T: Tlb> Drop for Invalidation<'_, F, T> {
+    fn drop(&mut self) {
+        self.s2.invalidate_range_end(self.range.clone());
+    }
+}
+
+/// Round a byte range out to 4 KiB pages, clamped to the input address space.
+pub(crate) fn page_range(r: &Range<u64>) -> Range<u64> {
+    let start = (r.start & !0xfff).min(GPA_LIMIT);
+    let end = r.end.saturating_add(0xfff).min(GPA_LIMIT) & !0xfff;
+    start..end.max(start)
+}
+
+/// The zap visitor: leaves (and markers) in range become empty.
+struct Zap {
+    zapped: usize,
+    visited: usize,
+    budget: usize,
+    /// Range zapped since the last flush.
+    dirty_start: u64,
+    dirty_end: u64,
+}
+
+impl<F: Format, T: Tlb> Visitor<F, T> for Zap {
+    const FLAGS: u8 = flags::LEAF;
+
+    fn visit(&mut self, s2: &Stage2<F, T>, _g: &Guard, _k: Visit, ctx: &mut Ctx<'_>) -> Step {
+        self.visited += 1;
+        let mut old = ctx.old;
+        loop {
+            if old == 0 {
+                break;
+            }
+            if s2.fmt.is_table(old, ctx.level) {
+                // A split raced with us: descend into the new table.
+                ctx.old = old;
+                return Step::Continue;
+            }
+            if s2.fmt.is_locked(old) {
+                if s2.steal(ctx.slot) {
+                    break;
+                }
+            } else {
+                match ctx
+                    .slot
+                    .compare_exchange(old, 0, Ordering::SeqCst, Ordering::SeqCst)
+                {
+                    Ok(_) => {
+                        s2.stats.mapped(ctx.level, 1, false);
+                        self.zapped += 1;
+                        if self.dirty_start >= self.dirty_end {
+                            self.dirty_start = ctx.addr;
+                        }
+                        self.dirty_start = self.dirty_start.min(ctx.addr);
+                        self.dirty_end = self.dirty_end.max(ctx.addr + ctx.size());
+                        break;
+                    }
+                    Err(now) => {
+                        old = now;
+                        continue;
+                    }
+                }
+            }
+            old = ctx.slot.load(Ordering::SeqCst);
+        }
+        ctx.old = 0;
+        if self.visited >= self.budget {
+            self.visited = 0;
+            Step::Pause
+        } else {
+            Step::Continue
+        }
+    }
+}
+
+impl<F: Format, T: Tlb> Stage2<F, T> {
+    /// The invalidation sequence number. A fault handler reads it before it resolves the backing
+    /// and passes it to [`Stage2::handle_fault`].
+    pub fn invalidate_seq(&self) -> u64 {
+        self.inv.seq.load(Ordering::SeqCst)
+    }
+
+    /// Whether a fault that read `seq` must not install a mapping of `[start, end)`: an
+    /// invalidation covering it is in progress, or one ended since `seq` was read.
+    #[inline]
+    pub(crate) fn invalidate_retry(&self, seq: u64, start: u64, end: u64) -> bool {
+        // Count (and ranges) first, sequence second: `end` bumps the sequence before it removes its
+        // range, so a fault cannot miss both.
+        if self.inv.in_progress.load(Ordering::SeqCst) != 0 && self.inv.covers(start, end) {
+            return true;
+        }
+        self.inv.seq.load(Ordering::SeqCst) != seq
+    }
+
+    /// Begin invalidating `range` (rounded out to 4 KiB): faults over it answer `Retry` until
+    /// [`Stage2::invalidate_range_end`]; every leaf in it is zapped before this returns (and the TLB
+    /// flushed). Returns the number of leaves zapped. Blocks that straddle the range are zapped
+    /// whole.
+    pub fn invalidate_range_start(&self, range: Range<u64>) -> usize {
+        let _g = self.global_guard();
+        let r = page_range(&range);
+        self.inv.ranges().push(r.clone());
+        self.inv.in_progress.fetch_add(1, Ordering::SeqCst);
+        self.stats.inc(C::Invalidations);
+        self.zap_range(r.start, r.end)
+    }
+
+    /// End the invalidation of `range` (the same range given to start): bump the sequence, then
+    /// drop the range.
+    pub fn invalidate_range_end(&self, range: Range<u64>) {
+        let _g = self.global_guard();
+        let r = page_range(&range);
+        self.inv.bump();
+        let found = {
+            let mut l = self.inv.ranges();
+            match l.iter().position(|x| *x == r) {
+                Some(i) => {
+                    l.swap_remove(i);
+                    true
+                }
+                None => false,
+            }
+        };
+        if found {
+            self.inv.in_progress.fetch_sub(1, Ordering::SeqCst);
+        } else {
+            log::error!(
+                "invalidate_range_end({:#x}..{:#x}) without a matching start; pass the range given to start",
+                range.start,
+                range.end
+            );
+        }
+    }
+
+    /// Start invalidating `range` now; it ends when the returned guard drops.
+    pub fn invalidate(&self, range: Range<u64>) -> Invalidation<'_, F, T> {
+        let zapped = self.invalidate_range_start(range.clone());
+        Invalidation {
+            s2: self,
+            range,
+            zapped,
+        }
+    }
+
+    /// Zap every leaf in `[start, end)`: one resumable walk that yields every `yield_every` entries
+    /// (dropping its epoch guard and the structure lock) and flushes once per batch.
+    pub(crate) fn zap_range(&self, start: u64, end: u64) -> usize {
+        let mut v = Zap {
+            zapped: 0,
+            visited: 0,
+            budget: self.config.yield_every.max(1),
+            dirty_start: 0,
+            dirty_end: 0,
+        };
+        let mut addr = start;
+        loop {
+            let lock = sync::lock(&self.structure);
+            let g = self.reclaim.pin();
+            let r = self.walk(addr, end, &mut v, &g);
+            drop(g);
+            drop(lock);
+            if v.dirty_end > v.dirty_start {
+                self.flush_range(v.dirty_start, v.dirty_end);
+                v.dirty_start = 0;
+                v.dirty_end = 0;
+            }
+            match r {
+                Walked::Done => break,
+                Walked::Paused(next) => {
+                    addr = next;
+                    self.stats.inc(C::Yield);
+                    sync::yield_now();
+                }
+            }
+        }
+        self.stats.add(C::Zapped, v.zapped as u64);
+        v.zapped
+    }
+}

@@ -1,0 +1,223 @@
+//! Batched installs (the `set_ptes` idea): `map_range` maps consecutive pages with one walk and one
+//! TLB flush; a batch cannot be opened inside another one on the same thread (assertion).
+
+use crate::format::Format;
+use crate::stats::C;
+use crate::sync::{MutexGuard, Ordering};
+use crate::table::Guard;
+use crate::tlb::Tlb;
+use crate::types::{Error, PageSize, Perms, GPA_LIMIT};
+use crate::walk::{flags, Ctx, Step, Visit, Visitor, Walked};
+use crate::Stage2;
+
+#[cfg(not(loom))]
+thread_local! {
+    /// Whether this thread has a batch open (the nesting check).
+    static IN_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// An open batch of installs: one TLB flush over everything it mapped, when it drops.
+#[must_use = "the batch flushes when it drops"]
+pub struct Batch<'a, F: Format, T: Tlb> {
+    s2: &'a Stage2<F, T>,
+    _global: Option<MutexGuard<'a, ()>>,
+    flush_start: u64,
+    flush_end: u64,
+}
+
+impl<F: Format, T: Tlb> Stage2<F, T> {
+    /// Open a batch of installs. Panics (in debug builds and tests) if this thread already has one
+    /// open: batches do not nest (seed 004).
+    pub fn batch(&self) -> Batch<'_, F, T> {
+        #[cfg(not(loom))]
+        if cfg!(any(debug_assertions, test)) {
+            let nested = IN_BATCH.with(|b| b.replace(true));
+            assert!(
+                !nested,
+                "stage2: a map batch was opened inside another batch on this thread; close the first one"
+            );
+        }
+        Batch {
+            s2: self,
+            _global: self.global_guard(),
+            flush_start: u64::MAX,
+            flush_end: 0,
+        }
+    }
+
+    /// Map `[gpa, gpa + len)` to `[frame, frame + len)` with `perms` in leaves of `size`, in one
+    /// walk and one flush. Existing identical leaves are kept; a leaf of the same size with another
+    /// output address or other permissions is replaced with break-before-make. Returns the number of
+    /// entries written. Administrative: it does not take part in the invalidation handshake.
+    pub fn map_range(
+        &self,
+        gpa: u64,
+        len: u64,
+        frame: u64,
+        perms: Perms,
+        size: PageSize,
+    ) -> Result<usize, Error> {
+        let mut b = self.batch();
+        b.map(gpa, len, frame, perms, size)
+    }
+}
+
+/// The map visitor: descend (creating tables) to the target level, install there.
+struct MapV {
+    gpa: u64,
+    frame: u64,
+    level: usize,
+    perms: Perms,
+    written: usize,
+    err: Option<Error>,
+}
+
+impl<F: Format, T: Tlb> Visitor<F, T> for MapV {
+    const FLAGS: u8 = flags::LEAF | flags::TABLE_PRE;
+
+    fn visit(&mut self, s2: &Stage2<F, T>, _g: &Guard, _k: Visit, ctx: &mut Ctx<'_>) -> Step {
+        let mut old = ctx.old;
+        loop {
+            if s2.fmt.is_table(old, ctx.level) {
+                if ctx.level >= self.level {
+                    self.err = Some(Error::Conflict {
+                        gpa: ctx.addr.max(ctx.start),
+                        what: "a table of smaller mappings",
+                    });
+                    return Step::Pause;
+                }
+                ctx.old = old;
+                return Step::Continue;
+            }
+            if s2.fmt.is_locked(old) {
+                self.err = Some(Error::Busy { gpa: ctx.addr });
+                return Step::Pause;
+            }
+            if ctx.level < self.level {
+                if old != 0 {
+                    self.err = Some(Error::Conflict {
+                        gpa: ctx.addr.max(ctx.start),
+                        what: "a larger block",
+                    });
+                    return Step::Pause;
+                }
+                match s2.install_table(ctx.slot) {
+                    Ok(t) => old = t,
+                    Err(cur) => old = cur,
+                }
+                continue;
+            }
+            let oa = self.frame + (ctx.addr - self.gpa);
+            let new = s2.fmt.leaf(oa, ctx.level, self.perms);
+            if old == new {
+                return Step::Continue;
+            }
+            if old == 0 {
+                match ctx
+                    .slot
+                    .compare_exchange(0, new, Ordering::SeqCst, Ordering::SeqCst)
+                {
+                    Ok(_) => {
+                        s2.stats.mapped(ctx.level, 1, true);
+                        self.written += 1;
+                        ctx.old = new;
+                        return Step::Continue;
+                    }
+                    Err(cur) => {
+                        old = cur;
+                        continue;
+                    }
+                }
+            }
+            // A different leaf of the same size: break-before-make.
+            if !s2.try_break(ctx.slot, old, ctx.level, ctx.addr) {
+                old = ctx.slot.load(Ordering::SeqCst);
+                continue;
+            }
+            if !s2.make(ctx.slot, new) {
+                self.err = Some(Error::Busy { gpa: ctx.addr });
+                return Step::Pause;
+            }
+            s2.stats.mapped(ctx.level, 1, true);
+            self.written += 1;
+            ctx.old = new;
+            return Step::Continue;
+        }
+    }
+}
+
+impl<F: Format, T: Tlb> Batch<'_, F, T> {
+    /// Map one range into the batch (see [`Stage2::map_range`]).
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        frame: u64,
+        perms: Perms,
+        size: PageSize,
+    ) -> Result<usize, Error> {
+        let align = size.bytes();
+        for (what, value) in [("gpa", gpa), ("len", len), ("frame", frame)] {
+            if value % align != 0 {
+                return Err(Error::Misaligned {
+                    what,
+                    value,
+                    size,
+                    align,
+                });
+            }
+        }
+        let end = gpa.checked_add(len).filter(|&e| e <= GPA_LIMIT);
+        let Some(end) = end else {
+            return Err(Error::OutOfRange {
+                start: gpa,
+                end: gpa.wrapping_add(len),
+            });
+        };
+        if len == 0 {
+            return Ok(0);
+        }
+        let s2 = self.s2;
+        let mut v = MapV {
+            gpa,
+            frame,
+            level: size.level(),
+            perms: perms.union(Perms::R),
+            written: 0,
+            err: None,
+        };
+        let g = s2.reclaim.pin();
+        let r = s2.walk(gpa, end, &mut v, &g);
+        drop(g);
+        if v.written > 0 {
+            self.flush_start = self.flush_start.min(gpa);
+            self.flush_end = self.flush_end.max(end);
+            s2.stats.add(
+                match size {
+                    PageSize::Size4K => C::Install4K,
+                    PageSize::Size2M => C::Install2M,
+                    PageSize::Size1G => C::Install1G,
+                },
+                v.written as u64,
+            );
+        }
+        match (v.err, r) {
+            (Some(e), _) => Err(e),
+            (None, Walked::Done) => Ok(v.written),
+            (None, Walked::Paused(a)) => Err(Error::Busy { gpa: a }),
+        }
+    }
+}
+
+impl<F: Format, T: Tlb> Drop for Batch<'_, F, T> {
+    fn drop(&mut self) {
+        if self.flush_end > self.flush_start {
+            // One flush for the whole batch (TLBs may hold invalid entries for the new pages).
+            self.s2.flush_range(self.flush_start, self.flush_end);
+        }
+        #[cfg(not(loom))]
+        if cfg!(any(debug_assertions, test)) {
+            let _ = IN_BATCH.try_with(|b| b.set(false));
+        }
+    }
+}

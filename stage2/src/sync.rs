@@ -1,0 +1,33 @@
+//! The atomics and locks the engine's concurrency protocol is built on, switchable to loom's models.
+//!
+//! Everything that takes part in the lock-free protocol (table entries, the invalidation sequence and
+//! in-progress count, dirty bits, the structure and global locks) comes from here, so that
+//! `RUSTFLAGS="--cfg loom"` model-checks it. Statistics counters and plain caches use `std` directly:
+//! they are not part of the protocol and modelling them would only blow up the state space.
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+#[cfg(loom)]
+pub(crate) use loom::sync::{Mutex, MutexGuard};
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+#[cfg(not(loom))]
+pub(crate) use std::sync::{Mutex, MutexGuard};
+
+/// Lock a mutex, ignoring poisoning: every structure behind our locks stays consistent across a panic
+/// (they hold either nothing or a list updated in one step).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Yield the CPU in a long operation (a scheduling point under loom).
+pub(crate) fn yield_now() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::thread::yield_now();
+}
