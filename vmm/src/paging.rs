@@ -1,1 +1,1334 @@
-//! Demand paging of guest RAM through userfaultfd and the stage2 engine (placeholder).
+//! Demand paging of guest RAM: userfaultfd fault-handler threads that ask `stage2` what to do and
+//! carry it out on the host, and range reclaim bracketed like the host's mmu notifier.
+//!
+//! # Data path of a first touch
+//!
+//! A vCPU (through KVM's `get_user_pages`) touches a missing host page of guest RAM; the kernel
+//! queues a MISSING fault on our userfaultfd and puts the thread to sleep. A handler thread reads
+//! the event, translates the host address to a GPA, reads stage2's invalidation sequence, fills
+//! the host page (UFFDIO_ZEROPAGE for 4 KiB anonymous memory, fault-around batched; UFFDIO_COPY
+//! of a zero buffer over the whole huge page on hugetlbfs, which has no zero page; COPY with
+//! `MODE_WP` under write tracking), which wakes the vCPU, and then records the mapping in stage2
+//! with `handle_fault(fault, backing, seq)`.
+//!
+//! # Order: host first, then stage2 (KVM's order)
+//!
+//! KVM resolves the host page first and installs its EPT entry second, under the mmu-notifier
+//! sequence check. The handler does the same: stage2 is told only about host pages that exist.
+//! If an invalidation raced (`Outcome::Retry`), the fault is *deferred*, not spun on: it is
+//! retried after the next event batch, and installed only if the host still has the page
+//! (`mincore`). Spinning would deadlock a reclaim: its `madvise` waits until a handler reads the
+//! REMOVE event, while its `invalidate_range_start` makes every fault in the range retry.
+//!
+//! # Races with the kernel, and where they are handled
+//!
+//! * EEXIST from a fill: another handler filled the page first (two vCPUs faulted on it). The
+//!   page is there; stage2 is still asked, and answers Spurious. See [`Handler::fill`].
+//! * EAGAIN with nothing done: a REMOVE/UNMAP event is queued and not yet read (the kernel's
+//!   `mmap_changing`), as in Firecracker's handler. The fault is deferred; the event is read in
+//!   the same or the next batch (the kernel hands out queued faults before events, but one
+//!   `read` of a batch drains both), and the fill is retried then.
+//! * A MISSING fault on a GPA that stage2 maps: either a racing duplicate (another handler
+//!   installed and is filling) or a host drop that stage2 has not heard of yet (a REMOVE read by
+//!   another handler and not yet bracketed). Both are answered by filling the host page: EEXIST
+//!   means the duplicate, success means the host really had lost it; stage2's entry then maps
+//!   the right memory again. Dropping the stage2 entry and re-handling, the other possible
+//!   answer, would count two installs for one page in the duplicate case.
+//! * REMOVE and fault out of order: the handler reads events and processes REMOVE/UNMAP under
+//!   one lock, before it releases the batch's faults. A fault caused by a drop can only be
+//!   raised after the kernel zapped the page, which happens after the REMOVE was read, so it is
+//!   read after stage2 was invalidated. Removes caused by [`Pager::reclaim`] itself are
+//!   recognised (the reclaim is already bracketed) and not bracketed twice.
+
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use log::{debug, error, info, warn};
+use stage2::{
+    Access, Backing, Config as Stage2Config, Ept, Fault, NoopTlb, Outcome, PageSize, Perms,
+    Resolved, Stage2,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::memory::{BackingKind, GuestRam, RamRegion};
+use crate::uffd::{
+    Event, Uffd, UffdError, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP,
+    UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+    UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,
+    UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_THREAD_ID,
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+};
+
+/// The stage2 engine as the VMM instantiates it: x86 EPT format; KVM owns the real TLB.
+pub type VmStage2 = Stage2<Ept, NoopTlb>;
+
+const SZ_4K: u64 = 4 << 10;
+const SZ_2M: u64 = 2 << 20;
+const SZ_1G: u64 = 1 << 30;
+/// Messages read per `read(2)`: more than the vCPUs that can have a fault pending at once, so
+/// one read also takes the REMOVE event queued behind them.
+const EVENT_BATCH: usize = 32;
+/// A deferred fault that keeps meeting invalidations is given up after this many attempts (the
+/// vCPU, if it still needs the page, faults again).
+const MAX_DEFER_ATTEMPTS: u32 = 100_000;
+/// Poll timeout while faults are deferred.
+const DEFER_POLL_MS: i32 = 1;
+
+/// Configuration of the pager.
+#[derive(Clone, Debug)]
+pub struct PagerConfig {
+    /// Fault-handler threads (default: one per vCPU).
+    pub handlers: usize,
+    /// Register with userfaultfd write-protect mode too: pages are filled write-protected on a
+    /// read fault and a later write raises a WP fault (stage2's permission-only relax).
+    pub write_tracking: bool,
+    /// On 4 KiB backing, fill up to this many consecutive missing pages from the faulting one
+    /// with one ioctl and record them with one stage2 `map_range` (1 = off).
+    pub fault_around_pages: usize,
+    /// vCPUs of the VM (stage2's dirty rings); faults are attributed with
+    /// [`Pager::set_vcpu_thread`].
+    pub vcpus: usize,
+}
+
+impl Default for PagerConfig {
+    fn default() -> Self {
+        PagerConfig::for_vcpus(1)
+    }
+}
+
+impl PagerConfig {
+    /// The default for a VM with `vcpus` vCPUs: one handler each, 16-page fault-around, no write
+    /// tracking.
+    pub fn for_vcpus(vcpus: usize) -> Self {
+        PagerConfig {
+            handlers: vcpus.max(1),
+            write_tracking: false,
+            fault_around_pages: 16,
+            vcpus: vcpus.max(1),
+        }
+    }
+}
+
+/// Errors of the pager; each says what was wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum PagingError {
+    /// The userfaultfd layer failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// Registration of a RAM region failed.
+    #[error(
+        "cannot register guest RAM {gpa:#x}+{len:#x} (host {host:#x}) with userfaultfd: {source}"
+    )]
+    Register {
+        /// Region GPA.
+        gpa: u64,
+        /// Region length.
+        len: u64,
+        /// Host address.
+        host: u64,
+        /// Cause.
+        #[source]
+        source: UffdError,
+    },
+    /// The configuration cannot work.
+    #[error("invalid pager configuration: {0}")]
+    Config(String),
+    /// A reclaim range of zero bytes.
+    #[error(
+        "reclaim range at {gpa:#x} is empty: give a length of at least one page ({page:#x} bytes)"
+    )]
+    EmptyRange {
+        /// Start.
+        gpa: u64,
+        /// Backing page size.
+        page: u64,
+    },
+    /// A reclaim range not aligned to the backing's page size.
+    #[error("reclaim range {gpa:#x}+{len:#x} is not aligned to the guest RAM page size {page:#x}: round the start down and the length up to a multiple of it")]
+    Unaligned {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// Backing page size.
+        page: u64,
+    },
+    /// A reclaim range that is not entirely inside one RAM region.
+    #[error("reclaim range {gpa:#x}+{len:#x} is not inside guest RAM (RAM is {ram}): give a range inside one RAM region")]
+    OutsideRam {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// The RAM regions, for the message.
+        ram: String,
+    },
+    /// madvise failed.
+    #[error("dropping host memory of {gpa:#x}+{len:#x} failed: {source}")]
+    Drop {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Thread or eventfd creation failed.
+    #[error("cannot start the fault handlers: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+/// What a reclaim did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReclaimReport {
+    /// Start GPA.
+    pub gpa: u64,
+    /// Length.
+    pub len: u64,
+    /// Stage2 leaf entries zapped by the invalidation.
+    pub zapped: usize,
+    /// Time in the host drop (madvise), ns.
+    pub drop_ns: u64,
+    /// Time of the whole bracketed reclaim, ns.
+    pub total_ns: u64,
+}
+
+/// Counters of the pager (monotonic, shared by the handlers).
+#[derive(Default, Debug)]
+struct Counters {
+    ev_missing: AtomicU64,
+    ev_wp: AtomicU64,
+    ev_minor: AtomicU64,
+    ev_remove: AtomicU64,
+    ev_unmap: AtomicU64,
+    ev_remap: AtomicU64,
+    ev_fork: AtomicU64,
+    populated_4k: AtomicU64,
+    populated_2m: AtomicU64,
+    populated_1g: AtomicU64,
+    installed: AtomicU64,
+    spurious: AtomicU64,
+    relaxed: AtomicU64,
+    retry: AtomicU64,
+    denied: AtomicU64,
+    fault_around: AtomicU64,
+    refills: AtomicU64,
+    eexist: AtomicU64,
+    eagain: AtomicU64,
+    deferred: AtomicU64,
+    deferred_dropped: AtomicU64,
+    wp_cleared: AtomicU64,
+    reclaims: AtomicU64,
+    reclaimed_bytes: AtomicU64,
+    zapped: AtomicU64,
+    external_invalidations: AtomicU64,
+    own_removes: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn add(c: &AtomicU64, v: u64) {
+    c.fetch_add(v, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// A snapshot of the pager's statistics and stage2's.
+#[derive(Clone, Debug)]
+pub struct PagingStats {
+    /// stage2's own statistics (mapped bytes by page size, outcomes, invalidations, ...).
+    pub stage2: stage2::Stats,
+    /// userfaultfd events by kind: MISSING faults.
+    pub events_missing: u64,
+    /// WP faults.
+    pub events_wp: u64,
+    /// MINOR faults.
+    pub events_minor: u64,
+    /// REMOVE events.
+    pub events_remove: u64,
+    /// UNMAP events.
+    pub events_unmap: u64,
+    /// REMAP events.
+    pub events_remap: u64,
+    /// FORK events.
+    pub events_fork: u64,
+    /// Host bytes populated by this pager, in 4 KiB pages.
+    pub populated_4k: u64,
+    /// Host bytes populated in 2 MiB pages.
+    pub populated_2m: u64,
+    /// Host bytes populated in 1 GiB pages.
+    pub populated_1g: u64,
+    /// Fault outcomes as stage2 answered the handlers: installs.
+    pub installed: u64,
+    /// Spurious (already mapped).
+    pub spurious: u64,
+    /// Relaxed in place.
+    pub relaxed: u64,
+    /// Retry (an invalidation raced or a BBM was in flight).
+    pub retry: u64,
+    /// Denied.
+    pub denied: u64,
+    /// Extra 4 KiB pages filled and mapped by fault-around.
+    pub fault_around_pages: u64,
+    /// MISSING faults on GPAs stage2 mapped whose host page was really gone (refilled).
+    pub refills: u64,
+    /// EEXIST races (a fill found the page present).
+    pub eexist: u64,
+    /// EAGAIN races (a fill met a pending REMOVE, or stopped part way).
+    pub eagain: u64,
+    /// Faults deferred (fill or install retried later).
+    pub deferred: u64,
+    /// Deferred faults given up (host page gone, or too many attempts).
+    pub deferred_dropped: u64,
+    /// WP faults answered by clearing the host write protection.
+    pub wp_cleared: u64,
+    /// Reclaims done.
+    pub reclaims: u64,
+    /// Bytes reclaimed.
+    pub reclaimed_bytes: u64,
+    /// Stage2 leaves zapped by reclaims and external removes.
+    pub zapped: u64,
+    /// REMOVE/UNMAP events not caused by this VMM, bracketed by the handlers.
+    pub external_invalidations: u64,
+    /// REMOVE events caused by our own reclaims (already bracketed).
+    pub own_removes: u64,
+}
+
+impl fmt::Display for PagingStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: [(&str, u64); 28] = [
+            ("uffd events: missing", self.events_missing),
+            ("uffd events: write-protect", self.events_wp),
+            ("uffd events: minor", self.events_minor),
+            ("uffd events: remove", self.events_remove),
+            ("uffd events: unmap", self.events_unmap),
+            ("uffd events: remap", self.events_remap),
+            ("uffd events: fork", self.events_fork),
+            ("populated bytes 4K", self.populated_4k),
+            ("populated bytes 2M", self.populated_2m),
+            ("populated bytes 1G", self.populated_1g),
+            ("faults installed", self.installed),
+            ("faults spurious", self.spurious),
+            ("faults relaxed", self.relaxed),
+            ("faults retry", self.retry),
+            ("faults denied", self.denied),
+            ("fault-around pages", self.fault_around_pages),
+            ("refills (host lost page)", self.refills),
+            ("races EEXIST", self.eexist),
+            ("races EAGAIN", self.eagain),
+            ("deferred faults", self.deferred),
+            ("deferred faults dropped", self.deferred_dropped),
+            ("WP cleared", self.wp_cleared),
+            ("reclaims", self.reclaims),
+            ("reclaimed bytes", self.reclaimed_bytes),
+            ("zapped leaves", self.zapped),
+            ("external invalidations", self.external_invalidations),
+            ("own removes", self.own_removes),
+            (
+                "populated bytes total",
+                self.populated_4k + self.populated_2m + self.populated_1g,
+            ),
+        ];
+        writeln!(f, "{:<28} {:>16}", "demand paging", "count")?;
+        for (name, v) in rows {
+            writeln!(f, "{name:<28} {v:>16}")?;
+        }
+        write!(f, "{}", self.stage2)
+    }
+}
+
+/// The host view of guest RAM that stage2 asks on a fault: every RAM GPA is backed by the
+/// naturally aligned host block of the backing's page size, readable, writable, executable.
+pub struct GuestRamBacking {
+    regions: Vec<RamRegion>,
+    page: PageSize,
+}
+
+impl GuestRamBacking {
+    /// A backing over `regions` (sorted by GPA) with host pages of `page`.
+    pub fn new(mut regions: Vec<RamRegion>, page: PageSize) -> Self {
+        regions.sort_by_key(|r| r.gpa);
+        GuestRamBacking { regions, page }
+    }
+
+    fn region_of_gpa(&self, gpa: u64) -> Option<&RamRegion> {
+        let i = self.regions.partition_point(|r| r.gpa <= gpa);
+        let r = self.regions.get(i.checked_sub(1)?)?;
+        (gpa - r.gpa < r.len).then_some(r)
+    }
+
+    fn region_of_host(&self, hva: u64) -> Option<&RamRegion> {
+        self.regions
+            .iter()
+            .find(|r| hva >= r.host_addr && hva - r.host_addr < r.len)
+    }
+
+    /// Host address of `gpa`, if RAM.
+    pub fn gpa_to_host(&self, gpa: u64) -> Option<u64> {
+        self.region_of_gpa(gpa).map(|r| r.host_addr + (gpa - r.gpa))
+    }
+
+    /// GPA of host address `hva`, if RAM.
+    pub fn host_to_gpa(&self, hva: u64) -> Option<u64> {
+        self.region_of_host(hva)
+            .map(|r| r.gpa + (hva - r.host_addr))
+    }
+}
+
+impl Backing for GuestRamBacking {
+    fn resolve(&self, gpa: u64) -> Option<Resolved> {
+        let r = self.region_of_gpa(gpa)?;
+        let size = self.page.bytes();
+        let block = gpa & !(size - 1);
+        Some(Resolved {
+            frame: r.host_addr + (block - r.gpa),
+            max_size: self.page,
+            perms: Perms::RWX,
+        })
+    }
+}
+
+/// A read-only anonymous mapping that reads as zeroes: the source of UFFDIO_COPY where the
+/// kernel has no zero page to map (hugetlbfs; write-protected fills). Never written, so it
+/// costs no memory (reads map the shared zero page).
+struct ZeroSource {
+    addr: u64,
+    len: u64,
+}
+
+impl ZeroSource {
+    fn new(len: u64) -> io::Result<ZeroSource> {
+        // SAFETY: a fresh private anonymous read-only mapping at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ZeroSource {
+            addr: p as u64,
+            len,
+        })
+    }
+}
+
+impl Drop for ZeroSource {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` created; no reference into it outlives self.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+/// State shared by the handlers, the reclaim path and the owner.
+struct Shared {
+    uffd: Uffd,
+    s2: Arc<VmStage2>,
+    backing: GuestRamBacking,
+    page: PageSize,
+    cfg: PagerConfig,
+    zero: ZeroSource,
+    counters: Counters,
+    /// Serialises `read(2)` of the uffd with the processing of the REMOVE/UNMAP events read
+    /// (see the module doc); [`Pager::reclaim`] takes it once after its drop to know that the
+    /// REMOVE it caused has been seen.
+    event_lock: Mutex<()>,
+    /// Host ranges being dropped by our own reclaims (already bracketed in stage2).
+    own_drops: Mutex<Vec<Range<u64>>>,
+    /// Thread id of each vCPU (index), 0 when unknown.
+    vcpu_tids: Vec<AtomicU32>,
+    stop: EventFd,
+    stopping: AtomicBool,
+}
+
+/// The demand pager: owns the userfaultfd, the handler threads and the stage2 engine.
+///
+/// The host memory must outlive the pager: stop (or drop) the pager before unmapping guest RAM.
+pub struct Pager {
+    shared: Arc<Shared>,
+    handlers: Vec<JoinHandle<()>>,
+    registered: Vec<(u64, u64)>,
+}
+
+impl fmt::Debug for Pager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pager")
+            .field("regions", &self.shared.backing.regions)
+            .field("page", &self.shared.page)
+            .field("cfg", &self.shared.cfg)
+            .finish()
+    }
+}
+
+/// The stage2 page size of a RAM backing (THP is paged at 4 KiB: userfaultfd fills 4 KiB pages).
+pub fn backing_page_size(kind: BackingKind) -> PageSize {
+    match kind.page_size() {
+        SZ_1G => PageSize::Size1G,
+        SZ_2M => PageSize::Size2M,
+        _ => PageSize::Size4K,
+    }
+}
+
+impl Pager {
+    /// Registers every region of `ram` and starts the handlers. Stop the pager before `ram` is
+    /// dropped.
+    pub fn start(ram: &GuestRam, cfg: PagerConfig) -> Result<Pager, PagingError> {
+        let regions: Vec<RamRegion> = ram.regions().collect();
+        Self::start_with_regions(&regions, backing_page_size(ram.backing()), cfg)
+    }
+
+    /// Registers `regions` (private anonymous memory with host pages of `page`: 4 KiB or THP
+    /// for `Size4K`, hugetlbfs for the others) and starts the handlers. The memory must stay
+    /// mapped until the pager is stopped.
+    pub fn start_with_regions(
+        regions: &[RamRegion],
+        page: PageSize,
+        cfg: PagerConfig,
+    ) -> Result<Pager, PagingError> {
+        if cfg.handlers == 0 {
+            return Err(PagingError::Config(
+                "handlers is 0: give at least one fault-handler thread".into(),
+            ));
+        }
+        if cfg.fault_around_pages == 0 || cfg.fault_around_pages > 512 {
+            return Err(PagingError::Config(format!(
+                "fault_around_pages is {}: give 1 (off) to 512",
+                cfg.fault_around_pages
+            )));
+        }
+        let size = page.bytes();
+        for r in regions {
+            if !r.gpa.is_multiple_of(size)
+                || !r.len.is_multiple_of(size)
+                || !r.host_addr.is_multiple_of(size)
+                || r.len == 0
+            {
+                return Err(PagingError::Config(format!(
+                    "RAM region {:#x}+{:#x} at host {:#x} is not aligned to the {size:#x}-byte page size",
+                    r.gpa, r.len, r.host_addr
+                )));
+            }
+        }
+        let hugetlb = page != PageSize::Size4K;
+        let mut required = UFFD_FEATURE_EVENT_REMOVE;
+        if hugetlb {
+            required |= UFFD_FEATURE_MISSING_HUGETLBFS;
+        }
+        if cfg.write_tracking {
+            required |= UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+            if hugetlb {
+                required |= UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+            }
+        }
+        let optional = UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_THREAD_ID;
+        let uffd = Uffd::new(required, optional)?;
+        let mut mode = UFFDIO_REGISTER_MODE_MISSING;
+        if cfg.write_tracking {
+            mode |= UFFDIO_REGISTER_MODE_WP;
+        }
+        let mut registered = Vec::new();
+        for r in regions {
+            let ioctls = uffd.register(r.host_addr, r.len, mode).map_err(|source| {
+                PagingError::Register {
+                    gpa: r.gpa,
+                    len: r.len,
+                    host: r.host_addr,
+                    source,
+                }
+            })?;
+            registered.push((r.host_addr, r.len));
+            let need_zeropage = !hugetlb && !cfg.write_tracking;
+            let missing = if !ioctls.copy() {
+                Some("UFFDIO_COPY")
+            } else if need_zeropage && !ioctls.zeropage() {
+                Some("UFFDIO_ZEROPAGE")
+            } else if cfg.write_tracking && !ioctls.writeprotect() {
+                Some("UFFDIO_WRITEPROTECT")
+            } else {
+                None
+            };
+            if let Some(ioctl) = missing {
+                // Registration is undone when the fd closes.
+                return Err(PagingError::Register {
+                    gpa: r.gpa,
+                    len: r.len,
+                    host: r.host_addr,
+                    source: UffdError::MissingIoctl {
+                        start: r.host_addr,
+                        len: r.len,
+                        ioctl,
+                        offered: ioctls.0,
+                    },
+                });
+            }
+        }
+        let zero_len = size.max(cfg.fault_around_pages as u64 * SZ_4K);
+        let zero = ZeroSource::new(zero_len).map_err(PagingError::Spawn)?;
+        let s2 = Arc::new(Stage2::new(
+            Ept,
+            NoopTlb,
+            Stage2Config {
+                nr_vcpus: cfg.vcpus.max(1),
+                ..Stage2Config::default()
+            },
+        ));
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(PagingError::Spawn)?;
+        let shared = Arc::new(Shared {
+            uffd,
+            s2,
+            backing: GuestRamBacking::new(regions.to_vec(), page),
+            page,
+            zero,
+            counters: Counters::default(),
+            event_lock: Mutex::new(()),
+            own_drops: Mutex::new(Vec::new()),
+            vcpu_tids: (0..cfg.vcpus.max(1)).map(|_| AtomicU32::new(0)).collect(),
+            stop,
+            stopping: AtomicBool::new(false),
+            cfg: cfg.clone(),
+        });
+        let mut handlers = Vec::new();
+        for i in 0..cfg.handlers {
+            let sh = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("uffd-{i}"))
+                .spawn(move || Handler::new(sh).run())
+                .map_err(PagingError::Spawn)?;
+            handlers.push(h);
+        }
+        info!(
+            "demand paging: {} region(s), {:?} pages, {} handler(s), write tracking {}, fault-around {}",
+            regions.len(),
+            page,
+            cfg.handlers,
+            cfg.write_tracking,
+            cfg.fault_around_pages
+        );
+        Ok(Pager {
+            shared,
+            handlers,
+            registered,
+        })
+    }
+
+    /// The stage2 engine: the VMM's authoritative map of guest RAM.
+    pub fn stage2(&self) -> &Arc<VmStage2> {
+        &self.shared.s2
+    }
+
+    /// The host page size demand paging works in.
+    pub fn page_size(&self) -> PageSize {
+        self.shared.page
+    }
+
+    /// Attributes faults of host thread `tid` (a vCPU thread, `gettid()`) to vCPU `vcpu`, for
+    /// stage2's per-vCPU dirty rings. Unknown threads count as vCPU 0.
+    pub fn set_vcpu_thread(&self, vcpu: usize, tid: u32) {
+        if let Some(slot) = self.shared.vcpu_tids.get(vcpu) {
+            slot.store(tid, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops the host memory of `[gpa, gpa+len)` and tells stage2, like the host's mmu notifier:
+    /// `invalidate_range_start`, `MADV_DONTNEED`, `invalidate_range_end`. The next guest access
+    /// faults again and gets a fresh zero page. The range must lie inside one RAM region and be
+    /// aligned to the backing's page size.
+    pub fn reclaim(&self, gpa: u64, len: u64) -> Result<ReclaimReport, PagingError> {
+        let sh = &self.shared;
+        let page = sh.page.bytes();
+        if len == 0 {
+            return Err(PagingError::EmptyRange { gpa, page });
+        }
+        let Some(end) = gpa.checked_add(len) else {
+            return Err(self.outside(gpa, len));
+        };
+        let Some(region) = sh.backing.region_of_gpa(gpa).copied() else {
+            return Err(self.outside(gpa, len));
+        };
+        if end > region.gpa + region.len {
+            return Err(self.outside(gpa, len));
+        }
+        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) {
+            return Err(PagingError::Unaligned { gpa, len, page });
+        }
+        let host = region.host_addr + (gpa - region.gpa);
+        let t0 = Instant::now();
+        sh.own_drops.lock().unwrap().push(host..host + len);
+        let zapped = sh.s2.invalidate_range_start(gpa..end);
+        let t1 = Instant::now();
+        // SAFETY: [host, host+len) lies inside a guest RAM mapping this pager registered (checked
+        // above); dropping its pages is what the caller asked for, and the guest sees zeroes.
+        let ret =
+            unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+        let drop_err = (ret != 0).then(io::Error::last_os_error);
+        let drop_ns = t1.elapsed().as_nanos() as u64;
+        // The REMOVE event of this drop was read before madvise returned; taking the event lock
+        // waits until the handler that read it has processed it (and seen it as ours).
+        drop(sh.event_lock.lock().unwrap());
+        {
+            let mut own = sh.own_drops.lock().unwrap();
+            if let Some(i) = own.iter().position(|r| *r == (host..host + len)) {
+                own.swap_remove(i);
+            }
+        }
+        sh.s2.invalidate_range_end(gpa..end);
+        if let Some(source) = drop_err {
+            return Err(PagingError::Drop { gpa, len, source });
+        }
+        let c = &sh.counters;
+        inc(&c.reclaims);
+        add(&c.reclaimed_bytes, len);
+        add(&c.zapped, zapped as u64);
+        let total_ns = t0.elapsed().as_nanos() as u64;
+        debug!("reclaimed {gpa:#x}+{len:#x}: {zapped} leaves zapped, drop {drop_ns} ns");
+        Ok(ReclaimReport {
+            gpa,
+            len,
+            zapped,
+            drop_ns,
+            total_ns,
+        })
+    }
+
+    fn outside(&self, gpa: u64, len: u64) -> PagingError {
+        let ram = self
+            .shared
+            .backing
+            .regions
+            .iter()
+            .map(|r| format!("{:#x}..{:#x}", r.gpa, r.gpa + r.len))
+            .collect::<Vec<_>>()
+            .join(", ");
+        PagingError::OutsideRam { gpa, len, ram }
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> PagingStats {
+        let c = &self.shared.counters;
+        PagingStats {
+            stage2: self.shared.s2.stats(),
+            events_missing: get(&c.ev_missing),
+            events_wp: get(&c.ev_wp),
+            events_minor: get(&c.ev_minor),
+            events_remove: get(&c.ev_remove),
+            events_unmap: get(&c.ev_unmap),
+            events_remap: get(&c.ev_remap),
+            events_fork: get(&c.ev_fork),
+            populated_4k: get(&c.populated_4k),
+            populated_2m: get(&c.populated_2m),
+            populated_1g: get(&c.populated_1g),
+            installed: get(&c.installed),
+            spurious: get(&c.spurious),
+            relaxed: get(&c.relaxed),
+            retry: get(&c.retry),
+            denied: get(&c.denied),
+            fault_around_pages: get(&c.fault_around),
+            refills: get(&c.refills),
+            eexist: get(&c.eexist),
+            eagain: get(&c.eagain),
+            deferred: get(&c.deferred),
+            deferred_dropped: get(&c.deferred_dropped),
+            wp_cleared: get(&c.wp_cleared),
+            reclaims: get(&c.reclaims),
+            reclaimed_bytes: get(&c.reclaimed_bytes),
+            zapped: get(&c.zapped),
+            external_invalidations: get(&c.external_invalidations),
+            own_removes: get(&c.own_removes),
+        }
+    }
+
+    /// Stops the handlers and closes the userfaultfd (the kernel then resolves any later fault
+    /// of the range itself).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if self.handlers.is_empty() {
+            return;
+        }
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = self.shared.stop.write(1) {
+            error!("cannot signal the fault handlers to stop: {e}");
+        }
+        for h in self.handlers.drain(..) {
+            if h.join().is_err() {
+                error!("a fault-handler thread panicked");
+            }
+        }
+        for &(start, len) in &self.registered {
+            // The range may already be unmapped; closing the fd unregisters it anyway.
+            if let Err(e) = self.shared.uffd.unregister(start, len) {
+                debug!("unregister {start:#x}+{len:#x}: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A fault to finish later.
+#[derive(Clone, Copy, Debug)]
+struct Deferred {
+    gpa: u64,
+    access: Access,
+    vcpu: usize,
+    /// The host fill has not been done yet (it met a pending REMOVE).
+    needs_fill: bool,
+    attempts: u32,
+}
+
+/// Result of a host fill.
+enum Fill {
+    /// `bytes` from the block start were filled (the faulting page first); nobody woken yet.
+    Filled { bytes: u64 },
+    /// The faulting page was already present (a racing handler filled it).
+    Present,
+    /// A REMOVE/UNMAP is pending: nothing done, try again after the event is read.
+    Pending,
+}
+
+/// One fault-handler thread.
+struct Handler {
+    sh: Arc<Shared>,
+    events: Vec<Event>,
+    deferred: Vec<Deferred>,
+}
+
+impl Handler {
+    fn new(sh: Arc<Shared>) -> Self {
+        Handler {
+            sh,
+            events: Vec::with_capacity(EVENT_BATCH),
+            deferred: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let timeout = if self.deferred.is_empty() {
+                -1
+            } else {
+                DEFER_POLL_MS
+            };
+            match self.poll(timeout) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if self.sh.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    error!("fault handler: poll failed: {e}; handler exits");
+                    return;
+                }
+            }
+            if self.sh.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Err(e) = self.read_batch() {
+                error!("fault handler: {e}");
+            }
+            let events = std::mem::take(&mut self.events);
+            for ev in &events {
+                self.on_event(*ev);
+            }
+            self.events = events;
+            self.run_deferred();
+        }
+    }
+
+    /// Waits for the uffd or the stop eventfd. Ok(false) on timeout or stop.
+    fn poll(&self, timeout_ms: i32) -> io::Result<bool> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.sh.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.sh.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds living for the call.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::EINTR) {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        Ok(fds[0].revents & libc::POLLIN != 0)
+    }
+
+    /// Reads a batch and processes its REMOVE/UNMAP events under the event lock.
+    fn read_batch(&mut self) -> Result<(), UffdError> {
+        let _guard = self.sh.event_lock.lock().unwrap();
+        self.sh.uffd.read_events(&mut self.events, EVENT_BATCH)?;
+        for ev in &self.events {
+            match *ev {
+                Event::Remove { start, end } => {
+                    inc(&self.sh.counters.ev_remove);
+                    self.host_dropped(start, end);
+                }
+                Event::Unmap { start, end } => {
+                    inc(&self.sh.counters.ev_unmap);
+                    self.host_dropped(start, end);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The host dropped `[start, end)`: bracket stage2 unless it was our own reclaim.
+    fn host_dropped(&self, start: u64, end: u64) {
+        let own = self
+            .sh
+            .own_drops
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.start <= start && end <= r.end);
+        if own {
+            inc(&self.sh.counters.own_removes);
+            return;
+        }
+        inc(&self.sh.counters.external_invalidations);
+        for r in &self.sh.backing.regions {
+            let lo = start.max(r.host_addr);
+            let hi = end.min(r.host_addr + r.len);
+            if lo >= hi {
+                continue;
+            }
+            let gpa = r.gpa + (lo - r.host_addr);
+            let range = gpa..gpa + (hi - lo);
+            let zapped = self.sh.s2.invalidate_range_start(range.clone());
+            self.sh.s2.invalidate_range_end(range);
+            add(&self.sh.counters.zapped, zapped as u64);
+            debug!("external drop of host {lo:#x}..{hi:#x}: {zapped} stage2 leaves zapped");
+        }
+    }
+
+    fn vcpu_of(&self, tid: u32) -> usize {
+        if tid == 0 {
+            return 0;
+        }
+        self.sh
+            .vcpu_tids
+            .iter()
+            .position(|t| t.load(Ordering::Relaxed) == tid)
+            .unwrap_or(0)
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let c = &self.sh.counters;
+        match ev {
+            Event::Pagefault {
+                addr,
+                write,
+                wp,
+                minor,
+                tid,
+            } => {
+                let Some(gpa) = self.sh.backing.host_to_gpa(addr) else {
+                    error!(
+                        "userfaultfd fault at host {addr:#x} outside guest RAM; waking the thread"
+                    );
+                    self.wake_page_of_host(addr);
+                    return;
+                };
+                let vcpu = self.vcpu_of(tid);
+                // Without write tracking the host lets the vCPU write a filled page with no
+                // further event (a zero page is copied on write by the kernel), so stage2 must
+                // record what the host grants: a writable entry. With tracking, a read fill is
+                // write-protected and the first write comes back as a WP fault (Relaxed).
+                let access = if write || !self.sh.cfg.write_tracking {
+                    Access::Write
+                } else {
+                    Access::Read
+                };
+                if wp {
+                    inc(&c.ev_wp);
+                    self.on_wp(gpa, vcpu);
+                } else if minor {
+                    inc(&c.ev_minor);
+                    error!(
+                        "unexpected minor fault at gpa {gpa:#x} (not registered for MINOR); waking"
+                    );
+                    self.wake_block(gpa);
+                } else {
+                    inc(&c.ev_missing);
+                    self.on_missing(gpa, access, vcpu);
+                }
+            }
+            // Handled in `read_batch`, under the event lock.
+            Event::Remove { .. } | Event::Unmap { .. } => {}
+            Event::Remap { from, to, len } => {
+                inc(&c.ev_remap);
+                error!("guest RAM moved by mremap ({from:#x} -> {to:#x}, {len:#x} bytes): not supported, faults there are no longer seen");
+            }
+            Event::Fork { ufd } => {
+                inc(&c.ev_fork);
+                // Not requested; close the child's fd so it does not leak.
+                // SAFETY: the kernel handed us this fd in the message; we own it.
+                unsafe { libc::close(ufd) };
+            }
+        }
+    }
+
+    fn block_of(&self, gpa: u64) -> u64 {
+        gpa & !(self.sh.page.bytes() - 1)
+    }
+
+    fn wake_block(&self, gpa: u64) {
+        let block = self.block_of(gpa);
+        if let Some(hva) = self.sh.backing.gpa_to_host(block) {
+            if let Err(e) = self.sh.uffd.wake(hva, self.sh.page.bytes()) {
+                error!("UFFDIO_WAKE of gpa {block:#x}: {e}");
+            }
+        }
+    }
+
+    fn wake_page_of_host(&self, hva: u64) {
+        let page = hva & !(SZ_4K - 1);
+        if let Err(e) = self.sh.uffd.wake(page, SZ_4K) {
+            error!("UFFDIO_WAKE of host {page:#x}: {e}");
+        }
+    }
+
+    /// A MISSING fault: fill the host page (or batch), then record it in stage2.
+    fn on_missing(&mut self, gpa: u64, access: Access, vcpu: usize) {
+        let seq = self.sh.s2.invalidate_seq();
+        let fill = self.fill(gpa, access == Access::Write);
+        let filled = match fill {
+            Fill::Pending => {
+                self.defer(gpa, access, vcpu, true);
+                return;
+            }
+            Fill::Present => 0,
+            Fill::Filled { bytes } => bytes,
+        };
+        if !self.install(gpa, access, vcpu, seq, filled) {
+            self.defer(gpa, access, vcpu, false);
+        }
+    }
+
+    /// Asks stage2 about a fault whose host page is present, and records fault-around pages.
+    /// Returns false when an invalidation raced and the fault must be finished later.
+    fn install(&mut self, gpa: u64, access: Access, vcpu: usize, seq: u64, filled: u64) -> bool {
+        let c = &self.sh.counters;
+        let outcome = self
+            .sh
+            .s2
+            .handle_fault(Fault { gpa, access, vcpu }, &self.sh.backing, seq);
+        match outcome {
+            Outcome::Installed { .. } => {
+                inc(&c.installed);
+                let page_base = gpa & !(SZ_4K - 1);
+                if self.sh.page == PageSize::Size4K && filled > SZ_4K {
+                    self.map_around(page_base + SZ_4K, filled - SZ_4K, vcpu);
+                }
+            }
+            Outcome::Spurious | Outcome::Relaxed { .. } => {
+                if matches!(outcome, Outcome::Spurious) {
+                    inc(&c.spurious);
+                } else {
+                    inc(&c.relaxed);
+                }
+                if filled > 0 {
+                    // stage2 mapped it, yet the host lacked the page (a drop stage2 had not been
+                    // told of yet, or the installer's fill still in flight): the fill restored it.
+                    inc(&c.refills);
+                    if self.sh.page == PageSize::Size4K && filled > SZ_4K {
+                        self.map_around((gpa & !(SZ_4K - 1)) + SZ_4K, filled - SZ_4K, vcpu);
+                    }
+                }
+            }
+            Outcome::Retry => {
+                inc(&c.retry);
+                // An invalidation raced between our seq read and the install: the caller
+                // finishes it later, if the host still has the page then; the vCPU sleeps on
+                // until then. Fault-around pages of this fill are recorded the same way, page
+                // by page.
+                if self.sh.page == PageSize::Size4K {
+                    let base = gpa & !(SZ_4K - 1);
+                    for off in (SZ_4K..filled).step_by(SZ_4K as usize) {
+                        self.defer(base + off, Access::Write, vcpu, false);
+                    }
+                }
+                return false;
+            }
+            Outcome::Denied => {
+                inc(&c.denied);
+                error!("stage2 denied a {access:?} fault at gpa {gpa:#x} (vCPU {vcpu}); the access is not allowed");
+            }
+        }
+        // The fill did not wake the vCPU: it resumes only once stage2 has recorded the page,
+        // as a vCPU under KVM resumes only once its EPT entry is in.
+        let block = self.block_of(gpa);
+        self.wake_range(block, filled.max(self.sh.page.bytes()));
+        true
+    }
+
+    fn wake_range(&self, gpa: u64, len: u64) {
+        if let Some(hva) = self.sh.backing.gpa_to_host(gpa) {
+            if let Err(e) = self.sh.uffd.wake(hva, len) {
+                error!("UFFDIO_WAKE of gpa {gpa:#x}+{len:#x}: {e}");
+            }
+        }
+    }
+
+    /// Records fault-around pages `[gpa, gpa+len)` (filled by us) with one batched stage2 call;
+    /// if another thread's mapping is in the way, page by page.
+    fn map_around(&mut self, gpa: u64, len: u64, vcpu: usize) {
+        let Some(hva) = self.sh.backing.gpa_to_host(gpa) else {
+            return;
+        };
+        let sh = self.sh.clone();
+        let c = &sh.counters;
+        match sh.s2.map_range(gpa, len, hva, Perms::RWX, PageSize::Size4K) {
+            Ok(n) => add(&c.fault_around, n as u64),
+            Err(e) => {
+                debug!("fault-around map_range {gpa:#x}+{len:#x}: {e}; page by page");
+                for off in (0..len).step_by(SZ_4K as usize) {
+                    let seq = self.sh.s2.invalidate_seq();
+                    match self.sh.s2.handle_fault(
+                        Fault {
+                            gpa: gpa + off,
+                            access: Access::Write,
+                            vcpu,
+                        },
+                        &self.sh.backing,
+                        seq,
+                    ) {
+                        Outcome::Installed { .. } => inc(&c.fault_around),
+                        Outcome::Retry => self.defer(gpa + off, Access::Write, vcpu, false),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fills the host page (block) containing `gpa`; on 4 KiB backing with fault-around, also
+    /// the missing pages after it, with one ioctl.
+    fn fill(&self, gpa: u64, write: bool) -> Fill {
+        let sh = &self.sh;
+        let c = &sh.counters;
+        let page = sh.page.bytes();
+        let block = self.block_of(gpa);
+        let Some(region) = sh.backing.region_of_gpa(block) else {
+            return Fill::Present;
+        };
+        let hva = region.host_addr + (block - region.gpa);
+        // Fault-around fills the neighbours like the faulting page (writable after a write);
+        // under write tracking they must stay protected, so it is off then.
+        let len = if sh.page == PageSize::Size4K && !sh.cfg.write_tracking {
+            let room = (region.gpa + region.len - block) / SZ_4K;
+            (sh.cfg.fault_around_pages as u64).min(room) * SZ_4K
+        } else {
+            page
+        };
+        // Under write tracking a read fault maps the page write-protected, so that the first
+        // write raises a WP fault; the zero page cannot carry the uffd-wp bit, so COPY zeroes.
+        let tracked = sh.cfg.write_tracking;
+        // DONTWAKE: the vCPU is woken after stage2 recorded the page (see `install`).
+        let result = if sh.page == PageSize::Size4K && !tracked {
+            sh.uffd.zeropage(hva, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+        } else {
+            let mode = if tracked && !write {
+                UFFDIO_COPY_MODE_WP | UFFDIO_COPY_MODE_DONTWAKE
+            } else {
+                UFFDIO_COPY_MODE_DONTWAKE
+            };
+            // SAFETY: the zero source is a live read-only mapping of at least `len` bytes
+            // (sized for the page size and the fault-around window at start).
+            unsafe { sh.uffd.copy(hva, sh.zero.addr, len, mode) }
+        };
+        let bytes = match result {
+            Ok(n) => n,
+            // Part done: the run stopped at a present page or a pending event. The faulting
+            // page is first, so it is filled; the rest stays for their own faults.
+            Err(UffdError::Again { done, .. }) if done > 0 => {
+                inc(&c.eagain);
+                done
+            }
+            Err(UffdError::Exists { .. }) => {
+                // Another handler filled it; `install` wakes our vCPU.
+                inc(&c.eexist);
+                return Fill::Present;
+            }
+            Err(UffdError::Again { .. }) => {
+                inc(&c.eagain);
+                return Fill::Pending;
+            }
+            Err(e) => {
+                error!("filling gpa {block:#x}+{len:#x} failed: {e}; waking the vCPU");
+                return Fill::Present;
+            }
+        };
+        match sh.page {
+            PageSize::Size4K => add(&c.populated_4k, bytes),
+            PageSize::Size2M => add(&c.populated_2m, bytes),
+            PageSize::Size1G => add(&c.populated_1g, bytes),
+        }
+        Fill::Filled { bytes }
+    }
+
+    /// A write to a userfaultfd-write-protected page (write tracking): stage2 relaxes its entry
+    /// in place, then the host protection is cleared, which wakes the writer.
+    fn on_wp(&mut self, gpa: u64, vcpu: usize) {
+        let c = &self.sh.counters;
+        let seq = self.sh.s2.invalidate_seq();
+        let outcome = self.sh.s2.handle_fault(
+            Fault {
+                gpa,
+                access: Access::Write,
+                vcpu,
+            },
+            &self.sh.backing,
+            seq,
+        );
+        match outcome {
+            Outcome::Relaxed { .. } | Outcome::Spurious | Outcome::Installed { .. } => {
+                match outcome {
+                    Outcome::Relaxed { .. } => inc(&c.relaxed),
+                    Outcome::Spurious => inc(&c.spurious),
+                    _ => inc(&c.installed),
+                }
+                // Even when stage2 already allowed the write (Spurious), the host protection is
+                // what stops the vCPU: it must go, or the write faults forever.
+                let block = self.block_of(gpa);
+                let Some(hva) = self.sh.backing.gpa_to_host(block) else {
+                    return;
+                };
+                // Counted before the ioctl, which wakes the writer: whoever sees the write done
+                // sees it counted.
+                inc(&c.wp_cleared);
+                match self
+                    .sh
+                    .uffd
+                    .write_protect(hva, self.sh.page.bytes(), false, false)
+                {
+                    Ok(()) => {}
+                    Err(UffdError::Again { .. }) => {
+                        // A REMOVE is pending: the writer retries and faults again after it.
+                        c.wp_cleared.fetch_sub(1, Ordering::Relaxed);
+                        inc(&c.eagain);
+                        self.wake_block(gpa);
+                    }
+                    Err(e) => {
+                        c.wp_cleared.fetch_sub(1, Ordering::Relaxed);
+                        error!("clearing write protection of gpa {block:#x}: {e}");
+                        self.wake_block(gpa);
+                    }
+                }
+            }
+            Outcome::Retry => {
+                // The host page stays protected: waking makes the vCPU fault again.
+                inc(&c.retry);
+                self.wake_block(gpa);
+            }
+            Outcome::Denied => {
+                inc(&c.denied);
+                error!("stage2 denied a write at gpa {gpa:#x} (vCPU {vcpu})");
+                self.wake_block(gpa);
+            }
+        }
+    }
+
+    fn defer(&mut self, gpa: u64, access: Access, vcpu: usize, needs_fill: bool) {
+        inc(&self.sh.counters.deferred);
+        self.deferred.push(Deferred {
+            gpa,
+            access,
+            vcpu,
+            needs_fill,
+            attempts: 0,
+        });
+    }
+
+    /// Retries deferred faults: fills that met a pending REMOVE, installs that met an
+    /// invalidation. An install goes ahead only if the host still has the page (KVM's order: the
+    /// host page is resolved after the sequence is read, the install checks the sequence).
+    fn run_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.deferred);
+        for mut d in pending {
+            d.attempts += 1;
+            if d.attempts > MAX_DEFER_ATTEMPTS {
+                warn!(
+                    "gave up a fault at gpa {:#x} after {} attempts",
+                    d.gpa, d.attempts
+                );
+                inc(&self.sh.counters.deferred_dropped);
+                self.wake_block(d.gpa);
+                continue;
+            }
+            let seq = self.sh.s2.invalidate_seq();
+            let filled = if d.needs_fill {
+                match self.fill(d.gpa, d.access == Access::Write) {
+                    Fill::Pending => {
+                        self.deferred.push(d);
+                        continue;
+                    }
+                    Fill::Present => 0,
+                    Fill::Filled { bytes } => bytes,
+                }
+            } else if self.host_present(d.gpa) {
+                0
+            } else {
+                // Dropped again since: woken, its next access faults and is handled afresh.
+                inc(&self.sh.counters.deferred_dropped);
+                self.wake_block(d.gpa);
+                continue;
+            };
+            if !self.install(d.gpa, d.access, d.vcpu, seq, filled) {
+                d.needs_fill = false;
+                self.deferred.push(d);
+            }
+        }
+    }
+
+    /// Whether the host has a page mapped at `gpa` (mincore of its 4 KiB page).
+    fn host_present(&self, gpa: u64) -> bool {
+        let Some(hva) = self.sh.backing.gpa_to_host(gpa & !(SZ_4K - 1)) else {
+            return false;
+        };
+        let mut vec = 0u8;
+        // SAFETY: one page-aligned page of a live registered mapping; `vec` holds one byte.
+        let ret = unsafe { libc::mincore(hva as *mut libc::c_void, SZ_4K as usize, &mut vec) };
+        ret == 0 && vec & 1 != 0
+    }
+}

@@ -1,0 +1,564 @@
+//! The demand pager against the real kernel: real userfaultfd, real memory, real threads standing
+//! in for vCPUs (no KVM needed; the KVM-level suites run the built-in guests). Hugetlb tests skip
+//! with a reason when the 2 MiB pool cannot give the pages.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use stage2::{Access, PageSize};
+use vmm::memory::RamRegion;
+use vmm::paging::{Pager, PagerConfig, PagingError};
+
+const PAGE: u64 = 4096;
+const HUGE_2M: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Guest "RAM": a private anonymous mapping, unmapped on drop (after the pager is stopped).
+struct Ram {
+    addr: u64,
+    len: u64,
+}
+
+impl Ram {
+    fn new(len: u64, hugetlb: bool) -> Option<Ram> {
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        if hugetlb {
+            flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB;
+        }
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            eprintln!(
+                "skipping: cannot map {} MiB ({}): {}",
+                len >> 20,
+                if hugetlb {
+                    "2 MiB hugetlb"
+                } else {
+                    "anonymous"
+                },
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        Some(Ram {
+            addr: p as u64,
+            len,
+        })
+    }
+
+    fn region(&self) -> RamRegion {
+        RamRegion {
+            gpa: 0,
+            len: self.len,
+            host_addr: self.addr,
+        }
+    }
+
+    fn read(&self, gpa: u64) -> u64 {
+        assert!(gpa + 8 <= self.len);
+        // SAFETY: inside the live mapping.
+        unsafe { std::ptr::read_volatile((self.addr + gpa) as *const u64) }
+    }
+
+    fn write(&self, gpa: u64, v: u64) {
+        assert!(gpa + 8 <= self.len);
+        // SAFETY: inside the live mapping.
+        unsafe { std::ptr::write_volatile((self.addr + gpa) as *mut u64, v) }
+    }
+
+    /// Whether the host has the page of `gpa` (mincore).
+    fn present(&self, gpa: u64) -> bool {
+        let mut v = 0u8;
+        // SAFETY: one page of the live mapping, one byte of output.
+        let r = unsafe {
+            libc::mincore(
+                (self.addr + (gpa & !(PAGE - 1))) as *mut libc::c_void,
+                PAGE as usize,
+                &mut v,
+            )
+        };
+        r == 0 && v & 1 != 0
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly this mapping; the pager was stopped before (tests stop it first).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+fn cfg(handlers: usize, fault_around: usize) -> PagerConfig {
+    PagerConfig {
+        handlers,
+        write_tracking: false,
+        fault_around_pages: fault_around,
+        vcpus: handlers,
+    }
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// Pages (of `page` bytes) touched by `threads` threads at `per_thread` random 4 KiB addresses
+/// each; every thread checks that an untouched word of the page reads zero, then writes its tag.
+fn touch_random(ram: &Arc<Ram>, threads: usize, per_thread: usize, page: u64) -> HashSet<u64> {
+    let mut touched = HashSet::new();
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1) * 0x1234_5678;
+        let addrs: Vec<u64> = (0..per_thread)
+            .map(|_| (xorshift(&mut seed) % (ram.len / PAGE)) * PAGE)
+            .collect();
+        touched.extend(addrs.iter().map(|a| a & !(page - 1)));
+        let ram = ram.clone();
+        handles.push(thread::spawn(move || {
+            for a in addrs {
+                // Word 500 of each 4 KiB page is never written: it must read zero.
+                assert_eq!(ram.read(a + 500 * 8), 0, "fresh page at {a:#x} not zero");
+                ram.write(a + (t as u64) * 8, 0xabc0_0000 + t as u64);
+            }
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    touched
+}
+
+#[test]
+fn threads_touching_random_4k_pages_get_zero_pages_and_one_install_each() {
+    let Some(ram) = Ram::new(64 << 20, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(4, 1)).unwrap();
+    let touched = touch_random(&ram, 4, 2000, PAGE);
+    let st = pager.stats();
+    println!("{st}");
+    assert_eq!(st.stage2.installs_4k, touched.len() as u64);
+    assert_eq!(st.installed, touched.len() as u64);
+    assert_eq!(st.populated_4k, touched.len() as u64 * PAGE);
+    assert_eq!(st.stage2.mapped_4k, touched.len() as u64);
+    // Every touched page is mapped in stage2 and present on the host.
+    for &p in &touched {
+        assert!(pager.stage2().translate(p, Access::Write).is_ok(), "{p:#x}");
+        assert!(ram.present(p));
+    }
+    pager.stop();
+}
+
+#[test]
+fn hugetlb_2m_installs_equal_touched_huge_pages() {
+    let Some(ram) = Ram::new(128 << 20, true) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size2M, cfg(2, 16)).unwrap();
+    let touched = touch_random(&ram, 3, 40, HUGE_2M);
+    let st = pager.stats();
+    println!("{st}");
+    assert_eq!(st.stage2.installs_2m, touched.len() as u64);
+    assert_eq!(st.stage2.installs_4k, 0);
+    assert_eq!(st.populated_2m, touched.len() as u64 * HUGE_2M);
+    // One fault per huge page at most per thread; every 4 KiB of a touched huge page is there.
+    for &p in &touched {
+        let t = pager.stage2().translate(p + 0x1234, Access::Read).unwrap();
+        assert_eq!(t.size, PageSize::Size2M);
+        assert_eq!(t.pa, ram.addr + p + 0x1234, "stage2 maps the host block");
+    }
+    pager.stop();
+}
+
+/// `threads` threads wait on a barrier and touch the same page (half read, half write), for
+/// `rounds` different pages.
+fn racing_touches(ram: &Arc<Ram>, pager: &Pager, threads: usize, rounds: u64, stride: u64) {
+    let barrier = Arc::new(Barrier::new(threads));
+    let mut hs = Vec::new();
+    for t in 0..threads {
+        let (ram, barrier) = (ram.clone(), barrier.clone());
+        hs.push(thread::spawn(move || {
+            for r in 0..rounds {
+                barrier.wait();
+                let a = r * stride + 64 * t as u64;
+                if t.is_multiple_of(2) {
+                    ram.write(a, r + 1);
+                } else {
+                    let v = ram.read(a);
+                    assert_eq!(v, 0, "a word nobody writes reads zero");
+                }
+            }
+        }));
+    }
+    for h in hs {
+        h.join().unwrap();
+    }
+    let st = pager.stats();
+    println!("{st}");
+}
+
+#[test]
+fn racing_touches_on_one_4k_page_install_once() {
+    let Some(ram) = Ram::new(16 << 20, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(4, 1)).unwrap();
+    let rounds = 200;
+    racing_touches(&ram, &pager, 6, rounds, PAGE);
+    let st = pager.stats();
+    assert_eq!(
+        st.stage2.installs_4k, rounds,
+        "exactly one install per page"
+    );
+    // Every other fault on a page was answered without a second install, and nobody looped.
+    // Each MISSING event ends in one final answer (a Retry is deferred and asked again).
+    assert_eq!(
+        st.events_missing,
+        st.installed + st.spurious + st.relaxed,
+        "{st}"
+    );
+    assert_eq!(st.deferred_dropped, 0);
+    assert_eq!(st.denied, 0);
+    assert!(st.events_missing >= rounds);
+    for r in 0..rounds {
+        assert_eq!(ram.read(r * PAGE), r + 1);
+    }
+    pager.stop();
+}
+
+#[test]
+fn racing_touches_on_one_2m_hugetlb_page_install_once() {
+    let Some(ram) = Ram::new(32 * HUGE_2M, true) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size2M, cfg(4, 1)).unwrap();
+    let rounds = 32;
+    racing_touches(&ram, &pager, 6, rounds, HUGE_2M);
+    let st = pager.stats();
+    assert_eq!(
+        st.stage2.installs_2m, rounds,
+        "exactly one install per huge page"
+    );
+    assert_eq!(
+        st.populated_2m,
+        rounds * HUGE_2M,
+        "one host fill per huge page"
+    );
+    assert_eq!(st.installed, rounds);
+    pager.stop();
+}
+
+/// Populates a few pages of every 2 MiB of `[0, len)` with a non-zero value.
+fn populate_sparse(ram: &Ram, len: u64, step: u64) -> u64 {
+    let mut n = 0;
+    let mut a = 0;
+    while a < len {
+        ram.write(a + 8, 0x5555_0000 + a);
+        n += 1;
+        a += step;
+    }
+    n
+}
+
+#[test]
+fn reclaim_of_a_populated_1g_range_gives_fresh_zero_pages() {
+    let Some(ram) = Ram::new(2 * GIB, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 16)).unwrap();
+    // Populate a spread of pages in [1 GiB, 2 GiB) (with fault-around: 16 pages each).
+    let n = populate_sparse(&ram, GIB, 256 << 10);
+    for i in 0..n {
+        assert_eq!(
+            ram.read(GIB + i * (256 << 10) + 8),
+            0,
+            "the second GiB is untouched"
+        );
+    }
+    let before = pager.stats();
+    let mapped_before = before.stage2.mapped_4k;
+    assert!(mapped_before >= n, "{before}");
+    let rep = pager.reclaim(0, GIB).unwrap();
+    println!("reclaim of 1 GiB populated: {rep:?}");
+    assert!(rep.zapped as u64 >= n, "{rep:?}");
+    let mid = pager.stats();
+    assert_eq!(mid.reclaims, 1);
+    assert!(
+        mid.own_removes >= 1,
+        "the REMOVE of our own drop was recognised"
+    );
+    assert_eq!(mid.external_invalidations, 0);
+    // stage2 kept only the second GiB's pages (those read above).
+    assert_eq!(
+        mid.stage2.mapped_4k,
+        mapped_before - rep.zapped as u64,
+        "{mid}"
+    );
+    for i in 0..n {
+        let a = i * (256 << 10);
+        assert!(pager.stage2().translate(a, Access::Read).is_err());
+        assert!(!ram.present(a), "host page {a:#x} dropped");
+    }
+    // Touch again: fresh zero pages, counted as new faults and installs.
+    for i in 0..n {
+        assert_eq!(
+            ram.read(i * (256 << 10) + 8),
+            0,
+            "fresh zero page after reclaim"
+        );
+    }
+    let after = pager.stats();
+    println!("{after}");
+    assert!(after.events_missing >= before.events_missing + n);
+    assert!(after.stage2.zapped >= rep.zapped as u64);
+    assert!(after.installed >= before.installed + n);
+    pager.stop();
+}
+
+#[test]
+fn reclaim_of_a_populated_1g_hugetlb_range_refaults_whole_huge_pages() {
+    let Some(ram) = Ram::new(GIB, true) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size2M, cfg(2, 16)).unwrap();
+    // Touch every other huge page.
+    let n = populate_sparse(&ram, GIB, 2 * HUGE_2M);
+    assert_eq!(pager.stats().stage2.installs_2m, n);
+    let rep = pager.reclaim(0, GIB).unwrap();
+    println!("reclaim of 1 GiB of 2 MiB hugetlb: {rep:?}");
+    assert_eq!(rep.zapped as u64, n, "one 2 MiB leaf per touched huge page");
+    for i in 0..n {
+        assert_eq!(ram.read(i * 2 * HUGE_2M + 8), 0, "fresh zero huge page");
+    }
+    let st = pager.stats();
+    assert_eq!(
+        st.stage2.installs_2m,
+        2 * n,
+        "refaults install whole huge pages"
+    );
+    assert_eq!(st.populated_2m, 2 * n * HUGE_2M);
+    pager.stop();
+}
+
+#[test]
+fn reclaim_of_an_empty_1g_range_works_and_zaps_nothing() {
+    let Some(ram) = Ram::new(2 * GIB, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 16)).unwrap();
+    ram.write(8, 1);
+    let rep = pager.reclaim(GIB, GIB).unwrap();
+    println!("reclaim of an empty 1 GiB range: {rep:?}");
+    assert_eq!(rep.zapped, 0);
+    assert_eq!(ram.read(8), 1, "memory outside the range is kept");
+    assert!(pager.stage2().translate(0, Access::Read).is_ok());
+    pager.stop();
+}
+
+#[test]
+fn bad_reclaim_ranges_are_refused_with_a_clear_error_and_paging_goes_on() {
+    let Some(ram) = Ram::new(64 << 20, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 16)).unwrap();
+    let end = 64 << 20;
+    let cases: [(u64, u64, &str); 6] = [
+        (end, PAGE, "not inside guest RAM"),
+        (end - PAGE, 2 * PAGE, "not inside guest RAM"),
+        (u64::MAX - PAGE + 1, PAGE, "not inside guest RAM"),
+        (0x1001, PAGE, "not aligned"),
+        (0, 0x1800, "not aligned"),
+        (0, 0, "is empty"),
+    ];
+    for (gpa, len, want) in cases {
+        let e = pager.reclaim(gpa, len).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(want), "reclaim({gpa:#x}, {len:#x}): {msg}");
+        assert!(
+            matches!(
+                e,
+                PagingError::OutsideRam { .. }
+                    | PagingError::Unaligned { .. }
+                    | PagingError::EmptyRange { .. }
+            ),
+            "{e:?}"
+        );
+    }
+    // Nothing was dropped or invalidated, and paging still works.
+    assert_eq!(pager.stats().reclaims, 0);
+    assert_eq!(ram.read(PAGE * 3), 0);
+    assert_eq!(pager.stats().installed, 1);
+    pager.stop();
+}
+
+#[test]
+fn reclaim_storm_during_touches_keeps_stage2_and_host_consistent() {
+    // Touchers write and re-read pages while a reclaimer drops 2 MiB ranges under them. After
+    // the storm, every page the host has must be mapped in stage2 (stage2 never under-reports),
+    // and every value read is either the writer's or zero (a reclaimed page).
+    let len = 64 << 20;
+    let Some(ram) = Ram::new(len, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager =
+        Arc::new(Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 8)).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hs = Vec::new();
+    for t in 0..2u64 {
+        let (ram, stop) = (ram.clone(), stop.clone());
+        hs.push(thread::spawn(move || {
+            let mut seed = 77 + t;
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let a = (xorshift(&mut seed) % (len / PAGE)) * PAGE + t * 8;
+                ram.write(a, a | 1);
+                let v = ram.read(a);
+                assert!(v == a | 1 || v == 0, "page {a:#x} read {v:#x}");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let reclaimer = {
+        let (pager, stop) = (pager.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut seed = 5;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let gpa = (xorshift(&mut seed) % (len / HUGE_2M)) * HUGE_2M;
+                pager.reclaim(gpa, HUGE_2M).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    thread::sleep(std::time::Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let touches: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+    let reclaims = reclaimer.join().unwrap();
+    // Let deferred installs finish (they retry every millisecond).
+    thread::sleep(std::time::Duration::from_millis(50));
+    let st = pager.stats();
+    println!("{touches} touches, {reclaims} reclaims\n{st}");
+    assert!(reclaims > 0 && touches > 0);
+    assert!(st.stage2.zapped > 0 && st.installed > 0);
+    let mut under = Vec::new();
+    for p in (0..len).step_by(PAGE as usize) {
+        if ram.present(p) && pager.stage2().translate(p, Access::Read).is_err() {
+            under.push(p);
+        }
+    }
+    assert!(
+        under.is_empty(),
+        "{} host pages unknown to stage2, e.g. {:#x?}",
+        under.len(),
+        &under[..under.len().min(8)]
+    );
+    Arc::try_unwrap(pager).unwrap().stop();
+}
+
+#[test]
+fn external_madvise_is_bracketed_and_refaults_zero() {
+    // A drop the VMM did not make (REMOVE event from someone else's madvise) is bracketed by
+    // the handler: stage2 forgets the range, and the next touch gets a fresh zero page.
+    let Some(ram) = Ram::new(8 << 20, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 1)).unwrap();
+    ram.write(PAGE, 42);
+    assert!(pager.stage2().translate(PAGE, Access::Read).is_ok());
+    // SAFETY: drops one page of the test's own mapping.
+    let r = unsafe {
+        libc::madvise(
+            (ram.addr + PAGE) as *mut libc::c_void,
+            PAGE as usize,
+            libc::MADV_DONTNEED,
+        )
+    };
+    assert_eq!(r, 0);
+    // The handler read the REMOVE before madvise returned; give it a moment to bracket.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pager.stats().external_invalidations == 0 {
+        assert!(std::time::Instant::now() < deadline, "REMOVE not handled");
+        thread::yield_now();
+    }
+    assert_eq!(ram.read(PAGE), 0, "fresh zero page");
+    let st = pager.stats();
+    assert_eq!(st.events_remove, 1);
+    assert_eq!(
+        st.stage2.installs_4k, 2,
+        "installed, zapped, installed again"
+    );
+    pager.stop();
+}
+
+#[test]
+fn write_tracking_relaxes_in_place_on_the_first_write() {
+    let Some(ram) = Ram::new(8 << 20, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let mut c = cfg(1, 1);
+    c.write_tracking = true;
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, c).unwrap();
+    pager.stage2().dirty().enable(stage2::SplitPolicy::Lazy);
+    // A read installs a read-only entry and maps the host page write-protected...
+    assert_eq!(ram.read(5 * PAGE), 0);
+    let t = pager.stage2().translate(5 * PAGE, Access::Read).unwrap();
+    assert!(!t.perms.contains(stage2::Perms::W));
+    // ...the first write raises a WP fault: stage2 relaxes in place, the host unprotects.
+    ram.write(5 * PAGE + 8, 7);
+    assert_eq!(ram.read(5 * PAGE + 8), 7);
+    let st = pager.stats();
+    println!("{st}");
+    assert_eq!(st.events_wp, 1);
+    assert_eq!(st.relaxed, 1);
+    assert_eq!(st.wp_cleared, 1);
+    assert_eq!(
+        st.stage2.installs_4k, 1,
+        "no second install: permission-only update"
+    );
+    assert!(pager.stage2().translate(5 * PAGE, Access::Write).is_ok());
+    let dirty = pager.stage2().dirty().harvest(0..8 << 20);
+    assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![5 * PAGE]);
+    pager.stop();
+}
+
+#[test]
+fn bad_configuration_is_refused() {
+    let Some(ram) = Ram::new(4 << 20, false) else {
+        return;
+    };
+    let e = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(0, 1)).unwrap_err();
+    assert!(e.to_string().contains("at least one"), "{e}");
+    let e = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 0)).unwrap_err();
+    assert!(e.to_string().contains("fault_around_pages"), "{e}");
+    let odd = RamRegion {
+        len: 3 << 20,
+        ..ram.region()
+    };
+    let e = Pager::start_with_regions(&[odd], PageSize::Size2M, cfg(1, 1)).unwrap_err();
+    assert!(e.to_string().contains("not aligned"), "{e}");
+}
