@@ -496,3 +496,160 @@ impl<F: Format, T: Tlb> Visitor<F, T> for WriteProtect {
         Step::Continue
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{engine, Ram};
+    use crate::{Access, Config, Ept, Fault, NoopTlb, Outcome, PageSize};
+
+    fn wfault(gpa: u64, vcpu: usize) -> Fault {
+        Fault {
+            gpa,
+            access: Access::Write,
+            vcpu,
+        }
+    }
+
+    #[test]
+    fn enable_protects_and_write_faults_record() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size2M, Perms::RW);
+        s2.map_range(0, 0x40_0000, 1 << 40, Perms::RW, PageSize::Size2M)
+            .unwrap();
+        s2.dirty().enable(SplitPolicy::Eager);
+        assert_eq!(s2.stats().mapped_4k, 1024);
+        assert!(s2.translate(0x1000, Access::Write).is_err());
+        assert!(s2.translate(0x1000, Access::Read).is_ok());
+        assert_eq!(
+            s2.handle_fault(wfault(0x3_1234, 1), &ram, s2.invalidate_seq()),
+            Outcome::Relaxed {
+                gpa: 0x3_1000,
+                size: PageSize::Size4K
+            }
+        );
+        assert!(s2.translate(0x3_1000, Access::Write).is_ok());
+        let log = s2.dirty().get_dirty_log(0..0x40_0000);
+        assert_eq!(log.iter().collect::<Vec<_>>(), vec![0x3_1000]);
+        assert_eq!(s2.dirty().ring_harvest(1), vec![0x3_1000]);
+        // Harvest: get + clear + re-protect.
+        let h = s2.dirty().harvest(0..0x40_0000);
+        assert_eq!(h.iter().collect::<Vec<_>>(), vec![0x3_1000]);
+        assert!(s2.translate(0x3_1000, Access::Write).is_err());
+        assert_eq!(s2.dirty().harvest(0..0x40_0000).count(), 0);
+        // The next write is recorded again.
+        assert!(matches!(
+            s2.handle_fault(wfault(0x3_1000, 0), &ram, s2.invalidate_seq()),
+            Outcome::Relaxed { .. }
+        ));
+        assert!(s2.dirty().harvest(0..0x40_0000).is_set(0x3_1000));
+    }
+
+    #[test]
+    fn new_installs_under_logging_are_4k_and_dirty_on_write() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size1G, Perms::RW);
+        s2.dirty().enable(SplitPolicy::Lazy);
+        assert_eq!(
+            s2.handle_fault(wfault(0x7000, 0), &ram, s2.invalidate_seq()),
+            Outcome::Installed {
+                gpa: 0x7000,
+                size: PageSize::Size4K
+            }
+        );
+        let read = Fault {
+            access: Access::Read,
+            ..wfault(0x8000, 0)
+        };
+        s2.handle_fault(read, &ram, s2.invalidate_seq());
+        let log = s2.dirty().get_dirty_log(0..0x10000);
+        assert_eq!(log.iter().collect::<Vec<_>>(), vec![0x7000]);
+    }
+
+    #[test]
+    fn lazy_policy_splits_block_on_write_fault() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size2M, Perms::RW);
+        assert!(matches!(
+            s2.handle_fault(wfault(0x20_0000, 0), &ram, s2.invalidate_seq()),
+            Outcome::Installed {
+                size: PageSize::Size2M,
+                ..
+            }
+        ));
+        s2.dirty().enable(SplitPolicy::Lazy);
+        assert_eq!(s2.stats().mapped_2m, 1, "lazy: not split yet");
+        assert_eq!(
+            s2.handle_fault(wfault(0x20_5000, 0), &ram, s2.invalidate_seq()),
+            Outcome::Relaxed {
+                gpa: 0x20_5000,
+                size: PageSize::Size4K
+            }
+        );
+        assert_eq!(s2.stats().splits, 1);
+        assert!(s2.translate(0x20_5000, Access::Write).is_ok());
+        assert!(s2.translate(0x20_6000, Access::Write).is_err());
+        assert_eq!(s2.dirty().get_dirty_log(0..0x40_0000).count(), 1);
+    }
+
+    #[test]
+    fn clear_reprotects_only_cleared_pages() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size4K, Perms::RW);
+        s2.dirty().enable(SplitPolicy::Eager);
+        for gpa in [0x1000, 0x2000, 0x3000] {
+            s2.handle_fault(wfault(gpa, 0), &ram, s2.invalidate_seq());
+        }
+        let mut sel = Bitmap::new(0..0x10000);
+        sel.set(0x2000);
+        assert_eq!(s2.dirty().clear_dirty_log(0..0x10000, &sel), 1);
+        assert!(s2.translate(0x2000, Access::Write).is_err());
+        assert!(s2.translate(0x1000, Access::Write).is_ok());
+        assert!(s2.translate(0x3000, Access::Write).is_ok());
+        let left = s2.dirty().get_dirty_log(0..0x10000);
+        assert_eq!(left.iter().collect::<Vec<_>>(), vec![0x1000, 0x3000]);
+    }
+
+    #[test]
+    fn full_ring_is_reported_and_bitmap_keeps_the_pages() {
+        let s2 = Stage2::new(
+            Ept,
+            NoopTlb,
+            Config {
+                nr_vcpus: 1,
+                ring_size: 2,
+                ..Config::default()
+            },
+        );
+        let ram = Ram::new(PageSize::Size4K, Perms::RW);
+        s2.dirty().enable(SplitPolicy::Eager);
+        for gpa in [0x1000, 0x2000, 0x3000] {
+            s2.handle_fault(wfault(gpa, 0), &ram, s2.invalidate_seq());
+        }
+        assert!(s2.dirty().ring_overflowed(0));
+        assert_eq!(s2.stats().ring_full, 1);
+        assert_eq!(s2.dirty().ring_harvest(0), vec![0x1000, 0x2000]);
+        assert_eq!(s2.dirty().get_dirty_log(0..0x10000).count(), 3);
+        assert_eq!(s2.dirty().ring_reset(0), 2);
+        assert!(!s2.dirty().ring_overflowed(0));
+        assert!(s2.translate(0x1000, Access::Write).is_err());
+        assert!(
+            s2.translate(0x3000, Access::Write).is_ok(),
+            "not harvested from the ring"
+        );
+    }
+
+    #[test]
+    fn harvest_of_a_range_crossing_chunks_and_word_edges() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size4K, Perms::RW);
+        s2.dirty().enable(SplitPolicy::Eager);
+        let pages = [0x3fff_f000u64, 0x4000_0000, 0x4004_1000];
+        for &gpa in &pages {
+            s2.handle_fault(wfault(gpa, 0), &ram, s2.invalidate_seq());
+        }
+        let h = s2.dirty().harvest(0x3fff_e000..0x4004_2000);
+        assert_eq!(h.iter().collect::<Vec<_>>(), pages.to_vec());
+        assert_eq!(s2.dirty().harvest(0..1 << 34).count(), 0);
+    }
+}

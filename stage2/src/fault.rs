@@ -267,3 +267,311 @@ fn fault_size(res: &Resolved, gpa: u64, logging: bool) -> PageSize {
 fn install_perms(need: Perms, allowed: Perms) -> Perms {
     need.union(Perms::R).intersect(allowed)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testutil::{engine, Ram};
+    use crate::{Arm64, Ept, NoopTlb, SoftTlb, TlbAccess, TranslateError};
+
+    fn fault(gpa: u64, access: Access) -> Fault {
+        Fault {
+            gpa,
+            access,
+            vcpu: 0,
+        }
+    }
+
+    fn seed001_read_then_write<F: Format>(f: F) {
+        let s2 = engine(f, NoopTlb);
+        let ram = Ram::new(PageSize::Size2M, Perms::RW);
+        let gpa = 0x4030_1000;
+        let r = s2.handle_fault(fault(gpa, Access::Read), &ram, s2.invalidate_seq());
+        assert_eq!(
+            r,
+            Outcome::Installed {
+                gpa: 0x4020_0000,
+                size: PageSize::Size2M
+            }
+        );
+        assert_eq!(s2.translate(gpa, Access::Read).unwrap().perms, Perms::R);
+        let w = s2.handle_fault(fault(gpa, Access::Write), &ram, s2.invalidate_seq());
+        assert_eq!(
+            w,
+            Outcome::Relaxed {
+                gpa: 0x4020_0000,
+                size: PageSize::Size2M
+            }
+        );
+        let t = s2.translate(gpa, Access::Write).unwrap();
+        assert_eq!(t.perms, Perms::RW);
+        assert_eq!(t.pa, (1 << 40) + gpa);
+        assert_eq!(
+            s2.stats().bbms,
+            0,
+            "a permission relax never breaks the entry"
+        );
+    }
+
+    #[test]
+    fn seed001_read_then_write_relaxes_in_place_ept() {
+        seed001_read_then_write(Ept);
+    }
+
+    #[test]
+    fn seed001_read_then_write_relaxes_in_place_arm64() {
+        seed001_read_then_write(Arm64 { bbm_level2: false });
+    }
+
+    #[test]
+    fn seed001_write_then_read_is_spurious_and_keeps_rw() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size4K, Perms::RW);
+        let w = s2.handle_fault(fault(0x5000, Access::Write), &ram, s2.invalidate_seq());
+        assert!(matches!(w, Outcome::Installed { gpa: 0x5000, .. }));
+        let r = s2.handle_fault(fault(0x5000, Access::Read), &ram, s2.invalidate_seq());
+        assert_eq!(r, Outcome::Spurious);
+        assert_eq!(s2.translate(0x5000, Access::Read).unwrap().perms, Perms::RW);
+        assert_eq!(s2.stats().bbms, 0);
+    }
+
+    #[test]
+    fn write_to_read_only_backing_is_denied_once() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size4K, Perms::R);
+        let w = s2.handle_fault(fault(0x5000, Access::Write), &ram, s2.invalidate_seq());
+        assert_eq!(w, Outcome::Denied);
+        let st = s2.stats();
+        assert_eq!((st.denied, st.retries), (1, 0));
+        assert!(matches!(
+            s2.translate(0x5000, Access::Read),
+            Err(TranslateError::NotMapped { .. })
+        ));
+        // Exec on memory without X, and MMIO (no backing), are denied too.
+        assert_eq!(
+            s2.handle_fault(fault(0x5000, Access::Exec), &ram, s2.invalidate_seq()),
+            Outcome::Denied
+        );
+        assert_eq!(
+            s2.handle_fault(fault(1 << 35, Access::Read), &ram, s2.invalidate_seq()),
+            Outcome::Denied
+        );
+    }
+
+    #[test]
+    fn read_then_write_on_read_only_memory_is_denied_not_relaxed() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size4K, Perms::R);
+        s2.handle_fault(fault(0x5000, Access::Read), &ram, s2.invalidate_seq());
+        assert_eq!(
+            s2.handle_fault(fault(0x5000, Access::Write), &ram, s2.invalidate_seq()),
+            Outcome::Denied
+        );
+        assert_eq!(s2.translate(0x5000, Access::Read).unwrap().perms, Perms::R);
+    }
+
+    #[test]
+    fn bbm_marker_means_retry() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size4K, Perms::RW);
+        s2.handle_fault(fault(0x5000, Access::Read), &ram, s2.invalidate_seq());
+        let g = s2.reclaim.pin();
+        let f = s2.descend(0x5000, 3, false, &g);
+        assert!(s2.try_break(f.slot, f.old, f.level, 0x5000));
+        for access in [Access::Read, Access::Write] {
+            assert_eq!(
+                s2.handle_fault(fault(0x5000, access), &ram, s2.invalidate_seq()),
+                Outcome::Retry
+            );
+        }
+        assert!(
+            s2.translate(0x5000, Access::Read).is_err(),
+            "the marker is not present"
+        );
+        assert!(s2.make(f.slot, f.old));
+        assert_eq!(
+            s2.handle_fault(fault(0x5000, Access::Read), &ram, s2.invalidate_seq()),
+            Outcome::Spurious
+        );
+    }
+
+    #[test]
+    fn seq_moved_means_retry_and_nothing_installed() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size2M, Perms::RW);
+        let seq = s2.invalidate_seq();
+        // Some invalidation (anywhere) runs between the seq read and the fault.
+        drop(s2.invalidate(0x1_0000_0000..0x1_0020_0000));
+        assert_eq!(
+            s2.handle_fault(fault(0x20_0000, Access::Read), &ram, seq),
+            Outcome::Retry
+        );
+        assert!(s2.translate(0x20_0000, Access::Read).is_err());
+        assert_eq!(s2.stats().mapped_bytes(), 0);
+        assert!(matches!(
+            s2.handle_fault(fault(0x20_0000, Access::Read), &ram, s2.invalidate_seq()),
+            Outcome::Installed { .. }
+        ));
+    }
+
+    #[test]
+    fn in_progress_invalidation_covering_gpa_means_retry() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size4K, Perms::RW);
+        let inv = s2.invalidate(0x10_0000..0x20_0000);
+        let seq = s2.invalidate_seq();
+        assert_eq!(
+            s2.handle_fault(fault(0x10_8000, Access::Read), &ram, seq),
+            Outcome::Retry
+        );
+        assert!(s2.translate(0x10_8000, Access::Read).is_err());
+        // Outside the range: installs.
+        assert!(matches!(
+            s2.handle_fault(fault(0x30_0000, Access::Read), &ram, seq),
+            Outcome::Installed { .. }
+        ));
+        drop(inv);
+        assert_eq!(
+            s2.handle_fault(fault(0x10_8000, Access::Read), &ram, seq),
+            Outcome::Retry,
+            "the sequence moved at end"
+        );
+        assert!(matches!(
+            s2.handle_fault(fault(0x10_8000, Access::Read), &ram, s2.invalidate_seq()),
+            Outcome::Installed { .. }
+        ));
+    }
+
+    #[test]
+    fn largest_block_the_backing_allows() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size1G, Perms::RWX);
+        assert_eq!(
+            s2.handle_fault(fault(0x4123_4567, Access::Exec), &ram, s2.invalidate_seq()),
+            Outcome::Installed {
+                gpa: 0x4000_0000,
+                size: PageSize::Size1G
+            }
+        );
+        assert_eq!(
+            s2.translate(0x4123_4567, Access::Exec).unwrap().perms,
+            Perms::RX
+        );
+        // A 1 GiB backing whose output address is only 2 MiB aligned gets 2 MiB blocks.
+        let odd = Ram {
+            base: (1 << 40) + 0x20_0000,
+            ..Ram::new(PageSize::Size1G, Perms::RW)
+        };
+        assert_eq!(
+            s2.handle_fault(fault(0x8000_1000, Access::Read), &odd, s2.invalidate_seq()),
+            Outcome::Installed {
+                gpa: 0x8000_0000,
+                size: PageSize::Size2M
+            }
+        );
+        let st = s2.stats();
+        assert_eq!(
+            (st.installs_1g, st.installs_2m, st.mapped_1g, st.mapped_2m),
+            (1, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn smaller_mappings_already_there_are_extended_not_replaced() {
+        let s2 = engine(Ept, NoopTlb);
+        let small = Ram::new(PageSize::Size4K, Perms::RW);
+        let big = Ram::new(PageSize::Size2M, Perms::RW);
+        s2.handle_fault(fault(0x1000, Access::Read), &small, s2.invalidate_seq());
+        // The 2 MiB slot holds a table now: the next fault maps a 4 KiB page inside it.
+        assert_eq!(
+            s2.handle_fault(fault(0x3000, Access::Read), &big, s2.invalidate_seq()),
+            Outcome::Installed {
+                gpa: 0x3000,
+                size: PageSize::Size4K
+            }
+        );
+        assert_eq!(s2.stats().bbms, 0);
+    }
+
+    #[test]
+    fn output_address_change_uses_break_before_make() {
+        let tlb = Arc::new(SoftTlb::new(1));
+        let s2 = engine(Ept, tlb.clone());
+        let a = Ram::new(PageSize::Size4K, Perms::RW);
+        let b = Ram {
+            base: 2 << 40,
+            ..Ram::new(PageSize::Size4K, Perms::RW)
+        };
+        s2.handle_fault(fault(0x7000, Access::Read), &a, s2.invalidate_seq());
+        assert_eq!(
+            s2.handle_fault(fault(0x7000, Access::Read), &b, s2.invalidate_seq()),
+            Outcome::Installed {
+                gpa: 0x7000,
+                size: PageSize::Size4K
+            }
+        );
+        assert_eq!(
+            s2.translate(0x7000, Access::Read).unwrap().pa,
+            (2 << 40) + 0x7000
+        );
+        let st = s2.stats();
+        assert_eq!((st.bbms, st.mapped_4k), (1, 1));
+        assert_eq!(tlb.flushes().range, 1, "break flushed the old translation");
+    }
+
+    #[test]
+    fn spurious_fault_from_cached_invalid_entry_flushes_once_locally() {
+        let tlb = Arc::new(SoftTlb::new(2));
+        let s2 = engine(Ept, tlb.clone());
+        let ram = Ram::new(PageSize::Size4K, Perms::RW);
+        let gpa = 0x9000;
+        // vCPU 0 walks before the mapping exists and caches the invalid entry.
+        assert_eq!(
+            tlb.access(&s2, 0, gpa, Access::Read),
+            TlbAccess::Fault { from_cache: false }
+        );
+        // vCPU 1 faults and installs (no flush on install).
+        let f1 = Fault {
+            gpa,
+            access: Access::Read,
+            vcpu: 1,
+        };
+        assert!(matches!(
+            s2.handle_fault(f1, &ram, s2.invalidate_seq()),
+            Outcome::Installed { .. }
+        ));
+        assert_eq!(tlb.flushes(), crate::FlushCounts::default());
+        // vCPU 0 still hits its cached invalid entry: a spurious fault.
+        assert_eq!(
+            tlb.access(&s2, 0, gpa, Access::Read),
+            TlbAccess::Fault { from_cache: true }
+        );
+        assert_eq!(
+            s2.handle_fault(fault(gpa, Access::Read), &ram, s2.invalidate_seq()),
+            Outcome::Spurious
+        );
+        let fl = tlb.flushes();
+        assert_eq!(
+            (fl.local_addr, fl.global_addr, fl.range, fl.all),
+            (1, 0, 0, 0)
+        );
+        assert_eq!(
+            tlb.access(&s2, 0, gpa, Access::Read),
+            TlbAccess::Ok((1 << 40) + gpa)
+        );
+        assert_eq!(s2.stats().spurious, 1);
+    }
+
+    #[test]
+    fn intermediate_tables_are_counted() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size4K, Perms::RW);
+        assert_eq!(s2.live_table_pages(), 1);
+        s2.handle_fault(fault(0x1000, Access::Read), &ram, s2.invalidate_seq());
+        assert_eq!(s2.live_table_pages(), 4);
+        assert_eq!(s2.count_reachable_tables(), 4);
+        assert_eq!(s2.stats().table_bytes(), 4 * 4096);
+    }
+}

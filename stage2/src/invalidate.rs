@@ -254,3 +254,121 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         v.zapped
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::testutil::{engine, Ram};
+    use crate::{Access, Ept, Fault, NoopTlb, PageSize, Perms, SoftTlb, Stage2};
+
+    #[test]
+    fn empty_1g_invalidate_reads_one_entry() {
+        let s2 = engine(Ept, NoopTlb);
+        let before = s2.stats().entries_read;
+        assert_eq!(s2.invalidate_range_start(0..1 << 30), 0);
+        s2.invalidate_range_end(0..1 << 30);
+        assert_eq!(
+            s2.stats().entries_read - before,
+            1,
+            "empty 512 GiB root entry"
+        );
+
+        // With a table at the root (something mapped at 2 GiB), the empty 1 GiB entry is one more.
+        s2.map_range(2 << 30, 4096, 0x1000, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        let before = s2.stats().entries_read;
+        drop(s2.invalidate(0..1 << 30));
+        assert_eq!(s2.stats().entries_read - before, 2);
+        // An empty 512 GiB range elsewhere: one read.
+        let before = s2.stats().entries_read;
+        drop(s2.invalidate(1 << 39..2 << 39));
+        assert_eq!(s2.stats().entries_read - before, 1);
+    }
+
+    #[test]
+    fn yield_and_resume_zaps_all_of_1g_in_4k_pages() {
+        let tlb = Arc::new(SoftTlb::new(1));
+        let s2 = engine(Ept, tlb.clone());
+        let pages = (1u64 << 30) >> 12;
+        assert_eq!(
+            s2.map_range(0, 1 << 30, 1 << 40, Perms::RW, PageSize::Size4K),
+            Ok(pages as usize)
+        );
+        assert_eq!(s2.stats().mapped_4k, pages);
+        let tables = s2.live_table_pages();
+        let flushes_before = tlb.flushes().range;
+        let inv = s2.invalidate(0..1 << 30);
+        assert_eq!(inv.zapped() as u64, pages);
+        drop(inv);
+        let st = s2.stats();
+        assert!(
+            st.yields >= pages / 256,
+            "yielded {} times for {pages} entries",
+            st.yields
+        );
+        assert_eq!(st.mapped_4k, 0);
+        assert_eq!(st.zapped, pages);
+        // One flush per batch, not per entry.
+        let flushes = tlb.flushes().range - flushes_before;
+        assert!(
+            flushes >= 1 && flushes <= st.yields + 1,
+            "{flushes} flushes"
+        );
+        for gpa in (0..1u64 << 30).step_by(4096) {
+            assert!(s2.lookup(gpa).is_none(), "{gpa:#x} still mapped");
+        }
+        // Leaves only: the tables stay, counted exactly.
+        assert_eq!(s2.live_table_pages(), tables);
+        assert_eq!(s2.count_reachable_tables(), tables);
+    }
+
+    #[test]
+    fn zapping_a_block_straddling_the_range_zaps_it_whole() {
+        let s2 = engine(Ept, NoopTlb);
+        s2.map_range(
+            0x20_0000,
+            0x20_0000,
+            0x4000_0000,
+            Perms::RW,
+            PageSize::Size2M,
+        )
+        .unwrap();
+        assert_eq!(s2.invalidate_range_start(0x30_0000..0x30_1000), 1);
+        s2.invalidate_range_end(0x30_0000..0x30_1000);
+        assert!(s2.lookup(0x20_0000).is_none());
+    }
+
+    #[test]
+    fn end_bumps_sequence_and_clears_in_progress() {
+        let s2: Stage2<Ept, NoopTlb> = engine(Ept, NoopTlb);
+        let seq = s2.invalidate_seq();
+        let inv = s2.invalidate(0..0x1000);
+        assert!(s2.invalidate_retry(s2.invalidate_seq(), 0, 0x1000));
+        assert!(!s2.invalidate_retry(s2.invalidate_seq(), 0x1000, 0x2000));
+        drop(inv);
+        assert_eq!(s2.invalidate_seq(), seq + 1);
+        assert!(!s2.invalidate_retry(s2.invalidate_seq(), 0, 0x1000));
+    }
+
+    #[test]
+    fn fault_after_invalidation_of_its_page_refaults_cleanly() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size2M, Perms::RW);
+        let f = Fault {
+            gpa: 0x40_0000,
+            access: Access::Write,
+            vcpu: 0,
+        };
+        assert!(matches!(
+            s2.handle_fault(f, &ram, s2.invalidate_seq()),
+            crate::Outcome::Installed { .. }
+        ));
+        drop(s2.invalidate(0x40_0000..0x40_1000));
+        assert_eq!(s2.stats().mapped_bytes(), 0);
+        assert!(matches!(
+            s2.handle_fault(f, &ram, s2.invalidate_seq()),
+            crate::Outcome::Installed { .. }
+        ));
+    }
+}

@@ -62,6 +62,8 @@ mod split;
 pub mod stats;
 mod sync;
 mod table;
+#[cfg(test)]
+mod testutil;
 pub mod tlb;
 mod types;
 mod walk;

@@ -221,3 +221,116 @@ impl<F: Format, T: Tlb> Drop for Batch<'_, F, T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::testutil::engine;
+    use crate::{Access, Arm64, Ept, Error, NoopTlb, PageSize, Perms, SoftTlb};
+
+    #[test]
+    fn map_range_is_one_walk_and_one_flush() {
+        let tlb = Arc::new(SoftTlb::new(1));
+        let s2 = engine(Ept, tlb.clone());
+        assert_eq!(
+            s2.map_range(
+                0x20_0000,
+                512 * 4096,
+                0x8000_0000,
+                Perms::RW,
+                PageSize::Size4K
+            ),
+            Ok(512)
+        );
+        assert_eq!(tlb.flushes().range, 1);
+        let t = s2
+            .translate(0x20_0000 + 511 * 4096 + 5, Access::Write)
+            .unwrap();
+        assert_eq!(t.pa, 0x8000_0000 + 511 * 4096 + 5);
+        // Mapping the same again writes nothing and does not flush.
+        assert_eq!(
+            s2.map_range(
+                0x20_0000,
+                512 * 4096,
+                0x8000_0000,
+                Perms::RW,
+                PageSize::Size4K
+            ),
+            Ok(0)
+        );
+        assert_eq!(tlb.flushes().range, 1);
+    }
+
+    #[test]
+    fn a_batch_maps_several_ranges_and_flushes_once() {
+        let tlb = Arc::new(SoftTlb::new(1));
+        let s2 = engine(Arm64::default(), tlb.clone());
+        {
+            let mut b = s2.batch();
+            b.map(0, 0x40_0000, 0x4000_0000, Perms::RWX, PageSize::Size2M)
+                .unwrap();
+            b.map(0x40_0000, 0x1000, 0x9000, Perms::R, PageSize::Size4K)
+                .unwrap();
+            assert_eq!(tlb.flushes().range, 0);
+        }
+        assert_eq!(tlb.flushes().range, 1);
+        assert_eq!(s2.stats().mapped_2m, 2);
+        assert_eq!(s2.translate(0x40_0000, Access::Read).unwrap().pa, 0x9000);
+    }
+
+    #[test]
+    #[should_panic(expected = "opened inside another batch")]
+    fn nested_batches_assert() {
+        let s2 = engine(Ept, NoopTlb);
+        let _outer = s2.batch();
+        let _inner = s2.batch();
+    }
+
+    #[test]
+    fn batches_in_sequence_are_fine() {
+        let s2 = engine(Ept, NoopTlb);
+        drop(s2.batch());
+        drop(s2.batch());
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let s2 = engine(Ept, NoopTlb);
+        let e = s2
+            .map_range(0x1000, 0x20_0000, 0, Perms::RW, PageSize::Size2M)
+            .unwrap_err();
+        assert!(matches!(e, Error::Misaligned { what: "gpa", .. }));
+        assert!(e.to_string().contains("not aligned to 2M"));
+        s2.map_range(0, 0x20_0000, 0, Perms::RW, PageSize::Size2M)
+            .unwrap();
+        let e = s2
+            .map_range(0x1000, 0x1000, 0, Perms::RW, PageSize::Size4K)
+            .unwrap_err();
+        assert!(matches!(e, Error::Conflict { .. }), "{e}");
+        s2.map_range(0x40_0000, 0x1000, 0, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        let e = s2
+            .map_range(0x40_0000, 0x20_0000, 0, Perms::RW, PageSize::Size2M)
+            .unwrap_err();
+        assert!(matches!(e, Error::Conflict { .. }), "{e}");
+        assert!(matches!(
+            s2.map_range(crate::GPA_LIMIT, 0x1000, 0, Perms::R, PageSize::Size4K),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn remapping_with_other_frame_breaks_before_make() {
+        let s2 = engine(Ept, NoopTlb);
+        s2.map_range(0, 0x2000, 0x10_0000, Perms::R, PageSize::Size4K)
+            .unwrap();
+        assert_eq!(
+            s2.map_range(0, 0x2000, 0x20_0000, Perms::RW, PageSize::Size4K),
+            Ok(2)
+        );
+        let st = s2.stats();
+        assert_eq!((st.bbms, st.mapped_4k), (2, 2));
+        assert_eq!(s2.translate(0x1000, Access::Write).unwrap().pa, 0x20_1000);
+    }
+}

@@ -233,3 +233,105 @@ impl<F: Format, T: Tlb> Visitor<F, T> for CollapseV {
         Step::Continue
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testutil::engine;
+    use crate::{Access, Arm64, Ept, Format, NoopTlb, PageSize, Perms, Stage2, Tlb};
+
+    fn sample(s2: &Stage2<impl Format, impl Tlb>) -> Vec<Option<(u64, Perms)>> {
+        (0..(1u64 << 30))
+            .step_by(0x3_3000)
+            .map(|g| s2.lookup(g).map(|t| (t.pa, t.perms)))
+            .collect()
+    }
+
+    fn split_then_collapse<F: Format>(f: F, bbms_expected_per_split: u64) {
+        let s2 = engine(f, NoopTlb);
+        s2.map_range(0, 1 << 30, 1 << 40, Perms::RWX, PageSize::Size1G)
+            .unwrap();
+        let before = sample(&s2);
+        assert_eq!(s2.split(0..1 << 30, PageSize::Size4K), 1 + 512);
+        let st = s2.stats();
+        assert_eq!(
+            (st.mapped_1g, st.mapped_2m, st.mapped_4k),
+            (0, 0, 512 * 512)
+        );
+        assert_eq!(st.bbms, bbms_expected_per_split * 513);
+        assert_eq!(sample(&s2), before, "split changed a translation");
+        assert_eq!(s2.live_table_pages(), 2 + 1 + 512);
+        assert_eq!(s2.lookup(0x1234_5678).unwrap().size, PageSize::Size4K);
+
+        assert_eq!(s2.collapse(0..1 << 30), 512 + 1);
+        let st = s2.stats();
+        assert_eq!((st.mapped_1g, st.mapped_2m, st.mapped_4k), (1, 0, 0));
+        assert_eq!(sample(&s2), before, "collapse changed a translation");
+        assert_eq!(s2.live_table_pages(), 2);
+        assert_eq!(s2.count_reachable_tables(), 2);
+        assert_eq!(s2.lookup(0x1234_5678).unwrap().size, PageSize::Size1G);
+    }
+
+    #[test]
+    fn split_and_collapse_keep_translation_ept() {
+        split_then_collapse(Ept, 0);
+    }
+
+    #[test]
+    fn split_and_collapse_keep_translation_arm64_without_bbm2() {
+        split_then_collapse(Arm64 { bbm_level2: false }, 1);
+    }
+
+    #[test]
+    fn split_and_collapse_keep_translation_arm64_with_bbm2() {
+        split_then_collapse(Arm64 { bbm_level2: true }, 0);
+    }
+
+    #[test]
+    fn collapse_needs_equal_perms_contiguity_and_logging_off() {
+        let s2 = engine(Ept, NoopTlb);
+        s2.map_range(0, 0x20_0000, 0x4000_0000, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        // One page with other permissions: no collapse.
+        s2.map_range(0x5000, 0x1000, 0x4000_5000, Perms::R, PageSize::Size4K)
+            .unwrap();
+        assert_eq!(s2.collapse(0..0x20_0000), 0);
+        s2.map_range(0x5000, 0x1000, 0x4000_5000, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        // Not contiguous: no collapse.
+        s2.map_range(0x6000, 0x1000, 0x9000_0000, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        assert_eq!(s2.collapse(0..0x20_0000), 0);
+        s2.map_range(0x6000, 0x1000, 0x4000_6000, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        s2.dirty().enable(crate::SplitPolicy::Lazy);
+        assert_eq!(s2.collapse(0..0x20_0000), 0, "dirty logging is on");
+        s2.dirty().disable();
+        // Pages are write-protected (RW withheld, marked) yet all equal: collapses as such.
+        assert_eq!(s2.collapse(0..0x20_0000), 1);
+        assert_eq!(
+            s2.translate(0x1000, Access::Read).unwrap().size,
+            PageSize::Size2M
+        );
+        assert_eq!(s2.stats().collapses, 1);
+    }
+
+    #[test]
+    fn collapsed_table_page_is_freed_after_grace_period() {
+        let s2 = engine(Ept, NoopTlb);
+        s2.map_range(0, 0x20_0000, 0x4000_0000, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        let allocated = s2.stats().tables_allocated;
+        assert_eq!(s2.collapse(0..0x20_0000), 1);
+        for _ in 0..64 {
+            s2.reclaim_deferred();
+            if s2.stats().tables_pending_free == 0 {
+                break;
+            }
+        }
+        let st = s2.stats();
+        assert_eq!(st.tables_pending_free, 0);
+        // The page went back to the pool: still allocated, not live.
+        assert_eq!(st.tables_allocated, allocated);
+        assert_eq!(st.tables_live, 3);
+    }
+}
