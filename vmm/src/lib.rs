@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod boot;
+pub mod cli;
 pub mod devices;
 pub mod guest;
 pub mod memory;

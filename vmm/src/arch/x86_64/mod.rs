@@ -1,6 +1,7 @@
 //! x86-64 vCPU and platform set-up: CPUID, MSRs, registers, GDT, identity page tables for long
 //! mode, the MP table, and `configure_vcpu` that every boot path calls.
 
+pub mod acpi;
 pub mod cpuid;
 pub mod gdt;
 pub mod long_mode;
