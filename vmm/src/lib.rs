@@ -4,6 +4,7 @@
 //! boot/memory/vcpu/devices/arch/vm (bzImage boot, issue 3), uffd/paging
 //! (demand paging, issue 4), guest (built-in test guests, issue 4).
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod cli;

@@ -1,0 +1,396 @@
+//! The control socket: JSON lines on a unix socket (`--api-socket PATH`) with `stats`, `reclaim`,
+//! `pause` and `resume`, served on its own thread for an [`ApiTarget`] (the running VM).
+//!
+//! One request per line, one response per line:
+//!
+//! ```text
+//! {"cmd":"stats"}                              -> {"ok":true,"stats":{...}}
+//! {"cmd":"reclaim","gpa":"1G","len":1073741824} -> {"ok":true,"reclaim":{...}}
+//! {"cmd":"pause"} / {"cmd":"resume"}           -> {"ok":true}
+//! anything wrong                               -> {"ok":false,"error":"what was wrong and what to send"}
+//! ```
+//!
+//! `gpa` and `len` are JSON numbers or strings (`"0x40000000"`, `"512M"`, `"1G"`). A bad request
+//! gets an error response; the connection, the server and the VM go on.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use serde_json::{json, Map, Value};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Longest request line accepted; a longer one is refused and the connection closed.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// How often a connection thread looks at the stop flag while its client is idle.
+const IDLE_CHECK: Duration = Duration::from_millis(200);
+
+/// What the control socket drives: the running VM.
+pub trait ApiTarget: Send + Sync {
+    /// Statistics as JSON (stage2 and demand paging).
+    fn stats(&self) -> Value;
+    /// Drops the host memory of `[gpa, gpa+len)`; a JSON report, or what was wrong.
+    fn reclaim(&self, gpa: u64, len: u64) -> Result<Value, String>;
+    /// Pauses every vCPU.
+    fn pause(&self) -> Result<(), String>;
+    /// Resumes every vCPU.
+    fn resume(&self) -> Result<(), String>;
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Something that is not a socket is at the path.
+    #[error(
+        "--api-socket {0}: the path exists and is not a socket; remove it or choose another path"
+    )]
+    NotASocket(PathBuf),
+    /// Another process serves the path.
+    #[error(
+        "--api-socket {0}: another process is listening there; stop it or choose another path"
+    )]
+    InUse(PathBuf),
+    /// bind / listen failed.
+    #[error("--api-socket {path}: cannot listen: {source}; check that the directory exists and is writable")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Thread or eventfd creation failed.
+    #[error("cannot start the API server: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+/// A running control-socket server; stops (and removes the socket) on drop.
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<EventFd>,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl ApiServer {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = self.stop.write(1) {
+            warn!("cannot signal the API server to stop: {e}");
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                warn!("the API server thread panicked");
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens on `path` and serves requests for `target` on a thread of its own. A stale socket
+/// left by a dead VMM is replaced; a live one is not.
+pub fn serve(path: &Path, target: Arc<dyn ApiTarget>) -> Result<ApiServer, ApiError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ApiError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    listener.set_nonblocking(true).map_err(ApiError::Spawn)?;
+    let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ApiError::Spawn)?);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (st, sp) = (stop.clone(), stopping.clone());
+    let thread = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || accept_loop(listener, st, sp, target))
+        .map_err(ApiError::Spawn)?;
+    info!("control socket listening on {}", path.display());
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+        stop,
+        stopping,
+        thread: Some(thread),
+    })
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    stop: Arc<EventFd>,
+    stopping: Arc<AtomicBool>,
+    target: Arc<dyn ApiTarget>,
+) {
+    let conns: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds living for the call.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            warn!("API server: poll failed: {e}; the control socket stops");
+            break;
+        }
+        if fds[1].revents != 0 || stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let (t, sp) = (target.clone(), stopping.clone());
+                match std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || serve_connection(stream, t.as_ref(), &sp))
+                {
+                    Ok(h) => {
+                        let mut c = conns.lock().unwrap();
+                        c.retain(|h| !h.is_finished());
+                        c.push(h);
+                    }
+                    Err(e) => warn!("API server: cannot start a connection thread: {e}"),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => warn!("API server: accept failed: {e}"),
+        }
+    }
+    for h in conns.into_inner().unwrap() {
+        let _ = h.join();
+    }
+}
+
+/// Serves one client until it closes, a line is too long, or the server stops.
+fn serve_connection(stream: UnixStream, target: &dyn ApiTarget, stopping: &AtomicBool) {
+    if let Err(e) = stream.set_read_timeout(Some(IDLE_CHECK)) {
+        warn!("API connection: {e}");
+        return;
+    }
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("API connection: {e}");
+            return;
+        }
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        // Read up to and including '\n', never more than the limit (+1 to detect overflow).
+        let room = (MAX_REQUEST_BYTES + 1).saturating_sub(line.len()) as u64;
+        match (&mut reader).take(room).read_until(b'\n', &mut line) {
+            Ok(0) => {
+                // Client closed; answer a last request sent without a newline.
+                if !line.is_empty() {
+                    let _ = write_response(&mut writer, &handle_line(&line, target));
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                debug!("API connection: read failed: {e}");
+                return;
+            }
+        }
+        let complete = line.last() == Some(&b'\n');
+        if !complete && line.len() <= MAX_REQUEST_BYTES {
+            continue; // partial line (timeout mid-line or EOF next)
+        }
+        if line.len() > MAX_REQUEST_BYTES {
+            let resp = error(format!(
+                "request longer than {MAX_REQUEST_BYTES} bytes: send one short JSON object per line"
+            ));
+            let _ = write_response(&mut writer, &resp);
+            return;
+        }
+        let resp = handle_line(&line, target);
+        line.clear();
+        if let Err(e) = write_response(&mut writer, &resp) {
+            debug!("API connection: write failed: {e}");
+            return;
+        }
+    }
+}
+
+fn write_response(w: &mut UnixStream, v: &Value) -> io::Result<()> {
+    let mut s = v.to_string();
+    s.push('\n');
+    w.write_all(s.as_bytes())
+}
+
+fn error(msg: impl Into<String>) -> Value {
+    json!({"ok": false, "error": msg.into()})
+}
+
+const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"} or {"cmd":"resume"}"#;
+
+/// Answers one request line (without or with its trailing newline).
+pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
+    let text = match std::str::from_utf8(line) {
+        Ok(t) => t.trim(),
+        Err(_) => return error(format!("request is not UTF-8 text; {USAGE}")),
+    };
+    if text.is_empty() {
+        return error(format!("empty request; {USAGE}"));
+    }
+    let req: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return error(format!("malformed JSON ({e}); {USAGE}")),
+    };
+    let Some(obj) = req.as_object() else {
+        return error(format!("request is not a JSON object; {USAGE}"));
+    };
+    let Some(cmd) = obj.get("cmd").and_then(Value::as_str) else {
+        return error(format!("request has no \"cmd\" string; {USAGE}"));
+    };
+    match cmd {
+        "stats" => json!({"ok": true, "stats": target.stats()}),
+        "reclaim" => {
+            let gpa = match size_field(obj, "gpa") {
+                Ok(v) => v,
+                Err(e) => return error(e),
+            };
+            let len = match size_field(obj, "len") {
+                Ok(v) => v,
+                Err(e) => return error(e),
+            };
+            match target.reclaim(gpa, len) {
+                Ok(report) => json!({"ok": true, "reclaim": report}),
+                Err(e) => error(e),
+            }
+        }
+        "pause" => match target.pause() {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => error(e),
+        },
+        "resume" => match target.resume() {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => error(e),
+        },
+        other => error(format!("unknown command {other:?}; {USAGE}")),
+    }
+}
+
+fn size_field(obj: &Map<String, Value>, name: &str) -> Result<u64, String> {
+    match obj.get(name) {
+        None => Err(format!(
+            "reclaim needs \"{name}\": a number or a string such as \"0x40000000\" or \"1G\""
+        )),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| format!("\"{name}\" is {n}: give a non-negative integer below 2^64")),
+        Some(Value::String(s)) => parse_size(s).map_err(|e| format!("\"{name}\": {e}")),
+        Some(other) => Err(format!(
+            "\"{name}\" is {other}: give a number or a string such as \"0x40000000\" or \"1G\""
+        )),
+    }
+}
+
+/// Parses a size or address: decimal, `0x` hex, with an optional `K`/`M`/`G`/`T` suffix
+/// (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a size: write 4096, 0x1000, 512M or 1G");
+    if t.is_empty() {
+        return Err(bad());
+    }
+    let (num, shift) = match t.as_bytes()[t.len() - 1].to_ascii_uppercase() {
+        b'K' => (&t[..t.len() - 1], 10),
+        b'M' => (&t[..t.len() - 1], 20),
+        b'G' => (&t[..t.len() - 1], 30),
+        b'T' => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let v = if let Some(hex) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16).map_err(|_| bad())?
+    } else {
+        num.parse::<u64>().map_err(|_| bad())?
+    };
+    v.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} does not fit in 64 bits"))
+}
+
+/// A blocking client of the control socket: sends one request, returns the response.
+pub fn request(path: &Path, req: &Value) -> io::Result<Value> {
+    let mut stream = UnixStream::connect(path)?;
+    let mut line = req.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut resp = String::new();
+    BufReader::new(stream).read_line(&mut resp)?;
+    serde_json::from_str(&resp).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_size_accepts_hex_and_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("0x1000"), Ok(4096));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("0x2G"), Ok(2 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("0xffffffffffffffffK")
+            .unwrap_err()
+            .contains("64 bits"));
+    }
+}
