@@ -1,16 +1,9 @@
 //! Host-side bzImage decompression on real data: every kernel compression produced by the real tools, bad headers, corrupt and random payloads, and Debian's cloud kernel when it has been fetched.
 
-// Until `boot/mod.rs` declares `pub mod decompress;`, the module is compiled
-// into this test directly.
-#[path = "../src/boot"]
-mod boot {
-    pub mod decompress;
-}
-
-use boot::decompress::{bzimage_payload, decompress_bzimage, Compression, DecompressError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use vmm::boot::decompress::{bzimage_payload, decompress_bzimage, Compression, DecompressError};
 
 /// Sectors of setup code in the synthetic images (the boot sector comes on top).
 const SETUP_SECTS: u8 = 3;

@@ -323,6 +323,15 @@ fn last_line(text: &[u8]) -> Option<String> {
         .map(|l| l.chars().take(200).collect())
 }
 
+/// Whether `program` names an existing file, directly or through `$PATH`.
+fn on_path(program: &Path) -> bool {
+    if program.components().count() > 1 {
+        return program.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
 fn free_huge_pages() -> Option<u64> {
     std::fs::read_to_string(SYSFS_FREE_2M)
         .ok()?
@@ -442,6 +451,13 @@ fn main() -> Result<()> {
             "no vmm binary at {}: build it with `cargo build --release -p vmm`, pass --vmm PATH, \
              or run QEMU alone with --tools qemu",
             args.vmm.display()
+        );
+    }
+    if args.tools.contains(&Tool::Qemu) && !on_path(&args.qemu) {
+        bail!(
+            "no QEMU at {}: install Debian's qemu-system-x86 (apt-get install qemu-system-x86), \
+             pass --qemu PATH, or run vmm alone with --tools vmm",
+            args.qemu.display()
         );
     }
     let hugetlbfs = if args.configs.contains(&MemConfig::Huge2M) && args.tools.contains(&Tool::Qemu)
