@@ -82,7 +82,7 @@ pub use types::{
 pub use walk::{TranslateError, Translation};
 
 use crate::stats::{Counters, C};
-use crate::sync::{Mutex, MutexGuard, Ordering};
+use crate::sync::{Mutex, MutexGuard};
 use crate::table::{Reclaim, TablePage};
 
 /// A stage-2 translation table of format `F`, invalidating TLBs through `T`.
@@ -185,10 +185,11 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
     }
 
     fn free_subtree(&self, page: *mut TablePage, level: usize) {
-        // SAFETY: called from `Drop` only: `&mut self` excludes every walker; `page` is linked.
-        let t = unsafe { &*page };
-        for e in &t.entries {
-            let d = e.load(Ordering::Relaxed);
+        // SAFETY: called from `Drop` only: `&mut self` excludes every walker, so this is the only
+        // reference to the linked page.
+        let t = unsafe { &mut *page };
+        for e in t.entries.iter_mut() {
+            let d = sync::load_exclusive(e);
             if self.fmt.is_table(d, level) {
                 self.free_subtree(self.fmt.table_addr(d) as *mut TablePage, level + 1);
             }

@@ -31,3 +31,15 @@ pub(crate) fn yield_now() {
     #[cfg(not(loom))]
     std::thread::yield_now();
 }
+
+/// Read an atomic we have exclusive access to (teardown) without a modelled operation.
+pub(crate) fn load_exclusive(a: &mut AtomicU64) -> u64 {
+    #[cfg(loom)]
+    {
+        a.with_mut(|v| *v)
+    }
+    #[cfg(not(loom))]
+    {
+        *a.get_mut()
+    }
+}
