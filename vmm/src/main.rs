@@ -39,11 +39,24 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             1
         }
     };
     std::process::exit(code);
+}
+
+/// The error and its causes on one line, skipping a cause whose text the message already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg.replace('\n', " ")
 }
 
 fn run(cli: Cli) -> Result<i32> {
@@ -65,6 +78,9 @@ fn run(cli: Cli) -> Result<i32> {
         ),
         None => None,
     };
+    if let Some(data) = &initrd {
+        kernel.check_initrd_fits(cli.mem, data.len() as u64)?;
+    }
     {
         let kvm = vm::open_kvm()?;
         let max = vm::max_vcpus(&kvm);

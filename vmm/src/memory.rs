@@ -185,7 +185,7 @@ pub struct GuestRam {
 
 /// Formats a byte count with the largest exact binary suffix (4G, 512M, 4K, or bytes).
 pub fn human(bytes: u64) -> String {
-    for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
         if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{}", bytes >> shift, suffix);
         }

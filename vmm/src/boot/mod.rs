@@ -308,6 +308,15 @@ impl KernelImage {
         }
     }
 
+    /// Checks, before any memory is mapped, that an initrd of `size` bytes fits beside the kernel.
+    pub fn check_initrd_fits(&self, mem_bytes: u64, size: u64) -> Result<(), BootError> {
+        let max = match self.kind {
+            KernelKind::BzImage(s) => s.initrd_addr_max,
+            KernelKind::Elf(_) => ELF_INITRD_ADDR_MAX,
+        };
+        place_initrd(max, mem_bytes, self.required_end(), size).map(|_| ())
+    }
+
     /// Checks that the kernel fits in `mem_bytes` of RAM (laid out as `GuestRam` does).
     pub fn check_fits(&self, mem_bytes: u64) -> Result<(), BootError> {
         let have = mem_bytes.min(MMIO_HOLE_START);
@@ -316,6 +325,22 @@ impl KernelImage {
             return Err(BootError::KernelTooBig { need, have });
         }
         Ok(())
+    }
+}
+
+/// Where an initrd of `size` bytes goes: the highest page-aligned address below both the kernel's
+/// `initrd_addr_max` and the end of low RAM, above the kernel's end.
+pub fn place_initrd(
+    initrd_addr_max: u32,
+    mem_bytes: u64,
+    kernel_end: u64,
+    size: u64,
+) -> Result<u64, BootError> {
+    let limit = (u64::from(initrd_addr_max) + 1).min(mem_bytes.min(MMIO_HOLE_START));
+    let kend = kernel_end.next_multiple_of(PAGE);
+    match limit.checked_sub(size).map(|a| a & !(PAGE - 1)) {
+        Some(addr) if addr >= kend => Ok(addr),
+        _ => Err(BootError::InitrdTooBig { size, kend, limit }),
     }
 }
 
@@ -380,7 +405,7 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<LoadedKernel, BootErr
             let (entry, end) = load_elf(mem, &k.path, &k.bytes)?;
             (synthetic_header(), entry, end, BootPath::Elf)
         }
-        KernelKind::BzImage(setup) => {
+        KernelKind::BzImage(_) => {
             let hdr = bzimage::setup_header_of(&k.bytes);
             let started = Instant::now();
             let fast = if spec.fast_boot {
@@ -437,7 +462,6 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<LoadedKernel, BootErr
                     })?;
                     let mut hdr = res.setup_header.unwrap_or(hdr);
                     hdr.code32_start = BZIMAGE_LOAD_GPA as u32;
-                    let _ = setup;
                     (
                         hdr,
                         res.kernel_load.0 + bzimage::STARTUP_64_OFFSET,
@@ -473,17 +497,10 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<LoadedKernel, BootErr
     let mut initrd = None;
     if let Some(data) = spec.initrd {
         let size = data.len() as u64;
-        let limit = (u64::from(hdr.initrd_addr_max) + 1).min(ram.size().min(MMIO_HOLE_START));
-        let kend = kernel_end.next_multiple_of(PAGE);
-        let addr = limit.checked_sub(size).map(|a| a & !(PAGE - 1));
-        match addr {
-            Some(addr) if addr >= kend => {
-                guest_write(mem, "initrd", addr, data)?;
-                initrd = Some((addr, size));
-                info!("initrd: {} at {addr:#x}", human(size));
-            }
-            _ => return Err(BootError::InitrdTooBig { size, kend, limit }),
-        }
+        let addr = place_initrd(hdr.initrd_addr_max, ram.size(), kernel_end, size)?;
+        guest_write(mem, "initrd", addr, data)?;
+        initrd = Some((addr, size));
+        info!("initrd: {} at {addr:#x}", human(size));
     }
 
     hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
