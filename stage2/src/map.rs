@@ -118,7 +118,6 @@ impl<F: Format, T: Tlb> Visitor<F, T> for MapV {
                     .compare_exchange(0, new, Ordering::SeqCst, Ordering::SeqCst)
                 {
                     Ok(_) => {
-                        s2.stats.mapped(ctx.level, 1, true);
                         self.written += 1;
                         ctx.old = new;
                         return Step::Continue;
@@ -138,7 +137,6 @@ impl<F: Format, T: Tlb> Visitor<F, T> for MapV {
                 self.err = Some(Error::Busy { gpa: ctx.addr });
                 return Step::Pause;
             }
-            s2.stats.mapped(ctx.level, 1, true);
             self.written += 1;
             ctx.old = new;
             return Step::Continue;
@@ -190,6 +188,8 @@ impl<F: Format, T: Tlb> Batch<'_, F, T> {
         let r = s2.walk(gpa, end, &mut v, &g);
         drop(g);
         if v.written > 0 {
+            // Counted once per call (every written entry is a new leaf at the target level).
+            s2.stats.mapped(size.level(), v.written as u64, true);
             self.flush_start = self.flush_start.min(gpa);
             self.flush_end = self.flush_end.max(end);
             s2.stats.add(

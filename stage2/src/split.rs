@@ -114,8 +114,9 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         let csize = level_bytes(clevel);
         let mut snap = [0u64; ENTRIES];
         for (i, e) in child.entries.iter().enumerate() {
-            snap[i] = self.read_counted(e);
+            snap[i] = e.load(Ordering::SeqCst);
         }
+        self.stats.add(C::EntriesRead, ENTRIES as u64);
         let Some(first) = self.mergeable(&snap, clevel, csize, level) else {
             return false;
         };
@@ -123,14 +124,25 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         if !self.try_break(ctx.slot, table_d, level, ctx.addr) {
             return false;
         }
-        // Children may have been relaxed between our read and the break: check again.
-        let same = child
-            .entries
-            .iter()
-            .zip(snap.iter())
-            .all(|(e, s)| e.load(Ordering::SeqCst) == *s);
-        if !same {
-            // Put the table back (no mapping changed); the break already counted a BBM.
+        // Freeze the children: a thread that descended before the break may still update them in
+        // the now unlinked page (relax a permission, split a block). Each child goes from the value
+        // we read to the marker, so such an update fails and its thread looks again from the root
+        // (and meets our marker or the block). Any child that changed since our read: thaw the
+        // ones frozen so far and put the table back (no mapping changed).
+        let locked = self.fmt.locked();
+        let mut frozen = 0;
+        for (e, &s) in child.entries.iter().zip(snap.iter()) {
+            if e.compare_exchange(s, locked, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                break;
+            }
+            frozen += 1;
+        }
+        if frozen < ENTRIES {
+            for (e, &s) in child.entries.iter().zip(snap.iter()).take(frozen) {
+                e.store(s, Ordering::SeqCst);
+            }
             let _ = self.make(ctx.slot, table_d);
             return false;
         }

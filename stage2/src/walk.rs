@@ -150,13 +150,6 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         unsafe { &*(self.fmt.table_addr(d) as *const TablePage) }
     }
 
-    /// Read an entry during a range walk (counted in `entries_read`).
-    #[inline]
-    pub(crate) fn read_counted(&self, slot: &AtomicU64) -> u64 {
-        self.stats.inc(C::EntriesRead);
-        slot.load(Ordering::SeqCst)
-    }
-
     /// Walk `[start, end)` with `v`. Empty or leaf upper-level entries cost one read (no descent).
     pub(crate) fn walk<V: Visitor<F, T>>(
         &self,
@@ -169,7 +162,11 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         if start >= end {
             return Walked::Done;
         }
-        self.walk_table(self.root(g), 0, 0, start, end, v, g)
+        let mut reads = 0;
+        let r = self.walk_table(self.root(g), 0, 0, start, end, v, g, &mut reads);
+        // One counter update per walk, not per entry.
+        self.stats.add(C::EntriesRead, reads);
+        r
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -182,6 +179,7 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         end: u64,
         v: &mut V,
         g: &'g Guard,
+        reads: &mut u64,
     ) -> Walked {
         let size = level_bytes(level);
         let first = if start > base {
@@ -195,11 +193,12 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
                 break;
             }
             let slot = &table.entries[idx];
+            *reads += 1;
             let mut ctx = Ctx {
                 addr,
                 level,
                 slot,
-                old: self.read_counted(slot),
+                old: slot.load(Ordering::SeqCst),
                 start,
                 end,
             };
@@ -216,12 +215,14 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
             }
             if self.fmt.is_table(ctx.old, level) {
                 let child = self.next_table(ctx.old, g);
-                if let Walked::Paused(a) = self.walk_table(child, level + 1, addr, start, end, v, g)
+                if let Walked::Paused(a) =
+                    self.walk_table(child, level + 1, addr, start, end, v, g, reads)
                 {
                     return Walked::Paused(a);
                 }
                 if V::FLAGS & flags::TABLE_POST != 0 {
-                    ctx.old = self.read_counted(slot);
+                    *reads += 1;
+                    ctx.old = slot.load(Ordering::SeqCst);
                     if self.fmt.is_table(ctx.old, level) {
                         v.visit(self, g, Visit::TablePost, &mut ctx);
                     }
