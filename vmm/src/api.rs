@@ -44,6 +44,41 @@ pub trait ApiTarget: Send + Sync {
     fn resume(&self) -> Result<(), String>;
 }
 
+/// Type of the [`ApiFns::stats`] callback.
+pub type StatsFn = dyn Fn() -> Value + Send + Sync;
+/// Type of the [`ApiFns::reclaim`] callback.
+pub type ReclaimFn = dyn Fn(u64, u64) -> Result<Value, String> + Send + Sync;
+/// Type of the [`ApiFns::pause`] and [`ApiFns::resume`] callbacks.
+pub type ControlFn = dyn Fn() -> Result<(), String> + Send + Sync;
+
+/// An [`ApiTarget`] made of four closures: the VM wires its pager and vCPUs in without a type
+/// of its own, e.g. `stats: Box::new(move || pager.stats().to_json())`.
+pub struct ApiFns {
+    /// Answers `stats`.
+    pub stats: Box<StatsFn>,
+    /// Answers `reclaim`.
+    pub reclaim: Box<ReclaimFn>,
+    /// Answers `pause`.
+    pub pause: Box<ControlFn>,
+    /// Answers `resume`.
+    pub resume: Box<ControlFn>,
+}
+
+impl ApiTarget for ApiFns {
+    fn stats(&self) -> Value {
+        (self.stats)()
+    }
+    fn reclaim(&self, gpa: u64, len: u64) -> Result<Value, String> {
+        (self.reclaim)(gpa, len)
+    }
+    fn pause(&self) -> Result<(), String> {
+        (self.pause)()
+    }
+    fn resume(&self) -> Result<(), String> {
+        (self.resume)()
+    }
+}
+
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -348,6 +348,80 @@ impl fmt::Display for PagingStats {
     }
 }
 
+impl PagingStats {
+    /// The statistics as JSON (for the control socket): `{"paging": {...}, "stage2": {...}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = &self.stage2;
+        serde_json::json!({
+            "paging": {
+                "events_missing": self.events_missing,
+                "events_wp": self.events_wp,
+                "events_minor": self.events_minor,
+                "events_remove": self.events_remove,
+                "events_unmap": self.events_unmap,
+                "events_remap": self.events_remap,
+                "events_fork": self.events_fork,
+                "populated_bytes_4k": self.populated_4k,
+                "populated_bytes_2m": self.populated_2m,
+                "populated_bytes_1g": self.populated_1g,
+                "installed": self.installed,
+                "spurious": self.spurious,
+                "relaxed": self.relaxed,
+                "retry": self.retry,
+                "denied": self.denied,
+                "fault_around_pages": self.fault_around_pages,
+                "refills": self.refills,
+                "eexist": self.eexist,
+                "eagain": self.eagain,
+                "deferred": self.deferred,
+                "deferred_dropped": self.deferred_dropped,
+                "wp_cleared": self.wp_cleared,
+                "reclaims": self.reclaims,
+                "reclaimed_bytes": self.reclaimed_bytes,
+                "zapped": self.zapped,
+                "external_invalidations": self.external_invalidations,
+                "own_removes": self.own_removes,
+            },
+            "stage2": {
+                "installs_4k": s.installs_4k,
+                "installs_2m": s.installs_2m,
+                "installs_1g": s.installs_1g,
+                "spurious": s.spurious,
+                "relaxed": s.relaxed,
+                "retries": s.retries,
+                "denied": s.denied,
+                "bbms": s.bbms,
+                "splits": s.splits,
+                "collapses": s.collapses,
+                "zapped": s.zapped,
+                "undone": s.undone,
+                "invalidations": s.invalidations,
+                "yields": s.yields,
+                "tables_live": s.tables_live,
+                "mapped_4k": s.mapped_4k,
+                "mapped_2m": s.mapped_2m,
+                "mapped_1g": s.mapped_1g,
+                "mapped_bytes": s.mapped_bytes(),
+                "dirty_marked": s.dirty_marked,
+                "write_protected": s.write_protected,
+            }
+        })
+    }
+}
+
+impl ReclaimReport {
+    /// The report as JSON (for the control socket).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "gpa": self.gpa,
+            "len": self.len,
+            "zapped": self.zapped,
+            "drop_ns": self.drop_ns,
+            "total_ns": self.total_ns,
+        })
+    }
+}
+
 /// The host view of guest RAM that stage2 asks on a fault: every RAM GPA is backed by the
 /// naturally aligned host block of the backing's page size, readable, writable, executable.
 pub struct GuestRamBacking {

@@ -120,7 +120,7 @@ fn touch_random(ram: &Arc<Ram>, threads: usize, per_thread: usize, page: u64) ->
     let mut touched = HashSet::new();
     let mut handles = Vec::new();
     for t in 0..threads {
-        let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1) * 0x1234_5678;
+        let mut seed = 0x9e37_79b9_7f4a_7c15 ^ ((t as u64 + 1) * 0x1234_5678);
         let addrs: Vec<u64> = (0..per_thread)
             .map(|_| (xorshift(&mut seed) % (ram.len / PAGE)) * PAGE)
             .collect();
