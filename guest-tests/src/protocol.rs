@@ -25,6 +25,9 @@ pub const CMD_PASS: u32 = 3;
 pub const CMD_FAIL: u32 = 4;
 /// Command: the parameter block is not for this guest. Args: magic found, kind found.
 pub const CMD_BAD_PARAMS: u32 = 5;
+/// Command: the guest has finished and idles (it repeats this write forever; the VMM
+/// may sleep a little on each). No args.
+pub const CMD_IDLE: u32 = 6;
 
 /// The dword a guest writes for `command`.
 pub const fn command_word(command: u32) -> u32 {
@@ -85,6 +88,8 @@ pub enum Event {
         /// Guest kind found.
         kind: u64,
     },
+    /// The guest has finished and waits to be stopped.
+    Idle,
     /// A dword that is not a command of this protocol.
     Unknown {
         /// The raw value written to the port.
@@ -137,6 +142,7 @@ pub fn decode(raw: u32, args: &[u64; MAILBOX_ARGS]) -> Event {
             magic: args[0],
             kind: args[1],
         },
+        CMD_IDLE => Event::Idle,
         _ => Event::Unknown { raw },
     }
 }
@@ -228,5 +234,6 @@ mod tests {
         assert!(decode(command_word(CMD_FAIL), &ARGS).is_final());
         assert!(!decode(command_word(CMD_PROGRESS), &ARGS).is_final());
         assert!(!decode(command_word(CMD_START), &ARGS).is_final());
+        assert!(!decode(command_word(CMD_IDLE), &ARGS).is_final());
     }
 }

@@ -96,6 +96,10 @@ impl Report {
         let Some(r) = self.vcpus.get_mut(vcpu) else {
             return false;
         };
+        if event == Event::Idle {
+            // A finished guest idles until it is stopped; nothing to record.
+            return false;
+        }
         if matches!(r.state, VcpuState::Passed | VcpuState::Failed) {
             r.fail(now, format!("event after the final one: {event:?}"));
             return false;
@@ -174,6 +178,7 @@ impl Report {
                 r.fail(now, format!("unknown port write {raw:#x}"));
                 true
             }
+            Event::Idle => false,
         }
     }
 
@@ -323,6 +328,9 @@ mod tests {
         let mut r = Report::new(1);
         r.record(0, Event::Start { vcpu: 0, tsc: 0 }, now);
         r.record(0, pass(), now);
+        // Idling after the final event is what a finished guest does.
+        assert!(!r.record(0, Event::Idle, now));
+        assert!(r.passed());
         r.record(0, Event::Start { vcpu: 0, tsc: 0 }, now);
         assert!(!r.passed());
     }

@@ -1,16 +1,539 @@
-//! Runs a built-in test guest (`vmm --guest NAME`): placeholder until the guest runner lands.
+//! Runs a built-in test guest (`vmm --guest NAME`): lays it out in guest RAM, starts every
+//! vCPU in 64-bit mode on it, collects its port reports and prints the verdict.
 
-use clap::Args;
+pub mod layout;
+pub mod port;
+pub mod reclaim;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use guest_tests::params::{FLAG_EXPECT_RECLAIM, PAGE_SIZE};
+use guest_tests::protocol::TEST_PORT_RANGE;
+use guest_tests::{payload_of, GuestKind, Mode, Params, Report, VcpuBlock};
+use log::info;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::configure_vcpu;
+use crate::arch::x86_64::long_mode::{self, LongModeConfig};
+use crate::devices::PioBus;
+use crate::memory::{self, human, BackingKind, GuestRam};
+use crate::vcpu::{ExitRequest, VmControl};
+use crate::vm::Vm;
+
+use layout::{CODE_GPA, CODE_MAX, GDT_GPA, PARAMS_GPA, PML4_GPA};
+use port::{TestPort, EXIT_FAIL, EXIT_PASS};
+use reclaim::{Reclaimer, Storm};
+
+/// Generations `stress` runs when `--generations` is not given.
+pub const DEFAULT_STRESS_GENERATIONS: u64 = 2;
+/// Generations `dirty` runs when `--generations` is not given.
+pub const DEFAULT_DIRTY_GENERATIONS: u64 = 8;
+/// Default `dirty` writes per generation: this fraction (1/N) of the slice's pages.
+pub const DEFAULT_DIRTY_WRITES_DIVISOR: u64 = 4;
+/// U/S bit of a paging-structure entry: user-mode accesses allowed (Intel SDM Vol. 3A
+/// §4.5, Tables 4-15 to 4-19, bit 2).
+const PTE_USER: u64 = 1 << 2;
+/// P bit of a paging-structure entry (same tables, bit 0).
+const PTE_PRESENT: u64 = 1 << 0;
+/// RFLAGS.IOPL = 3: `in`/`out` allowed at CPL 3 (Intel SDM Vol. 1 §3.4.3.3).
+const RFLAGS_IOPL_3: u64 = 3 << 12;
+/// Privilege level 3 in a segment's DPL and a selector's RPL (Intel SDM Vol. 3A §3.4.2, §5.5).
+const PL_USER: u8 = 3;
+
+/// Pause between two reclaims of a `--reclaim-storm`.
+pub const STORM_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How `stress` walks its slice (`--mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Pages in ascending order.
+    #[default]
+    Sequential,
+    /// Pages chosen by xorshift64.
+    Random,
+    /// All vCPUs on one 2 MiB page, even ones writing, odd ones reading.
+    SharedHot,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Sequential => Mode::Sequential,
+            ModeArg::Random => Mode::Random,
+            ModeArg::SharedHot => Mode::SharedHot,
+        }
+    }
+}
 
 /// Options for `vmm --guest NAME` (flattened into the main command line).
 #[derive(Args, Debug, Clone, Default)]
 pub struct GuestArgs {
-    /// Run a built-in test guest instead of a kernel (stress, touch, dirty).
+    /// Run a built-in test guest instead of a kernel: stress, touch or dirty.
     #[arg(long, value_name = "NAME")]
     pub guest: Option<String>,
+    /// How the stress guest walks its slice.
+    #[arg(long, value_enum, default_value_t = ModeArg::Sequential)]
+    pub mode: ModeArg,
+    /// Write/verify generations (stress, default 2) or write generations (dirty, default
+    /// 8; 0 = until stopped).
+    #[arg(long, value_name = "N")]
+    pub generations: Option<u64>,
+    /// Random page writes per generation of the dirty guest (default: a quarter of its
+    /// slice's pages).
+    #[arg(long, value_name = "N")]
+    pub writes_per_gen: Option<u64>,
+    /// Seed of the guests' pseudo-random page choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The VMM may drop guest ranges while the guest runs: a stress guest re-initialises a
+    /// page it finds zeroed by a reclaim instead of failing.
+    #[arg(long)]
+    pub expect_reclaim: bool,
+    /// Drop this many 1 GiB ranges of slice memory (round robin, one every 100 ms) while
+    /// the guest runs; implies --expect-reclaim.
+    #[arg(long, value_name = "COUNT")]
+    pub reclaim_storm: Option<u64>,
+    /// Let KVM populate guest RAM by itself instead of the userfaultfd + stage2 pager.
+    #[arg(long)]
+    pub no_demand_paging: bool,
+    /// Fail the guest if it has not finished after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub guest_timeout: Option<u64>,
+    /// Write the run's figures (per-vCPU results, reclaims, timings) as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub stats_json: Option<PathBuf>,
 }
 
-/// Runs the named built-in guest. Not built yet.
-pub fn run(_args: &GuestArgs, _mem_bytes: u64, _cpus: u8) -> anyhow::Result<i32> {
-    anyhow::bail!("built-in guests are not built yet")
+/// Runs the named built-in guest on `--hugepages auto` backing.
+pub fn run(args: &GuestArgs, mem_bytes: u64, cpus: u8) -> anyhow::Result<i32> {
+    run_on(args, mem_bytes, cpus, BackingKind::Auto)
+}
+
+/// What the run needs, resolved from the options.
+struct Plan {
+    kind: GuestKind,
+    mode: Mode,
+    params: Box<Params>,
+}
+
+fn plan(args: &GuestArgs, mem_bytes: u64, cpus: u8) -> anyhow::Result<Plan> {
+    let name = args.guest.as_deref().unwrap_or_default();
+    let Some(kind) = GuestKind::from_name(name) else {
+        let valid: Vec<&str> = GuestKind::ALL.iter().map(|k| k.name()).collect();
+        bail!(
+            "unknown guest '{name}': choose one of {} (--guest NAME)",
+            valid.join(", ")
+        );
+    };
+    let mode: Mode = args.mode.into();
+    if mode != Mode::Sequential && kind != GuestKind::Stress {
+        bail!(
+            "--mode {} is for the stress guest; {} walks its slice its own way: drop --mode",
+            mode.name(),
+            kind.name()
+        );
+    }
+    let regions = memory::layout(mem_bytes);
+    let slices = layout::plan_slices(kind, mode, cpus, &regions)?;
+    let generations = match kind {
+        GuestKind::Stress => args.generations.unwrap_or(DEFAULT_STRESS_GENERATIONS),
+        GuestKind::Dirty => args.generations.unwrap_or(DEFAULT_DIRTY_GENERATIONS),
+        GuestKind::Touch => 1,
+    };
+    if kind == GuestKind::Stress && !(1..1 << 24).contains(&generations) {
+        bail!("--generations {generations}: the stress guest runs 1 to 16777215 generations");
+    }
+    let pages = slices[0].len / PAGE_SIZE;
+    let writes_per_gen = args
+        .writes_per_gen
+        .unwrap_or((pages / DEFAULT_DIRTY_WRITES_DIVISOR).max(1));
+    if writes_per_gen == 0 {
+        bail!("--writes-per-gen 0: give at least 1");
+    }
+    let mut params = Params::new(kind, mode, u32::from(cpus));
+    params.generations = generations;
+    params.seed = args.seed;
+    params.writes_per_gen = writes_per_gen;
+    if args.expect_reclaim || args.reclaim_storm.is_some() {
+        params.flags |= FLAG_EXPECT_RECLAIM;
+    }
+    for (block, s) in params.vcpus.iter_mut().zip(&slices) {
+        block.slice_base = s.base;
+        block.slice_len = s.len;
+    }
+    Ok(Plan { kind, mode, params })
+}
+
+fn load(mem: &GuestMemoryMmap, plan: &Plan) -> anyhow::Result<u64> {
+    let payload = payload_of(plan.kind);
+    if payload.code.len() as u64 > CODE_MAX {
+        bail!(
+            "the {} payload is {} bytes, more than the {CODE_MAX} reserved for it",
+            plan.kind.name(),
+            payload.code.len()
+        );
+    }
+    mem.write_slice(payload.code, GuestAddress(CODE_GPA))
+        .context("writing the guest code")?;
+    mem.write_slice(plan.params.as_bytes(), GuestAddress(PARAMS_GPA))
+        .context("writing the parameter block")?;
+    Ok(CODE_GPA + payload.entry_offset as u64)
+}
+
+/// Sets the U/S bit in every present entry of the identity page tables that
+/// `long_mode::setup` wrote for `identity_bytes` at `PML4_GPA`, so ring 3 may use them.
+fn make_tables_user(mem: &GuestMemoryMmap, identity_bytes: u64) -> anyhow::Result<()> {
+    let len = long_mode::page_table_bytes(identity_bytes) as usize;
+    let mut bytes = vec![0u8; len];
+    mem.read_slice(&mut bytes, GuestAddress(PML4_GPA))
+        .context("reading the identity page tables")?;
+    for entry in bytes.chunks_exact_mut(8) {
+        let mut e = u64::from_le_bytes(entry.try_into().unwrap());
+        if e & PTE_PRESENT != 0 {
+            e |= PTE_USER;
+            entry.copy_from_slice(&e.to_le_bytes());
+        }
+    }
+    mem.write_slice(&bytes, GuestAddress(PML4_GPA))
+        .context("writing the identity page tables")?;
+    Ok(())
+}
+
+/// Moves a vCPU that `long_mode::setup` put at CPL 0 to CPL 3 with IOPL 3.
+///
+/// This machine's software KVM interprets guest ring-0 code (about 1 µs per
+/// instruction) but runs ring-3 code natively, so the test guests, which need no
+/// privileged instruction, run in ring 3; IOPL 3 lets them use the test port. The
+/// segment caches are set directly (KVM_SET_SREGS); the guests never reload a segment.
+fn enter_ring3(fd: &kvm_ioctls::VcpuFd, id: u8) -> anyhow::Result<()> {
+    let mut sregs = fd
+        .get_sregs()
+        .with_context(|| format!("vCPU {id}: KVM_GET_SREGS"))?;
+    for seg in [
+        &mut sregs.cs,
+        &mut sregs.ss,
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+    ] {
+        seg.dpl = PL_USER;
+        seg.selector |= u16::from(PL_USER);
+    }
+    fd.set_sregs(&sregs)
+        .with_context(|| format!("vCPU {id}: KVM_SET_SREGS"))?;
+    let mut regs = fd
+        .get_regs()
+        .with_context(|| format!("vCPU {id}: KVM_GET_REGS"))?;
+    regs.rflags |= RFLAGS_IOPL_3;
+    fd.set_regs(&regs)
+        .with_context(|| format!("vCPU {id}: KVM_SET_REGS"))?;
+    Ok(())
+}
+
+fn read_block(mem: &GuestMemoryMmap, vcpu: usize) -> anyhow::Result<VcpuBlock> {
+    let mut bytes = [0u8; core::mem::size_of::<VcpuBlock>()];
+    mem.read_slice(
+        &mut bytes,
+        GuestAddress(Params::vcpu_block_gpa(PARAMS_GPA, vcpu)),
+    )
+    .context("reading a vCPU block")?;
+    Ok(guest_tests::params::vcpu_block_from_bytes(&bytes))
+}
+
+/// Replays every `dirty` vCPU's writes against guest memory; failures go into `report`.
+fn verify_dirty(mem: &GuestMemoryMmap, params: &Params, report: &mut Report) -> anyhow::Result<()> {
+    for vcpu in 0..params.nr_vcpus as usize {
+        let block = read_block(mem, vcpu)?;
+        let read = |gpa: u64| mem.read_obj::<u64>(GuestAddress(gpa)).unwrap_or(u64::MAX);
+        match guest_tests::dirty::verify_dirty(
+            params.seed,
+            vcpu as u64,
+            &block,
+            params.writes_per_gen,
+            read,
+        ) {
+            Ok(s) => info!(
+                "vcpu{vcpu}: dirty replay of {} writes matches all {} pages ({} written)",
+                s.writes, s.pages, s.written_pages
+            ),
+            Err(m) => report.fail(vcpu, format!("dirty replay: {m}"), Instant::now()),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the named built-in guest on `mem_bytes` of RAM with `backing`, on `cpus` vCPUs.
+/// Returns the process exit code: 0 when every vCPU passed, 1 otherwise.
+pub fn run_on(
+    args: &GuestArgs,
+    mem_bytes: u64,
+    cpus: u8,
+    backing: BackingKind,
+) -> anyhow::Result<i32> {
+    let plan = plan(args, mem_bytes, cpus)?;
+    let ram = GuestRam::new(mem_bytes, backing)?;
+    let vm = Vm::new(&ram, cpus)?;
+    let mem = ram.memory().clone();
+    let entry = load(&mem, &plan)?;
+
+    let mut vcpus = Vec::with_capacity(cpus.into());
+    for id in 0..cpus {
+        let fd = vm.create_vcpu(id)?;
+        configure_vcpu(&vm, &fd, id)?;
+        long_mode::setup(
+            &mem,
+            &fd,
+            LongModeConfig {
+                pml4_gpa: PML4_GPA,
+                identity_map_bytes: ram.end_gpa(),
+                gdt_gpa: GDT_GPA,
+                entry,
+                rsp: layout::stack_top(id),
+                rsi: PARAMS_GPA,
+                rdi: id.into(),
+            },
+        )?;
+        enter_ring3(&fd, id)?;
+        vcpus.push(fd);
+    }
+    make_tables_user(&mem, ram.end_gpa())?;
+
+    let regions: Vec<(u64, u64)> = ram.regions().map(|r| (r.gpa, r.len)).collect();
+    let drop_ram = ram
+        .regions()
+        .map(|r| (r.gpa, r.len, r.host_addr))
+        .collect::<Vec<_>>();
+    let reclaimer = Arc::new(Reclaimer::new(
+        mem.clone(),
+        Params::reclaim_seq_gpa(PARAMS_GPA),
+        regions.clone(),
+        ram.page_size(),
+        Box::new(move |gpa, len| {
+            let (r, _, host) = drop_ram
+                .iter()
+                .find(|(r, l, _)| gpa >= *r && gpa + len <= r + l)
+                .context("range outside RAM")?;
+            reclaim::madvise_dontneed(host + (gpa - r), len)
+        }),
+    ));
+
+    let report = Arc::new(Mutex::new(Report::new(cpus.into())));
+    let exit = ExitRequest::new().context("creating the exit event")?;
+    let mut bus = PioBus::new();
+    bus.register(
+        TEST_PORT_RANGE,
+        Arc::new(TestPort::new(
+            mem.clone(),
+            PARAMS_GPA,
+            report.clone(),
+            exit.clone(),
+        )),
+    )?;
+
+    println!(
+        "guest {} on {cpus} vCPU(s), {} of RAM on {}, {}{}",
+        plan.kind.name(),
+        human(mem_bytes),
+        ram.backing(),
+        match plan.kind {
+            GuestKind::Stress => format!(
+                "mode {}, {} generation(s), slice {} per vCPU",
+                plan.mode.name(),
+                plan.params.generations,
+                human(plan.params.vcpus[0].slice_len)
+            ),
+            GuestKind::Touch => format!("slice {} per vCPU", human(plan.params.vcpus[0].slice_len)),
+            GuestKind::Dirty => format!(
+                "{} generation(s) of {} writes, slice {} per vCPU",
+                plan.params.generations,
+                plan.params.writes_per_gen,
+                human(plan.params.vcpus[0].slice_len)
+            ),
+        },
+        if plan.params.flags & FLAG_EXPECT_RECLAIM != 0 {
+            ", expecting reclaims"
+        } else {
+            ""
+        }
+    );
+
+    let started = Instant::now();
+    let mut control = VmControl::start(vcpus, Arc::new(bus), mem.clone(), exit.clone())?;
+    let mut storm = match args.reclaim_storm {
+        Some(count) => Some(Storm::start(
+            reclaimer.clone(),
+            layout::reclaim_ranges(&regions),
+            count,
+            STORM_INTERVAL,
+        )?),
+        None => None,
+    };
+
+    let code = match args.guest_timeout {
+        Some(secs) => match exit.wait_timeout(Duration::from_secs(secs)) {
+            Some(code) => code,
+            None => {
+                let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+                for v in 0..usize::from(cpus) {
+                    if !matches!(
+                        r.vcpus()[v].state,
+                        guest_tests::report::VcpuState::Passed
+                            | guest_tests::report::VcpuState::Failed
+                    ) {
+                        r.fail(
+                            v,
+                            format!("not finished after {secs} s (--guest-timeout)"),
+                            Instant::now(),
+                        );
+                    }
+                }
+                EXIT_FAIL
+            }
+        },
+        None => exit.wait(),
+    };
+    let elapsed = started.elapsed();
+    let storm_reclaims = storm.as_mut().map(|s| s.stop()).unwrap_or(0);
+    control.stop_all();
+
+    let mut report = report.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if code != EXIT_PASS && !report.any_failed() {
+        // A vCPU fault stopped the VM (the vCPU thread logged registers and bytes).
+        for v in 0..usize::from(cpus) {
+            if report.vcpus()[v].state != guest_tests::report::VcpuState::Passed {
+                report.fail(
+                    v,
+                    format!("VM stopped with code {code} before this vCPU finished"),
+                    Instant::now(),
+                );
+            }
+        }
+    }
+    if plan.kind == GuestKind::Dirty && report.passed() {
+        verify_dirty(&mem, &plan.params, &mut report)?;
+    }
+
+    println!("{report}");
+    let (reclaims, reclaimed) = reclaimer.totals();
+    println!(
+        "time {:.3} s; {} pages verified/touched; reclaims {reclaims} ({}), {storm_reclaims} by the storm; pages re-initialised by the guest {}",
+        elapsed.as_secs_f64(),
+        report.total_pages(),
+        human_bytes(reclaimed),
+        report.total_reinit()
+    );
+    if let Some(path) = &args.stats_json {
+        write_stats_json(path, &plan, &report, elapsed, reclaims, reclaimed)?;
+    }
+    drop(control);
+    drop(vm);
+    drop(ram);
+    Ok(if report.passed() {
+        EXIT_PASS
+    } else {
+        EXIT_FAIL
+    })
+}
+
+fn human_bytes(b: u64) -> String {
+    if b == 0 {
+        "0 bytes".into()
+    } else {
+        human(b)
+    }
+}
+
+fn write_stats_json(
+    path: &std::path::Path,
+    plan: &Plan,
+    report: &Report,
+    elapsed: Duration,
+    reclaims: u64,
+    reclaimed: u64,
+) -> anyhow::Result<()> {
+    let vcpus: Vec<serde_json::Value> = report
+        .vcpus()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            serde_json::json!({
+                "vcpu": i,
+                "passed": r.state == guest_tests::report::VcpuState::Passed,
+                "generation": r.generation,
+                "pages": r.pages,
+                "writes": r.writes,
+                "reinit": r.reinit,
+                "cycles": r.cycles,
+                "seconds": r.started.zip(r.finished).map(|(s, f)| (f - s).as_secs_f64()),
+                "failure": r.failure,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "guest": plan.kind.name(),
+        "mode": plan.mode.name(),
+        "passed": report.passed(),
+        "seconds": elapsed.as_secs_f64(),
+        "slice_bytes": plan.params.vcpus[0].slice_len,
+        "reclaims": reclaims,
+        "reclaimed_bytes": reclaimed,
+        "vcpus": vcpus,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing --stats-json {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(guest: &str) -> GuestArgs {
+        GuestArgs {
+            guest: Some(guest.into()),
+            seed: 1,
+            ..GuestArgs::default()
+        }
+    }
+
+    #[test]
+    fn unknown_guest_lists_the_valid_ones() {
+        let e = plan(&args("linux"), 1 << 30, 1).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            "unknown guest 'linux': choose one of stress, touch, dirty (--guest NAME)"
+        );
+    }
+
+    #[test]
+    fn too_little_memory_says_the_minimum() {
+        let e = plan(&args("stress"), 8 << 20, 4).err().unwrap().to_string();
+        assert!(e.contains("at least 12M"), "{e}");
+    }
+
+    #[test]
+    fn plan_fills_the_parameter_block() {
+        let mut a = args("dirty");
+        a.reclaim_storm = Some(3);
+        let p = plan(&a, 64 << 20, 2).unwrap();
+        assert_eq!(p.kind, GuestKind::Dirty);
+        assert_eq!(p.params.generations, DEFAULT_DIRTY_GENERATIONS);
+        assert_eq!(p.params.flags & FLAG_EXPECT_RECLAIM, FLAG_EXPECT_RECLAIM);
+        assert_eq!(p.params.vcpus[0].slice_len, 30 << 20);
+        assert_eq!(p.params.writes_per_gen, (30 << 20) / PAGE_SIZE / 4);
+        assert_eq!(p.params.vcpus[1].slice_base, (4 << 20) + (30 << 20));
+        assert_eq!(p.params.vcpus[2].slice_len, 0);
+    }
+
+    #[test]
+    fn mode_is_only_for_stress() {
+        let mut a = args("touch");
+        a.mode = ModeArg::Random;
+        let e = plan(&a, 64 << 20, 1).err().unwrap().to_string();
+        assert!(e.contains("for the stress guest"), "{e}");
+    }
 }
