@@ -128,7 +128,7 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         if !self.try_lock_empty(slot) {
             return None;
         }
-        if self.invalidate_retry(w.seq, base, base + lsize) {
+        if self.invalidate_retry_after_write(w.seq, base, base + lsize) {
             self.unlock_empty(slot);
             return Some(Outcome::Retry);
         }
@@ -172,7 +172,7 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         {
             return None;
         }
-        if self.invalidate_retry(w.seq, base, base + lsize) {
+        if self.invalidate_retry_after_write(w.seq, base, base + lsize) {
             // Only possible if the entry was zapped and refaulted between our read and our CAS
             // (ABA): drop what we published.
             self.undo(slot, new, level, base);
@@ -198,7 +198,7 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         if !self.try_break(slot, old, level, base) {
             return None;
         }
-        if level < w.size.level() || self.invalidate_retry(w.seq, base, base + lsize) {
+        if level < w.size.level() || self.invalidate_retry_after_write(w.seq, base, base + lsize) {
             self.unlock_empty(slot);
             return Some(Outcome::Retry);
         }

@@ -52,6 +52,7 @@ impl InvState {
     /// Bump the sequence (an invalidation ended, or dirty logging changed the rules).
     pub(crate) fn bump(&self) {
         self.seq.fetch_add(1, Ordering::SeqCst);
+        sync::handshake_fence();
     }
 }
 
@@ -169,6 +170,15 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         self.inv.seq.load(Ordering::SeqCst) != seq
     }
 
+    /// [`Stage2::invalidate_retry`] after this thread wrote the entry it is about to publish (or
+    /// published): the write must be ordered before the reads of the invalidation state, as the
+    /// invalidation's registration is before its reads of the entries.
+    #[inline]
+    pub(crate) fn invalidate_retry_after_write(&self, seq: u64, start: u64, end: u64) -> bool {
+        sync::handshake_fence();
+        self.invalidate_retry(seq, start, end)
+    }
+
     /// Begin invalidating `range` (rounded out to 4 KiB): faults over it answer `Retry` until
     /// [`Stage2::invalidate_range_end`]; every leaf in it is zapped before this returns (and the TLB
     /// flushed). Returns the number of leaves zapped. Blocks that straddle the range are zapped
@@ -178,6 +188,8 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         let r = page_range(&range);
         self.inv.ranges().push(r.clone());
         self.inv.in_progress.fetch_add(1, Ordering::SeqCst);
+        // Our registration must be ordered before the zap's reads of the entries.
+        sync::handshake_fence();
         self.stats.inc(C::Invalidations);
         self.zap_range(r.start, r.end)
     }

@@ -214,3 +214,80 @@ impl<F: Format, T: Tlb> std::fmt::Debug for Stage2<F, T> {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{engine, Ram};
+
+    #[test]
+    fn stats_display_is_an_aligned_table() {
+        let s2 = engine(Ept, NoopTlb);
+        s2.map_range(0, 0x2000, 0x10_0000, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        let text = s2.stats().to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("counter"));
+        assert!(text.contains("installs 4K"));
+        let mapped = lines
+            .iter()
+            .find(|l| l.starts_with("mapped 4K pages"))
+            .unwrap();
+        assert!(mapped.ends_with(" 2"), "{mapped}");
+        let widths: Vec<usize> = lines.iter().map(|l| l.len()).collect();
+        assert!(widths.iter().all(|&w| w == widths[0]), "{widths:?}");
+    }
+
+    #[test]
+    fn global_lock_engine_behaves_the_same() {
+        let s2 = Stage2::new(
+            Ept,
+            NoopTlb,
+            Config {
+                global_lock: true,
+                ..Config::default()
+            },
+        );
+        let ram = Ram::new(PageSize::Size2M, Perms::RW);
+        let f = Fault {
+            gpa: 0x20_0000,
+            access: Access::Read,
+            vcpu: 0,
+        };
+        assert!(matches!(
+            s2.handle_fault(f, &ram, s2.invalidate_seq()),
+            Outcome::Installed { .. }
+        ));
+        let w = Fault {
+            access: Access::Write,
+            ..f
+        };
+        assert!(matches!(
+            s2.handle_fault(w, &ram, s2.invalidate_seq()),
+            Outcome::Relaxed { .. }
+        ));
+        s2.dirty().enable(SplitPolicy::Eager);
+        s2.handle_fault(w, &ram, s2.invalidate_seq());
+        assert_eq!(s2.dirty().harvest(0..1 << 30).count(), 1);
+        s2.dirty().disable();
+        s2.handle_fault(w, &ram, s2.invalidate_seq());
+        s2.map_range(0x40_0000, 0x1000, 0, Perms::R, PageSize::Size4K)
+            .unwrap();
+        assert_eq!(s2.collapse(0..1 << 30), 0);
+        assert_eq!(s2.split(0..1 << 30, PageSize::Size4K), 0);
+        drop(s2.invalidate(0..1 << 30));
+        assert_eq!(s2.stats().mapped_bytes(), 0);
+    }
+
+    #[test]
+    fn drop_returns_every_table_page() {
+        let s2 = engine(Arm64::default(), NoopTlb);
+        s2.map_range(0, 1 << 30, 0, Perms::RW, PageSize::Size2M)
+            .unwrap();
+        s2.split(0..1 << 22, PageSize::Size4K);
+        assert_eq!(s2.collapse(0..1 << 30), 3);
+        let st = s2.stats();
+        assert_eq!(st.tables_live, s2.count_reachable_tables());
+        assert!(st.tables_allocated >= st.tables_live + st.tables_pending_free);
+    }
+}

@@ -6,12 +6,12 @@
 //! they are not part of the protocol and modelling them would only blow up the state space.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
 pub(crate) use loom::sync::{Mutex, MutexGuard};
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
 
@@ -42,4 +42,12 @@ pub(crate) fn load_exclusive(a: &mut AtomicU64) -> u64 {
     {
         *a.get_mut()
     }
+}
+
+/// The full fence of the invalidation handshake (a store-buffering pattern): between a thread's
+/// write of one location and its read of the other. Written as an explicit `SeqCst` fence rather
+/// than relying on `SeqCst` accesses alone, which is also what loom models exactly.
+#[inline]
+pub(crate) fn handshake_fence() {
+    fence(Ordering::SeqCst);
 }
