@@ -12,6 +12,18 @@ use stage2::{
     Access, Backing, Config, Ept, Fault, NoopTlb, Outcome, PageSize, Perms, Resolved, Stage2,
 };
 
+/// CPU time the calling thread has used so far (unaffected by time spent preempted).
+pub fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always supported on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// One GiB.
 pub const GIB: u64 = 1 << 30;
 /// 4 KiB pages in 1 GiB.
@@ -55,6 +67,16 @@ pub fn engine(global_lock: bool, nr_vcpus: usize) -> Engine {
 /// `std::sync::Mutex` held by the bench itself (a baseline independent of the engine's own mode).
 /// Returns the wall time from the start barrier to the last thread's end.
 pub fn fault_in_4k(s2: &Engine, pages: u64, threads: usize, outer_mutex: bool) -> Duration {
+    fault_in_4k_cpu(s2, pages, threads, outer_mutex).0
+}
+
+/// As [`fault_in_4k`], also returning the CPU time all threads used (the sum).
+pub fn fault_in_4k_cpu(
+    s2: &Engine,
+    pages: u64,
+    threads: usize,
+    outer_mutex: bool,
+) -> (Duration, Duration) {
     let backing = Linear {
         max_size: PageSize::Size4K,
     };
@@ -67,6 +89,7 @@ pub fn fault_in_4k(s2: &Engine, pages: u64, threads: usize, outer_mutex: bool) -
                 let (backing, lock, start) = (&backing, &lock, &start);
                 s.spawn(move || {
                     start.wait();
+                    let cpu0 = thread_cpu();
                     let mut chunk = t as u64;
                     while chunk < chunks {
                         for i in chunk * 512..((chunk + 1) * 512).min(pages) {
@@ -87,15 +110,17 @@ pub fn fault_in_4k(s2: &Engine, pages: u64, threads: usize, outer_mutex: bool) -
                         }
                         chunk += threads as u64;
                     }
+                    thread_cpu() - cpu0
                 })
             })
             .collect();
         start.wait();
         let t0 = Instant::now();
-        for h in handles {
-            h.join().expect("fault thread panicked");
-        }
-        t0.elapsed()
+        let cpu: Duration = handles
+            .into_iter()
+            .map(|h| h.join().expect("fault thread panicked"))
+            .sum();
+        (t0.elapsed(), cpu)
     })
 }
 
@@ -160,6 +185,29 @@ pub fn median<S>(
         .collect();
     times.sort();
     times[times.len() / 2]
+}
+
+/// Smallest of `runs` measurements of `f` (each a pair of durations, ordered by the first), each on
+/// fresh state made by `setup`: on a busy host, interference only ever adds time.
+pub fn best<S>(
+    runs: usize,
+    mut setup: impl FnMut() -> S,
+    mut f: impl FnMut(&S) -> (Duration, Duration),
+) -> (Duration, Duration) {
+    (0..runs)
+        .map(|_| {
+            let state = setup();
+            f(&state)
+        })
+        .min()
+        .expect("at least one run")
+}
+
+/// Wall and CPU time of one call of `f` on this thread.
+pub fn timed_cpu(f: impl FnOnce()) -> (Duration, Duration) {
+    let (t0, c0) = (Instant::now(), thread_cpu());
+    f();
+    (t0.elapsed(), thread_cpu() - c0)
 }
 
 /// Time one call of `f`.
