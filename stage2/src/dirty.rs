@@ -293,8 +293,9 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         self.fmt.with_dirty_wp(self.fmt.with_perms(old, p), true)
     }
 
-    /// Clear `mask` bits of the words covering `range` and return what was set (get + clear).
-    fn take_bits(&self, r: &Range<u64>, clear: Option<&Bitmap>) -> Bitmap {
+    /// The bits of `range` (only those also set in `sel`, if given); with `take`, clear them too
+    /// (get + clear, one atomic per word).
+    fn read_bits(&self, r: &Range<u64>, sel: Option<&Bitmap>, take: bool) -> Bitmap {
         let mut out = Bitmap::new(r.clone());
         let mut gpa = r.start;
         while gpa < r.end {
@@ -311,7 +312,7 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
             } else {
                 ((1u64 << n) - 1) << first
             };
-            if let Some(sel) = clear {
+            if let Some(sel) = sel {
                 let mut m = 0;
                 for b in 0..n {
                     if sel.is_set(gpa + (b << 12)) {
@@ -322,8 +323,10 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
             }
             let bits = if mask == 0 {
                 0
-            } else {
+            } else if take {
                 w.fetch_and(!mask, Ordering::SeqCst) & mask
+            } else {
+                w.load(Ordering::SeqCst) & mask
             };
             for b in BitIter(bits) {
                 out.set(gpa + ((b as u64 - first) << 12));
@@ -366,21 +369,7 @@ impl<F: Format, T: Tlb> DirtyLog<'_, F, T> {
 
     /// The dirty pages of `range`, without clearing them.
     pub fn get_dirty_log(&self, range: Range<u64>) -> Bitmap {
-        let r = page_range(&range);
-        let mut out = Bitmap::new(r.clone());
-        let mut gpa = r.start;
-        while gpa < r.end {
-            match self.s2.dirty.word(gpa, false) {
-                Some((w, bit)) if w.load(Ordering::SeqCst) & bit != 0 => out.set(gpa),
-                Some(_) => {}
-                None => {
-                    gpa = (((gpa >> CHUNK_SHIFT) + 1) << CHUNK_SHIFT).max(gpa + 4096);
-                    continue;
-                }
-            }
-            gpa += 4096;
-        }
-        out
+        self.s2.read_bits(&page_range(&range), None, false)
     }
 
     /// Clear the pages set in `bitmap` within `range` and write-protect exactly those pages (bit
@@ -388,7 +377,7 @@ impl<F: Format, T: Tlb> DirtyLog<'_, F, T> {
     pub fn clear_dirty_log(&self, range: Range<u64>, bitmap: &Bitmap) -> u64 {
         let _g = self.s2.global_guard();
         let r = page_range(&range);
-        let cleared = self.s2.take_bits(&r, Some(bitmap));
+        let cleared = self.s2.read_bits(&r, Some(bitmap), true);
         self.protect(&r, &cleared);
         cleared.count()
     }
@@ -398,18 +387,25 @@ impl<F: Format, T: Tlb> DirtyLog<'_, F, T> {
     pub fn harvest(&self, range: Range<u64>) -> Bitmap {
         let _g = self.s2.global_guard();
         let r = page_range(&range);
-        let taken = self.s2.take_bits(&r, None);
+        let taken = self.s2.read_bits(&r, None, true);
         self.protect(&r, &taken);
         taken
     }
 
     fn protect(&self, r: &Range<u64>, pages: &Bitmap) {
-        if pages.count() == 0 {
+        let n = pages.count();
+        if n == 0 {
             return;
         }
         let g = self.s2.reclaim.pin();
-        for gpa in pages.iter() {
-            self.s2.write_protect_page(gpa, &g);
+        if n * 16 >= pages.pages() {
+            // Dense: one walk over the range beats a descent per page.
+            self.s2
+                .walk(r.start, r.end, &mut ProtectPages { pages }, &g);
+        } else {
+            for gpa in pages.iter() {
+                self.s2.write_protect_page(gpa, &g);
+            }
         }
         drop(g);
         self.s2.flush_range(r.start, r.end);
@@ -454,6 +450,47 @@ impl<F: Format, T: Tlb> DirtyLog<'_, F, T> {
     /// those pages: fall back to `harvest`).
     pub fn ring_overflowed(&self, vcpu: usize) -> bool {
         self.s2.dirty.ring(vcpu).is_some_and(|r| r.overflowed)
+    }
+}
+
+/// Write-protect the leaves holding pages set in `pages` (markers and empty entries are left
+/// alone, as in `write_protect_page`).
+struct ProtectPages<'b> {
+    pages: &'b Bitmap,
+}
+
+impl<F: Format, T: Tlb> Visitor<F, T> for ProtectPages<'_> {
+    const FLAGS: u8 = flags::LEAF;
+
+    fn visit(&mut self, s2: &Stage2<F, T>, _g: &Guard, _k: Visit, ctx: &mut Ctx<'_>) -> Step {
+        if !s2.fmt.is_leaf(ctx.old, ctx.level) {
+            return Step::Continue;
+        }
+        let first = ctx.addr.max(ctx.start);
+        let last = (ctx.addr + ctx.size()).min(ctx.end);
+        if !(first..last).step_by(4096).any(|p| self.pages.is_set(p)) {
+            return Step::Continue;
+        }
+        let mut old = ctx.old;
+        while s2.fmt.is_leaf(old, ctx.level) && s2.fmt.leaf_perms(old).contains(Perms::W) {
+            match ctx.slot.compare_exchange(
+                old,
+                s2.wp_value(old),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    s2.stats.inc(C::WriteProtected);
+                    break;
+                }
+                Err(now) => old = now,
+            }
+        }
+        if s2.fmt.is_table(old, ctx.level) {
+            // Split under us: descend into the new table.
+            ctx.old = old;
+        }
+        Step::Continue
     }
 }
 
@@ -651,5 +688,29 @@ mod tests {
         let h = s2.dirty().harvest(0x3fff_e000..0x4004_2000);
         assert_eq!(h.iter().collect::<Vec<_>>(), pages.to_vec());
         assert_eq!(s2.dirty().harvest(0..1 << 34).count(), 0);
+    }
+
+    #[test]
+    fn dense_harvest_protects_every_dirty_page_in_one_walk() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size2M, Perms::RW);
+        s2.dirty().enable(SplitPolicy::Eager);
+        for i in 0..512u64 {
+            if i != 7 {
+                s2.handle_fault(wfault(0x20_0000 + i * 4096, 0), &ram, s2.invalidate_seq());
+            }
+        }
+        let reads = s2.stats().entries_read;
+        let h = s2.dirty().harvest(0x20_0000..0x40_0000);
+        assert_eq!(h.count(), 511);
+        assert!(!h.is_set(0x20_7000));
+        // One walk: root, 1G, 2M entries and 512 leaves.
+        assert_eq!(s2.stats().entries_read - reads, 3 + 512);
+        for i in 0..512u64 {
+            let gpa = 0x20_0000 + i * 4096;
+            assert!(s2.translate(gpa, Access::Write).is_err());
+            assert_eq!(s2.translate(gpa, Access::Read).is_ok(), i != 7);
+        }
+        assert_eq!(s2.dirty().harvest(0x20_0000..0x40_0000).count(), 0);
     }
 }
