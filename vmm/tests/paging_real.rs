@@ -562,3 +562,125 @@ fn bad_configuration_is_refused() {
     let e = Pager::start_with_regions(&[odd], PageSize::Size2M, cfg(1, 1)).unwrap_err();
     assert!(e.to_string().contains("not aligned"), "{e}");
 }
+
+#[test]
+fn hugetlb_1g_fault_fills_the_whole_gigabyte_and_installs_one_block() {
+    /// `MAP_HUGE_1GB`: log2(1 GiB) at `MAP_HUGE_SHIFT` (include/uapi/asm-generic/hugetlb_encode.h).
+    const MAP_HUGE_1GB: i32 = 30 << 26;
+    // SAFETY: a fresh 1 GiB hugetlb mapping at a kernel-chosen address.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            GIB as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | MAP_HUGE_1GB,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        eprintln!(
+            "skipping: no free 1 GiB huge page ({}); reserve one in /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let ram = Arc::new(Ram {
+        addr: p as u64,
+        len: GIB,
+    });
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size1G, cfg(1, 1)).unwrap();
+    let r = ram.clone();
+    let seen = thread::spawn(move || {
+        let first = r.read(0x1234_5000);
+        r.write(GIB - 8, 9);
+        (first, r.read(0), r.read(GIB - 8))
+    })
+    .join()
+    .unwrap();
+    assert_eq!(seen, (0, 0, 9));
+    let st = pager.stats();
+    assert_eq!(st.events_missing, 1, "one fault for the whole gigabyte");
+    assert_eq!(st.stage2.installs_1g, 1);
+    assert_eq!(st.populated_1g, GIB);
+    let t = pager
+        .stage2()
+        .translate(0x3000_0000, Access::Write)
+        .unwrap();
+    assert_eq!(t.size, PageSize::Size1G);
+    // Reclaim of the whole gigabyte drops the block; the next touch refaults it.
+    let rep = pager.reclaim(0, GIB).unwrap();
+    assert_eq!(rep.zapped, 1);
+    let r = ram.clone();
+    assert_eq!(thread::spawn(move || r.read(GIB - 8)).join().unwrap(), 0);
+    assert_eq!(pager.stats().stage2.installs_1g, 2);
+    pager.stop();
+}
+
+#[test]
+fn external_drop_storm_during_touches_never_hangs_and_reads_zero_or_the_write() {
+    // Someone else (not the pager) drops pages with madvise while threads write and re-read
+    // them: every REMOVE is bracketed by a handler, removes and faults for the same pages
+    // arrive in any order, and every access completes with the written value or a zero page.
+    let len = 16 << 20;
+    let Some(ram) = Ram::new(len, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 4)).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hs = Vec::new();
+    for t in 0..2u64 {
+        let (ram, stop) = (ram.clone(), stop.clone());
+        hs.push(thread::spawn(move || {
+            let mut seed = 1000 + t;
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let a = (xorshift(&mut seed) % (len / PAGE)) * PAGE + t * 8;
+                ram.write(a, a | 1);
+                let v = ram.read(a);
+                assert!(v == a | 1 || v == 0, "page {a:#x} read {v:#x}");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let dropper = {
+        let (ram, stop) = (ram.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut seed = 99;
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let a = (xorshift(&mut seed) % (len / PAGE / 8)) * PAGE * 8;
+                // SAFETY: drops 8 pages of the test's own mapping.
+                let r = unsafe {
+                    libc::madvise(
+                        (ram.addr + a) as *mut libc::c_void,
+                        (8 * PAGE) as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                assert_eq!(r, 0);
+                n += 1;
+                // A drop in flight makes every fill fail with EAGAIN (the kernel's
+                // mmap_changing); back-to-back drops would starve the touchers.
+                thread::sleep(std::time::Duration::from_micros(20));
+            }
+            n
+        })
+    };
+    thread::sleep(std::time::Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let touches: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+    let drops = dropper.join().unwrap();
+    let st = pager.stats();
+    println!("{touches} touches, {drops} external drops\n{st}");
+    assert!(touches > 0 && drops > 0);
+    assert_eq!(st.events_remove, drops, "one REMOVE per madvise");
+    assert_eq!(
+        st.external_invalidations, drops,
+        "each bracketed by a handler"
+    );
+    assert_eq!(st.own_removes, 0);
+    pager.stop();
+}
