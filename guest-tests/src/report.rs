@@ -190,6 +190,17 @@ impl Report {
         }
     }
 
+    /// Marks every vCPU that has not passed or failed yet as failed for `why` (the run
+    /// ended without its final report).
+    pub fn fail_unfinished(&mut self, why: &str) {
+        let now = Instant::now();
+        for r in &mut self.vcpus {
+            if !matches!(r.state, VcpuState::Passed | VcpuState::Failed) {
+                r.fail(now, why.to_string());
+            }
+        }
+    }
+
     /// Per-vCPU results, indexed by vCPU id.
     pub fn vcpus(&self) -> &[VcpuResult] {
         &self.vcpus
@@ -347,5 +358,13 @@ mod tests {
         assert!(!r.any_failed());
         r.fail(1, "KVM internal error".into(), now);
         assert!(r.any_failed());
+        let mut r = Report::new(3);
+        r.record(0, Event::Start { vcpu: 0, tsc: 0 }, now);
+        r.record(0, pass(), now);
+        r.record(1, Event::Start { vcpu: 1, tsc: 0 }, now);
+        r.fail_unfinished("timed out");
+        assert_eq!(r.vcpus()[0].state, VcpuState::Passed);
+        assert_eq!(r.vcpus()[1].failure.as_deref(), Some("timed out"));
+        assert_eq!(r.vcpus()[2].state, VcpuState::Failed);
     }
 }

@@ -13,14 +13,17 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use guest_tests::params::{FLAG_EXPECT_RECLAIM, PAGE_SIZE};
 use guest_tests::protocol::TEST_PORT_RANGE;
+use guest_tests::report::VcpuState;
 use guest_tests::{payload_of, GuestKind, Mode, Params, Report, VcpuBlock};
 use log::info;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::api;
 use crate::arch::x86_64::configure_vcpu;
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
 use crate::devices::PioBus;
 use crate::memory::{self, human, BackingKind, GuestRam};
+use crate::paging::{Pager, PagerConfig, PagingStats};
 use crate::vcpu::{ExitRequest, VmControl};
 use crate::vm::Vm;
 
@@ -103,9 +106,14 @@ pub struct GuestArgs {
     /// Fail the guest if it has not finished after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub guest_timeout: Option<u64>,
-    /// Write the run's figures (per-vCPU results, reclaims, timings) as JSON to this file.
+    /// Write the run's figures (per-vCPU results, timings, demand-paging and stage2
+    /// counters) as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
+    /// Serve the control socket (JSON lines: stats, reclaim, pause, resume) at this path
+    /// while the guest runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Runs the named built-in guest on `--hugepages auto` backing.
@@ -303,23 +311,43 @@ pub fn run_on(
     }
     make_tables_user(&mem, ram.end_gpa())?;
 
+    // Demand paging through userfaultfd + stage2: registered after the host wrote the code,
+    // tables and parameter block (those pages are present and never fault), before any
+    // vCPU runs, so every first touch of slice memory is a userfaultfd fault.
+    let pager = if args.no_demand_paging {
+        None
+    } else {
+        Some(Arc::new(
+            Pager::start(&ram, PagerConfig::for_vcpus(cpus.into())).context(
+                "starting demand paging (use --no-demand-paging to let KVM populate RAM)",
+            )?,
+        ))
+    };
+
     let regions: Vec<(u64, u64)> = ram.regions().map(|r| (r.gpa, r.len)).collect();
-    let drop_ram = ram
-        .regions()
-        .map(|r| (r.gpa, r.len, r.host_addr))
-        .collect::<Vec<_>>();
+    let drop_range: Box<reclaim::DropFn> = match &pager {
+        Some(pager) => {
+            let pager = pager.clone();
+            Box::new(move |gpa, len| Ok(pager.reclaim(gpa, len)?.to_json()))
+        }
+        None => {
+            let ram_map: Vec<(u64, u64, u64)> =
+                ram.regions().map(|r| (r.gpa, r.len, r.host_addr)).collect();
+            Box::new(move |gpa, len| {
+                let (r, _, host) = ram_map
+                    .iter()
+                    .find(|(r, l, _)| gpa >= *r && gpa + len <= r + l)
+                    .context("range outside RAM")?;
+                reclaim::madvise_dontneed(host + (gpa - r), len)
+            })
+        }
+    };
     let reclaimer = Arc::new(Reclaimer::new(
         mem.clone(),
         Params::reclaim_seq_gpa(PARAMS_GPA),
         regions.clone(),
         ram.page_size(),
-        Box::new(move |gpa, len| {
-            let (r, _, host) = drop_ram
-                .iter()
-                .find(|(r, l, _)| gpa >= *r && gpa + len <= r + l)
-                .context("range outside RAM")?;
-            reclaim::madvise_dontneed(host + (gpa - r), len)
-        }),
+        drop_range,
     ));
 
     let report = Arc::new(Mutex::new(Report::new(cpus.into())));
@@ -336,34 +364,37 @@ pub fn run_on(
     )?;
 
     println!(
-        "guest {} on {cpus} vCPU(s), {} of RAM on {}, {}{}",
+        "guest {} on {cpus} vCPU(s), {} of RAM on {}, {}{}{}",
         plan.kind.name(),
         human(mem_bytes),
         ram.backing(),
-        match plan.kind {
-            GuestKind::Stress => format!(
-                "mode {}, {} generation(s), slice {} per vCPU",
-                plan.mode.name(),
-                plan.params.generations,
-                human(plan.params.vcpus[0].slice_len)
-            ),
-            GuestKind::Touch => format!("slice {} per vCPU", human(plan.params.vcpus[0].slice_len)),
-            GuestKind::Dirty => format!(
-                "{} generation(s) of {} writes, slice {} per vCPU",
-                plan.params.generations,
-                plan.params.writes_per_gen,
-                human(plan.params.vcpus[0].slice_len)
-            ),
-        },
+        describe(&plan),
         if plan.params.flags & FLAG_EXPECT_RECLAIM != 0 {
             ", expecting reclaims"
         } else {
             ""
+        },
+        if pager.is_some() {
+            ", demand paging through stage2"
+        } else {
+            ", no demand paging"
         }
     );
 
     let started = Instant::now();
-    let mut control = VmControl::start(vcpus, Arc::new(bus), mem.clone(), exit.clone())?;
+    let control = Arc::new(Mutex::new(VmControl::start(
+        vcpus,
+        Arc::new(bus),
+        mem.clone(),
+        exit.clone(),
+    )?));
+    let api = match &args.api_socket {
+        Some(path) => Some(api::serve(
+            path,
+            api_target(pager.clone(), reclaimer.clone(), control.clone()),
+        )?),
+        None => None,
+    };
     let mut storm = match args.reclaim_storm {
         Some(count) => Some(Storm::start(
             reclaimer.clone(),
@@ -375,43 +406,35 @@ pub fn run_on(
     };
 
     let code = match args.guest_timeout {
-        Some(secs) => match exit.wait_timeout(Duration::from_secs(secs)) {
-            Some(code) => code,
-            None => {
+        Some(secs) => exit
+            .wait_timeout(Duration::from_secs(secs))
+            .unwrap_or_else(|| {
                 let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
-                for v in 0..usize::from(cpus) {
-                    if !matches!(
-                        r.vcpus()[v].state,
-                        guest_tests::report::VcpuState::Passed
-                            | guest_tests::report::VcpuState::Failed
-                    ) {
-                        r.fail(
-                            v,
-                            format!("not finished after {secs} s (--guest-timeout)"),
-                            Instant::now(),
-                        );
-                    }
-                }
+                r.fail_unfinished(&format!("not finished after {secs} s (--guest-timeout)"));
                 EXIT_FAIL
-            }
-        },
+            }),
         None => exit.wait(),
     };
     let elapsed = started.elapsed();
     let storm_reclaims = storm.as_mut().map(|s| s.stop()).unwrap_or(0);
-    control.stop_all();
+    drop(api);
+    control.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
 
     let mut report = report.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if code != EXIT_PASS && !report.any_failed() {
-        // A vCPU fault stopped the VM (the vCPU thread logged registers and bytes).
-        for v in 0..usize::from(cpus) {
-            if report.vcpus()[v].state != guest_tests::report::VcpuState::Passed {
-                report.fail(
-                    v,
-                    format!("VM stopped with code {code} before this vCPU finished"),
-                    Instant::now(),
-                );
-            }
+        // A vCPU fault stopped the VM (its thread logged the registers and bytes).
+        report.fail_unfinished(&format!(
+            "VM stopped with code {code} before this vCPU finished"
+        ));
+    }
+    let paging_stats = pager.as_ref().map(|p| p.stats());
+    // Stop demand paging before the host reads slice memory for the dirty replay: the
+    // kernel then fills untouched pages itself and stage2's figures stay the guest's.
+    drop(reclaimer);
+    if let Some(pager) = pager {
+        match Arc::try_unwrap(pager) {
+            Ok(p) => p.stop(),
+            Err(_) => log::warn!("the pager is still shared at exit; it stops when dropped"),
         }
     }
     if plan.kind == GuestKind::Dirty && report.passed() {
@@ -419,16 +442,19 @@ pub fn run_on(
     }
 
     println!("{report}");
-    let (reclaims, reclaimed) = reclaimer.totals();
+    if let Some(stats) = &paging_stats {
+        println!("{stats}");
+    }
     println!(
-        "time {:.3} s; {} pages verified/touched; reclaims {reclaims} ({}), {storm_reclaims} by the storm; pages re-initialised by the guest {}",
+        "time {:.3} s; {} pages verified/touched; reclaims {} ({}), {storm_reclaims} by the storm; pages re-initialised by the guest {}",
         elapsed.as_secs_f64(),
         report.total_pages(),
-        human_bytes(reclaimed),
+        paging_stats.as_ref().map_or(0, |s| s.reclaims),
+        human_bytes(paging_stats.as_ref().map_or(0, |s| s.reclaimed_bytes)),
         report.total_reinit()
     );
     if let Some(path) = &args.stats_json {
-        write_stats_json(path, &plan, &report, elapsed, reclaims, reclaimed)?;
+        write_stats_json(path, &plan, &report, elapsed, paging_stats.as_ref())?;
     }
     drop(control);
     drop(vm);
@@ -437,6 +463,53 @@ pub fn run_on(
         EXIT_PASS
     } else {
         EXIT_FAIL
+    })
+}
+
+fn describe(plan: &Plan) -> String {
+    let slice = human(plan.params.vcpus[0].slice_len);
+    match plan.kind {
+        GuestKind::Stress => format!(
+            "mode {}, {} generation(s), slice {slice} per vCPU",
+            plan.mode.name(),
+            plan.params.generations,
+        ),
+        GuestKind::Touch => format!("slice {slice} per vCPU"),
+        GuestKind::Dirty => format!(
+            "{} generation(s) of {} writes, slice {slice} per vCPU",
+            plan.params.generations, plan.params.writes_per_gen,
+        ),
+    }
+}
+
+/// The control socket's view of a guest run: stage2/pager statistics, reclaims with the
+/// guest handshake, pause and resume of every vCPU.
+fn api_target(
+    pager: Option<Arc<Pager>>,
+    reclaimer: Arc<Reclaimer>,
+    control: Arc<Mutex<VmControl>>,
+) -> Arc<dyn api::ApiTarget> {
+    let resume_control = control.clone();
+    Arc::new(api::ApiFns {
+        stats: Box::new(move || match &pager {
+            Some(p) => p.stats().to_json(),
+            None => serde_json::json!({ "paging": null, "stage2": null }),
+        }),
+        reclaim: Box::new(move |gpa, len| reclaimer.reclaim(gpa, len).map_err(|e| e.to_string())),
+        pause: Box::new(move || {
+            control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pause_all()
+                .map_err(|e| e.to_string())
+        }),
+        resume: Box::new(move || {
+            resume_control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume_all()
+                .map_err(|e| e.to_string())
+        }),
     })
 }
 
@@ -453,8 +526,7 @@ fn write_stats_json(
     plan: &Plan,
     report: &Report,
     elapsed: Duration,
-    reclaims: u64,
-    reclaimed: u64,
+    paging: Option<&PagingStats>,
 ) -> anyhow::Result<()> {
     let vcpus: Vec<serde_json::Value> = report
         .vcpus()
@@ -463,7 +535,7 @@ fn write_stats_json(
         .map(|(i, r)| {
             serde_json::json!({
                 "vcpu": i,
-                "passed": r.state == guest_tests::report::VcpuState::Passed,
+                "passed": r.state == VcpuState::Passed,
                 "generation": r.generation,
                 "pages": r.pages,
                 "writes": r.writes,
@@ -480,9 +552,12 @@ fn write_stats_json(
         "passed": report.passed(),
         "seconds": elapsed.as_secs_f64(),
         "slice_bytes": plan.params.vcpus[0].slice_len,
-        "reclaims": reclaims,
-        "reclaimed_bytes": reclaimed,
+        "slice_bases": plan.params.vcpus[..plan.params.nr_vcpus as usize]
+            .iter()
+            .map(|v| v.slice_base)
+            .collect::<Vec<_>>(),
         "vcpus": vcpus,
+        "demand_paging": paging.map(|p| p.to_json()),
     });
     std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
         .with_context(|| format!("writing --stats-json {}", path.display()))

@@ -18,8 +18,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::LOW_RESERVED;
 
-/// Drops the host memory behind a guest range (the pager's reclaim, or a plain madvise).
-pub type DropFn = dyn Fn(u64, u64) -> anyhow::Result<()> + Send + Sync;
+/// Drops the host memory behind a guest range (the pager's reclaim, or a plain madvise);
+/// returns a JSON report of what it did.
+pub type DropFn = dyn Fn(u64, u64) -> anyhow::Result<serde_json::Value> + Send + Sync;
 
 /// Errors a reclaim request can have; the text says what is allowed.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +125,7 @@ impl Reclaimer {
     }
 
     /// Drops `[gpa, gpa + len)`, telling the guest through the reclaim sequence.
-    pub fn reclaim(&self, gpa: u64, len: u64) -> Result<(), ReclaimError> {
+    pub fn reclaim(&self, gpa: u64, len: u64) -> Result<serde_json::Value, ReclaimError> {
         self.check(gpa, len)?;
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let seq: u64 = self
@@ -134,10 +135,10 @@ impl Reclaimer {
         self.store_seq(seq.wrapping_add(1));
         let result = (self.drop_range)(gpa, len);
         self.store_seq(seq.wrapping_add(2));
-        result.map_err(|source| ReclaimError::Drop { gpa, len, source })?;
+        let report = result.map_err(|source| ReclaimError::Drop { gpa, len, source })?;
         self.done.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+        Ok(report)
     }
 
     fn store_seq(&self, value: u64) {
@@ -158,7 +159,7 @@ impl Reclaimer {
 /// `madvise(MADV_DONTNEED)` over the host mapping of a guest range: the next guest access
 /// gets a fresh zero page (private anonymous and hugetlb mappings alike); KVM's mmu
 /// notifier drops its own mappings of the range.
-pub fn madvise_dontneed(host_addr: u64, len: u64) -> anyhow::Result<()> {
+pub fn madvise_dontneed(host_addr: u64, len: u64) -> anyhow::Result<serde_json::Value> {
     // SAFETY: the caller passes a range inside guest RAM's own mapping; MADV_DONTNEED
     // only replaces its contents with zero pages, which is what a reclaim means, and
     // no Rust reference into guest RAM is held across the call.
@@ -175,7 +176,7 @@ pub fn madvise_dontneed(host_addr: u64, len: u64) -> anyhow::Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    Ok(())
+    Ok(serde_json::json!({ "dropped_bytes": len }))
 }
 
 /// A thread that reclaims `ranges` round robin, one every `interval`, until stopped or
@@ -208,7 +209,7 @@ impl Storm {
                         break;
                     }
                     match reclaimer.reclaim(gpa, len) {
-                        Ok(()) => info!("reclaim storm: dropped {gpa:#x}+{len:#x}"),
+                        Ok(_) => info!("reclaim storm: dropped {gpa:#x}+{len:#x}"),
                         Err(e) => warn!("reclaim storm: {e}"),
                     }
                     done += 1;
@@ -252,7 +253,7 @@ mod tests {
             Box::new(move |gpa, len| {
                 let seq: u64 = seen.read_obj(GuestAddress(0x1000)).unwrap();
                 log.lock().unwrap().push((gpa, len, seq));
-                Ok(())
+                Ok(serde_json::Value::Null)
             }),
         )
     }
