@@ -798,6 +798,90 @@ impl Pager {
         PagingError::OutsideRam { gpa, len, ram }
     }
 
+    /// Write-protects (`protect`) or unprotects the host pages of `[gpa, gpa+len)` with the
+    /// pager's own userfaultfd (write tracking only): after a dirty-log harvest re-protects
+    /// pages in stage2, the host must protect them too so that the next write faults here.
+    /// `UffdError::Again` means a REMOVE is pending for part of the range (those pages come back
+    /// as new fills); callers may ignore it.
+    pub fn write_protect(&self, gpa: u64, len: u64, protect: bool) -> Result<(), PagingError> {
+        let sh = &self.shared;
+        if !sh.cfg.write_tracking {
+            return Err(PagingError::Config(
+                "write_protect needs write tracking: start the pager with write_tracking = true"
+                    .into(),
+            ));
+        }
+        let end = gpa.checked_add(len).ok_or_else(|| self.outside(gpa, len))?;
+        let region = sh
+            .backing
+            .region_of_gpa(gpa)
+            .copied()
+            .filter(|r| end <= r.gpa + r.len && len > 0)
+            .ok_or_else(|| self.outside(gpa, len))?;
+        let page = sh.page.bytes();
+        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) {
+            return Err(PagingError::Unaligned { gpa, len, page });
+        }
+        let host = region.host_addr + (gpa - region.gpa);
+        sh.uffd.write_protect(host, len, protect, false)?;
+        Ok(())
+    }
+
+    /// Records in stage2 the guest RAM the host already has (pages written before the pager
+    /// started, e.g. a loaded kernel or the test guest's code and page tables), so that stage2
+    /// maps every present page; those pages never fault. Call once, right after `start`, before
+    /// vCPUs run. Returns the leaves installed.
+    pub fn record_present(&self) -> Result<usize, PagingError> {
+        const CHUNK: u64 = 64 << 20;
+        let sh = &self.shared;
+        let page = sh.page.bytes();
+        let mut installed = 0;
+        for r in &sh.backing.regions {
+            let mut off = 0;
+            while off < r.len {
+                let n = CHUNK.min(r.len - off);
+                let mut vec = vec![0u8; (n / SZ_4K) as usize];
+                // SAFETY: [host_addr+off, +n) lies in a registered mapping; `vec` has one byte
+                // per 4 KiB page of it.
+                let ret = unsafe {
+                    libc::mincore(
+                        (r.host_addr + off) as *mut libc::c_void,
+                        n as usize,
+                        vec.as_mut_ptr(),
+                    )
+                };
+                if ret != 0 {
+                    return Err(PagingError::Spawn(io::Error::last_os_error()));
+                }
+                // Walk in backing pages: present when its first 4 KiB page is.
+                let step = (page / SZ_4K) as usize;
+                let mut i = 0;
+                while i < vec.len() {
+                    if vec[i] & 1 == 0 {
+                        i += step;
+                        continue;
+                    }
+                    let start = i;
+                    while i < vec.len() && vec[i] & 1 != 0 {
+                        i += step;
+                    }
+                    let gpa = r.gpa + off + start as u64 * SZ_4K;
+                    let len = (i - start) as u64 * SZ_4K;
+                    let hva = r.host_addr + off + start as u64 * SZ_4K;
+                    installed += sh
+                        .s2
+                        .map_range(gpa, len, hva, Perms::RWX, sh.page)
+                        .map_err(|e| {
+                            PagingError::Config(format!("recording present RAM at {gpa:#x}: {e}"))
+                        })?;
+                }
+                off += n;
+            }
+        }
+        info!("demand paging: {installed} present page(s) recorded in stage2");
+        Ok(installed)
+    }
+
     /// A snapshot of the statistics.
     pub fn stats(&self) -> PagingStats {
         let c = &self.shared.counters;

@@ -684,3 +684,56 @@ fn external_drop_storm_during_touches_never_hangs_and_reads_zero_or_the_write() 
     assert_eq!(st.own_removes, 0);
     pager.stop();
 }
+
+#[test]
+fn record_present_maps_pages_written_before_the_pager_started() {
+    let Some(ram) = Ram::new(8 << 20, false) else {
+        return;
+    };
+    // The "loader" writes pages 0..3 and page 100 before demand paging starts.
+    for p in [0, 1, 2, 100] {
+        ram.write(p * PAGE, 0x77);
+    }
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 1)).unwrap();
+    assert_eq!(pager.record_present().unwrap(), 4);
+    for p in [0, 1, 2, 100] {
+        let t = pager.stage2().translate(p * PAGE, Access::Write).unwrap();
+        assert_eq!(t.pa, ram.addr + p * PAGE);
+    }
+    assert!(pager.stage2().translate(3 * PAGE, Access::Read).is_err());
+    assert_eq!(pager.stats().events_missing, 0, "no fault was needed");
+    pager.stop();
+}
+
+#[test]
+fn write_protect_through_the_pager_makes_the_next_write_fault_once() {
+    let Some(ram) = Ram::new(8 << 20, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let mut c = cfg(1, 1);
+    let e = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, c.clone())
+        .unwrap()
+        .write_protect(0, PAGE, true)
+        .unwrap_err();
+    assert!(e.to_string().contains("write_tracking"), "{e}");
+    c.write_tracking = true;
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, c).unwrap();
+    let r = ram.clone();
+    thread::spawn(move || r.write(0, 1)).join().unwrap();
+    assert_eq!(pager.stats().events_wp, 0, "a write fill is writable");
+    pager.write_protect(0, PAGE, true).unwrap();
+    let r = ram.clone();
+    thread::spawn(move || r.write(8, 2)).join().unwrap();
+    assert_eq!(
+        pager.stats().events_wp,
+        1,
+        "the protected page faulted once"
+    );
+    assert_eq!(pager.stats().wp_cleared, 1);
+    assert!(matches!(
+        pager.write_protect(8 << 20, PAGE, true),
+        Err(PagingError::OutsideRam { .. })
+    ));
+    pager.stop();
+}
