@@ -261,8 +261,9 @@ fn fault_size(res: &Resolved, gpa: u64, logging: bool) -> PageSize {
     size
 }
 
-/// Permissions a fault installs: what it needs, plus read (EPT has no write-only or exec-only-less
-/// read mapping we would want), within what the backing allows.
+/// Permissions a fault installs: what it needs plus read (every mapping is readable: EPT forbids
+/// write-only entries), within what the backing allows. Never more than asked: a later write is
+/// still a fault (which dirty logging and the seed-001 rule rely on).
 #[inline]
 fn install_perms(need: Perms, allowed: Perms) -> Perms {
     need.union(Perms::R).intersect(allowed)

@@ -4,9 +4,9 @@
 use crate::format::Format;
 use crate::stats::C;
 use crate::sync::{MutexGuard, Ordering};
-use crate::table::Guard;
+use crate::table::{Guard, TablePage};
 use crate::tlb::Tlb;
-use crate::types::{Error, PageSize, Perms, GPA_LIMIT};
+use crate::types::{level_bytes, level_index, Error, PageSize, Perms, GPA_LIMIT};
 use crate::walk::{flags, Ctx, Step, Visit, Visitor, Walked};
 use crate::Stage2;
 
@@ -72,6 +72,31 @@ struct MapV {
     err: Option<Error>,
 }
 
+impl MapV {
+    /// Build the leaf table under the empty entry `ctx` privately and link it. `Err(current)` if
+    /// the entry changed first (the page is freed).
+    fn prefill<F: Format, T: Tlb>(&self, s2: &Stage2<F, T>, ctx: &Ctx<'_>) -> Result<usize, u64> {
+        let page = s2.reclaim.alloc();
+        // SAFETY: freshly allocated, private to this thread until `install_table_page` publishes it.
+        let t: &TablePage = unsafe { &*page };
+        let csize = level_bytes(self.level);
+        let first = ctx.addr.max(ctx.start);
+        let last = (ctx.addr + ctx.size()).min(ctx.end);
+        let mut n = 0;
+        let mut a = first;
+        while a < last {
+            let leaf = s2
+                .fmt
+                .leaf(self.frame + (a - self.gpa), self.level, self.perms);
+            // Relaxed: published by the SeqCst (Release) CAS that links the page.
+            t.entries[level_index(a, self.level)].store(leaf, Ordering::Relaxed);
+            n += 1;
+            a += csize;
+        }
+        s2.install_table_page(ctx.slot, page).map(|_| n)
+    }
+}
+
 impl<F: Format, T: Tlb> Visitor<F, T> for MapV {
     const FLAGS: u8 = flags::LEAF | flags::TABLE_PRE;
 
@@ -92,6 +117,21 @@ impl<F: Format, T: Tlb> Visitor<F, T> for MapV {
             if s2.fmt.is_locked(old) {
                 self.err = Some(Error::Busy { gpa: ctx.addr });
                 return Step::Pause;
+            }
+            if ctx.level + 1 == self.level && old == 0 {
+                // The leaf table is missing: fill a private page with every leaf of the range it
+                // covers, then publish it with one CAS (nobody can see it before). The walker does
+                // not descend (ctx.old stays empty): the subtree is complete.
+                match self.prefill(s2, ctx) {
+                    Ok(n) => {
+                        self.written += n;
+                        return Step::Continue;
+                    }
+                    Err(cur) => {
+                        old = cur;
+                        continue;
+                    }
+                }
             }
             if ctx.level < self.level {
                 if old != 0 {

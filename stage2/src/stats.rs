@@ -46,8 +46,8 @@ const SHARDS: usize = 16;
 struct Shard([AtomicU64; N]);
 
 /// Sharded relaxed counters: a thread increments its own shard, so hot counters do not bounce a
-/// cache line between vCPU threads. Sums are exact once the counted operations have finished
-/// (decrements are wrapping additions).
+/// cache line between vCPU threads and need no locked instruction. Sums are exact once the counted
+/// operations have finished (decrements are wrapping additions).
 pub(crate) struct Counters {
     shards: Box<[Shard]>,
 }
@@ -55,7 +55,9 @@ pub(crate) struct Counters {
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    static MY_SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    /// This thread's shard: the first `SHARDS - 1` threads of the process own one each; later
+    /// threads share the last one.
+    static MY_SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed).min(SHARDS - 1);
 }
 
 impl Counters {
@@ -67,17 +69,22 @@ impl Counters {
         }
     }
 
-    #[inline]
-    fn shard(&self) -> &Shard {
-        let i = MY_SHARD.try_with(|s| *s).unwrap_or(0);
-        &self.shards[i]
-    }
-
     /// Add `n` (wrapping: pass `n.wrapping_neg()` to subtract).
     #[inline]
     pub(crate) fn add(&self, c: C, n: u64) {
-        // Relaxed: statistics only; nothing is ordered by them.
-        self.shard().0[c as usize].fetch_add(n, Ordering::Relaxed);
+        let i = MY_SHARD.try_with(|s| *s).unwrap_or(SHARDS - 1);
+        let cell = &self.shards[i].0[c as usize];
+        if i < SHARDS - 1 {
+            // Only this thread writes its shard: a plain read-modify-write (no locked instruction)
+            // is exact; readers sum with relaxed loads.
+            cell.store(
+                cell.load(Ordering::Relaxed).wrapping_add(n),
+                Ordering::Relaxed,
+            );
+        } else {
+            // Relaxed: statistics only; nothing is ordered by them.
+            cell.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     #[inline]

@@ -291,14 +291,6 @@ pub enum Error {
         /// The busy address.
         gpa: u64,
     },
-    /// A vCPU index outside `Config::nr_vcpus`.
-    #[error("vcpu {vcpu} does not exist (the engine was configured with {nr_vcpus}); raise Config::nr_vcpus")]
-    NoSuchVcpu {
-        /// The index given.
-        vcpu: usize,
-        /// Configured count.
-        nr_vcpus: usize,
-    },
 }
 
 /// Engine configuration.

@@ -270,10 +270,19 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
     /// Link a new empty table into the empty entry `slot`. `Err(current)` if another thread changed
     /// the entry first (our page is freed at once: it was never visible to anyone).
     pub(crate) fn install_table(&self, slot: &AtomicU64) -> Result<u64, u64> {
-        let page = self.reclaim.alloc();
+        self.install_table_page(slot, self.reclaim.alloc())
+    }
+
+    /// Link `page` (from `Reclaim::alloc`, possibly pre-filled privately) into the empty entry
+    /// `slot`; on failure the page is freed and the entry's current value returned.
+    pub(crate) fn install_table_page(
+        &self,
+        slot: &AtomicU64,
+        page: *mut TablePage,
+    ) -> Result<u64, u64> {
         let new = self.fmt.table(page as u64);
-        // SeqCst (includes Release): walkers that read the new descriptor (Acquire) see the zeroed
-        // page; the total order is needed by the invalidation handshake (see the module docs).
+        // SeqCst (includes Release): walkers that read the new descriptor (Acquire) see the page's
+        // contents; the total order is needed by the invalidation handshake (see the module docs).
         match slot.compare_exchange(0, new, Ordering::SeqCst, Ordering::SeqCst) {
             Ok(_) => {
                 self.stats.inc(C::TablesLive);
