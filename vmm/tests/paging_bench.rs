@@ -170,7 +170,10 @@ fn populate_rate() {
     let threads = env_u64("PAGING_BENCH_THREADS", 2);
     let per_thread = env_u64("PAGING_BENCH_MIB", 256) << 20;
     let reps = env_u64("PAGING_BENCH_REPS", 5) as usize;
-    assert!(per_thread.is_multiple_of(HUGE_2M), "PAGING_BENCH_MIB must be even");
+    assert!(
+        per_thread.is_multiple_of(HUGE_2M),
+        "PAGING_BENCH_MIB must be even"
+    );
     let cfg = |handlers: usize, fa: usize| {
         Some(PagerConfig {
             handlers,
