@@ -1520,3 +1520,100 @@ impl Handler {
         ret == 0 && vec & 1 != 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_regions() -> GuestRamBacking {
+        GuestRamBacking::new(
+            vec![
+                RamRegion {
+                    gpa: 4 << 30,
+                    len: 1 << 30,
+                    host_addr: 0x7f00_0000_0000,
+                },
+                RamRegion {
+                    gpa: 0,
+                    len: 3 << 30,
+                    host_addr: 0x7e00_0000_0000,
+                },
+            ],
+            PageSize::Size2M,
+        )
+    }
+
+    #[test]
+    fn backing_resolves_the_naturally_aligned_host_block() {
+        let b = two_regions();
+        let r = b.resolve((4 << 30) + 0x20_1234).unwrap();
+        assert_eq!(r.frame, 0x7f00_0020_0000);
+        assert_eq!(r.max_size, PageSize::Size2M);
+        assert_eq!(r.perms, Perms::RWX);
+        assert_eq!(b.resolve(0x1234).unwrap().frame, 0x7e00_0000_0000);
+        // The 32-bit hole and past the end are not RAM: stage2 denies.
+        assert!(b.resolve(3 << 30).is_none());
+        assert!(b.resolve((3 << 30) + (512 << 20)).is_none());
+        assert!(b.resolve(5 << 30).is_none());
+    }
+
+    #[test]
+    fn host_and_guest_addresses_translate_both_ways() {
+        let b = two_regions();
+        assert_eq!(b.gpa_to_host((4 << 30) + 5), Some(0x7f00_0000_0005));
+        assert_eq!(b.host_to_gpa(0x7f00_0000_0005), Some((4 << 30) + 5));
+        assert_eq!(b.host_to_gpa(0x7e00_0000_0000 + (3 << 30)), None);
+        assert_eq!(b.gpa_to_host(u64::MAX), None);
+    }
+
+    #[test]
+    fn backing_page_size_follows_the_ram_backing() {
+        assert_eq!(backing_page_size(BackingKind::Small), PageSize::Size4K);
+        assert_eq!(backing_page_size(BackingKind::Thp), PageSize::Size4K);
+        assert_eq!(backing_page_size(BackingKind::Hugetlb2M), PageSize::Size2M);
+        assert_eq!(backing_page_size(BackingKind::Hugetlb1G), PageSize::Size1G);
+    }
+
+    #[test]
+    fn stats_table_and_json_carry_every_counter() {
+        let st = PagingStats {
+            stage2: stage2::Stats::default(),
+            events_missing: 11,
+            events_wp: 0,
+            events_minor: 0,
+            events_remove: 0,
+            events_unmap: 0,
+            events_remap: 0,
+            events_fork: 0,
+            populated_4k: 0,
+            populated_2m: 3 << 21,
+            populated_1g: 0,
+            installed: 3,
+            spurious: 8,
+            relaxed: 0,
+            retry: 0,
+            denied: 0,
+            fault_around_pages: 0,
+            refills: 0,
+            eexist: 0,
+            eagain: 0,
+            deferred: 0,
+            deferred_dropped: 0,
+            wp_cleared: 0,
+            reclaims: 0,
+            reclaimed_bytes: 0,
+            zapped: 0,
+            external_invalidations: 0,
+            own_removes: 0,
+        };
+        let table = st.to_string();
+        assert!(table.contains("uffd events: missing"), "{table}");
+        assert!(table
+            .lines()
+            .any(|l| l.starts_with("faults spurious") && l.ends_with(" 8")));
+        let j = st.to_json();
+        assert_eq!(j["paging"]["populated_bytes_2m"], 3 << 21);
+        assert_eq!(j["paging"]["spurious"], 8);
+        assert_eq!(j["stage2"]["installs_2m"], 0);
+    }
+}
