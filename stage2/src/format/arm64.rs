@@ -3,11 +3,12 @@
 use super::Format;
 use crate::types::Perms;
 
-/// Bit 0: valid (D8.3.1: bit 0 = 0 is a Fault encoding; bits 63:1 are then ignored).
+/// Bit 0: valid (D8.3, "Translation table descriptor formats": bit 0 = 0 is a Fault
+/// encoding; bits 63:1 are then ignored).
 pub const VALID: u64 = 1 << 0;
 /// Bit 1: at levels 0–2, 1 = table descriptor, 0 = block; at level 3, 1 = page (0 is reserved).
 pub const TABLE_OR_PAGE: u64 = 1 << 1;
-/// Bits 5:2: stage-2 MemAttr (D8.6.5, without FEAT_S2FWB).
+/// Bits 5:2: stage-2 MemAttr (D8 "Memory attributes", stage 2 encoding without FEAT_S2FWB).
 pub const MEMATTR_SHIFT: u32 = 2;
 /// Mask of MemAttr.
 pub const MEMATTR_MASK: u64 = 0b1111 << MEMATTR_SHIFT;
@@ -15,9 +16,10 @@ pub const MEMATTR_MASK: u64 = 0b1111 << MEMATTR_SHIFT;
 pub const MEMATTR_NORMAL_WB: u64 = 0b1111;
 /// MemAttr 0b0001: Device-nGnRE.
 pub const MEMATTR_DEVICE_NGNRE: u64 = 0b0001;
-/// Bit 6: S2AP[0], read access allowed (D8.4.2, stage 2 data access permissions).
+/// Bit 6: `S2AP[0]`, read access allowed (D8 "Memory access control", stage 2 data access
+/// permissions).
 pub const S2AP_READ: u64 = 1 << 6;
-/// Bit 7: S2AP[1], write access allowed.
+/// Bit 7: `S2AP[1]`, write access allowed.
 pub const S2AP_WRITE: u64 = 1 << 7;
 /// Bits 9:8: shareability.
 pub const SH_SHIFT: u32 = 8;
@@ -33,7 +35,7 @@ pub const OA_MASK: u64 = 0x0000_ffff_ffff_f000;
 pub const DBM: u64 = 1 << 51;
 /// Bit 52: contiguous hint (never set by this engine).
 pub const CONTIGUOUS: u64 = 1 << 52;
-/// Bits 54:53: stage-2 XN[1:0] (D8.4.3): 0b00 executable at EL1 and EL0, 0b10 not executable.
+/// Bits 54:53: stage-2 `XN[1:0]` (D8 "Memory access control", stage 2 execute-never): 0b00 executable at EL1 and EL0, 0b10 not executable.
 pub const XN_SHIFT: u32 = 53;
 /// Mask of XN.
 pub const XN_MASK: u64 = 0b11 << XN_SHIFT;
@@ -48,7 +50,7 @@ pub const SW_LOCKED: u64 = 1 << 56;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Arm64 {
     /// The CPU implements FEAT_BBM level 2: a block may be replaced by a table mapping the same
-    /// memory without the break step (Arm ARM D8.16.2, "Support levels for changing block size").
+    /// memory without the break step (Arm ARM D8, "Support levels for changing block size").
     pub bbm_level2: bool,
 }
 
@@ -224,7 +226,7 @@ mod tests {
 
     #[test]
     fn locked_marker_is_a_fault_encoding() {
-        // Bit 56 with bit 0 clear: a Fault encoding for the walker (D8.3.1).
+        // Bit 56 with bit 0 clear: a Fault encoding for the walker (D8.3).
         assert_eq!(A.locked(), 0x0100_0000_0000_0000);
         assert!(!A.is_present(A.locked()));
         assert!(!A.is_leaf(A.locked(), 3));

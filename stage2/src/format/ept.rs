@@ -52,9 +52,10 @@ impl Format for Ept {
 
     #[inline]
     fn split_without_bbm(&self) -> bool {
-        // The SDM allows changing a large page into a table that maps the same memory with the same
-        // attributes without first making it not present (§29.4.3, "Invalidating cached
-        // translation information": the stale large-page translation stays valid until flushed).
+        // Intel allows replacing a large-page entry by a table that maps the same memory with the
+        // same attributes in one write (KVM's TDP MMU splits huge pages this way): a stale cached
+        // large-page translation stays correct until the flush (SDM Vol. 3C §29.4, "Caching
+        // translation information").
         true
     }
 
