@@ -1,7 +1,7 @@
 //! Loom models of faults and walkers racing break-before-make (a split on ARM64 without FEAT_BBM,
 //! a collapse on EPT), and of a split racing a collapse.
 //!
-//! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p stage2 --release --test loom_bbm`
+//! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p stage2 --release --test loom_bbm`
 //!
 //! Rule 2 of the seeds: a thread that meets the marker gets `Retry` at once, a walker never sees a
 //! half-built state, and the translation is the same before, during and after a split or a
@@ -92,12 +92,12 @@ fn config() -> Config {
 }
 
 /// Run a loom model with a raised branch limit (a table check reads 512 entries); the preemption
-/// bound is `LOOM_MAX_PREEMPTIONS` (default 2). Prints the number of executions explored.
+/// bound is `LOOM_MAX_PREEMPTIONS` (default 3). Prints the number of executions explored.
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     b.max_branches = 200_000;
     if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(2);
+        b.preemption_bound = Some(3);
     }
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = runs.clone();
@@ -173,10 +173,12 @@ fn loom_fault_and_translate_racing_arm64_split_bbm() {
                     "write fault on a read-only mapping during a split gave {out:?}"
                 );
                 if granted(out) {
-                    assert!(
-                        s2.translate(gpa, Access::Write).is_ok(),
-                        "{out:?}, yet not writable"
-                    );
+                    // Writable now, or the split is between its break and its make (the walker
+                    // then faults and retries); never mapped without W.
+                    match s2.translate(gpa, Access::Write) {
+                        Ok(_) | Err(TranslateError::NotMapped { .. }) => {}
+                        Err(e) => panic!("{out:?}, yet {e}"),
+                    }
                 }
                 (walker, out)
             })
