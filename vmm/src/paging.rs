@@ -8,8 +8,9 @@
 //! the event, translates the host address to a GPA, reads stage2's invalidation sequence, fills
 //! the host page (UFFDIO_ZEROPAGE for 4 KiB anonymous memory, fault-around batched; UFFDIO_COPY
 //! of a zero buffer over the whole huge page on hugetlbfs, which has no zero page; COPY with
-//! `MODE_WP` under write tracking), which wakes the vCPU, and then records the mapping in stage2
-//! with `handle_fault(fault, backing, seq)`.
+//! `MODE_WP` under write tracking) without waking anyone, records the mapping in stage2 with
+//! `handle_fault(fault, backing, seq)`, and only then wakes the vCPU (UFFDIO_WAKE): like a vCPU
+//! under KVM, it resumes once its stage-2 entry is in.
 //!
 //! # Order: host first, then stage2 (KVM's order)
 //!
@@ -39,6 +40,11 @@
 //!   raised after the kernel zapped the page, which happens after the REMOVE was read, so it is
 //!   read after stage2 was invalidated. Removes caused by [`Pager::reclaim`] itself are
 //!   recognised (the reclaim is already bracketed) and not bracketed twice.
+//! * What remains: for a drop made *outside* the pager (someone else's madvise), the kernel
+//!   zaps as soon as the REMOVE is read, while the handler brackets stage2 just after; a fault
+//!   read earlier can fill and install in that window and then be zapped from stage2 although
+//!   the host has the page. [`Pager::reclaim`], the VMM's only way of dropping guest RAM, has no
+//!   such window: its bracket encloses the madvise.
 
 use std::fmt;
 use std::fs::File;
