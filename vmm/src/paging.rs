@@ -24,7 +24,7 @@
 //! # Races with the kernel, and where they are handled
 //!
 //! * EEXIST from a fill: another handler filled the page first (two vCPUs faulted on it). The
-//!   page is there; stage2 is still asked, and answers Spurious. See [`Handler::fill`].
+//!   page is there; stage2 is still asked, and answers Spurious (see `Handler::fill`).
 //! * EAGAIN with nothing done: a REMOVE/UNMAP event is queued and not yet read (the kernel's
 //!   `mmap_changing`), as in Firecracker's handler. The fault is deferred; the event is read in
 //!   the same or the next batch (the kernel hands out queued faults before events, but one
