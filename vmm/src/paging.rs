@@ -845,7 +845,8 @@ impl Pager {
         for r in &sh.backing.regions {
             let mut off = 0;
             while off < r.len {
-                let n = CHUNK.min(r.len - off);
+                // Whole backing pages per chunk (a 1 GiB page is bigger than CHUNK).
+                let n = CHUNK.max(page).min(r.len - off);
                 let mut vec = vec![0u8; (n / SZ_4K) as usize];
                 // SAFETY: [host_addr+off, +n) lies in a registered mapping; `vec` has one byte
                 // per 4 KiB page of it.

@@ -589,7 +589,9 @@ fn hugetlb_1g_fault_fills_the_whole_gigabyte_and_installs_one_block() {
         addr: p as u64,
         len: GIB,
     });
+    // The first gigabyte page is not there yet: nothing to record.
     let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size1G, cfg(1, 1)).unwrap();
+    assert_eq!(pager.record_present().unwrap(), 0);
     let r = ram.clone();
     let seen = thread::spawn(move || {
         let first = r.read(0x1234_5000);
@@ -614,6 +616,12 @@ fn hugetlb_1g_fault_fills_the_whole_gigabyte_and_installs_one_block() {
     let r = ram.clone();
     assert_eq!(thread::spawn(move || r.read(GIB - 8)).join().unwrap(), 0);
     assert_eq!(pager.stats().stage2.installs_1g, 2);
+    pager.stop();
+    // A new pager over the populated gigabyte records it as one 1 GiB block.
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size1G, cfg(1, 1)).unwrap();
+    assert_eq!(pager.record_present().unwrap(), 1);
+    let t = pager.stage2().translate(GIB - 8, Access::Read).unwrap();
+    assert_eq!(t.size, PageSize::Size1G);
     pager.stop();
 }
 
