@@ -11,6 +11,7 @@ pub mod cli;
 pub mod devices;
 pub mod guest;
 pub mod memory;
+pub mod migrate;
 pub mod paging;
 pub mod uffd;
 pub mod vcpu;

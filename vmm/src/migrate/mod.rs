@@ -1,0 +1,15 @@
+//! Live migration: the wire format ([`stream`]), the sockets it travels over ([`transport`]),
+//! the vCPU/VM/device state it carries ([`state`]), and moving guest RAM through it ([`ram`]).
+
+pub mod ram;
+pub mod state;
+pub mod stream;
+pub mod transport;
+
+pub use stream::{Chunk, Layout, StreamError, StreamReader, StreamWriter};
+pub use transport::{Address, AddressError, Connection, Listener};
+
+/// Device-state chunk name of the VM-wide KVM state ([`state::VmState`]).
+pub const DEVICE_KVM_VM: &str = "kvm-vm";
+/// Device-state chunk name of COM1 ([`state::SerialRegs`]).
+pub const DEVICE_SERIAL: &str = "serial-com1";

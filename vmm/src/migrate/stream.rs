@@ -1,0 +1,770 @@
+//! The migration wire format: a versioned header naming the guest layout, then typed chunks
+//! (RAM pages, zero-page runs, vCPU and device state, round markers, end, the destination's
+//! "guest running" acknowledgement), each framed with its length and a CRC-32.
+//!
+//! ```text
+//! stream := MAGIC (8 bytes) VERSION (u32 LE) header-chunk chunk* end-chunk
+//! chunk  := kind (u32 LE) len (u32 LE) payload (len bytes) crc (u32 LE)
+//!           crc = CRC-32 (IEEE, crc32fast) over kind, len and payload
+//! ```
+//!
+//! Payloads (all integers little-endian):
+//!
+//! | kind | payload |
+//! |------|---------|
+//! | `HEADER` | page_size u32, vcpus u32, nr_regions u32, then (gpa u64, len u64) per region |
+//! | `PAGES` | gpa u64, then a whole number of pages (at most [`MAX_PAGES_PER_CHUNK`]) |
+//! | `ZERO_PAGES` | gpa u64, count u64: `count` pages of zeros, no data |
+//! | `VCPU` | vcpu id u32, then the state blob |
+//! | `DEVICE` | name length u8, name (UTF-8), then the state blob |
+//! | `ROUND` | round u32, dirty pages u64 |
+//! | `END` | empty |
+//! | `GUEST_RUNNING` | empty (destination to source) |
+//!
+//! The reader keeps one reusable buffer, so reading a chunk allocates nothing after the first
+//! large one; the writer checksums page data straight from the caller's slice.
+
+use std::io::{self, BufWriter, Read, Write};
+
+/// First bytes of every stream.
+pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
+/// The format version this code writes and reads.
+pub const VERSION: u32 = 1;
+/// The page size of `PAGES` and `ZERO_PAGES` chunks.
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages carried by one `PAGES` chunk (1 MiB of data).
+pub const MAX_PAGES_PER_CHUNK: usize = 256;
+/// Largest payload a reader accepts: a full `PAGES` chunk plus its address.
+pub const MAX_PAYLOAD: usize = MAX_PAGES_PER_CHUNK * PAGE_SIZE + 8;
+/// Bytes of a chunk frame around the payload (kind, len, crc).
+pub const FRAME_OVERHEAD: usize = 12;
+/// Most RAM regions a header may list (a corrupted count is refused before allocating).
+const MAX_REGIONS: usize = 64;
+/// Capacity of the writer's buffer.
+const WRITE_BUFFER: usize = 256 << 10;
+
+/// Chunk kinds on the wire.
+mod kind {
+    pub const HEADER: u32 = 1;
+    pub const PAGES: u32 = 2;
+    pub const ZERO_PAGES: u32 = 3;
+    pub const VCPU: u32 = 4;
+    pub const DEVICE: u32 = 5;
+    pub const ROUND: u32 = 6;
+    pub const END: u32 = 7;
+    pub const GUEST_RUNNING: u32 = 8;
+}
+
+fn kind_name(k: u32) -> &'static str {
+    match k {
+        kind::HEADER => "header",
+        kind::PAGES => "pages",
+        kind::ZERO_PAGES => "zero-pages",
+        kind::VCPU => "vcpu-state",
+        kind::DEVICE => "device-state",
+        kind::ROUND => "round",
+        kind::END => "end",
+        kind::GUEST_RUNNING => "guest-running",
+        _ => "unknown",
+    }
+}
+
+/// Errors reading or writing a migration stream. Offsets are byte offsets from the start of
+/// the stream; chunk numbers count from 0 (the header chunk).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The transport failed.
+    #[error("migration stream I/O error at offset {offset}: {source}")]
+    Io {
+        /// Where.
+        offset: u64,
+        /// The error.
+        source: io::Error,
+    },
+    /// The stream ended in the middle of something.
+    #[error("migration stream truncated at offset {offset} inside chunk {chunk} ({what}): the source stopped or the connection dropped; the source VM keeps running, retry the migration")]
+    Truncated {
+        /// Where the data ran out.
+        offset: u64,
+        /// Chunk number.
+        chunk: u64,
+        /// Which part was missing.
+        what: &'static str,
+    },
+    /// Not a migration stream.
+    #[error("not a vmm migration stream (magic {found:02x?}): check that --incoming and the source's --to name the same address")]
+    BadMagic {
+        /// The first bytes read.
+        found: [u8; 8],
+    },
+    /// Another format version.
+    #[error("migration stream version {found}, this vmm reads version {VERSION}: run the same vmm build on both sides")]
+    Version {
+        /// The stream's version.
+        found: u32,
+    },
+    /// A chunk's checksum does not match its bytes.
+    #[error("migration stream corrupted: checksum mismatch in chunk {chunk} ({kind}) at offset {offset} (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum {
+        /// Chunk number.
+        chunk: u64,
+        /// Chunk kind name.
+        kind: &'static str,
+        /// Offset of the chunk frame.
+        offset: u64,
+        /// CRC on the wire.
+        stored: u32,
+        /// CRC of the bytes received.
+        computed: u32,
+    },
+    /// A chunk frame is impossible (unknown kind, oversized length, bad payload shape).
+    #[error("migration stream corrupted: chunk {chunk} at offset {offset}: {what}")]
+    Malformed {
+        /// Chunk number.
+        chunk: u64,
+        /// Offset of the chunk frame.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// A chunk arrived where another was required.
+    #[error("migration stream out of order: chunk {chunk} at offset {offset} is {found}, expected {expected}")]
+    Unexpected {
+        /// Chunk number.
+        chunk: u64,
+        /// Offset of the chunk frame.
+        offset: u64,
+        /// What came.
+        found: &'static str,
+        /// What was required.
+        expected: &'static str,
+    },
+    /// Source and destination disagree on the vCPU count.
+    #[error("source has {source_vcpus} vCPUs, this VM has {here}: start the destination with --cpus {source_vcpus}")]
+    VcpuMismatch {
+        /// Source's count.
+        source_vcpus: u32,
+        /// Ours.
+        here: u32,
+    },
+    /// Source and destination disagree on guest RAM.
+    #[error("source guest RAM is {source_ram} ({source_regions}), this VM has {here_ram} ({here_regions}): start the destination with --mem {source_ram}")]
+    RamMismatch {
+        /// Source's total, human readable.
+        source_ram: String,
+        /// Source's regions.
+        source_regions: String,
+        /// Our total.
+        here_ram: String,
+        /// Our regions.
+        here_regions: String,
+    },
+    /// Source and destination disagree on the page size.
+    #[error("source streams {source_page}-byte pages, this vmm uses {here}: run the same vmm build on both sides")]
+    PageSizeMismatch {
+        /// Source's page size.
+        source_page: u32,
+        /// Ours.
+        here: u32,
+    },
+    /// A writer call with impossible arguments (a bug in the caller).
+    #[error("invalid migration chunk: {0}")]
+    InvalidArgument(String),
+}
+
+/// What both ends must agree on before any page moves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Page size of page chunks (always [`PAGE_SIZE`] for this version).
+    pub page_size: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM regions as (gpa, len), in guest-physical order.
+    pub regions: Vec<(u64, u64)>,
+}
+
+impl Layout {
+    /// The layout of a VM with `vcpus` vCPUs over `regions`.
+    pub fn new(vcpus: u32, regions: impl IntoIterator<Item = (u64, u64)>) -> Layout {
+        Layout {
+            page_size: PAGE_SIZE as u32,
+            vcpus,
+            regions: regions.into_iter().collect(),
+        }
+    }
+
+    /// Total RAM bytes.
+    pub fn ram_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.1).sum()
+    }
+
+    /// Checks that a stream from `source` can be received by a VM with this layout.
+    pub fn accept(&self, source: &Layout) -> Result<(), StreamError> {
+        if source.page_size != self.page_size {
+            return Err(StreamError::PageSizeMismatch {
+                source_page: source.page_size,
+                here: self.page_size,
+            });
+        }
+        if source.regions != self.regions {
+            let regions = |l: &Layout| {
+                l.regions
+                    .iter()
+                    .map(|(g, n)| format!("{g:#x}+{n:#x}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(StreamError::RamMismatch {
+                source_ram: crate::memory::human(source.ram_bytes()),
+                source_regions: regions(source),
+                here_ram: crate::memory::human(self.ram_bytes()),
+                here_regions: regions(self),
+            });
+        }
+        if source.vcpus != self.vcpus {
+            return Err(StreamError::VcpuMismatch {
+                source_vcpus: source.vcpus,
+                here: self.vcpus,
+            });
+        }
+        Ok(())
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(12 + 16 * self.regions.len());
+        out.extend_from_slice(&self.page_size.to_le_bytes());
+        out.extend_from_slice(&self.vcpus.to_le_bytes());
+        out.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
+        for (gpa, len) in &self.regions {
+            out.extend_from_slice(&gpa.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(p: &[u8]) -> Result<Layout, String> {
+        let mut c = Cursor(p);
+        let page_size = c.u32()?;
+        let vcpus = c.u32()?;
+        let n = c.u32()? as usize;
+        if n > MAX_REGIONS {
+            return Err(format!("header lists {n} RAM regions (at most {MAX_REGIONS})"));
+        }
+        let mut regions = Vec::with_capacity(n);
+        for _ in 0..n {
+            regions.push((c.u64()?, c.u64()?));
+        }
+        c.finish()?;
+        Ok(Layout {
+            page_size,
+            vcpus,
+            regions,
+        })
+    }
+}
+
+/// A little-endian reader over a payload with errors naming what was short.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!(
+                "payload too short: needs {n} more bytes, has {}",
+                self.0.len()
+            ));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+    fn finish(&self) -> Result<(), String> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} unexpected trailing payload bytes", self.0.len()))
+        }
+    }
+}
+
+/// One chunk as read; data borrows the reader's buffer until the next read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Chunk<'a> {
+    /// Pages starting at `gpa`; `data.len()` is a multiple of [`PAGE_SIZE`].
+    Pages {
+        /// Guest-physical address of the first page.
+        gpa: u64,
+        /// The page contents.
+        data: &'a [u8],
+    },
+    /// `count` zero pages starting at `gpa`.
+    ZeroPages {
+        /// Guest-physical address of the first page.
+        gpa: u64,
+        /// Number of pages.
+        count: u64,
+    },
+    /// The state blob of one vCPU.
+    Vcpu {
+        /// vCPU id.
+        id: u32,
+        /// Encoded [`super::state::VcpuState`].
+        blob: &'a [u8],
+    },
+    /// The state blob of one device (or of the VM: irqchip, PIT, clock).
+    Device {
+        /// Device name.
+        name: &'a str,
+        /// Encoded state.
+        blob: &'a [u8],
+    },
+    /// Marks the end of precopy round `round`, which sent `dirty_pages` pages.
+    Round {
+        /// Round number.
+        round: u32,
+        /// Pages sent in the round.
+        dirty_pages: u64,
+    },
+    /// The source has sent everything.
+    End,
+    /// The destination's guest runs (sent back to the source).
+    GuestRunning,
+}
+
+/// Writes a migration stream over any `Write`, buffered, counting the bytes.
+pub struct StreamWriter<W: Write> {
+    out: BufWriter<W>,
+    offset: u64,
+}
+
+impl<W: Write> std::fmt::Debug for StreamWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamWriter")
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Starts a stream: magic, version and the header chunk describing `layout`.
+    pub fn new(out: W, layout: &Layout) -> Result<StreamWriter<W>, StreamError> {
+        let mut w = StreamWriter::headless(out);
+        let mut start = [0u8; 12];
+        start[..8].copy_from_slice(&MAGIC);
+        start[8..].copy_from_slice(&VERSION.to_le_bytes());
+        w.put(&start)?;
+        w.chunk(kind::HEADER, &[&layout.encode()])?;
+        Ok(w)
+    }
+
+    /// A writer of bare chunks without magic or header: the destination's reply channel.
+    pub fn headless(out: W) -> StreamWriter<W> {
+        StreamWriter {
+            out: BufWriter::with_capacity(WRITE_BUFFER, out),
+            offset: 0,
+        }
+    }
+
+    fn put(&mut self, b: &[u8]) -> Result<(), StreamError> {
+        let offset = self.offset;
+        self.out
+            .write_all(b)
+            .map_err(|source| StreamError::Io { offset, source })?;
+        self.offset += b.len() as u64;
+        Ok(())
+    }
+
+    /// One frame whose payload is the concatenation of `parts` (no copy of the parts).
+    fn chunk(&mut self, k: u32, parts: &[&[u8]]) -> Result<(), StreamError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > MAX_PAYLOAD {
+            return Err(StreamError::InvalidArgument(format!(
+                "{} chunk of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit",
+                kind_name(k)
+            )));
+        }
+        let mut head = [0u8; 8];
+        head[..4].copy_from_slice(&k.to_le_bytes());
+        head[4..].copy_from_slice(&(len as u32).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        self.put(&head)?;
+        for p in parts {
+            crc.update(p);
+            self.put(p)?;
+        }
+        self.put(&crc.finalize().to_le_bytes())
+    }
+
+    /// Pages at `gpa`: `data` is a whole number of pages, split into chunks of at most
+    /// [`MAX_PAGES_PER_CHUNK`] pages.
+    pub fn pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), StreamError> {
+        if !data.len().is_multiple_of(PAGE_SIZE) || !gpa.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(StreamError::InvalidArgument(format!(
+                "pages at {gpa:#x} of {} bytes are not whole {PAGE_SIZE}-byte pages",
+                data.len()
+            )));
+        }
+        for (i, run) in data.chunks(MAX_PAGES_PER_CHUNK * PAGE_SIZE).enumerate() {
+            let at = gpa + (i * MAX_PAGES_PER_CHUNK * PAGE_SIZE) as u64;
+            self.chunk(kind::PAGES, &[&at.to_le_bytes(), run])?;
+        }
+        Ok(())
+    }
+
+    /// `count` zero pages at `gpa`, without data.
+    pub fn zero_pages(&mut self, gpa: u64, count: u64) -> Result<(), StreamError> {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(StreamError::InvalidArgument(format!(
+                "zero pages at unaligned {gpa:#x}"
+            )));
+        }
+        self.chunk(
+            kind::ZERO_PAGES,
+            &[&gpa.to_le_bytes(), &count.to_le_bytes()],
+        )
+    }
+
+    /// Guest memory `data` at `gpa` (whole pages): runs of zero pages become zero-page chunks,
+    /// the rest page chunks. Returns the number of zero pages found.
+    pub fn ram(&mut self, gpa: u64, data: &[u8]) -> Result<u64, StreamError> {
+        let pages = data.len() / PAGE_SIZE;
+        let mut zeros = 0u64;
+        let mut i = 0;
+        while i < pages {
+            let zero = is_zero(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+            let mut j = i + 1;
+            while j < pages && is_zero(&data[j * PAGE_SIZE..(j + 1) * PAGE_SIZE]) == zero {
+                j += 1;
+            }
+            let at = gpa + (i * PAGE_SIZE) as u64;
+            if zero {
+                zeros += (j - i) as u64;
+                self.zero_pages(at, (j - i) as u64)?;
+            } else {
+                self.pages(at, &data[i * PAGE_SIZE..j * PAGE_SIZE])?;
+            }
+            i = j;
+        }
+        Ok(zeros)
+    }
+
+    /// The state blob of vCPU `id`.
+    pub fn vcpu(&mut self, id: u32, blob: &[u8]) -> Result<(), StreamError> {
+        self.chunk(kind::VCPU, &[&id.to_le_bytes(), blob])
+    }
+
+    /// The state blob of device `name` (at most 255 bytes of UTF-8).
+    pub fn device(&mut self, name: &str, blob: &[u8]) -> Result<(), StreamError> {
+        let n = u8::try_from(name.len()).map_err(|_| {
+            StreamError::InvalidArgument(format!("device name `{name}` is over 255 bytes"))
+        })?;
+        self.chunk(kind::DEVICE, &[&[n], name.as_bytes(), blob])
+    }
+
+    /// The end of round `round`, which sent `dirty_pages` pages.
+    pub fn round(&mut self, round: u32, dirty_pages: u64) -> Result<(), StreamError> {
+        self.chunk(
+            kind::ROUND,
+            &[&round.to_le_bytes(), &dirty_pages.to_le_bytes()],
+        )
+    }
+
+    /// End of stream; flushes.
+    pub fn end(&mut self) -> Result<(), StreamError> {
+        self.chunk(kind::END, &[])?;
+        self.flush()
+    }
+
+    /// The destination's "guest running" acknowledgement; flushes.
+    pub fn guest_running(&mut self) -> Result<(), StreamError> {
+        self.chunk(kind::GUEST_RUNNING, &[])?;
+        self.flush()
+    }
+
+    /// Pushes buffered bytes to the transport.
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        let offset = self.offset;
+        self.out
+            .flush()
+            .map_err(|source| StreamError::Io { offset, source })
+    }
+
+    /// Bytes written so far (including buffered ones).
+    pub fn bytes_written(&self) -> u64 {
+        self.offset
+    }
+
+    /// Flushes and returns the transport.
+    pub fn into_inner(self) -> Result<W, StreamError> {
+        let offset = self.offset;
+        self.out.into_inner().map_err(|e| StreamError::Io {
+            offset,
+            source: e.into_error(),
+        })
+    }
+}
+
+/// True when every byte of `page` is zero (word at a time; the compiler vectorises it).
+pub fn is_zero(page: &[u8]) -> bool {
+    let (words, tail) = page.split_at(page.len() & !7);
+    words
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+/// Reads a migration stream from any `Read` (wrap sockets in nothing: reads are large).
+pub struct StreamReader<R: Read> {
+    input: R,
+    offset: u64,
+    chunk: u64,
+    buf: Vec<u8>,
+    ended: bool,
+}
+
+impl<R: Read> std::fmt::Debug for StreamReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReader")
+            .field("offset", &self.offset)
+            .field("chunk", &self.chunk)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads magic, version and header; checks the source's layout against `here`.
+    pub fn new(input: R, here: &Layout) -> Result<(StreamReader<R>, Layout), StreamError> {
+        let mut r = StreamReader::headless(input);
+        let mut start = [0u8; 12];
+        r.fill(&mut start, "magic and version")?;
+        let magic: [u8; 8] = start[..8].try_into().unwrap();
+        if magic != MAGIC {
+            return Err(StreamError::BadMagic { found: magic });
+        }
+        let version = u32::from_le_bytes(start[8..].try_into().unwrap());
+        if version != VERSION {
+            return Err(StreamError::Version { found: version });
+        }
+        let frame = r.offset;
+        let (k, len) = r.frame()?;
+        if k != kind::HEADER {
+            return Err(StreamError::Unexpected {
+                chunk: 0,
+                offset: frame,
+                found: kind_name(k),
+                expected: "header",
+            });
+        }
+        let layout = Layout::decode(&r.buf[..len]).map_err(|what| StreamError::Malformed {
+            chunk: 0,
+            offset: frame,
+            what,
+        })?;
+        here.accept(&layout)?;
+        r.chunk = 1;
+        Ok((r, layout))
+    }
+
+    /// A reader of bare chunks (the source reading the destination's acknowledgement).
+    pub fn headless(input: R) -> StreamReader<R> {
+        StreamReader {
+            input,
+            offset: 0,
+            chunk: 0,
+            buf: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// Bytes consumed so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.offset
+    }
+
+    fn fill(&mut self, dst: &mut [u8], what: &'static str) -> Result<(), StreamError> {
+        let mut done = 0;
+        while done < dst.len() {
+            match self.input.read(&mut dst[done..]) {
+                Ok(0) => {
+                    return Err(StreamError::Truncated {
+                        offset: self.offset + done as u64,
+                        chunk: self.chunk,
+                        what,
+                    })
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(StreamError::Io {
+                        offset: self.offset + done as u64,
+                        source,
+                    })
+                }
+            }
+        }
+        self.offset += done as u64;
+        Ok(())
+    }
+
+    /// Reads one frame into `buf`, checking length and CRC; returns (kind, payload length).
+    fn frame(&mut self) -> Result<(u32, usize), StreamError> {
+        let frame = self.offset;
+        let mut head = [0u8; 8];
+        self.fill(&mut head, "chunk header")?;
+        let k = u32::from_le_bytes(head[..4].try_into().unwrap());
+        let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
+        if !(kind::HEADER..=kind::GUEST_RUNNING).contains(&k) {
+            return Err(StreamError::Malformed {
+                chunk: self.chunk,
+                offset: frame,
+                what: format!("unknown chunk kind {k}"),
+            });
+        }
+        if len > MAX_PAYLOAD {
+            return Err(StreamError::Malformed {
+                chunk: self.chunk,
+                offset: frame,
+                what: format!(
+                    "{} chunk claims {len} payload bytes (at most {MAX_PAYLOAD})",
+                    kind_name(k)
+                ),
+            });
+        }
+        if self.buf.len() < len + 4 {
+            self.buf.resize(len + 4, 0);
+        }
+        let mut body = std::mem::take(&mut self.buf);
+        let res = self.fill(&mut body[..len + 4], "chunk payload and checksum");
+        self.buf = body;
+        res?;
+        let stored = u32::from_le_bytes(self.buf[len..len + 4].try_into().unwrap());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(&self.buf[..len]);
+        let computed = crc.finalize();
+        if stored != computed {
+            return Err(StreamError::Checksum {
+                chunk: self.chunk,
+                kind: kind_name(k),
+                offset: frame,
+                stored,
+                computed,
+            });
+        }
+        Ok((k, len))
+    }
+
+    /// The next chunk. After `End`, further calls return `End` again without reading.
+    pub fn next_chunk(&mut self) -> Result<Chunk<'_>, StreamError> {
+        if self.ended {
+            return Ok(Chunk::End);
+        }
+        let frame = self.offset;
+        let (k, len) = self.frame()?;
+        let chunk = self.chunk;
+        self.chunk += 1;
+        if k == kind::END {
+            self.ended = true;
+        }
+        let malformed = |what: String| StreamError::Malformed {
+            chunk,
+            offset: frame,
+            what,
+        };
+        let mut c = Cursor(&self.buf[..len]);
+        let parsed = (|| -> Result<Chunk<'_>, String> {
+            Ok(match k {
+                kind::PAGES => {
+                    let gpa = c.u64()?;
+                    let data = c.rest();
+                    if data.is_empty() || !data.len().is_multiple_of(PAGE_SIZE) {
+                        return Err(format!(
+                            "pages chunk carries {} bytes, not a whole number of pages",
+                            data.len()
+                        ));
+                    }
+                    Chunk::Pages { gpa, data }
+                }
+                kind::ZERO_PAGES => {
+                    let gpa = c.u64()?;
+                    let count = c.u64()?;
+                    c.finish()?;
+                    Chunk::ZeroPages { gpa, count }
+                }
+                kind::VCPU => {
+                    let id = c.u32()?;
+                    Chunk::Vcpu {
+                        id,
+                        blob: c.rest(),
+                    }
+                }
+                kind::DEVICE => {
+                    let n = c.u8()? as usize;
+                    let name = std::str::from_utf8(c.take(n)?)
+                        .map_err(|e| format!("device name is not UTF-8: {e}"))?;
+                    Chunk::Device {
+                        name,
+                        blob: c.rest(),
+                    }
+                }
+                kind::ROUND => {
+                    let round = c.u32()?;
+                    let dirty_pages = c.u64()?;
+                    c.finish()?;
+                    Chunk::Round { round, dirty_pages }
+                }
+                kind::END => {
+                    c.finish()?;
+                    Chunk::End
+                }
+                kind::GUEST_RUNNING => {
+                    c.finish()?;
+                    Chunk::GuestRunning
+                }
+                _ => return Err(format!("{} chunk after the start", kind_name(k))),
+            })
+        })();
+        parsed.map_err(malformed)
+    }
+
+    /// Waits for the destination's acknowledgement that the guest runs.
+    pub fn expect_guest_running(&mut self) -> Result<(), StreamError> {
+        let offset = self.offset;
+        let chunk = self.chunk;
+        match self.next_chunk()? {
+            Chunk::GuestRunning => Ok(()),
+            other => Err(StreamError::Unexpected {
+                chunk,
+                offset,
+                found: chunk_name(&other),
+                expected: "guest-running",
+            }),
+        }
+    }
+}
+
+/// The wire name of a chunk.
+pub fn chunk_name(c: &Chunk<'_>) -> &'static str {
+    match c {
+        Chunk::Pages { .. } => "pages",
+        Chunk::ZeroPages { .. } => "zero-pages",
+        Chunk::Vcpu { .. } => "vcpu-state",
+        Chunk::Device { .. } => "device-state",
+        Chunk::Round { .. } => "round",
+        Chunk::End => "end",
+        Chunk::GuestRunning => "guest-running",
+    }
+}

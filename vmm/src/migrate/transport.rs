@@ -1,0 +1,301 @@
+//! Migration addresses (`tcp:HOST:PORT`, `unix:PATH`) and the sockets behind them: connect on
+//! the source, listen and accept on the destination.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Errors parsing an address or opening its socket; each names the address and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    /// Not `tcp:` or `unix:`.
+    #[error("migration address `{0}`: expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444) or unix:PATH (e.g. unix:/tmp/mig.sock)")]
+    Syntax(String),
+    /// Bad TCP port.
+    #[error("migration address `{0}`: the port must be a number 1-65535 after the last `:` (e.g. tcp:127.0.0.1:4444)")]
+    Port(String),
+    /// Empty host or path.
+    #[error("migration address `{0}`: the host or path is empty")]
+    Empty(String),
+    /// Connecting failed.
+    #[error("cannot connect to migration destination {addr}: {source}; start the destination first with `vmm --incoming {addr}` and the same --mem and --cpus")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// Listening failed.
+    #[error("cannot listen on {addr}: {source}; choose a free port or path (remove a stale unix socket file)")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// Accepting or configuring the connection failed.
+    #[error("migration connection on {addr} failed: {source}")]
+    Accept {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// Where a migration stream goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    /// TCP to `host:port` (host may be a name, an IPv4 or a bracketed IPv6 address).
+    Tcp {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A unix stream socket at a path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl FromStr for Address {
+    type Err = AddressError;
+    fn from_str(s: &str) -> Result<Address, AddressError> {
+        if let Some(rest) = s.strip_prefix("tcp:") {
+            let (host, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| AddressError::Port(s.into()))?;
+            let port: u16 = port.parse().map_err(|_| AddressError::Port(s.into()))?;
+            if port == 0 {
+                return Err(AddressError::Port(s.into()));
+            }
+            if host.is_empty() {
+                return Err(AddressError::Empty(s.into()));
+            }
+            Ok(Address::Tcp {
+                host: host.into(),
+                port,
+            })
+        } else if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(AddressError::Empty(s.into()));
+            }
+            Ok(Address::Unix(path.into()))
+        } else {
+            Err(AddressError::Syntax(s.into()))
+        }
+    }
+}
+
+impl Address {
+    fn tcp_target(host: &str, port: u16) -> String {
+        format!("{}:{port}", host)
+    }
+
+    /// Connects to a listening destination.
+    pub fn connect(&self) -> Result<Connection, AddressError> {
+        let err = |source| AddressError::Connect {
+            addr: self.to_string(),
+            source,
+        };
+        match self {
+            Address::Tcp { host, port } => {
+                let s = TcpStream::connect(Self::tcp_target(host, *port)).map_err(err)?;
+                s.set_nodelay(true).map_err(err)?;
+                Ok(Connection::Tcp(s))
+            }
+            Address::Unix(p) => Ok(Connection::Unix(UnixStream::connect(p).map_err(err)?)),
+        }
+    }
+
+    /// Listens for the source.
+    pub fn listen(&self) -> Result<Listener, AddressError> {
+        let err = |source| AddressError::Listen {
+            addr: self.to_string(),
+            source,
+        };
+        let inner = match self {
+            Address::Tcp { host, port } => {
+                ListenerInner::Tcp(TcpListener::bind(Self::tcp_target(host, *port)).map_err(err)?)
+            }
+            Address::Unix(p) => ListenerInner::Unix(UnixListener::bind(p).map_err(err)?),
+        };
+        Ok(Listener {
+            addr: self.clone(),
+            inner,
+        })
+    }
+}
+
+#[derive(Debug)]
+enum ListenerInner {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// A listening socket waiting for one source.
+#[derive(Debug)]
+pub struct Listener {
+    addr: Address,
+    inner: ListenerInner,
+}
+
+impl Listener {
+    /// The address actually bound (with the real port when asked for port 0 via `bind_any`).
+    pub fn address(&self) -> Address {
+        match (&self.inner, &self.addr) {
+            (ListenerInner::Tcp(l), Address::Tcp { host, .. }) => Address::Tcp {
+                host: host.clone(),
+                port: l.local_addr().map(|a| a.port()).unwrap_or(0),
+            },
+            _ => self.addr.clone(),
+        }
+    }
+
+    /// A TCP listener on `host` with a port the kernel picks (for tests and demos).
+    pub fn bind_any_tcp(host: &str) -> Result<Listener, AddressError> {
+        let l = TcpListener::bind(Address::tcp_target(host, 0)).map_err(|source| {
+            AddressError::Listen {
+                addr: format!("tcp:{host}:0"),
+                source,
+            }
+        })?;
+        let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+        Ok(Listener {
+            addr: Address::Tcp {
+                host: host.into(),
+                port,
+            },
+            inner: ListenerInner::Tcp(l),
+        })
+    }
+
+    /// Waits for the source to connect.
+    pub fn accept(&self) -> Result<Connection, AddressError> {
+        let err = |source| AddressError::Accept {
+            addr: self.addr.to_string(),
+            source,
+        };
+        match &self.inner {
+            ListenerInner::Tcp(l) => {
+                let (s, _) = l.accept().map_err(err)?;
+                s.set_nodelay(true).map_err(err)?;
+                Ok(Connection::Tcp(s))
+            }
+            ListenerInner::Unix(l) => Ok(Connection::Unix(l.accept().map_err(err)?.0)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let (ListenerInner::Unix(_), Address::Unix(p)) = (&self.inner, &self.addr) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A connected migration socket; `try_clone` gives the other direction its own handle.
+#[derive(Debug)]
+pub enum Connection {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix stream socket.
+    Unix(UnixStream),
+}
+
+impl Connection {
+    /// A second handle on the same socket (one for reading, one for writing).
+    pub fn try_clone(&self) -> io::Result<Connection> {
+        Ok(match self {
+            Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
+            Connection::Unix(s) => Connection::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Closes the sending direction (the peer reads end-of-file).
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Connection::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.read(buf),
+            Connection::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.write(buf),
+            Connection::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.flush(),
+            Connection::Unix(s) => s.flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            "tcp:127.0.0.1:4444".parse::<Address>().unwrap(),
+            Address::Tcp {
+                host: "127.0.0.1".into(),
+                port: 4444
+            }
+        );
+        assert_eq!(
+            "tcp:[::1]:80".parse::<Address>().unwrap().to_string(),
+            "tcp:[::1]:80"
+        );
+        assert_eq!(
+            "unix:/tmp/x.sock".parse::<Address>().unwrap(),
+            Address::Unix("/tmp/x.sock".into())
+        );
+        for (bad, needle) in [
+            ("127.0.0.1:4444", "expected tcp:HOST:PORT"),
+            ("tcp:localhost", "port must be"),
+            ("tcp:localhost:0", "port must be"),
+            ("tcp:localhost:99999", "port must be"),
+            ("tcp::4444", "empty"),
+            ("unix:", "empty"),
+        ] {
+            let e = bad.parse::<Address>().unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn connect_to_nobody_names_the_fix() {
+        let l = Listener::bind_any_tcp("127.0.0.1").unwrap();
+        let addr = l.address();
+        drop(l);
+        let e = addr.connect().unwrap_err().to_string();
+        assert!(e.contains("--incoming"), "{e}");
+    }
+}
