@@ -836,7 +836,7 @@ mod tests {
             arg: [
                 UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP,
                 0x7000,
-                0,
+                42,
             ],
             ..Default::default()
         };
