@@ -1,0 +1,209 @@
+//! Reclaims under a running `stress` guest on real KVM: a storm of 1 GiB ranges, and the
+//! control socket (stats, reclaim, bad requests, pause/resume) while the guest keeps running.
+
+mod guest_util;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use guest_util::{hugetlb_or_skip, kvm_or_skip, serial, vmm_guest};
+use serde_json::{json, Value};
+
+const GIB: u64 = 1 << 30;
+const SZ_2M: u64 = 2 << 20;
+
+#[test]
+fn reclaim_storm_of_1g_ranges_on_hugetlb_2m_passes_with_zaps_and_refaults() {
+    let test = "reclaim_storm_on_hugetlb_2m";
+    if !kvm_or_skip(test) || !hugetlb_or_skip(test, 4 * GIB) {
+        return;
+    }
+    let _one = serial();
+    let run = vmm_guest(
+        test,
+        &[
+            "--guest",
+            "stress",
+            "--mem",
+            "4G",
+            "--cpus",
+            "4",
+            "--hugepages",
+            "2M",
+            "--generations",
+            "30",
+            "--reclaim-storm",
+            "6",
+        ],
+    );
+    run.assert_pass();
+    run.assert_backing("2M hugetlbfs");
+    let touched_2m = run.stats()["slice_bytes"].as_u64().unwrap() * 4 / SZ_2M;
+    let reclaims = run.counter("paging", "reclaims");
+    assert!(
+        reclaims >= 1,
+        "the storm reclaimed nothing: {}",
+        run.stats()
+    );
+    assert!(run.counter("paging", "zapped") > 0, "no stage2 leaf zapped");
+    assert!(run.counter("stage2", "invalidations") >= reclaims);
+    // Pages dropped while the guest used them faulted in again: more installs than pages.
+    assert!(
+        run.counter("stage2", "installs_2m") > touched_2m,
+        "no refault: {} installs for {touched_2m} pages",
+        run.counter("stage2", "installs_2m")
+    );
+    eprintln!(
+        "{reclaims} reclaims, {} leaves zapped, {} pages re-initialised by the guest",
+        run.counter("paging", "zapped"),
+        run.vcpu_sum("reinit")
+    );
+}
+
+#[test]
+fn reclaim_storm_on_4k_pages_passes_with_zaps_and_refaults() {
+    let test = "reclaim_storm_on_4k_pages";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let _one = serial();
+    let run = vmm_guest(
+        test,
+        &[
+            "--guest",
+            "stress",
+            "--mem",
+            "1G",
+            "--cpus",
+            "4",
+            "--hugepages",
+            "none",
+            "--generations",
+            "6",
+            "--reclaim-storm",
+            "3",
+        ],
+    );
+    run.assert_pass();
+    run.assert_backing("4K pages");
+    let touched = run.stats()["slice_bytes"].as_u64().unwrap() * 4 / 4096;
+    assert!(run.counter("paging", "reclaims") >= 1);
+    assert!(run.counter("paging", "zapped") > 0);
+    assert!(run.counter("stage2", "installs_4k") > touched);
+}
+
+fn request(path: &Path, req: Value) -> Value {
+    vmm::api::request(path, &req).unwrap_or_else(|e| panic!("request {req}: {e}"))
+}
+
+fn raw_request(path: &Path, line: &str) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    s.write_all(line.as_bytes()).unwrap();
+    let mut resp = String::new();
+    BufReader::new(s).read_line(&mut resp).unwrap();
+    serde_json::from_str(&resp).expect("JSON answer")
+}
+
+fn assert_refused(resp: &Value, needle: &str) {
+    assert_eq!(resp["ok"], json!(false), "{resp}");
+    let msg = resp["error"].as_str().unwrap_or_default();
+    assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+}
+
+#[test]
+fn control_socket_during_stress_and_bad_requests_leave_the_guest_running() {
+    let test = "control_socket_during_stress";
+    if !kvm_or_skip(test) || !hugetlb_or_skip(test, GIB) {
+        return;
+    }
+    let _one = serial();
+    let sock = std::env::temp_dir().join(format!("vmm-guest-api-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "--guest",
+            "stress",
+            "--mem",
+            "1G",
+            "--cpus",
+            "2",
+            "--hugepages",
+            "2M",
+            "--generations",
+            "400",
+            "--expect-reclaim",
+            "--log-level",
+            "warn",
+            "--guest-timeout",
+            "300",
+            "--api-socket",
+        ])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no control socket after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let stats = request(&sock, json!({"cmd": "stats"}));
+    assert_eq!(stats["ok"], json!(true), "{stats}");
+    assert!(
+        stats["stats"]["stage2"]["installs_2m"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+
+    // A good reclaim of one 2 MiB page of vCPU 0's slice (it starts at 4 MiB).
+    let ok = request(&sock, json!({"cmd": "reclaim", "gpa": "4M", "len": "2M"}));
+    assert_eq!(ok["ok"], json!(true), "{ok}");
+    // Bad ones: unaligned, outside RAM, over the guest's code and stacks, malformed.
+    assert_refused(
+        &request(
+            &sock,
+            json!({"cmd": "reclaim", "gpa": "0x400800", "len": "4K"}),
+        ),
+        "aligned",
+    );
+    assert_refused(
+        &request(&sock, json!({"cmd": "reclaim", "gpa": "8G", "len": "2M"})),
+        "not inside one RAM region",
+    );
+    assert_refused(
+        &request(&sock, json!({"cmd": "reclaim", "gpa": 0, "len": "2M"})),
+        "slice memory only",
+    );
+    assert_refused(
+        &raw_request(&sock, "{\"cmd\": \"reclaim\", \n"),
+        "malformed JSON",
+    );
+    assert_refused(&request(&sock, json!({"cmd": "reboot"})), "unknown command");
+
+    assert_eq!(request(&sock, json!({"cmd": "pause"}))["ok"], json!(true));
+    let a = request(&sock, json!({"cmd": "stats"}));
+    std::thread::sleep(Duration::from_millis(200));
+    let b = request(&sock, json!({"cmd": "stats"}));
+    assert_eq!(
+        a["stats"]["paging"]["events_missing"], b["stats"]["paging"]["events_missing"],
+        "faults while paused"
+    );
+    assert_eq!(request(&sock, json!({"cmd": "resume"}))["ok"], json!(true));
+
+    let out = child.wait_with_output().expect("vmm output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.lines().any(|l| l == "PASS"), "{stdout}");
+    assert!(!sock.exists(), "the socket is removed when the VM ends");
+}
