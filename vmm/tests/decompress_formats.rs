@@ -463,31 +463,14 @@ fn random_and_damaged_input_never_panics() {
     eprintln!("{checked} damaged or random images decoded without a panic");
 }
 
-/// Debian's cloud kernel, if `tools/fetch-kernel` (or a developer) put one in
-/// the cache: `$VMM_TEST_KERNEL`, else the first `vmlinuz*` under
-/// `target/kernel/`.
+/// Debian's cloud kernel, if it has been fetched: `$VMM_TEST_KERNEL`, else
+/// `target/kernel/vmlinuz` where `tools/fetch-kernel` caches it.
 fn cached_kernel() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("VMM_TEST_KERNEL") {
         return Some(PathBuf::from(path));
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kernel");
-    let mut stack = vec![root];
-    let mut found = Vec::new();
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if entry.file_name().to_string_lossy().starts_with("vmlinuz") {
-                found.push(path);
-            }
-        }
-    }
-    found.sort();
-    found.pop()
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kernel/vmlinuz");
+    path.is_file().then_some(path)
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -503,7 +486,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 #[test]
 fn debian_cloud_kernel_decompresses_to_a_sane_vmlinux() {
     let Some(path) = cached_kernel() else {
-        eprintln!("skipping: no kernel cached under target/kernel/ (run tools/fetch-kernel) and VMM_TEST_KERNEL unset");
+        eprintln!(
+            "skipping: no target/kernel/vmlinuz (run tools/fetch-kernel) and VMM_TEST_KERNEL unset"
+        );
         return;
     };
     let image = std::fs::read(&path).unwrap();

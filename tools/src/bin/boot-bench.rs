@@ -24,6 +24,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// Where tools/fetch-kernel caches Debian's cloud kernel.
+const DEFAULT_KERNEL: &str = "target/kernel/vmlinuz";
+
 /// Size of a hugetlbfs page in the `2m` configuration.
 const HUGE_PAGE_2M: u64 = 2 << 20;
 const SYSFS_FREE_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
@@ -37,8 +40,8 @@ const DEFAULT_HUGETLBFS_MOUNT: &str = "/dev/hugepages";
              with 2 MiB huge pages and with THP, interleaved runs, one table"
 )]
 struct Args {
-    /// The bzImage to boot [default: the newest vmlinuz* under target/kernel/,
-    /// where tools/fetch-kernel caches Debian's cloud kernel].
+    /// The bzImage to boot [default: target/kernel/vmlinuz, where
+    /// tools/fetch-kernel caches Debian's cloud kernel].
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Our vmm binary.
@@ -70,7 +73,7 @@ struct Args {
     marker: String,
     /// Seconds a run may take to print the marker before it is killed and
     /// counted as failed.
-    #[arg(long, default_value_t = 180)]
+    #[arg(long, default_value_t = 300)]
     timeout: u64,
     /// hugetlbfs mount (2 MiB pages) for QEMU's -mem-path [default: an
     /// existing 2 MiB hugetlbfs mount, else one created at /dev/hugepages].
@@ -382,29 +385,11 @@ fn hugetlbfs_mount(given: Option<&Path>) -> Result<PathBuf> {
 }
 
 fn default_kernel() -> Result<PathBuf> {
-    let root = Path::new("target/kernel");
-    let mut stack = vec![root.to_path_buf()];
-    let mut found = Vec::new();
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if entry.file_name().to_string_lossy().starts_with("vmlinuz") {
-                found.push(path);
-            }
-        }
+    let path = PathBuf::from(DEFAULT_KERNEL);
+    if !path.is_file() {
+        bail!("no kernel at {DEFAULT_KERNEL}: run tools/fetch-kernel first, or pass --kernel PATH");
     }
-    found.sort();
-    found.pop().with_context(|| {
-        format!(
-            "no vmlinuz* under {}: run tools/fetch-kernel first, or pass --kernel PATH",
-            root.display()
-        )
-    })
+    Ok(path)
 }
 
 fn median(sorted: &[f64]) -> f64 {

@@ -5,7 +5,9 @@
 //! the kernel's Makefile does (cached under `target/decompress-bench/`,
 //! since `xz`/`lzma -9` and `zstd -22` take a minute each) and times
 //! `decompress_payload` on each, with the command-line tool's own `-d` as
-//! a reference. Build with `--release`: this is the boot-time path.
+//! a reference (its CPU time, user + system). Wall times suffer when
+//! other work shares the cores; the thread-CPU column does not. Build with
+//! `--release`: this is the boot-time path.
 //!
 //! ```text
 //! cargo build --release -p tools --bin decompress-bench
@@ -20,10 +22,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmm::boot::decompress::{decompress_bzimage, decompress_payload, Compression};
 
+/// Where tools/fetch-kernel caches Debian's cloud kernel.
+const DEFAULT_KERNEL: &str = "target/kernel/vmlinuz";
+
 #[derive(Parser, Debug)]
 #[command(about = "Per-compression decompression time of a real kernel's bzImage payload")]
 struct Args {
-    /// The bzImage [default: the newest vmlinuz* under target/kernel/].
+    /// The bzImage [default: target/kernel/vmlinuz, from tools/fetch-kernel].
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Timed repetitions per compression (the median and minimum are shown).
@@ -80,7 +85,11 @@ fn payload(format: Compression, vmlinux: &[u8], cache: &Path, key: &str) -> Resu
         return Ok(cached);
     }
     let (tool, args) = compress_command(format);
-    eprintln!("compressing with `{tool} {}` (cached in {}) ...", args.join(" "), path.display());
+    eprintln!(
+        "compressing with `{tool} {}` (cached in {}) ...",
+        args.join(" "),
+        path.display()
+    );
     let mut payload = pipe(tool, args, vmlinux)?;
     payload.extend_from_slice(&(vmlinux.len() as u32).to_le_bytes());
     std::fs::write(&path, &payload).with_context(|| format!("writing {}", path.display()))?;
@@ -88,25 +97,36 @@ fn payload(format: Compression, vmlinux: &[u8], cache: &Path, key: &str) -> Resu
 }
 
 fn default_kernel() -> Result<PathBuf> {
-    let mut stack = vec![PathBuf::from("target/kernel")];
-    let mut found = Vec::new();
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if entry.file_name().to_string_lossy().starts_with("vmlinuz") {
-                found.push(path);
-            }
-        }
+    let path = PathBuf::from(DEFAULT_KERNEL);
+    if !path.is_file() {
+        bail!("no kernel at {DEFAULT_KERNEL}: run tools/fetch-kernel first, or pass --kernel PATH");
     }
-    found.sort();
-    found
-        .pop()
-        .context("no vmlinuz* under target/kernel/: run tools/fetch-kernel, or pass --kernel PATH")
+    Ok(path)
+}
+
+/// CPU time consumed by the calling thread so far (`CLOCK_THREAD_CPUTIME_ID`):
+/// unlike wall time, it does not grow when other processes share the cores.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant
+    // every Linux supports.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// User plus system CPU time of all waited-for children (`RUSAGE_CHILDREN`).
+fn children_cpu_time() -> Duration {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    assert_eq!(rc, 0, "getrusage(RUSAGE_CHILDREN) failed");
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -140,8 +160,8 @@ fn main() -> Result<()> {
         .map_or("kernel".into(), |n| n.to_string_lossy().into_owned());
 
     println!(
-        "{:<6} {:>11} {:>7} {:>10} {:>10} {:>10} {:>12}",
-        "format", "payload B", "ratio", "median ms", "min ms", "MB/s out", "tool -d ms"
+        "{:<6} {:>11} {:>7} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "format", "payload B", "ratio", "median ms", "min ms", "cpu ms", "MB/s cpu", "tool -d cpu"
     );
     for format in Compression::ALL {
         let payload = match payload(format, &vmlinux, &args.cache_dir, &key) {
@@ -152,10 +172,13 @@ fn main() -> Result<()> {
             }
         };
         let mut times = Vec::with_capacity(args.reps);
+        let mut cpu_times = Vec::with_capacity(args.reps);
         for _ in 0..args.reps {
+            let cpu_started = thread_cpu_time();
             let started = Instant::now();
             let out = decompress_payload(&payload)?;
             let elapsed = started.elapsed();
+            cpu_times.push(thread_cpu_time() - cpu_started);
             match out {
                 Some((f, out)) if f == format && out == vmlinux => {}
                 _ => bail!("{format}: decompress_payload did not give back the vmlinux"),
@@ -163,24 +186,27 @@ fn main() -> Result<()> {
             times.push(elapsed);
         }
         times.sort();
+        cpu_times.sort();
         let median = times[times.len() / 2];
+        let cpu_median = cpu_times[cpu_times.len() / 2];
         let reference = if args.no_reference {
             "-".to_string()
         } else {
             let (tool, _) = compress_command(format);
-            let started = Instant::now();
+            let cpu_started = children_cpu_time();
             pipe(tool, &["-dc"], &payload[..payload.len() - 4])
-                .map(|_| format!("{:.1}", ms(started.elapsed())))
+                .map(|_| format!("{:.1}", ms(children_cpu_time() - cpu_started)))
                 .unwrap_or_else(|e| format!("({e})"))
         };
         println!(
-            "{:<6} {:>11} {:>7.3} {:>10.1} {:>10.1} {:>10.0} {:>12}",
+            "{:<6} {:>11} {:>7.3} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>12}",
             format.to_string(),
             payload.len(),
             payload.len() as f64 / vmlinux.len() as f64,
             ms(median),
             ms(times[0]),
-            vmlinux.len() as f64 / median.as_secs_f64() / 1e6,
+            ms(cpu_median),
+            vmlinux.len() as f64 / cpu_median.as_secs_f64() / 1e6,
             reference
         );
     }

@@ -326,12 +326,10 @@ pub fn decompress_payload(
     let started = Instant::now();
     let corrupt = |reason: String| DecompressError::Corrupt { format, reason };
     let vmlinux = match format {
-        Compression::Gzip => {
-            read_all(flate2::bufread::GzDecoder::new(stream), size).map_err(io_reason(corrupt))?
-        }
-        Compression::Bzip2 => {
-            read_all(bzip2::bufread::BzDecoder::new(stream), size).map_err(io_reason(corrupt))?
-        }
+        Compression::Gzip => read_all(flate2::bufread::GzDecoder::new(stream), size)
+            .map_err(|e| corrupt(e.to_string()))?,
+        Compression::Bzip2 => read_all(bzip2::bufread::BzDecoder::new(stream), size)
+            .map_err(|e| corrupt(e.to_string()))?,
         Compression::Lzma => {
             let decoder = xz2::stream::Stream::new_lzma_decoder(u64::MAX)
                 .map_err(|e| corrupt(e.to_string()))?;
@@ -391,12 +389,6 @@ fn read_all(decoder: impl Read, size: usize) -> std::io::Result<Vec<u8>> {
     // the length check in the caller reports it.
     decoder.take(size as u64 + 1).read_to_end(&mut out)?;
     Ok(out)
-}
-
-fn io_reason(
-    corrupt: impl Fn(String) -> DecompressError,
-) -> impl Fn(std::io::Error) -> DecompressError {
-    move |e| corrupt(e.to_string())
 }
 
 /// Runs a liblzma decoder (legacy lzma or xz) over `input` into a buffer
