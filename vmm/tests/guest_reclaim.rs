@@ -32,7 +32,7 @@ fn reclaim_storm_of_1g_ranges_on_hugetlb_2m_passes_with_zaps_and_refaults() {
             "--hugepages",
             "2M",
             "--generations",
-            "30",
+            "15",
             "--reclaim-storm",
             "6",
         ],
@@ -121,7 +121,7 @@ fn control_socket_during_stress_and_bad_requests_leave_the_guest_running() {
     let _one = serial();
     let sock = std::env::temp_dir().join(format!("vmm-guest-api-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args([
             "--guest",
             "stress",
@@ -132,7 +132,7 @@ fn control_socket_during_stress_and_bad_requests_leave_the_guest_running() {
             "--hugepages",
             "2M",
             "--generations",
-            "400",
+            "100",
             "--expect-reclaim",
             "--log-level",
             "warn",
