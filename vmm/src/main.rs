@@ -109,7 +109,7 @@ fn run(cli: Cli) -> Result<i32> {
 
     let exit = ExitRequest::new().context("cannot create the exit event fd")?;
     let out: Box<dyn Write + Send> = match &cli.serial {
-        SerialTarget::Stdio => Box::new(std::io::stdout()),
+        SerialTarget::Stdio => Box::new(FlushingStdout),
         SerialTarget::File(p) => Box::new(LineWriter::new(File::create(p).with_context(|| {
             format!(
                 "cannot create serial output file {}: check --serial file:PATH",
@@ -161,6 +161,22 @@ fn run(cli: Cli) -> Result<i32> {
     Ok(code)
 }
 
+/// Stdout that flushes every write, so a prompt without a newline shows at once.
+struct FlushingStdout;
+
+impl Write for FlushingStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
 /// Refuses guest RAM larger than the host's physical memory (an overcommitted guest would be
 /// killed by the OOM killer long after start-up).
 fn check_host_memory(mem: u64) -> Result<()> {
@@ -206,9 +222,8 @@ impl SignalFd {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: signalfd returned a new descriptor that nothing else owns.
-        Ok(SignalFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(SignalFd { fd })
     }
 
     /// Reads one pending signal number, if any.

@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::fmt::Write as _;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -253,19 +253,13 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 }
 
 fn register_kick_handler() -> Result<(), String> {
-    static ONCE: Once = Once::new();
-    static mut RESULT: Option<String> = None;
-    ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(kick_signal(), handle_kick) {
-            // SAFETY: written once inside call_once, read only after it completes.
-            unsafe { RESULT = Some(format!("cannot register the vCPU kick signal handler: {e}")) };
-        }
-    });
-    // SAFETY: call_once has completed, so no one writes RESULT any more.
-    match unsafe { (*std::ptr::addr_of!(RESULT)).clone() } {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
+    RESULT
+        .get_or_init(|| {
+            register_signal_handler(kick_signal(), handle_kick)
+                .map_err(|e| format!("cannot register the vCPU kick signal handler: {e}"))
+        })
+        .clone()
 }
 
 /// Describes a failed vCPU: the reason, registers, and the instruction bytes at RIP.
