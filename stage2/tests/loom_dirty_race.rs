@@ -31,11 +31,12 @@ impl Backing for Ram {
     }
 }
 
-fn model(f: impl Fn() + Sync + Send + 'static) {
+/// Run a loom model; the preemption bound is `LOOM_MAX_PREEMPTIONS`, else `default_bound`.
+fn model_bounded(default_bound: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     b.max_branches = 100_000;
     if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(3);
+        b.preemption_bound = Some(default_bound);
     }
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = runs.clone();
@@ -47,6 +48,10 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
         "loom: {} executions",
         runs.load(std::sync::atomic::Ordering::Relaxed)
     );
+}
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    model_bounded(3, f);
 }
 
 /// Page 0 is mapped (read-only) before logging starts, `policy` decides whether enabling splits
@@ -156,4 +161,95 @@ fn loom_write_racing_harvest_is_not_lost_eager() {
 #[test]
 fn loom_write_racing_harvest_is_not_lost_lazy() {
     write_racing_harvest(SplitPolicy::Lazy);
+}
+
+/// Dirty logging is enabled while a vCPU writes a page that was writable before: a write the vCPU
+/// makes after `enable` returned (it saw the flag the VMM raised afterwards) must be logged; the
+/// enable sweep steals or write-protects whatever the fault was publishing.
+fn write_racing_enable(policy: SplitPolicy, max_size: PageSize) {
+    let seen = std::sync::Arc::new(StdMutex::new(BTreeSet::new()));
+    let seen_in = seen.clone();
+    // Bound 2 by default: the eager split of a 2 MiB block makes each execution long.
+    model_bounded(2, move || {
+        struct Block(PageSize);
+        impl Backing for Block {
+            fn resolve(&self, gpa: u64) -> Option<Resolved> {
+                Some(Resolved {
+                    frame: FRAME_BASE + (gpa & !(self.0.bytes() - 1)),
+                    max_size: self.0,
+                    perms: Perms::RW,
+                })
+            }
+        }
+        let s2 = Arc::new(Stage2::new(
+            Ept,
+            NoopTlb,
+            Config {
+                nr_vcpus: 1,
+                ring_size: 4,
+                dirty_limit: MIB2,
+                ..Config::default()
+            },
+        ));
+        let read = Fault {
+            gpa: 0,
+            access: Access::Read,
+            vcpu: 0,
+        };
+        assert!(matches!(
+            s2.handle_fault(read, &Block(max_size), s2.invalidate_seq()),
+            Outcome::Installed { .. }
+        ));
+        let enabled = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let vmm = {
+            let (s2, enabled) = (s2.clone(), enabled.clone());
+            thread::spawn(move || {
+                s2.dirty().enable(policy);
+                enabled.store(true, loom::sync::atomic::Ordering::Release);
+            })
+        };
+        let vcpu = {
+            let (s2, enabled) = (s2.clone(), enabled.clone());
+            thread::spawn(move || {
+                let write = Fault {
+                    gpa: 0,
+                    access: Access::Write,
+                    vcpu: 0,
+                };
+                let out = s2.handle_fault(write, &Block(max_size), s2.invalidate_seq());
+                assert_ne!(out, Outcome::Denied);
+                let after_enable = enabled.load(loom::sync::atomic::Ordering::Acquire);
+                let wrote = s2.translate(0, Access::Write).is_ok();
+                (out, after_enable, wrote)
+            })
+        };
+        vmm.join().unwrap();
+        let (out, after_enable, wrote) = vcpu.join().unwrap();
+        let log = s2.dirty().harvest(0..MIB2);
+        if after_enable && wrote {
+            assert!(
+                log.is_set(0),
+                "a write after enable returned (fault {out:?}) is not logged"
+            );
+        }
+        // Logging is on: whatever the race, page 0 is not writable without being logged.
+        if s2.translate(0, Access::Write).is_ok() {
+            assert!(log.is_set(0), "page 0 writable after enable but not dirty");
+        }
+        seen_in.lock().unwrap().insert(format!(
+            "fault {out:?}, after enable {after_enable}, wrote {wrote}, logged {}",
+            log.is_set(0)
+        ));
+    });
+    println!("seen: {:#?}", seen.lock().unwrap());
+}
+
+#[test]
+fn loom_write_racing_enable_eager_2m_block() {
+    write_racing_enable(SplitPolicy::Eager, PageSize::Size2M);
+}
+
+#[test]
+fn loom_write_racing_enable_lazy_4k_page() {
+    write_racing_enable(SplitPolicy::Lazy, PageSize::Size4K);
 }
