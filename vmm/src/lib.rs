@@ -9,6 +9,7 @@ pub mod arch;
 pub mod boot;
 pub mod cli;
 pub mod devices;
+pub mod dirty;
 pub mod guest;
 pub mod memory;
 pub mod migrate;
