@@ -118,7 +118,12 @@ fn granted(out: Outcome) -> bool {
     )
 }
 
-fn fault<F: Format>(s2: &Stage2<F, NoopTlb>, gpa: u64, access: Access, ram: &Ram) -> Outcome {
+fn fault<F: Format>(
+    s2: &Stage2<F, NoopTlb>,
+    gpa: u64,
+    access: Access,
+    ram: &impl Backing,
+) -> Outcome {
     let seq = s2.invalidate_seq();
     s2.handle_fault(
         Fault {
@@ -145,7 +150,7 @@ fn loom_fault_and_translate_racing_arm64_split_bbm() {
             max_size: PageSize::Size2M,
         });
         assert_eq!(
-            fault(&s2, 0, Access::Read, &ram),
+            fault(&s2, 0, Access::Read, &*ram),
             Outcome::Installed {
                 gpa: 0,
                 size: PageSize::Size2M
@@ -167,7 +172,7 @@ fn loom_fault_and_translate_racing_arm64_split_bbm() {
                     Err(TranslateError::NotMapped { .. }) => "marker".to_string(),
                     Err(e) => panic!("walker during a split: {e}"),
                 };
-                let out = fault(&s2, gpa, Access::Write, &ram);
+                let out = fault(&s2, gpa, Access::Write, &*ram);
                 assert!(
                     matches!(out, Outcome::Relaxed { .. } | Outcome::Retry),
                     "write fault on a read-only mapping during a split gave {out:?}"
@@ -242,7 +247,7 @@ fn loom_write_fault_racing_collapse_keeps_its_permission() {
         };
         let vcpu = {
             let (s2, ram) = (s2.clone(), ram.clone());
-            thread::spawn(move || fault(&s2, 0, Access::Write, &ram))
+            thread::spawn(move || fault(&s2, 0, Access::Write, &*ram))
         };
         let out = vcpu.join().unwrap();
         let collapsed = collapser.join().unwrap();
@@ -298,4 +303,83 @@ fn loom_split_racing_collapse_leaks_no_table() {
             "table pages leaked after the engine dropped"
         );
     });
+}
+
+/// Guest RAM whose host memory moved (output addresses shifted by `shift`), without an
+/// invalidation: the next fault sees another output address and must break-before-make.
+struct Moved {
+    shift: u64,
+}
+
+impl Backing for Moved {
+    fn resolve(&self, gpa: u64) -> Option<Resolved> {
+        Some(Resolved {
+            frame: FRAME_BASE + self.shift + (gpa & !(MIB2 - 1)),
+            max_size: PageSize::Size2M,
+            perms: Perms::RW,
+        })
+    }
+}
+
+/// EPT: a 2 MiB block maps old memory; two vCPUs fault on it against the moved backing. One
+/// replaces the block with break-before-make; the other (and a walker) sees the old block, the
+/// marker (not mapped, `Retry`), or the new block — never anything else — and the end state is the
+/// new block, replaced exactly once.
+#[test]
+fn loom_output_change_bbm_racing_fault_and_walker() {
+    const SHIFT: u64 = 1 << 36;
+    let seen = std::sync::Arc::new(StdMutex::new(BTreeSet::new()));
+    let seen_in = seen.clone();
+    model(move || {
+        let s2 = Arc::new(Stage2::new(Ept, NoopTlb, config()));
+        let old = Ram {
+            max_size: PageSize::Size2M,
+        };
+        assert!(granted(fault(&s2, 0, Access::Read, &old)));
+        let spawn_vcpu = |gpa: u64| {
+            let s2 = s2.clone();
+            thread::spawn(move || {
+                let moved = Moved { shift: SHIFT };
+                let seen = s2.translate(gpa, Access::Read);
+                if let Ok(t) = seen {
+                    assert!(
+                        t.pa == FRAME_BASE + gpa || t.pa == FRAME_BASE + SHIFT + gpa,
+                        "walker saw {t:?}"
+                    );
+                }
+                let out = fault(&s2, gpa, Access::Read, &moved);
+                assert!(
+                    matches!(
+                        out,
+                        Outcome::Installed { .. } | Outcome::Spurious | Outcome::Retry
+                    ),
+                    "{out:?}"
+                );
+                out
+            })
+        };
+        let a = spawn_vcpu(0x1000);
+        let b = spawn_vcpu(0x3000);
+        let outs = [a.join().unwrap(), b.join().unwrap()];
+        seen_in.lock().unwrap().insert(format!("{outs:?}"));
+        let moved = Moved { shift: SHIFT };
+        for (out, gpa) in outs.iter().zip([0x1000, 0x3000]) {
+            if *out == Outcome::Retry {
+                assert!(granted(fault(&s2, gpa, Access::Read, &moved)));
+            }
+        }
+        for gpa in [0, 0x1000, 0x3000, MIB2 - 0x1000] {
+            let t = s2.translate(gpa, Access::Read).expect("mapped");
+            assert_eq!((t.pa, t.size), (FRAME_BASE + SHIFT + gpa, PageSize::Size2M));
+        }
+        let st = s2.stats();
+        assert_eq!(st.bbms, 1, "the block is replaced once: {st:?}");
+        assert_eq!(st.mapped_2m, 1);
+    });
+    let seen = seen.lock().unwrap();
+    println!("seen: {seen:#?}");
+    assert!(
+        seen.iter().any(|s| s.contains("Retry")),
+        "the model never let a fault meet the marker"
+    );
 }
