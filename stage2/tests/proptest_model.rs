@@ -448,7 +448,7 @@ fn run<F: Format>(fmt: F, ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
     fn ept_agrees_with_model(ops in proptest::collection::vec(op(), 1..40)) {
