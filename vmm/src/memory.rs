@@ -513,6 +513,101 @@ mod tests {
         }
     }
 
+    /// The `KernelPageSize` of the mapping that holds `addr`, from /proc/self/smaps.
+    fn kernel_page_size(addr: u64) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+                    {
+                        inside = (a..b).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("KernelPageSize:") {
+                    return v
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                        .map(|k| k << 10);
+                }
+            }
+        }
+        None
+    }
+
+    fn hugetlb_backing_is_real(backing: BackingKind, size: u64) {
+        if pool_available(backing).unwrap_or(0) < size / backing.page_size() {
+            eprintln!(
+                "skipped: the {backing} pool has no {} free pages right now",
+                size / backing.page_size()
+            );
+            return;
+        }
+        let ram = match GuestRam::new(size, backing) {
+            Ok(r) => r,
+            // Another process may take the pages between the check and the mmap.
+            Err(e @ MemoryError::PoolTooSmall { .. }) | Err(e @ MemoryError::Mmap { .. }) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(ram.backing(), backing);
+        assert_eq!(ram.page_size(), backing.page_size());
+        let r = ram.regions().next().unwrap();
+        assert_eq!(
+            r.host_addr % backing.page_size(),
+            0,
+            "host mapping aligned to the page size"
+        );
+        assert_eq!(kernel_page_size(r.host_addr), Some(backing.page_size()));
+    }
+
+    #[test]
+    fn hugetlb_2m_backing_uses_2m_pages() {
+        hugetlb_backing_is_real(BackingKind::Hugetlb2M, 4 << 20);
+    }
+
+    #[test]
+    fn hugetlb_1g_backing_uses_1g_pages() {
+        hugetlb_backing_is_real(BackingKind::Hugetlb1G, 1 << 30);
+    }
+
+    #[test]
+    fn thp_backing_is_aligned_and_advised() {
+        let ram = GuestRam::new(8 << 20, BackingKind::Thp).unwrap();
+        let r = ram.regions().next().unwrap();
+        assert_eq!(ram.backing(), BackingKind::Thp);
+        assert_eq!(r.host_addr % SZ_2M, 0, "2 MiB aligned so THP can back it");
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let vma = smaps
+            .split("\n")
+            .skip_while(|l| !l.starts_with(&format!("{:x}-", r.host_addr)))
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            vma.contains("VmFlags:") && vma.contains(" hg"),
+            "MADV_HUGEPAGE set (hg flag): {vma}"
+        );
+    }
+
+    #[test]
+    fn auto_picks_a_concrete_backing() {
+        let ram = GuestRam::new(4 << 20, BackingKind::Auto).unwrap();
+        assert!(matches!(
+            ram.backing(),
+            BackingKind::Hugetlb2M | BackingKind::Thp
+        ));
+    }
+
     #[test]
     fn human_sizes() {
         assert_eq!(human(4 << 30), "4G");
