@@ -398,7 +398,7 @@ pub fn run_on(
     let mut storm = match args.reclaim_storm {
         Some(count) => Some(Storm::start(
             reclaimer.clone(),
-            layout::reclaim_ranges(&regions),
+            layout::reclaim_ranges(&regions, ram.page_size()),
             count,
             STORM_INTERVAL,
         )?),

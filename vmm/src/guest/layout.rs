@@ -151,22 +151,22 @@ pub fn stack_top(id: u8) -> u64 {
     STACKS_GPA + (u64::from(id) + 1) * STACK_SIZE
 }
 
-/// The 1 GiB-aligned ranges of slice memory (clipped to RAM and to the area above
-/// [`LOW_RESERVED`]) that a reclaim storm drops in turn.
-pub fn reclaim_ranges(regions: &[(u64, u64)]) -> Vec<(u64, u64)> {
+/// The 1 GiB-aligned ranges of slice memory (clipped to RAM, to the area above
+/// [`LOW_RESERVED`] and to whole backing pages of `page` bytes) that a reclaim storm
+/// drops in turn.
+pub fn reclaim_ranges(regions: &[(u64, u64)], page: u64) -> Vec<(u64, u64)> {
     const GIB: u64 = 1 << 30;
     let mut out = Vec::new();
     for &(gpa, len) in regions {
-        let mut at = gpa.max(LOW_RESERVED);
-        let end = gpa + len;
+        let mut at = gpa.max(LOW_RESERVED).next_multiple_of(page);
+        let end = (gpa + len) / page * page;
         while at < end {
-            let next = ((at / GIB) + 1) * GIB;
-            let stop = next.min(end);
+            let stop = ((at / GIB) + 1) * GIB;
+            let stop = stop.min(end);
             out.push((at, stop - at));
             at = stop;
         }
     }
-    out.retain(|r| r.1 >= PAGE_SIZE);
     out
 }
 
@@ -239,15 +239,18 @@ mod tests {
 
     #[test]
     fn reclaim_ranges_skip_the_low_area_and_the_hole() {
-        let r = reclaim_ranges(&four_gib());
+        let expected = vec![
+            (LOW_RESERVED, G - LOW_RESERVED),
+            (G, G),
+            (2 * G, G),
+            (4 * G, G),
+        ];
+        assert_eq!(reclaim_ranges(&four_gib(), PAGE_SIZE), expected);
+        assert_eq!(reclaim_ranges(&four_gib(), LARGE_PAGE_SIZE), expected);
+        // On 1 GiB pages the first GiB holds the reserved area: it is never dropped.
         assert_eq!(
-            r,
-            vec![
-                (LOW_RESERVED, G - LOW_RESERVED),
-                (G, G),
-                (2 * G, G),
-                (4 * G, G)
-            ]
+            reclaim_ranges(&four_gib(), G),
+            vec![(G, G), (2 * G, G), (4 * G, G)]
         );
     }
 

@@ -25,8 +25,8 @@ pub type DropFn = dyn Fn(u64, u64) -> anyhow::Result<serde_json::Value> + Send +
 /// Errors a reclaim request can have; the text says what is allowed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReclaimError {
-    /// Not 4 KiB aligned, or empty.
-    #[error("reclaim range {gpa:#x}+{len:#x} is not 4 KiB aligned or is empty: give a page-aligned gpa and a non-zero multiple of 4096 (of {page:#x} on this backing)")]
+    /// Not aligned to the backing's page size, or empty.
+    #[error("reclaim range {gpa:#x}+{len:#x} is empty or not aligned to the backing's {page:#x}-byte pages: give a gpa and a non-zero length that are multiples of {page:#x}")]
     Unaligned {
         /// Start.
         gpa: u64,
@@ -101,7 +101,7 @@ impl Reclaimer {
 
     /// Checks a request without doing it.
     pub fn check(&self, gpa: u64, len: u64) -> Result<(), ReclaimError> {
-        if len == 0 || (gpa | len) & (PAGE_SIZE - 1) != 0 {
+        if len == 0 || (gpa | len) & (self.page.max(PAGE_SIZE) - 1) != 0 {
             return Err(ReclaimError::Unaligned {
                 gpa,
                 len,
