@@ -5,7 +5,7 @@
 //! be reported (registers, instruction bytes) with a non-zero exit, never a hang.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::Mutex;
@@ -186,7 +186,7 @@ fn check_early_lines(run: &Run, cmdline: &str) {
     );
 }
 
-fn args(kernel: &PathBuf, cmdline: &str, extra: &[&str]) -> Vec<String> {
+fn args(kernel: &Path, cmdline: &str, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "--kernel".into(),
         kernel.to_str().unwrap().into(),
@@ -274,11 +274,11 @@ fn cpio(name: &str, data: &[u8]) -> Vec<u8> {
         }
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     }
