@@ -77,7 +77,7 @@ impl TestPort {
                 pages,
                 writes,
                 ..
-            } => info!("vcpu{vcpu}: generation {generation} done ({pages} pages verified, {writes} writes)"),
+            } => debug!("vcpu{vcpu}: generation {generation} done ({pages} pages verified, {writes} writes)"),
             Event::Pass { pages, writes, .. } => {
                 info!("vcpu{vcpu}: PASS ({pages} pages, {writes} writes)")
             }
