@@ -334,6 +334,9 @@ pub struct HarvestStats {
     pub pages: u64,
     /// Clear ioctls (bitmap chunks) or ring entries collected.
     pub ops: u64,
+    /// stage2-wp: pages found writable on the host without a stage2 dirty bit by the sweep
+    /// (reported and protected again).
+    pub swept: u64,
 }
 
 enum Backend {
@@ -348,6 +351,10 @@ enum Backend {
     Stage2 {
         pager: Arc<Pager>,
         wp: Uffd,
+        /// `/proc/self/pagemap`: which host pages are still uffd-write-protected.
+        pagemap: File,
+        /// Host page size of guest RAM (write protection works on whole host pages).
+        host_page: u64,
     },
 }
 
@@ -442,6 +449,11 @@ impl DirtyTracker {
         for s in &slots {
             wp.write_protect(s.host_addr, s.len, true, false)?;
         }
+        let pagemap = File::open("/proc/self/pagemap").map_err(|source| DirtyError::Kvm {
+            what: "open /proc/self/pagemap",
+            source,
+        })?;
+        let host_page = pager.page_size().bytes();
         info!("dirty tracking on: stage2-wp, {} slot(s)", slots.len());
         Ok(DirtyTracker {
             mode: DirtyMode::Stage2Wp,
@@ -450,7 +462,12 @@ impl DirtyTracker {
             vmm: Arc::new(VmmDirty::new(&slots)),
             last: Mutex::new(HarvestStats::default()),
             slots,
-            backend: Backend::Stage2 { pager, wp },
+            backend: Backend::Stage2 {
+                pager,
+                wp,
+                pagemap,
+                host_page,
+            },
         })
     }
 
@@ -577,7 +594,12 @@ impl DirtyTracker {
                     pend.clear();
                 }
             }
-            Backend::Stage2 { pager, wp } => {
+            Backend::Stage2 {
+                pager,
+                wp,
+                pagemap,
+                host_page,
+            } => {
                 let dirty = pager.stage2().dirty();
                 for (i, s) in self.slots.iter().enumerate() {
                     let t0 = Instant::now();
@@ -585,10 +607,20 @@ impl DirtyTracker {
                     // must be protected again too, or the next write would not fault.
                     let bm = dirty.harvest(s.gpa..s.gpa + s.len);
                     let t1 = Instant::now();
-                    st.ops += protect_runs(wp, s, bm.words())?;
+                    st.ops += protect_runs(wp, s, bm.words(), *host_page)?;
+                    out.merge_words(i, bm.words());
+                    // Sweep: any present host page that is not write-protected now can be
+                    // written without a fault (a pager handler that relaxed a page before our
+                    // harvest and lifted its host protection after our protect; a page filled
+                    // writable). It is reported now and protected again, so nothing written
+                    // through it is lost; a lift that lands after this sweep is caught by the
+                    // next harvest's sweep.
+                    let loose = unprotected_pages(pagemap, s)?;
+                    st.swept += loose.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+                    st.ops += protect_runs(wp, s, &loose, *host_page)?;
+                    out.merge_words(i, &loose);
                     st.get_ns += (t1 - t0).as_nanos() as u64;
                     st.clear_ns += t1.elapsed().as_nanos() as u64;
-                    out.merge_words(i, bm.words());
                 }
             }
         }
@@ -615,9 +647,45 @@ impl DirtyTracker {
     }
 }
 
-/// Write-protects on the host (userfaultfd) every run of set pages in `words` of slot `s`.
-/// Returns the number of ioctls.
-fn protect_runs(wp: &Uffd, s: &SlotInfo, words: &[u64]) -> Result<u64, DirtyError> {
+/// `/proc/self/pagemap` entry bits (Documentation/admin-guide/mm/pagemap.rst).
+const PM_PRESENT: u64 = 1 << 63;
+/// The PTE is userfaultfd-write-protected.
+const PM_UFFD_WP: u64 = 1 << 57;
+/// Pagemap entries read per `pread`.
+const PAGEMAP_BATCH: u64 = 1 << 14;
+
+/// The pages of slot `s` that are present on the host and not userfaultfd-write-protected.
+fn unprotected_pages(pagemap: &File, s: &SlotInfo) -> Result<Vec<u64>, DirtyError> {
+    use std::os::unix::fs::FileExt;
+    let pages = s.pages();
+    let mut out = vec![0u64; bitmap::words_for(s.len)];
+    let mut buf = vec![0u8; (PAGEMAP_BATCH * 8) as usize];
+    let mut p = 0;
+    while p < pages {
+        let n = PAGEMAP_BATCH.min(pages - p);
+        let bytes = &mut buf[..(n * 8) as usize];
+        let off = ((s.host_addr >> PAGE_SHIFT) + p) * 8;
+        pagemap
+            .read_exact_at(bytes, off)
+            .map_err(|source| DirtyError::Kvm {
+                what: "read /proc/self/pagemap",
+                source,
+            })?;
+        for (j, e) in bytes.chunks_exact(8).enumerate() {
+            let e = u64::from_ne_bytes(e.try_into().expect("8-byte chunk"));
+            if e & PM_PRESENT != 0 && e & PM_UFFD_WP == 0 {
+                let q = p + j as u64;
+                out[(q / 64) as usize] |= 1 << (q % 64);
+            }
+        }
+        p += n;
+    }
+    Ok(out)
+}
+
+/// Write-protects on the host (userfaultfd) every run of set pages in `words` of slot `s`,
+/// widened to whole host pages of `host_page` bytes. Returns the number of ioctls.
+fn protect_runs(wp: &Uffd, s: &SlotInfo, words: &[u64], host_page: u64) -> Result<u64, DirtyError> {
     let pages = s.pages();
     let mut calls = 0;
     let mut p = 0;
@@ -635,8 +703,10 @@ fn protect_runs(wp: &Uffd, s: &SlotInfo, words: &[u64]) -> Result<u64, DirtyErro
         while p < pages && words[(p / 64) as usize] & (1 << (p % 64)) != 0 {
             p += 1;
         }
-        let host = s.host_addr + (start << PAGE_SHIFT);
-        let len = (p - start) << PAGE_SHIFT;
+        let lo = (start << PAGE_SHIFT) / host_page * host_page;
+        let hi = (p << PAGE_SHIFT).next_multiple_of(host_page).min(s.len);
+        let host = s.host_addr + lo;
+        let len = hi - lo;
         match wp.write_protect(host, len, true, false) {
             Ok(()) => {}
             // A REMOVE event is pending on the pager's fd for part of the run: the dropped
