@@ -5,15 +5,16 @@
 use std::os::unix::net::UnixStream;
 use std::thread;
 
-use kvm_bindings::{kvm_msr_entry, Msrs};
+use kvm_bindings::{
+    kvm_mp_state, kvm_msr_entry, Msrs, KVM_MP_STATE_HALTED, KVM_VCPUEVENT_VALID_NMI_PENDING,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::{configure_vcpu, long_mode};
 use vmm::memory::{BackingKind, GuestRam};
 use vmm::migrate::ram::{apply_chunk, RamSender};
 use vmm::migrate::state::{
-    complete_pending_io, restore_vcpu, restore_vm, save_vcpu, save_vm, VcpuCaps, VcpuState,
-    VmState,
+    complete_pending_io, restore_vcpu, restore_vm, save_vcpu, save_vm, VcpuCaps, VcpuState, VmState,
 };
 use vmm::migrate::{Chunk, Layout, StreamReader, StreamWriter, DEVICE_KVM_VM};
 use vmm::vm::Vm;
@@ -133,6 +134,16 @@ fn distinctive_state_survives_capture_encode_restore_into_a_fresh_vm() {
     set_lapic_reg(&mut lapic, APIC_TPR, 0x20);
     set_lapic_reg(&mut lapic, APIC_LVT_TIMER, 0x0001_00ef); // masked, vector 0xef
     vcpu_a.set_lapic(&lapic).unwrap();
+    // A pending NMI and a halted vCPU: events and MP state must come back as they were.
+    let mut events = vcpu_a.get_vcpu_events().unwrap();
+    events.nmi.pending = 1;
+    events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING;
+    vcpu_a.set_vcpu_events(&events).unwrap();
+    vcpu_a
+        .set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_HALTED,
+        })
+        .unwrap();
     let mut pit = vm_a.fd().get_pit2().unwrap();
     pit.channels[2].count = 0x1234;
     vm_a.fd().set_pit2(&pit).unwrap();
@@ -145,10 +156,13 @@ fn distinctive_state_survives_capture_encode_restore_into_a_fresh_vm() {
     );
     let saved = save_vcpu(&vcpu_a, 0, &caps).unwrap();
     let vm_saved = save_vm(vm_a.fd()).unwrap();
+    println!("XCRs saved: {}", saved.xcrs.is_some());
     for (index, data) in msrs {
         assert_eq!(saved.msr(index), Some(data), "MSR {index:#x} captured");
     }
     assert_eq!(lapic_reg(&saved.lapic, APIC_TPR), 0x20);
+    assert_eq!(saved.events.nmi.pending, 1);
+    assert_eq!(saved.mp_state.mp_state, KVM_MP_STATE_HALTED);
     assert!(
         saved.msrs.len() > msrs.len(),
         "the index list gives more than the three we set"

@@ -89,7 +89,9 @@ fn round_trip_over(addr: Address, listener: Listener) {
         let (mut r, src) = StreamReader::new(conn, &layout(4)).unwrap();
         assert_eq!(src, layout(4));
         read_all_kinds(&mut r);
-        StreamWriter::headless(back).guest_running().unwrap();
+        let mut back = StreamWriter::headless(back);
+        back.page_request(0x7000, 3).unwrap();
+        back.guest_running().unwrap();
     });
     let conn = addr.connect().unwrap();
     let ack = conn.try_clone().unwrap();
@@ -97,7 +99,15 @@ fn round_trip_over(addr: Address, listener: Listener) {
     write_all_kinds(&mut w);
     let sent = w.bytes_written();
     assert!(sent > 302 * PAGE_SIZE as u64 && sent < 303 * PAGE_SIZE as u64 + 10_000);
-    StreamReader::headless(ack).expect_guest_running().unwrap();
+    let mut ack = StreamReader::headless(ack);
+    assert_eq!(
+        ack.next_chunk().unwrap(),
+        Chunk::PageRequest {
+            gpa: 0x7000,
+            count: 3
+        }
+    );
+    ack.expect_guest_running().unwrap();
     dest.join().unwrap();
 }
 
@@ -160,7 +170,10 @@ fn a_flipped_byte_anywhere_is_an_error_and_in_a_payload_a_checksum_error() {
         Err(e @ StreamError::Checksum { chunk: 1, .. }) => {
             let msg = e.to_string();
             assert!(msg.contains("chunk 1 (pages)"), "{msg}");
-            assert!(msg.contains(&format!("offset {}", 12 + 8 + 44 + 4)), "{msg}");
+            assert!(
+                msg.contains(&format!("offset {}", 12 + 8 + 44 + 4)),
+                "{msg}"
+            );
         }
         other => panic!("expected a checksum error in chunk 1, got {other:?}"),
     }
@@ -185,14 +198,22 @@ fn mismatched_vcpus_ram_version_and_magic_are_refused_with_the_fix() {
     w.end().unwrap();
     let four = w.into_inner().unwrap();
     let e = StreamReader::new(&four[..], &layout(2)).unwrap_err();
-    assert!(matches!(e, StreamError::VcpuMismatch { source_vcpus: 4, here: 2 }));
+    assert!(matches!(
+        e,
+        StreamError::VcpuMismatch {
+            source_vcpus: 4,
+            here: 2
+        }
+    ));
     assert_eq!(
         e.to_string(),
         "source has 4 vCPUs, this VM has 2: start the destination with --cpus 4"
     );
 
     let small = Layout::new(4, [(0, 32 << 20)]);
-    let e = StreamReader::new(&four[..], &small).unwrap_err().to_string();
+    let e = StreamReader::new(&four[..], &small)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--mem 80M"), "{e}");
 
     let mut v2 = four.clone();

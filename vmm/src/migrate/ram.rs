@@ -63,7 +63,10 @@ impl RamSender {
             let n = ((end - at) as usize).min(self.buf.len());
             let buf = &mut self.buf[..n];
             mem.read_slice(buf, GuestAddress(at))
-                .map_err(|_| RamError::OutOfRange { gpa: at, len: n as u64 })?;
+                .map_err(|_| RamError::OutOfRange {
+                    gpa: at,
+                    len: n as u64,
+                })?;
             let zeros = w.ram(at, buf)?;
             self.zero_pages += zeros;
             self.data_pages += (n / PAGE_SIZE) as u64 - zeros;

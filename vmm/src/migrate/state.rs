@@ -43,8 +43,10 @@ const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// IA32_MCG_CTL: KVM lists it but refuses it unless MCG_CAP.MCG_CTL_P is set.
 const MSR_IA32_MCG_CTL: u32 = 0x17b;
-/// KVM's kvmclock and paravirtual MSRs live at 0x4b564d00.. (Documentation/virt/kvm/x86/msr.rst);
-/// they are saved like any other.
+// KVM's kvmclock and paravirtual MSRs (0x4b564d00.., Documentation/virt/kvm/x86/msr.rst) are in
+// the index list and saved like any other.
+/// CPUID leaf 1 ECX bit 26: XSAVE/XRSTOR and XCR0 supported (Intel SDM Vol. 2A Table 3-10).
+const CPUID_1_ECX_XSAVE: u32 = 1 << 26;
 /// The most MSRs one KVM_GET_MSRS call carries (kvm-bindings' FAM limit).
 const MAX_MSRS_PER_CALL: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
 
@@ -176,7 +178,7 @@ pub struct VcpuState {
     pub sregs: kvm_sregs,
     /// x87/SSE state (legacy KVM_GET_FPU layout).
     pub fpu: FpuState,
-    /// Extended control registers, when KVM has KVM_CAP_XCRS.
+    /// Extended control registers, when KVM has KVM_CAP_XCRS and the guest's CPUID has XSAVE.
     pub xcrs: Option<kvm_xcrs>,
     /// DR0-DR3, DR6, DR7.
     pub debugregs: kvm_debugregs,
@@ -318,14 +320,18 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u32, caps: &VcpuCaps) -> Result<VcpuState, S
     let regs = vcpu.get_regs().map_err(kvm(w("KVM_GET_REGS")))?;
     let sregs = vcpu.get_sregs().map_err(kvm(w("KVM_GET_SREGS")))?;
     let fpu = vcpu.get_fpu().map_err(kvm(w("KVM_GET_FPU")))?;
-    let xcrs = if caps.xcrs {
+    // XCR0 means something only when the guest was given XSAVE; without it there is nothing to
+    // save (this project's software KVM offers no XSAVE to guests).
+    let guest_xsave = cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 1 && e.index == 0 && e.ecx & CPUID_1_ECX_XSAVE != 0);
+    let xcrs = if caps.xcrs && guest_xsave {
         Some(vcpu.get_xcrs().map_err(kvm(w("KVM_GET_XCRS")))?)
     } else {
         None
     };
-    let debugregs = vcpu
-        .get_debug_regs()
-        .map_err(kvm(w("KVM_GET_DEBUGREGS")))?;
+    let debugregs = vcpu.get_debug_regs().map_err(kvm(w("KVM_GET_DEBUGREGS")))?;
     let lapic = vcpu.get_lapic().map_err(kvm(w("KVM_GET_LAPIC")))?;
     let msrs = read_msrs(vcpu, id, &caps.msr_indices)?;
     let events = vcpu
@@ -559,7 +565,13 @@ mod tests {
 
     #[test]
     fn msr_order_puts_tsc_first_and_deadline_last() {
-        let got = order_msrs(&[0x174, MSR_IA32_TSC_DEADLINE, 0xc000_0080, MSR_IA32_MCG_CTL, 0x10]);
+        let got = order_msrs(&[
+            0x174,
+            MSR_IA32_TSC_DEADLINE,
+            0xc000_0080,
+            MSR_IA32_MCG_CTL,
+            0x10,
+        ]);
         assert_eq!(got, vec![0x10, 0x174, 0xc000_0080, MSR_IA32_TSC_DEADLINE]);
     }
 

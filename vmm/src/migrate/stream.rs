@@ -20,6 +20,7 @@
 //! | `ROUND` | round u32, dirty pages u64 |
 //! | `END` | empty |
 //! | `GUEST_RUNNING` | empty (destination to source) |
+//! | `PAGE_REQUEST` | gpa u64, count u32 (destination to source, postcopy: send these first) |
 //!
 //! The reader keeps one reusable buffer, so reading a chunk allocates nothing after the first
 //! large one; the writer checksums page data straight from the caller's slice.
@@ -53,6 +54,7 @@ mod kind {
     pub const ROUND: u32 = 6;
     pub const END: u32 = 7;
     pub const GUEST_RUNNING: u32 = 8;
+    pub const PAGE_REQUEST: u32 = 9;
 }
 
 fn kind_name(k: u32) -> &'static str {
@@ -65,6 +67,7 @@ fn kind_name(k: u32) -> &'static str {
         kind::ROUND => "round",
         kind::END => "end",
         kind::GUEST_RUNNING => "guest-running",
+        kind::PAGE_REQUEST => "page-request",
         _ => "unknown",
     }
 }
@@ -248,7 +251,9 @@ impl Layout {
         let vcpus = c.u32()?;
         let n = c.u32()? as usize;
         if n > MAX_REGIONS {
-            return Err(format!("header lists {n} RAM regions (at most {MAX_REGIONS})"));
+            return Err(format!(
+                "header lists {n} RAM regions (at most {MAX_REGIONS})"
+            ));
         }
         let mut regions = Vec::with_capacity(n);
         for _ in 0..n {
@@ -294,7 +299,10 @@ impl<'a> Cursor<'a> {
         if self.0.is_empty() {
             Ok(())
         } else {
-            Err(format!("{} unexpected trailing payload bytes", self.0.len()))
+            Err(format!(
+                "{} unexpected trailing payload bytes",
+                self.0.len()
+            ))
         }
     }
 }
@@ -341,6 +349,13 @@ pub enum Chunk<'a> {
     End,
     /// The destination's guest runs (sent back to the source).
     GuestRunning,
+    /// Postcopy: the destination faulted on `count` pages at `gpa` and needs them first.
+    PageRequest {
+        /// Guest-physical address of the first page.
+        gpa: u64,
+        /// Number of pages.
+        count: u32,
+    },
 }
 
 /// Writes a migration stream over any `Write`, buffered, counting the bytes.
@@ -494,6 +509,20 @@ impl<W: Write> StreamWriter<W> {
         self.flush()
     }
 
+    /// Postcopy: asks the source for `count` pages at `gpa` ahead of its background push; flushes.
+    pub fn page_request(&mut self, gpa: u64, count: u32) -> Result<(), StreamError> {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) || count == 0 {
+            return Err(StreamError::InvalidArgument(format!(
+                "page request for {count} pages at {gpa:#x}"
+            )));
+        }
+        self.chunk(
+            kind::PAGE_REQUEST,
+            &[&gpa.to_le_bytes(), &count.to_le_bytes()],
+        )?;
+        self.flush()
+    }
+
     /// Pushes buffered bytes to the transport.
     pub fn flush(&mut self) -> Result<(), StreamError> {
         let offset = self.offset;
@@ -626,7 +655,7 @@ impl<R: Read> StreamReader<R> {
         self.fill(&mut head, "chunk header")?;
         let k = u32::from_le_bytes(head[..4].try_into().unwrap());
         let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
-        if !(kind::HEADER..=kind::GUEST_RUNNING).contains(&k) {
+        if !(kind::HEADER..=kind::PAGE_REQUEST).contains(&k) {
             return Err(StreamError::Malformed {
                 chunk: self.chunk,
                 offset: frame,
@@ -684,60 +713,7 @@ impl<R: Read> StreamReader<R> {
             offset: frame,
             what,
         };
-        let mut c = Cursor(&self.buf[..len]);
-        let parsed = (|| -> Result<Chunk<'_>, String> {
-            Ok(match k {
-                kind::PAGES => {
-                    let gpa = c.u64()?;
-                    let data = c.rest();
-                    if data.is_empty() || !data.len().is_multiple_of(PAGE_SIZE) {
-                        return Err(format!(
-                            "pages chunk carries {} bytes, not a whole number of pages",
-                            data.len()
-                        ));
-                    }
-                    Chunk::Pages { gpa, data }
-                }
-                kind::ZERO_PAGES => {
-                    let gpa = c.u64()?;
-                    let count = c.u64()?;
-                    c.finish()?;
-                    Chunk::ZeroPages { gpa, count }
-                }
-                kind::VCPU => {
-                    let id = c.u32()?;
-                    Chunk::Vcpu {
-                        id,
-                        blob: c.rest(),
-                    }
-                }
-                kind::DEVICE => {
-                    let n = c.u8()? as usize;
-                    let name = std::str::from_utf8(c.take(n)?)
-                        .map_err(|e| format!("device name is not UTF-8: {e}"))?;
-                    Chunk::Device {
-                        name,
-                        blob: c.rest(),
-                    }
-                }
-                kind::ROUND => {
-                    let round = c.u32()?;
-                    let dirty_pages = c.u64()?;
-                    c.finish()?;
-                    Chunk::Round { round, dirty_pages }
-                }
-                kind::END => {
-                    c.finish()?;
-                    Chunk::End
-                }
-                kind::GUEST_RUNNING => {
-                    c.finish()?;
-                    Chunk::GuestRunning
-                }
-                _ => return Err(format!("{} chunk after the start", kind_name(k))),
-            })
-        })();
-        parsed.map_err(malformed)
+        parse_payload(k, &self.buf[..len]).map_err(malformed)
     }
 
     /// Waits for the destination's acknowledgement that the guest runs.
@@ -756,6 +732,64 @@ impl<R: Read> StreamReader<R> {
     }
 }
 
+/// Parses the payload of a chunk of kind `k` (never `HEADER`, which only the start may carry).
+fn parse_payload(k: u32, payload: &[u8]) -> Result<Chunk<'_>, String> {
+    let mut c = Cursor(payload);
+    Ok(match k {
+        kind::PAGES => {
+            let gpa = c.u64()?;
+            let data = c.rest();
+            if data.is_empty() || !data.len().is_multiple_of(PAGE_SIZE) {
+                return Err(format!(
+                    "pages chunk carries {} bytes, not a whole number of pages",
+                    data.len()
+                ));
+            }
+            Chunk::Pages { gpa, data }
+        }
+        kind::ZERO_PAGES => {
+            let gpa = c.u64()?;
+            let count = c.u64()?;
+            c.finish()?;
+            Chunk::ZeroPages { gpa, count }
+        }
+        kind::VCPU => {
+            let id = c.u32()?;
+            Chunk::Vcpu { id, blob: c.rest() }
+        }
+        kind::DEVICE => {
+            let n = c.u8()? as usize;
+            let name = std::str::from_utf8(c.take(n)?)
+                .map_err(|e| format!("device name is not UTF-8: {e}"))?;
+            Chunk::Device {
+                name,
+                blob: c.rest(),
+            }
+        }
+        kind::ROUND => {
+            let round = c.u32()?;
+            let dirty_pages = c.u64()?;
+            c.finish()?;
+            Chunk::Round { round, dirty_pages }
+        }
+        kind::END => {
+            c.finish()?;
+            Chunk::End
+        }
+        kind::GUEST_RUNNING => {
+            c.finish()?;
+            Chunk::GuestRunning
+        }
+        kind::PAGE_REQUEST => {
+            let gpa = c.u64()?;
+            let count = c.u32()?;
+            c.finish()?;
+            Chunk::PageRequest { gpa, count }
+        }
+        _ => return Err(format!("{} chunk after the start", kind_name(k))),
+    })
+}
+
 /// The wire name of a chunk.
 pub fn chunk_name(c: &Chunk<'_>) -> &'static str {
     match c {
@@ -766,5 +800,6 @@ pub fn chunk_name(c: &Chunk<'_>) -> &'static str {
         Chunk::Round { .. } => "round",
         Chunk::End => "end",
         Chunk::GuestRunning => "guest-running",
+        Chunk::PageRequest { .. } => "page-request",
     }
 }

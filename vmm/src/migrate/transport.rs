@@ -99,7 +99,7 @@ impl FromStr for Address {
 
 impl Address {
     fn tcp_target(host: &str, port: u16) -> String {
-        format!("{}:{port}", host)
+        format!("{host}:{port}")
     }
 
     /// Connects to a listening destination.
