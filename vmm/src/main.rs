@@ -61,7 +61,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<i32> {
     if cli.guest_args.guest.is_some() {
-        return vmm::guest::run(&cli.guest_args, cli.mem, cli.cpus);
+        return vmm::guest::run_on(&cli.guest_args, cli.mem, cli.cpus, cli.hugepages.into());
     }
     let Some(kernel_path) = cli.kernel.as_deref() else {
         bail!("no kernel given: pass --kernel PATH (a bzImage or vmlinux) or --guest NAME");
