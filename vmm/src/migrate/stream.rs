@@ -546,16 +546,23 @@ impl<W: Write> StreamWriter<W> {
     }
 }
 
-/// True when every byte of `page` is zero (word at a time; the compiler vectorises it).
+/// True when every byte of `page` is zero. Works 64 bytes at a time: the OR of eight words
+/// vectorises, and a data page usually exits in its first block.
 pub fn is_zero(page: &[u8]) -> bool {
-    let (words, tail) = page.split_at(page.len() & !7);
-    words
-        .chunks_exact(8)
-        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
-        && tail.iter().all(|&b| b == 0)
+    let mut blocks = page.chunks_exact(64);
+    for block in &mut blocks {
+        let acc = block.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().unwrap())
+        });
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
 }
 
-/// Reads a migration stream from any `Read` (wrap sockets in nothing: reads are large).
+/// Reads a migration stream from any `Read`. Each chunk costs two reads (frame head, then payload
+/// and CRC); wrap the transport in a `BufReader` when it carries many small chunks.
 pub struct StreamReader<R: Read> {
     input: R,
     offset: u64,
@@ -801,5 +808,57 @@ pub fn chunk_name(c: &Chunk<'_>) -> &'static str {
         Chunk::End => "end",
         Chunk::GuestRunning => "guest-running",
         Chunk::PageRequest { .. } => "page-request",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_zero_sees_one_set_byte_anywhere() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        assert!(is_zero(&page));
+        for at in [0, 7, 63, 64, 1000, PAGE_SIZE - 1] {
+            page[at] = 0x80;
+            assert!(!is_zero(&page), "byte {at}");
+            page[at] = 0;
+        }
+        assert!(is_zero(&[0u8; 13]) && !is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn ram_splits_zero_and_data_runs() {
+        let mut ram = vec![0u8; 6 * PAGE_SIZE];
+        ram[PAGE_SIZE * 2 + 5] = 1;
+        ram[PAGE_SIZE * 3] = 1;
+        let lay = Layout::new(1, [(0, 1 << 20)]);
+        let mut w = StreamWriter::new(Vec::new(), &lay).unwrap();
+        assert_eq!(w.ram(0x1000, &ram).unwrap(), 4);
+        w.end().unwrap();
+        let bytes = w.into_inner().unwrap();
+        let (mut r, _) = StreamReader::new(&bytes[..], &lay).unwrap();
+        assert_eq!(
+            r.next_chunk().unwrap(),
+            Chunk::ZeroPages {
+                gpa: 0x1000,
+                count: 2
+            }
+        );
+        match r.next_chunk().unwrap() {
+            Chunk::Pages { gpa, data } => {
+                assert_eq!(gpa, 0x3000);
+                assert_eq!(data, &ram[2 * PAGE_SIZE..4 * PAGE_SIZE]);
+            }
+            c => panic!("{c:?}"),
+        }
+        assert_eq!(
+            r.next_chunk().unwrap(),
+            Chunk::ZeroPages {
+                gpa: 0x5000,
+                count: 2
+            }
+        );
+        assert_eq!(r.next_chunk().unwrap(), Chunk::End);
     }
 }
