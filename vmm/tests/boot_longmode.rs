@@ -18,7 +18,12 @@ const GDT_GPA: u64 = 0x500;
 const TEST_PORT: u16 = 0x510;
 
 fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         eprintln!("skipped: /dev/kvm is not available");
         return false;
     }
@@ -51,7 +56,9 @@ fn total(c: &Counter) -> u64 {
 
 fn start_vm(code: &[u8], cpus: u8, bus: PioBus, exit: ExitRequest) -> (GuestRam, Vm, VmControl) {
     let ram = GuestRam::new(64 << 20, BackingKind::Small).unwrap();
-    ram.memory().write_slice(code, GuestAddress(CODE_GPA)).unwrap();
+    ram.memory()
+        .write_slice(code, GuestAddress(CODE_GPA))
+        .unwrap();
     let vm = Vm::new(&ram, cpus).unwrap();
     let mut fds = Vec::new();
     for id in 0..cpus {
@@ -91,15 +98,20 @@ fn vcpus_run_in_long_mode_and_pause_resume_stop() {
     }
     // mov dx, TEST_PORT; mov eax, edi; loop: out dx, al; pause; jmp loop
     let port = TEST_PORT.to_le_bytes();
-    let code = [0x66, 0xba, port[0], port[1], 0x89, 0xf8, 0xee, 0xf3, 0x90, 0xeb, 0xfb];
+    let code = [
+        0x66, 0xba, port[0], port[1], 0x89, 0xf8, 0xee, 0xf3, 0x90, 0xeb, 0xfb,
+    ];
     let counter = Arc::new(Counter::default());
     let mut bus = PioBus::new();
-    bus.register(TEST_PORT..=TEST_PORT, counter.clone()).unwrap();
+    bus.register(TEST_PORT..=TEST_PORT, counter.clone())
+        .unwrap();
     let exit = ExitRequest::new().unwrap();
     let (_ram, _vm, mut ctl) = start_vm(&code, 2, bus, exit.clone());
 
     assert!(
-        wait_until(Duration::from_secs(20), || counter.per_vcpu[0].load(Ordering::SeqCst) > 10
+        wait_until(Duration::from_secs(20), || counter.per_vcpu[0]
+            .load(Ordering::SeqCst)
+            > 10
             && counter.per_vcpu[1].load(Ordering::SeqCst) > 10),
         "both vCPUs write their id to the test port"
     );
@@ -111,7 +123,11 @@ fn vcpus_run_in_long_mode_and_pause_resume_stop() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(total(&counter), paused_at, "no I/O while paused");
     ctl.resume_all().unwrap();
-    assert!(wait_until(Duration::from_secs(20), || total(&counter) > paused_at + 100), "runs again");
+    assert!(
+        wait_until(Duration::from_secs(20), || total(&counter)
+            > paused_at + 100),
+        "runs again"
+    );
     ctl.stop_all();
     let stopped_at = total(&counter);
     std::thread::sleep(Duration::from_millis(100));
@@ -128,7 +144,8 @@ fn i8042_reset_ends_the_vm_with_zero() {
     let code = [0xb0, 0xfe, 0xe6, 0x64, 0xf4];
     let exit = ExitRequest::new().unwrap();
     let mut bus = PioBus::new();
-    bus.register(0x60..=0x64, Arc::new(I8042::new(exit.clone()))).unwrap();
+    bus.register(0x60..=0x64, Arc::new(I8042::new(exit.clone())))
+        .unwrap();
     let (_ram, _vm, mut ctl) = start_vm(&code, 1, bus, exit.clone());
     assert_eq!(exit.wait_timeout(Duration::from_secs(30)), Some(0));
     ctl.stop_all();
