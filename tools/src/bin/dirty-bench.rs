@@ -126,7 +126,7 @@ fn parse_size(s: &str) -> Result<u64> {
     let n: u64 = num
         .parse()
         .with_context(|| format!("--bytes-per-vcpu {s:?}: give a size such as 256M"))?;
-    if n == 0 || (n * mul) % 4096 != 0 {
+    if n == 0 || !(n * mul).is_multiple_of(4096) {
         bail!("--bytes-per-vcpu {s:?}: give a non-zero multiple of 4K");
     }
     Ok(n * mul)
@@ -372,7 +372,8 @@ fn main() -> Result<()> {
         "{:<10} {:>14} {:>14} {:>14} {:>14} {:>8}",
         "step", "ours (us)", "ours us/GiB", "theirs (us)", "theirs us/GiB", "ratio"
     );
-    let steps: [(&str, fn(&(f64, f64)) -> f64); 3] = [
+    type Pick = fn(&(f64, f64)) -> f64;
+    let steps: [(&str, Pick); 3] = [
         ("get", |f| f.0),
         ("clear", |f| f.1),
         ("get+clear", |f| f.0 + f.1),
