@@ -1,8 +1,8 @@
 //! The kernel selftest dirty_log_test's rule on real KVM, in every dirty-tracking mode: every
 //! page whose content changed after a harvest returned is dirty in the next harvest (or, when
 //! the write raced with that harvest's clear, in the one after), and after the guest stopped,
-//! the final harvest holds every change. Also: a page the guest did not touch in the window is
-//! not reported (precision), and the VMM's own writes are merged in.
+//! the final harvest holds every change. Also: with the guest stopped, a harvest reports no
+//! page of the test area (precision), and the VMM's own writes are merged in.
 //!
 //! The guest (ring 3, see `GUEST_ASM`) writes unique values `vcpu << 56 | counter` at offset
 //! `8 * vcpu` of pages picked by a per-vCPU xorshift PRNG in a test area, until the host raises

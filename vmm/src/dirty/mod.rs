@@ -443,7 +443,7 @@ impl DirtyTracker {
         let slots = SlotInfo::from_regions(regions);
         // UFFDIO_WRITEPROTECT acts on the registered VMA of this process, whichever of the
         // process's userfaultfds issues it; the pager keeps its own fd private, so the tracker
-        // opens one for protecting (see the module report: the pager should expose this).
+        // opens one for protecting (until paging.rs offers a re-protect call).
         let wp = Uffd::new(UFFD_FEATURE_PAGEFAULT_FLAG_WP, 0)?;
         pager.stage2().dirty().enable(stage2::SplitPolicy::Eager);
         for s in &slots {
