@@ -9,11 +9,10 @@
 //! nothing), or the invalidation's zap sees the fault's entry (and zaps it, stealing a marker).
 
 use std::ops::Range;
-use std::sync::Mutex as StdMutex;
 
 use crate::format::Format;
 use crate::stats::C;
-use crate::sync::{self, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{self, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 use crate::table::Guard;
 use crate::tlb::Tlb;
 use crate::types::GPA_LIMIT;
@@ -24,9 +23,9 @@ use crate::Stage2;
 pub(crate) struct InvState {
     seq: AtomicU64,
     in_progress: AtomicUsize,
-    /// In-flight ranges. A plain mutex: only read when `in_progress` is non-zero, never held across
-    /// anything else.
-    ranges: StdMutex<Vec<Range<u64>>>,
+    /// In-flight ranges. Only read when `in_progress` is non-zero, never held across anything else.
+    /// Part of the handshake, so it is loom's mutex under `cfg(loom)`.
+    ranges: Mutex<Vec<Range<u64>>>,
 }
 
 impl InvState {
@@ -34,15 +33,12 @@ impl InvState {
         InvState {
             seq: AtomicU64::new(0),
             in_progress: AtomicUsize::new(0),
-            ranges: StdMutex::new(Vec::new()),
+            ranges: Mutex::new(Vec::new()),
         }
     }
 
-    fn ranges(&self) -> std::sync::MutexGuard<'_, Vec<Range<u64>>> {
-        match self.ranges.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+    fn ranges(&self) -> MutexGuard<'_, Vec<Range<u64>>> {
+        sync::lock(&self.ranges)
     }
 
     fn covers(&self, start: u64, end: u64) -> bool {

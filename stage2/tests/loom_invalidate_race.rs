@@ -1,6 +1,6 @@
 //! Loom models of a fault racing a range invalidation (the host's mmu notifier).
 //!
-//! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p stage2 --release --test loom_invalidate_race`
+//! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p stage2 --release --test loom_invalidate_race`
 //!
 //! The host remaps the range to new memory (generation 0 -> 1) between `invalidate_range_start`
 //! and `invalidate_range_end`, as a host does when it drops and refaults a page. The fault reads
@@ -57,7 +57,7 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     b.max_branches = 100_000;
     if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(2);
+        b.preemption_bound = Some(3);
     }
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = runs.clone();
