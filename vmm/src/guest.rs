@@ -352,6 +352,13 @@ pub fn run_on(
 
     let report = Arc::new(Mutex::new(Report::new(cpus.into())));
     let exit = ExitRequest::new().context("creating the exit event")?;
+    if let Some(pager) = &pager {
+        // A page the host cannot provide ends the run with the reason, never a fault loop.
+        let exit = exit.clone();
+        pager.on_fatal(move |why| {
+            exit.request(EXIT_FAIL, why);
+        });
+    }
     let mut bus = PioBus::new();
     bus.register(
         TEST_PORT_RANGE,

@@ -232,6 +232,8 @@ struct Counters {
     refills: AtomicU64,
     eexist: AtomicU64,
     eagain: AtomicU64,
+    /// Faults the host refused to back (each one stopped the VM).
+    fatal: AtomicU64,
     deferred: AtomicU64,
     deferred_dropped: AtomicU64,
     wp_cleared: AtomicU64,
@@ -297,6 +299,8 @@ pub struct PagingStats {
     pub eexist: u64,
     /// EAGAIN races (a fill met a pending REMOVE, or stopped part way).
     pub eagain: u64,
+    /// Faults the host refused to back (each stops the VM).
+    pub fatal: u64,
     /// Faults deferred (fill or install retried later).
     pub deferred: u64,
     /// Deferred faults given up (host page gone, or too many attempts).
@@ -317,7 +321,7 @@ pub struct PagingStats {
 
 impl fmt::Display for PagingStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, u64); 28] = [
+        let rows: [(&str, u64); 29] = [
             ("uffd events: missing", self.events_missing),
             ("uffd events: write-protect", self.events_wp),
             ("uffd events: minor", self.events_minor),
@@ -337,6 +341,7 @@ impl fmt::Display for PagingStats {
             ("refills (host lost page)", self.refills),
             ("races EEXIST", self.eexist),
             ("races EAGAIN", self.eagain),
+            ("fills refused (fatal)", self.fatal),
             ("deferred faults", self.deferred),
             ("deferred faults dropped", self.deferred_dropped),
             ("WP cleared", self.wp_cleared),
@@ -383,6 +388,7 @@ impl PagingStats {
                 "refills": self.refills,
                 "eexist": self.eexist,
                 "eagain": self.eagain,
+                "fatal": self.fatal,
                 "deferred": self.deferred,
                 "deferred_dropped": self.deferred_dropped,
                 "wp_cleared": self.wp_cleared,
@@ -485,7 +491,10 @@ impl Backing for GuestRamBacking {
 
 /// A read-only anonymous mapping that reads as zeroes: the source of UFFDIO_COPY where the
 /// kernel has no zero page to map (hugetlbfs; write-protected fills). Never written, so it
-/// costs no memory (reads map the shared zero page).
+/// costs no memory: it is populated up front with the shared zero page (page tables only).
+/// Populated matters: the kernel copies from the source with page faults disabled, and on a
+/// miss it retries through a *temporary* huge page allocated outside the pool reservation, which
+/// fails with ENOMEM when the guest holds every page of the pool (seen with 1 GiB pages).
 struct ZeroSource {
     addr: u64,
     len: u64,
@@ -499,7 +508,7 @@ impl ZeroSource {
                 std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_POPULATE,
                 -1,
                 0,
             )
@@ -538,8 +547,30 @@ struct Shared {
     own_drops: Mutex<Vec<Range<u64>>>,
     /// Thread id of each vCPU (index), 0 when unknown.
     vcpu_tids: Vec<AtomicU32>,
+    /// Called once with the reason when a fault cannot be served (see [`Pager::on_fatal`]).
+    on_fatal: Mutex<Option<FatalHandler>>,
     stop: EventFd,
     stopping: AtomicBool,
+}
+
+/// Told why the pager cannot go on (a guest page the host cannot provide).
+pub type FatalHandler = Box<dyn Fn(&str) + Send + Sync>;
+
+impl Shared {
+    /// Reports a fault that cannot be served: to the handler set with [`Pager::on_fatal`], which
+    /// stops the VM; logged in any case.
+    fn fatal(&self, why: &str) {
+        error!("{why}");
+        self.counters.fatal.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = self
+            .on_fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            f(why);
+        }
+    }
 }
 
 /// The demand pager: owns the userfaultfd, the handler threads and the stage2 engine.
@@ -684,6 +715,7 @@ impl Pager {
             event_lock: Mutex::new(()),
             own_drops: Mutex::new(Vec::new()),
             vcpu_tids: (0..cfg.vcpus.max(1)).map(|_| AtomicU32::new(0)).collect(),
+            on_fatal: Mutex::new(None),
             stop,
             stopping: AtomicBool::new(false),
             cfg: cfg.clone(),
@@ -889,6 +921,17 @@ impl Pager {
         Ok(installed)
     }
 
+    /// Sets what happens when a fault cannot be served (the host refuses to provide the page):
+    /// typically a request to stop the VM with an error. Without one, the error is only logged
+    /// and the faulting vCPU stays blocked.
+    pub fn on_fatal(&self, handler: impl Fn(&str) + Send + Sync + 'static) {
+        *self
+            .shared
+            .on_fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(handler));
+    }
+
     /// A snapshot of the statistics.
     pub fn stats(&self) -> PagingStats {
         let c = &self.shared.counters;
@@ -913,6 +956,7 @@ impl Pager {
             refills: get(&c.refills),
             eexist: get(&c.eexist),
             eagain: get(&c.eagain),
+            fatal: get(&c.fatal),
             deferred: get(&c.deferred),
             deferred_dropped: get(&c.deferred_dropped),
             wp_cleared: get(&c.wp_cleared),
@@ -977,6 +1021,9 @@ enum Fill {
     Present,
     /// A REMOVE/UNMAP is pending: nothing done, try again after the event is read.
     Pending,
+    /// The kernel refused to fill the page for a reason that is not a race (out of huge pages,
+    /// out of memory): the fault cannot be served, the VM has been asked to stop.
+    Failed,
 }
 
 /// One fault-handler thread.
@@ -1229,6 +1276,7 @@ impl Handler {
                 self.defer(gpa, access, vcpu, true);
                 return;
             }
+            Fill::Failed => return,
             Fill::Present => 0,
             Fill::Filled { bytes } => bytes,
         };
@@ -1387,8 +1435,14 @@ impl Handler {
                 return Fill::Pending;
             }
             Err(e) => {
-                error!("filling gpa {block:#x}+{len:#x} failed: {e}; waking the vCPU");
-                return Fill::Present;
+                // Waking the vCPU would only make it fault again on the same page, forever:
+                // a page the host cannot give is fatal to the VM, as a SIGBUS would be.
+                sh.fatal(&format!(
+                    "the host could not back guest page {block:#x}+{len:#x}: {e}; \
+                     free host memory (for hugetlbfs backing: raise the huge page pool, e.g. \
+                     /proc/sys/vm/nr_hugepages) or use a smaller --mem"
+                ));
+                return Fill::Failed;
             }
         };
         match sh.page {
@@ -1498,6 +1552,7 @@ impl Handler {
                         self.deferred.push(d);
                         continue;
                     }
+                    Fill::Failed => continue,
                     Fill::Present => 0,
                     Fill::Filled { bytes } => bytes,
                 }
@@ -1604,6 +1659,7 @@ mod tests {
             refills: 0,
             eexist: 0,
             eagain: 0,
+            fatal: 0,
             deferred: 0,
             deferred_dropped: 0,
             wp_cleared: 0,

@@ -213,3 +213,54 @@ fn touch_and_dirty_on_4_vcpus() {
     let per_gen = slice_bytes(&dirty, 1) / PAGE / 4;
     assert_eq!(dirty.vcpu_sum("writes"), 4 * 6 * per_gen);
 }
+
+/// Free 1 GiB huge pages (free minus reserved).
+fn free_1g_pages() -> u64 {
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-1048576kB/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    read("free_hugepages").saturating_sub(read("resv_hugepages"))
+}
+
+/// 1 GiB hugetlbfs under demand paging: each touched GiB is one UFFDIO_COPY and one 1 GiB stage2
+/// block. Regression: the copy used to fail with ENOMEM when the guest held the whole pool (the
+/// kernel retried through a temporary huge page) and the vCPU then faulted forever.
+#[test]
+fn stress_on_hugetlb_1g_installs_one_block_per_touched_gib() {
+    let test = "stress_on_hugetlb_1g_installs_one_block_per_touched_gib";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let free = free_1g_pages();
+    if free < 2 {
+        eprintln!("{test}: skipped: the 1 GiB hugetlb pool has {free} free pages, 2 needed");
+        return;
+    }
+    let _one = serial();
+    let run = vmm_guest(
+        test,
+        &[
+            "--guest",
+            "stress",
+            "--mem",
+            "2G",
+            "--cpus",
+            "2",
+            "--hugepages",
+            "1G",
+        ],
+    );
+    run.assert_pass();
+    run.assert_backing("1G hugetlbfs");
+    let installs = run.counter("stage2", "installs_1g");
+    assert!(
+        (1..=2).contains(&installs),
+        "2 GiB of RAM: one or two 1 GiB blocks, got {installs}"
+    );
+    assert_eq!(run.counter("stage2", "installs_2m"), 0);
+    assert_eq!(run.counter("stage2", "installs_4k"), 0);
+    assert_eq!(run.counter("paging", "fatal"), 0);
+}
