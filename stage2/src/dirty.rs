@@ -350,9 +350,7 @@ impl<F: Format, T: Tlb> DirtyLog<'_, F, T> {
         if policy == SplitPolicy::Eager {
             s2.split_inner(0..GPA_LIMIT, crate::PageSize::Size4K);
         }
-        let g = s2.reclaim.pin();
-        s2.walk(0, GPA_LIMIT, &mut WriteProtect, &g);
-        drop(g);
+        s2.walk(0, GPA_LIMIT, &mut WriteProtect, &s2.reclaim.pin());
         s2.flush_all();
     }
 
@@ -397,17 +395,18 @@ impl<F: Format, T: Tlb> DirtyLog<'_, F, T> {
         if n == 0 {
             return;
         }
-        let g = self.s2.reclaim.pin();
-        if n * 16 >= pages.pages() {
-            // Dense: one walk over the range beats a descent per page.
-            self.s2
-                .walk(r.start, r.end, &mut ProtectPages { pages }, &g);
-        } else {
-            for gpa in pages.iter() {
-                self.s2.write_protect_page(gpa, &g);
+        {
+            let g = self.s2.reclaim.pin();
+            if n * 16 >= pages.pages() {
+                // Dense: one walk over the range beats a descent per page.
+                self.s2
+                    .walk(r.start, r.end, &mut ProtectPages { pages }, &g);
+            } else {
+                for gpa in pages.iter() {
+                    self.s2.write_protect_page(gpa, &g);
+                }
             }
         }
-        drop(g);
         self.s2.flush_range(r.start, r.end);
     }
 
@@ -432,14 +431,15 @@ impl<F: Format, T: Tlb> DirtyLog<'_, F, T> {
         let pages = std::mem::take(&mut r.harvested);
         r.overflowed = false;
         drop(r);
-        let g = self.s2.reclaim.pin();
-        for &gpa in &pages {
-            if let Some((w, bit)) = self.s2.dirty.word(gpa, false) {
-                w.fetch_and(!bit, Ordering::SeqCst);
+        {
+            let g = self.s2.reclaim.pin();
+            for &gpa in &pages {
+                if let Some((w, bit)) = self.s2.dirty.word(gpa, false) {
+                    w.fetch_and(!bit, Ordering::SeqCst);
+                }
+                self.s2.write_protect_page(gpa, &g);
             }
-            self.s2.write_protect_page(gpa, &g);
         }
-        drop(g);
         if !pages.is_empty() {
             self.s2.flush_all();
         }

@@ -239,11 +239,11 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         };
         let mut addr = start;
         loop {
-            let lock = sync::lock(&self.structure);
-            let g = self.reclaim.pin();
-            let r = self.walk(addr, end, &mut v, &g);
-            drop(g);
-            drop(lock);
+            // The structure lock and the epoch guard are held for one budget only.
+            let r = {
+                let _lock = sync::lock(&self.structure);
+                self.walk(addr, end, &mut v, &self.reclaim.pin())
+            };
             if v.dirty_end > v.dirty_start {
                 self.flush_range(v.dirty_start, v.dirty_end);
                 v.dirty_start = 0;

@@ -224,9 +224,8 @@ impl<F: Format, T: Tlb> Batch<'_, F, T> {
             written: 0,
             err: None,
         };
-        let g = s2.reclaim.pin();
-        let r = s2.walk(gpa, end, &mut v, &g);
-        drop(g);
+        // The epoch guard lives for the walk only.
+        let r = s2.walk(gpa, end, &mut v, &s2.reclaim.pin());
         if v.written > 0 {
             // Counted once per call (every written entry is a new leaf at the target level).
             s2.stats.mapped(size.level(), v.written as u64, true);
