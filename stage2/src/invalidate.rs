@@ -1,6 +1,7 @@
 //! Range invalidation (the host's mmu notifier): start/end with an in-progress count, the list of
 //! in-flight ranges and a sequence number; zaps leaves only, skips empty upper entries in one read,
-//! flushes the TLB once per batch and yields every `Config::yield_every` entries.
+//! flushes the TLB once per batch and pauses every `Config::yield_every` entries (releasing its
+//! locks and epoch guard; the CPU is given up once the walk has used a time slice).
 //!
 //! The handshake with the fault path (`invalidate_retry`, KVM's `mmu_invalidate_retry_gfn`):
 //! `start` publishes its range, then raises the count, then zaps; `end` bumps the sequence before it
@@ -16,7 +17,7 @@ use crate::sync::{self, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 use crate::table::Guard;
 use crate::tlb::Tlb;
 use crate::types::GPA_LIMIT;
-use crate::walk::{flags, Ctx, Step, Visit, Visitor, Walked};
+use crate::walk::{flags, Ctx, Step, Visit, Visitor};
 use crate::Stage2;
 
 /// Invalidation state shared with the fault path.
@@ -88,8 +89,6 @@ pub(crate) fn page_range(r: &Range<u64>) -> Range<u64> {
 /// The zap visitor: leaves (and markers) in range become empty.
 struct Zap {
     zapped: usize,
-    visited: usize,
-    budget: usize,
     /// Range zapped since the last flush.
     dirty_start: u64,
     dirty_end: u64,
@@ -99,7 +98,6 @@ impl<F: Format, T: Tlb> Visitor<F, T> for Zap {
     const FLAGS: u8 = flags::LEAF;
 
     fn visit(&mut self, s2: &Stage2<F, T>, _g: &Guard, _k: Visit, ctx: &mut Ctx<'_>) -> Step {
-        self.visited += 1;
         let mut old = ctx.old;
         loop {
             if old == 0 {
@@ -138,12 +136,7 @@ impl<F: Format, T: Tlb> Visitor<F, T> for Zap {
             old = ctx.slot.load(Ordering::SeqCst);
         }
         ctx.old = 0;
-        if self.visited >= self.budget {
-            self.visited = 0;
-            Step::Pause
-        } else {
-            Step::Continue
-        }
+        Step::Continue
     }
 }
 
@@ -227,37 +220,32 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         }
     }
 
-    /// Zap every leaf in `[start, end)`: one resumable walk that yields every `yield_every` entries
-    /// (dropping its epoch guard and the structure lock) and flushes once per batch.
+    /// Zap every leaf in `[start, end)`: one resumable walk ([`Stage2::walk_resumable`]) that
+    /// flushes once per budget.
     pub(crate) fn zap_range(&self, start: u64, end: u64) -> usize {
+        self.zap_range_hooked(start, end, |_| {})
+    }
+
+    /// [`Stage2::zap_range`] with `hook` called at every budget boundary, locks released.
+    pub(crate) fn zap_range_hooked(&self, start: u64, end: u64, hook: impl FnMut(u64)) -> usize {
         let mut v = Zap {
             zapped: 0,
-            visited: 0,
-            budget: self.config.yield_every.max(1),
             dirty_start: 0,
             dirty_end: 0,
         };
-        let mut addr = start;
-        loop {
-            // The structure lock and the epoch guard are held for one budget only.
-            let r = {
-                let _lock = sync::lock(&self.structure);
-                self.walk(addr, end, &mut v, &self.reclaim.pin())
-            };
-            if v.dirty_end > v.dirty_start {
-                self.flush_range(v.dirty_start, v.dirty_end);
-                v.dirty_start = 0;
-                v.dirty_end = 0;
-            }
-            match r {
-                Walked::Done => break,
-                Walked::Paused(next) => {
-                    addr = next;
-                    self.stats.inc(C::Yield);
-                    sync::yield_now();
+        self.walk_resumable(
+            start,
+            end,
+            &mut v,
+            |s2, v| {
+                if v.dirty_end > v.dirty_start {
+                    s2.flush_range(v.dirty_start, v.dirty_end);
+                    v.dirty_start = 0;
+                    v.dirty_end = 0;
                 }
-            }
-        }
+            },
+            hook,
+        );
         self.stats.add(C::Zapped, v.zapped as u64);
         v.zapped
     }
@@ -329,6 +317,44 @@ mod tests {
         // Leaves only: the tables stay, counted exactly.
         assert_eq!(s2.live_table_pages(), tables);
         assert_eq!(s2.count_reachable_tables(), tables);
+    }
+
+    #[test]
+    fn resume_after_the_tree_changed_between_budgets_zaps_everything() {
+        const MB: u64 = 1 << 20;
+        let s2 = engine(Ept, NoopTlb);
+        // 0..32 MiB in 4 KiB pages (8192 leaves: 32 budgets of 256), 32..64 MiB empty.
+        s2.map_range(0, 32 * MB, 1 << 40, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        let mut pauses = 0u64;
+        let mut added = 0usize;
+        let zapped = s2.zap_range_hooked(0, 64 * MB, |next| {
+            assert!(next < 64 * MB);
+            match pauses {
+                // Another zap takes 16..20 MiB (ahead of the walk) while it is paused.
+                0 => drop(s2.invalidate(16 * MB..20 * MB)),
+                // New 2 MiB blocks appear ahead of the walk, where it found no table before.
+                1..=16 => {
+                    let gpa = 32 * MB + (pauses - 1) * 2 * MB;
+                    s2.map_range(gpa, 2 * MB, 1 << 41, Perms::RW, PageSize::Size2M)
+                        .unwrap();
+                    added += 1;
+                }
+                // And a 2 MiB block ahead is split into a table of 4 KiB pages.
+                17 => {
+                    assert_eq!(s2.split(62 * MB..64 * MB, PageSize::Size4K), 1);
+                    added += 511;
+                }
+                _ => {}
+            }
+            pauses += 1;
+        });
+        assert!(pauses > 17, "{pauses} pauses");
+        assert_eq!(zapped, 8192 - 1024 + added);
+        for gpa in (0..64 * MB).step_by(4096) {
+            assert!(s2.lookup(gpa).is_none(), "{gpa:#x} still mapped");
+        }
+        assert_eq!(s2.stats().mapped_bytes(), 0);
     }
 
     #[test]

@@ -24,12 +24,45 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-/// Yield the CPU in a long operation (a scheduling point under loom).
-pub(crate) fn yield_now() {
-    #[cfg(loom)]
-    loom::thread::yield_now();
+/// How long a long walk may keep the CPU before it yields it (the time slice of `cond_resched`).
+#[cfg(not(loom))]
+pub(crate) const RESCHED_SLICE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The userspace analogue of the kernel's `cond_resched`: a long walk calls [`Resched::cond_resched`]
+/// at every budget boundary (after it released its locks and epoch guard), and the CPU is given up
+/// only when the walk has run for longer than [`RESCHED_SLICE`] since it last did. Yielding on every
+/// boundary costs a trip through the scheduler per few hundred entries, which on a loaded host
+/// multiplies the wall time of a walk. Under loom every boundary is a scheduling point.
+pub(crate) struct Resched {
     #[cfg(not(loom))]
-    std::thread::yield_now();
+    last: std::time::Instant,
+}
+
+impl Resched {
+    pub(crate) fn new() -> Self {
+        Resched {
+            #[cfg(not(loom))]
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Yield the CPU if the time slice is used up; returns whether it did.
+    pub(crate) fn cond_resched(&mut self) -> bool {
+        #[cfg(loom)]
+        {
+            loom::thread::yield_now();
+            true
+        }
+        #[cfg(not(loom))]
+        {
+            if self.last.elapsed() < RESCHED_SLICE {
+                return false;
+            }
+            std::thread::yield_now();
+            self.last = std::time::Instant::now();
+            true
+        }
+    }
 }
 
 /// Read an atomic we have exclusive access to (teardown) without a modelled operation.

@@ -10,7 +10,7 @@
 
 use crate::format::Format;
 use crate::stats::C;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{self, AtomicU64, Ordering};
 use crate::table::{Guard, TablePage};
 use crate::tlb::Tlb;
 use crate::types::{level_bytes, level_index, Access, PageSize, Perms, ENTRIES, GPA_LIMIT, LEVELS};
@@ -83,6 +83,33 @@ pub(crate) trait Visitor<F: Format, T: Tlb> {
     /// Which visits to make (see [`flags`]).
     const FLAGS: u8;
     fn visit(&mut self, s2: &Stage2<F, T>, g: &Guard, kind: Visit, ctx: &mut Ctx<'_>) -> Step;
+}
+
+/// A visitor that pauses the walk every `budget` leaf visits (never right after a visit that left
+/// a table to descend into, so a resumed walk misses nothing).
+pub(crate) struct Budgeted<'v, V> {
+    pub(crate) inner: &'v mut V,
+    visited: usize,
+    budget: usize,
+}
+
+impl<F: Format, T: Tlb, V: Visitor<F, T>> Visitor<F, T> for Budgeted<'_, V> {
+    const FLAGS: u8 = V::FLAGS;
+
+    #[inline]
+    fn visit(&mut self, s2: &Stage2<F, T>, g: &Guard, kind: Visit, ctx: &mut Ctx<'_>) -> Step {
+        let step = self.inner.visit(s2, g, kind, ctx);
+        if kind != Visit::Leaf || step == Step::Pause {
+            return step;
+        }
+        self.visited += 1;
+        if self.visited >= self.budget && !s2.fmt.is_table(ctx.old, ctx.level) {
+            self.visited = 0;
+            Step::Pause
+        } else {
+            Step::Continue
+        }
+    }
 }
 
 /// The hardware's translation of one address.
@@ -230,6 +257,46 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
             }
         }
         Walked::Done
+    }
+
+    /// Walk `[start, end)` with `v` in budgets of `Config::yield_every` leaf visits. Each budget runs
+    /// under the structure lock and one epoch guard; at every boundary both are released,
+    /// `between(v)` runs (a batch flush), the boundary is counted in `Stats::yields`, the CPU is
+    /// given up if the walk has used its time slice ([`sync::Resched`]), and the walk restarts from
+    /// the root at the saved address (the tree may have changed in between). `hook` runs at every
+    /// boundary after the locks are dropped (tests change the tree there).
+    pub(crate) fn walk_resumable<V: Visitor<F, T>>(
+        &self,
+        start: u64,
+        end: u64,
+        v: &mut V,
+        mut between: impl FnMut(&Self, &mut V),
+        mut hook: impl FnMut(u64),
+    ) {
+        let budget = self.config.yield_every.max(1);
+        let mut b = Budgeted {
+            inner: v,
+            visited: 0,
+            budget,
+        };
+        let mut resched = sync::Resched::new();
+        let mut addr = start;
+        loop {
+            let r = {
+                let _lock = sync::lock(&self.structure);
+                self.walk(addr, end, &mut b, &self.reclaim.pin())
+            };
+            between(self, b.inner);
+            match r {
+                Walked::Done => break,
+                Walked::Paused(next) => {
+                    addr = next;
+                    self.stats.inc(C::Yield);
+                    hook(next);
+                    resched.cond_resched();
+                }
+            }
+        }
     }
 
     /// Descend towards `gpa` until an entry that is not a table at `target` level or above;
