@@ -346,11 +346,14 @@ impl<F: Format, T: Tlb> DirtyLog<'_, F, T> {
         s2.dirty.enabled.store(true, Ordering::SeqCst);
         // Faults that sized their mapping before this point retry.
         s2.inv.bump();
-        let _s = sync::lock(&s2.structure);
         if policy == SplitPolicy::Eager {
+            let _s = sync::lock(&s2.structure);
             s2.split_inner(0..GPA_LIMIT, crate::PageSize::Size4K);
         }
-        s2.walk(0, GPA_LIMIT, &mut WriteProtect, &s2.reclaim.pin());
+        // The write-protect sweep over the whole space is the long one: budgeted and resumable
+        // (structure lock and epoch guard held per budget; a leaf installed behind the sweep after
+        // `enabled` was set is a 4 KiB page that is write-protected or faulted through the log).
+        s2.walk_resumable(0, GPA_LIMIT, &mut WriteProtect, |_, _| {}, |_| {});
         s2.flush_all();
     }
 
@@ -545,6 +548,30 @@ mod tests {
             gpa,
             access: Access::Write,
             vcpu,
+        }
+    }
+
+    #[test]
+    fn enable_sweep_yields_and_protects_every_page() {
+        let s2 = engine(Ept, NoopTlb);
+        let pages = (64u64 << 20) >> 12;
+        s2.map_range(0, 64 << 20, 1 << 40, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        let before = s2.stats().yields;
+        s2.dirty().enable(SplitPolicy::Lazy);
+        let st = s2.stats();
+        assert!(
+            st.yields - before >= pages / 256,
+            "{} yields over {pages} leaves",
+            st.yields - before
+        );
+        assert_eq!(st.write_protected, pages);
+        for gpa in (0..64u64 << 20).step_by(4096) {
+            assert!(
+                s2.translate(gpa, Access::Write).is_err(),
+                "{gpa:#x} writable"
+            );
+            assert!(s2.translate(gpa, Access::Read).is_ok(), "{gpa:#x} unmapped");
         }
     }
 
