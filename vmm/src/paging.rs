@@ -1405,7 +1405,10 @@ impl Handler {
         // write raises a WP fault; the zero page cannot carry the uffd-wp bit, so COPY zeroes.
         let tracked = sh.cfg.write_tracking;
         // DONTWAKE: the vCPU is woken after stage2 recorded the page (see `install`).
-        let result = if sh.page == PageSize::Size4K && !tracked {
+        // ZEROPAGE maps the shared zero page read-only: right for a read, but a write fault
+        // filled that way takes a host copy-on-write fault on every page right after, so
+        // writes get freshly allocated zeroed pages through COPY from the zero source.
+        let result = if sh.page == PageSize::Size4K && !tracked && !write {
             sh.uffd.zeropage(hva, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
         } else {
             let mode = if tracked && !write {
