@@ -27,7 +27,7 @@ fn install(threads: usize, global_lock: bool, outer_mutex: bool) -> (Duration, D
     best(
         RUNS,
         || engine(global_lock, threads),
-        |s2| fault_in_4k_cpu(s2, PAGES_4K_PER_GIB, threads, outer_mutex),
+        |s2| fault_in_4k_cpu(s2, PAGES_4K_PER_GIB, threads, outer_mutex, false),
     )
 }
 
@@ -92,6 +92,11 @@ fn main() {
         |s2| timed_cpu(|| map_range_4k(s2, pages)),
     );
     let fault = install(1, false, false);
+    let fault_pinned = best(
+        RUNS,
+        || engine(false, 1),
+        |s2| fault_in_4k_cpu(s2, PAGES_4K_PER_GIB, 1, false, true),
+    );
     println!(
         "   {:<34} {:>9} {:>12} {:>16}",
         "variant", "wall ms", "CPU ns/page", "x86_64/ours CPU"
@@ -100,6 +105,7 @@ fn main() {
         ("x86_64 OffsetPageTable::map_to", x86),
         ("stage2 map_range (one batch)", batch),
         ("stage2 handle_fault per page", fault),
+        ("handle_fault, caller holds pin()", fault_pinned),
     ] {
         println!(
             "   {:<34} {:>9.2} {:>12.1} {:>15.2}x",

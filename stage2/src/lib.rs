@@ -85,6 +85,19 @@ use crate::stats::{Counters, C};
 use crate::sync::{Mutex, MutexGuard};
 use crate::table::{Reclaim, TablePage};
 
+/// A thread's epoch critical section from [`Stage2::pin`]; table pages it can reach stay allocated
+/// until it drops.
+#[must_use = "the critical section ends when this guard drops"]
+pub struct Pinned {
+    _guard: table::Guard,
+}
+
+impl std::fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pinned")
+    }
+}
+
 /// A stage-2 translation table of format `F`, invalidating TLBs through `T`.
 pub struct Stage2<F: Format, T: Tlb> {
     pub(crate) fmt: F,
@@ -150,6 +163,17 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
     #[inline]
     pub(crate) fn global_guard(&self) -> Option<MutexGuard<'_, ()>> {
         self.global.as_ref().map(sync::lock)
+    }
+
+    /// Enter an epoch critical section for a batch of operations on this thread (e.g. a fault
+    /// handler taking several faults in a row). While the returned guard lives, the engine's own
+    /// pins on this thread are nested and cheap (no fence), which saves a locked instruction per
+    /// fault. Unlinked table pages cannot be reclaimed while any thread holds a guard: drop it
+    /// before the thread blocks (e.g. before it re-enters the guest).
+    pub fn pin(&self) -> Pinned {
+        Pinned {
+            _guard: self.reclaim.pin(),
+        }
     }
 
     /// A snapshot of the counters.
@@ -277,6 +301,39 @@ mod tests {
         assert_eq!(s2.split(0..1 << 30, PageSize::Size4K), 0);
         drop(s2.invalidate(0..1 << 30));
         assert_eq!(s2.stats().mapped_bytes(), 0);
+    }
+
+    #[test]
+    fn faults_under_a_callers_pin_install_and_pages_are_reclaimed_after_it_drops() {
+        let s2 = engine(Ept, NoopTlb);
+        let ram = Ram::new(PageSize::Size4K, Perms::RW);
+        {
+            let _pin = s2.pin();
+            for gpa in (0..0x40_0000).step_by(4096) {
+                let f = Fault {
+                    gpa,
+                    access: Access::Write,
+                    vcpu: 0,
+                };
+                assert!(matches!(
+                    s2.handle_fault(f, &ram, s2.invalidate_seq()),
+                    Outcome::Installed { .. }
+                ));
+            }
+            s2.map_range(0x4000_0000, 0x20_0000, 0, Perms::R, PageSize::Size4K)
+                .unwrap();
+            // A collapse under the pin unlinks a table page; its free is deferred.
+            assert_eq!(s2.collapse(0x4000_0000..0x4020_0000), 1);
+            assert_eq!(s2.stats().tables_pending_free, 1);
+        }
+        assert_eq!(s2.stats().mapped_4k, 1024);
+        for _ in 0..64 {
+            s2.reclaim_deferred();
+            if s2.stats().tables_pending_free == 0 {
+                break;
+            }
+        }
+        assert_eq!(s2.stats().tables_pending_free, 0);
     }
 
     #[test]

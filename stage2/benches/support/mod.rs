@@ -67,15 +67,17 @@ pub fn engine(global_lock: bool, nr_vcpus: usize) -> Engine {
 /// `std::sync::Mutex` held by the bench itself (a baseline independent of the engine's own mode).
 /// Returns the wall time from the start barrier to the last thread's end.
 pub fn fault_in_4k(s2: &Engine, pages: u64, threads: usize, outer_mutex: bool) -> Duration {
-    fault_in_4k_cpu(s2, pages, threads, outer_mutex).0
+    fault_in_4k_cpu(s2, pages, threads, outer_mutex, false).0
 }
 
-/// As [`fault_in_4k`], also returning the CPU time all threads used (the sum).
+/// As [`fault_in_4k`], also returning the CPU time all threads used (the sum). With `pinned`, each
+/// thread holds one [`Stage2::pin`] guard across its faults (a handler pinning per batch).
 pub fn fault_in_4k_cpu(
     s2: &Engine,
     pages: u64,
     threads: usize,
     outer_mutex: bool,
+    pinned: bool,
 ) -> (Duration, Duration) {
     let backing = Linear {
         max_size: PageSize::Size4K,
@@ -89,6 +91,7 @@ pub fn fault_in_4k_cpu(
                 let (backing, lock, start) = (&backing, &lock, &start);
                 s.spawn(move || {
                     start.wait();
+                    let _pin = pinned.then(|| s2.pin());
                     let cpu0 = thread_cpu();
                     let mut chunk = t as u64;
                     while chunk < chunks {
