@@ -23,6 +23,9 @@ use crate::arch::x86_64::configure_vcpu;
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
 use crate::devices::PioBus;
 use crate::memory::{self, human, BackingKind, GuestRam};
+use crate::migrate::precopy::{self, PrecopyConfig};
+use crate::migrate::state::VcpuCaps;
+use crate::migrate::Address;
 use crate::paging::{Pager, PagerConfig, PagingStats};
 use crate::vcpu::{ExitRequest, VmControl};
 use crate::vm::Vm;
@@ -114,6 +117,26 @@ pub struct GuestArgs {
     /// while the guest runs.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Live-migrate the running guest to a `vmm --incoming` destination (tcp:HOST:PORT or
+    /// unix:PATH) by precopy over KVM's dirty bitmap; needs --no-demand-paging. The source
+    /// exits 0 once the destination runs the guest; on failure the guest keeps running here.
+    #[arg(long, value_name = "ADDR")]
+    pub migrate_to: Option<String>,
+    /// Receive a migrating guest at this address (tcp:HOST:PORT or unix:PATH) instead of
+    /// loading one; give the same --guest, --mem, --cpus, --seed, --writes-per-gen as the
+    /// source, and --no-demand-paging.
+    #[arg(long, value_name = "ADDR")]
+    pub incoming: Option<String>,
+    /// Precopy stops iterating when the estimated downtime is at most this.
+    #[arg(long, value_name = "MS", default_value_t = precopy::DEFAULT_DOWNTIME_MS)]
+    pub downtime_ms: u64,
+    /// Precopy stops iterating after this many rounds.
+    #[arg(long, value_name = "N", default_value_t = precopy::DEFAULT_MAX_ROUNDS)]
+    pub max_rounds: u32,
+    /// Set the guest's stop flag after this many seconds of running here (with
+    /// --generations 0 the dirty guest then finishes, and is verified).
+    #[arg(long, value_name = "SECONDS")]
+    pub run_for: Option<u64>,
 }
 
 /// Runs the named built-in guest on `--hugepages auto` backing.
@@ -284,15 +307,58 @@ pub fn run_on(
     backing: BackingKind,
 ) -> anyhow::Result<i32> {
     let plan = plan(args, mem_bytes, cpus)?;
+    let parse_addr = |flag: &str, a: &Option<String>| -> anyhow::Result<Option<Address>> {
+        a.as_deref()
+            .map(|s| s.parse::<Address>().with_context(|| format!("{flag} {s}")))
+            .transpose()
+    };
+    let migrate_to = parse_addr("--migrate-to", &args.migrate_to)?;
+    let incoming = parse_addr("--incoming", &args.incoming)?;
+    if (migrate_to.is_some() || incoming.is_some()) && !args.no_demand_paging {
+        bail!(
+            "live migration does not work with demand paging yet: add --no-demand-paging on \
+             both the source and the destination"
+        );
+    }
+    if migrate_to.is_some() && incoming.is_some() {
+        bail!("--migrate-to and --incoming together: a VM is either the source or the destination");
+    }
     let ram = GuestRam::new(mem_bytes, backing)?;
     let vm = Vm::new(&ram, cpus)?;
     let mem = ram.memory().clone();
-    let entry = load(&mem, &plan)?;
+    let ram_regions: Vec<memory::RamRegion> = ram.regions().collect();
+    let caps = Arc::new(VcpuCaps::probe(vm.kvm()).context("probing KVM for migration")?);
+    // Destination: listen first, so the source can connect as soon as we print the address.
+    let received = match &incoming {
+        Some(addr) => {
+            let listener = addr.listen()?;
+            println!("waiting for the migration source at {}", listener.address());
+            let t = Instant::now();
+            let inc = precopy::receive(&listener, &mem, cpus.into(), &ram_regions)
+                .context("incoming migration failed; nothing runs here")?;
+            println!(
+                "received {} rounds, {:.1} MB in {:.3} s",
+                inc.rounds,
+                inc.bytes as f64 / 1e6,
+                t.elapsed().as_secs_f64()
+            );
+            Some(inc)
+        }
+        None => None,
+    };
+    let entry = match &received {
+        Some(_) => 0,
+        None => load(&mem, &plan)?,
+    };
 
     let mut vcpus = Vec::with_capacity(cpus.into());
     for id in 0..cpus {
         let fd = vm.create_vcpu(id)?;
         configure_vcpu(&vm, &fd, id)?;
+        if received.is_some() {
+            vcpus.push(fd);
+            continue;
+        }
         long_mode::setup(
             &mem,
             &fd,
@@ -309,7 +375,17 @@ pub fn run_on(
         enter_ring3(&fd, id)?;
         vcpus.push(fd);
     }
-    make_tables_user(&mem, ram.end_gpa())?;
+    let ack = match received {
+        Some(inc) => {
+            precopy::restore(&inc, vm.fd(), &vcpus, &caps)
+                .context("restoring the migrated state")?;
+            Some(inc.conn)
+        }
+        None => {
+            make_tables_user(&mem, ram.end_gpa())?;
+            None
+        }
+    };
 
     // Demand paging through userfaultfd + stage2: registered after the host wrote the code,
     // tables and parameter block (those pages are present and never fault), before any
@@ -351,6 +427,18 @@ pub fn run_on(
     ));
 
     let report = Arc::new(Mutex::new(Report::new(cpus.into())));
+    if ack.is_some() {
+        // The guest announced its start on the source; this report continues from there.
+        let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+        for vcpu in 0..usize::from(cpus) {
+            let tsc = read_block(&mem, vcpu)?.tsc_start;
+            let start = guest_tests::protocol::Event::Start {
+                vcpu: vcpu as u64,
+                tsc,
+            };
+            r.record(vcpu, start, Instant::now());
+        }
+    }
     let exit = ExitRequest::new().context("creating the exit event")?;
     if let Some(pager) = &pager {
         // A page the host cannot provide ends the run with the reason, never a fault loop.
@@ -412,6 +500,49 @@ pub fn run_on(
         None => None,
     };
 
+    if let Some(conn) = ack {
+        precopy::acknowledge(conn).context("telling the source the guest runs here")?;
+        println!("migrated guest runs here");
+    }
+    if let Some(addr) = &migrate_to {
+        let src = precopy::Source {
+            vm: vm.fd(),
+            regions: &ram_regions,
+            mem: &mem,
+            control: &control,
+            caps: caps.clone(),
+        };
+        let cfg = PrecopyConfig {
+            downtime: Duration::from_millis(args.downtime_ms),
+            max_rounds: args.max_rounds.max(1),
+        };
+        match precopy::send(&src, addr, cfg) {
+            Ok(s) => {
+                println!(
+                    "migration to {addr} complete: total {:.3} s, downtime {:.1} ms, {} rounds, {:.1} MB sent, {} pages in the last round",
+                    s.total.as_secs_f64(),
+                    s.downtime.as_secs_f64() * 1e3,
+                    s.rounds,
+                    s.bytes as f64 / 1e6,
+                    s.final_pages
+                );
+                drop(api);
+                if let Some(s) = storm.as_mut() {
+                    s.stop();
+                }
+                control.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+                return Ok(EXIT_PASS);
+            }
+            Err(e) => eprintln!("migration to {addr} failed: {e}; the VM keeps running here"),
+        }
+    }
+    if let Some(secs) = args.run_for {
+        if exit.wait_timeout(Duration::from_secs(secs)).is_none() {
+            info!("--run-for {secs} s over: setting the guest's stop flag");
+            mem.write_obj(1u64, GuestAddress(Params::stop_gpa(PARAMS_GPA)))
+                .context("writing the guest's stop flag")?;
+        }
+    }
     let code = match args.guest_timeout {
         Some(secs) => exit
             .wait_timeout(Duration::from_secs(secs))

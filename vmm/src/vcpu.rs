@@ -58,7 +58,16 @@ pub enum VcpuError {
         /// Why.
         why: &'static str,
     },
+    /// [`VmControl::with_paused_vcpu`] was called while the vCPU was running.
+    #[error("vCPU {id} is not paused: pause the VM before working on a vCPU's state")]
+    NotPaused {
+        /// vCPU id.
+        id: usize,
+    },
 }
+
+/// Work run on a paused vCPU's own thread ([`VmControl::with_paused_vcpu`]).
+type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 /// The VM-wide "please stop with this code" latch: devices and vCPU threads request, the main
 /// loop waits (on the condition variable or the event fd) and then stops every vCPU.
@@ -164,6 +173,8 @@ pub enum Command {
     Resume,
     /// End the thread.
     Stop,
+    /// Run the queued job on the vCPU fd if paused (or halted); the state does not change.
+    RunJob,
 }
 
 /// What the run loop does after an exit.
@@ -341,6 +352,7 @@ struct VcpuThread {
     exit: ExitRequest,
     commands: Receiver<Command>,
     acks: Sender<(RunState, Command)>,
+    jobs: Receiver<VcpuJob>,
 }
 
 impl VcpuThread {
@@ -362,8 +374,18 @@ impl VcpuThread {
         debug!("vcpu{} thread ends", self.id);
     }
 
-    fn apply(&self, from: RunState, cmd: Command) -> RunState {
+    fn apply(&mut self, from: RunState, cmd: Command) -> RunState {
         let to = match cmd {
+            Command::RunJob => {
+                // The job is queued before the command; a running vCPU drops it unrun, so
+                // its caller sees no result and reports NotPaused.
+                if let Ok(job) = self.jobs.try_recv() {
+                    if from != RunState::Running {
+                        job(&mut self.fd);
+                    }
+                }
+                from
+            }
             Command::Pause => RunState::Paused,
             Command::Resume => {
                 if from == RunState::Halted {
@@ -419,6 +441,7 @@ impl VcpuThread {
 struct VcpuHandle {
     id: usize,
     commands: Sender<Command>,
+    jobs: Sender<VcpuJob>,
     acks: Receiver<(RunState, Command)>,
     thread: Option<JoinHandle<()>>,
 }
@@ -485,6 +508,7 @@ impl VmControl {
         for (id, fd) in vcpus.into_iter().enumerate() {
             let (cmd_tx, cmd_rx) = channel();
             let (ack_tx, ack_rx) = channel();
+            let (job_tx, job_rx) = channel();
             let thread = VcpuThread {
                 id,
                 fd,
@@ -493,6 +517,7 @@ impl VmControl {
                 exit: exit.clone(),
                 commands: cmd_rx,
                 acks: ack_tx,
+                jobs: job_rx,
             };
             let join = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -504,6 +529,7 @@ impl VmControl {
             handles.push(VcpuHandle {
                 id,
                 commands: cmd_tx,
+                jobs: job_tx,
                 acks: ack_rx,
                 thread: Some(join),
             });
@@ -539,6 +565,37 @@ impl VmControl {
     /// Takes every vCPU out of the guest and waits until all are paused.
     pub fn pause_all(&self) -> Result<(), VcpuError> {
         self.broadcast(Command::Pause).map(|_| ())
+    }
+
+    /// Runs `f` on vCPU `index`'s own thread with its fd, while that vCPU is paused (or
+    /// halted), and returns its result. A running vCPU refuses: [`VcpuError::NotPaused`].
+    /// Saving state for migration uses this, since a `VcpuFd` lives on its thread.
+    pub fn with_paused_vcpu<R, F>(&self, index: usize, f: F) -> Result<R, VcpuError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    {
+        let v = self.vcpus.get(index).ok_or(VcpuError::NoAck {
+            id: index,
+            cmd: Command::RunJob,
+            why: "no such vCPU",
+        })?;
+        let (tx, rx) = channel();
+        let job: VcpuJob = Box::new(move |fd| {
+            let _ = tx.send(f(fd));
+        });
+        if v.jobs.send(job).is_err() {
+            return Err(VcpuError::NoAck {
+                id: index,
+                cmd: Command::RunJob,
+                why: "thread has ended",
+            });
+        }
+        // A running vCPU is kicked so it answers (refusing) at once.
+        v.send(Command::RunJob);
+        v.wait_ack(Command::RunJob)?;
+        rx.try_recv()
+            .map_err(|_| VcpuError::NotPaused { id: index })
     }
 
     /// Lets every paused vCPU enter the guest again.
@@ -662,5 +719,53 @@ mod tests {
         assert!(!ex.request(0, "late"));
         assert_eq!(ex.code(), Some(1));
         assert_eq!(ex.eventfd().read().unwrap(), 1);
+    }
+
+    /// Real KVM: a job runs on a paused vCPU's thread and returns its result; a running vCPU
+    /// refuses with NotPaused.
+    #[test]
+    fn with_paused_vcpu_runs_only_while_paused() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: /dev/kvm is absent");
+            return;
+        }
+        // Real mode at gpa 0x1000: `out 0x80, al; jmp short -4`.
+        const CODE: [u8; 4] = [0xe6, 0x80, 0xeb, 0xfc];
+        const CODE_GPA: u64 = 0x1000;
+        let ram = crate::memory::GuestRam::new(2 << 20, crate::memory::BackingKind::Small).unwrap();
+        let vm = crate::vm::Vm::new(&ram, 1).unwrap();
+        let mem = ram.memory().clone();
+        mem.write_slice(&CODE, GuestAddress(CODE_GPA)).unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let mut sregs = fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        fd.set_sregs(&sregs).unwrap();
+        let mut regs = fd.get_regs().unwrap();
+        regs.rip = CODE_GPA;
+        regs.rflags = 2;
+        fd.set_regs(&regs).unwrap();
+        let (bus, _) = bus_with_recorder();
+        let mut ctl =
+            VmControl::start(vec![fd], Arc::new(bus), mem, ExitRequest::new().unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(matches!(
+            ctl.with_paused_vcpu(0, |fd| fd.get_regs().unwrap().rip),
+            Err(VcpuError::NotPaused { id: 0 })
+        ));
+        ctl.pause_all().unwrap();
+        let rip = ctl
+            .with_paused_vcpu(0, |fd| fd.get_regs().unwrap().rip)
+            .unwrap();
+        assert!(
+            (CODE_GPA..CODE_GPA + CODE.len() as u64).contains(&rip),
+            "rip {rip:#x}"
+        );
+        assert!(matches!(
+            ctl.with_paused_vcpu(1, |_| ()),
+            Err(VcpuError::NoAck { id: 1, .. })
+        ));
+        ctl.resume_all().unwrap();
+        ctl.stop_all();
     }
 }

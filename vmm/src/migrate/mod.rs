@@ -1,6 +1,7 @@
 //! Live migration: the wire format ([`stream`]), the sockets it travels over ([`transport`]),
 //! the vCPU/VM/device state it carries ([`state`]), and moving guest RAM through it ([`ram`]).
 
+pub mod precopy;
 pub mod ram;
 pub mod state;
 pub mod stream;
