@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::Mutex;
 
 use log::warn;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -27,6 +28,9 @@ impl Trigger for IrqLine {
         self.0.write(1)
     }
 }
+
+/// Receive FIFO bytes vm-superio's `Serial` holds at most (its `FIFO_SIZE`, not exported).
+pub const FIFO_BYTES: usize = 0x40;
 
 /// Where guest serial output goes.
 pub type SerialOut = Box<dyn Write + Send>;
@@ -79,6 +83,39 @@ impl SerialDevice {
     }
 }
 
+impl SerialDevice {
+    /// The UART's registers and receive FIFO, for migration.
+    pub fn state(&self) -> SerialState {
+        self.uart.lock().unwrap_or_else(|p| p.into_inner()).state()
+    }
+
+    /// Replaces the UART's registers and receive FIFO with `st`, keeping its output and
+    /// interrupt line. A restored pending interrupt is raised again.
+    pub fn restore(&self, st: &SerialState) -> Result<(), String> {
+        if st.in_buffer.len() > FIFO_BYTES {
+            return Err(format!(
+                "serial state holds {} input bytes, more than the FIFO's {FIFO_BYTES}: the \
+                 migration stream is corrupted",
+                st.in_buffer.len()
+            ));
+        }
+        let mut uart = self.uart.lock().unwrap_or_else(|p| p.into_inner());
+        let irq = || {
+            uart_irq(&uart).map_err(|e| format!("cannot duplicate the serial interrupt fd: {e}"))
+        };
+        let (keep, spare) = (irq()?, irq()?);
+        let old = std::mem::replace(&mut *uart, Serial::new(spare, Box::new(std::io::sink())));
+        let out = old.into_writer();
+        *uart = Serial::from_state(st, keep, NoEvents, out)
+            .map_err(|e| format!("restoring the serial state: {e:?}"))?;
+        Ok(())
+    }
+}
+
+fn uart_irq(uart: &Serial<IrqLine, NoEvents, SerialOut>) -> std::io::Result<IrqLine> {
+    uart.interrupt_evt().0.try_clone().map(IrqLine)
+}
+
 impl PioDevice for SerialDevice {
     fn read(&self, _vcpu: usize, port: u16, data: &mut [u8]) {
         let mut uart = self.uart.lock().unwrap_or_else(|p| p.into_inner());
@@ -127,5 +164,38 @@ mod tests {
         let mut d = [0u8];
         dev.read(0, COM1_BASE, &mut d);
         assert_eq!(d, [b'x']);
+    }
+
+    #[test]
+    fn state_round_trips_into_another_uart() {
+        /// LCR (offset 3) value 0x03: 8 data bits; scratch register at offset 7.
+        const LCR: u16 = COM1_BASE + 3;
+        const SCR: u16 = COM1_BASE + 7;
+        const IER: u16 = COM1_BASE + 1;
+        let (a, _) = SerialDevice::with_new_irq(Box::new(std::io::sink())).unwrap();
+        a.write(0, LCR, &[0x03]);
+        a.write(0, SCR, &[0x5a]);
+        a.write(0, IER, &[0x01]);
+        assert_eq!(a.enqueue_input(b"xyz"), 3);
+        let st = a.state();
+        let out = Shared::default();
+        let (b, _) = SerialDevice::with_new_irq(Box::new(out.clone())).unwrap();
+        assert_ne!(b.state(), st);
+        b.restore(&st).unwrap();
+        assert_eq!(b.state(), st);
+        let mut d = [0u8];
+        b.read(0, SCR, &mut d);
+        assert_eq!(d[0], 0x5a);
+        b.read(0, COM1_BASE, &mut d);
+        assert_eq!(d[0], b'x', "the receive FIFO moved");
+        b.write(0, COM1_BASE, b"!");
+        assert_eq!(
+            *out.0.lock().unwrap(),
+            b"!",
+            "output still goes to the kept writer"
+        );
+        let mut big = st.clone();
+        big.in_buffer = vec![0; FIFO_BYTES + 1];
+        assert!(b.restore(&big).unwrap_err().contains("FIFO"));
     }
 }
