@@ -208,7 +208,9 @@ fn rounds<W: Write>(
     }
     drop(control);
     let vm_state = save_vm(src.vm)?.encode()?;
-    let last = tracker.harvest()?;
+    // The pages harvested for the estimate are not sent yet: they go with the last round.
+    let mut last = tracker.harvest()?;
+    last.merge(&bm);
     let final_pages = last.count();
     send_dirty(w, &mut sender, src.mem, &last)?;
     w.round(round, final_pages)?;
