@@ -222,3 +222,38 @@ fn corrupted_stream_stops_the_destination_with_exit_1() {
     assert!(serr.contains("keeps running here"), "{serr}");
     assert_eq!(scode, 0, "{sout}\n{serr}");
 }
+
+#[test]
+fn destination_lost_after_the_pause_resumes_the_source() {
+    if !kvm_or_skip("destination_lost_after_the_pause_resumes_the_source") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // A fake destination that takes the whole stream and then hangs up without the
+    // guest-running acknowledgement: the source has paused its guest by then.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let sink = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            got += n;
+        }
+        got
+    });
+    let mut src = vmm(&["--migrate-to", &addr, "--run-for", "1"]);
+    let src_rx = lines(&mut src);
+    assert!(sink.join().unwrap() > 0, "the source sent its stream");
+    let (code, out, err) = finish(src, src_rx);
+    assert!(
+        out.contains("(paused)"),
+        "the source reached the final round: {out}"
+    );
+    assert!(err.contains("keeps running here"), "{err}");
+    assert_eq!(code, 0, "the resumed guest passes: {out}\n{err}");
+    assert!(out.contains("PASS"), "{out}");
+    assert_eq!(err.matches("dirty replay of").count(), 2, "{err}");
+}
