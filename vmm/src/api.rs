@@ -1,5 +1,5 @@
 //! The control socket: JSON lines on a unix socket (`--api-socket PATH`) with `stats`, `reclaim`,
-//! `pause` and `resume`, served on its own thread for an [`ApiTarget`] (the running VM).
+//! `pause`, `resume` and `migrate`, served on its own thread for an [`ApiTarget`] (the running VM).
 //!
 //! One request per line, one response per line:
 //!
@@ -7,6 +7,7 @@
 //! {"cmd":"stats"}                              -> {"ok":true,"stats":{...}}
 //! {"cmd":"reclaim","gpa":"1G","len":1073741824} -> {"ok":true,"reclaim":{...}}
 //! {"cmd":"pause"} / {"cmd":"resume"}           -> {"ok":true}
+//! {"cmd":"migrate","to":"tcp:HOST:PORT"}       -> {"ok":true,"migrate":{...}} once the destination runs the guest
 //! anything wrong                               -> {"ok":false,"error":"what was wrong and what to send"}
 //! ```
 //!
@@ -42,6 +43,13 @@ pub trait ApiTarget: Send + Sync {
     fn pause(&self) -> Result<(), String>;
     /// Resumes every vCPU.
     fn resume(&self) -> Result<(), String>;
+    /// Live-migrates the VM to `to` (`tcp:HOST:PORT` or `unix:PATH`); returns the figures
+    /// once the destination runs the guest. By default a VM cannot migrate.
+    fn migrate(&self, to: &str) -> Result<Value, String> {
+        Err(format!(
+            "this VM cannot migrate to {to}: only the built-in test guests (vmm --guest) migrate so far"
+        ))
+    }
 }
 
 /// Type of the [`ApiFns::stats`] callback.
@@ -309,7 +317,7 @@ fn error(msg: impl Into<String>) -> Value {
     json!({"ok": false, "error": msg.into()})
 }
 
-const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"} or {"cmd":"resume"}"#;
+const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"}, {"cmd":"resume"} or {"cmd":"migrate","to":"tcp:HOST:PORT"}"#;
 
 /// Answers one request line (without or with its trailing newline).
 pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
@@ -353,6 +361,15 @@ pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
         "resume" => match target.resume() {
             Ok(()) => json!({"ok": true}),
             Err(e) => error(e),
+        },
+        "migrate" => match obj.get("to").and_then(Value::as_str) {
+            Some(to) => match target.migrate(to) {
+                Ok(figures) => json!({"ok": true, "migrate": figures}),
+                Err(e) => error(e),
+            },
+            None => error(
+                "migrate needs \"to\": the destination's address, e.g. \"tcp:127.0.0.1:4444\"",
+            ),
         },
         other => error(format!("unknown command {other:?}; {USAGE}")),
     }

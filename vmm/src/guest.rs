@@ -483,10 +483,15 @@ pub fn run_on(
         mem.clone(),
         exit.clone(),
     )?));
+    let (migrate_tx, migrate_rx) = std::sync::mpsc::channel::<MigrateRequest>();
     let api = match &args.api_socket {
         Some(path) => Some(api::serve(
             path,
-            api_target(pager.clone(), reclaimer.clone(), control.clone()),
+            Arc::new(GuestApi {
+                fns: api_target(pager.clone(), reclaimer.clone(), control.clone()),
+                migrate: Mutex::new(migrate_tx),
+                can_migrate: args.no_demand_paging,
+            }),
         )?),
         None => None,
     };
@@ -504,54 +509,78 @@ pub fn run_on(
         precopy::acknowledge(conn).context("telling the source the guest runs here")?;
         println!("migrated guest runs here");
     }
-    if let Some(addr) = &migrate_to {
-        let src = precopy::Source {
-            vm: vm.fd(),
-            regions: &ram_regions,
-            mem: &mem,
-            control: &control,
-            caps: caps.clone(),
-        };
-        let cfg = PrecopyConfig {
-            downtime: Duration::from_millis(args.downtime_ms),
-            max_rounds: args.max_rounds.max(1),
-        };
-        match precopy::send(&src, addr, cfg) {
-            Ok(s) => {
-                println!(
-                    "migration to {addr} complete: total {:.3} s, downtime {:.1} ms, {} rounds, {:.1} MB sent, {} pages in the last round",
-                    s.total.as_secs_f64(),
-                    s.downtime.as_secs_f64() * 1e3,
-                    s.rounds,
-                    s.bytes as f64 / 1e6,
-                    s.final_pages
-                );
-                drop(api);
-                if let Some(s) = storm.as_mut() {
-                    s.stop();
+    let src = precopy::Source {
+        vm: vm.fd(),
+        regions: &ram_regions,
+        mem: &mem,
+        control: &control,
+        caps: caps.clone(),
+    };
+    let cfg = PrecopyConfig {
+        downtime: Duration::from_millis(args.downtime_ms),
+        max_rounds: args.max_rounds.max(1),
+    };
+    // Waits for the VM to stop, at most `limit`, carrying out `migrate` requests of the
+    // control socket meanwhile.
+    let wait = |limit: Option<Duration>| -> Waited {
+        let deadline = limit.map(|l| Instant::now() + l);
+        loop {
+            let mut slice = MIGRATE_POLL;
+            if let Some(d) = deadline {
+                let now = Instant::now();
+                if now >= d {
+                    return Waited::Timeout;
                 }
-                control.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
-                return Ok(EXIT_PASS);
+                slice = slice.min(d - now);
             }
-            Err(e) => eprintln!("migration to {addr} failed: {e}; the VM keeps running here"),
+            if let Some(code) = exit.wait_timeout(slice) {
+                return Waited::Exit(code);
+            }
+            while let Ok((addr, reply)) = migrate_rx.try_recv() {
+                let res = migrate_now(&src, &addr, cfg);
+                let done = res.is_ok();
+                let _ = reply.send(res);
+                if done {
+                    return Waited::Migrated;
+                }
+            }
+        }
+    };
+    let mut waited = Waited::Timeout;
+    if let Some(addr) = &migrate_to {
+        if migrate_now(&src, addr, cfg).is_ok() {
+            waited = Waited::Migrated;
         }
     }
-    if let Some(secs) = args.run_for {
-        if exit.wait_timeout(Duration::from_secs(secs)).is_none() {
+    if let (Some(secs), Waited::Timeout) = (args.run_for, &waited) {
+        waited = wait(Some(Duration::from_secs(secs)));
+        if let Waited::Timeout = waited {
             info!("--run-for {secs} s over: setting the guest's stop flag");
             mem.write_obj(1u64, GuestAddress(Params::stop_gpa(PARAMS_GPA)))
                 .context("writing the guest's stop flag")?;
         }
     }
-    let code = match args.guest_timeout {
-        Some(secs) => exit
-            .wait_timeout(Duration::from_secs(secs))
-            .unwrap_or_else(|| {
-                let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
-                r.fail_unfinished(&format!("not finished after {secs} s (--guest-timeout)"));
-                EXIT_FAIL
-            }),
-        None => exit.wait(),
+    if let Waited::Timeout = waited {
+        waited = wait(args.guest_timeout.map(Duration::from_secs));
+    }
+    drop(migrate_rx);
+    let code = match waited {
+        Waited::Exit(code) => code,
+        Waited::Timeout => {
+            let secs = args.guest_timeout.unwrap_or_default();
+            let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+            r.fail_unfinished(&format!("not finished after {secs} s (--guest-timeout)"));
+            EXIT_FAIL
+        }
+        Waited::Migrated => {
+            // The guest runs on the destination now; this copy is stale and not verified.
+            drop(api);
+            if let Some(s) = storm.as_mut() {
+                s.stop();
+            }
+            control.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+            return Ok(EXIT_PASS);
+        }
     };
     let elapsed = started.elapsed();
     let storm_reclaims = storm.as_mut().map(|s| s.stop()).unwrap_or(0);
@@ -604,6 +633,98 @@ pub fn run_on(
     })
 }
 
+/// How waiting for the guest ended.
+enum Waited {
+    /// The VM stopped with this code.
+    Exit(i32),
+    /// The time limit passed.
+    Timeout,
+    /// The guest moved to a migration destination.
+    Migrated,
+}
+
+/// How often the main thread looks for a control-socket `migrate` request.
+const MIGRATE_POLL: Duration = Duration::from_millis(100);
+
+/// A control-socket migration request and where its answer goes.
+type MigrateRequest = (
+    Address,
+    std::sync::mpsc::Sender<Result<serde_json::Value, String>>,
+);
+
+/// Migrates to `addr`, printing the outcome; on failure the VM keeps running here.
+fn migrate_now(
+    src: &precopy::Source<'_>,
+    addr: &Address,
+    cfg: PrecopyConfig,
+) -> Result<serde_json::Value, String> {
+    match precopy::send(src, addr, cfg) {
+        Ok(s) => {
+            println!(
+                "migration to {addr} complete: total {:.3} s, downtime {:.1} ms, {} rounds, {:.1} MB sent, {} pages in the last round",
+                s.total.as_secs_f64(),
+                s.downtime.as_secs_f64() * 1e3,
+                s.rounds,
+                s.bytes as f64 / 1e6,
+                s.final_pages
+            );
+            Ok(serde_json::json!({
+                "to": addr.to_string(),
+                "total_s": s.total.as_secs_f64(),
+                "downtime_ms": s.downtime.as_secs_f64() * 1e3,
+                "rounds": s.rounds,
+                "bytes": s.bytes,
+                "final_pages": s.final_pages,
+            }))
+        }
+        Err(e) => {
+            let msg = format!("migration to {addr} failed: {e}; the VM keeps running here");
+            eprintln!("{msg}");
+            Err(msg)
+        }
+    }
+}
+
+/// The guest runner's control-socket target: the shared commands plus `migrate`.
+struct GuestApi {
+    fns: api::ApiFns,
+    migrate: Mutex<std::sync::mpsc::Sender<MigrateRequest>>,
+    can_migrate: bool,
+}
+
+impl api::ApiTarget for GuestApi {
+    fn stats(&self) -> serde_json::Value {
+        self.fns.stats()
+    }
+    fn reclaim(&self, gpa: u64, len: u64) -> Result<serde_json::Value, String> {
+        self.fns.reclaim(gpa, len)
+    }
+    fn pause(&self) -> Result<(), String> {
+        self.fns.pause()
+    }
+    fn resume(&self) -> Result<(), String> {
+        self.fns.resume()
+    }
+    fn migrate(&self, to: &str) -> Result<serde_json::Value, String> {
+        if !self.can_migrate {
+            return Err(
+                "live migration does not work with demand paging yet: start the VM with \
+                 --no-demand-paging"
+                    .into(),
+            );
+        }
+        let addr: Address = to.parse().map_err(|e| format!("\"to\": {e}"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.migrate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((addr, tx))
+            .map_err(|_| "the VM is stopping; nothing to migrate".to_string())?;
+        rx.recv()
+            .map_err(|_| "the VM stopped before the migration started".to_string())?
+    }
+}
+
 fn describe(plan: &Plan) -> String {
     let slice = human(plan.params.vcpus[0].slice_len);
     match plan.kind {
@@ -626,9 +747,9 @@ fn api_target(
     pager: Option<Arc<Pager>>,
     reclaimer: Arc<Reclaimer>,
     control: Arc<Mutex<VmControl>>,
-) -> Arc<dyn api::ApiTarget> {
+) -> api::ApiFns {
     let resume_control = control.clone();
-    Arc::new(api::ApiFns {
+    api::ApiFns {
         stats: Box::new(move || match &pager {
             Some(p) => p.stats().to_json(),
             None => serde_json::json!({ "paging": null, "stage2": null }),
@@ -648,7 +769,7 @@ fn api_target(
                 .resume_all()
                 .map_err(|e| e.to_string())
         }),
-    })
+    }
 }
 
 fn human_bytes(b: u64) -> String {

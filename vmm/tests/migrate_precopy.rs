@@ -257,3 +257,36 @@ fn destination_lost_after_the_pause_resumes_the_source() {
     assert!(out.contains("PASS"), "{out}");
     assert_eq!(err.matches("dirty replay of").count(), 2, "{err}");
 }
+
+#[test]
+fn migrate_command_on_the_control_socket_moves_the_guest() {
+    if !kvm_or_skip("migrate_command_on_the_control_socket_moves_the_guest") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let sock = std::env::temp_dir().join(format!("migrate-api-{}.sock", std::process::id()));
+    let mut dst = vmm(&["--incoming", &addr, "--run-for", "0"]);
+    let dst_rx = lines(&mut dst);
+    wait_for(&dst_rx, "waiting for the migration source");
+    let mut src = vmm(&["--api-socket", sock.to_str().unwrap()]);
+    let src_rx = lines(&mut src);
+    wait_for(&src_rx, "guest dirty on");
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let bad = vmm::api::request(&sock, &serde_json::json!({"cmd": "migrate"})).unwrap();
+    assert_eq!(bad["ok"], false, "{bad}");
+    assert!(bad["error"].as_str().unwrap().contains("\"to\""), "{bad}");
+    let resp =
+        vmm::api::request(&sock, &serde_json::json!({"cmd": "migrate", "to": addr})).unwrap();
+    assert_eq!(resp["ok"], true, "{resp}");
+    assert!(resp["migrate"]["rounds"].as_u64().unwrap() >= 2, "{resp}");
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert_eq!(scode, 0, "{sout}\n{serr}");
+    let (dcode, dout, derr) = finish(dst, dst_rx);
+    assert_eq!(dcode, 0, "destination: {dout}\n{derr}");
+    assert!(dout.contains("PASS"), "{dout}");
+    assert_eq!(derr.matches("dirty replay of").count(), 2, "{derr}");
+}

@@ -4,6 +4,7 @@
 //! vmmctl --socket /run/vmm.sock stats
 //! vmmctl --socket /run/vmm.sock reclaim 1G 512M     # GPA and length: decimal, 0x hex, K/M/G/T
 //! vmmctl --socket /run/vmm.sock pause | resume
+//! vmmctl --socket /run/vmm.sock migrate --to tcp:127.0.0.1:4444   # precopy live migration
 //! ```
 //!
 //! Prints the response (stats pretty-printed); exits 1 with the VMM's error text when the
@@ -50,6 +51,13 @@ enum Cmd {
     Pause,
     /// Resume every vCPU.
     Resume,
+    /// Live-migrate the VM to a `vmm --incoming ADDR` destination; returns once the guest
+    /// runs there (raise --timeout for large guests).
+    Migrate {
+        /// The destination: tcp:HOST:PORT or unix:PATH.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+    },
 }
 
 /// Parses a size or address: decimal or `0x` hex, with an optional K/M/G/T (binary) suffix.
@@ -78,6 +86,7 @@ fn request_of(cmd: &Cmd) -> Value {
         Cmd::Reclaim { gpa, len } => json!({"cmd": "reclaim", "gpa": gpa, "len": len}),
         Cmd::Pause => json!({"cmd": "pause"}),
         Cmd::Resume => json!({"cmd": "resume"}),
+        Cmd::Migrate { to } => json!({"cmd": "migrate", "to": to}),
     }
 }
 
@@ -120,6 +129,7 @@ fn run(cli: &Cli) -> Result<bool> {
         Cmd::Reclaim { .. } => println!("{}", serde_json::to_string_pretty(&resp["reclaim"])?),
         Cmd::Pause => println!("paused"),
         Cmd::Resume => println!("resumed"),
+        Cmd::Migrate { .. } => println!("{}", serde_json::to_string_pretty(&resp["migrate"])?),
     }
     Ok(true)
 }
@@ -162,6 +172,20 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["vmmctl", "--socket", "/x", "reclaim", "1G"]).is_err());
         assert!(Cli::try_parse_from(["vmmctl", "--socket", "/x", "reclaim", "x", "1G"]).is_err());
+        let cli = Cli::try_parse_from([
+            "vmmctl",
+            "--socket",
+            "/x",
+            "migrate",
+            "--to",
+            "tcp:127.0.0.1:4444",
+        ])
+        .unwrap();
+        assert_eq!(
+            request_of(&cli.cmd),
+            json!({"cmd":"migrate","to":"tcp:127.0.0.1:4444"})
+        );
+        assert!(Cli::try_parse_from(["vmmctl", "--socket", "/x", "migrate"]).is_err());
         assert!(
             Cli::try_parse_from(["vmmctl", "stats"]).is_err(),
             "--socket is required"
