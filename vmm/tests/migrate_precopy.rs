@@ -290,3 +290,32 @@ fn migrate_command_on_the_control_socket_moves_the_guest() {
     assert!(dout.contains("PASS"), "{dout}");
     assert_eq!(derr.matches("dirty replay of").count(), 2, "{derr}");
 }
+
+#[test]
+fn migration_with_demand_paging_is_refused_with_the_fix() {
+    for flag in ["--migrate-to", "--incoming"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["--guest", "dirty", "--mem", "64M", flag, "tcp:127.0.0.1:1"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        assert!(err.contains("add --no-demand-paging"), "{flag}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "--guest",
+            "dirty",
+            "--no-demand-paging",
+            "--migrate-to",
+            "tcp:nope",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--migrate-to tcp:nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
