@@ -325,3 +325,49 @@ pub fn acknowledge(conn: super::Connection) -> Result<(), MigrateError> {
     w.flush()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirty::SlotInfo;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Dirty pages go out as runs of consecutive pages, with their current contents.
+    #[test]
+    fn dirty_pages_are_sent_in_runs() {
+        let page = PAGE_SIZE as u64;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 * PAGE_SIZE)]).unwrap();
+        for p in [0u64, 1, 2, 5] {
+            mem.write_obj(p + 1, GuestAddress(p * page)).unwrap();
+        }
+        let slots = [SlotInfo {
+            slot: 0,
+            gpa: 0,
+            len: 64 * page,
+            host_addr: 0,
+        }];
+        let mut bm = DirtyBitmap::empty(&slots);
+        for p in [0u64, 1, 2, 5, 9] {
+            bm.set(p * page);
+        }
+        let mut w = StreamWriter::headless(Vec::new());
+        let mut sender = RamSender::new();
+        send_dirty(&mut w, &mut sender, &mem, &bm).unwrap();
+        w.end().unwrap();
+        let bytes = w.into_inner().unwrap();
+        let mut r = StreamReader::headless(&bytes[..]);
+        let mut got = Vec::new();
+        loop {
+            match r.next_chunk().unwrap() {
+                Chunk::Pages { gpa, data } => {
+                    got.push(("data", gpa / page, data.len() / PAGE_SIZE))
+                }
+                Chunk::ZeroPages { gpa, count } => got.push(("zero", gpa / page, count as usize)),
+                Chunk::End => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, vec![("data", 0, 3), ("data", 5, 1), ("zero", 9, 1)]);
+        assert_eq!((sender.data_pages, sender.zero_pages), (4, 1));
+    }
+}
