@@ -214,17 +214,6 @@ fn touch_and_dirty_on_4_vcpus() {
     assert_eq!(dirty.vcpu_sum("writes"), 4 * 6 * per_gen);
 }
 
-/// Free 1 GiB huge pages (free minus reserved).
-fn free_1g_pages() -> u64 {
-    let read = |f: &str| -> u64 {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-1048576kB/{f}"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    read("free_hugepages").saturating_sub(read("resv_hugepages"))
-}
-
 /// 1 GiB hugetlbfs under demand paging: each touched GiB is one UFFDIO_COPY and one 1 GiB stage2
 /// block. Regression: the copy used to fail with ENOMEM when the guest held the whole pool (the
 /// kernel retried through a temporary huge page) and the vCPU then faulted forever.
@@ -234,7 +223,7 @@ fn stress_on_hugetlb_1g_installs_one_block_per_touched_gib() {
     if !kvm_or_skip(test) {
         return;
     }
-    let free = free_1g_pages();
+    let free = guest_util::free_huge_pages("hugepages-1048576kB");
     if free < 2 {
         eprintln!("{test}: skipped: the 1 GiB hugetlb pool has {free} free pages, 2 needed");
         return;

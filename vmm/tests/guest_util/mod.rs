@@ -29,8 +29,13 @@ pub fn kvm_or_skip(test: &str) -> bool {
 
 /// Free, unreserved 2 MiB hugetlb pages.
 pub fn free_2m_pages() -> u64 {
+    free_huge_pages("hugepages-2048kB")
+}
+
+/// Free (not reserved) pages of the huge page pool `pool` (a folder of /sys/kernel/mm/hugepages).
+pub fn free_huge_pages(pool: &str) -> u64 {
     let read = |f: &str| -> u64 {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/{pool}/{f}"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
