@@ -10,8 +10,6 @@
 
 #![cfg(loom)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::sync::Mutex as StdMutex;
 
@@ -19,48 +17,12 @@ use loom::sync::Arc;
 use loom::thread;
 use stage2::{
     Access, Arm64, Backing, Config, Ept, Fault, Format, NoopTlb, Outcome, PageSize, Perms,
-    Resolved, Stage2, TranslateError, TABLE_PAGE_BYTES,
+    Resolved, Stage2, TranslateError,
 };
 
-struct CountTablePages;
-
-thread_local! {
-    static TABLE_ALLOCS: Cell<i64> = const { Cell::new(0) };
-}
-
-fn count(layout: Layout, delta: i64) {
-    if layout.align() == TABLE_PAGE_BYTES as usize {
-        let _ = TABLE_ALLOCS.try_with(|c| c.set(c.get() + delta));
-    }
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for CountTablePages {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout, 1);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        count(layout, -1);
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count(layout, 1);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: CountTablePages = CountTablePages;
-
-fn live_table_allocations() -> i64 {
-    TABLE_ALLOCS.with(|c| c.get())
-}
+#[path = "support/table_alloc.rs"]
+mod table_alloc;
+use table_alloc::live_table_allocations;
 
 const FRAME_BASE: u64 = 1 << 40;
 const MIB2: u64 = 2 << 20;

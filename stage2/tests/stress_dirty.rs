@@ -18,6 +18,10 @@ use stage2::{
     Stage2,
 };
 
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
+
 const GIB: u64 = 1 << 30;
 /// GiB 0 is backed in 2 MiB blocks (eager split at enable), GiB 1 in 4 KiB pages.
 const RANGE: std::ops::Range<u64> = 0..2 * GIB;
@@ -27,21 +31,6 @@ const FRAME_BASE: u64 = 1 << 40;
 const VCPUS: usize = 3;
 const RUN_FOR: Duration = Duration::from_secs(3);
 const MAX_OPS_PER_THREAD: u64 = 4_000_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 struct Linear;
 

@@ -21,6 +21,10 @@ use stage2::{
     Resolved, Stage2,
 };
 
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
+
 const GIB: u64 = 1 << 30;
 const MIB2: u64 = 1 << 21;
 /// GiBs the test uses: 0 = 1 GiB blocks allowed, 1 = 2 MiB blocks with mixed permissions,
@@ -33,22 +37,6 @@ const GEN_STRIDE: u64 = 1 << 36;
 const THREADS: usize = 4;
 const RUN_FOR: Duration = Duration::from_secs(3);
 const MAX_OPS_PER_THREAD: u64 = 400_000;
-
-/// Tiny xorshift64* generator: reproducible from the seed printed on failure.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The host memory behind GiBs `0..NR_GIB`, with a generation per GiB bumped by invalidations.
 struct Host {

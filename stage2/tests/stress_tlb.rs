@@ -21,6 +21,10 @@ use stage2::{
     Stage2, TlbAccess,
 };
 
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
+
 const GIB: u64 = 1 << 30;
 const NR_GIB: u64 = 2;
 const HOT_PAGES: u64 = 2048;
@@ -29,21 +33,6 @@ const GEN_STRIDE: u64 = 1 << 36;
 const VCPUS: usize = 3;
 const RUN_FOR: Duration = Duration::from_secs(2);
 const MAX_ACCESSES_PER_VCPU: u64 = 2_000_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// GiB 0 in 2 MiB blocks, GiB 1 in 4 KiB pages, both RW, each with a generation.
 struct Host {
