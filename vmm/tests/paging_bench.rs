@@ -20,7 +20,9 @@ use stage2::PageSize;
 use vmm::memory::RamRegion;
 use vmm::paging::{Pager, PagerConfig};
 
-const PAGE: u64 = 4096;
+mod paging_util;
+use paging_util::{Ram, PAGE};
+
 const HUGE_2M: u64 = 2 << 20;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -30,59 +32,26 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-struct Mem {
-    addr: u64,
-    len: u64,
-}
-
-impl Mem {
-    fn new(len: u64, hugetlb: bool) -> Option<Mem> {
-        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        if hugetlb {
-            flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB;
-        }
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
+/// The measured memory: the suites' mapping, with THP kept out of the 4 KiB case (the
+/// kernel-alone baseline would otherwise get 2 MiB pages).
+fn mem(len: u64, hugetlb: bool) -> Option<Ram> {
+    let ram = Ram::new(len, hugetlb)?;
+    if !hugetlb {
+        // SAFETY: advice on the fresh mapping `ram` owns.
+        unsafe {
+            libc::madvise(
+                ram.addr as *mut libc::c_void,
                 len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
+                libc::MADV_NOHUGEPAGE,
             )
         };
-        if p == libc::MAP_FAILED {
-            eprintln!(
-                "skipping a case: cannot map {} MiB ({}): {}",
-                len >> 20,
-                if hugetlb { "2 MiB hugetlb" } else { "4 KiB" },
-                std::io::Error::last_os_error()
-            );
-            return None;
-        }
-        if !hugetlb {
-            // Keep THP out of the 4 KiB case (the kernel-alone baseline would get 2 MiB pages).
-            // SAFETY: advice on our own fresh mapping.
-            unsafe { libc::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
-        }
-        Some(Mem {
-            addr: p as u64,
-            len,
-        })
     }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly this mapping (any pager on it was stopped before).
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
-    }
+    Some(ram)
 }
 
 /// `threads` threads write one word in every 4 KiB page of their slice; returns the time from
 /// the common start to the last thread's end.
-fn touch_all(mem: &Mem, threads: u64) -> Duration {
+fn touch_all(mem: &Ram, threads: u64) -> Duration {
     let slice = mem.len / threads;
     let barrier = Arc::new(Barrier::new(threads as usize + 1));
     let hs: Vec<_> = (0..threads)
@@ -139,7 +108,7 @@ fn case(hugetlb: bool, threads: u64, per_thread: u64, reps: usize, pager_cfg: Op
     let mut times = Vec::new();
     let mut extra = String::new();
     for _ in 0..reps {
-        let Some(mem) = Mem::new(len, hugetlb) else {
+        let Some(mem) = mem(len, hugetlb) else {
             return;
         };
         let Some(cfg) = pager_cfg.clone() else {
