@@ -32,6 +32,10 @@ const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+/// `KVM_EXIT_DIRTY_RING_FULL` (include/uapi/linux/kvm.h; api.rst §8.29): this vCPU's dirty
+/// ring is (soft-)full. kvm-ioctls 0.25 has no variant for it and returns
+/// `VcpuExit::Unsupported(31)`.
+pub const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 /// Longest x86 instruction (Intel SDM Vol. 2 §2.3.11).
 const MAX_INSN_LEN: usize = 15;
 /// How long pause/resume wait for every vCPU to acknowledge.
@@ -68,6 +72,27 @@ pub enum VcpuError {
 
 /// Work run on a paused vCPU's own thread ([`VmControl::with_paused_vcpu`]).
 type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+/// The answer to `KVM_EXIT_DIRTY_RING_FULL`, called on the vCPU's own thread with its index
+/// (e.g. `DirtyTracker::ring_full_hook`: collect that vCPU's ring, reset the rings). `Ok`: the
+/// thread re-enters the guest; `Err(reason)`: the vCPU fails and the VM stops with the reason.
+pub type DirtyRingFullHook = Arc<dyn Fn(usize) -> Result<(), String> + Send + Sync>;
+
+/// Optional per-VM hooks of the vCPU run loop, given to [`VmControl::start_with_hooks`].
+#[derive(Clone, Default)]
+pub struct VcpuHooks {
+    /// Called on `KVM_EXIT_DIRTY_RING_FULL`. Needed whenever KVM's dirty rings are enabled on
+    /// the VM; without it such an exit stops the VM with a message saying so.
+    pub dirty_ring_full: Option<DirtyRingFullHook>,
+}
+
+impl std::fmt::Debug for VcpuHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuHooks")
+            .field("dirty_ring_full", &self.dirty_ring_full.is_some())
+            .finish()
+    }
+}
 
 /// The VM-wide "please stop with this code" latch: devices and vCPU threads request, the main
 /// loop waits (on the condition variable or the event fd) and then stops every vCPU.
@@ -188,6 +213,8 @@ pub enum ExitAction {
     Stop(i32, String),
     /// The vCPU failed: report registers and instruction bytes, then stop the VM non-zero.
     Fault(String),
+    /// The vCPU's dirty ring is full: run the [`VcpuHooks::dirty_ring_full`] hook, re-enter.
+    DirtyRingFull,
 }
 
 /// Decides what an exit means. Pure apart from the device calls, so unit tests drive it with
@@ -239,6 +266,7 @@ pub fn handle_exit(vcpu: usize, exit: VcpuExit<'_>, bus: &PioBus) -> ExitAction 
             "KVM_EXIT_MEMORY_FAULT at gpa {gpa:#x} size {size:#x} flags {flags:#x}"
         )),
         VcpuExit::IrqWindowOpen | VcpuExit::Intr => ExitAction::Continue,
+        VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => ExitAction::DirtyRingFull,
         other => ExitAction::Fault(format!("unexpected KVM exit {other:?}")),
     }
 }
@@ -353,6 +381,7 @@ struct VcpuThread {
     commands: Receiver<Command>,
     acks: Sender<(RunState, Command)>,
     jobs: Receiver<VcpuJob>,
+    hooks: VcpuHooks,
 }
 
 impl VcpuThread {
@@ -417,8 +446,12 @@ impl VcpuThread {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitAction::Continue,
             Err(e) => ExitAction::Fault(format!("KVM_RUN failed: {e}")),
         };
+        let action = match action {
+            ExitAction::DirtyRingFull => self.on_dirty_ring_full(),
+            a => a,
+        };
         match action {
-            ExitAction::Continue => RunState::Running,
+            ExitAction::Continue | ExitAction::DirtyRingFull => RunState::Running,
             ExitAction::Halt => {
                 debug!("vcpu{} halted", self.id);
                 RunState::Halted
@@ -434,6 +467,27 @@ impl VcpuThread {
                     .request(EXIT_VCPU_FAILED, &format!("vCPU {} failed", self.id));
                 RunState::Halted
             }
+        }
+    }
+}
+
+impl VcpuThread {
+    /// KVM_EXIT_DIRTY_RING_FULL: the hook empties the ring; then the guest is entered again.
+    /// KVM returns this exit again at once if the ring is still full, so a hook that frees
+    /// nothing makes no progress but loses nothing.
+    fn on_dirty_ring_full(&self) -> ExitAction {
+        match &self.hooks.dirty_ring_full {
+            Some(hook) => match hook(self.id) {
+                Ok(()) => ExitAction::Continue,
+                Err(why) => ExitAction::Fault(format!(
+                    "KVM_EXIT_DIRTY_RING_FULL: emptying the ring failed: {why}"
+                )),
+            },
+            None => ExitAction::Fault(
+                "KVM_EXIT_DIRTY_RING_FULL with no dirty-ring hook: a VM with KVM dirty rings must \
+                 be started with VmControl::start_with_hooks and VcpuHooks::dirty_ring_full"
+                    .into(),
+            ),
         }
     }
 }
@@ -503,6 +557,18 @@ impl VmControl {
         mem: GuestMemoryMmap,
         exit: ExitRequest,
     ) -> Result<VmControl, VcpuError> {
+        Self::start_with_hooks(vcpus, bus, mem, exit, VcpuHooks::default())
+    }
+
+    /// Like [`start`](Self::start), with `hooks` called from the run loop (every vCPU thread
+    /// gets a clone).
+    pub fn start_with_hooks(
+        vcpus: Vec<VcpuFd>,
+        bus: Arc<PioBus>,
+        mem: GuestMemoryMmap,
+        exit: ExitRequest,
+        hooks: VcpuHooks,
+    ) -> Result<VmControl, VcpuError> {
         register_kick_handler().map_err(|what| VcpuError::Start { id: 0, what })?;
         let mut handles = Vec::with_capacity(vcpus.len());
         for (id, fd) in vcpus.into_iter().enumerate() {
@@ -518,6 +584,7 @@ impl VmControl {
                 commands: cmd_rx,
                 acks: ack_tx,
                 jobs: job_rx,
+                hooks: hooks.clone(),
             };
             let join = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -704,6 +771,19 @@ mod tests {
         assert_eq!(handle_exit(0, VcpuExit::Hlt, &bus), ExitAction::Halt);
         assert!(matches!(
             handle_exit(0, VcpuExit::FailEntry(0x21, 1), &bus),
+            ExitAction::Fault(_)
+        ));
+    }
+
+    #[test]
+    fn dirty_ring_full_is_its_own_action() {
+        let (bus, _) = bus_with_recorder();
+        assert_eq!(
+            handle_exit(0, VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL), &bus),
+            ExitAction::DirtyRingFull
+        );
+        assert!(matches!(
+            handle_exit(0, VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL + 1), &bus),
             ExitAction::Fault(_)
         ));
     }

@@ -371,6 +371,8 @@ pub struct DirtyTracker {
     /// Scratch bitmap of the KVM bitmap mode (one harvest at a time).
     scratch: Mutex<DirtyBitmap>,
     last: Mutex<HarvestStats>,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits answered by [`DirtyTracker::on_ring_full`].
+    ring_full: AtomicU64,
 }
 
 impl std::fmt::Debug for DirtyTracker {
@@ -427,6 +429,7 @@ impl DirtyTracker {
             scratch: Mutex::new(DirtyBitmap::empty(&slots)),
             vmm: Arc::new(VmmDirty::new(&slots)),
             last: Mutex::new(HarvestStats::default()),
+            ring_full: AtomicU64::new(0),
             slots,
             backend,
         })
@@ -461,6 +464,7 @@ impl DirtyTracker {
             scratch: Mutex::new(DirtyBitmap::empty(&slots)),
             vmm: Arc::new(VmmDirty::new(&slots)),
             last: Mutex::new(HarvestStats::default()),
+            ring_full: AtomicU64::new(0),
             slots,
             backend: Backend::Stage2 {
                 pager,
@@ -533,8 +537,22 @@ impl DirtyTracker {
             self.collect_ring(&mut r, &mut pend)?
         };
         ring::reset_all(self.vm.as_ref().expect("KVM mode has a VM fd"))?;
+        self.ring_full.fetch_add(1, Ordering::Relaxed);
         debug!("vCPU {vcpu}: dirty ring full, {n} entries moved to the pending set");
         Ok(n)
+    }
+
+    /// Ring-full exits answered so far by [`DirtyTracker::on_ring_full`].
+    pub fn ring_full_exits(&self) -> u64 {
+        self.ring_full.load(Ordering::Relaxed)
+    }
+
+    /// The vCPU loop's hook for `KVM_EXIT_DIRTY_RING_FULL`: give it to
+    /// `VmControl::start_with_hooks` in `VcpuHooks::dirty_ring_full`. It calls
+    /// [`DirtyTracker::on_ring_full`] on the vCPU's thread; an error stops the VM.
+    pub fn ring_full_hook(self: &Arc<Self>) -> crate::vcpu::DirtyRingFullHook {
+        let me = self.clone();
+        Arc::new(move |vcpu| me.on_ring_full(vcpu).map(|_| ()).map_err(|e| e.to_string()))
     }
 
     fn collect_ring(&self, r: &mut ring::Ring, out: &mut DirtyBitmap) -> Result<u32, DirtyError> {
