@@ -5,6 +5,7 @@ pub mod precopy;
 pub mod ram;
 pub mod state;
 pub mod stream;
+pub mod summary;
 pub mod transport;
 
 pub use stream::{Chunk, Layout, StreamError, StreamReader, StreamWriter};
