@@ -146,6 +146,12 @@ pub struct Params {
     pub reclaim_seq: u64,
     /// Host-written: non-zero asks a `dirty` guest to finish after its generation.
     pub stop: u64,
+    /// The guest's time stamp counter frequency in kHz as KVM reports it (0 = unknown);
+    /// a paced `dirty` guest bounds its catch-up burst with it.
+    pub tsc_khz: u64,
+    /// TSC cycles between two page writes of one `dirty` vCPU; 0 = write as fast as it
+    /// can (see [`write_interval_tsc`]).
+    pub write_interval_tsc: u64,
     /// One block per vCPU, indexed by vCPU id.
     pub vcpus: [VcpuBlock; MAX_VCPUS],
 }
@@ -174,6 +180,10 @@ pub mod offsets {
     pub const RECLAIM_SEQ: usize = offset_of!(Params, reclaim_seq);
     /// `Params::stop`.
     pub const STOP: usize = offset_of!(Params, stop);
+    /// `Params::tsc_khz`.
+    pub const TSC_KHZ: usize = offset_of!(Params, tsc_khz);
+    /// `Params::write_interval_tsc`.
+    pub const WRITE_INTERVAL_TSC: usize = offset_of!(Params, write_interval_tsc);
     /// `Params::vcpus`.
     pub const VCPUS: usize = offset_of!(Params, vcpus);
     /// log2 of `size_of::<VcpuBlock>()` (the payloads index the array with a shift).
@@ -240,6 +250,38 @@ pub fn stress_pattern(index: u64, vcpu: u64, generation: u64) -> u64 {
     (generation << 40) | ((vcpu & 0xff) << 32) | (index & 0xffff_ffff)
 }
 
+/// Bytes one `dirty` page write counts for in a dirty rate: the whole 4 KiB page it
+/// makes dirty.
+pub const DIRTY_BYTES_PER_WRITE: u64 = PAGE_SIZE;
+
+/// Bytes in the MB of `--dirty-rate MB_PER_S` (decimal, as the migration progress lines).
+pub const DIRTY_RATE_MB: u64 = 1_000_000;
+
+/// Longest backlog a paced `dirty` vCPU makes up for, in milliseconds: after a longer
+/// stall (descheduled thread, migration downtime) it drops the rest of its backlog
+/// instead of writing in a burst above its rate.
+pub const PACE_MAX_LAG_MS: u64 = 100;
+
+/// TSC cycles between two page writes of one vCPU so that `nr_vcpus` vCPUs together
+/// dirty `rate_mb_s` MB (10^6 bytes) per second, on a TSC of `tsc_khz` kHz.
+///
+/// Returns 0 (unpaced) for a rate of 0; at least 1 for any other rate, so that a rate
+/// above what the guest can reach means "as fast as it can" rather than "unpaced".
+pub fn write_interval_tsc(rate_mb_s: u64, tsc_khz: u64, nr_vcpus: u32) -> u64 {
+    if rate_mb_s == 0 {
+        return 0;
+    }
+    // cycles/s * bytes/write * vCPUs / (bytes/s)
+    let num = u128::from(tsc_khz) * 1000 * u128::from(DIRTY_BYTES_PER_WRITE) * u128::from(nr_vcpus);
+    let den = u128::from(rate_mb_s) * u128::from(DIRTY_RATE_MB);
+    u64::try_from(num / den).unwrap_or(u64::MAX).max(1)
+}
+
+/// The dirty rate in MB/s of `writes` page writes made in `seconds`.
+pub fn dirty_rate_mb_s(writes: u64, seconds: f64) -> f64 {
+    (writes * DIRTY_BYTES_PER_WRITE) as f64 / DIRTY_RATE_MB as f64 / seconds.max(1e-9)
+}
+
 impl Params {
     /// A zeroed block with the magic and the given guest, mode and vCPU count.
     pub fn new(kind: GuestKind, mode: Mode, nr_vcpus: u32) -> Box<Params> {
@@ -254,6 +296,8 @@ impl Params {
             writes_per_gen: 0,
             reclaim_seq: 0,
             stop: 0,
+            tsc_khz: 0,
+            write_interval_tsc: 0,
             vcpus: [VcpuBlock::default(); MAX_VCPUS],
         })
     }
@@ -290,6 +334,12 @@ impl Params {
         params_gpa + offsets::RECLAIM_SEQ as u64
     }
 
+    /// Guest-physical address of `Params::tsc_khz` (followed by
+    /// `Params::write_interval_tsc`) when the block is at `params_gpa`.
+    pub fn pacing_gpa(params_gpa: u64) -> u64 {
+        params_gpa + offsets::TSC_KHZ as u64
+    }
+
     /// Guest-physical address of `Params::stop` when the block is at `params_gpa`.
     pub fn stop_gpa(params_gpa: u64) -> u64 {
         params_gpa + offsets::STOP as u64
@@ -321,8 +371,10 @@ mod tests {
     #[test]
     fn layout_has_no_padding_and_fixed_offsets() {
         assert_eq!(size_of::<VcpuBlock>(), 16 * 8);
-        assert_eq!(offsets::VCPUS, 64);
-        assert_eq!(size_of::<Params>(), 64 + MAX_VCPUS * 128);
+        assert_eq!(offsets::VCPUS, 80);
+        assert_eq!(offsets::TSC_KHZ, 64);
+        assert_eq!(offsets::WRITE_INTERVAL_TSC, 72);
+        assert_eq!(size_of::<Params>(), 80 + MAX_VCPUS * 128);
         assert_eq!(offsets::RECLAIM_SEQ, 48);
         assert_eq!(offsets::V_ARGS, 80);
     }
@@ -344,10 +396,10 @@ mod tests {
         let mut p = Params::new(GuestKind::Dirty, Mode::Random, 2);
         p.vcpus[1].slice_base = 0x4000_0000;
         let b = p.as_bytes();
-        assert_eq!(b.len(), 64 + 2 * 128);
+        assert_eq!(b.len(), 80 + 2 * 128);
         assert_eq!(&b[..8], b"GSTPARM1");
         assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 3);
-        let block: &[u8; 128] = b[64 + 128..].try_into().unwrap();
+        let block: &[u8; 128] = b[80 + 128..].try_into().unwrap();
         assert_eq!(vcpu_block_from_bytes(block).slice_base, 0x4000_0000);
     }
 
@@ -369,6 +421,21 @@ mod tests {
             assert!(scale(r, 1000) < 1000);
         }
         assert_eq!(scale(u64::MAX, 1), 0);
+    }
+
+    #[test]
+    fn write_interval_paces_all_vcpus_to_the_rate() {
+        // 2 GHz TSC, 4 vCPUs, 100 MB/s: 100e6 / 4096 = 24414 writes/s in all, 6103.5 per
+        // vCPU, so 2e9 / 6103.5 = 327680 cycles apart.
+        assert_eq!(write_interval_tsc(100, 2_000_000, 4), 327_680);
+        assert_eq!(write_interval_tsc(0, 2_000_000, 4), 0);
+        // A rate no guest reaches still paces (interval 1), it never means unpaced.
+        assert_eq!(write_interval_tsc(u64::MAX, 2_000_000, 1), 1);
+        // Round trip: the interval gives back the rate within rounding.
+        let i = write_interval_tsc(37, 2_893_204, 3);
+        let writes_per_s = 3.0 * 2_893_204_000.0 / i as f64;
+        let rate = dirty_rate_mb_s(writes_per_s as u64, 1.0);
+        assert!((rate - 37.0).abs() < 0.01, "{rate}");
     }
 
     #[test]

@@ -22,7 +22,8 @@
 //! `rbp` the per-page routine of `for_each_page`; `rax`, `rcx`, `rdx` are scratch.
 
 use crate::params::{
-    offsets as o, GuestKind, Mode, FLAG_EXPECT_RECLAIM, PARAMS_MAGIC, SEED_GEN_MUL, SEED_VCPU_MUL,
+    offsets as o, GuestKind, Mode, FLAG_EXPECT_RECLAIM, PACE_MAX_LAG_MS, PARAMS_MAGIC,
+    SEED_GEN_MUL, SEED_VCPU_MUL,
 };
 use crate::protocol::{
     CMD_BAD_PARAMS, CMD_FAIL, CMD_IDLE, CMD_PASS, CMD_PROGRESS, CMD_START, PORT_MAGIC, TEST_PORT,
@@ -514,6 +515,8 @@ macro_rules! touch_asm {
 /// The `dirty` guest: per generation, `writes_per_gen` writes of the generation
 /// number into xorshift-chosen pages (gpa at +8, generation at +0), counting each
 /// completed write; runs `generations` generations, or until `stop` when that is 0.
+/// With `write_interval_tsc` set it spaces its writes that many TSC cycles apart
+/// (rdtsc is allowed at CPL 3: the VMM leaves CR4.TSD clear).
 macro_rules! dirty_asm {
     () => {
         concat!(
@@ -529,6 +532,12 @@ macro_rules! dirty_asm {
             "  or rax, 1\n",
             "  mov r9, rax\n",
             "  mov r11, 1\n",
+            // Pacing: r10 = TSC deadline of the next write, r8 = longest backlog made up.
+            "  rdtsc\n",
+            "  shl rdx, 32\n",
+            "  or rax, rdx\n",
+            "  mov r10, rax\n",
+            "  imul r8, qword ptr [r15 + {TSC_KHZ}], {PACE_MAX_LAG_MS}\n",
             ".Lgt_dirty_gen:\n",
             "  cmp qword ptr [r15 + {GENERATIONS}], 0\n",
             "  je .Lgt_dirty_go\n",
@@ -539,6 +548,7 @@ macro_rules! dirty_asm {
             ".Lgt_dirty_write:\n",
             "  test rcx, rcx\n",
             "  jz .Lgt_dirty_gen_done\n",
+            "  call .Lgt_dirty_pace\n",
             xorshift_r9!(),
             "  mov rax, r9\n",
             "  mul r12\n",
@@ -563,6 +573,34 @@ macro_rules! dirty_asm {
             ".Lgt_dirty_done:\n",
             "  call .Lgt_dirty_cycles\n",
             "  jmp .Lgt_dirty_pass\n",
+            // pace: returns when this vCPU's next write is due: r10 advances by
+            // write_interval_tsc (0 = unpaced); a backlog beyond r8 cycles is dropped, and
+            // a deadline more than one interval ahead (the TSC went back, e.g. after a
+            // migration) restarts from now. Clobbers rax, rdx, rdi.
+            ".Lgt_dirty_pace:\n",
+            "  mov rdi, qword ptr [r15 + {WRITE_INTERVAL_TSC}]\n",
+            "  test rdi, rdi\n",
+            "  jz .Lgt_dirty_pace_ret\n",
+            "  add r10, rdi\n",
+            ".Lgt_dirty_pace_spin:\n",
+            "  rdtsc\n",
+            "  shl rdx, 32\n",
+            "  or rax, rdx\n",
+            "  mov rdx, r10\n",
+            "  sub rdx, rax\n",
+            "  jle .Lgt_dirty_pace_due\n",
+            "  cmp rdx, rdi\n",
+            "  ja .Lgt_dirty_pace_reset\n",
+            "  pause\n",
+            "  jmp .Lgt_dirty_pace_spin\n",
+            ".Lgt_dirty_pace_due:\n",
+            "  neg rdx\n",
+            "  cmp rdx, r8\n",
+            "  jbe .Lgt_dirty_pace_ret\n",
+            ".Lgt_dirty_pace_reset:\n",
+            "  mov r10, rax\n",
+            ".Lgt_dirty_pace_ret:\n",
+            "  ret\n",
             "gt_dirty_end:\n",
             ".popsection\n",
         )
@@ -583,6 +621,9 @@ core::arch::global_asm!(
     WRITES_PER_GEN = const o::WRITES_PER_GEN,
     RECLAIM_SEQ = const o::RECLAIM_SEQ,
     STOP = const o::STOP,
+    TSC_KHZ = const o::TSC_KHZ,
+    WRITE_INTERVAL_TSC = const o::WRITE_INTERVAL_TSC,
+    PACE_MAX_LAG_MS = const PACE_MAX_LAG_MS,
     VCPUS = const o::VCPUS,
     VCPU_BLOCK_SHIFT = const o::VCPU_BLOCK_SHIFT,
     V_SLICE_BASE = const o::V_SLICE_BASE,

@@ -40,6 +40,54 @@ pub const DEFAULT_STRESS_GENERATIONS: u64 = 2;
 pub const DEFAULT_DIRTY_GENERATIONS: u64 = 8;
 /// Default `dirty` writes per generation: this fraction (1/N) of the slice's pages.
 pub const DEFAULT_DIRTY_WRITES_DIVISOR: u64 = 4;
+/// Length of a `dirty` generation at the `--dirty-rate` pace when `--writes-per-gen` is not
+/// given (the guest looks at its stop flag between generations).
+pub const PACED_GENERATION_MS: u64 = 200;
+
+/// Writes per vCPU in `PACED_GENERATION_MS` at `rate_mb_s` over `cpus` vCPUs.
+fn paced_writes_per_gen(rate_mb_s: u64, cpus: u8) -> u64 {
+    let bytes = u128::from(rate_mb_s) * u128::from(guest_tests::params::DIRTY_RATE_MB);
+    let writes = bytes * u128::from(PACED_GENERATION_MS)
+        / 1000
+        / u128::from(PAGE_SIZE)
+        / u128::from(cpus.max(1));
+    u64::try_from(writes).unwrap_or(u64::MAX)
+}
+
+/// Writes the guest's TSC frequency and the `--dirty-rate` pace into the parameter block
+/// in guest memory (after `load`: the frequency comes from a vCPU, KVM_GET_TSC_KHZ).
+fn write_pacing(
+    mem: &GuestMemoryMmap,
+    fd: &kvm_ioctls::VcpuFd,
+    rate_mb_s: u64,
+    cpus: u8,
+) -> anyhow::Result<()> {
+    let tsc_khz = match fd.get_tsc_khz() {
+        Ok(khz) => u64::from(khz),
+        Err(e) if rate_mb_s == 0 => {
+            log::debug!("KVM_GET_TSC_KHZ: {e}; the guest runs unpaced anyway");
+            0
+        }
+        Err(e) => bail!(
+            "--dirty-rate needs the guest's TSC frequency and KVM_GET_TSC_KHZ failed ({e}); \
+             run without --dirty-rate"
+        ),
+    };
+    let interval = guest_tests::params::write_interval_tsc(rate_mb_s, tsc_khz, u32::from(cpus));
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&tsc_khz.to_le_bytes());
+    bytes[8..].copy_from_slice(&interval.to_le_bytes());
+    mem.write_slice(&bytes, GuestAddress(Params::pacing_gpa(PARAMS_GPA)))
+        .context("writing the pacing fields of the parameter block")?;
+    if rate_mb_s != 0 {
+        info!(
+            "dirty guest paced to {rate_mb_s} MB/s: TSC {tsc_khz} kHz, {interval} cycles \
+             between writes per vCPU"
+        );
+    }
+    Ok(())
+}
+
 /// U/S bit of a paging-structure entry: user-mode accesses allowed (Intel SDM Vol. 3A
 /// §4.5, Tables 4-15 to 4-19, bit 2).
 const PTE_USER: u64 = 1 << 2;
@@ -95,6 +143,12 @@ pub struct GuestArgs {
     /// Seed of the guests' pseudo-random page choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Pace the dirty guest's page writes to this many MB (10^6 bytes of 4 KiB pages
+    /// written) per second over all vCPUs, timed with the guest's TSC; 0 = as fast as it
+    /// can. Without --writes-per-gen a generation is then about 200 ms of writes (so give
+    /// an --incoming destination the same --dirty-rate: its replay check needs that count).
+    #[arg(long, value_name = "MB_PER_S", default_value_t = 0)]
+    pub dirty_rate: u64,
     /// The VMM may drop guest ranges while the guest runs: a stress guest re-initialises a
     /// page it finds zeroed by a reclaim instead of failing.
     #[arg(long)]
@@ -149,6 +203,8 @@ struct Plan {
     kind: GuestKind,
     mode: Mode,
     params: Box<Params>,
+    /// `--dirty-rate` (MB/s, 0 = unpaced).
+    dirty_rate: u64,
 }
 
 fn plan(args: &GuestArgs, mem_bytes: u64, cpus: u8) -> anyhow::Result<Plan> {
@@ -179,9 +235,17 @@ fn plan(args: &GuestArgs, mem_bytes: u64, cpus: u8) -> anyhow::Result<Plan> {
         bail!("--generations {generations}: the stress guest runs 1 to 16777215 generations");
     }
     let pages = slices[0].len / PAGE_SIZE;
-    let writes_per_gen = args
-        .writes_per_gen
-        .unwrap_or((pages / DEFAULT_DIRTY_WRITES_DIVISOR).max(1));
+    if args.dirty_rate != 0 && kind != GuestKind::Dirty {
+        bail!(
+            "--dirty-rate is for the dirty guest; {} does not pace its writes: drop --dirty-rate",
+            kind.name()
+        );
+    }
+    let default_writes = match args.dirty_rate {
+        0 => pages / DEFAULT_DIRTY_WRITES_DIVISOR,
+        rate => paced_writes_per_gen(rate, cpus).min(pages),
+    };
+    let writes_per_gen = args.writes_per_gen.unwrap_or(default_writes.max(1));
     if writes_per_gen == 0 {
         bail!("--writes-per-gen 0: give at least 1");
     }
@@ -196,7 +260,12 @@ fn plan(args: &GuestArgs, mem_bytes: u64, cpus: u8) -> anyhow::Result<Plan> {
         block.slice_base = s.base;
         block.slice_len = s.len;
     }
-    Ok(Plan { kind, mode, params })
+    Ok(Plan {
+        kind,
+        mode,
+        params,
+        dirty_rate: args.dirty_rate,
+    })
 }
 
 fn load(mem: &GuestMemoryMmap, plan: &Plan) -> anyhow::Result<u64> {
@@ -373,6 +442,9 @@ pub fn run_on(
             },
         )?;
         enter_ring3(&fd, id)?;
+        if id == 0 && plan.kind == GuestKind::Dirty {
+            write_pacing(&mem, &fd, args.dirty_rate, cpus)?;
+        }
         vcpus.push(fd);
     }
     let ack = match received {
@@ -735,8 +807,13 @@ fn describe(plan: &Plan) -> String {
         ),
         GuestKind::Touch => format!("slice {slice} per vCPU"),
         GuestKind::Dirty => format!(
-            "{} generation(s) of {} writes, slice {slice} per vCPU",
-            plan.params.generations, plan.params.writes_per_gen,
+            "{} generation(s) of {} writes, slice {slice} per vCPU{}",
+            plan.params.generations,
+            plan.params.writes_per_gen,
+            match plan.dirty_rate {
+                0 => String::new(),
+                r => format!(", paced to {r} MB/s"),
+            }
         ),
     }
 }
@@ -861,6 +938,21 @@ mod tests {
         assert_eq!(p.params.writes_per_gen, (30 << 20) / PAGE_SIZE / 4);
         assert_eq!(p.params.vcpus[1].slice_base, (4 << 20) + (30 << 20));
         assert_eq!(p.params.vcpus[2].slice_len, 0);
+    }
+
+    #[test]
+    fn dirty_rate_sets_a_short_generation_and_is_only_for_dirty() {
+        let mut a = args("dirty");
+        a.dirty_rate = 40;
+        let p = plan(&a, 64 << 20, 2).unwrap();
+        // 40 MB/s over 2 vCPUs for 200 ms: 4e6 bytes per vCPU, 976 pages.
+        assert_eq!(p.params.writes_per_gen, 976);
+        a.writes_per_gen = Some(5);
+        assert_eq!(plan(&a, 64 << 20, 2).unwrap().params.writes_per_gen, 5);
+        let mut s = args("stress");
+        s.dirty_rate = 40;
+        let e = plan(&s, 64 << 20, 1).err().unwrap().to_string();
+        assert!(e.contains("--dirty-rate is for the dirty guest"), "{e}");
     }
 
     #[test]
