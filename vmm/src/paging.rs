@@ -12,6 +12,16 @@
 //! `handle_fault(fault, backing, seq)`, and only then wakes the vCPU (UFFDIO_WAKE): like a vCPU
 //! under KVM, it resumes once its stage-2 entry is in.
 //!
+//! # Page source and `place` (postcopy)
+//!
+//! With a [`PageSource`] set, a MISSING fill is UFFDIO_COPY of the data the source returns
+//! (what is fetched is said on the trait). Handlers claim a run before fetching it (an in-flight
+//! list under a mutex, with the `mincore` check inside), so two vCPUs faulting on one page cost
+//! one fetch: the second fault is deferred until the first fetch is copied in. [`Pager::place`]
+//! (the background push) copies, installs in stage2 through `handle_fault` and wakes, like a
+//! fill. Whoever copies first wins; the loser's copy fails with EEXIST and its data is dropped,
+//! so a page holds the data of exactly one copy and stage2 counts exactly one install.
+//!
 //! # Order: host first, then stage2 (KVM's order)
 //!
 //! KVM resolves the host page first and installs its EPT entry second, under the mmu-notifier
@@ -52,9 +62,9 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use stage2::{
@@ -75,6 +85,28 @@ use crate::uffd::{
 /// The stage2 engine as the VMM instantiates it: x86 EPT format; KVM owns the real TLB.
 pub type VmStage2 = Stage2<Ept, NoopTlb>;
 
+/// Where the contents of a missing guest page come from, instead of zeroes (postcopy: the
+/// migration source). Set with [`Pager::set_page_source`]. Called on a fault-handler thread; may
+/// block until the data arrives (the faulting vCPU waits that long; other handlers go on).
+///
+/// # What the pager asks for
+///
+/// * hugetlbfs backing: exactly one whole host page (2 MiB or 1 GiB) per fetch.
+/// * 4 KiB backing: a *fault-around run*: the faulting page and the consecutive pages after it
+///   that the host does not have yet (`mincore`), up to `fault_around_pages` pages and never past
+///   the RAM region; one fetch, one UFFDIO_COPY. With write tracking on, fault-around is off and
+///   each fetch is one 4 KiB page, as for zero fills.
+///
+/// A page that is already present when the handler reads a (stale) fault is not fetched at all.
+/// A fetched page can still lose the race to [`Pager::place`] of the same page; the fetched
+/// copy is then dropped (the copy fails with EEXIST) and the placed data stays.
+pub trait PageSource: Send + Sync {
+    /// Fill `buf` with guest memory at `gpa` (both aligned to and a multiple of 4 KiB; the
+    /// pager asks for whole host pages: 4 KiB runs, or 2 MiB / 1 GiB on hugetlbfs).
+    /// `Err(reason)`: the source is gone; the pager stops the VM through `on_fatal(reason)`.
+    fn fetch(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+}
+
 const SZ_4K: u64 = 4 << 10;
 const SZ_2M: u64 = 2 << 20;
 const SZ_1G: u64 = 1 << 30;
@@ -86,6 +118,11 @@ const EVENT_BATCH: usize = 32;
 const MAX_DEFER_ATTEMPTS: u32 = 100_000;
 /// Poll timeout while faults are deferred.
 const DEFER_POLL_MS: i32 = 1;
+/// [`Pager::place`] retries a copy that met a pending REMOVE (EAGAIN, nothing done) this many
+/// times, sleeping [`PLACE_RETRY_SLEEP`] between tries, while a handler reads the event.
+const PLACE_RETRIES: u32 = 20_000;
+/// See [`PLACE_RETRIES`].
+const PLACE_RETRY_SLEEP: Duration = Duration::from_micros(50);
 /// epoll tokens of a handler's two fds.
 const TOKEN_UFFD: u64 = 1;
 const TOKEN_STOP: u64 = 2;
@@ -193,6 +230,17 @@ pub enum PagingError {
     /// Thread or eventfd creation failed.
     #[error("cannot start the fault handlers: {0}")]
     Spawn(#[source] io::Error),
+    /// [`Pager::place`] could not copy the data in.
+    #[error("placing guest memory at {gpa:#x}+{len:#x} failed: {source}; the host could not back the page (free host memory or raise the huge page pool)")]
+    Place {
+        /// Start of the part that failed.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// Cause.
+        #[source]
+        source: UffdError,
+    },
 }
 
 /// What a reclaim did.
@@ -549,14 +597,115 @@ struct Shared {
     vcpu_tids: Vec<AtomicU32>,
     /// Called once with the reason when a fault cannot be served (see [`Pager::on_fatal`]).
     on_fatal: Mutex<Option<FatalHandler>>,
+    /// Where MISSING faults get their data; zeroes when `None` (see [`Pager::set_page_source`]).
+    source: RwLock<Option<Arc<dyn PageSource>>>,
+    /// GPA ranges being fetched from the page source by a handler (see `claim_fetch`).
+    inflight: Mutex<Vec<Range<u64>>>,
     stop: EventFd,
     stopping: AtomicBool,
+}
+
+/// What a handler may fetch from the page source (see `Shared::claim_fetch`).
+enum Claim {
+    /// The faulting page is present already: nothing to fetch.
+    Present,
+    /// Another handler is fetching it: try again once that fetch is in.
+    InFlight,
+    /// Fetch this many bytes from the block.
+    Run(u64),
 }
 
 /// Told why the pager cannot go on (a guest page the host cannot provide).
 pub type FatalHandler = Box<dyn Fn(&str) + Send + Sync>;
 
 impl Shared {
+    /// The page source, if one is set.
+    fn source(&self) -> Option<Arc<dyn PageSource>> {
+        self.source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether the host has a page at `gpa` (mincore of its 4 KiB page; on hugetlbfs that is
+    /// the huge page's presence).
+    fn host_present(&self, gpa: u64) -> bool {
+        let Some(hva) = self.backing.gpa_to_host(gpa & !(SZ_4K - 1)) else {
+            return false;
+        };
+        let mut vec = 0u8;
+        // SAFETY: one page-aligned page of a live registered mapping; `vec` holds one byte.
+        let ret = unsafe { libc::mincore(hva as *mut libc::c_void, SZ_4K as usize, &mut vec) };
+        ret == 0 && vec & 1 != 0
+    }
+
+    /// How many 4 KiB pages from `hva` on (at most `max`, inside one RAM region) the host does
+    /// not have yet.
+    fn missing_run(&self, hva: u64, max: u64) -> u64 {
+        let mut vec = [0u8; 512];
+        let n = max.min(vec.len() as u64);
+        // SAFETY: [hva, hva + n pages) lies inside one live registered mapping (the caller
+        // bounds `max` by the region); `vec` has a byte for each of the n pages.
+        let ret = unsafe {
+            libc::mincore(
+                hva as *mut libc::c_void,
+                (n * SZ_4K) as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if ret != 0 {
+            // Unknown: ask for the faulting page only.
+            return 1;
+        }
+        vec[..n as usize].iter().take_while(|v| *v & 1 == 0).count() as u64
+    }
+
+    /// Claims the fetch of the missing run at `block` (`hva`), at most `max_pages` 4 KiB pages
+    /// or one host page: under the in-flight lock, so that two handlers with faults on the
+    /// same page (two vCPUs touched it) fetch it once. The run stops at the first present page
+    /// and before any run another handler is fetching.
+    fn claim_fetch(&self, block: u64, hva: u64, max_pages: u64) -> Claim {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.iter().any(|r| r.contains(&block)) {
+            return Claim::InFlight;
+        }
+        let len = if self.page == PageSize::Size4K {
+            let mut len = self.missing_run(hva, max_pages) * SZ_4K;
+            for r in inflight.iter() {
+                if r.start > block && r.start < block + len {
+                    len = r.start - block;
+                }
+            }
+            len
+        } else if self.host_present(block) {
+            0
+        } else {
+            self.page.bytes()
+        };
+        if len == 0 {
+            return Claim::Present;
+        }
+        inflight.push(block..block + len);
+        Claim::Run(len)
+    }
+
+    /// Ends the fetch claimed at `block`.
+    fn release_fetch(&self, block: u64) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = inflight.iter().position(|r| r.start == block) {
+            inflight.swap_remove(i);
+        }
+    }
+
+    fn count_populated(&self, bytes: u64) {
+        let c = &self.counters;
+        match self.page {
+            PageSize::Size4K => add(&c.populated_4k, bytes),
+            PageSize::Size2M => add(&c.populated_2m, bytes),
+            PageSize::Size1G => add(&c.populated_1g, bytes),
+        }
+    }
+
     /// Reports a fault that cannot be served: to the handler set with [`Pager::on_fatal`], which
     /// stops the VM; logged in any case.
     fn fatal(&self, why: &str) {
@@ -716,6 +865,8 @@ impl Pager {
             own_drops: Mutex::new(Vec::new()),
             vcpu_tids: (0..cfg.vcpus.max(1)).map(|_| AtomicU32::new(0)).collect(),
             on_fatal: Mutex::new(None),
+            source: RwLock::new(None),
+            inflight: Mutex::new(Vec::new()),
             stop,
             stopping: AtomicBool::new(false),
             cfg: cfg.clone(),
@@ -769,22 +920,8 @@ impl Pager {
     /// aligned to the backing's page size.
     pub fn reclaim(&self, gpa: u64, len: u64) -> Result<ReclaimReport, PagingError> {
         let sh = &self.shared;
-        let page = sh.page.bytes();
-        if len == 0 {
-            return Err(PagingError::EmptyRange { gpa, page });
-        }
-        let Some(end) = gpa.checked_add(len) else {
-            return Err(self.outside(gpa, len));
-        };
-        let Some(region) = sh.backing.region_of_gpa(gpa).copied() else {
-            return Err(self.outside(gpa, len));
-        };
-        if end > region.gpa + region.len {
-            return Err(self.outside(gpa, len));
-        }
-        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) {
-            return Err(PagingError::Unaligned { gpa, len, page });
-        }
+        let region = self.check_range(gpa, len)?;
+        let end = gpa + len;
         let host = region.host_addr + (gpa - region.gpa);
         let t0 = Instant::now();
         sh.own_drops.lock().unwrap().push(host..host + len);
@@ -822,6 +959,163 @@ impl Pager {
             drop_ns,
             total_ns,
         })
+    }
+
+    /// The RAM region holding all of `[gpa, gpa+len)`, a non-empty range aligned to the
+    /// backing's page size.
+    fn check_range(&self, gpa: u64, len: u64) -> Result<RamRegion, PagingError> {
+        let page = self.shared.page.bytes();
+        if len == 0 {
+            return Err(PagingError::EmptyRange { gpa, page });
+        }
+        let Some(end) = gpa.checked_add(len) else {
+            return Err(self.outside(gpa, len));
+        };
+        let Some(region) = self.shared.backing.region_of_gpa(gpa).copied() else {
+            return Err(self.outside(gpa, len));
+        };
+        if end > region.gpa + region.len {
+            return Err(self.outside(gpa, len));
+        }
+        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) {
+            return Err(PagingError::Unaligned { gpa, len, page });
+        }
+        Ok(region)
+    }
+
+    /// From now on MISSING faults are filled from `src` with UFFDIO_COPY (see [`PageSource`]
+    /// for what is fetched); `None` goes back to zero fill. Faults already being filled finish
+    /// with the source they started with.
+    pub fn set_page_source(&self, src: Option<Arc<dyn PageSource>>) {
+        *self
+            .shared
+            .source
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = src;
+    }
+
+    /// Whether the host page holding `gpa` is populated (one `mincore`; no fault is raised).
+    /// False outside RAM.
+    pub fn is_populated(&self, gpa: u64) -> bool {
+        self.shared.host_present(gpa)
+    }
+
+    /// Places `data` at `gpa` where the host pages are still missing: UFFDIO_COPY, stage2
+    /// install (through `handle_fault`, like a fault fill, so stage2 counts one install per
+    /// page whoever wins), then wakes any vCPU waiting on those pages. `gpa` and `data.len()`
+    /// must be multiples of the host page size and inside one RAM region.
+    ///
+    /// Host pages already present are left as they are (EEXIST: a fault fill or another
+    /// `place` won). Ok(true) = at least one host page was placed by this call; Ok(false) =
+    /// every page was already present, nothing written. Under write tracking placed pages are
+    /// write-protected (like a read fill), so the guest's first write to them is seen.
+    pub fn place(&self, gpa: u64, data: &[u8]) -> Result<bool, PagingError> {
+        let sh = &self.shared;
+        let c = &sh.counters;
+        let page = sh.page.bytes();
+        let len = data.len() as u64;
+        let region = self.check_range(gpa, len)?;
+        let host = region.host_addr + (gpa - region.gpa);
+        let (mode, access) = if sh.cfg.write_tracking {
+            (
+                UFFDIO_COPY_MODE_WP | UFFDIO_COPY_MODE_DONTWAKE,
+                Access::Read,
+            )
+        } else {
+            (UFFDIO_COPY_MODE_DONTWAKE, Access::Write)
+        };
+        let mut placed = false;
+        let mut off = 0;
+        let mut retries = 0;
+        while off < len {
+            let seq = sh.s2.invalidate_seq();
+            let src = data[off as usize..].as_ptr() as u64;
+            // SAFETY: `src` points at the `len - off` bytes left of `data`, borrowed for the call.
+            let r = unsafe { sh.uffd.copy(host + off, src, len - off, mode) };
+            let n = match r {
+                Ok(n) => n,
+                // Copied up to a present page or a pending event; the rest on the next turn.
+                Err(UffdError::Again { done, .. }) if done > 0 => {
+                    inc(&c.eagain);
+                    done
+                }
+                Err(UffdError::Exists { addr }) => {
+                    // The page at `addr` is there (nothing copied): skip it, keep it.
+                    inc(&c.eexist);
+                    off = (addr - host) / page * page + page;
+                    continue;
+                }
+                Err(UffdError::Again { .. }) => {
+                    // A REMOVE is pending: a handler reads it shortly.
+                    inc(&c.eagain);
+                    retries += 1;
+                    if retries > PLACE_RETRIES {
+                        return Err(PagingError::Place {
+                            gpa: gpa + off,
+                            len: len - off,
+                            source: UffdError::Again {
+                                addr: host + off,
+                                done: 0,
+                            },
+                        });
+                    }
+                    std::thread::sleep(PLACE_RETRY_SLEEP);
+                    continue;
+                }
+                Err(source) => {
+                    return Err(PagingError::Place {
+                        gpa: gpa + off,
+                        len: len - off,
+                        source,
+                    })
+                }
+            };
+            sh.count_populated(n);
+            placed = true;
+            for p in (off..off + n).step_by(page as usize) {
+                self.install_placed(gpa + p, access, seq);
+            }
+            if let Err(e) = sh.uffd.wake(host + off, n) {
+                error!("UFFDIO_WAKE of gpa {:#x}+{n:#x}: {e}", gpa + off);
+            }
+            off += n;
+        }
+        Ok(placed)
+    }
+
+    /// Records a host page `place` filled in stage2 (the handler's `install`, for one page).
+    /// An invalidation racing with it is waited out, as long as the host still has the page.
+    fn install_placed(&self, gpa: u64, access: Access, mut seq: u64) {
+        let sh = &self.shared;
+        let c = &sh.counters;
+        for _ in 0..PLACE_RETRIES {
+            let fault = Fault {
+                gpa,
+                access,
+                vcpu: 0,
+            };
+            match sh.s2.handle_fault(fault, &sh.backing, seq) {
+                Outcome::Installed { .. } => inc(&c.installed),
+                Outcome::Spurious => inc(&c.spurious),
+                Outcome::Relaxed { .. } => inc(&c.relaxed),
+                Outcome::Denied => {
+                    inc(&c.denied);
+                    error!("stage2 denied recording placed memory at gpa {gpa:#x}");
+                }
+                Outcome::Retry => {
+                    inc(&c.retry);
+                    if !sh.host_present(gpa) {
+                        // Dropped meanwhile: the next access faults and fills it afresh.
+                        return;
+                    }
+                    std::thread::yield_now();
+                    seq = sh.s2.invalidate_seq();
+                    continue;
+                }
+            }
+            return;
+        }
+        warn!("placed page at gpa {gpa:#x} not recorded in stage2: invalidations kept racing");
     }
 
     fn outside(&self, gpa: u64, len: u64) -> PagingError {
@@ -1019,7 +1313,8 @@ enum Fill {
     Filled { bytes: u64 },
     /// The faulting page was already present (a racing handler filled it).
     Present,
-    /// A REMOVE/UNMAP is pending: nothing done, try again after the event is read.
+    /// A REMOVE/UNMAP is pending, or another handler is fetching the page from the page
+    /// source: nothing done, try again shortly.
     Pending,
     /// The kernel refused to fill the page for a reason that is not a race (out of huge pages,
     /// out of memory): the fault cannot be served, the VM has been asked to stop.
@@ -1032,6 +1327,8 @@ struct Handler {
     epoll: File,
     events: Vec<Event>,
     deferred: Vec<Deferred>,
+    /// Page-source data on its way into guest RAM (empty until a source is used).
+    source_buf: Vec<u8>,
 }
 
 impl Handler {
@@ -1063,6 +1360,7 @@ impl Handler {
             epoll,
             events: Vec::with_capacity(EVENT_BATCH),
             deferred: Vec::new(),
+            source_buf: Vec::new(),
         })
     }
 
@@ -1383,9 +1681,10 @@ impl Handler {
     }
 
     /// Fills the host page (block) containing `gpa`; on 4 KiB backing with fault-around, also
-    /// the missing pages after it, with one ioctl.
-    fn fill(&self, gpa: u64, write: bool) -> Fill {
-        let sh = &self.sh;
+    /// the missing pages after it, with one ioctl. Zeroes, or the page source's data when one is
+    /// set (see [`PageSource`]).
+    fn fill(&mut self, gpa: u64, write: bool) -> Fill {
+        let sh = self.sh.clone();
         let c = &sh.counters;
         let page = sh.page.bytes();
         let block = self.block_of(gpa);
@@ -1395,30 +1694,57 @@ impl Handler {
         let hva = region.host_addr + (block - region.gpa);
         // Fault-around fills the neighbours like the faulting page (writable after a write);
         // under write tracking they must stay protected, so it is off then.
-        let len = if sh.page == PageSize::Size4K && !sh.cfg.write_tracking {
-            let room = (region.gpa + region.len - block) / SZ_4K;
-            (sh.cfg.fault_around_pages as u64).min(room) * SZ_4K
-        } else {
-            page
-        };
+        let around = sh.page == PageSize::Size4K && !sh.cfg.write_tracking;
+        let around_pages =
+            (sh.cfg.fault_around_pages as u64).min((region.gpa + region.len - block) / SZ_4K);
         // Under write tracking a read fault maps the page write-protected, so that the first
         // write raises a WP fault; the zero page cannot carry the uffd-wp bit, so COPY zeroes.
         let tracked = sh.cfg.write_tracking;
         // DONTWAKE: the vCPU is woken after stage2 recorded the page (see `install`).
-        // ZEROPAGE maps the shared zero page read-only: right for a read, but a write fault
-        // filled that way takes a host copy-on-write fault on every page right after, so
-        // writes get freshly allocated zeroed pages through COPY from the zero source.
-        let result = if sh.page == PageSize::Size4K && !tracked && !write {
-            sh.uffd.zeropage(hva, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+        let copy_mode = if tracked && !write {
+            UFFDIO_COPY_MODE_WP | UFFDIO_COPY_MODE_DONTWAKE
         } else {
-            let mode = if tracked && !write {
-                UFFDIO_COPY_MODE_WP | UFFDIO_COPY_MODE_DONTWAKE
-            } else {
-                UFFDIO_COPY_MODE_DONTWAKE
+            UFFDIO_COPY_MODE_DONTWAKE
+        };
+        let source = sh.source();
+        let (len, result) = if let Some(src) = source {
+            let len = match sh.claim_fetch(block, hva, if around { around_pages } else { 1 }) {
+                Claim::Present => return Fill::Present,
+                Claim::InFlight => return Fill::Pending,
+                Claim::Run(len) => len,
             };
-            // SAFETY: the zero source is a live read-only mapping of at least `len` bytes
-            // (sized for the page size and the fault-around window at start).
-            unsafe { sh.uffd.copy(hva, sh.zero.addr, len, mode) }
+            let buf = self.source_buf(len);
+            let copied = src.fetch(block, buf).map(|()| {
+                // SAFETY: `buf` is this handler's own buffer of at least `len` bytes, alive and
+                // not written during the call.
+                unsafe { sh.uffd.copy(hva, buf.as_ptr() as u64, len, copy_mode) }
+            });
+            // After the copy: a fault deferred behind this fetch now finds its page present.
+            sh.release_fetch(block);
+            let r = match copied {
+                Ok(r) => r,
+                Err(why) => {
+                    sh.fatal(&format!(
+                    "the page source could not provide guest memory {block:#x}+{len:#x}: {why}; \
+                         the VM cannot run without it"
+                    ));
+                    return Fill::Failed;
+                }
+            };
+            (len, r)
+        } else {
+            let len = if around { around_pages * SZ_4K } else { page };
+            // ZEROPAGE maps the shared zero page read-only: right for a read, but a write fault
+            // filled that way takes a host copy-on-write fault on every page right after, so
+            // writes get freshly allocated zeroed pages through COPY from the zero source.
+            let r = if sh.page == PageSize::Size4K && !tracked && !write {
+                sh.uffd.zeropage(hva, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+            } else {
+                // SAFETY: the zero source is a live read-only mapping of at least `len` bytes
+                // (sized for the page size and the fault-around window at start).
+                unsafe { sh.uffd.copy(hva, sh.zero.addr, len, copy_mode) }
+            };
+            (len, r)
         };
         let bytes = match result {
             Ok(n) => n,
@@ -1448,12 +1774,30 @@ impl Handler {
                 return Fill::Failed;
             }
         };
-        match sh.page {
-            PageSize::Size4K => add(&c.populated_4k, bytes),
-            PageSize::Size2M => add(&c.populated_2m, bytes),
-            PageSize::Size1G => add(&c.populated_1g, bytes),
-        }
+        sh.count_populated(bytes);
         Fill::Filled { bytes }
+    }
+
+    /// This handler's buffer for page-source data, at least `len` bytes. Allocated on first use
+    /// for the largest fill, and every page of it touched once: UFFDIO_COPY reads its source
+    /// with page faults disabled (see [`ZeroSource`] for what a miss costs on hugetlbfs).
+    fn source_buf(&mut self, len: u64) -> &mut [u8] {
+        let len = len as usize;
+        if self.source_buf.len() < len {
+            let max = self
+                .sh
+                .page
+                .bytes()
+                .max(self.sh.cfg.fault_around_pages as u64 * SZ_4K) as usize;
+            let mut buf = vec![0u8; max.max(len)];
+            for b in buf.iter_mut().step_by(SZ_4K as usize) {
+                // SAFETY: `b` is a valid, exclusive reference into `buf`; the volatile write keeps
+                // the compiler from dropping a store of the value the allocation already holds.
+                unsafe { std::ptr::write_volatile(b, 0) };
+            }
+            self.source_buf = buf;
+        }
+        &mut self.source_buf[..len]
     }
 
     /// A write to a userfaultfd-write-protected page (write tracking): stage2 relaxes its entry
@@ -1574,15 +1918,9 @@ impl Handler {
         }
     }
 
-    /// Whether the host has a page mapped at `gpa` (mincore of its 4 KiB page).
+    /// Whether the host has a page mapped at `gpa`.
     fn host_present(&self, gpa: u64) -> bool {
-        let Some(hva) = self.sh.backing.gpa_to_host(gpa & !(SZ_4K - 1)) else {
-            return false;
-        };
-        let mut vec = 0u8;
-        // SAFETY: one page-aligned page of a live registered mapping; `vec` holds one byte.
-        let ret = unsafe { libc::mincore(hva as *mut libc::c_void, SZ_4K as usize, &mut vec) };
-        ret == 0 && vec & 1 != 0
+        self.sh.host_present(gpa)
     }
 }
 
