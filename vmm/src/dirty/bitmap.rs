@@ -34,10 +34,12 @@ ioctl_iow_nr!(
 );
 ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO, 0xa3, kvm_enable_cap);
 
-/// Pages cleared per `KVM_CLEAR_DIRTY_LOG` call: 1 GiB of 4 KiB pages. KVM requires
+/// Default pages cleared per `KVM_CLEAR_DIRTY_LOG` call: 1 GiB of 4 KiB pages. KVM requires
 /// `first_page` and `num_pages` to be multiples of 64 (api.rst §4.118), except at the slot's
 /// end; chunks with no bit set are skipped.
 pub const CLEAR_CHUNK_PAGES: u64 = 1 << 18;
+/// KVM's alignment of `first_page` and `num_pages` in `KVM_CLEAR_DIRTY_LOG` (api.rst §4.118).
+pub const CLEAR_ALIGN_PAGES: u64 = 64;
 
 /// Turns on manual protect with initially-set bitmaps, then re-issues every memslot with
 /// `KVM_MEM_LOG_DIRTY_PAGES`. After this every page reads dirty once (initially set), and KVM
@@ -100,17 +102,24 @@ pub(super) fn get(vm: &File, slot: u32, words: &mut [u64]) -> Result<(), DirtyEr
 }
 
 /// Clears the bits set in `words` for slot `slot` of `pages` pages and write-protects those
-/// pages, one `KVM_CLEAR_DIRTY_LOG` per [`CLEAR_CHUNK_PAGES`] chunk that has a bit set.
-/// Returns the number of ioctls issued.
-pub(super) fn clear(vm: &File, slot: u32, pages: u64, words: &[u64]) -> Result<u32, DirtyError> {
-    let chunk_words = (CLEAR_CHUNK_PAGES / 64) as usize;
+/// pages, one `KVM_CLEAR_DIRTY_LOG` per chunk of `chunk_pages` pages (a multiple of
+/// [`CLEAR_ALIGN_PAGES`]) that has a bit set. Returns the number of ioctls issued.
+pub(super) fn clear(
+    vm: &File,
+    slot: u32,
+    pages: u64,
+    words: &[u64],
+    chunk_pages: u64,
+) -> Result<u32, DirtyError> {
+    debug_assert!(chunk_pages > 0 && chunk_pages.is_multiple_of(CLEAR_ALIGN_PAGES));
+    let chunk_words = (chunk_pages / 64) as usize;
     let mut calls = 0;
     for (i, chunk) in words.chunks(chunk_words).enumerate() {
         if chunk.iter().all(|&w| w == 0) {
             continue;
         }
-        let first_page = i as u64 * CLEAR_CHUNK_PAGES;
-        let num_pages = CLEAR_CHUNK_PAGES.min(pages - first_page);
+        let first_page = i as u64 * chunk_pages;
+        let num_pages = chunk_pages.min(pages - first_page);
         let log = kvm_clear_dirty_log {
             slot,
             num_pages: num_pages as u32,
@@ -119,8 +128,8 @@ pub(super) fn clear(vm: &File, slot: u32, pages: u64, words: &[u64]) -> Result<u
                 dirty_bitmap: chunk.as_ptr() as *mut libc::c_void,
             },
         };
-        // SAFETY: KVM reads num_pages bits from `chunk` (it holds CLEAR_CHUNK_PAGES bits, or the
-        // rest of the slot); the bitmap is only read despite the `*mut` in the uapi struct.
+        // SAFETY: KVM reads num_pages bits from `chunk` (it holds chunk_pages bits, or the rest
+        // of the slot); the bitmap is only read despite the `*mut` in the uapi struct.
         let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &log) };
         if ret < 0 {
             return Err(DirtyError::kvm("KVM_CLEAR_DIRTY_LOG"));

@@ -373,6 +373,8 @@ pub struct DirtyTracker {
     last: Mutex<HarvestStats>,
     /// `KVM_EXIT_DIRTY_RING_FULL` exits answered by [`DirtyTracker::on_ring_full`].
     ring_full: AtomicU64,
+    /// Pages per `KVM_CLEAR_DIRTY_LOG` (bitmap mode).
+    clear_chunk: AtomicU64,
 }
 
 impl std::fmt::Debug for DirtyTracker {
@@ -430,6 +432,7 @@ impl DirtyTracker {
             vmm: Arc::new(VmmDirty::new(&slots)),
             last: Mutex::new(HarvestStats::default()),
             ring_full: AtomicU64::new(0),
+            clear_chunk: AtomicU64::new(bitmap::CLEAR_CHUNK_PAGES),
             slots,
             backend,
         })
@@ -465,6 +468,7 @@ impl DirtyTracker {
             vmm: Arc::new(VmmDirty::new(&slots)),
             last: Mutex::new(HarvestStats::default()),
             ring_full: AtomicU64::new(0),
+            clear_chunk: AtomicU64::new(bitmap::CLEAR_CHUNK_PAGES),
             slots,
             backend: Backend::Stage2 {
                 pager,
@@ -542,6 +546,13 @@ impl DirtyTracker {
         Ok(n)
     }
 
+    /// Pages per `KVM_CLEAR_DIRTY_LOG` call in the bitmap mode (default
+    /// [`bitmap::CLEAR_CHUNK_PAGES`]); rounded up to a multiple of 64, KVM's alignment.
+    pub fn set_clear_chunk_pages(&self, pages: u64) {
+        let p = pages.max(1).next_multiple_of(bitmap::CLEAR_ALIGN_PAGES);
+        self.clear_chunk.store(p, Ordering::Relaxed);
+    }
+
     /// Ring-full exits answered so far by [`DirtyTracker::on_ring_full`].
     pub fn ring_full_exits(&self) -> u64 {
         self.ring_full.load(Ordering::Relaxed)
@@ -587,7 +598,8 @@ impl DirtyTracker {
                     let t0 = Instant::now();
                     bitmap::get(vm, s.slot, words)?;
                     let t1 = Instant::now();
-                    st.ops += u64::from(bitmap::clear(vm, s.slot, s.pages(), words)?);
+                    let chunk = self.clear_chunk.load(Ordering::Relaxed);
+                    st.ops += u64::from(bitmap::clear(vm, s.slot, s.pages(), words, chunk)?);
                     st.get_ns += (t1 - t0).as_nanos() as u64;
                     st.clear_ns += t1.elapsed().as_nanos() as u64;
                     out.merge_words(i, words);
