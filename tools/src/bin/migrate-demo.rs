@@ -1,0 +1,849 @@
+//! `migrate-demo`: the live-migration demo of issue 5 in one command. A `dirty` guest writes
+//! continuously in one `vmm`, moves to a second `vmm` over loopback TCP, and the destination
+//! verifies every page and prints PASS; the demo writes a JSON summary and an SVG plot of
+//! dirty pages and bytes sent per round.
+//!
+//! ```text
+//! cargo build --release -p vmm -p tools
+//! target/release/migrate-demo                      # 4 GiB, 4 vCPUs, precopy over KVM's bitmap
+//! target/release/migrate-demo --mode postcopy --dirty-rate 200 --out /tmp/demo
+//! ```
+//!
+//! Files in `--out`: `summary.json` (result, times, bytes, rounds), `rounds.svg`,
+//! `migration.json` (the source's `--migrate-json`), `source.log`, `destination.log`.
+//! Exits 0 only when the destination printed PASS.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use plotters::prelude::*;
+use serde_json::{json, Value};
+
+/// The migration demo: a writing `dirty` guest moves between two vmm processes and is
+/// verified page by page on arrival.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "migrate-demo", version, about)]
+struct Cli {
+    /// Guest RAM (K, M or G suffix), the same on both sides.
+    #[arg(long, default_value = "4G")]
+    mem: String,
+    /// vCPUs of the guest, the same on both sides.
+    #[arg(long, default_value_t = 4)]
+    cpus: u8,
+    /// precopy: rounds until the downtime fits, then the last round paused; postcopy: the
+    /// guest moves after --postcopy-after rounds and pulls the rest on demand.
+    #[arg(long, value_enum, default_value_t = ModeArg::Precopy)]
+    mode: ModeArg,
+    /// Rounds before the switch to postcopy (1 = right after the full pass).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    postcopy_after: u32,
+    /// How the source finds the pages written between rounds.
+    #[arg(long, value_enum, default_value_t = DirtyModeArg::KvmBitmap)]
+    dirty_mode: DirtyModeArg,
+    /// The guest's dirty rate in MB/s over all vCPUs (0 = as fast as it writes).
+    #[arg(long, value_name = "MB_PER_S", default_value_t = 0)]
+    dirty_rate: u64,
+    /// Seconds the guest writes on the source before the migration starts.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3.0)]
+    warmup: f64,
+    /// Seconds the guest keeps writing on the destination before it is stopped and verified.
+    #[arg(long, value_name = "SECONDS", default_value_t = 2)]
+    run_after: u64,
+    /// Precopy's downtime goal (vmm --downtime-ms).
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    downtime_ms: u64,
+    /// Backing of guest RAM on both sides (vmm --hugepages: auto, 2M, 1G, thp, none); the
+    /// vmm's default when not given.
+    #[arg(long, value_name = "KIND")]
+    hugepages: Option<String>,
+    /// Loopback TCP port of the destination (default: a free one).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Directory for the summary, plot, migration figures and both logs.
+    #[arg(long, value_name = "DIR", default_value = "target/migrate-demo")]
+    out: PathBuf,
+    /// The vmm binary (default: `vmm` next to this program, i.e. target/release/vmm).
+    #[arg(long, value_name = "PATH")]
+    vmm: Option<PathBuf>,
+    /// Give up (and stop both vmm processes) after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 900)]
+    timeout: u64,
+    /// Do not echo the two vmm processes' output (it still goes to the logs).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    Precopy,
+    Postcopy,
+}
+
+impl ModeArg {
+    fn name(self) -> &'static str {
+        match self {
+            ModeArg::Precopy => "precopy",
+            ModeArg::Postcopy => "postcopy",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DirtyModeArg {
+    KvmBitmap,
+    KvmRing,
+    Stage2Wp,
+}
+
+impl DirtyModeArg {
+    fn name(self) -> &'static str {
+        match self {
+            DirtyModeArg::KvmBitmap => "kvm-bitmap",
+            DirtyModeArg::KvmRing => "kvm-ring",
+            DirtyModeArg::Stage2Wp => "stage2-wp",
+        }
+    }
+}
+
+/// The line a `vmm --incoming` prints once it listens.
+const LISTENING: &str = "waiting for the migration source";
+/// The line a `vmm --guest` prints once its vCPUs are set up.
+const GUEST_STARTED: &str = "guest dirty on";
+/// Lines of a failed process shown in the error.
+const LAST_LINES: usize = 15;
+/// How long a vmm may take to reach a line it prints at start (allocating a large guest
+/// and, on the destination, binding the port).
+const START_LIMIT: Duration = Duration::from_secs(120);
+
+/// What the vmm binary supports, read from its `--help`.
+#[derive(Debug, Clone, Copy)]
+struct VmmFeatures {
+    migrate_json: bool,
+    postcopy: bool,
+    dirty_mode: bool,
+    dirty_rate: bool,
+    /// Migration still needs `--no-demand-paging` on both sides (older vmm).
+    migration_needs_no_demand_paging: bool,
+}
+
+fn probe(vmm: &Path) -> Result<VmmFeatures> {
+    let out = Command::new(vmm)
+        .arg("--help")
+        .output()
+        .with_context(|| format!("running {} --help", vmm.display()))?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    Ok(VmmFeatures {
+        migrate_json: help.contains("--migrate-json"),
+        postcopy: help.contains("--postcopy-after"),
+        dirty_mode: help.contains("--dirty-mode"),
+        dirty_rate: help.contains("--dirty-rate"),
+        migration_needs_no_demand_paging: help.contains("needs --no-demand-paging"),
+    })
+}
+
+/// The vmm binary: `--vmm`, else `vmm` next to this program.
+fn vmm_path(cli: &Cli) -> Result<PathBuf> {
+    let path = match &cli.vmm {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locating this program")?
+            .parent()
+            .context("this program has no directory")?
+            .join("vmm"),
+    };
+    if !path.is_file() {
+        bail!(
+            "no vmm binary at {}: build it with `cargo build --release -p vmm` (or give --vmm PATH)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running vmm whose output is echoed with a prefix, kept, and logged.
+struct Vmm {
+    name: &'static str,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    rx: Receiver<String>,
+}
+
+impl Vmm {
+    fn spawn(name: &'static str, cmd: &mut Command, log: &Path, echo: bool) -> Result<Vmm> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting the {name} vmm"))?;
+        let log = Arc::new(Mutex::new(
+            File::create(log).with_context(|| format!("creating {}", log.display()))?,
+        ));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = channel();
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("piped"));
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("piped"));
+        for stream in [out, err] {
+            let (lines, log, tx): (_, _, Sender<String>) = (lines.clone(), log.clone(), tx.clone());
+            std::thread::spawn(move || {
+                for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if echo {
+                        println!("[{name}] {l}");
+                    }
+                    let _ = writeln!(log.lock().unwrap_or_else(|p| p.into_inner()), "{l}");
+                    lines
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(l.clone());
+                    let _ = tx.send(l);
+                }
+            });
+        }
+        Ok(Vmm {
+            name,
+            child,
+            lines,
+            rx,
+        })
+    }
+
+    /// "source" or "destination", for messages.
+    fn role(&self) -> &'static str {
+        if self.name == "dst" {
+            "destination"
+        } else {
+            "source"
+        }
+    }
+
+    fn last_lines(&self) -> String {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let from = lines.len().saturating_sub(LAST_LINES);
+        lines[from..]
+            .iter()
+            .map(|l| format!("  [{}] {l}", self.name))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn has_line(&self, pred: impl Fn(&str) -> bool) -> bool {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|l| pred(l))
+    }
+
+    /// Waits for a line containing `needle`; fails with the last lines if the process ends
+    /// first or `limit` passes.
+    fn wait_line(&mut self, needle: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(l) if l.contains(needle) => return Ok(()),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) if left.is_zero() => bail!(
+                    "the {} vmm did not print {needle:?} within {limit:?}; its last lines:\n{}",
+                    self.role(),
+                    self.last_lines()
+                ),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(st) = self.child.try_wait()? {
+                        // Let the readers drain what the process printed last.
+                        std::thread::sleep(Duration::from_millis(100));
+                        bail!(
+                            "the {} vmm exited ({st}) before printing {needle:?}; its last lines:\n{}",
+                            self.role(),
+                            self.last_lines()
+                        );
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let st = self.child.wait()?;
+                    bail!(
+                        "the {} vmm exited ({st}) before printing {needle:?}; its last lines:\n{}",
+                        self.role(),
+                        self.last_lines()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for the process to exit, killing it after `limit`. Returns its exit code
+    /// (-1 for a signal), or None if it had to be killed.
+    fn wait_exit(&mut self, limit: Duration) -> Result<Option<i32>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                std::thread::sleep(Duration::from_millis(100));
+                return Ok(Some(st.code().unwrap_or(-1)));
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free loopback port, or `--port` if it is free.
+fn pick_port(port: Option<u16>) -> Result<u16> {
+    match port {
+        Some(p) => match TcpListener::bind(("127.0.0.1", p)) {
+            Ok(_) => Ok(p),
+            Err(e) => bail!(
+                "port {p} on 127.0.0.1 is busy ({e}): give another with --port, or leave --port \
+                 out to use a free one"
+            ),
+        },
+        None => Ok(TcpListener::bind("127.0.0.1:0")
+            .context("finding a free loopback port")?
+            .local_addr()?
+            .port()),
+    }
+}
+
+/// One JSON-lines request on the vmm control socket, waiting up to `limit` for the answer.
+fn api_request(sock: &Path, req: &Value, limit: Duration) -> Result<Value> {
+    let mut s = UnixStream::connect(sock).with_context(|| {
+        format!(
+            "connecting to the source's control socket {}",
+            sock.display()
+        )
+    })?;
+    s.set_read_timeout(Some(limit))?;
+    writeln!(s, "{req}")?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .context("waiting for the source's answer to migrate")?;
+    serde_json::from_str(&line).with_context(|| format!("the source answered {line:?}"))
+}
+
+/// Options both vmm processes get.
+fn guest_args(cli: &Cli, feat: &VmmFeatures) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--guest",
+        "dirty",
+        "--mem",
+        &cli.mem,
+        "--cpus",
+        &cli.cpus.to_string(),
+        "--generations",
+        "0",
+        "--log-level",
+        "info",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(h) = &cli.hugepages {
+        a.extend(["--hugepages".into(), h.clone()]);
+    }
+    if feat.dirty_rate {
+        a.extend(["--dirty-rate".into(), cli.dirty_rate.to_string()]);
+    }
+    a
+}
+
+fn check_features(cli: &Cli, vmm: &Path, feat: &VmmFeatures) -> Result<()> {
+    let rebuild = format!(
+        "rebuild it (`cargo build --release -p vmm`) or give a newer one with --vmm ({})",
+        vmm.display()
+    );
+    if !feat.migrate_json {
+        bail!("this vmm has no --migrate-json, which the demo reads its figures from: {rebuild}");
+    }
+    if cli.mode == ModeArg::Postcopy && !feat.postcopy {
+        bail!("this vmm has no postcopy (--postcopy-after): {rebuild}, or use --mode precopy");
+    }
+    if cli.dirty_mode != DirtyModeArg::KvmBitmap && !feat.dirty_mode {
+        bail!("this vmm has no --dirty-mode: {rebuild}, or use --dirty-mode kvm-bitmap");
+    }
+    if cli.dirty_rate != 0 && !feat.dirty_rate {
+        bail!("this vmm has no --dirty-rate: {rebuild}, or drop --dirty-rate");
+    }
+    Ok(())
+}
+
+/// Everything the demo learnt from one run.
+struct Outcome {
+    passed: bool,
+    reason: Option<String>,
+    figures: Option<Value>,
+    dst_code: Option<i32>,
+    src_code: Option<i32>,
+    wall: Duration,
+}
+
+fn run(cli: &Cli) -> Result<Outcome> {
+    let vmm = vmm_path(cli)?;
+    let feat = probe(&vmm)?;
+    check_features(cli, &vmm, &feat)?;
+    std::fs::create_dir_all(&cli.out)
+        .with_context(|| format!("creating --out {}", cli.out.display()))?;
+    let migration_json = cli.out.join("migration.json");
+    let _ = std::fs::remove_file(&migration_json);
+    let port = pick_port(cli.port)?;
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let sock = std::env::temp_dir().join(format!("migrate-demo-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let limit = Duration::from_secs(cli.timeout);
+    let started = Instant::now();
+    let common = guest_args(cli, &feat);
+    let old = feat.migration_needs_no_demand_paging;
+    // Demand paging where the migration needs it (the postcopy destination pulls missing
+    // pages through it; stage2-wp tracks writes through it), else KVM populates RAM itself.
+    let src_dp = !old && cli.dirty_mode == DirtyModeArg::Stage2Wp;
+    let dst_dp = !old && cli.mode == ModeArg::Postcopy;
+
+    let mut dst_cmd = Command::new(&vmm);
+    dst_cmd
+        .args(&common)
+        .args(["--incoming", &addr, "--run-for", &cli.run_after.to_string()]);
+    if !dst_dp {
+        dst_cmd.arg("--no-demand-paging");
+    }
+    println!(
+        "migrate-demo: destination: {} {}",
+        vmm.display(),
+        args_of(&dst_cmd)
+    );
+    let mut dst = Vmm::spawn(
+        "dst",
+        &mut dst_cmd,
+        &cli.out.join("destination.log"),
+        !cli.quiet,
+    )?;
+    if let Err(e) = dst.wait_line(LISTENING, START_LIMIT) {
+        if dst.has_line(|l| l.contains("in use")) {
+            bail!("port {port} on 127.0.0.1 is busy: give another with --port ({e})");
+        }
+        return Err(e);
+    }
+
+    let mut src_cmd = Command::new(&vmm);
+    src_cmd.args(&common).args([
+        "--api-socket",
+        &sock.to_string_lossy(),
+        "--migrate-json",
+        &migration_json.to_string_lossy(),
+        "--downtime-ms",
+        &cli.downtime_ms.to_string(),
+    ]);
+    if feat.dirty_mode {
+        src_cmd.args(["--dirty-mode", cli.dirty_mode.name()]);
+    }
+    if !src_dp {
+        src_cmd.arg("--no-demand-paging");
+    }
+    println!(
+        "migrate-demo: source: {} {}",
+        vmm.display(),
+        args_of(&src_cmd)
+    );
+    let mut src = Vmm::spawn("src", &mut src_cmd, &cli.out.join("source.log"), !cli.quiet)?;
+    src.wait_line(GUEST_STARTED, START_LIMIT)
+        .context("the source did not start its guest")?;
+    let t = Instant::now();
+    while !sock.exists() {
+        if t.elapsed() > START_LIMIT {
+            bail!(
+                "the source never opened its control socket {}",
+                sock.display()
+            );
+        }
+        if let Some(st) = src.child.try_wait()? {
+            bail!(
+                "the source vmm exited ({st}) during start-up; its last lines:\n{}",
+                src.last_lines()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "migrate-demo: the guest writes on the source for {:.1} s, then migrates ({}, {}) to {addr}",
+        cli.warmup,
+        cli.mode.name(),
+        cli.dirty_mode.name()
+    );
+    std::thread::sleep(Duration::from_secs_f64(cli.warmup.max(0.0)));
+    if let Some(st) = src.child.try_wait()? {
+        bail!(
+            "the source vmm exited ({st}) during the warm-up; its last lines:\n{}",
+            src.last_lines()
+        );
+    }
+    let mut req = json!({"cmd": "migrate", "to": addr});
+    if cli.mode == ModeArg::Postcopy {
+        req["postcopy_after"] = json!(cli.postcopy_after);
+    }
+    let answer = api_request(&sock, &req, limit);
+    let mut reason = None;
+    let mut figures = None;
+    match &answer {
+        Ok(v) if v["ok"] == true => figures = Some(v["migrate"].clone()),
+        Ok(v) => {
+            reason = Some(format!(
+                "the source refused or failed the migration: {}",
+                v["error"].as_str().unwrap_or("no reason given")
+            ))
+        }
+        Err(e) => reason = Some(format!("asking the source to migrate: {e:#}")),
+    }
+    // The destination runs --run-after seconds, stops the guest and verifies every page.
+    let left = limit.saturating_sub(started.elapsed());
+    let dst_code = dst.wait_exit(left)?;
+    let src_code = src.wait_exit(Duration::from_secs(30))?;
+    // The file the source wrote is the reference; the control socket's answer carries the
+    // same figures if the file is missing.
+    if let Ok(text) = std::fs::read_to_string(&migration_json) {
+        figures = Some(serde_json::from_str(&text).context("parsing the source's --migrate-json")?);
+    }
+    let passed = dst_code == Some(0) && dst.has_line(|l| l.trim() == "PASS");
+    if let (Some(r), false) = (&mut reason, passed) {
+        r.push_str(&format!(
+            "\nthe destination's last lines:\n{}",
+            dst.last_lines()
+        ));
+    }
+    if !passed && reason.is_none() {
+        reason = Some(match dst_code {
+            None => format!(
+                "the destination did not finish within --timeout {} s; its last lines:\n{}",
+                cli.timeout,
+                dst.last_lines()
+            ),
+            Some(c) => format!(
+                "the destination exited {c} without PASS; its last lines:\n{}",
+                dst.last_lines()
+            ),
+        });
+    }
+    let _ = std::fs::remove_file(&sock);
+    Ok(Outcome {
+        passed,
+        reason,
+        figures,
+        dst_code,
+        src_code,
+        wall: started.elapsed(),
+    })
+}
+
+fn args_of(cmd: &Command) -> String {
+    cmd.get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One round of the plot.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Round {
+    round: u64,
+    dirty_pages: u64,
+    bytes: u64,
+    ms: f64,
+}
+
+fn rounds_of(figures: &Value) -> Vec<Round> {
+    figures["rounds"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| Round {
+                    round: r["round"].as_u64().unwrap_or(0),
+                    dirty_pages: r["dirty_pages"].as_u64().unwrap_or(0),
+                    bytes: r["bytes"].as_u64().unwrap_or(0),
+                    ms: r["ms"].as_f64().unwrap_or(0.0),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Bytes in the MB of the plot and the summary (decimal, like the vmm's progress lines).
+const MB: f64 = 1e6;
+/// Smallest MB value the log-scale plot shows (a round of nothing but framing).
+const MIN_MB: f64 = 1e-3;
+
+/// Draws dirty pages per round (line with a point per round) above MB sent per round
+/// (bars) into an SVG file; both on log scales, since round 0 sends all of RAM and the last
+/// rounds a few pages.
+fn plot(path: &Path, title: &str, rounds: &[Round]) -> Result<()> {
+    let root = SVGBackend::new(path, (960, 720)).into_drawing_area();
+    let draw = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing {}: {e:?}", path.display());
+    root.fill(&WHITE).map_err(draw)?;
+    let root = root.titled(title, ("sans-serif", 20)).map_err(draw)?;
+    let (top, bottom) = root.split_vertically(340);
+    let n = rounds.len().max(1) as f64;
+    let x = -0.5..n - 0.5;
+    let page_vals: Vec<f64> = rounds
+        .iter()
+        .map(|r| (r.dirty_pages as f64).max(1.0))
+        .collect();
+    let mb_vals: Vec<f64> = rounds
+        .iter()
+        .map(|r| (r.bytes as f64 / MB).max(MIN_MB))
+        .collect();
+    let pages_y = log_span(&page_vals, 1.0);
+    let mb_y = log_span(&mb_vals, MIN_MB);
+    let mb_floor = mb_y.start;
+
+    let mut pages = ChartBuilder::on(&top)
+        .caption("dirty pages sent per round", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x.clone(), pages_y.log_scale())
+        .map_err(draw)?;
+    pages
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc("pages (4 KiB)")
+        .x_labels(rounds.len().clamp(2, 16))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(draw)?;
+    let pts: Vec<(f64, f64)> = page_vals
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as f64, v))
+        .collect();
+    pages
+        .draw_series(LineSeries::new(pts.iter().copied(), BLUE.stroke_width(2)))
+        .map_err(draw)?;
+    pages
+        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))
+        .map_err(draw)?;
+
+    let mut sent = ChartBuilder::on(&bottom)
+        .caption("MB sent per round", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x, mb_y.log_scale())
+        .map_err(draw)?;
+    sent.configure_mesh()
+        .x_desc("round")
+        .y_desc("MB (10^6 bytes)")
+        .x_labels(rounds.len().clamp(2, 16))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| {
+            if *v >= 1.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v}")
+            }
+        })
+        .draw()
+        .map_err(draw)?;
+    sent.draw_series(mb_vals.iter().enumerate().map(|(i, &mb)| {
+        Rectangle::new(
+            [(i as f64 - 0.3, mb_floor), (i as f64 + 0.3, mb)],
+            GREEN.mix(0.7).filled(),
+        )
+    }))
+    .map_err(draw)?;
+    root.present().map_err(draw)?;
+    Ok(())
+}
+
+/// A log-scale axis range around `values` (none below `floor`), a factor 3 of room each side.
+fn log_span(values: &[f64], floor: f64) -> std::ops::Range<f64> {
+    let lo = values
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .max(floor);
+    let hi = values.iter().copied().fold(floor, f64::max);
+    (lo / 3.0)..(hi * 3.0)
+}
+
+/// The summary document (`summary.json`).
+fn summary(cli: &Cli, out: &Outcome) -> Value {
+    let f = out.figures.clone().unwrap_or(Value::Null);
+    let rounds = rounds_of(&f);
+    json!({
+        "result": if out.passed { "PASS" } else { "FAIL" },
+        "reason": out.reason,
+        "mode": f["mode"].as_str().unwrap_or(cli.mode.name()),
+        "dirty_mode": f["dirty_mode"].as_str().unwrap_or(cli.dirty_mode.name()),
+        "dirty_rate_mb_s": cli.dirty_rate,
+        "mem": cli.mem,
+        "ram_bytes": f["ram_bytes"],
+        "vcpus": cli.cpus,
+        "warmup_s": cli.warmup,
+        "total_ms": f["total_ms"],
+        "downtime_ms": f["downtime_ms"],
+        "bytes_sent": f["bytes_sent"],
+        "rounds": rounds.len(),
+        "per_round": rounds.iter().map(|r| json!({
+            "round": r.round, "dirty_pages": r.dirty_pages, "bytes": r.bytes, "ms": r.ms,
+        })).collect::<Vec<_>>(),
+        "postcopy": f["postcopy"],
+        "destination_exit": out.dst_code,
+        "source_exit": out.src_code,
+        "demo_wall_s": out.wall.as_secs_f64(),
+        "files": {
+            "plot": "rounds.svg",
+            "migration_json": "migration.json",
+            "source_log": "source.log",
+            "destination_log": "destination.log",
+        },
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let out = match run(&cli) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("migrate-demo: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let doc = summary(&cli, &out);
+    let rounds = out.figures.as_ref().map(rounds_of).unwrap_or_default();
+    let summary_path = cli.out.join("summary.json");
+    let plot_path = cli.out.join("rounds.svg");
+    let title = format!(
+        "{} over {}, {} / {} vCPUs{}: downtime {:.0} ms, total {:.2} s",
+        doc["mode"].as_str().unwrap_or("?"),
+        doc["dirty_mode"].as_str().unwrap_or("?"),
+        cli.mem,
+        cli.cpus,
+        match cli.dirty_rate {
+            0 => String::new(),
+            r => format!(" at {r} MB/s"),
+        },
+        doc["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+        doc["total_ms"].as_f64().unwrap_or(f64::NAN) / 1e3,
+    );
+    let mut ok = out.passed;
+    let text = serde_json::to_string_pretty(&doc).expect("plain JSON") + "\n";
+    if let Err(e) = std::fs::write(&summary_path, text) {
+        eprintln!(
+            "migrate-demo: error: writing {}: {e}",
+            summary_path.display()
+        );
+        ok = false;
+    }
+    if rounds.is_empty() {
+        eprintln!("migrate-demo: no per-round figures, so no plot");
+    } else if let Err(e) = plot(&plot_path, &title, &rounds) {
+        eprintln!("migrate-demo: error: {e:#}");
+        ok = false;
+    }
+    println!("migrate-demo: {title}");
+    println!(
+        "migrate-demo: {} rounds, {:.1} MB sent; summary {}, plot {}",
+        rounds.len(),
+        doc["bytes_sent"].as_f64().unwrap_or(0.0) / MB,
+        summary_path.display(),
+        plot_path.display()
+    );
+    match &out.reason {
+        None if ok => {
+            println!("migrate-demo: PASS: the destination verified every page");
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+        Some(r) => {
+            eprintln!("migrate-demo: FAIL: {r}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rounds(n: u64) -> Vec<Round> {
+        (0..n)
+            .map(|i| Round {
+                round: i,
+                dirty_pages: 1 << (20 - 3 * i.min(6)),
+                bytes: (1 << (32 - 3 * i.min(6))) + 4096,
+                ms: 10.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plot_is_svg_with_a_point_per_round() {
+        let dir = std::env::temp_dir().join(format!("migrate-demo-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in [1, 5] {
+            let path = dir.join(format!("r{n}.svg"));
+            plot(&path, "title", &rounds(n)).unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+            assert_eq!(doc.root_element().tag_name().name(), "svg");
+            let circles = doc
+                .descendants()
+                .filter(|e| e.tag_name().name() == "circle")
+                .count();
+            assert_eq!(circles, n as usize, "{text}");
+            assert!(text.contains("dirty pages sent per round"));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rounds_are_read_from_the_migrate_json_format() {
+        let v = json!({"mode": "precopy", "dirty_mode": "kvm-bitmap", "total_ms": 1.0,
+            "downtime_ms": 0.5, "bytes_sent": 10, "ram_bytes": 4096, "vcpus": 1,
+            "postcopy": null,
+            "rounds": [{"round": 0, "dirty_pages": 3, "bytes": 7, "ms": 1.5, "rate_mb_s": 1.0,
+                        "est_downtime_ms": 0.1}]});
+        assert_eq!(
+            rounds_of(&v),
+            [Round {
+                round: 0,
+                dirty_pages: 3,
+                bytes: 7,
+                ms: 1.5
+            }]
+        );
+        assert!(rounds_of(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn a_busy_port_is_named() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        let e = pick_port(Some(p)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("port {p}")) && e.contains("busy"),
+            "{e}"
+        );
+    }
+}
