@@ -104,6 +104,11 @@ fn check_outputs(out: &Path, mode: &str) -> Value {
     let round_bytes: u64 = rounds.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
     let sent = s["bytes_sent"].as_u64().expect("bytes_sent");
     assert!(round_bytes > 0 && round_bytes <= sent, "{s:#}");
+    // The guest's write counters came across with its memory and kept counting.
+    assert!(
+        s["guest_writes"].as_u64().expect("guest_writes") > 0,
+        "{s:#}"
+    );
     // The source's own file is there and agrees.
     let m = read_json(&out.join("migration.json"));
     assert_eq!(m["bytes_sent"], s["bytes_sent"]);

@@ -398,6 +398,10 @@ struct Outcome {
     dst_code: Option<i32>,
     src_code: Option<i32>,
     wall: Duration,
+    /// Page writes the guest made in all (from the destination's `--stats-json`).
+    guest_writes: Option<u64>,
+    /// Source guest start to destination exit: the time those writes were made in.
+    guest_secs: f64,
 }
 
 fn run(cli: &Cli) -> Result<Outcome> {
@@ -408,6 +412,8 @@ fn run(cli: &Cli) -> Result<Outcome> {
         .with_context(|| format!("creating --out {}", cli.out.display()))?;
     let migration_json = cli.out.join("migration.json");
     let _ = std::fs::remove_file(&migration_json);
+    let dst_stats = cli.out.join("destination-stats.json");
+    let _ = std::fs::remove_file(&dst_stats);
     let port = pick_port(cli.port)?;
     let addr = format!("tcp:127.0.0.1:{port}");
     let sock = std::env::temp_dir().join(format!("migrate-demo-{}.sock", std::process::id()));
@@ -424,7 +430,9 @@ fn run(cli: &Cli) -> Result<Outcome> {
     let mut dst_cmd = Command::new(&vmm);
     dst_cmd
         .args(&common)
-        .args(["--incoming", &addr, "--run-for", &cli.run_after.to_string()]);
+        .args(["--incoming", &addr, "--run-for", &cli.run_after.to_string()])
+        .arg("--stats-json")
+        .arg(&dst_stats);
     if !dst_dp {
         dst_cmd.arg("--no-demand-paging");
     }
@@ -469,6 +477,7 @@ fn run(cli: &Cli) -> Result<Outcome> {
     let mut src = Vmm::spawn("src", &mut src_cmd, &cli.out.join("source.log"), !cli.quiet)?;
     src.wait_line(GUEST_STARTED, START_LIMIT)
         .context("the source did not start its guest")?;
+    let guest_started = Instant::now();
     let t = Instant::now();
     while !sock.exists() {
         if t.elapsed() > START_LIMIT {
@@ -518,6 +527,7 @@ fn run(cli: &Cli) -> Result<Outcome> {
     // The destination runs --run-after seconds, stops the guest and verifies every page.
     let left = limit.saturating_sub(started.elapsed());
     let dst_code = dst.wait_exit(left)?;
+    let guest_secs = guest_started.elapsed().as_secs_f64();
     let src_code = src.wait_exit(Duration::from_secs(30))?;
     // The file the source wrote is the reference; the control socket's answer carries the
     // same figures if the file is missing.
@@ -552,7 +562,20 @@ fn run(cli: &Cli) -> Result<Outcome> {
         dst_code,
         src_code,
         wall: started.elapsed(),
+        guest_writes: guest_writes(&dst_stats),
+        guest_secs,
     })
+}
+
+/// All vCPUs' page writes in a `vmm --stats-json` file (counted from the guest's start on
+/// the source: the counters migrate with guest memory).
+fn guest_writes(stats: &Path) -> Option<u64> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(stats).ok()?).ok()?;
+    v["vcpus"]
+        .as_array()?
+        .iter()
+        .map(|c| c["writes"].as_u64())
+        .sum()
 }
 
 fn args_of(cmd: &Command) -> String {
@@ -589,6 +612,8 @@ fn rounds_of(figures: &Value) -> Vec<Round> {
 
 /// Bytes in the MB of the plot and the summary (decimal, like the vmm's progress lines).
 const MB: f64 = 1e6;
+/// Bytes one guest page write dirties (a 4 KiB page).
+const PAGE_BYTES: f64 = 4096.0;
 /// Smallest MB value the log-scale plot shows (a round of nothing but framing).
 const MIN_MB: f64 = 1e-3;
 
@@ -710,12 +735,16 @@ fn summary(cli: &Cli, out: &Outcome) -> Value {
         "postcopy": f["postcopy"],
         "destination_exit": out.dst_code,
         "source_exit": out.src_code,
+        "guest_writes": out.guest_writes,
+        // Average over warm-up, migration and --run-after, downtime included.
+        "guest_write_rate_mb_s": out.guest_writes.map(|w| w as f64 * PAGE_BYTES / MB / out.guest_secs.max(1e-9)),
         "demo_wall_s": out.wall.as_secs_f64(),
         "files": {
             "plot": "rounds.svg",
             "migration_json": "migration.json",
             "source_log": "source.log",
             "destination_log": "destination.log",
+            "destination_stats": "destination-stats.json",
         },
     })
 }
