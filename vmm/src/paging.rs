@@ -22,6 +22,32 @@
 //! fill. Whoever copies first wins; the loser's copy fails with EEXIST and its data is dropped,
 //! so a page holds the data of exactly one copy and stage2 counts exactly one install.
 //!
+//! # Dirty logging (stage2-wp), serialised with the WP handlers
+//!
+//! Under dirty logging a guest write is seen by the pager only when the host page is
+//! userfaultfd-write-protected; the handler then relaxes stage2 (which sets the dirty bit) and
+//! lifts the host protection (which lets the write through). A harvest takes the bits
+//! (stage2 get-and-clear + stage2 write-protect) and then protects the host pages again. Run
+//! unordered, the two lose writes: relax sets the bit, the harvest takes it and re-protects the
+//! host page, the handler's lift comes last and leaves the page writable with no bit set, and
+//! every later write to it goes unseen.
+//!
+//! One `RwLock` (`Shared::dirty_lock`) orders them: a handler holds it *shared* across
+//! relax + lift (and across fill + install of a MISSING fault, since a write fill is writable
+//! from the copy on and only the install sets its bit); [`Pager::harvest_dirty`] holds it
+//! *exclusive* across get-and-clear + host re-protect. So at every harvest, a host page that is
+//! writable has its bit set (it was made writable by a relax or write fill that set the bit
+//! before the harvest), and the harvest reports it and protects it again; a write after the
+//! harvest faults. Handlers never wait for the lock: they `try_read` and, when a harvest holds
+//! it, defer the fault to the next poll (1 ms), because a harvest's re-protect can meet EAGAIN
+//! (a REMOVE pending) and waits for some handler to read that event. Harvests are short (one
+//! stage2 pass and one ioctl per dirty run), so a vCPU waits at most that long.
+//!
+//! On hugetlbfs the host protects whole huge pages: after one WP fault every 4 KiB page of that
+//! huge page is writable without a fault, so a harvest reports each dirty page's whole host
+//! page. Known edge: a write fill whose install meets a racing invalidation is installed (and
+//! its bit set) after the lock was dropped, so its page may be reported one harvest late.
+//!
 //! # Order: host first, then stage2 (KVM's order)
 //!
 //! KVM resolves the host page first and installs its EPT entry second, under the mmu-notifier
@@ -62,7 +88,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -118,8 +144,9 @@ const EVENT_BATCH: usize = 32;
 const MAX_DEFER_ATTEMPTS: u32 = 100_000;
 /// Poll timeout while faults are deferred.
 const DEFER_POLL_MS: i32 = 1;
-/// [`Pager::place`] retries a copy that met a pending REMOVE (EAGAIN, nothing done) this many
-/// times, sleeping [`PLACE_RETRY_SLEEP`] between tries, while a handler reads the event.
+/// [`Pager::place`] and the dirty-log re-protect retry an ioctl that met a pending REMOVE
+/// (EAGAIN, nothing done) this many times, sleeping [`PLACE_RETRY_SLEEP`] between tries, while a
+/// handler reads the event.
 const PLACE_RETRIES: u32 = 20_000;
 /// See [`PLACE_RETRIES`].
 const PLACE_RETRY_SLEEP: Duration = Duration::from_micros(50);
@@ -285,6 +312,9 @@ struct Counters {
     deferred: AtomicU64,
     deferred_dropped: AtomicU64,
     wp_cleared: AtomicU64,
+    wp_waited: AtomicU64,
+    harvests: AtomicU64,
+    harvested_pages: AtomicU64,
     reclaims: AtomicU64,
     reclaimed_bytes: AtomicU64,
     zapped: AtomicU64,
@@ -355,6 +385,12 @@ pub struct PagingStats {
     pub deferred_dropped: u64,
     /// WP faults answered by clearing the host write protection.
     pub wp_cleared: u64,
+    /// WP faults that found a dirty-log harvest running and were finished after it.
+    pub wp_waited: u64,
+    /// Dirty-log harvests ([`Pager::harvest_dirty`]).
+    pub harvests: u64,
+    /// 4 KiB pages reported dirty by those harvests.
+    pub harvested_pages: u64,
     /// Reclaims done.
     pub reclaims: u64,
     /// Bytes reclaimed.
@@ -369,7 +405,7 @@ pub struct PagingStats {
 
 impl fmt::Display for PagingStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, u64); 29] = [
+        let rows: [(&str, u64); 32] = [
             ("uffd events: missing", self.events_missing),
             ("uffd events: write-protect", self.events_wp),
             ("uffd events: minor", self.events_minor),
@@ -393,6 +429,9 @@ impl fmt::Display for PagingStats {
             ("deferred faults", self.deferred),
             ("deferred faults dropped", self.deferred_dropped),
             ("WP cleared", self.wp_cleared),
+            ("WP waited for a harvest", self.wp_waited),
+            ("dirty harvests", self.harvests),
+            ("dirty pages harvested", self.harvested_pages),
             ("reclaims", self.reclaims),
             ("reclaimed bytes", self.reclaimed_bytes),
             ("zapped leaves", self.zapped),
@@ -440,6 +479,9 @@ impl PagingStats {
                 "deferred": self.deferred,
                 "deferred_dropped": self.deferred_dropped,
                 "wp_cleared": self.wp_cleared,
+                "wp_waited": self.wp_waited,
+                "harvests": self.harvests,
+                "harvested_pages": self.harvested_pages,
                 "reclaims": self.reclaims,
                 "reclaimed_bytes": self.reclaimed_bytes,
                 "zapped": self.zapped,
@@ -601,8 +643,18 @@ struct Shared {
     source: RwLock<Option<Arc<dyn PageSource>>>,
     /// GPA ranges being fetched from the page source by a handler (see `claim_fetch`).
     inflight: Mutex<Vec<Range<u64>>>,
+    /// Dirty logging: WP-fault handlers hold it shared across stage2 relax + host unprotect, a
+    /// harvest holds it exclusive across stage2 get-and-clear + host re-protect (module doc).
+    dirty_lock: RwLock<()>,
+    /// Dirty logging is on (between `start_dirty_log` and `stop_dirty_log`).
+    dirty_logging: AtomicBool,
     stop: EventFd,
     stopping: AtomicBool,
+}
+
+/// A handler's shared hold on the dirty lock (empty without write tracking).
+struct DirtyShared<'a> {
+    _guard: Option<RwLockReadGuard<'a, ()>>,
 }
 
 /// What a handler may fetch from the page source (see `Shared::claim_fetch`).
@@ -694,6 +746,22 @@ impl Shared {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = inflight.iter().position(|r| r.start == block) {
             inflight.swap_remove(i);
+        }
+    }
+
+    /// The dirty lock, shared, for a fill or a WP relax (write tracking only; without it no lock
+    /// is taken). `None` when a harvest holds it: the caller defers its fault and never waits
+    /// here, so that handlers keep reading the REMOVE events a harvest may be waiting for.
+    fn dirty_shared(&self) -> Option<DirtyShared<'_>> {
+        if !self.cfg.write_tracking {
+            return Some(DirtyShared { _guard: None });
+        }
+        match self.dirty_lock.try_read() {
+            Ok(g) => Some(DirtyShared { _guard: Some(g) }),
+            Err(TryLockError::Poisoned(p)) => Some(DirtyShared {
+                _guard: Some(p.into_inner()),
+            }),
+            Err(TryLockError::WouldBlock) => None,
         }
     }
 
@@ -867,6 +935,8 @@ impl Pager {
             on_fatal: Mutex::new(None),
             source: RwLock::new(None),
             inflight: Mutex::new(Vec::new()),
+            dirty_lock: RwLock::new(()),
+            dirty_logging: AtomicBool::new(false),
             stop,
             stopping: AtomicBool::new(false),
             cfg: cfg.clone(),
@@ -1159,6 +1229,124 @@ impl Pager {
         Ok(())
     }
 
+    /// Starts stage2-wp dirty logging (the pager must run with `write_tracking`): stage2 dirty
+    /// logging on (blocks split eagerly to 4 KiB, every leaf write-protected), then every host
+    /// page of guest RAM write-protected with the pager's userfaultfd, so that each first write
+    /// raises a WP fault that stage2 records. Pages filled later are filled write-protected on
+    /// a read, and recorded dirty on a write.
+    pub fn start_dirty_log(&self) -> Result<(), PagingError> {
+        let sh = &self.shared;
+        self.need_tracking("start_dirty_log")?;
+        let _excl = sh.dirty_lock.write().unwrap_or_else(|p| p.into_inner());
+        sh.s2.dirty().enable(stage2::SplitPolicy::Eager);
+        for r in &sh.backing.regions {
+            self.protect_host(r.host_addr, r.len)?;
+        }
+        sh.dirty_logging.store(true, Ordering::SeqCst);
+        info!("dirty logging (stage2 + userfaultfd write-protect) started");
+        Ok(())
+    }
+
+    /// Get and clear the dirty log of `[gpa, gpa+len)` (inside one RAM region, aligned to the
+    /// host page size): bit `i % 64` of word `i / 64` is set when page `gpa + i * 4096` was
+    /// written since the previous harvest. The pages reported are write-protected again, in
+    /// stage2 and on the host, before this returns, so a copy made afterwards holds every
+    /// write they had and the next write to each is in the next harvest.
+    ///
+    /// Serialised against the WP-fault handlers (module doc): no write is lost and no pagemap
+    /// sweep is needed. On hugetlbfs the host protects whole huge pages, so a dirty 4 KiB page
+    /// reports its whole host page (the other 4 KiB pages of it were writable without a fault).
+    pub fn harvest_dirty(&self, gpa: u64, len: u64) -> Result<Vec<u64>, PagingError> {
+        let sh = &self.shared;
+        self.need_tracking("harvest_dirty")?;
+        if !sh.dirty_logging.load(Ordering::SeqCst) {
+            return Err(PagingError::Config(
+                "harvest_dirty before start_dirty_log: start dirty logging first".into(),
+            ));
+        }
+        let region = self.check_range(gpa, len)?;
+        let pages = len / SZ_4K;
+        let mut words = vec![0u64; pages.div_ceil(64) as usize];
+        let _excl = sh.dirty_lock.write().unwrap_or_else(|p| p.into_inner());
+        let taken = sh.s2.dirty().harvest(gpa..gpa + len);
+        for p in taken.iter() {
+            let i = (p - gpa) / SZ_4K;
+            words[(i / 64) as usize] |= 1 << (i % 64);
+        }
+        // Re-protect on the host, in runs of whole host pages; on hugetlbfs report those.
+        let per_host = sh.page.bytes() / SZ_4K;
+        let is_set = |w: &[u64], i: u64| w[(i / 64) as usize] & (1 << (i % 64)) != 0;
+        let mut i = 0;
+        let mut reported = 0;
+        while i < pages {
+            if words[(i / 64) as usize] == 0 && i % 64 == 0 {
+                i += 64;
+                continue;
+            }
+            let hp = i / per_host * per_host;
+            if !(hp..hp + per_host).any(|j| is_set(&words, j)) {
+                i = hp + per_host;
+                continue;
+            }
+            // A run of host pages with at least one dirty page each.
+            let start = hp;
+            let mut end = hp + per_host;
+            while end < pages && (end..end + per_host).any(|j| is_set(&words, j)) {
+                end += per_host;
+            }
+            for j in start..end {
+                words[(j / 64) as usize] |= 1 << (j % 64);
+            }
+            reported += end - start;
+            let host = region.host_addr + (gpa - region.gpa) + start * SZ_4K;
+            self.protect_host(host, (end - start) * SZ_4K)?;
+            i = end;
+        }
+        inc(&sh.counters.harvests);
+        add(&sh.counters.harvested_pages, reported);
+        Ok(words)
+    }
+
+    /// Stops dirty logging: stage2 stops recording; the host protection left on pages is
+    /// lifted lazily by their next write (a WP fault relaxed without a record).
+    pub fn stop_dirty_log(&self) -> Result<(), PagingError> {
+        let sh = &self.shared;
+        self.need_tracking("stop_dirty_log")?;
+        let _excl = sh.dirty_lock.write().unwrap_or_else(|p| p.into_inner());
+        sh.s2.dirty().disable();
+        sh.dirty_logging.store(false, Ordering::SeqCst);
+        info!("dirty logging stopped");
+        Ok(())
+    }
+
+    fn need_tracking(&self, what: &str) -> Result<(), PagingError> {
+        if self.shared.cfg.write_tracking {
+            return Ok(());
+        }
+        Err(PagingError::Config(format!(
+            "{what} needs write tracking: start the pager with write_tracking = true"
+        )))
+    }
+
+    /// Write-protects host `[host, host+len)`. A pending REMOVE (EAGAIN: the kernel refuses
+    /// while the address space is changing) is waited out: the handlers read it, and none of
+    /// them waits for the dirty lock, which the caller may hold.
+    fn protect_host(&self, host: u64, len: u64) -> Result<(), PagingError> {
+        let sh = &self.shared;
+        let mut tries = 0;
+        loop {
+            match sh.uffd.write_protect(host, len, true, false) {
+                Ok(()) => return Ok(()),
+                Err(UffdError::Again { .. }) if tries < PLACE_RETRIES => {
+                    inc(&sh.counters.eagain);
+                    tries += 1;
+                    std::thread::sleep(PLACE_RETRY_SLEEP);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Records in stage2 the guest RAM the host already has (pages written before the pager
     /// started, e.g. a loaded kernel or the test guest's code and page tables), so that stage2
     /// maps every present page; those pages never fault. Call once, right after `start`, before
@@ -1254,6 +1442,9 @@ impl Pager {
             deferred: get(&c.deferred),
             deferred_dropped: get(&c.deferred_dropped),
             wp_cleared: get(&c.wp_cleared),
+            wp_waited: get(&c.wp_waited),
+            harvests: get(&c.harvests),
+            harvested_pages: get(&c.harvested_pages),
             reclaims: get(&c.reclaims),
             reclaimed_bytes: get(&c.reclaimed_bytes),
             zapped: get(&c.zapped),
@@ -1304,6 +1495,8 @@ struct Deferred {
     vcpu: usize,
     /// The host fill has not been done yet (it met a pending REMOVE).
     needs_fill: bool,
+    /// A WP fault that met a running dirty-log harvest (retried with `on_wp`).
+    wp: bool,
     attempts: u32,
 }
 
@@ -1490,7 +1683,8 @@ impl Handler {
     }
 
     fn on_event(&mut self, ev: Event) {
-        let c = &self.sh.counters;
+        let sh = self.sh.clone();
+        let c = &sh.counters;
         match ev {
             Event::Pagefault {
                 addr,
@@ -1518,7 +1712,17 @@ impl Handler {
                 };
                 if wp {
                     inc(&c.ev_wp);
-                    self.on_wp(gpa, vcpu);
+                    if !self.on_wp(gpa, vcpu) {
+                        inc(&c.wp_waited);
+                        self.deferred.push(Deferred {
+                            gpa,
+                            access: Access::Write,
+                            vcpu,
+                            needs_fill: false,
+                            wp: true,
+                            attempts: 0,
+                        });
+                    }
                 } else if minor {
                     inc(&c.ev_minor);
                     error!(
@@ -1567,6 +1771,13 @@ impl Handler {
 
     /// A MISSING fault: fill the host page (or batch), then record it in stage2.
     fn on_missing(&mut self, gpa: u64, access: Access, vcpu: usize) {
+        let sh = self.sh.clone();
+        // A write fill is writable at once and recorded dirty by its install: no harvest may
+        // run between the two.
+        let Some(_shared) = sh.dirty_shared() else {
+            self.defer(gpa, access, vcpu, true);
+            return;
+        };
         let seq = self.sh.s2.invalidate_seq();
         let fill = self.fill(gpa, access == Access::Write);
         let filled = match fill {
@@ -1801,8 +2012,15 @@ impl Handler {
     }
 
     /// A write to a userfaultfd-write-protected page (write tracking): stage2 relaxes its entry
-    /// in place, then the host protection is cleared, which wakes the writer.
-    fn on_wp(&mut self, gpa: u64, vcpu: usize) {
+    /// in place, then the host protection is cleared, which wakes the writer. Both under the
+    /// dirty lock, shared. Returns false, having done nothing, when a harvest holds the lock:
+    /// the fault is retried after it (never waited for here, so that this thread goes on
+    /// reading the REMOVE events a harvest's re-protect may be waiting for).
+    fn on_wp(&mut self, gpa: u64, vcpu: usize) -> bool {
+        let sh = self.sh.clone();
+        let Some(_shared) = sh.dirty_shared() else {
+            return false;
+        };
         let c = &self.sh.counters;
         let seq = self.sh.s2.invalidate_seq();
         let outcome = self.sh.s2.handle_fault(
@@ -1825,7 +2043,7 @@ impl Handler {
                 // what stops the vCPU: it must go, or the write faults forever.
                 let block = self.block_of(gpa);
                 let Some(hva) = self.sh.backing.gpa_to_host(block) else {
-                    return;
+                    return true;
                 };
                 // Counted before the ioctl, which wakes the writer: whoever sees the write done
                 // sees it counted.
@@ -1860,6 +2078,7 @@ impl Handler {
                 self.wake_block(gpa);
             }
         }
+        true
     }
 
     fn defer(&mut self, gpa: u64, access: Access, vcpu: usize, needs_fill: bool) {
@@ -1869,6 +2088,7 @@ impl Handler {
             access,
             vcpu,
             needs_fill,
+            wp: false,
             attempts: 0,
         });
     }
@@ -1892,6 +2112,17 @@ impl Handler {
                 self.wake_block(d.gpa);
                 continue;
             }
+            if d.wp {
+                if !self.on_wp(d.gpa, d.vcpu) {
+                    self.deferred.push(d);
+                }
+                continue;
+            }
+            let sh = self.sh.clone();
+            let Some(_shared) = sh.dirty_shared() else {
+                self.deferred.push(d);
+                continue;
+            };
             let seq = self.sh.s2.invalidate_seq();
             let filled = if d.needs_fill {
                 match self.fill(d.gpa, d.access == Access::Write) {
@@ -2004,6 +2235,9 @@ mod tests {
             deferred: 0,
             deferred_dropped: 0,
             wp_cleared: 0,
+            wp_waited: 0,
+            harvests: 0,
+            harvested_pages: 0,
             reclaims: 0,
             reclaimed_bytes: 0,
             zapped: 0,
