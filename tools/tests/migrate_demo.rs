@@ -183,6 +183,11 @@ fn missing_vmm_says_how_to_build_it() {
             && err.contains("cargo build --release -p vmm"),
         "{err}"
     );
+    // The summary says FAIL and why, so a script reading it cannot take it for a pass.
+    let s = read_json(&out.join("summary.json"));
+    assert_eq!(s["result"], "FAIL", "{s:#}");
+    assert!(s["reason"].as_str().unwrap().contains("no vmm binary"), "{s:#}");
+    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]

@@ -408,8 +408,6 @@ fn run(cli: &Cli) -> Result<Outcome> {
     let vmm = vmm_path(cli)?;
     let feat = probe(&vmm)?;
     check_features(cli, &vmm, &feat)?;
-    std::fs::create_dir_all(&cli.out)
-        .with_context(|| format!("creating --out {}", cli.out.display()))?;
     let migration_json = cli.out.join("migration.json");
     let _ = std::fs::remove_file(&migration_json);
     let dst_stats = cli.out.join("destination-stats.json");
@@ -751,9 +749,34 @@ fn summary(cli: &Cli, out: &Outcome) -> Value {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = std::fs::create_dir_all(&cli.out) {
+        eprintln!(
+            "migrate-demo: error: creating --out {}: {e}",
+            cli.out.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    // Nothing of an earlier run in --out may pass for this one's.
+    for f in ["summary.json", "rounds.svg"] {
+        let _ = std::fs::remove_file(cli.out.join(f));
+    }
+    let started = Instant::now();
     let out = match run(&cli) {
         Ok(o) => o,
         Err(e) => {
+            // Still write a summary that says FAIL and why (migrate-bench reads it).
+            let out = Outcome {
+                passed: false,
+                reason: Some(format!("{e:#}")),
+                figures: None,
+                dst_code: None,
+                src_code: None,
+                wall: started.elapsed(),
+                guest_writes: None,
+                guest_secs: 0.0,
+            };
+            let text = serde_json::to_string_pretty(&summary(&cli, &out)).expect("plain JSON");
+            let _ = std::fs::write(cli.out.join("summary.json"), text + "\n");
             eprintln!("migrate-demo: error: {e:#}");
             return ExitCode::FAILURE;
         }
