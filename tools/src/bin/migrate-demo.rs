@@ -118,6 +118,8 @@ impl DirtyModeArg {
 const LISTENING: &str = "waiting for the migration source";
 /// The line a `vmm --guest` prints once its vCPUs are set up.
 const GUEST_STARTED: &str = "guest dirty on";
+/// The line a `vmm --run-for` logs when it sets the guest's stop flag.
+const STOP_FLAG_SET: &str = "setting the guest's stop flag";
 /// Lines of a failed process shown in the error.
 const LAST_LINES: usize = 15;
 /// How long a vmm may take to reach a line it prints at start (allocating a large guest
@@ -173,7 +175,8 @@ fn vmm_path(cli: &Cli) -> Result<PathBuf> {
 struct Vmm {
     name: &'static str,
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    /// Every line (stdout and stderr) with the time it arrived.
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
     rx: Receiver<String>,
 }
 
@@ -202,7 +205,7 @@ impl Vmm {
                     lines
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push(l.clone());
+                        .push((Instant::now(), l.clone()));
                     let _ = tx.send(l);
                 }
             });
@@ -229,17 +232,23 @@ impl Vmm {
         let from = lines.len().saturating_sub(LAST_LINES);
         lines[from..]
             .iter()
-            .map(|l| format!("  [{}] {l}", self.name))
+            .map(|(_, l)| format!("  [{}] {l}", self.name))
             .collect::<Vec<_>>()
             .join("\n")
     }
 
     fn has_line(&self, pred: impl Fn(&str) -> bool) -> bool {
+        self.line_time(pred).is_some()
+    }
+
+    /// When the first line matching `pred` arrived.
+    fn line_time(&self, pred: impl Fn(&str) -> bool) -> Option<Instant> {
         self.lines
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|l| pred(l))
+            .find(|(_, l)| pred(l))
+            .map(|(t, _)| *t)
     }
 
     /// Waits for a line containing `needle`; fails with the last lines if the process ends
@@ -400,7 +409,7 @@ struct Outcome {
     wall: Duration,
     /// Page writes the guest made in all (from the destination's `--stats-json`).
     guest_writes: Option<u64>,
-    /// Source guest start to destination exit: the time those writes were made in.
+    /// Source guest start to the destination's stop flag: the time those writes took.
     guest_secs: f64,
 }
 
@@ -525,7 +534,12 @@ fn run(cli: &Cli) -> Result<Outcome> {
     // The destination runs --run-after seconds, stops the guest and verifies every page.
     let left = limit.saturating_sub(started.elapsed());
     let dst_code = dst.wait_exit(left)?;
-    let guest_secs = guest_started.elapsed().as_secs_f64();
+    // The guest writes until the destination sets its stop flag (and one generation more);
+    // the replay check after that is not writing time.
+    let guest_stopped = dst
+        .line_time(|l| l.contains(STOP_FLAG_SET))
+        .unwrap_or_else(Instant::now);
+    let guest_secs = (guest_stopped - guest_started).as_secs_f64();
     let src_code = src.wait_exit(Duration::from_secs(30))?;
     // The file the source wrote is the reference; the control socket's answer carries the
     // same figures if the file is missing.
@@ -734,7 +748,8 @@ fn summary(cli: &Cli, out: &Outcome) -> Value {
         "destination_exit": out.dst_code,
         "source_exit": out.src_code,
         "guest_writes": out.guest_writes,
-        // Average over warm-up, migration and --run-after, downtime included.
+        // Average over warm-up, migration and --run-after: the downtime (no writes) is in
+        // the time, and the writes of the generation under way at the stop flag are counted.
         "guest_write_rate_mb_s": out.guest_writes.map(|w| w as f64 * PAGE_BYTES / MB / out.guest_secs.max(1e-9)),
         "demo_wall_s": out.wall.as_secs_f64(),
         "files": {
