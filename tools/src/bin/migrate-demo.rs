@@ -434,73 +434,9 @@ fn run(cli: &Cli) -> Result<Outcome> {
     let src_dp = !old && cli.dirty_mode == DirtyModeArg::Stage2Wp;
     let dst_dp = !old && cli.mode == ModeArg::Postcopy;
 
-    let mut dst_cmd = Command::new(&vmm);
-    dst_cmd
-        .args(&common)
-        .args(["--incoming", &addr, "--run-for", &cli.run_after.to_string()])
-        .arg("--stats-json")
-        .arg(&dst_stats);
-    if !dst_dp {
-        dst_cmd.arg("--no-demand-paging");
-    }
-    println!(
-        "migrate-demo: destination: {} {}",
-        vmm.display(),
-        args_of(&dst_cmd)
-    );
-    let mut dst = Vmm::spawn(
-        "dst",
-        &mut dst_cmd,
-        &cli.out.join("destination.log"),
-        !cli.quiet,
-    )?;
-    if let Err(e) = dst.wait_line(LISTENING, START_LIMIT) {
-        if dst.has_line(|l| l.contains("in use")) {
-            bail!("port {port} on 127.0.0.1 is busy: give another with --port ({e})");
-        }
-        return Err(e);
-    }
-
-    let mut src_cmd = Command::new(&vmm);
-    src_cmd.args(&common).args([
-        "--api-socket",
-        &sock.to_string_lossy(),
-        "--migrate-json",
-        &migration_json.to_string_lossy(),
-        "--downtime-ms",
-        &cli.downtime_ms.to_string(),
-    ]);
-    if feat.dirty_mode {
-        src_cmd.args(["--dirty-mode", cli.dirty_mode.name()]);
-    }
-    if !src_dp {
-        src_cmd.arg("--no-demand-paging");
-    }
-    println!(
-        "migrate-demo: source: {} {}",
-        vmm.display(),
-        args_of(&src_cmd)
-    );
-    let mut src = Vmm::spawn("src", &mut src_cmd, &cli.out.join("source.log"), !cli.quiet)?;
-    src.wait_line(GUEST_STARTED, START_LIMIT)
-        .context("the source did not start its guest")?;
-    let guest_started = Instant::now();
-    let t = Instant::now();
-    while !sock.exists() {
-        if t.elapsed() > START_LIMIT {
-            bail!(
-                "the source never opened its control socket {}",
-                sock.display()
-            );
-        }
-        if let Some(st) = src.child.try_wait()? {
-            bail!(
-                "the source vmm exited ({st}) during start-up; its last lines:\n{}",
-                src.last_lines()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut dst = start_destination(cli, &vmm, &common, &addr, port, &dst_stats, dst_dp)?;
+    let (mut src, guest_started) =
+        start_source(cli, &vmm, &common, &sock, &migration_json, &feat, src_dp)?;
     println!(
         "migrate-demo: the guest writes on the source for {:.1} s, then migrates ({}, {}) to {addr}",
         cli.warmup,
@@ -577,6 +513,99 @@ fn run(cli: &Cli) -> Result<Outcome> {
         guest_writes: guest_writes(&dst_stats),
         guest_secs,
     })
+}
+
+/// Starts `vmm --incoming` and waits until it listens.
+fn start_destination(
+    cli: &Cli,
+    vmm: &Path,
+    common: &[String],
+    addr: &str,
+    port: u16,
+    stats: &Path,
+    demand_paging: bool,
+) -> Result<Vmm> {
+    let mut dst_cmd = Command::new(vmm);
+    dst_cmd
+        .args(common)
+        .args(["--incoming", addr, "--run-for", &cli.run_after.to_string()])
+        .arg("--stats-json")
+        .arg(stats);
+    if !demand_paging {
+        dst_cmd.arg("--no-demand-paging");
+    }
+    println!(
+        "migrate-demo: destination: {} {}",
+        vmm.display(),
+        args_of(&dst_cmd)
+    );
+    let mut dst = Vmm::spawn(
+        "dst",
+        &mut dst_cmd,
+        &cli.out.join("destination.log"),
+        !cli.quiet,
+    )?;
+    if let Err(e) = dst.wait_line(LISTENING, START_LIMIT) {
+        if dst.has_line(|l| l.contains("in use")) {
+            bail!("port {port} on 127.0.0.1 is busy: give another with --port ({e})");
+        }
+        return Err(e);
+    }
+    Ok(dst)
+}
+
+/// Starts the source with its control socket and `--migrate-json`; returns it and when its
+/// guest started.
+fn start_source(
+    cli: &Cli,
+    vmm: &Path,
+    common: &[String],
+    sock: &Path,
+    migration_json: &Path,
+    feat: &VmmFeatures,
+    demand_paging: bool,
+) -> Result<(Vmm, Instant)> {
+    let mut src_cmd = Command::new(vmm);
+    src_cmd.args(common).args([
+        "--api-socket",
+        &sock.to_string_lossy(),
+        "--migrate-json",
+        &migration_json.to_string_lossy(),
+        "--downtime-ms",
+        &cli.downtime_ms.to_string(),
+    ]);
+    if feat.dirty_mode {
+        src_cmd.args(["--dirty-mode", cli.dirty_mode.name()]);
+    }
+    if !demand_paging {
+        src_cmd.arg("--no-demand-paging");
+    }
+    println!(
+        "migrate-demo: source: {} {}",
+        vmm.display(),
+        args_of(&src_cmd)
+    );
+    let mut src = Vmm::spawn("src", &mut src_cmd, &cli.out.join("source.log"), !cli.quiet)?;
+    src.wait_line(GUEST_STARTED, START_LIMIT)
+        .context("the source did not start its guest")?;
+    let guest_started = Instant::now();
+    let t = Instant::now();
+    while !sock.exists() {
+        if t.elapsed() > START_LIMIT {
+            bail!(
+                "the source never opened its control socket {}",
+                sock.display()
+            );
+        }
+        if let Some(st) = src.child.try_wait()? {
+            bail!(
+                "the source vmm exited ({st}) during start-up; its last lines:\n{}",
+                src.last_lines()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((src, guest_started))
 }
 
 /// All vCPUs' page writes in a `vmm --stats-json` file (counted from the guest's start on
