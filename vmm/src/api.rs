@@ -8,6 +8,7 @@
 //! {"cmd":"reclaim","gpa":"1G","len":1073741824} -> {"ok":true,"reclaim":{...}}
 //! {"cmd":"pause"} / {"cmd":"resume"}           -> {"ok":true}
 //! {"cmd":"migrate","to":"tcp:HOST:PORT"}       -> {"ok":true,"migrate":{...}} once the destination runs the guest
+//! {"cmd":"migrate","to":ADDR,"postcopy_after":N} -> the same, switching to postcopy after N rounds
 //! anything wrong                               -> {"ok":false,"error":"what was wrong and what to send"}
 //! ```
 //!
@@ -43,9 +44,11 @@ pub trait ApiTarget: Send + Sync {
     fn pause(&self) -> Result<(), String>;
     /// Resumes every vCPU.
     fn resume(&self) -> Result<(), String>;
-    /// Live-migrates the VM to `to` (`tcp:HOST:PORT` or `unix:PATH`); returns the figures
-    /// once the destination runs the guest. By default a VM cannot migrate.
-    fn migrate(&self, to: &str) -> Result<Value, String> {
+    /// Live-migrates the VM to `to` (`tcp:HOST:PORT` or `unix:PATH`), switching to postcopy
+    /// after `postcopy_after` rounds when given; returns the figures once the destination
+    /// runs the guest (postcopy: once it has every page). By default a VM cannot migrate.
+    fn migrate(&self, to: &str, postcopy_after: Option<u32>) -> Result<Value, String> {
+        let _ = postcopy_after;
         Err(format!(
             "this VM cannot migrate to {to}: only the built-in test guests (vmm --guest) migrate so far"
         ))
@@ -317,7 +320,7 @@ fn error(msg: impl Into<String>) -> Value {
     json!({"ok": false, "error": msg.into()})
 }
 
-const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"}, {"cmd":"resume"} or {"cmd":"migrate","to":"tcp:HOST:PORT"}"#;
+const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"}, {"cmd":"resume"} or {"cmd":"migrate","to":"tcp:HOST:PORT"[,"postcopy_after":N]}"#;
 
 /// Answers one request line (without or with its trailing newline).
 pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
@@ -363,10 +366,23 @@ pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
             Err(e) => error(e),
         },
         "migrate" => match obj.get("to").and_then(Value::as_str) {
-            Some(to) => match target.migrate(to) {
-                Ok(figures) => json!({"ok": true, "migrate": figures}),
-                Err(e) => error(e),
-            },
+            Some(to) => {
+                let postcopy_after = match obj.get("postcopy_after") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                        Some(n) => Some(n),
+                        None => {
+                            return error(format!(
+                                "\"postcopy_after\" must be a round count (1 or more), not {v}"
+                            ))
+                        }
+                    },
+                };
+                match target.migrate(to, postcopy_after) {
+                    Ok(figures) => json!({"ok": true, "migrate": figures}),
+                    Err(e) => error(e),
+                }
+            }
             None => error(
                 "migrate needs \"to\": the destination's address, e.g. \"tcp:127.0.0.1:4444\"",
             ),

@@ -21,13 +21,17 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::api;
 use crate::arch::x86_64::configure_vcpu;
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
+use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LAST};
 use crate::devices::PioBus;
+use crate::dirty::{DirtyMode, DirtyTracker};
 use crate::memory::{self, human, BackingKind, GuestRam};
-use crate::migrate::precopy::{self, PrecopyConfig};
+use crate::migrate::postcopy::PostcopyTarget;
+use crate::migrate::precopy::{self, DirtySource, MigrateConfig, MigrateError};
+use crate::migrate::ram::RamPager;
 use crate::migrate::state::VcpuCaps;
 use crate::migrate::Address;
-use crate::paging::{Pager, PagerConfig, PagingStats};
-use crate::vcpu::{ExitRequest, VmControl};
+use crate::paging::{PageSource, Pager, PagerConfig, PagingStats};
+use crate::vcpu::{ExitRequest, VcpuHooks, VmControl};
 use crate::vm::Vm;
 
 use layout::{CODE_GPA, CODE_MAX, GDT_GPA, PARAMS_GPA, PML4_GPA};
@@ -172,15 +176,35 @@ pub struct GuestArgs {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
     /// Live-migrate the running guest to a `vmm --incoming` destination (tcp:HOST:PORT or
-    /// unix:PATH) by precopy over KVM's dirty bitmap; needs --no-demand-paging. The source
-    /// exits 0 once the destination runs the guest; on failure the guest keeps running here.
+    /// unix:PATH): precopy rounds over --dirty-mode, then the last round with the guest
+    /// paused (or postcopy, see --postcopy-after). The source exits 0 once the destination
+    /// runs the guest (postcopy: once it has every page); if the migration fails before
+    /// that, the guest keeps running here.
     #[arg(long, value_name = "ADDR")]
     pub migrate_to: Option<String>,
     /// Receive a migrating guest at this address (tcp:HOST:PORT or unix:PATH) instead of
     /// loading one; give the same --guest, --mem, --cpus, --seed, --writes-per-gen as the
-    /// source, and --no-demand-paging.
+    /// source. Postcopy needs demand paging here (no --no-demand-paging).
     #[arg(long, value_name = "ADDR")]
     pub incoming: Option<String>,
+    /// How the migration source finds the pages written between rounds: kvm-bitmap (KVM's
+    /// dirty bitmap, the default), kvm-ring (KVM's per-vCPU dirty rings, enabled when the VM
+    /// starts, so give it at start also for `vmmctl migrate`) or stage2-wp (stage2's own
+    /// write tracking through userfaultfd write-protect; needs demand paging). Source only.
+    #[arg(long, value_name = "MODE")]
+    pub dirty_mode: Option<String>,
+    /// Switch to postcopy after N precopy rounds (1 = right after the full pass): the guest
+    /// runs on the destination at once, pages it touches that are still on the source come
+    /// on demand, the rest is pushed in the background. Needs demand paging on the
+    /// destination. Once the destination runs the guest there is no way back: if the
+    /// connection drops before every page arrived, the destination stops with an error and
+    /// exits 1 (the guest cannot continue without its memory) and so does the source.
+    #[arg(long, value_name = "N")]
+    pub postcopy_after: Option<u32>,
+    /// Write the source's migration figures (mode, dirty-tracking mode, total and downtime in
+    /// ms, bytes, one entry per round, the postcopy phase) as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub migrate_json: Option<PathBuf>,
     /// Precopy stops iterating when the estimated downtime is at most this.
     #[arg(long, value_name = "MS", default_value_t = precopy::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
@@ -367,6 +391,75 @@ fn verify_dirty(mem: &GuestMemoryMmap, params: &Params, report: &mut Report) -> 
     Ok(())
 }
 
+/// The migration flags, checked against each other: every misuse is refused with the fix.
+struct MigrationPlan {
+    migrate_to: Option<Address>,
+    incoming: Option<Address>,
+    /// The dirty-tracking mode a migration of this VM uses (`--dirty-mode`).
+    dirty_mode: DirtyMode,
+}
+
+fn plan_migration(args: &GuestArgs) -> anyhow::Result<MigrationPlan> {
+    let parse_addr = |flag: &str, a: &Option<String>| -> anyhow::Result<Option<Address>> {
+        a.as_deref()
+            .map(|s| s.parse::<Address>().with_context(|| format!("{flag} {s}")))
+            .transpose()
+    };
+    let migrate_to = parse_addr("--migrate-to", &args.migrate_to)?;
+    let incoming = parse_addr("--incoming", &args.incoming)?;
+    if migrate_to.is_some() && incoming.is_some() {
+        bail!("--migrate-to and --incoming together: a VM is either the source or the destination");
+    }
+    let dirty_mode = match &args.dirty_mode {
+        Some(m) => m
+            .parse::<DirtyMode>()
+            .map_err(|e| anyhow::anyhow!("--dirty-mode {m}: {e}"))?,
+        None => DirtyMode::KvmBitmap,
+    };
+    let source_flags = [
+        ("--dirty-mode", args.dirty_mode.is_some()),
+        ("--postcopy-after", args.postcopy_after.is_some()),
+        ("--migrate-json", args.migrate_json.is_some()),
+    ];
+    if incoming.is_some() {
+        if let Some((flag, _)) = source_flags.iter().find(|(_, given)| *given) {
+            bail!(
+                "{flag} is a migration source option: the source chooses how to migrate and \
+                 the --incoming destination follows; give {flag} to the vmm with --migrate-to \
+                 and drop it here"
+            );
+        }
+    } else if migrate_to.is_none() && args.api_socket.is_none() {
+        if let Some((flag, _)) = source_flags.iter().find(|(_, given)| *given) {
+            bail!(
+                "{flag} without --migrate-to or --api-socket: this VM never migrates; add \
+                 --migrate-to ADDR (or --api-socket PATH and use vmmctl migrate)"
+            );
+        }
+    }
+    if args.postcopy_after.is_some() && migrate_to.is_none() {
+        bail!(
+            "--postcopy-after is for --migrate-to; over the control socket ask with \
+             `vmmctl migrate --to ADDR --postcopy-after N`"
+        );
+    }
+    if args.postcopy_after == Some(0) {
+        bail!("--postcopy-after 0: give at least 1 (round 0 is the full pass of RAM)");
+    }
+    if dirty_mode == DirtyMode::Stage2Wp && args.no_demand_paging {
+        bail!(
+            "--dirty-mode stage2-wp tracks writes through the demand pager, which \
+             --no-demand-paging turns off: drop --no-demand-paging, or use --dirty-mode \
+             kvm-bitmap or kvm-ring"
+        );
+    }
+    Ok(MigrationPlan {
+        migrate_to,
+        incoming,
+        dirty_mode,
+    })
+}
+
 /// Runs the named built-in guest on `mem_bytes` of RAM with `backing`, on `cpus` vCPUs.
 /// Returns the process exit code: 0 when every vCPU passed, 1 otherwise.
 pub fn run_on(
@@ -376,40 +469,72 @@ pub fn run_on(
     backing: BackingKind,
 ) -> anyhow::Result<i32> {
     let plan = plan(args, mem_bytes, cpus)?;
-    let parse_addr = |flag: &str, a: &Option<String>| -> anyhow::Result<Option<Address>> {
-        a.as_deref()
-            .map(|s| s.parse::<Address>().with_context(|| format!("{flag} {s}")))
-            .transpose()
-    };
-    let migrate_to = parse_addr("--migrate-to", &args.migrate_to)?;
-    let incoming = parse_addr("--incoming", &args.incoming)?;
-    if (migrate_to.is_some() || incoming.is_some()) && !args.no_demand_paging {
-        bail!(
-            "live migration does not work with demand paging yet: add --no-demand-paging on \
-             both the source and the destination"
-        );
-    }
-    if migrate_to.is_some() && incoming.is_some() {
-        bail!("--migrate-to and --incoming together: a VM is either the source or the destination");
-    }
+    let mig = plan_migration(args)?;
+    let migrates = mig.migrate_to.is_some() || args.api_socket.is_some();
     let ram = GuestRam::new(mem_bytes, backing)?;
     let vm = Vm::new(&ram, cpus)?;
     let mem = ram.memory().clone();
     let ram_regions: Vec<memory::RamRegion> = ram.regions().collect();
     let caps = Arc::new(VcpuCaps::probe(vm.kvm()).context("probing KVM for migration")?);
-    // Destination: listen first, so the source can connect as soon as we print the address.
-    let received = match &incoming {
+    let exit = ExitRequest::new().context("creating the exit event")?;
+    // KVM's dirty rings can only be enabled before the vCPUs exist: a VM that may migrate
+    // with --dirty-mode kvm-ring logs into them from the start.
+    let ring = match mig.dirty_mode {
+        DirtyMode::KvmRing { .. } if migrates => Some(Arc::new(
+            DirtyTracker::new_kvm(vm.fd(), &ram_regions, mig.dirty_mode)
+                .context("--dirty-mode kvm-ring")?,
+        )),
+        _ => None,
+    };
+    let start_pager = || -> anyhow::Result<Option<Arc<Pager>>> {
+        if args.no_demand_paging {
+            return Ok(None);
+        }
+        let mut cfg = PagerConfig::for_vcpus(cpus.into());
+        cfg.write_tracking = mig.dirty_mode == DirtyMode::Stage2Wp && migrates;
+        Ok(Some(Arc::new(Pager::start(&ram, cfg).context(
+            "starting demand paging (use --no-demand-paging to let KVM populate RAM)",
+        )?)))
+    };
+    // COM1: the test guests do not print, but its state migrates like any device's.
+    let (serial, serial_irq) = SerialDevice::with_new_irq(Box::new(std::io::stdout()))
+        .context("cannot create the serial IRQ event fd")?;
+    let serial = Arc::new(serial);
+    vm.fd()
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .context("KVM_IRQFD for the serial IRQ failed")?;
+
+    // Destination: demand paging first (pages arrive through it), then listen, so the source
+    // can connect as soon as we print the address.
+    let mut pager = None;
+    let received = match &mig.incoming {
         Some(addr) => {
+            pager = start_pager()?;
             let listener = addr.listen()?;
             println!("waiting for the migration source at {}", listener.address());
             let t = Instant::now();
-            let inc = precopy::receive(&listener, &mem, cpus.into(), &ram_regions)
-                .context("incoming migration failed; nothing runs here")?;
+            let inc = precopy::receive(
+                &listener,
+                &mem,
+                cpus.into(),
+                &ram_regions,
+                pager.as_deref().map(|p| p as &dyn RamPager),
+            )
+            .context("incoming migration failed; nothing runs here")?;
             println!(
-                "received {} rounds, {:.1} MB in {:.3} s",
+                "received {} rounds, {:.1} MB in {:.3} s ({} host pages placed through the pager){}",
                 inc.rounds,
                 inc.bytes as f64 / 1e6,
-                t.elapsed().as_secs_f64()
+                t.elapsed().as_secs_f64(),
+                inc.placed,
+                match &inc.postcopy {
+                    Some(pc) => format!(
+                        "; postcopy: {} host pages of {} still on the source",
+                        pc.owed.len(),
+                        human(pc.owed.host_page())
+                    ),
+                    None => String::new(),
+                }
             );
             Some(inc)
         }
@@ -424,6 +549,10 @@ pub fn run_on(
     for id in 0..cpus {
         let fd = vm.create_vcpu(id)?;
         configure_vcpu(&vm, &fd, id)?;
+        if let Some(t) = &ring {
+            t.attach_vcpu(id.into(), &fd)
+                .with_context(|| format!("attaching the dirty ring of vCPU {id}"))?;
+        }
         if received.is_some() {
             vcpus.push(fd);
             continue;
@@ -442,15 +571,18 @@ pub fn run_on(
             },
         )?;
         enter_ring3(&fd, id)?;
-        if id == 0 && plan.kind == GuestKind::Dirty {
-            write_pacing(&mem, &fd, args.dirty_rate, cpus)?;
-        }
         vcpus.push(fd);
     }
+    if received.is_none() && plan.kind == GuestKind::Dirty {
+        // A migrated guest brought its pace along in its parameter block.
+        write_pacing(&mem, &vcpus[0], plan.dirty_rate, cpus)?;
+    }
+    let mut postcopy_in = None;
     let ack = match received {
-        Some(inc) => {
-            precopy::restore(&inc, vm.fd(), &vcpus, &caps)
+        Some(mut inc) => {
+            precopy::restore(&inc, vm.fd(), &vcpus, &caps, Some(&serial))
                 .context("restoring the migrated state")?;
+            postcopy_in = inc.postcopy.take();
             Some(inc.conn)
         }
         None => {
@@ -462,15 +594,52 @@ pub fn run_on(
     // Demand paging through userfaultfd + stage2: registered after the host wrote the code,
     // tables and parameter block (those pages are present and never fault), before any
     // vCPU runs, so every first touch of slice memory is a userfaultfd fault.
-    let pager = if args.no_demand_paging {
-        None
-    } else {
-        Some(Arc::new(
-            Pager::start(&ram, PagerConfig::for_vcpus(cpus.into())).context(
-                "starting demand paging (use --no-demand-paging to let KVM populate RAM)",
-            )?,
-        ))
-    };
+    if mig.incoming.is_none() {
+        pager = start_pager()?;
+    }
+    if let Some(pager) = &pager {
+        // A page the host cannot provide ends the run with the reason, never a fault loop.
+        let exit = exit.clone();
+        pager.on_fatal(move |why| {
+            exit.request(EXIT_FAIL, why);
+        });
+    }
+    // Postcopy destination: the owed pages come from the source, on fault and pushed.
+    let mut postcopy_rx = None;
+    let mut ack = ack;
+    if let (Some(pc), Some(pager)) = (postcopy_in, &pager) {
+        let conn = ack.take().expect("a migrated VM has its connection");
+        let target = Arc::new(PostcopyTarget::new(
+            mem.clone(),
+            pager.clone(),
+            pc.owed,
+            conn,
+        ));
+        pager.set_page_source(Some(target.clone() as Arc<dyn PageSource>));
+        let (exit, rx_target) = (exit.clone(), target.clone());
+        let reader = pc.reader;
+        let rx = std::thread::Builder::new()
+            .name("postcopy-rx".into())
+            .spawn(move || {
+                let res = rx_target.receive(reader);
+                if let Err(e) = &res {
+                    let why = format!(
+                        "postcopy: the migration source is gone ({e}); the guest cannot \
+                         continue without the part of its memory still on the source"
+                    );
+                    eprintln!("{why}");
+                    exit.request(EXIT_FAIL, &why);
+                }
+                res
+            })
+            .context("starting the postcopy receiver")?;
+        // The source never resumes its copy once told; the vCPUs start right after.
+        target
+            .guest_running()
+            .context("telling the source the guest runs here")?;
+        println!("migrated guest runs here; postcopy: pages still owed arrive on demand");
+        postcopy_rx = Some((target, rx));
+    }
 
     let regions: Vec<(u64, u64)> = ram.regions().map(|r| (r.gpa, r.len)).collect();
     let drop_range: Box<reclaim::DropFn> = match &pager {
@@ -499,7 +668,7 @@ pub fn run_on(
     ));
 
     let report = Arc::new(Mutex::new(Report::new(cpus.into())));
-    if ack.is_some() {
+    if mig.incoming.is_some() {
         // The guest announced its start on the source; this report continues from there.
         let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
         for vcpu in 0..usize::from(cpus) {
@@ -511,14 +680,6 @@ pub fn run_on(
             r.record(vcpu, start, Instant::now());
         }
     }
-    let exit = ExitRequest::new().context("creating the exit event")?;
-    if let Some(pager) = &pager {
-        // A page the host cannot provide ends the run with the reason, never a fault loop.
-        let exit = exit.clone();
-        pager.on_fatal(move |why| {
-            exit.request(EXIT_FAIL, why);
-        });
-    }
     let mut bus = PioBus::new();
     bus.register(
         TEST_PORT_RANGE,
@@ -529,6 +690,7 @@ pub fn run_on(
             exit.clone(),
         )),
     )?;
+    bus.register(COM1_BASE..=COM1_LAST, serial.clone())?;
 
     println!(
         "guest {} on {cpus} vCPU(s), {} of RAM on {}, {}{}{}",
@@ -549,11 +711,15 @@ pub fn run_on(
     );
 
     let started = Instant::now();
-    let control = Arc::new(Mutex::new(VmControl::start(
+    let hooks = VcpuHooks {
+        dirty_ring_full: ring.as_ref().map(|t| t.ring_full_hook()),
+    };
+    let control = Arc::new(Mutex::new(VmControl::start_with_hooks(
         vcpus,
         Arc::new(bus),
         mem.clone(),
         exit.clone(),
+        hooks,
     )?));
     let (migrate_tx, migrate_rx) = std::sync::mpsc::channel::<MigrateRequest>();
     let api = match &args.api_socket {
@@ -562,7 +728,6 @@ pub fn run_on(
             Arc::new(GuestApi {
                 fns: api_target(pager.clone(), reclaimer.clone(), control.clone()),
                 migrate: Mutex::new(migrate_tx),
-                can_migrate: args.no_demand_paging,
             }),
         )?),
         None => None,
@@ -581,17 +746,29 @@ pub fn run_on(
         precopy::acknowledge(conn).context("telling the source the guest runs here")?;
         println!("migrated guest runs here");
     }
+    let dirty = match (&ring, &pager) {
+        (Some(t), _) => DirtySource::KvmRing(t.clone()),
+        (None, Some(p)) if mig.dirty_mode == DirtyMode::Stage2Wp => {
+            DirtySource::Stage2Wp(p.clone())
+        }
+        _ => DirtySource::KvmBitmap,
+    };
     let src = precopy::Source {
         vm: vm.fd(),
         regions: &ram_regions,
         mem: &mem,
         control: &control,
         caps: caps.clone(),
+        dirty: &dirty,
+        pager: pager.as_deref().map(|p| p as &dyn RamPager),
+        serial: Some(&serial),
     };
-    let cfg = PrecopyConfig {
+    let cfg = MigrateConfig {
         downtime: Duration::from_millis(args.downtime_ms),
         max_rounds: args.max_rounds.max(1),
+        postcopy_after: None,
     };
+    let json = args.migrate_json.as_deref();
     // Waits for the VM to stop, at most `limit`, carrying out `migrate` requests of the
     // control socket meanwhile.
     let wait = |limit: Option<Duration>| -> Waited {
@@ -608,20 +785,27 @@ pub fn run_on(
             if let Some(code) = exit.wait_timeout(slice) {
                 return Waited::Exit(code);
             }
-            while let Ok((addr, reply)) = migrate_rx.try_recv() {
-                let res = migrate_now(&src, &addr, cfg);
-                let done = res.is_ok();
+            while let Ok((addr, postcopy_after, reply)) = migrate_rx.try_recv() {
+                let cfg = MigrateConfig {
+                    postcopy_after,
+                    ..cfg
+                };
+                let (res, waited) = migrate_now(&src, &addr, cfg, json);
                 let _ = reply.send(res);
-                if done {
-                    return Waited::Migrated;
+                if let Some(w) = waited {
+                    return w;
                 }
             }
         }
     };
     let mut waited = Waited::Timeout;
-    if let Some(addr) = &migrate_to {
-        if migrate_now(&src, addr, cfg).is_ok() {
-            waited = Waited::Migrated;
+    if let Some(addr) = &mig.migrate_to {
+        let cfg = MigrateConfig {
+            postcopy_after: args.postcopy_after,
+            ..cfg
+        };
+        if let (_, Some(w)) = migrate_now(&src, addr, cfg, json) {
+            waited = w;
         }
     }
     if let (Some(secs), Waited::Timeout) = (args.run_for, &waited) {
@@ -644,14 +828,17 @@ pub fn run_on(
             r.fail_unfinished(&format!("not finished after {secs} s (--guest-timeout)"));
             EXIT_FAIL
         }
-        Waited::Migrated => {
-            // The guest runs on the destination now; this copy is stale and not verified.
+        Waited::Migrated | Waited::Lost => {
+            // The guest runs on the destination now (or nowhere); this copy is stale.
             drop(api);
             if let Some(s) = storm.as_mut() {
                 s.stop();
             }
             control.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
-            return Ok(EXIT_PASS);
+            return Ok(match waited {
+                Waited::Migrated => EXIT_PASS,
+                _ => EXIT_FAIL,
+            });
         }
     };
     let elapsed = started.elapsed();
@@ -660,6 +847,33 @@ pub fn run_on(
     control.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
 
     let mut report = report.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // Postcopy destination: the guest may have finished before every page arrived; the
+    // replay below reads them all, so wait for the rest (or the reason it never came).
+    let mut postcopy_failed = None;
+    if let Some((target, rx)) = postcopy_rx {
+        let owed = target.owed();
+        if owed > 0 {
+            println!("postcopy: waiting for the {owed} host pages still owed");
+        }
+        match rx.join() {
+            Ok(Ok(f)) => println!(
+                "postcopy: {} host pages received after the switch, {} faults served on demand, all pages present {:.3} s after the switch",
+                f.received,
+                f.faults,
+                f.all_present.as_secs_f64()
+            ),
+            Ok(Err(e)) => postcopy_failed = Some(e.to_string()),
+            Err(_) => postcopy_failed = Some("the postcopy receiver panicked".into()),
+        }
+        if let Some(p) = &pager {
+            p.set_page_source(None);
+        }
+    }
+    if let Some(why) = &postcopy_failed {
+        report.fail_unfinished(&format!(
+            "postcopy failed ({why}): the guest's memory is incomplete"
+        ));
+    }
     if code != EXIT_PASS && !report.any_failed() {
         // A vCPU fault stopped the VM (its thread logged the registers and bytes).
         report.fail_unfinished(&format!(
@@ -670,13 +884,15 @@ pub fn run_on(
     // Stop demand paging before the host reads slice memory for the dirty replay: the
     // kernel then fills untouched pages itself and stage2's figures stay the guest's.
     drop(reclaimer);
+    drop(src);
+    drop(dirty);
     if let Some(pager) = pager {
         match Arc::try_unwrap(pager) {
             Ok(p) => p.stop(),
             Err(_) => log::warn!("the pager is still shared at exit; it stops when dropped"),
         }
     }
-    if plan.kind == GuestKind::Dirty && report.passed() {
+    if plan.kind == GuestKind::Dirty && report.passed() && postcopy_failed.is_none() {
         verify_dirty(&mem, &plan.params, &mut report)?;
     }
 
@@ -696,8 +912,13 @@ pub fn run_on(
         write_stats_json(path, &plan, &report, elapsed, paging_stats.as_ref())?;
     }
     drop(control);
+    drop(ring);
     drop(vm);
     drop(ram);
+    if let Some(why) = postcopy_failed {
+        eprintln!("error: postcopy failed: {why}; the guest's memory here is incomplete");
+        return Ok(EXIT_FAIL);
+    }
     Ok(if report.passed() {
         EXIT_PASS
     } else {
@@ -713,46 +934,73 @@ enum Waited {
     Timeout,
     /// The guest moved to a migration destination.
     Migrated,
+    /// A postcopy migration failed after the destination's guest started: the guest is lost.
+    Lost,
 }
 
 /// How often the main thread looks for a control-socket `migrate` request.
 const MIGRATE_POLL: Duration = Duration::from_millis(100);
 
-/// A control-socket migration request and where its answer goes.
+/// A control-socket migration request (address, postcopy after N rounds) and where its
+/// answer goes.
 type MigrateRequest = (
     Address,
+    Option<u32>,
     std::sync::mpsc::Sender<Result<serde_json::Value, String>>,
 );
 
-/// Migrates to `addr`, printing the outcome; on failure the VM keeps running here.
+/// Migrates to `addr`, printing the outcome and writing `--migrate-json` when asked. Returns
+/// the answer for the control socket and, when the guest no longer runs here, how the wait
+/// ends: `Migrated`, or `Lost` when a postcopy failed after the destination took over. On any
+/// other failure the VM keeps running here.
 fn migrate_now(
     src: &precopy::Source<'_>,
     addr: &Address,
-    cfg: PrecopyConfig,
-) -> Result<serde_json::Value, String> {
+    cfg: MigrateConfig,
+    json: Option<&std::path::Path>,
+) -> (Result<serde_json::Value, String>, Option<Waited>) {
     match precopy::send(src, addr, cfg) {
         Ok(s) => {
             println!(
-                "migration to {addr} complete: total {:.3} s, downtime {:.1} ms, {} rounds, {:.1} MB sent, {} pages in the last round",
-                s.total.as_secs_f64(),
-                s.downtime.as_secs_f64() * 1e3,
-                s.rounds,
-                s.bytes as f64 / 1e6,
-                s.final_pages
+                "migration to {addr} complete ({}, {}): total {:.3} s, downtime {:.1} ms, {} rounds, {:.1} MB sent, {} pages in the last round{}",
+                if s.postcopy.is_some() { "postcopy" } else { "precopy" },
+                s.dirty_mode,
+                s.total_ms / 1e3,
+                s.downtime_ms,
+                s.rounds.len(),
+                s.bytes_sent as f64 / 1e6,
+                s.rounds.last().map_or(0, |r| r.dirty_pages),
+                match &s.postcopy {
+                    Some(p) => format!(
+                        "; postcopy {:.3} s, {} pages on request, {} pushed",
+                        p.ms / 1e3,
+                        p.requested_pages,
+                        p.pushed_pages
+                    ),
+                    None => String::new(),
+                }
             );
-            Ok(serde_json::json!({
-                "to": addr.to_string(),
-                "total_s": s.total.as_secs_f64(),
-                "downtime_ms": s.downtime.as_secs_f64() * 1e3,
-                "rounds": s.rounds,
-                "bytes": s.bytes,
-                "final_pages": s.final_pages,
-            }))
+            if let Some(path) = json {
+                if let Err(e) = s.write(path) {
+                    eprintln!(
+                        "cannot write --migrate-json {}: {e}; the migration itself succeeded",
+                        path.display()
+                    );
+                }
+            }
+            let mut v = s.to_json();
+            v["to"] = serde_json::Value::String(addr.to_string());
+            (Ok(v), Some(Waited::Migrated))
+        }
+        Err(e @ MigrateError::PostcopyLost(_)) => {
+            let msg = format!("migration to {addr} failed: {e}");
+            eprintln!("{msg}");
+            (Err(msg), Some(Waited::Lost))
         }
         Err(e) => {
             let msg = format!("migration to {addr} failed: {e}; the VM keeps running here");
             eprintln!("{msg}");
-            Err(msg)
+            (Err(msg), None)
         }
     }
 }
@@ -761,7 +1009,6 @@ fn migrate_now(
 struct GuestApi {
     fns: api::ApiFns,
     migrate: Mutex<std::sync::mpsc::Sender<MigrateRequest>>,
-    can_migrate: bool,
 }
 
 impl api::ApiTarget for GuestApi {
@@ -777,12 +1024,10 @@ impl api::ApiTarget for GuestApi {
     fn resume(&self) -> Result<(), String> {
         self.fns.resume()
     }
-    fn migrate(&self, to: &str) -> Result<serde_json::Value, String> {
-        if !self.can_migrate {
+    fn migrate(&self, to: &str, postcopy_after: Option<u32>) -> Result<serde_json::Value, String> {
+        if postcopy_after == Some(0) {
             return Err(
-                "live migration does not work with demand paging yet: start the VM with \
-                 --no-demand-paging"
-                    .into(),
+                "\"postcopy_after\": 0: give at least 1 (round 0 is the full pass of RAM)".into(),
             );
         }
         let addr: Address = to.parse().map_err(|e| format!("\"to\": {e}"))?;
@@ -790,7 +1035,7 @@ impl api::ApiTarget for GuestApi {
         self.migrate
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .send((addr, tx))
+            .send((addr, postcopy_after, tx))
             .map_err(|_| "the VM is stopping; nothing to migrate".to_string())?;
         rx.recv()
             .map_err(|_| "the VM stopped before the migration started".to_string())?

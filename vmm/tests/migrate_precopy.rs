@@ -2,114 +2,21 @@
 //! the destination verifies every page; a cut connection leaves the source running and
 //! passing; a corrupted stream makes the destination stop with a checksum error and exit 1.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod migrate_util;
+
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::Mutex;
+use std::process::{Child, Command};
 use std::time::Duration;
 
-/// One migration at a time: the machine has 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-const MEM: &str = "512M";
-const CPUS: &str = "2";
-/// Generous per-process limit: a stuck run fails the test instead of hanging it.
-const LIMIT: Duration = Duration::from_secs(50);
+use migrate_util::{finish, free_port, kvm_or_skip, lines, wait_for, LIMIT, SERIAL};
 
-fn kvm_or_skip(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("{test}: skipped: /dev/kvm is absent");
-    false
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// The precopy suite runs without demand paging (KVM populates RAM), as it was first built;
+/// migrate_modes runs every mode with demand paging on.
 fn vmm(extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args([
-            "--guest",
-            "dirty",
-            "--mem",
-            MEM,
-            "--cpus",
-            CPUS,
-            "--hugepages",
-            "none",
-            "--no-demand-paging",
-            "--generations",
-            "0",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm")
-}
-
-/// Forwards a child's stdout lines to a channel (and keeps them).
-fn lines(child: &mut Child) -> Receiver<String> {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            println!("| {l}");
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_for(rx: &Receiver<String>, needle: &str) -> Vec<String> {
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(LIMIT) {
-            Ok(l) => {
-                let hit = l.contains(needle);
-                seen.push(l);
-                if hit {
-                    return seen;
-                }
-            }
-            Err(e) => panic!("no line with {needle:?} ({e}); saw {seen:?}"),
-        }
-    }
-}
-
-/// Waits for the child (killing it after LIMIT); returns (code, rest of stdout, stderr).
-fn finish(mut child: Child, rx: Receiver<String>) -> (i32, String, String) {
-    let t = std::time::Instant::now();
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code().unwrap_or(-1);
-        }
-        if t.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vmm did not finish within {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    eprintln!("{err}");
-    let out: Vec<String> = rx.try_iter().collect();
-    (code, out.join("\n"), err)
+    let mut args = vec!["--no-demand-paging"];
+    args.extend_from_slice(extra);
+    migrate_util::vmm(&args)
 }
 
 #[test]
@@ -125,7 +32,13 @@ fn precopy_dirty_guest_passes_on_the_destination() {
     let mut dst = vmm(&["--incoming", &addr, "--run-for", "0"]);
     let dst_rx = lines(&mut dst);
     wait_for(&dst_rx, "waiting for the migration source");
-    let mut src = vmm(&["--migrate-to", &addr]);
+    let json = std::env::temp_dir().join(format!("migrate-precopy-{}.json", std::process::id()));
+    let mut src = vmm(&[
+        "--migrate-to",
+        &addr,
+        "--migrate-json",
+        json.to_str().unwrap(),
+    ]);
     let src_rx = lines(&mut src);
     let (scode, sout, serr) = finish(src, src_rx);
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
@@ -134,6 +47,22 @@ fn precopy_dirty_guest_passes_on_the_destination() {
         "a progress line per round: {sout}"
     );
     assert!(sout.contains("complete"), "{sout}");
+    // The --migrate-json summary: precopy, every round listed, the full pass covers RAM.
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("--migrate-json written"))
+            .expect("--migrate-json is JSON");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(doc["mode"], "precopy", "{doc}");
+    assert_eq!(doc["dirty_mode"], "kvm-bitmap", "{doc}");
+    assert!(doc["postcopy"].is_null(), "{doc}");
+    assert_eq!(doc["vcpus"], 2, "{doc}");
+    assert_eq!(doc["ram_bytes"], 512u64 << 20, "{doc}");
+    let rounds = doc["rounds"].as_array().expect("rounds");
+    assert!(rounds.len() >= 2, "full pass and the paused round: {doc}");
+    assert_eq!(rounds[0]["dirty_pages"], (512u64 << 20) / 4096, "{doc}");
+    let bytes: u64 = rounds.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
+    assert!(bytes <= doc["bytes_sent"].as_u64().unwrap(), "{doc}");
+    assert!(doc["downtime_ms"].as_f64().unwrap() <= doc["total_ms"].as_f64().unwrap());
     let (dcode, dout, derr) = finish(dst, dst_rx);
     assert_eq!(dcode, 0, "destination: {dout}\n{derr}");
     assert!(dout.contains("PASS"), "{dout}");
@@ -282,7 +211,11 @@ fn migrate_command_on_the_control_socket_moves_the_guest() {
     let resp =
         vmm::api::request(&sock, &serde_json::json!({"cmd": "migrate", "to": addr})).unwrap();
     assert_eq!(resp["ok"], true, "{resp}");
-    assert!(resp["migrate"]["rounds"].as_u64().unwrap() >= 2, "{resp}");
+    assert!(
+        resp["migrate"]["rounds"].as_array().unwrap().len() >= 2,
+        "{resp}"
+    );
+    assert_eq!(resp["migrate"]["mode"], "precopy", "{resp}");
     let (scode, sout, serr) = finish(src, src_rx);
     assert_eq!(scode, 0, "{sout}\n{serr}");
     let (dcode, dout, derr) = finish(dst, dst_rx);
@@ -292,15 +225,67 @@ fn migrate_command_on_the_control_socket_moves_the_guest() {
 }
 
 #[test]
-fn migration_with_demand_paging_is_refused_with_the_fix() {
-    for flag in ["--migrate-to", "--incoming"] {
+fn migration_flag_misuse_is_refused_with_the_fix() {
+    let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .args(["--guest", "dirty", "--mem", "64M", flag, "tcp:127.0.0.1:1"])
+            .args(["--guest", "dirty", "--mem", "64M"])
+            .args(args)
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
-        assert!(err.contains("add --no-demand-paging"), "{flag}: {err}");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (args, needle) in [
+        (
+            &["--incoming", "tcp:127.0.0.1:1", "--dirty-mode", "kvm-ring"][..],
+            "--dirty-mode is a migration source option",
+        ),
+        (
+            &["--incoming", "tcp:127.0.0.1:1", "--postcopy-after", "1"][..],
+            "--postcopy-after is a migration source option",
+        ),
+        (
+            &["--incoming", "tcp:127.0.0.1:1", "--migrate-json", "/tmp/x"][..],
+            "--migrate-json is a migration source option",
+        ),
+        (&["--dirty-mode", "kvm-ring"][..], "this VM never migrates"),
+        (
+            &["--migrate-to", "tcp:127.0.0.1:1", "--dirty-mode", "ring"][..],
+            "use kvm-bitmap, kvm-ring or stage2-wp",
+        ),
+        (
+            &[
+                "--migrate-to",
+                "tcp:127.0.0.1:1",
+                "--dirty-mode",
+                "stage2-wp",
+                "--no-demand-paging",
+            ][..],
+            "drop --no-demand-paging",
+        ),
+        (
+            &["--migrate-to", "tcp:127.0.0.1:1", "--postcopy-after", "0"][..],
+            "give at least 1",
+        ),
+        (
+            &["--api-socket", "/tmp/x.sock", "--postcopy-after", "2"][..],
+            "vmmctl migrate --to ADDR --postcopy-after N",
+        ),
+        (
+            &[
+                "--migrate-to",
+                "tcp:127.0.0.1:1",
+                "--incoming",
+                "tcp:127.0.0.1:2",
+            ][..],
+            "either the source or the destination",
+        ),
+    ] {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
     }
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args([

@@ -320,7 +320,7 @@ fn a_running_guest_moves_to_a_fresh_vm_and_keeps_counting() {
     let mut sender = RamSender::new();
     for r in ram_a.regions() {
         sender
-            .send_range(&mut w, ram_a.memory(), r.gpa, r.len)
+            .send_range(&mut w, ram_a.memory(), r.gpa, r.len, None)
             .unwrap();
     }
     w.device(DEVICE_KVM_VM, &vmstate.encode().unwrap()).unwrap();

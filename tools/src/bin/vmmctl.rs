@@ -5,6 +5,7 @@
 //! vmmctl --socket /run/vmm.sock reclaim 1G 512M     # GPA and length: decimal, 0x hex, K/M/G/T
 //! vmmctl --socket /run/vmm.sock pause | resume
 //! vmmctl --socket /run/vmm.sock migrate --to tcp:127.0.0.1:4444   # precopy live migration
+//! vmmctl --socket /run/vmm.sock migrate --to tcp:127.0.0.1:4444 --postcopy-after 2
 //! ```
 //!
 //! Prints the response (stats pretty-printed); exits 1 with the VMM's error text when the
@@ -57,6 +58,10 @@ enum Cmd {
         /// The destination: tcp:HOST:PORT or unix:PATH.
         #[arg(long, value_name = "ADDR")]
         to: String,
+        /// Switch to postcopy after N rounds (1 = right after the full pass); the
+        /// destination needs demand paging. The dirty-tracking mode is the VM's --dirty-mode.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        postcopy_after: Option<u32>,
     },
 }
 
@@ -86,7 +91,14 @@ fn request_of(cmd: &Cmd) -> Value {
         Cmd::Reclaim { gpa, len } => json!({"cmd": "reclaim", "gpa": gpa, "len": len}),
         Cmd::Pause => json!({"cmd": "pause"}),
         Cmd::Resume => json!({"cmd": "resume"}),
-        Cmd::Migrate { to } => json!({"cmd": "migrate", "to": to}),
+        Cmd::Migrate {
+            to,
+            postcopy_after: None,
+        } => json!({"cmd": "migrate", "to": to}),
+        Cmd::Migrate {
+            to,
+            postcopy_after: Some(n),
+        } => json!({"cmd": "migrate", "to": to, "postcopy_after": n}),
     }
 }
 
@@ -186,6 +198,23 @@ mod tests {
             json!({"cmd":"migrate","to":"tcp:127.0.0.1:4444"})
         );
         assert!(Cli::try_parse_from(["vmmctl", "--socket", "/x", "migrate"]).is_err());
+        let cli = Cli::try_parse_from([
+            "vmmctl",
+            "--socket",
+            "/x",
+            "migrate",
+            "--to",
+            "unix:/tmp/m",
+            "--postcopy-after",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            request_of(&cli.cmd),
+            json!({"cmd":"migrate","to":"unix:/tmp/m","postcopy_after":2})
+        );
+        let zero = ["vmmctl", "--socket", "/x", "migrate", "--to", "unix:/m"];
+        assert!(Cli::try_parse_from(zero.iter().chain(&["--postcopy-after", "0"])).is_err());
         assert!(
             Cli::try_parse_from(["vmmctl", "stats"]).is_err(),
             "--socket is required"

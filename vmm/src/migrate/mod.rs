@@ -1,6 +1,9 @@
 //! Live migration: the wire format ([`stream`]), the sockets it travels over ([`transport`]),
-//! the vCPU/VM/device state it carries ([`state`]), and moving guest RAM through it ([`ram`]).
+//! the vCPU/VM/device state it carries ([`state`]), moving guest RAM through it ([`ram`],
+//! [`pager`]), the two ends ([`precopy`], [`postcopy`]) and the figures ([`summary`]).
 
+pub mod pager;
+pub mod postcopy;
 pub mod precopy;
 pub mod ram;
 pub mod state;

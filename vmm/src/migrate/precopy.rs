@@ -1,6 +1,7 @@
-//! Precopy live migration of a running VM: the source's round loop over KVM's dirty bitmap
-//! (full pass, dirty rounds until the estimated downtime fits, pause, last round, state, end,
-//! wait for the destination's acknowledgement) and the destination's receive-and-restore.
+//! Live migration of a running VM, both ends: the source's rounds over a dirty tracker (full
+//! pass, dirty rounds until the estimated downtime fits or the postcopy switch, pause, then the
+//! last round or [`super::postcopy`], state, end, wait for the destination) and the
+//! destination's receive-and-restore.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -10,16 +11,25 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use log::info;
 use vm_memory::GuestMemoryMmap;
 
-use super::ram::{apply_chunk, RamError, RamSender};
+use super::postcopy::{self, DestInfo, PageSet};
+use super::ram::{RamError, RamPager, RamReceiver, RamSender};
 use super::state::{
-    complete_pending_io, restore_vcpu, restore_vm, save_vcpu, save_vm, StateError, VcpuCaps,
-    VcpuState, VmState,
+    complete_pending_io, restore_vcpu, restore_vm, save_vcpu, save_vm, SerialRegs, StateError,
+    VcpuCaps, VcpuState, VmState,
 };
-use super::stream::{Chunk, Layout, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
-use super::transport::{Address, AddressError};
-use super::DEVICE_KVM_VM;
+use super::stream::{
+    discard_runs, Chunk, Layout, StreamError, StreamReader, StreamWriter, DEST_DEMAND_PAGING,
+    PAGE_SIZE,
+};
+use super::summary::{
+    dirty_mode_name, ms, MigrationMode, MigrationSummary, PostcopyFigures, RoundFigures,
+};
+use super::transport::{Address, AddressError, Connection};
+use super::{DEVICE_KVM_VM, DEVICE_SERIAL};
+use crate::devices::serial::SerialDevice;
 use crate::dirty::{DirtyBitmap, DirtyError, DirtyMode, DirtyTracker};
 use crate::memory::RamRegion;
+use crate::paging::Pager;
 use crate::vcpu::{VcpuError, VmControl};
 
 /// Default downtime goal (`--downtime-ms`).
@@ -28,6 +38,8 @@ pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 /// Pages coalesced into one `send_range` call at most (the sender's buffer splits further).
 const MAX_RUN_PAGES: u64 = 1024;
+/// Bytes of guest RAM per `send_range` call of the full pass.
+const FULL_PASS_STEP: u64 = 64 << 20;
 const MB: f64 = 1_000_000.0;
 
 /// Errors of a migration; each says what failed.
@@ -54,30 +66,55 @@ pub enum MigrateError {
     /// The stream is complete but lacks something the VM needs.
     #[error("migration stream ended without {0}: the source sent an incomplete VM")]
     Missing(String),
+    /// The two ends cannot do what was asked.
+    #[error("{0}")]
+    Refused(String),
+    /// The migration failed after the postcopy switch: the destination has (or may have)
+    /// started the guest, so the source must not resume it; no copy of the guest is whole.
+    #[error("the migration failed during postcopy ({0}): the guest's state moved to the destination but part of its memory did not; the guest is lost, this VM stays paused and exits")]
+    PostcopyLost(String),
 }
 
-/// Precopy knobs.
+/// Knobs of the source.
 #[derive(Clone, Copy, Debug)]
-pub struct PrecopyConfig {
+pub struct MigrateConfig {
     /// Stop iterating when the estimated downtime is at most this.
     pub downtime: Duration,
     /// Stop iterating after this many rounds (the full pass counts as round 0).
     pub max_rounds: u32,
+    /// Switch to postcopy after this many rounds (at least 1: the full pass) instead of
+    /// iterating until the downtime fits.
+    pub postcopy_after: Option<u32>,
 }
 
-/// Figures of a completed source-side migration.
-#[derive(Clone, Debug, Default)]
-pub struct PrecopySummary {
-    /// Rounds sent, the full pass and the final (paused) round included.
-    pub rounds: u32,
-    /// Bytes written to the stream.
-    pub bytes: u64,
-    /// Pause to the destination's acknowledgement.
-    pub downtime: Duration,
-    /// Connect to acknowledgement.
-    pub total: Duration,
-    /// Pages in the final, paused round.
-    pub final_pages: u64,
+/// Where the source's dirty pages come from (`--dirty-mode`), set up when the VM starts.
+#[derive(Clone)]
+pub enum DirtySource {
+    /// KVM's dirty bitmap, started when a migration starts.
+    KvmBitmap,
+    /// KVM's dirty rings: enabled before the vCPUs were created, logging since the VM
+    /// started (the ring-full hook of every vCPU drains them).
+    KvmRing(Arc<DirtyTracker>),
+    /// stage2's write tracking: the pager was started with write tracking; logging starts
+    /// with the migration.
+    Stage2Wp(Arc<Pager>),
+}
+
+impl std::fmt::Debug for DirtySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(dirty_mode_name(self.mode()))
+    }
+}
+
+impl DirtySource {
+    /// The mode.
+    pub fn mode(&self) -> DirtyMode {
+        match self {
+            DirtySource::KvmBitmap => DirtyMode::KvmBitmap,
+            DirtySource::KvmRing(t) => t.mode(),
+            DirtySource::Stage2Wp(_) => DirtyMode::Stage2Wp,
+        }
+    }
 }
 
 /// What the source needs from the running VM.
@@ -92,6 +129,12 @@ pub struct Source<'a> {
     pub control: &'a Mutex<VmControl>,
     /// What to save per vCPU.
     pub caps: Arc<VcpuCaps>,
+    /// The dirty-page source.
+    pub dirty: &'a DirtySource,
+    /// The demand pager, when on: pages it never populated are sent as zeroes unread.
+    pub pager: Option<&'a dyn RamPager>,
+    /// COM1, when the VM has one.
+    pub serial: Option<&'a SerialDevice>,
 }
 
 fn layout_of(vcpus: usize, regions: &[RamRegion]) -> Layout {
@@ -104,6 +147,7 @@ fn send_dirty<W: Write>(
     sender: &mut RamSender,
     mem: &GuestMemoryMmap,
     bm: &DirtyBitmap,
+    pager: Option<&dyn RamPager>,
 ) -> Result<(), MigrateError> {
     let page = PAGE_SIZE as u64;
     let mut run: Option<(u64, u64)> = None;
@@ -113,39 +157,82 @@ fn send_dirty<W: Write>(
                 Some((start, n + 1))
             }
             Some((start, n)) => {
-                sender.send_range(w, mem, start, n * page)?;
+                sender.send_range(w, mem, start, n * page, pager)?;
                 Some((gpa, 1))
             }
             None => Some((gpa, 1)),
         };
     }
     if let Some((start, n)) = run {
-        sender.send_range(w, mem, start, n * page)?;
+        sender.send_range(w, mem, start, n * page, pager)?;
     }
     Ok(())
 }
 
-/// Runs precopy to `to`. On any error the VM is resumed (if it was paused) and keeps running
-/// here; the caller reports the error.
+/// Runs a migration to `to`. On any error before the destination's guest runs, the VM is
+/// resumed (if it was paused) and keeps running here; the caller reports the error. After
+/// that point (postcopy) the error is [`MigrateError::PostcopyLost`] and the VM stays paused.
 pub fn send(
     src: &Source<'_>,
     to: &Address,
-    cfg: PrecopyConfig,
-) -> Result<PrecopySummary, MigrateError> {
+    cfg: MigrateConfig,
+) -> Result<MigrationSummary, MigrateError> {
     let started = Instant::now();
+    if cfg.postcopy_after == Some(0) {
+        return Err(MigrateError::Refused(
+            "postcopy after 0 rounds: give at least 1 (round 0 is the full pass)".into(),
+        ));
+    }
     let conn = to.connect()?;
     let back = conn
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;
     let vcpus = src.control.lock().unwrap_or_else(|p| p.into_inner()).len();
     let mut w = StreamWriter::new(conn, &layout_of(vcpus, src.regions))?;
-    let tracker = DirtyTracker::new_kvm(src.vm, src.regions, DirtyMode::KvmBitmap)?;
+    let mut back = StreamReader::headless(back);
+    let dest = match cfg.postcopy_after {
+        Some(_) => {
+            let info = postcopy::read_dest_info(&mut back)?;
+            if !info.demand_paging {
+                return Err(MigrateError::Refused(format!(
+                    "postcopy needs demand paging on the destination, which runs with \
+                     --no-demand-paging: restart the destination without it, or migrate \
+                     without postcopy (drop --postcopy-after); the VM keeps running here \
+                     (destination {to})"
+                )));
+            }
+            Some(info)
+        }
+        None => None,
+    };
+    let (tracker, owned) = match src.dirty {
+        DirtySource::KvmBitmap => (
+            Arc::new(DirtyTracker::new_kvm(
+                src.vm,
+                src.regions,
+                DirtyMode::KvmBitmap,
+            )?),
+            true,
+        ),
+        DirtySource::KvmRing(t) => (t.clone(), false),
+        DirtySource::Stage2Wp(p) => (
+            Arc::new(DirtyTracker::new_stage2(p.clone(), src.regions)?),
+            true,
+        ),
+    };
     let mut paused = false;
-    let res = rounds(src, cfg, &tracker, &mut w, &mut paused, back, started);
-    if let Err(e) = tracker.stop() {
-        log::warn!("stopping dirty logging after migration: {e}");
+    let res = rounds(src, cfg, &tracker, &mut w, &mut paused, back, dest, started);
+    // KVM rings stay on for a later attempt (they cannot be enabled again once vCPUs exist).
+    if owned {
+        if let Err(e) = tracker.stop() {
+            log::warn!("stopping dirty logging after migration: {e}");
+        }
     }
-    if res.is_err() && paused {
+    let resume = match &res {
+        Err(MigrateError::PostcopyLost(_)) | Ok(_) => false,
+        Err(_) => paused,
+    };
+    if resume {
         src.control
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -154,32 +241,70 @@ pub fn send(
     res
 }
 
+/// Sends all of guest RAM (pages the pager never populated as zero runs, unread).
+fn full_pass<W: Write>(
+    src: &Source<'_>,
+    w: &mut StreamWriter<W>,
+    sender: &mut RamSender,
+) -> Result<u64, MigrateError> {
+    let mut pages = 0;
+    for r in src.regions {
+        let mut off = 0;
+        while off < r.len {
+            let n = FULL_PASS_STEP.min(r.len - off);
+            sender.send_range(w, src.mem, r.gpa + off, n, src.pager)?;
+            off += n;
+            pages += n / PAGE_SIZE as u64;
+        }
+    }
+    Ok(pages)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn rounds<W: Write>(
     src: &Source<'_>,
-    cfg: PrecopyConfig,
+    cfg: MigrateConfig,
     tracker: &DirtyTracker,
     w: &mut StreamWriter<W>,
     paused: &mut bool,
-    back: super::Connection,
+    back: StreamReader<Connection>,
+    dest: Option<DestInfo>,
     started: Instant,
-) -> Result<PrecopySummary, MigrateError> {
+) -> Result<MigrationSummary, MigrateError> {
     let mut sender = RamSender::new();
-    // The first harvest of the KVM bitmap mode reports every page: the full pass.
-    let mut bm = tracker.harvest()?;
+    // Forget what the tracker holds (the bitmap's initially-set bits, ring entries since the
+    // VM started): the full pass below reads every page after this harvest.
+    tracker.harvest()?;
+    let mut pending: Option<DirtyBitmap> = None;
     let mut round = 0u32;
+    let mut figures = Vec::new();
     loop {
         let t0 = Instant::now();
         let b0 = w.bytes_written();
-        let pages = bm.count();
-        send_dirty(w, &mut sender, src.mem, &bm)?;
+        let pages = match &pending {
+            None => full_pass(src, w, &mut sender)?,
+            Some(bm) => {
+                send_dirty(w, &mut sender, src.mem, bm, src.pager)?;
+                bm.count()
+            }
+        };
         w.round(round, pages)?;
         w.flush()?;
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
         let sent = w.bytes_written() - b0;
         let rate = sent as f64 / secs;
-        bm = tracker.harvest()?;
+        let bm = tracker.harvest()?;
         let next = bm.count();
+        pending = Some(bm);
         let est = Duration::from_secs_f64(next as f64 * PAGE_SIZE as f64 / rate.max(1.0));
+        figures.push(RoundFigures {
+            round,
+            dirty_pages: pages,
+            bytes: sent,
+            ms: secs * 1e3,
+            rate_mb_s: rate / MB,
+            est_downtime_ms: ms(est),
+        });
         println!(
             "round {round}: {pages} dirty pages, {:.1} MB sent, {:.0} MB/s, estimated downtime {} ms ({next} pages dirty now)",
             sent as f64 / MB,
@@ -187,7 +312,11 @@ fn rounds<W: Write>(
             est.as_millis()
         );
         round += 1;
-        if est <= cfg.downtime || round >= cfg.max_rounds {
+        let done = match cfg.postcopy_after {
+            Some(n) => round >= n,
+            None => est <= cfg.downtime || round >= cfg.max_rounds,
+        };
+        if done {
             break;
         }
     }
@@ -206,32 +335,115 @@ fn rounds<W: Write>(
         })??;
         blobs.push(st.encode()?);
     }
+    let vcpus = control.len() as u32;
     drop(control);
     let vm_state = save_vm(src.vm)?.encode()?;
-    // The pages harvested for the estimate are not sent yet: they go with the last round.
+    let serial = match src.serial {
+        Some(s) => Some(SerialRegs::from(&s.state()).encode()?),
+        None => None,
+    };
+    let write_state = |w: &mut StreamWriter<W>| -> Result<(), MigrateError> {
+        for (i, b) in blobs.iter().enumerate() {
+            w.vcpu(i as u32, b)?;
+        }
+        w.device(DEVICE_KVM_VM, &vm_state)?;
+        if let Some(s) = &serial {
+            w.device(DEVICE_SERIAL, s)?;
+        }
+        Ok(())
+    };
+    // The pages harvested for the last estimate are not sent yet: they go with the last
+    // round (precopy) or are owed (postcopy).
     let mut last = tracker.harvest()?;
-    last.merge(&bm);
-    let final_pages = last.count();
-    send_dirty(w, &mut sender, src.mem, &last)?;
-    w.round(round, final_pages)?;
-    for (i, b) in blobs.iter().enumerate() {
-        w.vcpu(i as u32, b)?;
+    if let Some(bm) = &pending {
+        last.merge(bm);
     }
-    w.device(DEVICE_KVM_VM, &vm_state)?;
+    let final_pages = last.count();
+    let ram_bytes = src.regions.iter().map(|r| r.len).sum();
+    let summary = |mode, figures, downtime: Duration, postcopy, bytes_sent| MigrationSummary {
+        mode,
+        dirty_mode: dirty_mode_name(tracker.mode()).into(),
+        total_ms: ms(started.elapsed()),
+        downtime_ms: ms(downtime),
+        bytes_sent,
+        rounds: figures,
+        postcopy,
+        ram_bytes,
+        vcpus,
+    };
+    if let Some(dest) = dest {
+        let regions: Vec<(u64, u64)> = src.regions.iter().map(|r| (r.gpa, r.len)).collect();
+        println!(
+            "switching to postcopy after round {}: {final_pages} pages owed to the destination",
+            round - 1
+        );
+        let out = postcopy::push(
+            w,
+            back,
+            dest,
+            src.mem,
+            &regions,
+            &last,
+            src.pager,
+            write_state,
+        )?;
+        let pc: PostcopyFigures = out.figures;
+        let downtime = out.guest_running_at - pause_at;
+        let bytes = w.bytes_written();
+        return Ok(summary(
+            MigrationMode::Postcopy,
+            figures,
+            downtime,
+            Some(pc),
+            bytes,
+        ));
+    }
+    let t0 = Instant::now();
+    let b0 = w.bytes_written();
+    send_dirty(w, &mut sender, src.mem, &last, src.pager)?;
+    w.round(round, final_pages)?;
+    write_state(w)?;
     w.end()?;
     w.flush()?;
     println!(
         "round {round} (paused): {final_pages} dirty pages, {:.1} MB sent in all; waiting for the destination",
         w.bytes_written() as f64 / MB
     );
-    StreamReader::headless(back).expect_guest_running()?;
-    Ok(PrecopySummary {
-        rounds: round + 1,
-        bytes: w.bytes_written(),
-        downtime: pause_at.elapsed(),
-        total: started.elapsed(),
-        final_pages,
-    })
+    let secs = t0.elapsed().as_secs_f64().max(1e-6);
+    let sent = w.bytes_written() - b0;
+    figures.push(RoundFigures {
+        round,
+        dirty_pages: final_pages,
+        bytes: sent,
+        ms: secs * 1e3,
+        rate_mb_s: sent as f64 / secs / MB,
+        est_downtime_ms: 0.0,
+    });
+    let mut back = back;
+    back.expect_guest_running()?;
+    Ok(summary(
+        MigrationMode::Precopy,
+        figures,
+        pause_at.elapsed(),
+        None,
+        w.bytes_written(),
+    ))
+}
+
+/// The postcopy phase still to come on the destination.
+pub struct PostcopyIncoming {
+    /// The rest of the stream (the owed pages, then `End`).
+    pub reader: StreamReader<std::io::BufReader<Connection>>,
+    /// Host pages the source owes (dropped here at the switch).
+    pub owed: PageSet,
+}
+
+impl std::fmt::Debug for PostcopyIncoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostcopyIncoming")
+            .field("owed", &self.owed.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the destination received, ready to restore.
@@ -241,33 +453,57 @@ pub struct Incoming {
     pub vcpus: Vec<VcpuState>,
     /// The VM-wide state.
     pub vm: VmState,
+    /// COM1's registers, when the source had one.
+    pub serial: Option<SerialRegs>,
     /// Rounds seen.
     pub rounds: u32,
     /// Bytes read.
     pub bytes: u64,
+    /// Host pages placed whole through the pager while receiving.
+    pub placed: u64,
     /// The connection, for the acknowledgement.
-    pub conn: super::Connection,
+    pub conn: Connection,
+    /// `Some` when the source switched to postcopy: the guest must run with the owed pages
+    /// coming from [`postcopy::PostcopyTarget`].
+    pub postcopy: Option<PostcopyIncoming>,
 }
 
-/// Accepts one source on `listener` and receives RAM into `mem` and the state, until `End`.
-/// A checksum, truncation or layout error stops here with that error.
+/// Accepts one source on `listener`, says what this destination can receive, and receives
+/// RAM into `mem` (through `pager` when demand paging is on) and the state, until `End` or the
+/// postcopy switch. A checksum, truncation or layout error stops here with that error.
 pub fn receive(
     listener: &super::Listener,
     mem: &GuestMemoryMmap,
     vcpus: usize,
     regions: &[RamRegion],
+    pager: Option<&dyn RamPager>,
 ) -> Result<Incoming, MigrateError> {
     let conn = listener.accept()?;
     let input = conn
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;
+    {
+        let reply = conn
+            .try_clone()
+            .map_err(|source| StreamError::Io { offset: 0, source })?;
+        let (host_page, flags) = match pager {
+            Some(p) => (p.host_page(), DEST_DEMAND_PAGING),
+            None => (PAGE_SIZE as u64, 0),
+        };
+        StreamWriter::headless(reply).dest_info(host_page, flags)?;
+    }
     let (mut r, _) = StreamReader::new(std::io::BufReader::new(input), &layout_of(vcpus, regions))?;
     let mut states: Vec<Option<VcpuState>> = (0..vcpus).map(|_| None).collect();
     let mut vm = None;
+    let mut serial = None;
     let mut rounds = 0;
-    loop {
+    let mut ram = RamReceiver::new(mem, pager);
+    let ram_regions: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
+    let mut owed: Option<PageSet> = None;
+    let switched = loop {
+        let (offset, chunk) = r.position();
         let c = r.next_chunk()?;
-        if apply_chunk(mem, &c)? {
+        if ram.apply(&c)? {
             continue;
         }
         match c {
@@ -285,23 +521,102 @@ pub fn receive(
             Chunk::Device { name, blob } if name == DEVICE_KVM_VM => {
                 vm = Some(VmState::decode(blob)?);
             }
+            Chunk::Device { name, blob } if name == DEVICE_SERIAL => {
+                serial = Some(SerialRegs::decode(blob)?);
+            }
             Chunk::Device { name, .. } => info!("ignoring state of unknown device {name:?}"),
-            Chunk::End => break,
-            _ => {}
+            Chunk::Discard { runs } => {
+                let Some(p) = pager else {
+                    return Err(MigrateError::Refused(
+                        "the source switched to postcopy, which needs demand paging here: \
+                         this destination runs with --no-demand-paging"
+                            .into(),
+                    ));
+                };
+                let set = owed.get_or_insert_with(|| PageSet::new(&ram_regions, p.host_page()));
+                for (gpa, count) in discard_runs(runs) {
+                    discard(p, set, gpa, count)?;
+                }
+            }
+            Chunk::Postcopy => break true,
+            Chunk::End => break false,
+            other => {
+                return Err(StreamError::Unexpected {
+                    chunk,
+                    offset,
+                    found: super::stream::chunk_name(&other),
+                    expected: "a migration chunk of the source",
+                }
+                .into())
+            }
         }
-    }
+    };
     let vcpus = states
         .into_iter()
         .enumerate()
         .map(|(i, s)| s.ok_or_else(|| MigrateError::Missing(format!("the state of vCPU {i}"))))
         .collect::<Result<Vec<_>, _>>()?;
+    let placed = ram.placed;
+    let bytes = r.bytes_read();
+    let postcopy = match (switched, pager) {
+        (false, _) => None,
+        (true, Some(p)) => Some(PostcopyIncoming {
+            reader: r,
+            owed: owed.unwrap_or_else(|| PageSet::new(&ram_regions, p.host_page())),
+        }),
+        (true, None) => {
+            return Err(MigrateError::Refused(
+                "the source switched to postcopy, which needs demand paging here: this \
+                 destination runs with --no-demand-paging"
+                    .into(),
+            ))
+        }
+    };
     Ok(Incoming {
         vcpus,
         vm: vm.ok_or_else(|| MigrateError::Missing("the VM state (irqchip, PIT, clock)".into()))?,
+        serial,
         rounds,
-        bytes: r.bytes_read(),
+        bytes,
+        placed,
         conn,
+        postcopy,
     })
+}
+
+/// Postcopy switch on the destination: the pages of `[gpa, gpa + count pages)` are stale
+/// here; their host pages join `owed` and any copy here is dropped (consecutive ones at once).
+fn discard(p: &dyn RamPager, owed: &mut PageSet, gpa: u64, count: u32) -> Result<(), MigrateError> {
+    let host = p.host_page();
+    let end = gpa
+        .checked_add(u64::from(count) * PAGE_SIZE as u64)
+        .ok_or(RamError::OutOfRange {
+            gpa,
+            len: u64::from(count),
+        })?;
+    let mut at = gpa / host * host;
+    let mut drop_run: Option<(u64, u64)> = None;
+    let flush = |run: Option<(u64, u64)>| -> Result<(), MigrateError> {
+        if let Some((s, e)) = run {
+            p.discard(s, e - s)
+                .map_err(|e| RamError::Pager(format!("dropping stale {s:#x}: {e}")))?;
+        }
+        Ok(())
+    };
+    while at < end {
+        owed.insert(at);
+        if p.is_populated(at) {
+            drop_run = match drop_run {
+                Some((s, e)) if e == at => Some((s, at + host)),
+                run => {
+                    flush(run)?;
+                    Some((at, at + host))
+                }
+            };
+        }
+        at += host;
+    }
+    flush(drop_run)
 }
 
 /// Restores the received state into a fresh VM and its (not yet running) vCPUs.
@@ -310,10 +625,18 @@ pub fn restore(
     vm: &VmFd,
     vcpus: &[VcpuFd],
     caps: &VcpuCaps,
+    serial: Option<&SerialDevice>,
 ) -> Result<(), MigrateError> {
     restore_vm(vm, &inc.vm)?;
     for (fd, st) in vcpus.iter().zip(&inc.vcpus) {
         restore_vcpu(fd, st, caps)?;
+    }
+    match (&inc.serial, serial) {
+        (Some(regs), Some(dev)) => dev
+            .restore(&regs.into())
+            .map_err(|e| MigrateError::State(StateError::Serial(e)))?,
+        (Some(_), None) => info!("the source's COM1 state is dropped: this VM has no COM1"),
+        (None, _) => {}
     }
     Ok(())
 }
@@ -352,7 +675,7 @@ mod tests {
         }
         let mut w = StreamWriter::headless(Vec::new());
         let mut sender = RamSender::new();
-        send_dirty(&mut w, &mut sender, &mem, &bm).unwrap();
+        send_dirty(&mut w, &mut sender, &mem, &bm, None).unwrap();
         w.end().unwrap();
         let bytes = w.into_inner().unwrap();
         let mut r = StreamReader::headless(&bytes[..]);

@@ -21,6 +21,10 @@
 //! | `END` | empty |
 //! | `GUEST_RUNNING` | empty (destination to source) |
 //! | `PAGE_REQUEST` | gpa u64, count u32 (destination to source, postcopy: send these first) |
+//! | `DEST_INFO` | host page size u64, flags u32 (destination to source, right after accept) |
+//! | `DISCARD` | (gpa u64, count u32) runs: pages whose copy here is stale (postcopy switch) |
+//! | `POSTCOPY` | empty: the guest may run; the discarded pages follow, then `END` |
+//! | `ALL_RECEIVED` | empty (destination to source: every postcopy page is in place) |
 //!
 //! The reader keeps one reusable buffer, so reading a chunk allocates nothing after the first
 //! large one; the writer checksums page data straight from the caller's slice.
@@ -29,8 +33,8 @@ use std::io::{self, BufWriter, Read, Write};
 
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
-/// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this code writes and reads (2: postcopy chunks).
+pub const VERSION: u32 = 2;
 /// The page size of `PAGES` and `ZERO_PAGES` chunks.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages carried by one `PAGES` chunk (1 MiB of data).
@@ -55,7 +59,20 @@ mod kind {
     pub const END: u32 = 7;
     pub const GUEST_RUNNING: u32 = 8;
     pub const PAGE_REQUEST: u32 = 9;
+    pub const DEST_INFO: u32 = 10;
+    pub const DISCARD: u32 = 11;
+    pub const POSTCOPY: u32 = 12;
+    pub const ALL_RECEIVED: u32 = 13;
+    /// The highest kind a reader accepts.
+    pub const LAST: u32 = ALL_RECEIVED;
 }
+
+/// `DEST_INFO` flag: the destination runs with demand paging (it can receive postcopy).
+pub const DEST_DEMAND_PAGING: u32 = 1 << 0;
+/// Bytes of one `DISCARD` run on the wire (gpa u64, count u32).
+const DISCARD_RUN_BYTES: usize = 12;
+/// Most runs one `DISCARD` chunk carries.
+pub const MAX_DISCARD_RUNS: usize = (MAX_PAYLOAD - 8) / DISCARD_RUN_BYTES;
 
 fn kind_name(k: u32) -> &'static str {
     match k {
@@ -68,6 +85,10 @@ fn kind_name(k: u32) -> &'static str {
         kind::END => "end",
         kind::GUEST_RUNNING => "guest-running",
         kind::PAGE_REQUEST => "page-request",
+        kind::DEST_INFO => "destination-info",
+        kind::DISCARD => "discard",
+        kind::POSTCOPY => "postcopy",
+        kind::ALL_RECEIVED => "all-received",
         _ => "unknown",
     }
 }
@@ -356,6 +377,33 @@ pub enum Chunk<'a> {
         /// Number of pages.
         count: u32,
     },
+    /// What the destination can receive (sent once, right after it accepts).
+    DestInfo {
+        /// Its host page size: postcopy pages travel in whole pages of this size.
+        host_page: u64,
+        /// [`DEST_DEMAND_PAGING`] and future flags.
+        flags: u32,
+    },
+    /// Postcopy switch: the pages of these runs changed since they were sent; the
+    /// destination drops its copies and takes them from the postcopy phase.
+    Discard {
+        /// Raw runs, 12 bytes each; iterate with [`discard_runs`].
+        runs: &'a [u8],
+    },
+    /// Postcopy switch: the state is complete, the guest may run; the discarded pages follow.
+    Postcopy,
+    /// Destination to source: every postcopy page is in place; the source may exit.
+    AllReceived,
+}
+
+/// The (gpa, count) runs of a `Discard` chunk's payload.
+pub fn discard_runs(runs: &[u8]) -> impl Iterator<Item = (u64, u32)> + '_ {
+    runs.chunks_exact(DISCARD_RUN_BYTES).map(|r| {
+        (
+            u64::from_le_bytes(r[..8].try_into().unwrap()),
+            u32::from_le_bytes(r[8..].try_into().unwrap()),
+        )
+    })
 }
 
 /// Writes a migration stream over any `Write`, buffered, counting the bytes.
@@ -523,6 +571,45 @@ impl<W: Write> StreamWriter<W> {
         self.flush()
     }
 
+    /// Destination to source: what this destination can receive; flushes.
+    pub fn dest_info(&mut self, host_page: u64, flags: u32) -> Result<(), StreamError> {
+        self.chunk(
+            kind::DEST_INFO,
+            &[&host_page.to_le_bytes(), &flags.to_le_bytes()],
+        )?;
+        self.flush()
+    }
+
+    /// Postcopy switch: runs of stale pages, as many chunks as needed.
+    pub fn discard(&mut self, runs: &[(u64, u32)]) -> Result<(), StreamError> {
+        for part in runs.chunks(MAX_DISCARD_RUNS) {
+            let mut payload = Vec::with_capacity(part.len() * DISCARD_RUN_BYTES);
+            for (gpa, count) in part {
+                if !gpa.is_multiple_of(PAGE_SIZE as u64) || *count == 0 {
+                    return Err(StreamError::InvalidArgument(format!(
+                        "discard run of {count} pages at {gpa:#x}"
+                    )));
+                }
+                payload.extend_from_slice(&gpa.to_le_bytes());
+                payload.extend_from_slice(&count.to_le_bytes());
+            }
+            self.chunk(kind::DISCARD, &[&payload])?;
+        }
+        Ok(())
+    }
+
+    /// Postcopy switch: the guest may run on the destination; flushes.
+    pub fn postcopy(&mut self) -> Result<(), StreamError> {
+        self.chunk(kind::POSTCOPY, &[])?;
+        self.flush()
+    }
+
+    /// Destination to source: every postcopy page is in place; flushes.
+    pub fn all_received(&mut self) -> Result<(), StreamError> {
+        self.chunk(kind::ALL_RECEIVED, &[])?;
+        self.flush()
+    }
+
     /// Pushes buffered bytes to the transport.
     pub fn flush(&mut self) -> Result<(), StreamError> {
         let offset = self.offset;
@@ -662,7 +749,7 @@ impl<R: Read> StreamReader<R> {
         self.fill(&mut head, "chunk header")?;
         let k = u32::from_le_bytes(head[..4].try_into().unwrap());
         let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
-        if !(kind::HEADER..=kind::PAGE_REQUEST).contains(&k) {
+        if !(kind::HEADER..=kind::LAST).contains(&k) {
             return Err(StreamError::Malformed {
                 chunk: self.chunk,
                 offset: frame,
@@ -723,19 +810,30 @@ impl<R: Read> StreamReader<R> {
         parse_payload(k, &self.buf[..len]).map_err(malformed)
     }
 
-    /// Waits for the destination's acknowledgement that the guest runs.
+    /// Waits for the destination's acknowledgement that the guest runs (skipping its
+    /// destination-info, which precopy does not need).
     pub fn expect_guest_running(&mut self) -> Result<(), StreamError> {
-        let offset = self.offset;
-        let chunk = self.chunk;
-        match self.next_chunk()? {
-            Chunk::GuestRunning => Ok(()),
-            other => Err(StreamError::Unexpected {
-                chunk,
-                offset,
-                found: chunk_name(&other),
-                expected: "guest-running",
-            }),
+        loop {
+            let offset = self.offset;
+            let chunk = self.chunk;
+            match self.next_chunk()? {
+                Chunk::GuestRunning => return Ok(()),
+                Chunk::DestInfo { .. } => {}
+                other => {
+                    return Err(StreamError::Unexpected {
+                        chunk,
+                        offset,
+                        found: chunk_name(&other),
+                        expected: "guest-running",
+                    })
+                }
+            }
         }
+    }
+
+    /// Where the next chunk starts (offset, chunk number), for errors naming it.
+    pub fn position(&self) -> (u64, u64) {
+        (self.offset, self.chunk)
     }
 }
 
@@ -793,6 +891,35 @@ fn parse_payload(k: u32, payload: &[u8]) -> Result<Chunk<'_>, String> {
             c.finish()?;
             Chunk::PageRequest { gpa, count }
         }
+        kind::DEST_INFO => {
+            let host_page = c.u64()?;
+            let flags = c.u32()?;
+            c.finish()?;
+            if !host_page.is_power_of_two() || host_page < PAGE_SIZE as u64 {
+                return Err(format!(
+                    "destination host page size {host_page} is impossible"
+                ));
+            }
+            Chunk::DestInfo { host_page, flags }
+        }
+        kind::DISCARD => {
+            let runs = c.rest();
+            if !runs.len().is_multiple_of(DISCARD_RUN_BYTES) {
+                return Err(format!(
+                    "discard chunk of {} bytes is not whole {DISCARD_RUN_BYTES}-byte runs",
+                    runs.len()
+                ));
+            }
+            Chunk::Discard { runs }
+        }
+        kind::POSTCOPY => {
+            c.finish()?;
+            Chunk::Postcopy
+        }
+        kind::ALL_RECEIVED => {
+            c.finish()?;
+            Chunk::AllReceived
+        }
         _ => return Err(format!("{} chunk after the start", kind_name(k))),
     })
 }
@@ -808,6 +935,10 @@ pub fn chunk_name(c: &Chunk<'_>) -> &'static str {
         Chunk::End => "end",
         Chunk::GuestRunning => "guest-running",
         Chunk::PageRequest { .. } => "page-request",
+        Chunk::DestInfo { .. } => "destination-info",
+        Chunk::Discard { .. } => "discard",
+        Chunk::Postcopy => "postcopy",
+        Chunk::AllReceived => "all-received",
     }
 }
 
@@ -825,6 +956,44 @@ mod tests {
             page[at] = 0;
         }
         assert!(is_zero(&[0u8; 13]) && !is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn postcopy_chunks_round_trip() {
+        let mut w = StreamWriter::headless(Vec::new());
+        w.dest_info(2 << 20, DEST_DEMAND_PAGING).unwrap();
+        w.discard(&[(0x1000, 3), (0x20_0000, 512)]).unwrap();
+        w.postcopy().unwrap();
+        w.page_request(0x40_0000, 512).unwrap();
+        w.all_received().unwrap();
+        let bytes = w.into_inner().unwrap();
+        let mut r = StreamReader::headless(&bytes[..]);
+        assert_eq!(
+            r.next_chunk().unwrap(),
+            Chunk::DestInfo {
+                host_page: 2 << 20,
+                flags: DEST_DEMAND_PAGING
+            }
+        );
+        match r.next_chunk().unwrap() {
+            Chunk::Discard { runs } => assert_eq!(
+                discard_runs(runs).collect::<Vec<_>>(),
+                vec![(0x1000, 3), (0x20_0000, 512)]
+            ),
+            c => panic!("{c:?}"),
+        }
+        assert_eq!(r.next_chunk().unwrap(), Chunk::Postcopy);
+        assert_eq!(
+            r.next_chunk().unwrap(),
+            Chunk::PageRequest {
+                gpa: 0x40_0000,
+                count: 512
+            }
+        );
+        assert_eq!(r.next_chunk().unwrap(), Chunk::AllReceived);
+        assert!(StreamWriter::headless(Vec::new())
+            .discard(&[(0x1001, 1)])
+            .is_err());
     }
 
     #[test]

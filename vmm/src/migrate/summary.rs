@@ -142,8 +142,8 @@ mod tests {
             keys,
             [
                 "bytes_sent",
-                "downtime_ms",
                 "dirty_mode",
+                "downtime_ms",
                 "mode",
                 "postcopy",
                 "ram_bytes",

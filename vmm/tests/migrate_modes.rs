@@ -1,0 +1,265 @@
+//! Live migration in every dirty-tracking mode (kvm-bitmap, kvm-ring, stage2-wp), precopy and
+//! postcopy, between two real `vmm --guest dirty` processes with demand paging on both ends:
+//! the destination's replay of every write must PASS. Also: a connection cut in the middle of
+//! postcopy stops both ends with exit 1 and says why; a postcopy request to a destination
+//! without demand paging is refused and the source's guest goes on and passes.
+
+mod migrate_util;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use migrate_util::{finish, free_port, kvm_or_skip, lines, vmm, wait_for, SERIAL};
+
+/// Migrates a writing `dirty` guest with `src_flags`; the destination stops the guest as
+/// soon as it runs (`--run-for 0`), so most pages still hold what the source wrote and a lost
+/// page fails the replay. Returns the source's `--migrate-json` document.
+fn migrate_and_verify(test: &str, src_flags: &[&str]) -> Option<serde_json::Value> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let json = std::env::temp_dir().join(format!("{test}-{}.json", std::process::id()));
+    let mut dst = vmm(&["--incoming", &addr, "--run-for", "0"]);
+    let dst_rx = lines(&mut dst);
+    wait_for(&dst_rx, "waiting for the migration source");
+    let mut args = vec![
+        "--migrate-to",
+        &addr,
+        "--migrate-json",
+        json.to_str().unwrap(),
+        "--max-rounds",
+        "4",
+    ];
+    args.extend_from_slice(src_flags);
+    let mut src = vmm(&args);
+    let src_rx = lines(&mut src);
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert_eq!(scode, 0, "source: {sout}\n{serr}");
+    assert!(
+        sout.contains("round 0:"),
+        "a progress line per round: {sout}"
+    );
+    assert!(sout.contains("complete"), "{sout}");
+    let (dcode, dout, derr) = finish(dst, dst_rx);
+    assert_eq!(dcode, 0, "destination: {dout}\n{derr}");
+    assert!(dout.contains("PASS"), "{dout}");
+    assert_eq!(
+        derr.matches("dirty replay of").count(),
+        2,
+        "each vCPU verified: {derr}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("--migrate-json written"))
+            .expect("--migrate-json is JSON");
+    let _ = std::fs::remove_file(&json);
+    if doc["mode"] == "postcopy" {
+        assert!(
+            dout.contains("faults served on demand"),
+            "the destination's postcopy figures: {dout}"
+        );
+    }
+    Some(doc)
+}
+
+fn check_precopy(doc: &serde_json::Value, mode: &str) {
+    assert_eq!(doc["mode"], "precopy", "{doc}");
+    assert_eq!(doc["dirty_mode"], mode, "{doc}");
+    assert!(doc["postcopy"].is_null(), "{doc}");
+    assert!(doc["rounds"].as_array().unwrap().len() >= 2, "{doc}");
+}
+
+fn check_postcopy(doc: &serde_json::Value, mode: &str) {
+    assert_eq!(doc["mode"], "postcopy", "{doc}");
+    assert_eq!(doc["dirty_mode"], mode, "{doc}");
+    // --postcopy-after 2: the full pass and one dirty round, then the switch.
+    assert_eq!(doc["rounds"].as_array().unwrap().len(), 2, "{doc}");
+    let pc = &doc["postcopy"];
+    let moved = pc["requested_pages"].as_u64().unwrap() + pc["pushed_pages"].as_u64().unwrap();
+    assert!(moved > 0, "pages moved after the switch: {doc}");
+}
+
+#[test]
+fn precopy_kvm_bitmap_passes() {
+    if let Some(doc) = migrate_and_verify("precopy_kvm_bitmap_passes", &[]) {
+        check_precopy(&doc, "kvm-bitmap");
+    }
+}
+
+#[test]
+fn precopy_kvm_ring_passes() {
+    if let Some(doc) = migrate_and_verify("precopy_kvm_ring_passes", &["--dirty-mode", "kvm-ring"])
+    {
+        check_precopy(&doc, "kvm-ring");
+    }
+}
+
+#[test]
+fn precopy_stage2_wp_passes() {
+    if let Some(doc) =
+        migrate_and_verify("precopy_stage2_wp_passes", &["--dirty-mode", "stage2-wp"])
+    {
+        check_precopy(&doc, "stage2-wp");
+    }
+}
+
+#[test]
+fn postcopy_kvm_bitmap_passes() {
+    if let Some(doc) = migrate_and_verify("postcopy_kvm_bitmap_passes", &["--postcopy-after", "2"])
+    {
+        check_postcopy(&doc, "kvm-bitmap");
+    }
+}
+
+#[test]
+fn postcopy_kvm_ring_passes() {
+    if let Some(doc) = migrate_and_verify(
+        "postcopy_kvm_ring_passes",
+        &["--dirty-mode", "kvm-ring", "--postcopy-after", "2"],
+    ) {
+        check_postcopy(&doc, "kvm-ring");
+    }
+}
+
+#[test]
+fn postcopy_stage2_wp_passes() {
+    if let Some(doc) = migrate_and_verify(
+        "postcopy_stage2_wp_passes",
+        &["--dirty-mode", "stage2-wp", "--postcopy-after", "2"],
+    ) {
+        check_postcopy(&doc, "stage2-wp");
+    }
+}
+
+/// Chunk kind of the postcopy switch on the wire (stream.rs `kind::POSTCOPY`).
+const KIND_POSTCOPY: u32 = 12;
+/// Magic and version before the first chunk.
+const STREAM_START: usize = 12;
+/// Frame bytes around a payload: kind, len, crc.
+const FRAME: usize = 12;
+
+/// Reads one chunk frame from `from` into a byte vector (kind, whole frame); None at EOF.
+fn read_frame(from: &mut TcpStream) -> Option<(u32, Vec<u8>)> {
+    let mut head = [0u8; 8];
+    from.read_exact(&mut head).ok()?;
+    let kind = u32::from_le_bytes(head[..4].try_into().unwrap());
+    let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
+    let mut frame = head.to_vec();
+    frame.resize(len + FRAME, 0);
+    from.read_exact(&mut frame[8..]).ok()?;
+    Some((kind, frame))
+}
+
+#[test]
+fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
+    if !kvm_or_skip("connection_cut_during_postcopy_stops_both_ends_with_exit_1") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dst_addr = format!("127.0.0.1:{}", free_port());
+    let mut dst = vmm(&["--incoming", &format!("tcp:{dst_addr}"), "--run-for", "0"]);
+    let dst_rx = lines(&mut dst);
+    wait_for(&dst_rx, "waiting for the migration source");
+    // A proxy that passes the stream through chunk by chunk and, once the destination's
+    // guest runs (its acknowledgement went back) and some postcopy pages went forward, cuts
+    // both directions: the source is gone in the middle of postcopy.
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let src_addr = format!("tcp:{}", proxy.local_addr().unwrap());
+    let back_chunks = Arc::new(AtomicU64::new(0));
+    let cutter = std::thread::spawn(move || {
+        let (mut from_src, _) = proxy.accept().unwrap();
+        let mut to_dst = TcpStream::connect(&dst_addr).unwrap();
+        let (mut from_dst, mut to_src) =
+            (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+        let back = back_chunks.clone();
+        std::thread::spawn(move || {
+            while let Some((_, f)) = read_frame(&mut from_dst) {
+                if to_src.write_all(&f).is_err() {
+                    break;
+                }
+                back.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let mut start = [0u8; STREAM_START];
+        from_src.read_exact(&mut start).unwrap();
+        to_dst.write_all(&start).unwrap();
+        let mut after_switch = None;
+        while let Some((kind, f)) = read_frame(&mut from_src) {
+            to_dst.write_all(&f).unwrap();
+            if kind == KIND_POSTCOPY {
+                after_switch = Some(0u32);
+            }
+            if let Some(n) = after_switch.as_mut() {
+                *n += 1;
+                // DEST_INFO and GUEST_RUNNING came back: the destination's guest runs.
+                if *n >= 64 && back_chunks.load(Ordering::SeqCst) >= 2 {
+                    break;
+                }
+            }
+        }
+        let _ = to_dst.shutdown(Shutdown::Both);
+        let _ = from_src.shutdown(Shutdown::Both);
+        after_switch.is_some()
+    });
+    let mut src = vmm(&[
+        "--migrate-to",
+        &src_addr,
+        "--postcopy-after",
+        "2",
+        "--max-rounds",
+        "4",
+    ]);
+    let src_rx = lines(&mut src);
+    assert!(
+        cutter.join().unwrap(),
+        "the stream reached the postcopy switch"
+    );
+    let (dcode, dout, derr) = finish(dst, dst_rx);
+    assert_eq!(dcode, 1, "destination: {dout}\n{derr}");
+    assert!(
+        derr.contains("the guest cannot continue"),
+        "the destination says why: {derr}"
+    );
+    assert!(!dout.contains("\nPASS"), "{dout}");
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert_eq!(scode, 1, "source: {sout}\n{serr}");
+    assert!(
+        serr.contains("during postcopy"),
+        "the source says why: {serr}"
+    );
+}
+
+#[test]
+fn postcopy_to_a_destination_without_demand_paging_is_refused_and_the_source_runs_on() {
+    if !kvm_or_skip("postcopy_to_a_destination_without_demand_paging_is_refused") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = vmm(&["--incoming", &addr, "--no-demand-paging"]);
+    let dst_rx = lines(&mut dst);
+    wait_for(&dst_rx, "waiting for the migration source");
+    let mut src = vmm(&[
+        "--migrate-to",
+        &addr,
+        "--postcopy-after",
+        "1",
+        "--run-for",
+        "1",
+    ]);
+    let src_rx = lines(&mut src);
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert!(
+        serr.contains("postcopy needs demand paging on the destination"),
+        "{serr}"
+    );
+    assert!(serr.contains("keeps running here"), "{serr}");
+    assert_eq!(scode, 0, "the source's guest passes: {sout}\n{serr}");
+    assert!(sout.contains("PASS"), "{sout}");
+    let (dcode, dout, derr) = finish(dst, dst_rx);
+    assert_eq!(dcode, 1, "{dout}\n{derr}");
+    assert!(derr.contains("nothing runs here"), "{derr}");
+}
