@@ -7,7 +7,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::boot::DEFAULT_CMDLINE;
 use crate::guest::GuestArgs;
-use crate::memory::BackingKind;
+use crate::memory::{BackingKind, MemoryBackend, MemoryError};
 
 /// Default guest RAM.
 pub const DEFAULT_MEM: &str = "1G";
@@ -41,6 +41,27 @@ impl From<Hugepages> for BackingKind {
             Hugepages::OneG => BackingKind::Hugetlb1G,
             Hugepages::Thp => BackingKind::Thp,
             Hugepages::None => BackingKind::Small,
+        }
+    }
+}
+
+/// `--memory-backend` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum MemoryBackendArg {
+    /// Private anonymous memory.
+    #[default]
+    Private,
+    /// A shared memfd (hugetlbfs memfd with --hugepages 2M/1G), MAP_SHARED, with a second
+    /// mapping for the VMM; demand paging resolves pages already in the file with UFFDIO_CONTINUE
+    /// and reclaims by punching holes in it.
+    Shared,
+}
+
+impl From<MemoryBackendArg> for MemoryBackend {
+    fn from(m: MemoryBackendArg) -> MemoryBackend {
+        match m {
+            MemoryBackendArg::Private => MemoryBackend::Private,
+            MemoryBackendArg::Shared => MemoryBackend::Shared,
         }
     }
 }
@@ -162,6 +183,13 @@ pub struct Cli {
     #[arg(long, value_name = "KIND", value_enum, default_value = "auto")]
     pub hugepages: Hugepages,
 
+    /// Guest RAM memory: private = anonymous memory; shared = a memfd mapped MAP_SHARED (with
+    /// --hugepages 2M/1G a hugetlbfs memfd; auto = 2M if the free pool covers the guest, else 4K;
+    /// thp is private only), which demand paging maps with UFFDIO_CONTINUE when the file has the
+    /// page and reclaims by punching holes.
+    #[arg(long, value_name = "KIND", value_enum, default_value = "private")]
+    pub memory_backend: MemoryBackendArg,
+
     /// Serial console (COM1): stdio, or file:PATH for output to a file.
     #[arg(long, value_name = "TARGET", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialTarget,
@@ -177,6 +205,13 @@ pub struct Cli {
     /// Built-in test guests.
     #[command(flatten)]
     pub guest_args: GuestArgs,
+}
+
+impl Cli {
+    /// The guest RAM backing that --hugepages and --memory-backend ask for together.
+    pub fn backing(&self) -> Result<BackingKind, MemoryError> {
+        BackingKind::from(self.hugepages).on_backend(self.memory_backend.into())
+    }
 }
 
 /// Parses `args`; `Err` carries what to print and the exit code (0 for --help/--version, else 1
@@ -272,6 +307,36 @@ mod tests {
             ),
             BackingKind::Small
         );
+    }
+
+    #[test]
+    fn memory_backend_chooses_the_shared_twin_of_the_page_size() {
+        let backing = |args: &[&str]| {
+            let mut a = vec!["--guest", "stress"];
+            a.extend_from_slice(args);
+            parse(&a).unwrap().backing()
+        };
+        assert_eq!(backing(&[]).unwrap(), BackingKind::Auto);
+        assert_eq!(
+            backing(&["--memory-backend", "private", "--hugepages", "2M"]).unwrap(),
+            BackingKind::Hugetlb2M
+        );
+        for (h, want) in [
+            ("auto", BackingKind::SharedAuto),
+            ("none", BackingKind::Shared4K),
+            ("2M", BackingKind::Shared2M),
+            ("1G", BackingKind::Shared1G),
+        ] {
+            assert_eq!(
+                backing(&["--memory-backend", "shared", "--hugepages", h]).unwrap(),
+                want
+            );
+        }
+        let e = backing(&["--memory-backend", "shared", "--hugepages", "thp"]).unwrap_err();
+        assert!(e.to_string().contains("private memory only"), "{e}");
+        let (msg, code) = parse(&["--guest", "stress", "--memory-backend", "anon"]).unwrap_err();
+        assert_eq!(code, 1);
+        assert!(msg.contains("private") && msg.contains("shared"), "{msg}");
     }
 
     #[test]

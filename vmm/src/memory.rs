@@ -1,11 +1,16 @@
 //! Guest RAM: the physical layout (RAM below the 32-bit PCI hole, the rest above 4 GiB), its host
-//! backing (hugetlbfs 2 MiB / 1 GiB, THP, 4 KiB pages) and the e820 map that describes it.
+//! backing (private: hugetlbfs 2 MiB / 1 GiB, THP, 4 KiB pages; shared: a memfd per region, with
+//! a second mapping for the VMM) and the e820 map that describes it.
 
+use std::ffi::CString;
 use std::fmt;
+use std::fs::File;
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use log::{info, warn};
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// Start of the 32-bit PCI/MMIO hole: RAM above this guest-physical address is moved above 4 GiB.
 pub const MMIO_HOLE_START: u64 = 3 << 30;
@@ -25,6 +30,21 @@ const SZ_1G: u64 = 1 << 30;
 const MAP_HUGE_SHIFT: i32 = 26;
 const MAP_HUGE_2MB: i32 = 21 << MAP_HUGE_SHIFT;
 const MAP_HUGE_1GB: i32 = 30 << MAP_HUGE_SHIFT;
+/// `MFD_HUGE_2MB` / `MFD_HUGE_1GB` (include/uapi/linux/memfd.h): memfd_create(2) encodes the
+/// hugetlb page size like mmap does (`MFD_HUGE_SHIFT` = `MAP_HUGE_SHIFT`).
+const MFD_HUGE_2MB: u32 = MAP_HUGE_2MB as u32;
+const MFD_HUGE_1GB: u32 = MAP_HUGE_1GB as u32;
+
+/// Whether guest RAM is private anonymous memory or a shared memfd (`--memory-backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum MemoryBackend {
+    /// Private anonymous memory (MAP_PRIVATE | MAP_ANONYMOUS).
+    #[default]
+    Private,
+    /// A memfd per RAM region mapped MAP_SHARED (hugetlbfs memfd for 2M / 1G pages), with a
+    /// second mapping of the same file for the VMM (the "host view").
+    Shared,
+}
 
 /// How guest RAM is backed on the host (`--hugepages`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,27 +59,76 @@ pub enum BackingKind {
     Thp,
     /// Anonymous memory with 4 KiB pages.
     Small,
+    /// Shared memfd: 2 MiB hugetlbfs when the free pool covers the guest, else 4 KiB shmem.
+    SharedAuto,
+    /// Shared memfd (shmem) with 4 KiB pages.
+    Shared4K,
+    /// Shared hugetlbfs memfd with 2 MiB pages.
+    Shared2M,
+    /// Shared hugetlbfs memfd with 1 GiB pages.
+    Shared1G,
 }
 
 impl BackingKind {
     /// Host page size of this backing (the granularity of demand paging); 4 KiB for THP.
     pub fn page_size(self) -> u64 {
         match self {
-            BackingKind::Hugetlb2M => SZ_2M,
-            BackingKind::Hugetlb1G => SZ_1G,
-            BackingKind::Auto | BackingKind::Thp | BackingKind::Small => SZ_4K,
+            BackingKind::Hugetlb2M | BackingKind::Shared2M => SZ_2M,
+            BackingKind::Hugetlb1G | BackingKind::Shared1G => SZ_1G,
+            BackingKind::Auto
+            | BackingKind::Thp
+            | BackingKind::Small
+            | BackingKind::SharedAuto
+            | BackingKind::Shared4K => SZ_4K,
         }
     }
 
-    /// True for the hugetlbfs backings.
+    /// True for the hugetlbfs backings (private or shared).
     pub fn is_hugetlb(self) -> bool {
-        matches!(self, BackingKind::Hugetlb2M | BackingKind::Hugetlb1G)
+        matches!(
+            self,
+            BackingKind::Hugetlb2M
+                | BackingKind::Hugetlb1G
+                | BackingKind::Shared2M
+                | BackingKind::Shared1G
+        )
+    }
+
+    /// True for the shared memfd backings.
+    pub fn is_shared(self) -> bool {
+        matches!(
+            self,
+            BackingKind::SharedAuto
+                | BackingKind::Shared4K
+                | BackingKind::Shared2M
+                | BackingKind::Shared1G
+        )
+    }
+
+    /// This page-size choice on `backend`: the private kinds map to their shared twins (THP,
+    /// which is for private anonymous memory only, is refused for shared memory).
+    pub fn on_backend(self, backend: MemoryBackend) -> Result<BackingKind, MemoryError> {
+        if backend == MemoryBackend::Private || self.is_shared() {
+            return Ok(self);
+        }
+        Ok(match self {
+            BackingKind::Auto => BackingKind::SharedAuto,
+            BackingKind::Small => BackingKind::Shared4K,
+            BackingKind::Hugetlb2M => BackingKind::Shared2M,
+            BackingKind::Hugetlb1G => BackingKind::Shared1G,
+            BackingKind::Thp => return Err(MemoryError::ThpShared),
+            shared => shared,
+        })
     }
 
     fn sysfs_dir(self) -> Option<&'static str> {
         match self {
-            BackingKind::Hugetlb2M => Some("/sys/kernel/mm/hugepages/hugepages-2048kB"),
-            BackingKind::Hugetlb1G => Some("/sys/kernel/mm/hugepages/hugepages-1048576kB"),
+            BackingKind::Hugetlb2M | BackingKind::Shared2M => {
+                Some("/sys/kernel/mm/hugepages/hugepages-2048kB")
+            }
+            BackingKind::Hugetlb1G | BackingKind::Shared1G => {
+                Some("/sys/kernel/mm/hugepages/hugepages-1048576kB")
+            }
             _ => None,
         }
     }
@@ -67,7 +136,9 @@ impl BackingKind {
     /// The knob an administrator writes to grow this pool.
     pub fn pool_knob(self) -> &'static str {
         match self {
-            BackingKind::Hugetlb1G => "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages",
+            BackingKind::Hugetlb1G | BackingKind::Shared1G => {
+                "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
+            }
             _ => "/proc/sys/vm/nr_hugepages",
         }
     }
@@ -81,6 +152,10 @@ impl fmt::Display for BackingKind {
             BackingKind::Hugetlb1G => "1G hugetlbfs",
             BackingKind::Thp => "THP",
             BackingKind::Small => "4K pages",
+            BackingKind::SharedAuto => "shared memfd (auto)",
+            BackingKind::Shared4K => "shared memfd, 4K pages",
+            BackingKind::Shared2M => "shared memfd, 2M hugetlbfs",
+            BackingKind::Shared1G => "shared memfd, 1G hugetlbfs",
         })
     }
 }
@@ -137,6 +212,19 @@ pub enum MemoryError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// THP asked for shared memory.
+    #[error("--hugepages thp works with private memory only: with --memory-backend shared choose --hugepages 2M, 1G, none or auto")]
+    ThpShared,
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create the {size} memfd of shared guest memory ({backing}): {source}; lower --mem, free host memory or use --memory-backend private")]
+    Memfd {
+        /// Human size.
+        size: String,
+        /// Backing.
+        backing: BackingKind,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// vm-memory refused the layout (a bug, not user input).
     #[error("invalid guest memory layout: {0}")]
     Layout(String),
@@ -174,6 +262,34 @@ pub struct E820Entry {
     pub kind: E820Type,
 }
 
+/// One RAM region of shared guest RAM: the memfd behind it (file offset 0 = `region.gpa`) and
+/// the VMM's own second mapping of that file. Pages written through `host_view` are in the file
+/// and appear in guest RAM (under demand paging, as MINOR faults resolved by UFFDIO_CONTINUE).
+#[derive(Clone, Debug)]
+pub struct SharedRegion {
+    /// The region as the guest (and KVM) sees it; `host_addr` is the guest mapping.
+    pub region: RamRegion,
+    /// The memfd.
+    pub file: Arc<File>,
+    /// Host address of the VMM's second mapping of the file (valid while the `GuestRam` lives).
+    pub host_view: u64,
+}
+
+/// A MAP_SHARED mapping of a memfd that this process owns (the host view); unmapped on drop.
+#[derive(Debug)]
+struct HostView {
+    addr: u64,
+    len: u64,
+}
+
+impl Drop for HostView {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `map_shared` created for this view; the
+        // `SharedRegion::host_view` contract ends with the `GuestRam`.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
 /// Guest RAM: a `GuestMemoryMmap` laid out around the PCI hole on the chosen backing.
 #[derive(Debug)]
 pub struct GuestRam {
@@ -181,6 +297,9 @@ pub struct GuestRam {
     regions: Vec<RamRegion>,
     backing: BackingKind,
     size: u64,
+    /// Shared backing: the memfd and host view of each region (empty for private memory).
+    shared: Vec<SharedRegion>,
+    _views: Vec<HostView>,
 }
 
 /// Formats a byte count with the largest exact binary suffix (4G, 512M, 4K, or bytes).
@@ -246,6 +365,20 @@ impl GuestRam {
             return Err(MemoryError::Empty);
         }
         let backing = match backing {
+            BackingKind::SharedAuto => {
+                let resolved = if size.is_multiple_of(SZ_2M)
+                    && pool_available(BackingKind::Shared2M).unwrap_or(0) >= size / SZ_2M
+                {
+                    BackingKind::Shared2M
+                } else {
+                    BackingKind::Shared4K
+                };
+                info!(
+                    "--hugepages auto: backing {} of shared guest RAM with {resolved}",
+                    human(size)
+                );
+                resolved
+            }
             BackingKind::Auto => {
                 let resolved = if size.is_multiple_of(SZ_2M)
                     && pool_available(BackingKind::Hugetlb2M).unwrap_or(0) >= size / SZ_2M
@@ -275,8 +408,25 @@ impl GuestRam {
         }
         let mut mm_regions = Vec::new();
         let mut regions = Vec::new();
+        let mut shared = Vec::new();
+        let mut views = Vec::new();
         for (gpa, len) in layout(size) {
-            let mapping = map_backing(len, backing)?;
+            let mapping = if backing.is_shared() {
+                let (mapping, file, view) = map_shared(gpa, len, backing)?;
+                shared.push(SharedRegion {
+                    region: RamRegion {
+                        gpa,
+                        len,
+                        host_addr: mapping.as_ptr() as u64,
+                    },
+                    file,
+                    host_view: view.addr,
+                });
+                views.push(view);
+                mapping
+            } else {
+                map_backing(len, backing)?
+            };
             let host_addr = mapping.as_ptr() as u64;
             regions.push(RamRegion {
                 gpa,
@@ -299,7 +449,15 @@ impl GuestRam {
             regions,
             backing,
             size,
+            shared,
+            _views: views,
         })
+    }
+
+    /// Shared backing: the memfd and host view of each region, in guest-physical order (empty
+    /// for private memory).
+    pub fn shared_regions(&self) -> &[SharedRegion] {
+        &self.shared
     }
 
     /// The RAM regions in guest-physical order.
@@ -389,6 +547,77 @@ fn e820_for(regions: &[RamRegion]) -> Vec<E820Entry> {
         }
     }
     out
+}
+
+/// A memfd of `len` bytes for the region at `gpa`, mapped MAP_SHARED twice: the guest mapping
+/// (handed to vm-memory and KVM) and the VMM's host view.
+fn map_shared(
+    gpa: u64,
+    len: u64,
+    backing: BackingKind,
+) -> Result<(MmapRegion, Arc<File>, HostView), MemoryError> {
+    let memfd_err = |source| MemoryError::Memfd {
+        size: human(len),
+        backing,
+        source,
+    };
+    let mut flags = libc::MFD_CLOEXEC;
+    match backing {
+        BackingKind::Shared2M => flags |= libc::MFD_HUGETLB | MFD_HUGE_2MB,
+        BackingKind::Shared1G => flags |= libc::MFD_HUGETLB | MFD_HUGE_1GB,
+        _ => {}
+    }
+    let name = CString::new(format!("guest-ram-{gpa:#x}")).expect("no NUL in the name");
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(memfd_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+    file.set_len(len).map_err(memfd_err)?;
+    let len_usize = usize::try_from(len)
+        .map_err(|_| memfd_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+    let mmap_err = |source| MemoryError::Mmap {
+        size: human(len),
+        backing,
+        source,
+    };
+    // Shared hugetlbfs mappings reserve the file's huge pages at mmap time: a short pool fails
+    // here, not as SIGBUS later.
+    let mut region = MmapRegion::build(
+        Some(FileOffset::from_arc(file.clone(), 0)),
+        len_usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+    )
+    .map_err(|e| match e {
+        vm_memory::mmap::MmapRegionError::Mmap(io) => mmap_err(io),
+        other => mmap_err(std::io::Error::other(other.to_string())),
+    })?;
+    region.set_hugetlbfs(backing.is_hugetlb());
+    // SAFETY: a new shared mapping of the whole memfd at a kernel-chosen address.
+    let view = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len_usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if view == libc::MAP_FAILED {
+        return Err(mmap_err(std::io::Error::last_os_error()));
+    }
+    Ok((
+        region,
+        file,
+        HostView {
+            addr: view as u64,
+            len,
+        },
+    ))
 }
 
 fn map_backing(len: u64, backing: BackingKind) -> Result<MmapRegion, MemoryError> {
@@ -491,6 +720,39 @@ mod tests {
         assert_eq!(ram.memory().num_regions(), 1);
         let last = ram.memory().iter().next().unwrap().last_addr();
         assert_eq!(last.raw_value(), (64 << 20) - 1);
+    }
+
+    #[test]
+    fn shared_backing_is_a_memfd_seen_through_both_mappings() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(16 << 20, BackingKind::Shared4K).unwrap();
+        assert!(ram.backing().is_shared());
+        let shared = ram.shared_regions();
+        assert_eq!(shared.len(), 1);
+        assert_eq!(shared[0].region, ram.regions().next().unwrap());
+        assert_ne!(shared[0].host_view, shared[0].region.host_addr);
+        assert_eq!(shared[0].file.metadata().unwrap().len(), 16 << 20);
+        // A write through the host view is guest memory.
+        // SAFETY: inside the live host view of the 16 MiB file.
+        unsafe { std::ptr::write_volatile((shared[0].host_view + 0x5000) as *mut u64, 42) };
+        let v: u64 = ram.memory().read_obj(GuestAddress(0x5000)).unwrap();
+        assert_eq!(v, 42);
+        assert!(GuestRam::new(16 << 20, BackingKind::Small)
+            .unwrap()
+            .shared_regions()
+            .is_empty());
+        assert!(matches!(
+            BackingKind::Thp.on_backend(MemoryBackend::Shared),
+            Err(MemoryError::ThpShared)
+        ));
+        assert_eq!(
+            BackingKind::Hugetlb2M
+                .on_backend(MemoryBackend::Shared)
+                .unwrap(),
+            BackingKind::Shared2M
+        );
+        assert_eq!(BackingKind::Shared2M.page_size(), SZ_2M);
+        assert!(BackingKind::Shared1G.is_hugetlb());
     }
 
     #[test]

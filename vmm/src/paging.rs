@@ -48,6 +48,30 @@
 //! page. Known edge: a write fill whose install meets a racing invalidation is installed (and
 //! its bit set) after the lock was dropped, so its page may be reported one harvest late.
 //!
+//! # Shared memory (memfd): MISSING + MINOR, UFFDIO_CONTINUE, hole-punch reclaim
+//!
+//! Guest RAM may be a memfd mapped MAP_SHARED (shmem, or a hugetlbfs memfd for 2 MiB / 1 GiB
+//! pages), with a second mapping of the same file that the VMM keeps as its host view
+//! ([`Pager::start_shared`]). The range is registered for MISSING *and* MINOR faults:
+//!
+//! * a page the file does not have raises MISSING and is filled like private memory (zero page
+//!   or COPY of zeroes, or the page source's data), which puts it in the file;
+//! * a page the file has but the guest mapping does not map (written through the host view, or
+//!   mapped only by another mapping) raises MINOR and is mapped with UFFDIO_CONTINUE
+//!   (write-protected after a read under write tracking), then recorded in stage2 like a fill.
+//!
+//! MINOR-only registration was the other design: there, a fault on a page the file lacks is
+//! resolved by the kernel with no event (shmem and hugetlbfs allocate it in their fault
+//! path), so stage2 would never hear of first touches, and the VMM would have to populate
+//! every page through the host view before the guest could see it. Both modes together work
+//! on this kernel (6.18) and keep every first touch visible. Reclaim is
+//! `fallocate(PUNCH_HOLE | KEEP_SIZE)` on the file, bracketed by stage2's invalidation like the
+//! MADV_DONTNEED path: the pages leave the file and every mapping (KVM's mmu notifier fires),
+//! and the next access is a MISSING fault that reads zeroes. The punch raises no REMOVE event.
+//! `is_populated` on shmem answers "the file has the page"; on a hugetlbfs memfd, "the guest
+//! mapping maps it" (mincore looks at the page table there), so a page written only through the
+//! host view reads as not populated until the guest touches it.
+//!
 //! # Order: host first, then stage2 (KVM's order)
 //!
 //! KVM resolves the host page first and installs its EPT entry second, under the mmu-notifier
@@ -99,12 +123,14 @@ use stage2::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::memory::{BackingKind, GuestRam, RamRegion};
+use crate::memory::{BackingKind, GuestRam, RamRegion, SharedRegion};
 use crate::uffd::{
-    Event, Uffd, UffdError, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP,
+    Event, Uffd, UffdError, UFFDIO_CONTINUE_MODE_DONTWAKE, UFFDIO_CONTINUE_MODE_WP,
+    UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP, UFFDIO_REGISTER_MODE_MINOR,
     UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, UFFDIO_ZEROPAGE_MODE_DONTWAKE,
     UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,
-    UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_THREAD_ID,
+    UFFD_FEATURE_MINOR_HUGETLBFS, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_HUGETLBFS,
+    UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_THREAD_ID,
     UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
 };
 
@@ -313,6 +339,8 @@ struct Counters {
     deferred_dropped: AtomicU64,
     wp_cleared: AtomicU64,
     wp_waited: AtomicU64,
+    continued: AtomicU64,
+    hole_punches: AtomicU64,
     harvests: AtomicU64,
     harvested_pages: AtomicU64,
     reclaims: AtomicU64,
@@ -337,6 +365,12 @@ fn get(c: &AtomicU64) -> u64 {
 /// A snapshot of the pager's statistics and stage2's.
 #[derive(Clone, Debug)]
 pub struct PagingStats {
+    /// Guest RAM is a shared memfd (MISSING + MINOR faults) rather than private memory.
+    pub shared_memory: bool,
+    /// Bytes mapped from the shared memory file by UFFDIO_CONTINUE (MINOR faults).
+    pub continued: u64,
+    /// Reclaims done by punching a hole in the shared memory file.
+    pub hole_punches: u64,
     /// stage2's own statistics (mapped bytes by page size, outcomes, invalidations, ...).
     pub stage2: stage2::Stats,
     /// userfaultfd events by kind: MISSING faults.
@@ -405,7 +439,7 @@ pub struct PagingStats {
 
 impl fmt::Display for PagingStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: [(&str, u64); 32] = [
+        let rows: [(&str, u64); 34] = [
             ("uffd events: missing", self.events_missing),
             ("uffd events: write-protect", self.events_wp),
             ("uffd events: minor", self.events_minor),
@@ -429,6 +463,8 @@ impl fmt::Display for PagingStats {
             ("deferred faults", self.deferred),
             ("deferred faults dropped", self.deferred_dropped),
             ("WP cleared", self.wp_cleared),
+            ("bytes mapped by CONTINUE", self.continued),
+            ("reclaims by hole punch", self.hole_punches),
             ("WP waited for a harvest", self.wp_waited),
             ("dirty harvests", self.harvests),
             ("dirty pages harvested", self.harvested_pages),
@@ -442,6 +478,15 @@ impl fmt::Display for PagingStats {
                 self.populated_4k + self.populated_2m + self.populated_1g,
             ),
         ];
+        writeln!(
+            f,
+            "demand paging on {}",
+            if self.shared_memory {
+                "shared memfd memory (MISSING + MINOR faults, UFFDIO_CONTINUE, hole-punch reclaim)"
+            } else {
+                "private memory"
+            }
+        )?;
         writeln!(f, "{:<28} {:>16}", "demand paging", "count")?;
         for (name, v) in rows {
             writeln!(f, "{name:<28} {v:>16}")?;
@@ -456,6 +501,9 @@ impl PagingStats {
         let s = &self.stage2;
         serde_json::json!({
             "paging": {
+                "memory": if self.shared_memory { "shared" } else { "private" },
+                "continued_bytes": self.continued,
+                "hole_punches": self.hole_punches,
                 "events_missing": self.events_missing,
                 "events_wp": self.events_wp,
                 "events_minor": self.events_minor,
@@ -641,6 +689,9 @@ struct Shared {
     on_fatal: Mutex<Option<FatalHandler>>,
     /// Where MISSING faults get their data; zeroes when `None` (see [`Pager::set_page_source`]).
     source: RwLock<Option<Arc<dyn PageSource>>>,
+    /// Shared backing: each region's memfd (file offset 0 = the region's GPA); empty for private
+    /// memory.
+    files: Vec<(RamRegion, Arc<File>)>,
     /// GPA ranges being fetched from the page source by a handler (see `claim_fetch`).
     inflight: Mutex<Vec<Range<u64>>>,
     /// Dirty logging: WP-fault handlers hold it shared across stage2 relax + host unprotect, a
@@ -671,6 +722,14 @@ enum Claim {
 pub type FatalHandler = Box<dyn Fn(&str) + Send + Sync>;
 
 impl Shared {
+    /// The memfd behind `region` (shared backing only).
+    fn file_of(&self, region: &RamRegion) -> Option<&File> {
+        self.files
+            .iter()
+            .find(|(r, _)| r.gpa == region.gpa)
+            .map(|(_, f)| &**f)
+    }
+
     /// The page source, if one is set.
     fn source(&self) -> Option<Arc<dyn PageSource>> {
         self.source
@@ -822,8 +881,29 @@ impl Pager {
     /// Registers every region of `ram` and starts the handlers. Stop the pager before `ram` is
     /// dropped.
     pub fn start(ram: &GuestRam, cfg: PagerConfig) -> Result<Pager, PagingError> {
+        let page = backing_page_size(ram.backing());
+        if ram.backing().is_shared() {
+            return Self::start_shared(ram.shared_regions(), page, cfg);
+        }
         let regions: Vec<RamRegion> = ram.regions().collect();
-        Self::start_with_regions(&regions, backing_page_size(ram.backing()), cfg)
+        Self::start_with_regions(&regions, page, cfg)
+    }
+
+    /// Registers shared guest RAM (`regions`: a memfd each, mapped MAP_SHARED; shmem for
+    /// `Size4K`, hugetlbfs for the others) for MISSING and MINOR faults and starts the
+    /// handlers (see the module doc, "Shared memory"). The mappings must stay until the pager
+    /// is stopped.
+    pub fn start_shared(
+        regions: &[SharedRegion],
+        page: PageSize,
+        cfg: PagerConfig,
+    ) -> Result<Pager, PagingError> {
+        Self::start_inner(
+            regions.iter().map(|r| r.region).collect(),
+            page,
+            cfg,
+            regions,
+        )
     }
 
     /// Registers `regions` (private anonymous memory with host pages of `page`: 4 KiB or THP
@@ -834,6 +914,17 @@ impl Pager {
         page: PageSize,
         cfg: PagerConfig,
     ) -> Result<Pager, PagingError> {
+        Self::start_inner(regions.to_vec(), page, cfg, &[])
+    }
+
+    fn start_inner(
+        regions: Vec<RamRegion>,
+        page: PageSize,
+        cfg: PagerConfig,
+        shared: &[SharedRegion],
+    ) -> Result<Pager, PagingError> {
+        let regions = &regions[..];
+        let is_shared = !shared.is_empty();
         if cfg.handlers == 0 {
             return Err(PagingError::Config(
                 "handlers is 0: give at least one fault-handler thread".into(),
@@ -863,15 +954,25 @@ impl Pager {
         if hugetlb {
             required |= UFFD_FEATURE_MISSING_HUGETLBFS;
         }
+        if is_shared {
+            required |= if hugetlb {
+                UFFD_FEATURE_MINOR_HUGETLBFS
+            } else {
+                UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM
+            };
+        }
         if cfg.write_tracking {
             required |= UFFD_FEATURE_PAGEFAULT_FLAG_WP;
-            if hugetlb {
+            if hugetlb || is_shared {
                 required |= UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
             }
         }
         let optional = UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_THREAD_ID;
         let uffd = Uffd::new(required, optional)?;
         let mut mode = UFFDIO_REGISTER_MODE_MISSING;
+        if is_shared {
+            mode |= UFFDIO_REGISTER_MODE_MINOR;
+        }
         if cfg.write_tracking {
             mode |= UFFDIO_REGISTER_MODE_WP;
         }
@@ -893,6 +994,8 @@ impl Pager {
                 Some("UFFDIO_ZEROPAGE")
             } else if cfg.write_tracking && !ioctls.writeprotect() {
                 Some("UFFDIO_WRITEPROTECT")
+            } else if is_shared && !ioctls.continue_() {
+                Some("UFFDIO_CONTINUE")
             } else {
                 None
             };
@@ -934,6 +1037,7 @@ impl Pager {
             vcpu_tids: (0..cfg.vcpus.max(1)).map(|_| AtomicU32::new(0)).collect(),
             on_fatal: Mutex::new(None),
             source: RwLock::new(None),
+            files: shared.iter().map(|r| (r.region, r.file.clone())).collect(),
             inflight: Mutex::new(Vec::new()),
             dirty_lock: RwLock::new(()),
             dirty_logging: AtomicBool::new(false),
@@ -952,8 +1056,9 @@ impl Pager {
             handlers.push(h);
         }
         info!(
-            "demand paging: {} region(s), {:?} pages, {} handler(s), write tracking {}, fault-around {}",
+            "demand paging: {} region(s) of {} memory, {:?} pages, {} handler(s), write tracking {}, fault-around {}",
             regions.len(),
+            if is_shared { "shared memfd (MISSING + MINOR)" } else { "private" },
             page,
             cfg.handlers,
             cfg.write_tracking,
@@ -985,7 +1090,8 @@ impl Pager {
     }
 
     /// Drops the host memory of `[gpa, gpa+len)` and tells stage2, like the host's mmu notifier:
-    /// `invalidate_range_start`, `MADV_DONTNEED`, `invalidate_range_end`. The next guest access
+    /// `invalidate_range_start`, `MADV_DONTNEED` (on shared memory: a hole punched in the
+    /// file), `invalidate_range_end`. The next guest access
     /// faults again and gets a fresh zero page. The range must lie inside one RAM region and be
     /// aligned to the backing's page size.
     pub fn reclaim(&self, gpa: u64, len: u64) -> Result<ReclaimReport, PagingError> {
@@ -993,6 +1099,9 @@ impl Pager {
         let region = self.check_range(gpa, len)?;
         let end = gpa + len;
         let host = region.host_addr + (gpa - region.gpa);
+        if let Some(file) = sh.file_of(&region) {
+            return self.punch(gpa, len, file, gpa - region.gpa);
+        }
         let t0 = Instant::now();
         sh.own_drops.lock().unwrap().push(host..host + len);
         let zapped = sh.s2.invalidate_range_start(gpa..end);
@@ -1028,6 +1137,52 @@ impl Pager {
             zapped,
             drop_ns,
             total_ns,
+        })
+    }
+
+    /// Reclaim on shared memory: the pages leave the file (`fallocate` punch-hole, which zaps
+    /// them from every mapping: the guest's, the host view, KVM's), bracketed in stage2. No
+    /// REMOVE event is raised (only madvise raises one), so there is nothing to wait for.
+    fn punch(
+        &self,
+        gpa: u64,
+        len: u64,
+        file: &File,
+        offset: u64,
+    ) -> Result<ReclaimReport, PagingError> {
+        let sh = &self.shared;
+        let t0 = Instant::now();
+        let zapped = sh.s2.invalidate_range_start(gpa..gpa + len);
+        let t1 = Instant::now();
+        // SAFETY: fallocate on our own memfd; the range lies inside the file (checked against
+        // the region, whose file offset 0 is its GPA). No Rust reference into the range exists
+        // (guest RAM is accessed with volatile copies), and the guest sees zeroes after.
+        let ret = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        let drop_err = (ret != 0).then(io::Error::last_os_error);
+        let drop_ns = t1.elapsed().as_nanos() as u64;
+        sh.s2.invalidate_range_end(gpa..gpa + len);
+        if let Some(source) = drop_err {
+            return Err(PagingError::Drop { gpa, len, source });
+        }
+        let c = &sh.counters;
+        inc(&c.reclaims);
+        inc(&c.hole_punches);
+        add(&c.reclaimed_bytes, len);
+        add(&c.zapped, zapped as u64);
+        debug!("reclaimed {gpa:#x}+{len:#x} by hole punch: {zapped} leaves zapped");
+        Ok(ReclaimReport {
+            gpa,
+            len,
+            zapped,
+            drop_ns,
+            total_ns: t0.elapsed().as_nanos() as u64,
         })
     }
 
@@ -1418,6 +1573,9 @@ impl Pager {
     pub fn stats(&self) -> PagingStats {
         let c = &self.shared.counters;
         PagingStats {
+            shared_memory: !self.shared.files.is_empty(),
+            continued: get(&c.continued),
+            hole_punches: get(&c.hole_punches),
             stage2: self.shared.s2.stats(),
             events_missing: get(&c.ev_missing),
             events_wp: get(&c.ev_wp),
@@ -1495,6 +1653,8 @@ struct Deferred {
     vcpu: usize,
     /// The host fill has not been done yet (it met a pending REMOVE).
     needs_fill: bool,
+    /// A MINOR fault: the fill is a UFFDIO_CONTINUE.
+    minor: bool,
     /// A WP fault that met a running dirty-log harvest (retried with `on_wp`).
     wp: bool,
     attempts: u32,
@@ -1512,6 +1672,8 @@ enum Fill {
     /// The kernel refused to fill the page for a reason that is not a race (out of huge pages,
     /// out of memory): the fault cannot be served, the VM has been asked to stop.
     Failed,
+    /// A MINOR fault's page left the file (hole punched): wake the vCPU, it faults again.
+    Gone,
 }
 
 /// One fault-handler thread.
@@ -1719,19 +1881,17 @@ impl Handler {
                             access: Access::Write,
                             vcpu,
                             needs_fill: false,
+                            minor: false,
                             wp: true,
                             attempts: 0,
                         });
                     }
                 } else if minor {
                     inc(&c.ev_minor);
-                    error!(
-                        "unexpected minor fault at gpa {gpa:#x} (not registered for MINOR); waking"
-                    );
-                    self.wake_block(gpa);
+                    self.on_missing(gpa, access, vcpu, true);
                 } else {
                     inc(&c.ev_missing);
-                    self.on_missing(gpa, access, vcpu);
+                    self.on_missing(gpa, access, vcpu, false);
                 }
             }
             // Handled in `read_batch`, under the event lock.
@@ -1769,29 +1929,90 @@ impl Handler {
         }
     }
 
-    /// A MISSING fault: fill the host page (or batch), then record it in stage2.
-    fn on_missing(&mut self, gpa: u64, access: Access, vcpu: usize) {
+    /// A MISSING fault (`minor` false: fill the host page, or batch) or a MINOR fault (shared
+    /// backing: map the file's page with UFFDIO_CONTINUE), then record it in stage2.
+    fn on_missing(&mut self, gpa: u64, access: Access, vcpu: usize, minor: bool) {
         let sh = self.sh.clone();
         // A write fill is writable at once and recorded dirty by its install: no harvest may
         // run between the two.
         let Some(_shared) = sh.dirty_shared() else {
-            self.defer(gpa, access, vcpu, true);
+            self.defer(gpa, access, vcpu, true, minor);
             return;
         };
         let seq = self.sh.s2.invalidate_seq();
-        let fill = self.fill(gpa, access == Access::Write);
+        let fill = self.resolve(gpa, access == Access::Write, minor);
         let filled = match fill {
             Fill::Pending => {
-                self.defer(gpa, access, vcpu, true);
+                self.defer(gpa, access, vcpu, true, minor);
                 return;
             }
             Fill::Failed => return,
+            Fill::Gone => {
+                self.wake_block(gpa);
+                return;
+            }
             Fill::Present => 0,
             Fill::Filled { bytes } => bytes,
         };
         if !self.install(gpa, access, vcpu, seq, filled) {
-            self.defer(gpa, access, vcpu, false);
+            self.defer(gpa, access, vcpu, false, minor);
         }
+    }
+
+    fn resolve(&mut self, gpa: u64, write: bool, minor: bool) -> Fill {
+        if minor {
+            self.cont(gpa, write)
+        } else {
+            self.fill(gpa, write)
+        }
+    }
+
+    /// Maps the host page holding `gpa` from the memfd's page cache (UFFDIO_CONTINUE): the file
+    /// has the page, this mapping does not map it yet. Write-protected after a read under write
+    /// tracking, like a fill.
+    fn cont(&mut self, gpa: u64, write: bool) -> Fill {
+        let sh = self.sh.clone();
+        let c = &sh.counters;
+        let page = sh.page.bytes();
+        let block = self.block_of(gpa);
+        let Some(hva) = sh.backing.gpa_to_host(block) else {
+            return Fill::Present;
+        };
+        let mode = if sh.cfg.write_tracking && !write {
+            UFFDIO_CONTINUE_MODE_WP | UFFDIO_CONTINUE_MODE_DONTWAKE
+        } else {
+            UFFDIO_CONTINUE_MODE_DONTWAKE
+        };
+        let bytes = match sh.uffd.continue_(hva, page, mode) {
+            Ok(n) => n,
+            Err(UffdError::Again { done, .. }) if done > 0 => {
+                inc(&c.eagain);
+                done
+            }
+            Err(UffdError::Exists { .. }) => {
+                inc(&c.eexist);
+                return Fill::Present;
+            }
+            Err(UffdError::Again { .. }) => {
+                inc(&c.eagain);
+                return Fill::Pending;
+            }
+            // The page left the file since the fault (a hole was punched): the vCPU's next
+            // access is a MISSING fault.
+            Err(UffdError::Ioctl { ref source, .. })
+                if source.raw_os_error() == Some(libc::EFAULT) =>
+            {
+                return Fill::Gone;
+            }
+            Err(e) => {
+                sh.fatal(&format!(
+                    "the host could not map guest page {block:#x} from the shared memory file: {e}"
+                ));
+                return Fill::Failed;
+            }
+        };
+        add(&c.continued, bytes);
+        Fill::Filled { bytes }
     }
 
     /// Asks stage2 about a fault whose host page is present, and records fault-around pages.
@@ -1834,7 +2055,7 @@ impl Handler {
                 if self.sh.page == PageSize::Size4K {
                     let base = gpa & !(SZ_4K - 1);
                     for off in (SZ_4K..filled).step_by(SZ_4K as usize) {
-                        self.defer(base + off, Access::Write, vcpu, false);
+                        self.defer(base + off, Access::Write, vcpu, false, false);
                     }
                 }
                 return false;
@@ -1883,7 +2104,7 @@ impl Handler {
                         seq,
                     ) {
                         Outcome::Installed { .. } => inc(&c.fault_around),
-                        Outcome::Retry => self.defer(gpa + off, Access::Write, vcpu, false),
+                        Outcome::Retry => self.defer(gpa + off, Access::Write, vcpu, false, false),
                         _ => {}
                     }
                 }
@@ -2081,13 +2302,14 @@ impl Handler {
         true
     }
 
-    fn defer(&mut self, gpa: u64, access: Access, vcpu: usize, needs_fill: bool) {
+    fn defer(&mut self, gpa: u64, access: Access, vcpu: usize, needs_fill: bool, minor: bool) {
         inc(&self.sh.counters.deferred);
         self.deferred.push(Deferred {
             gpa,
             access,
             vcpu,
             needs_fill,
+            minor,
             wp: false,
             attempts: 0,
         });
@@ -2125,12 +2347,16 @@ impl Handler {
             };
             let seq = self.sh.s2.invalidate_seq();
             let filled = if d.needs_fill {
-                match self.fill(d.gpa, d.access == Access::Write) {
+                match self.resolve(d.gpa, d.access == Access::Write, d.minor) {
                     Fill::Pending => {
                         self.deferred.push(d);
                         continue;
                     }
                     Fill::Failed => continue,
+                    Fill::Gone => {
+                        self.wake_block(d.gpa);
+                        continue;
+                    }
                     Fill::Present => 0,
                     Fill::Filled { bytes } => bytes,
                 }
@@ -2208,9 +2434,19 @@ mod tests {
         assert_eq!(backing_page_size(BackingKind::Hugetlb1G), PageSize::Size1G);
     }
 
+    fn j_memory(st: &PagingStats) -> String {
+        st.to_json()["paging"]["memory"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     #[test]
     fn stats_table_and_json_carry_every_counter() {
         let st = PagingStats {
+            shared_memory: true,
+            continued: 5,
+            hole_punches: 0,
             stage2: stage2::Stats::default(),
             events_missing: 11,
             events_wp: 0,
@@ -2246,6 +2482,8 @@ mod tests {
         };
         let table = st.to_string();
         assert!(table.contains("uffd events: missing"), "{table}");
+        assert!(table.contains("shared memfd memory"), "{table}");
+        assert_eq!(j_memory(&st), "shared");
         assert!(table
             .lines()
             .any(|l| l.starts_with("faults spurious") && l.ends_with(" 8")));

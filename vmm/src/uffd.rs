@@ -121,6 +121,8 @@ pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 /// `UFFDIO_CONTINUE_MODE_DONTWAKE`.
 pub const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
+/// `UFFDIO_CONTINUE_MODE_WP`: map the page write-protected (needs a WP registration; Linux 6.4+).
+pub const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
 
 /// `UFFD_USER_MODE_ONLY` flag of userfaultfd(2). Never used here (see the module doc); named so
 /// that the reason is searchable.

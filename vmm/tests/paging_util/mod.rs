@@ -90,3 +90,91 @@ impl Drop for Ram {
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
     }
 }
+
+/// Shared guest "RAM": a memfd (hugetlbfs memfd for 2 MiB pages) mapped MAP_SHARED twice, the
+/// guest mapping that a pager registers and the VMM's host view. Unmapped on drop.
+pub struct SharedRam {
+    pub ram: Ram,
+    pub file: std::sync::Arc<std::fs::File>,
+    pub view: u64,
+}
+
+impl SharedRam {
+    pub fn new(len: u64, hugetlb: bool) -> Option<SharedRam> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // memfd_create(2): MFD_HUGE_2MB is log2(2 MiB) at MFD_HUGE_SHIFT (26).
+        const MFD_HUGE_2MB: u32 = 21 << 26;
+        let mut flags = libc::MFD_CLOEXEC;
+        if hugetlb {
+            flags |= libc::MFD_HUGETLB | MFD_HUGE_2MB;
+        }
+        // SAFETY: a NUL-terminated name; returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(c"test-ram".as_ptr(), flags) };
+        if fd < 0 {
+            eprintln!(
+                "skipping: memfd_create: {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let file = std::sync::Arc::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        file.set_len(len).unwrap();
+        let map = || {
+            // SAFETY: a new shared mapping of the whole memfd at a kernel-chosen address.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            (p != libc::MAP_FAILED).then_some(p as u64)
+        };
+        let (Some(addr), Some(view)) = (map(), map()) else {
+            eprintln!(
+                "skipping: cannot map the {} MiB memfd ({}): {}",
+                len >> 20,
+                if hugetlb { "2 MiB hugetlb" } else { "shmem" },
+                std::io::Error::last_os_error()
+            );
+            return None;
+        };
+        Some(SharedRam {
+            ram: Ram { addr, len },
+            file,
+            view,
+        })
+    }
+
+    pub fn shared_region(&self) -> vmm::memory::SharedRegion {
+        vmm::memory::SharedRegion {
+            region: self.ram.region(),
+            file: self.file.clone(),
+            host_view: self.view,
+        }
+    }
+
+    /// Writes through the host view (the page lands in the file, not in the guest mapping).
+    pub fn view_write(&self, gpa: u64, v: u64) {
+        assert!(gpa + 8 <= self.ram.len);
+        // SAFETY: inside the live host view.
+        unsafe { std::ptr::write_volatile((self.view + gpa) as *mut u64, v) }
+    }
+
+    pub fn view_read(&self, gpa: u64) -> u64 {
+        assert!(gpa + 8 <= self.ram.len);
+        // SAFETY: inside the live host view.
+        unsafe { std::ptr::read_volatile((self.view + gpa) as *const u64) }
+    }
+}
+
+impl Drop for SharedRam {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the host view; `ram` unmaps the guest mapping.
+        unsafe { libc::munmap(self.view as *mut libc::c_void, self.ram.len as usize) };
+    }
+}
