@@ -24,8 +24,7 @@ use std::time::Instant;
 use log::{debug, info};
 
 use crate::memory::RamRegion;
-use crate::paging::Pager;
-use crate::uffd::{Uffd, UffdError, UFFD_FEATURE_PAGEFAULT_FLAG_WP};
+use crate::paging::{Pager, PagingError};
 
 /// Guest page shift: dirty tracking is at 4 KiB precision in every mode.
 pub const PAGE_SHIFT: u32 = 12;
@@ -101,9 +100,9 @@ pub enum DirtyError {
     /// stage2-wp without a pager that tracks writes.
     #[error("stage2-wp dirty tracking needs demand paging with write tracking on (PagerConfig::write_tracking = true)")]
     NoWriteTracking,
-    /// userfaultfd write-protect failed.
-    #[error("userfaultfd write-protect for dirty tracking: {0}")]
-    Uffd(#[from] UffdError),
+    /// The pager's dirty log (stage2-wp) failed.
+    #[error("stage2-wp dirty log: {0}")]
+    Paging(#[from] PagingError),
     /// The ring reported a slot we do not track.
     #[error("KVM's dirty ring reported slot {0}, which is not guest RAM of this tracker")]
     UnknownSlot(u32),
@@ -262,9 +261,31 @@ impl Iterator for SetBits {
     }
 }
 
-/// The VMM's own writes to guest RAM (device emulation, loading, the migration receiver),
-/// recorded lock-free and taken by every harvest. A stand-in for vm-memory's `AtomicBitmap`
-/// while guest RAM is a `GuestMemoryMmap<()>`.
+/// The VMM's own writes to guest RAM, recorded lock-free and taken by every harvest: whoever
+/// writes guest RAM from the host while a tracker is live calls [`VmmDirty::mark`] (through
+/// [`DirtyTracker::vmm_writes`]) for the range it wrote.
+///
+/// Why not vm-memory's dirty bitmap: `GuestMemoryMmap<AtomicBitmap>` would mark every write
+/// made through vm-memory's `Bytes` calls by itself, but guest RAM is a `GuestMemoryMmap<()>`
+/// named in the signatures of about fifteen files of four owners (memory, vcpu, boot, arch's
+/// long_mode/acpi/mptable, guest and its port/reclaim, migrate's precopy/postcopy/ram, this
+/// module, dirty-bench and tests); changing its type is not a contained change, so the
+/// tracker keeps its own log with the same layout ([`DirtyBitmap::merge_words`] also takes an
+/// `AtomicBitmap::get_and_reset()` as is, for the day RAM switches).
+///
+/// Which host writes into guest RAM exist, and whether they need marking:
+/// - loading (kernel, initrd, command line, boot_params, e820, ACPI, MP table, page tables;
+///   the test guests' code, parameter block, pacing fields, page tables): all before the vCPUs
+///   start, so before any tracker exists; migration's first pass sends every page anyway.
+/// - the `--run-for` stop flag (guest.rs): written on the main thread after any migration it
+///   ran has returned, so no tracker is live then; a caller that writes it during a migration
+///   must mark it (the dirty_log tests do, and check it is in the next harvest).
+/// - the migration receiver and postcopy's `Pager::place`: on the destination, which tracks
+///   nothing.
+/// - devices (serial, i8042, the test port) only read guest RAM.
+/// - not a write but a content change: a reclaim (`MADV_DONTNEED`) turns a page into zeroes.
+///   stage2-wp sees it (the pager refills the page); KVM's bitmap and rings do not, so a
+///   reclaim during a KVM-mode migration must mark the range.
 #[derive(Debug)]
 pub struct VmmDirty {
     slots: Vec<SlotInfo>,
@@ -326,17 +347,16 @@ impl VmmDirty {
 /// Timing of the last harvest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HarvestStats {
-    /// Reading the source (KVM_GET_DIRTY_LOG / ring collection / stage2 get-and-clear), ns.
+    /// Reading the source (KVM_GET_DIRTY_LOG / ring collection), ns. stage2-wp: the whole
+    /// get-and-clear (`Pager::harvest_dirty` does both under one lock).
     pub get_ns: u64,
-    /// Clearing and re-protecting (KVM_CLEAR_DIRTY_LOG / KVM_RESET_DIRTY_RINGS / uffd WP), ns.
+    /// Clearing and re-protecting (KVM_CLEAR_DIRTY_LOG / KVM_RESET_DIRTY_RINGS), ns; 0 in
+    /// stage2-wp (counted in `get_ns`).
     pub clear_ns: u64,
     /// Dirty pages returned (after the merge).
     pub pages: u64,
-    /// Clear ioctls (bitmap chunks) or ring entries collected.
+    /// Clear ioctls (bitmap chunks), ring entries collected, or `harvest_dirty` calls.
     pub ops: u64,
-    /// stage2-wp: pages found writable on the host without a stage2 dirty bit by the sweep
-    /// (reported and protected again).
-    pub swept: u64,
 }
 
 enum Backend {
@@ -350,11 +370,6 @@ enum Backend {
     },
     Stage2 {
         pager: Arc<Pager>,
-        wp: Uffd,
-        /// `/proc/self/pagemap`: which host pages are still uffd-write-protected.
-        pagemap: File,
-        /// Host page size of guest RAM (write protection works on whole host pages).
-        host_page: u64,
     },
 }
 
@@ -439,27 +454,18 @@ impl DirtyTracker {
     }
 
     /// Starts stage2's own dirty logging over `pager`'s RAM `regions` (the pager must have been
-    /// started with `write_tracking`): stage2 write-protects every leaf (blocks split eagerly)
-    /// and every populated host page is write-protected with userfaultfd, so each page's next
-    /// write faults into the pager and marks it dirty.
+    /// started with `write_tracking`) through `Pager::start_dirty_log`: stage2 write-protects
+    /// every leaf (blocks split eagerly) and the pager write-protects guest RAM on the host with
+    /// its userfaultfd, so each page's next write faults into the pager and marks it dirty.
     pub fn new_stage2(
         pager: Arc<Pager>,
         regions: &[RamRegion],
     ) -> Result<DirtyTracker, DirtyError> {
         let slots = SlotInfo::from_regions(regions);
-        // UFFDIO_WRITEPROTECT acts on the registered VMA of this process, whichever of the
-        // process's userfaultfds issues it; the pager keeps its own fd private, so the tracker
-        // opens one for protecting (until paging.rs offers a re-protect call).
-        let wp = Uffd::new(UFFD_FEATURE_PAGEFAULT_FLAG_WP, 0)?;
-        pager.stage2().dirty().enable(stage2::SplitPolicy::Eager);
-        for s in &slots {
-            wp.write_protect(s.host_addr, s.len, true, false)?;
-        }
-        let pagemap = File::open("/proc/self/pagemap").map_err(|source| DirtyError::Kvm {
-            what: "open /proc/self/pagemap",
-            source,
+        pager.start_dirty_log().map_err(|e| match e {
+            PagingError::Config(_) => DirtyError::NoWriteTracking,
+            e => e.into(),
         })?;
-        let host_page = pager.page_size().bytes();
         info!("dirty tracking on: stage2-wp, {} slot(s)", slots.len());
         Ok(DirtyTracker {
             mode: DirtyMode::Stage2Wp,
@@ -470,12 +476,7 @@ impl DirtyTracker {
             ring_full: AtomicU64::new(0),
             clear_chunk: AtomicU64::new(bitmap::CLEAR_CHUNK_PAGES),
             slots,
-            backend: Backend::Stage2 {
-                pager,
-                wp,
-                pagemap,
-                host_page,
-            },
+            backend: Backend::Stage2 { pager },
         })
     }
 
@@ -624,33 +625,15 @@ impl DirtyTracker {
                     pend.clear();
                 }
             }
-            Backend::Stage2 {
-                pager,
-                wp,
-                pagemap,
-                host_page,
-            } => {
-                let dirty = pager.stage2().dirty();
+            Backend::Stage2 { pager } => {
                 for (i, s) in self.slots.iter().enumerate() {
                     let t0 = Instant::now();
-                    // stage2 clears the bits and write-protects its entries; the host pages
-                    // must be protected again too, or the next write would not fault.
-                    let bm = dirty.harvest(s.gpa..s.gpa + s.len);
-                    let t1 = Instant::now();
-                    st.ops += protect_runs(wp, s, bm.words(), *host_page)?;
-                    out.merge_words(i, bm.words());
-                    // Sweep: any present host page that is not write-protected now can be
-                    // written without a fault (a pager handler that relaxed a page before our
-                    // harvest and lifted its host protection after our protect; a page filled
-                    // writable). It is reported now and protected again, so nothing written
-                    // through it is lost; a lift that lands after this sweep is caught by the
-                    // next harvest's sweep.
-                    let loose = unprotected_pages(pagemap, s)?;
-                    st.swept += loose.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
-                    st.ops += protect_runs(wp, s, &loose, *host_page)?;
-                    out.merge_words(i, &loose);
-                    st.get_ns += (t1 - t0).as_nanos() as u64;
-                    st.clear_ns += t1.elapsed().as_nanos() as u64;
+                    // Get and clear under the pager's dirty lock, serialised against its WP
+                    // faults; the reported pages are write-protected again on return.
+                    let words = pager.harvest_dirty(s.gpa, s.len)?;
+                    st.get_ns += t0.elapsed().as_nanos() as u64;
+                    st.ops += 1;
+                    out.merge_words(i, &words);
                 }
             }
         }
@@ -669,84 +652,9 @@ impl DirtyTracker {
                 &self.slots,
                 false,
             ),
-            Backend::Stage2 { pager, .. } => {
-                pager.stage2().dirty().disable();
-                Ok(())
-            }
+            Backend::Stage2 { pager } => Ok(pager.stop_dirty_log()?),
         }
     }
-}
-
-/// `/proc/self/pagemap` entry bits (Documentation/admin-guide/mm/pagemap.rst).
-const PM_PRESENT: u64 = 1 << 63;
-/// The PTE is userfaultfd-write-protected.
-const PM_UFFD_WP: u64 = 1 << 57;
-/// Pagemap entries read per `pread`.
-const PAGEMAP_BATCH: u64 = 1 << 14;
-
-/// The pages of slot `s` that are present on the host and not userfaultfd-write-protected.
-fn unprotected_pages(pagemap: &File, s: &SlotInfo) -> Result<Vec<u64>, DirtyError> {
-    use std::os::unix::fs::FileExt;
-    let pages = s.pages();
-    let mut out = vec![0u64; bitmap::words_for(s.len)];
-    let mut buf = vec![0u8; (PAGEMAP_BATCH * 8) as usize];
-    let mut p = 0;
-    while p < pages {
-        let n = PAGEMAP_BATCH.min(pages - p);
-        let bytes = &mut buf[..(n * 8) as usize];
-        let off = ((s.host_addr >> PAGE_SHIFT) + p) * 8;
-        pagemap
-            .read_exact_at(bytes, off)
-            .map_err(|source| DirtyError::Kvm {
-                what: "read /proc/self/pagemap",
-                source,
-            })?;
-        for (j, e) in bytes.chunks_exact(8).enumerate() {
-            let e = u64::from_ne_bytes(e.try_into().expect("8-byte chunk"));
-            if e & PM_PRESENT != 0 && e & PM_UFFD_WP == 0 {
-                let q = p + j as u64;
-                out[(q / 64) as usize] |= 1 << (q % 64);
-            }
-        }
-        p += n;
-    }
-    Ok(out)
-}
-
-/// Write-protects on the host (userfaultfd) every run of set pages in `words` of slot `s`,
-/// widened to whole host pages of `host_page` bytes. Returns the number of ioctls.
-fn protect_runs(wp: &Uffd, s: &SlotInfo, words: &[u64], host_page: u64) -> Result<u64, DirtyError> {
-    let pages = s.pages();
-    let mut calls = 0;
-    let mut p = 0;
-    while p < pages {
-        let w = words[(p / 64) as usize];
-        if w == 0 {
-            p = (p / 64 + 1) * 64;
-            continue;
-        }
-        if w & (1 << (p % 64)) == 0 {
-            p += 1;
-            continue;
-        }
-        let start = p;
-        while p < pages && words[(p / 64) as usize] & (1 << (p % 64)) != 0 {
-            p += 1;
-        }
-        let lo = (start << PAGE_SHIFT) / host_page * host_page;
-        let hi = (p << PAGE_SHIFT).next_multiple_of(host_page).min(s.len);
-        let host = s.host_addr + lo;
-        let len = hi - lo;
-        match wp.write_protect(host, len, true, false) {
-            Ok(()) => {}
-            // A REMOVE event is pending on the pager's fd for part of the run: the dropped
-            // pages come back write-protected or as new (dirty-on-write) fills.
-            Err(UffdError::Again { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        calls += 1;
-    }
-    Ok(calls)
 }
 
 #[cfg(test)]
