@@ -61,7 +61,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<i32> {
     if cli.guest_args.guest.is_some() {
-        return vmm::guest::run_on(&cli.guest_args, cli.mem, cli.cpus, cli.hugepages.into());
+        return vmm::guest::run_on(&cli.guest_args, cli.mem, cli.cpus, cli.backing()?);
     }
     let Some(kernel_path) = cli.kernel.as_deref() else {
         bail!("no kernel given: pass --kernel PATH (a bzImage or vmlinux) or --guest NAME");
@@ -93,7 +93,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
     }
 
-    let ram = GuestRam::new(cli.mem, cli.hugepages.into())?;
+    let ram = GuestRam::new(cli.mem, cli.backing()?)?;
     let vm = Vm::new(&ram, cli.cpus)?;
     mptable::setup(ram.memory(), cli.cpus)?;
     let rsdp = acpi::setup(ram.memory(), cli.cpus)?;
