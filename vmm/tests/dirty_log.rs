@@ -21,7 +21,7 @@ use vmm::devices::PioBus;
 use vmm::dirty::{DirtyBitmap, DirtyMode, DirtyTracker};
 use vmm::memory::{BackingKind, GuestRam};
 use vmm::paging::{Pager, PagerConfig};
-use vmm::vcpu::{ExitRequest, VcpuHooks, VmControl};
+use vmm::vcpu::{ExitRequest, VcpuHooks, VmControl, EXIT_VCPU_FAILED};
 use vmm::vm::Vm;
 
 const MEM: u64 = 64 << 20;
@@ -401,7 +401,7 @@ fn dirty_log_rule_stage2_wp() {
 }
 
 #[test]
-#[ignore = "long: 100 runs per mode (about 3 minutes); run with --ignored"]
+#[ignore = "long: 100 runs per mode (about a minute); run with --ignored"]
 fn dirty_log_rule_100_runs_each_mode() {
     run_many(DirtyMode::KvmBitmap, 100);
     run_many(SMALL_RING, 100);
@@ -419,4 +419,37 @@ fn ring_after_vcpus_is_refused_with_a_clear_error() {
     let regions: Vec<_> = ram.regions().collect();
     let err = DirtyTracker::new_kvm(vm.fd(), &regions, SMALL_RING).unwrap_err();
     assert!(err.to_string().contains("before any vCPU"), "{err}");
+}
+
+/// A VM with dirty rings whose run loop has no ring-full hook cannot make progress once a ring
+/// fills: the vCPU fails and the VM stops non-zero with a message (rather than spinning on the
+/// exit or dropping entries).
+#[test]
+fn ring_full_without_a_hook_stops_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let ram = guest_ram();
+    let vm = Vm::new(&ram, 1).unwrap();
+    let regions: Vec<_> = ram.regions().collect();
+    let tracker = DirtyTracker::new_kvm(vm.fd(), &regions, SMALL_RING).unwrap();
+    let fd = make_vcpu(&vm, ram.memory(), 0);
+    make_tables_user(ram.memory(), false);
+    tracker.attach_vcpu(0, &fd).unwrap();
+    let exit = ExitRequest::new().unwrap();
+    let mut ctl = VmControl::start(
+        vec![fd],
+        Arc::new(PioBus::new()),
+        ram.memory().clone(),
+        exit.clone(),
+    )
+    .unwrap();
+    let code = exit.wait_timeout(Duration::from_secs(60));
+    ctl.stop_all();
+    assert_eq!(
+        code,
+        Some(EXIT_VCPU_FAILED),
+        "the guest fills a 256-entry ring in well under a minute"
+    );
+    assert_eq!(tracker.ring_full_exits(), 0);
 }
