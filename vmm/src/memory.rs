@@ -177,7 +177,7 @@ pub enum MemoryError {
         page: u64,
     },
     /// The hugetlb pool has too few free pages.
-    #[error("{backing} pool too small: the guest needs {needed} free pages, {free} are free (short by {short}); raise the pool with `echo {want} > {knob}` (as root) or choose --hugepages thp")]
+    #[error("{backing} pool too small: the guest needs {needed} free pages, {free} are free (short by {short}); raise the pool with `echo {want} > {knob}` (as root) or choose {alternative}")]
     PoolTooSmall {
         /// Backing asked for.
         backing: BackingKind,
@@ -191,6 +191,8 @@ pub enum MemoryError {
         want: u64,
         /// The sysfs knob.
         knob: &'static str,
+        /// The backing to choose instead.
+        alternative: &'static str,
     },
     /// The kernel has no pool of this size at all.
     #[error("{backing} pages are not available on this host ({dir} is missing): choose --hugepages 2M, thp or none")]
@@ -352,6 +354,11 @@ fn check_pool(backing: BackingKind, size: u64) -> Result<(), MemoryError> {
             short: needed - free,
             want: total + (needed - free),
             knob: backing.pool_knob(),
+            alternative: if backing.is_shared() {
+                "--hugepages none (4 KiB shared memory)"
+            } else {
+                "--hugepages thp"
+            },
         });
     }
     Ok(())
