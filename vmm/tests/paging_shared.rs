@@ -225,3 +225,58 @@ fn dirty_logging_on_shmem_sees_guest_writes() {
     pager.stop_dirty_log().unwrap();
     pager.stop();
 }
+
+/// Serves [`pattern`] for every word.
+struct PatternSource;
+
+impl vmm::paging::PageSource for PatternSource {
+    fn fetch(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&pattern(gpa + 8 * i as u64).to_ne_bytes());
+        }
+        Ok(())
+    }
+}
+
+/// Postcopy's destination on shared memory: MISSING faults are filled from the page source
+/// (UFFDIO_COPY into the file), pages the host view wrote are continued, never fetched.
+fn source_fills(sr: SharedRam, page: PageSize) {
+    let hp = page.bytes();
+    let pager = Pager::start_shared(&[sr.shared_region()], page, cfg(false)).unwrap();
+    pager.set_page_source(Some(Arc::new(PatternSource)));
+    // Host page 1 is in the file already, with other contents.
+    sr.view_write(hp, 77);
+    for p in 0..sr.ram.len / PAGE {
+        let a = p * PAGE + 16;
+        let want = if a / hp == 1 { 0 } else { pattern(a) };
+        assert_eq!(sr.ram.read(a), want, "word at {a:#x}");
+    }
+    assert_eq!(sr.ram.read(hp), 77);
+    let st = pager.stats();
+    println!("{st}");
+    assert_eq!(st.continued, hp);
+    assert_eq!(st.populated_4k + st.populated_2m, sr.ram.len - hp);
+    assert_eq!(
+        st.stage2.installs_4k + st.stage2.installs_2m,
+        sr.ram.len / hp
+    );
+    // The file holds the fetched data: the host view reads it.
+    assert_eq!(sr.view_read(3 * hp + 16), pattern(3 * hp + 16));
+    pager.stop();
+}
+
+#[test]
+fn shmem_4k_missing_faults_are_filled_from_the_page_source() {
+    let Some(sr) = SharedRam::new(4 << 20, false) else {
+        return;
+    };
+    source_fills(sr, PageSize::Size4K);
+}
+
+#[test]
+fn hugetlb_2m_memfd_missing_faults_are_filled_from_the_page_source() {
+    let Some(sr) = SharedRam::new(16 << 20, true) else {
+        return;
+    };
+    source_fills(sr, PageSize::Size2M);
+}
