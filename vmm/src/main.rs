@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{LineWriter, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -21,6 +22,7 @@ use vmm::vcpu::{ExitRequest, VmControl, EXIT_OK};
 use vmm::vm::{self, Vm};
 
 fn main() {
+    let started = Instant::now();
     let cli = match cli::parse_from(std::env::args_os()) {
         Ok(c) => c,
         Err((msg, 0)) => {
@@ -36,7 +38,7 @@ fn main() {
         .filter_level(cli.log_level)
         .format_timestamp_millis()
         .init();
-    let code = match run(cli) {
+    let code = match run(cli, started) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
@@ -59,7 +61,18 @@ fn one_line(e: &anyhow::Error) -> String {
     msg.replace('\n', " ")
 }
 
-fn run(cli: Cli) -> Result<i32> {
+/// Logs (at debug level) how long after `main` started each start-up step ended, so the host's
+/// share of the time to the guest's first instruction can be read from `--log-level debug`.
+struct StartupClock(Instant);
+
+impl StartupClock {
+    fn mark(&self, step: &str) {
+        debug!("start-up: {step} done at {:.1?}", self.0.elapsed());
+    }
+}
+
+fn run(cli: Cli, started: Instant) -> Result<i32> {
+    let clock = StartupClock(started);
     if cli.guest_args.guest.is_some() {
         return vmm::guest::run_on(&cli.guest_args, cli.mem, cli.cpus, cli.backing()?);
     }
@@ -69,6 +82,7 @@ fn run(cli: Cli) -> Result<i32> {
     check_host_memory(cli.mem)?;
     let kernel = KernelImage::from_file(kernel_path)?;
     kernel.check_fits(cli.mem)?;
+    clock.mark("kernel file read");
     let initrd = match &cli.initrd {
         Some(p) => Some(
             std::fs::read(p).map_err(|source| boot::BootError::ReadInitrd {
@@ -94,7 +108,9 @@ fn run(cli: Cli) -> Result<i32> {
     }
 
     let ram = GuestRam::new(cli.mem, cli.backing()?)?;
+    clock.mark("guest RAM mapped");
     let vm = Vm::new(&ram, cli.cpus)?;
+    clock.mark("VM created");
     mptable::setup(ram.memory(), cli.cpus)?;
     let rsdp = acpi::setup(ram.memory(), cli.cpus)?;
     let spec = BootSpec {
@@ -106,6 +122,7 @@ fn run(cli: Cli) -> Result<i32> {
     };
     let loaded = boot::load(&ram, &spec)?;
     drop(kernel);
+    clock.mark("kernel loaded");
 
     let exit = ExitRequest::new().context("cannot create the exit event fd")?;
     let out: Box<dyn Write + Send> = match &cli.serial {
@@ -146,6 +163,7 @@ fn run(cli: Cli) -> Result<i32> {
         ram.backing(),
         loaded.path
     );
+    clock.mark("vCPUs configured");
     let mut ctl = VmControl::start(fds, Arc::new(bus), ram.memory().clone(), exit.clone())?;
     let code = event_loop(
         &exit,

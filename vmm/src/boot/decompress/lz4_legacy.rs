@@ -53,11 +53,18 @@ pub enum Lz4LegacyError {
     },
 }
 
-/// Decompresses a legacy frame (starting with [`MAGIC`]) whose output is
-/// declared to be `size` bytes; returns the bytes produced, at most `size`.
-pub fn decompress(stream: &[u8], size: usize) -> Result<Vec<u8>, Lz4LegacyError> {
-    let mut out = vec![0u8; size];
-    let mut produced = 0;
+/// One block of the frame: where its compressed bytes are in the stream.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    /// Offset of the block's data (after its size field), for error messages.
+    offset: usize,
+    /// Its compressed length.
+    len: usize,
+}
+
+/// Walks the frame's block headers (no decompression), checking each size against the input.
+fn blocks(stream: &[u8]) -> Result<Vec<Block>, Lz4LegacyError> {
+    let mut out = Vec::new();
     let mut pos = MAGIC.len();
     while pos < stream.len() {
         let Some(field) = stream.get(pos..pos + 4) else {
@@ -67,34 +74,203 @@ pub fn decompress(stream: &[u8], size: usize) -> Result<Vec<u8>, Lz4LegacyError>
         if field == MAGIC {
             continue;
         }
-        let block_len = u32::from_le_bytes([field[0], field[1], field[2], field[3]]) as usize;
-        if block_len > MAX_COMPRESSED_BLOCK {
+        let len = u32::from_le_bytes([field[0], field[1], field[2], field[3]]) as usize;
+        if len > MAX_COMPRESSED_BLOCK {
             return Err(Lz4LegacyError::BlockTooLarge {
                 offset: pos,
-                size: block_len,
+                size: len,
             });
         }
         let available = stream.len() - pos;
-        if block_len > available {
+        if len > available {
             return Err(Lz4LegacyError::TruncatedBlock {
                 offset: pos,
-                size: block_len,
+                size: len,
                 available,
             });
         }
+        out.push(Block { offset: pos, len });
+        pos += len;
+    }
+    Ok(out)
+}
+
+/// Decompresses a legacy frame (starting with [`MAGIC`]) whose output is
+/// declared to be `size` bytes; returns the bytes produced, at most `size`.
+///
+/// The blocks are independent (no match reaches into an earlier block), so they are decompressed
+/// on up to [`std::thread::available_parallelism`] threads, block `k` straight into bytes
+/// `k * 8 MiB ..` of the output. That placement assumes every block but the last fills its
+/// 8 MiB, as `lz4 -l` writes them; a frame that breaks the assumption (or any block error) is
+/// decompressed again one block after another, which gives the exact output or error.
+pub fn decompress(stream: &[u8], size: usize) -> Result<Vec<u8>, Lz4LegacyError> {
+    let blocks = blocks(stream)?;
+    let mut out = vec![0u8; size];
+    super::advise_huge_pages(out.as_ptr(), out.len());
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(blocks.len());
+    if threads > 1 && blocks.len() <= size.div_ceil(BLOCK_SIZE) {
+        if let Some(produced) = decompress_parallel(stream, &blocks, &mut out, threads) {
+            out.truncate(produced);
+            return Ok(out);
+        }
+    }
+    let produced = decompress_sequential(stream, &blocks, &mut out, size)?;
+    out.truncate(produced);
+    Ok(out)
+}
+
+/// Block `k` into `out[k * BLOCK_SIZE..]`, blocks shared out over `threads` threads. Returns the
+/// bytes produced, or `None` when a block fails or a block but the last is short (the caller
+/// then decompresses sequentially for the exact result).
+fn decompress_parallel(
+    stream: &[u8],
+    blocks: &[Block],
+    out: &mut [u8],
+    threads: usize,
+) -> Option<usize> {
+    let mut jobs: Vec<Vec<(usize, Block, &mut [u8])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (k, (block, dst)) in blocks.iter().zip(out.chunks_mut(BLOCK_SIZE)).enumerate() {
+        jobs[k % threads].push((k, *block, dst));
+    }
+    let mut written = vec![None; blocks.len()];
+    std::thread::scope(|s| {
+        let workers: Vec<_> = jobs
+            .into_iter()
+            .map(|job| {
+                s.spawn(move || {
+                    job.into_iter()
+                        .map(|(k, b, dst)| {
+                            let src = &stream[b.offset..b.offset + b.len];
+                            (k, lz4_flex::block::decompress_into(src, dst).ok())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for w in workers {
+            // A worker only panics if lz4_flex does; treat it as a failed block.
+            for (k, n) in w.join().unwrap_or_default() {
+                written[k] = n;
+            }
+        }
+    });
+    let last = blocks.len().checked_sub(1)?;
+    let mut produced = 0;
+    for (k, n) in written.into_iter().enumerate() {
+        let n = n?;
+        if k < last && n != BLOCK_SIZE {
+            return None;
+        }
+        produced += n;
+    }
+    Some(produced)
+}
+
+/// The blocks one after another, each right after the previous one's output.
+fn decompress_sequential(
+    stream: &[u8],
+    blocks: &[Block],
+    out: &mut [u8],
+    size: usize,
+) -> Result<usize, Lz4LegacyError> {
+    let mut produced = 0;
+    for b in blocks {
         let dst_end = size.min(produced + BLOCK_SIZE);
         let written = lz4_flex::block::decompress_into(
-            &stream[pos..pos + block_len],
+            &stream[b.offset..b.offset + b.len],
             &mut out[produced..dst_end],
         )
         .map_err(|source| Lz4LegacyError::Block {
-            offset: pos,
+            offset: b.offset,
             size,
             source,
         })?;
         produced += written;
-        pos += block_len;
     }
-    out.truncate(produced);
-    Ok(out)
+    Ok(produced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A legacy frame of `data` cut into blocks of the given uncompressed lengths.
+    fn frame(data: &[u8], block_lens: &[usize]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        let mut at = 0;
+        for &len in block_lens {
+            let c = lz4_flex::block::compress(&data[at..at + len]);
+            out.extend_from_slice(&(c.len() as u32).to_le_bytes());
+            out.extend_from_slice(&c);
+            at += len;
+        }
+        assert_eq!(at, data.len());
+        out
+    }
+
+    /// Bytes that compress somewhat and differ from block to block.
+    fn data(len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_u32;
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                if i % 7 < 4 {
+                    (i / 4096) as u8
+                } else {
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn several_full_blocks_and_a_short_last_one_round_trip() {
+        let d = data(3 * BLOCK_SIZE + 12345);
+        let f = frame(&d, &[BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE, 12345]);
+        assert!(decompress(&f, d.len()).unwrap() == d);
+    }
+
+    #[test]
+    fn a_short_block_before_the_last_is_placed_right_after_the_previous_one() {
+        // The parallel placement assumes full blocks; this frame needs the sequential path.
+        let d = data(2 * BLOCK_SIZE - 100);
+        let f = frame(&d, &[BLOCK_SIZE - 100, BLOCK_SIZE]);
+        assert!(decompress(&f, d.len()).unwrap() == d);
+    }
+
+    #[test]
+    fn a_concatenated_frame_magic_is_skipped() {
+        let d = data(BLOCK_SIZE + 10);
+        let mut f = frame(&d[..BLOCK_SIZE], &[BLOCK_SIZE]);
+        f.extend_from_slice(&frame(&d[BLOCK_SIZE..], &[10]));
+        assert!(decompress(&f, d.len()).unwrap() == d);
+    }
+
+    #[test]
+    fn a_corrupt_block_is_reported_with_its_offset() {
+        let d = data(2 * BLOCK_SIZE);
+        let mut f = frame(&d, &[BLOCK_SIZE, BLOCK_SIZE]);
+        let second = 4 + 4 + u32::from_le_bytes(f[4..8].try_into().unwrap()) as usize + 4;
+        // A literal run claiming more bytes than the block holds.
+        f[second] = 0xf0;
+        f[second + 1] = 0xff;
+        match decompress(&f, d.len()) {
+            Err(Lz4LegacyError::Block { offset, .. }) => assert_eq!(offset, second),
+            other => panic!("expected a block error, got {:?}", other.map(|v| v.len())),
+        }
+    }
+
+    #[test]
+    fn output_beyond_the_declared_size_is_an_error() {
+        let d = data(BLOCK_SIZE + 1000);
+        let f = frame(&d, &[BLOCK_SIZE, 1000]);
+        assert!(matches!(
+            decompress(&f, d.len() - 1),
+            Err(Lz4LegacyError::Block { .. })
+        ));
+    }
 }
