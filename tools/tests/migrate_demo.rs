@@ -186,7 +186,10 @@ fn missing_vmm_says_how_to_build_it() {
     // The summary says FAIL and why, so a script reading it cannot take it for a pass.
     let s = read_json(&out.join("summary.json"));
     assert_eq!(s["result"], "FAIL", "{s:#}");
-    assert!(s["reason"].as_str().unwrap().contains("no vmm binary"), "{s:#}");
+    assert!(
+        s["reason"].as_str().unwrap().contains("no vmm binary"),
+        "{s:#}"
+    );
     std::fs::remove_dir_all(&out).unwrap();
 }
 
