@@ -8,7 +8,10 @@
 //! 2, ...) so that a slow phase of the host does not favour one side. Each
 //! run ends as soon as the marker ("Linux version" by default) appears: the
 //! process is killed then. The result is a table of medians and the
-//! vmm/QEMU ratio.
+//! vmm/QEMU ratio, of the wall time and of the CPU time the process used
+//! (all its threads, user + system, from `wait4`). On a host shared with
+//! other work the wall time includes waiting for a CPU; the CPU time mostly
+//! does not, so its ratio is the steadier figure.
 //!
 //! ```text
 //! cargo build --release -p vmm -p tools
@@ -150,8 +153,9 @@ fn mem_arg(bytes: u64) -> String {
 
 /// One timed boot.
 enum Outcome {
-    /// The marker appeared this long after spawn.
-    Banner(Duration),
+    /// The marker appeared this long after spawn; the process had used this
+    /// much CPU time when it was reaped (unknown if `wait4` failed).
+    Banner(Duration, Option<Duration>),
     /// The run did not reach the marker.
     Failed(String),
 }
@@ -246,7 +250,7 @@ impl Bench {
         });
 
         let outcome = match rx.recv_timeout(Duration::from_secs(self.args.timeout)) {
-            Ok(Event::Marker(at)) => Outcome::Banner(at - started),
+            Ok(Event::Marker(at)) => Outcome::Banner(at - started, None),
             Ok(Event::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
                 Outcome::Failed(format!("exited ({status}) before printing the marker"))
@@ -256,7 +260,7 @@ impl Bench {
                 self.args.timeout
             )),
         };
-        stop(&mut child);
+        let cpu = stop(&mut child);
         let console = console.join().unwrap_or_default();
         let errors = errors.join().unwrap_or_default();
         if let Some(dir) = &self.args.log_dir {
@@ -272,7 +276,7 @@ impl Bench {
                     None => why,
                 })
             }
-            banner => banner,
+            Outcome::Banner(wall, _) => Outcome::Banner(wall, cpu),
         }
     }
 }
@@ -311,11 +315,24 @@ fn watch_console(mut out: impl Read, marker: &[u8], tx: &mpsc::Sender<Event>) ->
     seen
 }
 
-fn stop(child: &mut Child) {
+/// Kills and reaps `child`; returns the CPU time (user + system, all
+/// threads) it used.
+fn stop(child: &mut Child) -> Option<Duration> {
     // SIGKILL: the benchmark only needed the banner. QEMU unlinks its
     // hugetlbfs file at start-up, so nothing is left behind.
     let _ = child.kill();
-    let _ = child.wait();
+    let pid = libc::pid_t::try_from(child.id()).ok()?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child (not yet reaped: `Child::wait` is never
+    // called on it) and writes only into the two locals.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if reaped != pid {
+        return None;
+    }
+    let secs = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
 fn last_line(text: &[u8]) -> Option<String> {
@@ -484,19 +501,25 @@ fn main() -> Result<()> {
 
     let mut times: Vec<Vec<Vec<f64>>> =
         vec![vec![Vec::new(); args.tools.len()]; args.configs.len()];
+    let mut cpu_times = times.clone();
     let mut failures = Vec::new();
     for rep in 0..args.reps {
         for (ci, &config) in args.configs.iter().enumerate() {
             for (ti, &tool) in args.tools.iter().enumerate() {
                 match bench.run(tool, config, rep) {
-                    Outcome::Banner(t) => {
+                    Outcome::Banner(t, cpu) => {
+                        let cpu_text =
+                            cpu.map_or("unknown".into(), |c| format!("{:.2} s", c.as_secs_f64()));
                         eprintln!(
-                            "rep {}/{} {config} {tool}: {:.2} s",
+                            "rep {}/{} {config} {tool}: {:.2} s (CPU time {cpu_text})",
                             rep + 1,
                             args.reps,
                             t.as_secs_f64()
                         );
                         times[ci][ti].push(t.as_secs_f64());
+                        if let Some(c) = cpu {
+                            cpu_times[ci][ti].push(c.as_secs_f64());
+                        }
                     }
                     Outcome::Failed(why) => {
                         eprintln!(
@@ -512,21 +535,28 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "{:<14} {:<5} {:>5} {:>10} {:>8} {:>8} {:>10}",
-        "config", "tool", "runs", "median s", "min s", "max s", "vmm/qemu"
+        "{:<14} {:<5} {:>5} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}",
+        "config",
+        "tool",
+        "runs",
+        "median s",
+        "min s",
+        "max s",
+        "vmm/qemu",
+        "median CPU",
+        "CPU ratio"
     );
+    let medians = |samples: &[f64]| -> Option<(f64, f64, f64)> {
+        let mut t = samples.to_vec();
+        t.sort_by(f64::total_cmp);
+        (!t.is_empty()).then(|| (median(&t), t[0], t[t.len() - 1]))
+    };
     let qemu_index = args.tools.iter().position(|&t| t == Tool::Qemu);
     for (ci, &config) in args.configs.iter().enumerate() {
-        let qemu_median = qemu_index.and_then(|qi| {
-            let mut t = times[ci][qi].clone();
-            t.sort_by(f64::total_cmp);
-            (!t.is_empty()).then(|| median(&t))
-        });
+        let qemu = qemu_index.map(|qi| (medians(&times[ci][qi]), medians(&cpu_times[ci][qi])));
         for (ti, &tool) in args.tools.iter().enumerate() {
-            let mut t = times[ci][ti].clone();
-            t.sort_by(f64::total_cmp);
-            let runs = format!("{}/{}", t.len(), args.reps);
-            if t.is_empty() {
+            let runs = format!("{}/{}", times[ci][ti].len(), args.reps);
+            let Some((m, lo, hi)) = medians(&times[ci][ti]) else {
                 println!(
                     "{:<14} {:<5} {:>5} {:>10}",
                     config.to_string(),
@@ -535,21 +565,27 @@ fn main() -> Result<()> {
                     "failed"
                 );
                 continue;
-            }
-            let m = median(&t);
-            let ratio = match (tool, qemu_median) {
-                (Tool::Vmm, Some(q)) => format!("{:.3}", m / q),
+            };
+            let cpu = medians(&cpu_times[ci][ti]).map(|(c, _, _)| c);
+            let ratio = |ours: Option<f64>, theirs: Option<f64>| match (tool, ours, theirs) {
+                (Tool::Vmm, Some(a), Some(b)) => format!("{:.3}", a / b),
                 _ => "-".into(),
             };
+            let (qemu_wall, qemu_cpu) = match qemu {
+                Some((w, c)) => (w.map(|w| w.0), c.map(|c| c.0)),
+                None => (None, None),
+            };
             println!(
-                "{:<14} {:<5} {:>5} {:>10.2} {:>8.2} {:>8.2} {:>10}",
+                "{:<14} {:<5} {:>5} {:>10.2} {:>8.2} {:>8.2} {:>10} {:>10} {:>10}",
                 config.to_string(),
                 tool.to_string(),
                 runs,
                 m,
-                t[0],
-                t[t.len() - 1],
-                ratio
+                lo,
+                hi,
+                ratio(Some(m), qemu_wall),
+                cpu.map_or("-".into(), |c| format!("{c:.2}")),
+                ratio(cpu, qemu_cpu)
             );
         }
     }
