@@ -529,9 +529,12 @@ pub fn run_on(
                 inc.placed,
                 match &inc.postcopy {
                     Some(pc) => format!(
-                        "; postcopy: {} host pages of {} still on the source",
+                        "; postcopy: {} host pages of {} still on the source, stale copies \
+                         dropped with {} calls in {:.1} ms",
                         pc.owed.len(),
-                        human(pc.owed.host_page())
+                        human(pc.owed.host_page()),
+                        pc.switch.drop_calls,
+                        pc.switch.drop_time.as_secs_f64() * 1e3
                     ),
                     None => String::new(),
                 }
@@ -609,29 +612,23 @@ pub fn run_on(
     let mut ack = ack;
     if let (Some(pc), Some(pager)) = (postcopy_in, &pager) {
         let conn = ack.take().expect("a migrated VM has its connection");
+        let fail_exit = exit.clone();
         let target = Arc::new(PostcopyTarget::new(
             mem.clone(),
             pager.clone(),
             pc.owed,
             conn,
+            move |why: &str| {
+                eprintln!("{why}");
+                fail_exit.request(EXIT_FAIL, why);
+            },
         ));
         pager.set_page_source(Some(target.clone() as Arc<dyn PageSource>));
-        let (exit, rx_target) = (exit.clone(), target.clone());
+        let rx_target = target.clone();
         let reader = pc.reader;
         let rx = std::thread::Builder::new()
             .name("postcopy-rx".into())
-            .spawn(move || {
-                let res = rx_target.receive(reader);
-                if let Err(e) = &res {
-                    let why = format!(
-                        "postcopy: the migration source is gone ({e}); the guest cannot \
-                         continue without the part of its memory still on the source"
-                    );
-                    eprintln!("{why}");
-                    exit.request(EXIT_FAIL, &why);
-                }
-                res
-            })
+            .spawn(move || rx_target.receive(reader))
             .context("starting the postcopy receiver")?;
         // The source never resumes its copy once told; the vCPUs start right after.
         target

@@ -134,6 +134,8 @@ fn postcopy_stage2_wp_passes() {
     }
 }
 
+/// Chunk kind of page data on the wire (stream.rs `kind::PAGES`).
+const KIND_PAGES: u32 = 2;
 /// Chunk kind of the postcopy switch on the wire (stream.rs `kind::POSTCOPY`).
 const KIND_POSTCOPY: u32 = 12;
 /// Magic and version before the first chunk.
@@ -153,23 +155,27 @@ fn read_frame(from: &mut TcpStream) -> Option<(u32, Vec<u8>)> {
     Some((kind, frame))
 }
 
-#[test]
-fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
-    if !kvm_or_skip("connection_cut_during_postcopy_stops_both_ends_with_exit_1") {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dst_addr = format!("127.0.0.1:{}", free_port());
-    let mut dst = vmm(&["--incoming", &format!("tcp:{dst_addr}"), "--run-for", "0"]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
-    // A proxy that passes the stream through chunk by chunk and, once the destination's
-    // guest runs (its acknowledgement went back) and some postcopy pages went forward, cuts
-    // both directions: the source is gone in the middle of postcopy.
+/// What the proxy does with a source-to-destination chunk.
+enum Step {
+    /// Forward it.
+    Pass,
+    /// Forward it, then cut both directions.
+    Cut,
+}
+
+/// A proxy between a source and the destination at `dst_addr` that passes the stream chunk by
+/// chunk, calling `step(kind, frame, n)` on each chunk from the source (n = chunks since the
+/// postcopy switch, `None` before it) with the count of chunks the destination sent back so
+/// far. Returns the address for the source's --migrate-to and a handle whose result says
+/// whether the switch went through.
+fn chunk_proxy(
+    dst_addr: String,
+    mut step: impl FnMut(u32, &mut Vec<u8>, Option<u32>, u64) -> Step + Send + 'static,
+) -> (String, std::thread::JoinHandle<bool>) {
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let src_addr = format!("tcp:{}", proxy.local_addr().unwrap());
-    let back_chunks = Arc::new(AtomicU64::new(0));
-    let cutter = std::thread::spawn(move || {
+    let handle = std::thread::spawn(move || {
+        let back_chunks = Arc::new(AtomicU64::new(0));
         let (mut from_src, _) = proxy.accept().unwrap();
         let mut to_dst = TcpStream::connect(&dst_addr).unwrap();
         let (mut from_dst, mut to_src) =
@@ -182,27 +188,55 @@ fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
                 }
                 back.fetch_add(1, Ordering::SeqCst);
             }
+            // The destination is gone: so is the source's connection.
+            let _ = to_src.shutdown(Shutdown::Both);
         });
         let mut start = [0u8; STREAM_START];
         from_src.read_exact(&mut start).unwrap();
         to_dst.write_all(&start).unwrap();
         let mut after_switch = None;
-        while let Some((kind, f)) = read_frame(&mut from_src) {
-            to_dst.write_all(&f).unwrap();
+        while let Some((kind, mut f)) = read_frame(&mut from_src) {
+            if let Some(n) = after_switch.as_mut() {
+                *n += 1;
+            }
+            let what = step(
+                kind,
+                &mut f,
+                after_switch,
+                back_chunks.load(Ordering::SeqCst),
+            );
+            if to_dst.write_all(&f).is_err() {
+                break;
+            }
             if kind == KIND_POSTCOPY {
                 after_switch = Some(0u32);
             }
-            if let Some(n) = after_switch.as_mut() {
-                *n += 1;
-                // DEST_INFO and GUEST_RUNNING came back: the destination's guest runs.
-                if *n >= 64 && back_chunks.load(Ordering::SeqCst) >= 2 {
-                    break;
-                }
+            if let Step::Cut = what {
+                break;
             }
         }
         let _ = to_dst.shutdown(Shutdown::Both);
         let _ = from_src.shutdown(Shutdown::Both);
         after_switch.is_some()
+    });
+    (src_addr, handle)
+}
+
+#[test]
+fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
+    if !kvm_or_skip("connection_cut_during_postcopy_stops_both_ends_with_exit_1") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dst_addr = format!("127.0.0.1:{}", free_port());
+    let mut dst = vmm(&["--incoming", &format!("tcp:{dst_addr}"), "--run-for", "0"]);
+    let dst_rx = lines(&mut dst);
+    wait_for(&dst_rx, "waiting for the migration source");
+    // Once the destination's guest runs (DEST_INFO and GUEST_RUNNING went back) and some
+    // postcopy pages went forward, cut: the source is gone in the middle of postcopy.
+    let (src_addr, cutter) = chunk_proxy(dst_addr, |_, _, n, back| match n {
+        Some(n) if n >= 64 && back >= 2 => Step::Cut,
+        _ => Step::Pass,
     });
     let mut src = vmm(&[
         "--migrate-to",
@@ -230,6 +264,82 @@ fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
         serr.contains("during postcopy"),
         "the source says why: {serr}"
     );
+}
+
+#[test]
+fn corrupted_postcopy_page_stops_the_destination_with_exit_1() {
+    if !kvm_or_skip("corrupted_postcopy_page_stops_the_destination_with_exit_1") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dst_addr = format!("127.0.0.1:{}", free_port());
+    let mut dst = vmm(&["--incoming", &format!("tcp:{dst_addr}"), "--run-for", "0"]);
+    let dst_rx = lines(&mut dst);
+    wait_for(&dst_rx, "waiting for the migration source");
+    // Flip one byte of page data in the first pages chunk after the switch.
+    let mut flipped = false;
+    let (src_addr, proxy) = chunk_proxy(dst_addr, move |kind, frame, n, _| {
+        if n.is_some() && kind == KIND_PAGES && !flipped {
+            frame[8 + 8 + 100] ^= 0x5a;
+            flipped = true;
+        }
+        Step::Pass
+    });
+    let mut src = vmm(&["--migrate-to", &src_addr, "--postcopy-after", "1"]);
+    let src_rx = lines(&mut src);
+    let (dcode, dout, derr) = finish(dst, dst_rx);
+    assert_eq!(dcode, 1, "destination: {dout}\n{derr}");
+    assert!(derr.contains("checksum mismatch"), "{derr}");
+    assert!(derr.contains("the guest cannot continue"), "{derr}");
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert!(
+        proxy.join().unwrap(),
+        "the stream reached the postcopy switch"
+    );
+    assert_eq!(scode, 1, "source: {sout}\n{serr}");
+    assert!(serr.contains("during postcopy"), "{serr}");
+}
+
+#[test]
+fn postcopy_over_the_control_socket_passes() {
+    if !kvm_or_skip("postcopy_over_the_control_socket_passes") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let sock = std::env::temp_dir().join(format!("migrate-pc-{}.sock", std::process::id()));
+    let mut dst = vmm(&["--incoming", &addr, "--run-for", "0"]);
+    let dst_rx = lines(&mut dst);
+    wait_for(&dst_rx, "waiting for the migration source");
+    let mut src = vmm(&["--api-socket", sock.to_str().unwrap()]);
+    let src_rx = lines(&mut src);
+    wait_for(&src_rx, "guest dirty on");
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < migrate_util::LIMIT {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let zero = serde_json::json!({"cmd": "migrate", "to": addr, "postcopy_after": 0});
+    let bad = vmm::api::request(&sock, &zero).unwrap();
+    assert_eq!(bad["ok"], false, "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().contains("at least 1"),
+        "{bad}"
+    );
+    let req = serde_json::json!({"cmd": "migrate", "to": addr, "postcopy_after": 1});
+    let resp = vmm::api::request(&sock, &req).unwrap();
+    assert_eq!(resp["ok"], true, "{resp}");
+    assert_eq!(resp["migrate"]["mode"], "postcopy", "{resp}");
+    assert_eq!(
+        resp["migrate"]["rounds"].as_array().unwrap().len(),
+        1,
+        "{resp}"
+    );
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert_eq!(scode, 0, "{sout}\n{serr}");
+    let (dcode, dout, derr) = finish(dst, dst_rx);
+    assert_eq!(dcode, 0, "destination: {dout}\n{derr}");
+    assert!(dout.contains("PASS"), "{dout}");
+    assert_eq!(derr.matches("dirty replay of").count(), 2, "{derr}");
 }
 
 #[test]

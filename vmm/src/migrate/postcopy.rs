@@ -28,6 +28,9 @@ use crate::paging::PageSource;
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Most bytes the source pushes in one go before it looks at requests again.
 const PUSH_BATCH: u64 = 1 << 20;
+/// Gaps of up to this many bytes between owed host pages are owed as well (see
+/// [`PageSet::fill_gaps`]).
+const MAX_OWED_GAP_BYTES: u64 = 32 << 10;
 /// Interval of the source's postcopy progress line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const MB: f64 = 1_000_000.0;
@@ -137,14 +140,36 @@ impl PageSet {
             })
     }
 
+    /// Adds the host pages of every gap of at most `max_gap` host pages between two members
+    /// (within a region): fewer, longer runs for the price of a few more pages.
+    pub fn fill_gaps(&mut self, max_gap: u64) {
+        let members: Vec<u64> = self.iter().collect();
+        let page = self.host_page();
+        for pair in members.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            let gap = (b - a) / page - 1;
+            if gap == 0 || gap > max_gap || self.slot(a).map(|s| s.0) != self.slot(b).map(|s| s.0) {
+                continue;
+            }
+            let mut at = a + page;
+            while at < b {
+                self.insert(at);
+                at += page;
+            }
+        }
+    }
+
     /// Runs of consecutive host pages as (gpa, pages of 4 KiB), each at most `u32::MAX` pages.
     pub fn runs(&self) -> Vec<(u64, u32)> {
         let per = (self.host_page() / PAGE) as u32;
         let mut out: Vec<(u64, u32)> = Vec::new();
         for gpa in self.iter() {
+            let region = self.slot(gpa).map(|s| s.0);
             match out.last_mut() {
                 Some((g, n))
-                    if *g + u64::from(*n) * PAGE == gpa && n.checked_add(per).is_some() =>
+                    if *g + u64::from(*n) * PAGE == gpa
+                        && n.checked_add(per).is_some()
+                        && self.slot(*g).map(|s| s.0) == region =>
                 {
                     *n += per
                 }
@@ -217,7 +242,10 @@ pub fn push<W: Write>(
     pager: Option<&dyn RamPager>,
     state: impl FnOnce(&mut StreamWriter<W>) -> Result<(), MigrateError>,
 ) -> Result<PushOutcome, MigrateError> {
-    let owed = PageSet::of_dirty(dirty, regions, dest.host_page);
+    let mut owed = PageSet::of_dirty(dirty, regions, dest.host_page);
+    // The destination drops its stale copies run by run; short gaps between them are owed
+    // too (the source's copy is as good), which saves drops on small host pages.
+    owed.fill_gaps(MAX_OWED_GAP_BYTES / dest.host_page);
     let total = owed.len();
     let switch_at = Instant::now();
     w.discard(&owed.runs())?;
@@ -382,6 +410,8 @@ pub struct PostcopyTarget {
     /// The reply direction (page requests, guest running, all received).
     back: Mutex<StreamWriter<Connection>>,
     started: Instant,
+    /// Told once why the postcopy failed (stops the VM).
+    on_fail: Box<dyn Fn(&str) + Send + Sync>,
 }
 
 struct TargetState {
@@ -417,12 +447,15 @@ impl std::fmt::Debug for PostcopyTarget {
 }
 
 impl PostcopyTarget {
-    /// A target owing `owed` (host pages dropped at the switch), replying on `back`.
+    /// A target owing `owed` (host pages dropped at the switch), replying on `back`;
+    /// `on_fail` is called once with the reason if the pages stop coming (it should stop the
+    /// VM: from then on faults are answered with zeroes so that no thread stays blocked).
     pub fn new(
         mem: GuestMemoryMmap,
         pager: Arc<dyn RamPager>,
         owed: PageSet,
         back: Connection,
+        on_fail: impl Fn(&str) + Send + Sync + 'static,
     ) -> PostcopyTarget {
         PostcopyTarget {
             mem,
@@ -437,6 +470,24 @@ impl PostcopyTarget {
             arrived: Condvar::new(),
             back: Mutex::new(StreamWriter::headless(back)),
             started: Instant::now(),
+            on_fail: Box::new(on_fail),
+        }
+    }
+
+    /// Records the first failure, tells `on_fail` and wakes every waiting fault.
+    fn fail(&self, why: String) {
+        let first = {
+            let mut st = self.lock();
+            let first = st.failed.is_none();
+            if first {
+                st.failed = Some(why.clone());
+            }
+            first
+        };
+        self.arrived.notify_all();
+        if first {
+            log::error!("{why}");
+            (self.on_fail)(&why);
         }
     }
 
@@ -478,13 +529,11 @@ impl PostcopyTarget {
             other => other,
         });
         if let Err(e) = &res {
-            let why = format!(
-                "postcopy: the migration source is gone ({e}); the guest cannot continue \
-                 without the {} MiB of its memory still on the source",
+            self.fail(format!(
+                "postcopy: receiving from the migration source failed ({e}); the guest cannot \
+                 continue without the {} MiB of its memory still on the source",
                 (self.owed() * self.host_page) >> 20
-            );
-            self.lock().failed = Some(why);
-            self.arrived.notify_all();
+            ));
         }
         res?;
         let st = self.lock();
@@ -587,21 +636,32 @@ impl PostcopyTarget {
         let mut st = self.lock();
         let mut waited = false;
         let mut at = first;
-        while at < gpa + len {
+        while at < gpa + len && st.failed.is_none() {
             if st.owed.contains(at) && st.requested.insert(at) {
                 drop(st);
-                self.back
+                let sent = self
+                    .back
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .page_request(at, (host / PAGE) as u32)
-                    .map_err(|e| format!("postcopy: asking the source for {at:#x}: {e}"))?;
+                    .page_request(at, (host / PAGE) as u32);
+                if let Err(e) = sent {
+                    self.fail(format!(
+                        "postcopy: asking the migration source for {at:#x} failed ({e}); the \
+                         guest cannot continue without the part of its memory still there"
+                    ));
+                }
                 st = self.lock();
             }
             at += host;
         }
         loop {
-            if let Some(why) = &st.failed {
-                return Err(why.clone());
+            if st.failed.is_some() {
+                // The VM is stopping with the reason already given: wake this thread (a
+                // vCPU, or the VMM itself reading guest memory) with zeroes so that nothing
+                // stays blocked on a page that will never come; the run is failed anyway.
+                drop(st);
+                buf.fill(0);
+                return Ok(());
             }
             let mut at = first;
             let mut all = true;
@@ -686,6 +746,24 @@ mod tests {
         assert!(!s.remove(0x10));
         assert!(!s.contains(0) && s.contains(2 << 20));
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn short_gaps_are_filled_within_a_region_only() {
+        let regions = [(0u64, 1 << 20), (1 << 20, 1 << 20)];
+        let mut s = PageSet::new(&regions, PAGE);
+        for p in [0u64, 3, 10, 255, 256] {
+            s.insert(p * PAGE);
+        }
+        s.fill_gaps(2);
+        // 0..=3 joined (gap 2), 3..10 not (gap 6); 255 and 256 touch but lie in two
+        // regions: two runs (a drop never spans regions).
+        assert_eq!(
+            s.runs(),
+            vec![(0, 4), (10 * PAGE, 1), (255 * PAGE, 1), (256 * PAGE, 1)]
+        );
+        s.fill_gaps(6);
+        assert_eq!(s.runs(), vec![(0, 11), (255 * PAGE, 1), (256 * PAGE, 1)]);
     }
 
     #[test]

@@ -430,12 +430,23 @@ fn rounds<W: Write>(
     ))
 }
 
+/// What the destination did at the postcopy switch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SwitchFigures {
+    /// Pager drops of stale runs of host pages.
+    pub drop_calls: u64,
+    /// Time spent dropping them.
+    pub drop_time: Duration,
+}
+
 /// The postcopy phase still to come on the destination.
 pub struct PostcopyIncoming {
     /// The rest of the stream (the owed pages, then `End`).
     pub reader: StreamReader<std::io::BufReader<Connection>>,
     /// Host pages the source owes (dropped here at the switch).
     pub owed: PageSet,
+    /// The switch's drops.
+    pub switch: SwitchFigures,
 }
 
 impl std::fmt::Debug for PostcopyIncoming {
@@ -500,6 +511,7 @@ pub fn receive(
     let mut ram = RamReceiver::new(mem, pager);
     let ram_regions: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
     let mut owed: Option<PageSet> = None;
+    let mut switch = SwitchFigures::default();
     let switched = loop {
         let (offset, chunk) = r.position();
         let c = r.next_chunk()?;
@@ -534,9 +546,11 @@ pub fn receive(
                     ));
                 };
                 let set = owed.get_or_insert_with(|| PageSet::new(&ram_regions, p.host_page()));
+                let t = Instant::now();
                 for (gpa, count) in discard_runs(runs) {
-                    discard(p, set, gpa, count)?;
+                    discard(p, set, gpa, count, &mut switch.drop_calls)?;
                 }
+                switch.drop_time += t.elapsed();
             }
             Chunk::Postcopy => break true,
             Chunk::End => break false,
@@ -563,6 +577,7 @@ pub fn receive(
         (true, Some(p)) => Some(PostcopyIncoming {
             reader: r,
             owed: owed.unwrap_or_else(|| PageSet::new(&ram_regions, p.host_page())),
+            switch,
         }),
         (true, None) => {
             return Err(MigrateError::Refused(
@@ -585,8 +600,15 @@ pub fn receive(
 }
 
 /// Postcopy switch on the destination: the pages of `[gpa, gpa + count pages)` are stale
-/// here; their host pages join `owed` and any copy here is dropped (consecutive ones at once).
-fn discard(p: &dyn RamPager, owed: &mut PageSet, gpa: u64, count: u32) -> Result<(), MigrateError> {
+/// here; their host pages join `owed` and any copy here is dropped (consecutive ones at once;
+/// a run never spans two RAM regions: the source splits runs at region ends).
+fn discard(
+    p: &dyn RamPager,
+    owed: &mut PageSet,
+    gpa: u64,
+    count: u32,
+    calls: &mut u64,
+) -> Result<(), MigrateError> {
     let host = p.host_page();
     let end = gpa
         .checked_add(u64::from(count) * PAGE_SIZE as u64)
@@ -596,10 +618,11 @@ fn discard(p: &dyn RamPager, owed: &mut PageSet, gpa: u64, count: u32) -> Result
         })?;
     let mut at = gpa / host * host;
     let mut drop_run: Option<(u64, u64)> = None;
-    let flush = |run: Option<(u64, u64)>| -> Result<(), MigrateError> {
+    let mut flush = |run: Option<(u64, u64)>| -> Result<(), MigrateError> {
         if let Some((s, e)) = run {
             p.discard(s, e - s)
                 .map_err(|e| RamError::Pager(format!("dropping stale {s:#x}: {e}")))?;
+            *calls += 1;
         }
         Ok(())
     };
