@@ -179,7 +179,8 @@ pub struct GuestArgs {
     /// unix:PATH): precopy rounds over --dirty-mode, then the last round with the guest
     /// paused (or postcopy, see --postcopy-after). The source exits 0 once the destination
     /// runs the guest (postcopy: once it has every page); if the migration fails before
-    /// that, the guest keeps running here.
+    /// the guest was handed over (the pause of precopy, the switch of postcopy), the guest
+    /// keeps running here.
     #[arg(long, value_name = "ADDR")]
     pub migrate_to: Option<String>,
     /// Receive a migrating guest at this address (tcp:HOST:PORT or unix:PATH) instead of
@@ -201,6 +202,10 @@ pub struct GuestArgs {
     /// exits 1 (the guest cannot continue without its memory) and so does the source.
     #[arg(long, value_name = "N")]
     pub postcopy_after: Option<u32>,
+    /// Let the guest run this long before --migrate-to starts (so that it has written
+    /// memory by then).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub migrate_delay_ms: u64,
     /// Write the source's migration figures (mode, dirty-tracking mode, total and downtime in
     /// ms, bytes, one entry per round, the postcopy phase) as JSON to this file.
     #[arg(long, value_name = "PATH")]
@@ -416,6 +421,12 @@ fn plan_migration(args: &GuestArgs) -> anyhow::Result<MigrationPlan> {
             .map_err(|e| anyhow::anyhow!("--dirty-mode {m}: {e}"))?,
         None => DirtyMode::KvmBitmap,
     };
+    if args.migrate_delay_ms > 0 && migrate_to.is_none() {
+        bail!(
+            "--migrate-delay-ms is for --migrate-to (it delays that migration); add \
+             --migrate-to ADDR or drop it"
+        );
+    }
     let source_flags = [
         ("--dirty-mode", args.dirty_mode.is_some()),
         ("--postcopy-after", args.postcopy_after.is_some()),
@@ -797,12 +808,17 @@ pub fn run_on(
     };
     let mut waited = Waited::Timeout;
     if let Some(addr) = &mig.migrate_to {
-        let cfg = MigrateConfig {
-            postcopy_after: args.postcopy_after,
-            ..cfg
-        };
-        if let (_, Some(w)) = migrate_now(&src, addr, cfg, json) {
-            waited = w;
+        if args.migrate_delay_ms > 0 {
+            waited = wait(Some(Duration::from_millis(args.migrate_delay_ms)));
+        }
+        if let Waited::Timeout = waited {
+            let cfg = MigrateConfig {
+                postcopy_after: args.postcopy_after,
+                ..cfg
+            };
+            if let (_, Some(w)) = migrate_now(&src, addr, cfg, json) {
+                waited = w;
+            }
         }
     }
     if let (Some(secs), Waited::Timeout) = (args.run_for, &waited) {

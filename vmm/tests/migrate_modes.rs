@@ -33,6 +33,9 @@ fn migrate_and_verify(test: &str, src_flags: &[&str]) -> Option<serde_json::Valu
         json.to_str().unwrap(),
         "--max-rounds",
         "4",
+        // The guest writes for a while first: there are dirty pages to move.
+        "--migrate-delay-ms",
+        "300",
     ];
     args.extend_from_slice(src_flags);
     let mut src = vmm(&args);
@@ -243,8 +246,8 @@ fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
         &src_addr,
         "--postcopy-after",
         "2",
-        "--max-rounds",
-        "4",
+        "--migrate-delay-ms",
+        "300",
     ]);
     let src_rx = lines(&mut src);
     assert!(
@@ -285,7 +288,14 @@ fn corrupted_postcopy_page_stops_the_destination_with_exit_1() {
         }
         Step::Pass
     });
-    let mut src = vmm(&["--migrate-to", &src_addr, "--postcopy-after", "1"]);
+    let mut src = vmm(&[
+        "--migrate-to",
+        &src_addr,
+        "--postcopy-after",
+        "1",
+        "--migrate-delay-ms",
+        "300",
+    ]);
     let src_rx = lines(&mut src);
     let (dcode, dout, derr) = finish(dst, dst_rx);
     assert_eq!(dcode, 1, "destination: {dout}\n{derr}");

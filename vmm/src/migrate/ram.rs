@@ -82,21 +82,27 @@ impl RamSender {
         };
         let host_page = pager.host_page();
         let end = gpa + len;
-        let mut at = gpa;
-        while at < end {
-            let populated = pager.is_populated(at);
-            let mut next = end.min(host_page_end(at, host_page));
-            while next < end && pager.is_populated(next) == populated {
-                next = end.min(host_page_end(next, host_page));
+        let mut window = gpa;
+        while window < end {
+            let window_end = end.min(window + RESIDENCY_WINDOW);
+            let res = Residency::of(mem, window, window_end - window)?;
+            let mut at = window;
+            while at < window_end {
+                let populated = res.populated(at);
+                let mut next = window_end.min(host_page_end(at, host_page));
+                while next < window_end && res.populated(next) == populated {
+                    next = window_end.min(host_page_end(next, host_page));
+                }
+                if populated {
+                    self.send_present(w, mem, at, next - at)?;
+                } else {
+                    let pages = (next - at) / PAGE_SIZE as u64;
+                    w.zero_pages(at, pages)?;
+                    self.zero_pages += pages;
+                }
+                at = next;
             }
-            if populated {
-                self.send_present(w, mem, at, next - at)?;
-            } else {
-                let pages = (next - at) / PAGE_SIZE as u64;
-                w.zero_pages(at, pages)?;
-                self.zero_pages += pages;
-            }
-            at = next;
+            window = window_end;
         }
         Ok(())
     }
@@ -124,6 +130,54 @@ impl RamSender {
             at += n as u64;
         }
         Ok(())
+    }
+}
+
+/// Guest bytes whose residency one `mincore` call reads.
+const RESIDENCY_WINDOW: u64 = 64 << 20;
+
+/// Which 4 KiB pages of a guest range the host has: the test of [`RamPager::is_populated`]
+/// (`mincore`), made once for the whole range instead of once per page. Only the pager
+/// populates guest RAM while a migration reads this, so a snapshot stays true for the pages
+/// the caller has not placed itself.
+struct Residency {
+    gpa: u64,
+    pages: Vec<u8>,
+}
+
+impl Residency {
+    /// The residency of `[gpa, gpa+len)` (page aligned, inside one RAM region).
+    fn of(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<Residency, RamError> {
+        use vm_memory::GuestMemoryBackend;
+        check_range(mem, gpa, len)?;
+        let host = mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| RamError::OutOfRange { gpa, len })?;
+        let mut pages = vec![0u8; (len / PAGE_BYTES) as usize];
+        if !pages.is_empty() {
+            // SAFETY: [host, host+len) is guest RAM mapped for the VM's life (checked to lie
+            // in one region above); `pages` has one byte per 4 KiB page of it. mincore only
+            // reads the page tables.
+            let ret = unsafe {
+                libc::mincore(
+                    host.cast::<libc::c_void>(),
+                    len as usize,
+                    pages.as_mut_ptr(),
+                )
+            };
+            if ret != 0 {
+                return Err(RamError::Pager(format!(
+                    "mincore of guest memory {gpa:#x}+{len:#x}: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        Ok(Residency { gpa, pages })
+    }
+
+    /// Whether the 4 KiB page holding `gpa` is there.
+    fn populated(&self, gpa: u64) -> bool {
+        self.pages[((gpa - self.gpa) / PAGE_BYTES) as usize] & 1 != 0
     }
 }
 
@@ -197,6 +251,27 @@ impl<'a> RamReceiver<'a> {
         data: Option<&[u8]>,
         len: u64,
     ) -> Result<(), RamError> {
+        let end = gpa + len;
+        let mut window = gpa;
+        while window < end {
+            let window_end = end.min(window + RESIDENCY_WINDOW);
+            let res = Residency::of(self.mem, window, window_end - window)?;
+            let part = data.map(|d| &d[(window - gpa) as usize..(window_end - gpa) as usize]);
+            self.write_window(pager, &res, window, part, window_end - window)?;
+            window = window_end;
+        }
+        Ok(())
+    }
+
+    /// [`Self::write_through`] for a range whose residency `res` was read at once.
+    fn write_window(
+        &mut self,
+        pager: &dyn RamPager,
+        res: &Residency,
+        gpa: u64,
+        data: Option<&[u8]>,
+        len: u64,
+    ) -> Result<(), RamError> {
         let host_page = pager.host_page();
         let mut at = gpa;
         let end = gpa + len;
@@ -208,7 +283,7 @@ impl<'a> RamReceiver<'a> {
                 // 4 KiB host pages: the received pages are whole host pages; a run of missing
                 // ones is placed with one call, straight from the chunk.
                 let mut run_end = at;
-                while run_end < end && !pager.is_populated(run_end) {
+                while run_end < end && !res.populated(run_end) {
                     run_end += PAGE_BYTES;
                 }
                 if run_end > at {
@@ -232,7 +307,7 @@ impl<'a> RamReceiver<'a> {
                     continue;
                 }
             }
-            if !pager.is_populated(at) {
+            if !res.populated(at) {
                 let Some(part) = part else {
                     // Zeroes over a missing page: it reads as zeroes already.
                     at = next;
@@ -324,5 +399,147 @@ pub fn receive_ram<R: Read>(
         if !apply_chunk(mem, &c)? {
             return Ok(super::stream::chunk_name(&c));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::StreamReader;
+    use std::sync::Mutex;
+
+    /// A pager over a plain mapping: places by writing, records what it was asked.
+    struct FakePager {
+        mem: GuestMemoryMmap,
+        host_page: u64,
+        placed: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl RamPager for FakePager {
+        fn host_page(&self) -> u64 {
+            self.host_page
+        }
+        fn is_populated(&self, gpa: u64) -> bool {
+            Residency::of(&self.mem, gpa / PAGE_BYTES * PAGE_BYTES, PAGE_BYTES)
+                .unwrap()
+                .populated(gpa)
+        }
+        fn place(&self, gpa: u64, data: &[u8]) -> Result<bool, String> {
+            self.placed.lock().unwrap().push((gpa, data.len() as u64));
+            self.mem.write_slice(data, GuestAddress(gpa)).unwrap();
+            Ok(true)
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), String> {
+            unreachable!("not a postcopy test")
+        }
+    }
+
+    fn fake(pages: usize, host_page: u64) -> FakePager {
+        FakePager {
+            // Anonymous private memory: a page is resident only once touched.
+            mem: GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), pages * PAGE_SIZE)])
+                .unwrap(),
+            host_page,
+            placed: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn chunks(bytes: &[u8]) -> Vec<(&'static str, u64, u64)> {
+        let mut r = StreamReader::headless(bytes);
+        let mut got = Vec::new();
+        loop {
+            match r.next_chunk().unwrap() {
+                Chunk::Pages { gpa, data } => {
+                    got.push(("data", gpa / PAGE_BYTES, data.len() as u64 / PAGE_BYTES))
+                }
+                Chunk::ZeroPages { gpa, count } => got.push(("zero", gpa / PAGE_BYTES, count)),
+                Chunk::End => return got,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// With a pager, pages the host never populated go as zero runs and are not read (a
+    /// read would fault them in through the pager).
+    #[test]
+    fn untouched_pages_are_sent_as_zeroes_without_reading_them() {
+        let p = fake(16, PAGE_BYTES);
+        for page in [0u64, 1, 5] {
+            p.mem
+                .write_obj(page + 7, GuestAddress(page * PAGE_BYTES))
+                .unwrap();
+        }
+        // Page 9 is populated but holds zeroes: read, found zero, sent as a zero run.
+        p.mem.write_obj(0u64, GuestAddress(9 * PAGE_BYTES)).unwrap();
+        let mut w = StreamWriter::headless(Vec::new());
+        let mut s = RamSender::new();
+        s.send_range(&mut w, &p.mem, 0, 16 * PAGE_BYTES, Some(&p))
+            .unwrap();
+        w.end().unwrap();
+        assert_eq!(
+            chunks(&w.into_inner().unwrap()),
+            vec![
+                ("data", 0, 2),
+                ("zero", 2, 3),
+                ("data", 5, 1),
+                ("zero", 6, 3),
+                ("zero", 9, 1),
+                ("zero", 10, 6)
+            ]
+        );
+        let res = Residency::of(&p.mem, 0, 16 * PAGE_BYTES).unwrap();
+        let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
+        assert_eq!(resident, vec![0, 1, 5, 9], "nothing else was faulted in");
+    }
+
+    /// The receiver places missing pages (runs at once on 4 KiB pages, whole zero-padded host
+    /// pages on huge ones), writes present ones, and skips zero runs over missing pages.
+    #[test]
+    fn receiver_places_missing_pages_and_writes_present_ones() {
+        let p = fake(1024, PAGE_BYTES);
+        p.mem.write_obj(1u64, GuestAddress(2 * PAGE_BYTES)).unwrap();
+        let data = vec![0xabu8; 4 * PAGE_SIZE];
+        let mut r = RamReceiver::new(&p.mem, Some(&p));
+        // Pages 0..4: 0 and 1 missing (one place), 2 present (write), 3 missing (place).
+        r.apply(&Chunk::Pages {
+            gpa: 0,
+            data: &data,
+        })
+        .unwrap();
+        r.apply(&Chunk::ZeroPages {
+            gpa: 100 * PAGE_BYTES,
+            count: 900,
+        })
+        .unwrap();
+        assert_eq!(
+            *p.placed.lock().unwrap(),
+            vec![(0, 2 * PAGE_BYTES), (3 * PAGE_BYTES, PAGE_BYTES)]
+        );
+        assert_eq!((r.placed, r.written), (3, PAGE_BYTES));
+        let res = Residency::of(&p.mem, 100 * PAGE_BYTES, 900 * PAGE_BYTES).unwrap();
+        assert!(
+            (100..1000).all(|i| !res.populated(i * PAGE_BYTES)),
+            "a zero run over missing pages touches nothing"
+        );
+        assert_eq!(
+            p.mem.read_obj::<u8>(GuestAddress(2 * PAGE_BYTES)).unwrap(),
+            0xab
+        );
+
+        let huge = fake(1024, 1 << 20);
+        let mut r = RamReceiver::new(&huge.mem, Some(&huge));
+        r.apply(&Chunk::Pages {
+            gpa: 300 * PAGE_BYTES,
+            data: &data[..PAGE_SIZE],
+        })
+        .unwrap();
+        // Page 300 lies in the host page at 256 pages (1 MiB): placed whole.
+        assert_eq!(*huge.placed.lock().unwrap(), vec![(1 << 20, 1 << 20)]);
+        assert_eq!(
+            huge.mem
+                .read_obj::<u8>(GuestAddress(300 * PAGE_BYTES))
+                .unwrap(),
+            0xab
+        );
     }
 }
