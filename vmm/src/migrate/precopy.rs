@@ -221,6 +221,7 @@ pub fn send(
         ),
     };
     let mut paused = false;
+    let _boost = SenderPriority::raise();
     let res = rounds(src, cfg, &tracker, &mut w, &mut paused, back, dest, started);
     // KVM rings stay on for a later attempt (they cannot be enabled again once vCPUs exist).
     if owned {
@@ -239,6 +240,48 @@ pub fn send(
             .resume_all()?;
     }
     res
+}
+
+/// Scheduling weight of the thread that sends a migration, raised while it runs: with more
+/// vCPUs than host cores (or vCPUs that spin) the guest would otherwise take most of the CPU
+/// from the sender and no round would catch up. A nice value (getpriority(2)), lower = more.
+const SENDER_NICE: libc::c_int = -10;
+
+/// The sender thread's raised priority; the old one is put back on drop. Without the right
+/// to raise it (not root, no CAP_SYS_NICE) the migration runs at the normal priority.
+struct SenderPriority {
+    tid: libc::id_t,
+    old: libc::c_int,
+}
+
+impl SenderPriority {
+    fn raise() -> Option<SenderPriority> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as libc::id_t;
+        // SAFETY: getpriority/setpriority on this thread's own id; errno is checked.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let old = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if old == -1 && *libc::__errno_location() != 0 {
+                return None;
+            }
+            if libc::setpriority(libc::PRIO_PROCESS, tid, SENDER_NICE) != 0 {
+                log::debug!(
+                    "migration sender stays at nice {old}: {}",
+                    std::io::Error::last_os_error()
+                );
+                return None;
+            }
+            Some(SenderPriority { tid, old })
+        }
+    }
+}
+
+impl Drop for SenderPriority {
+    fn drop(&mut self) {
+        // SAFETY: as in `raise`, on the same thread id.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid, self.old) };
+    }
 }
 
 /// Sends all of guest RAM (pages the pager never populated as zero runs, unread).

@@ -313,14 +313,14 @@ impl<'a> RamReceiver<'a> {
                     at = next;
                     continue;
                 };
+                // The scratch page is all zeroes between uses: only the part written here
+                // is cleared again afterwards.
                 self.page.resize(host_page as usize, 0);
-                self.page.fill(0);
                 let off = (at - base) as usize;
                 self.page[off..off + part.len()].copy_from_slice(part);
-                if pager
-                    .place(base, &self.page)
-                    .map_err(|e| RamError::Pager(format!("placing {base:#x}: {e}")))?
-                {
+                let placed = pager.place(base, &self.page);
+                self.page[off..off + part.len()].fill(0);
+                if placed.map_err(|e| RamError::Pager(format!("placing {base:#x}: {e}")))? {
                     self.placed += 1;
                     at = next;
                     continue;
