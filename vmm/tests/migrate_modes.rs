@@ -311,8 +311,8 @@ fn corrupted_postcopy_page_stops_the_destination_with_exit_1() {
 }
 
 #[test]
-fn postcopy_over_the_control_socket_passes() {
-    if !kvm_or_skip("postcopy_over_the_control_socket_passes") {
+fn postcopy_kvm_ring_over_the_control_socket_passes() {
+    if !kvm_or_skip("postcopy_kvm_ring_over_the_control_socket_passes") {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -321,7 +321,14 @@ fn postcopy_over_the_control_socket_passes() {
     let mut dst = vmm(&["--incoming", &addr, "--run-for", "0"]);
     let dst_rx = lines(&mut dst);
     wait_for(&dst_rx, "waiting for the migration source");
-    let mut src = vmm(&["--api-socket", sock.to_str().unwrap()]);
+    // kvm-ring is chosen when the VM starts (the rings exist before the vCPUs) and the
+    // control socket's migration uses it.
+    let mut src = vmm(&[
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--dirty-mode",
+        "kvm-ring",
+    ]);
     let src_rx = lines(&mut src);
     wait_for(&src_rx, "guest dirty on");
     let t = std::time::Instant::now();
@@ -339,6 +346,7 @@ fn postcopy_over_the_control_socket_passes() {
     let resp = vmm::api::request(&sock, &req).unwrap();
     assert_eq!(resp["ok"], true, "{resp}");
     assert_eq!(resp["migrate"]["mode"], "postcopy", "{resp}");
+    assert_eq!(resp["migrate"]["dirty_mode"], "kvm-ring", "{resp}");
     assert_eq!(
         resp["migrate"]["rounds"].as_array().unwrap().len(),
         1,
