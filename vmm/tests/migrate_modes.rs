@@ -11,19 +11,34 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use migrate_util::{finish, free_port, kvm_or_skip, lines, vmm, wait_for, SERIAL};
+use migrate_util::{
+    finish, free_2m_pages_or_skip, free_port, kvm_or_skip, lines, vmm, vmm_on, wait_for, SERIAL,
+};
 
 /// Migrates a writing `dirty` guest with `src_flags`; the destination stops the guest as
 /// soon as it runs (`--run-for 0`), so most pages still hold what the source wrote and a lost
 /// page fails the replay. Returns the source's `--migrate-json` document.
 fn migrate_and_verify(test: &str, src_flags: &[&str]) -> Option<serde_json::Value> {
+    migrate_and_verify_on(test, "none", src_flags)
+}
+
+/// [`migrate_and_verify`] with both ends on `--hugepages backing`.
+fn migrate_and_verify_on(
+    test: &str,
+    backing: &str,
+    src_flags: &[&str],
+) -> Option<serde_json::Value> {
     if !kvm_or_skip(test) {
         return None;
     }
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Both ends' RAM on 2 MiB pages: 512M each.
+    if backing == "2M" && !free_2m_pages_or_skip(test, 2 * 256) {
+        return None;
+    }
     let addr = format!("tcp:127.0.0.1:{}", free_port());
     let json = std::env::temp_dir().join(format!("{test}-{}.json", std::process::id()));
-    let mut dst = vmm(&["--incoming", &addr, "--run-for", "0"]);
+    let mut dst = vmm_on(backing, &["--incoming", &addr, "--run-for", "0"]);
     let dst_rx = lines(&mut dst);
     wait_for(&dst_rx, "waiting for the migration source");
     let mut args = vec![
@@ -38,7 +53,7 @@ fn migrate_and_verify(test: &str, src_flags: &[&str]) -> Option<serde_json::Valu
         "300",
     ];
     args.extend_from_slice(src_flags);
-    let mut src = vmm(&args);
+    let mut src = vmm_on(backing, &args);
     let src_rx = lines(&mut src);
     let (scode, sout, serr) = finish(src, src_rx);
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
@@ -83,6 +98,23 @@ fn check_postcopy(doc: &serde_json::Value, mode: &str) {
     let pc = &doc["postcopy"];
     let moved = pc["requested_pages"].as_u64().unwrap() + pc["pushed_pages"].as_u64().unwrap();
     assert!(moved > 0, "pages moved after the switch: {doc}");
+}
+
+/// 2 MiB hugetlbfs on both ends: pages move and are placed in whole huge pages (the
+/// destination drops and the source owes 2 MiB at a time).
+#[test]
+fn postcopy_on_2m_huge_pages_passes() {
+    if let Some(doc) = migrate_and_verify_on(
+        "postcopy_on_2m_huge_pages_passes",
+        "2M",
+        &["--postcopy-after", "2"],
+    ) {
+        check_postcopy(&doc, "kvm-bitmap");
+        // Everything after the switch moves in whole 2 MiB pages.
+        let pc = &doc["postcopy"];
+        let moved = pc["requested_pages"].as_u64().unwrap() + pc["pushed_pages"].as_u64().unwrap();
+        assert_eq!(moved % 512, 0, "{doc}");
+    }
 }
 
 #[test]

@@ -29,6 +29,23 @@ pub fn kvm_or_skip(test: &str) -> bool {
     false
 }
 
+/// True when the 2 MiB hugetlb pool has `pages` free (not reserved) pages; prints why a test
+/// is skipped otherwise (other suites share the pool: run again when it is free).
+pub fn free_2m_pages_or_skip(test: &str, pages: u64) -> bool {
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let free = read("free_hugepages").saturating_sub(read("resv_hugepages"));
+    if free >= pages {
+        return true;
+    }
+    eprintln!("{test}: skipped: the 2 MiB hugetlb pool has {free} free pages, {pages} needed");
+    false
+}
+
 /// A TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -40,6 +57,11 @@ pub fn free_port() -> u16 {
 
 /// A `dirty` guest that writes until stopped, on 4 KiB pages, with `extra` flags.
 pub fn vmm(extra: &[&str]) -> Child {
+    vmm_on("none", extra)
+}
+
+/// A `dirty` guest that writes until stopped, on `--hugepages backing`, with `extra` flags.
+pub fn vmm_on(backing: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args([
             "--guest",
@@ -49,7 +71,7 @@ pub fn vmm(extra: &[&str]) -> Child {
             "--cpus",
             CPUS,
             "--hugepages",
-            "none",
+            backing,
             "--generations",
             "0",
         ])
