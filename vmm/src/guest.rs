@@ -531,7 +531,15 @@ pub fn run_on(
                 &ram_regions,
                 pager.as_deref().map(|p| p as &dyn RamPager),
             )
-            .context("incoming migration failed; nothing runs here")?;
+            .with_context(|| {
+                if args.no_demand_paging {
+                    "incoming migration failed; nothing runs here (this destination runs with \
+                     --no-demand-paging: a source with --postcopy-after refuses it, see its \
+                     message)"
+                } else {
+                    "incoming migration failed; nothing runs here"
+                }
+            })?;
             println!(
                 "received {} rounds, {:.1} MB in {:.3} s ({} host pages placed through the pager){}",
                 inc.rounds,

@@ -422,4 +422,5 @@ fn postcopy_to_a_destination_without_demand_paging_is_refused_and_the_source_run
     let (dcode, dout, derr) = finish(dst, dst_rx);
     assert_eq!(dcode, 1, "{dout}\n{derr}");
     assert!(derr.contains("nothing runs here"), "{derr}");
+    assert!(derr.contains("--no-demand-paging"), "{derr}");
 }
