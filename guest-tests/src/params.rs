@@ -262,6 +262,35 @@ pub const DIRTY_RATE_MB: u64 = 1_000_000;
 /// instead of writing in a burst above its rate.
 pub const PACE_MAX_LAG_MS: u64 = 100;
 
+/// Shortest wait, in microseconds, for which a paced `dirty` vCPU gives its thread back
+/// to the host ([`CMD_SLEEP`](crate::protocol::CMD_SLEEP)) instead of spinning on rdtsc:
+/// well above the cost of a port exit plus a host timer wake-up (tens of µs), so that
+/// short waits stay precise and long ones cost no host CPU.
+pub const PACE_SLEEP_MIN_US: u64 = 200;
+
+/// Longest time, in milliseconds, the VMM holds a vCPU thread on one
+/// [`CMD_SLEEP`](crate::protocol::CMD_SLEEP): a pause or stop of the VM waits at most this
+/// long for the vCPU (the guest asks again if its wait is longer). Below
+/// [`PACE_MAX_LAG_MS`] so that a sleep never costs the guest backlog it would drop.
+pub const PACE_SLEEP_MAX_MS: u64 = 10;
+
+const _: () = assert!(PACE_SLEEP_MAX_MS < PACE_MAX_LAG_MS);
+const _: () = assert!(PACE_SLEEP_MIN_US < PACE_SLEEP_MAX_MS * 1000);
+
+/// How long the host sleeps for a guest's [`CMD_SLEEP`](crate::protocol::CMD_SLEEP) of
+/// `cycles` TSC cycles on a TSC of `tsc_khz` kHz: the wait itself, capped at
+/// [`PACE_SLEEP_MAX_MS`]; zero when the frequency is unknown (0), so the guest falls back
+/// to spinning rather than being held for a guessed time.
+pub fn pace_sleep(cycles: u64, tsc_khz: u64) -> core::time::Duration {
+    if tsc_khz == 0 {
+        return core::time::Duration::ZERO;
+    }
+    // cycles / (kHz * 1000) seconds, in µs: cycles * 1000 / kHz.
+    let us = u128::from(cycles) * 1000 / u128::from(tsc_khz);
+    let cap = u128::from(PACE_SLEEP_MAX_MS) * 1000;
+    core::time::Duration::from_micros(us.min(cap) as u64)
+}
+
 /// TSC cycles between two page writes of one vCPU so that `nr_vcpus` vCPUs together
 /// dirty `rate_mb_s` MB (10^6 bytes) per second, on a TSC of `tsc_khz` kHz.
 ///
@@ -436,6 +465,26 @@ mod tests {
         let writes_per_s = 3.0 * 2_893_204_000.0 / i as f64;
         let rate = dirty_rate_mb_s(writes_per_s as u64, 1.0);
         assert!((rate - 37.0).abs() < 0.01, "{rate}");
+    }
+
+    #[test]
+    fn pace_sleep_converts_cycles_and_caps() {
+        // 2 GHz: 2_000_000 cycles are 1 ms.
+        assert_eq!(
+            pace_sleep(2_000_000, 2_000_000),
+            core::time::Duration::from_millis(1)
+        );
+        assert_eq!(
+            pace_sleep(400_000, 2_000_000),
+            core::time::Duration::from_micros(200)
+        );
+        // A wait longer than the cap is served in several sleeps.
+        assert_eq!(
+            pace_sleep(u64::MAX, 2_000_000),
+            core::time::Duration::from_millis(PACE_SLEEP_MAX_MS)
+        );
+        // Unknown frequency: no sleep (the guest spins instead).
+        assert_eq!(pace_sleep(1 << 40, 0), core::time::Duration::ZERO);
     }
 
     #[test]

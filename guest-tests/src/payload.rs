@@ -19,14 +19,16 @@
 //! `r15` params, `r14` own `VcpuBlock`, `r13` vCPU id, `r12` pages in the slice,
 //! `rbx` slice base, `r11` generation, `r10` reclaim sequence at generation start,
 //! `r9` xorshift state, `r8` page index, `rsi` page gpa, `rdi` pattern,
-//! `rbp` the per-page routine of `for_each_page`; `rax`, `rcx`, `rdx` are scratch.
+//! `rbp` the per-page routine of `for_each_page` (stress) or the shortest wait the host
+//! sleeps through (dirty); `rax`, `rcx`, `rdx` are scratch.
 
 use crate::params::{
-    offsets as o, GuestKind, Mode, FLAG_EXPECT_RECLAIM, PACE_MAX_LAG_MS, PARAMS_MAGIC,
-    SEED_GEN_MUL, SEED_VCPU_MUL,
+    offsets as o, GuestKind, Mode, FLAG_EXPECT_RECLAIM, PACE_MAX_LAG_MS, PACE_SLEEP_MIN_US,
+    PARAMS_MAGIC, SEED_GEN_MUL, SEED_VCPU_MUL,
 };
 use crate::protocol::{
-    CMD_BAD_PARAMS, CMD_FAIL, CMD_IDLE, CMD_PASS, CMD_PROGRESS, CMD_START, PORT_MAGIC, TEST_PORT,
+    CMD_BAD_PARAMS, CMD_FAIL, CMD_IDLE, CMD_PASS, CMD_PROGRESS, CMD_SLEEP, CMD_START, PORT_MAGIC,
+    TEST_PORT,
 };
 
 /// The machine code of one guest and where to start it.
@@ -516,7 +518,9 @@ macro_rules! touch_asm {
 /// number into xorshift-chosen pages (gpa at +8, generation at +0), counting each
 /// completed write; runs `generations` generations, or until `stop` when that is 0.
 /// With `write_interval_tsc` set it spaces its writes that many TSC cycles apart
-/// (rdtsc is allowed at CPL 3: the VMM leaves CR4.TSD clear).
+/// (rdtsc is allowed at CPL 3: the VMM leaves CR4.TSD clear), sleeping in the host
+/// (`CMD_SLEEP`) through waits longer than `PACE_SLEEP_MIN_US` and spinning through
+/// shorter ones.
 macro_rules! dirty_asm {
     () => {
         concat!(
@@ -538,6 +542,16 @@ macro_rules! dirty_asm {
             "  or rax, rdx\n",
             "  mov r10, rax\n",
             "  imul r8, qword ptr [r15 + {TSC_KHZ}], {PACE_MAX_LAG_MS}\n",
+            // rbp = shortest wait handed to the host (PACE_SLEEP_MIN_US in cycles:
+            // kHz * µs / 1000); all ones (never) when the TSC frequency is unknown.
+            "  imul rax, qword ptr [r15 + {TSC_KHZ}], {PACE_SLEEP_MIN_US}\n",
+            "  xor edx, edx\n",
+            "  mov ecx, 1000\n",
+            "  div rcx\n",
+            "  mov rbp, rax\n",
+            "  test rbp, rbp\n",
+            "  jnz .Lgt_dirty_gen\n",
+            "  dec rbp\n",
             ".Lgt_dirty_gen:\n",
             "  cmp qword ptr [r15 + {GENERATIONS}], 0\n",
             "  je .Lgt_dirty_go\n",
@@ -576,7 +590,9 @@ macro_rules! dirty_asm {
             // pace: returns when this vCPU's next write is due: r10 advances by
             // write_interval_tsc (0 = unpaced); a backlog beyond r8 cycles is dropped, and
             // a deadline more than one interval ahead (the TSC went back, e.g. after a
-            // migration) restarts from now. Clobbers rax, rdx, rdi.
+            // migration) restarts from now. A wait longer than rbp cycles is handed to
+            // the host (SLEEP with the cycles left; the host may return early, so the
+            // TSC is read again after it), a shorter one spins. Clobbers rax, rdx, rdi.
             ".Lgt_dirty_pace:\n",
             "  mov rdi, qword ptr [r15 + {WRITE_INTERVAL_TSC}]\n",
             "  test rdi, rdi\n",
@@ -591,7 +607,14 @@ macro_rules! dirty_asm {
             "  jle .Lgt_dirty_pace_due\n",
             "  cmp rdx, rdi\n",
             "  ja .Lgt_dirty_pace_reset\n",
+            "  cmp rdx, rbp\n",
+            "  ja .Lgt_dirty_pace_sleep\n",
             "  pause\n",
+            "  jmp .Lgt_dirty_pace_spin\n",
+            ".Lgt_dirty_pace_sleep:\n",
+            "  mov qword ptr [r14 + {V_ARGS}], rdx\n",
+            "  mov eax, {CMD_SLEEP}\n",
+            "  call .Lgt_dirty_report\n",
             "  jmp .Lgt_dirty_pace_spin\n",
             ".Lgt_dirty_pace_due:\n",
             "  neg rdx\n",
@@ -624,6 +647,7 @@ core::arch::global_asm!(
     TSC_KHZ = const o::TSC_KHZ,
     WRITE_INTERVAL_TSC = const o::WRITE_INTERVAL_TSC,
     PACE_MAX_LAG_MS = const PACE_MAX_LAG_MS,
+    PACE_SLEEP_MIN_US = const PACE_SLEEP_MIN_US,
     VCPUS = const o::VCPUS,
     VCPU_BLOCK_SHIFT = const o::VCPU_BLOCK_SHIFT,
     V_SLICE_BASE = const o::V_SLICE_BASE,
@@ -651,6 +675,7 @@ core::arch::global_asm!(
     CMD_FAIL = const CMD_FAIL,
     CMD_BAD_PARAMS = const CMD_BAD_PARAMS,
     CMD_IDLE = const CMD_IDLE,
+    CMD_SLEEP = const CMD_SLEEP,
 );
 
 extern "C" {

@@ -28,6 +28,13 @@ pub const CMD_BAD_PARAMS: u32 = 5;
 /// Command: the guest has finished and idles (it repeats this write forever; the VMM
 /// may sleep a little on each). No args.
 pub const CMD_IDLE: u32 = 6;
+/// Command: the guest has nothing to do for a while (a paced `dirty` vCPU whose next
+/// write is due later than [`PACE_SLEEP_MIN_US`](crate::params::PACE_SLEEP_MIN_US)).
+/// Args: TSC cycles until it has work. The VMM holds the vCPU thread for at most that
+/// long (converted with `Params::tsc_khz`) and at most
+/// [`PACE_SLEEP_MAX_MS`](crate::params::PACE_SLEEP_MAX_MS); the guest then reads its TSC
+/// again and sleeps or spins for what is left, so an early return is always correct.
+pub const CMD_SLEEP: u32 = 7;
 
 /// The dword a guest writes for `command`.
 pub const fn command_word(command: u32) -> u32 {
@@ -90,6 +97,11 @@ pub enum Event {
     },
     /// The guest has finished and waits to be stopped.
     Idle,
+    /// The guest has no work for `cycles` TSC cycles and offers its vCPU thread.
+    Sleep {
+        /// TSC cycles until the guest's next piece of work is due.
+        cycles: u64,
+    },
     /// A dword that is not a command of this protocol.
     Unknown {
         /// The raw value written to the port.
@@ -143,6 +155,7 @@ pub fn decode(raw: u32, args: &[u64; MAILBOX_ARGS]) -> Event {
             kind: args[1],
         },
         CMD_IDLE => Event::Idle,
+        CMD_SLEEP => Event::Sleep { cycles: args[0] },
         _ => Event::Unknown { raw },
     }
 }
@@ -207,6 +220,11 @@ mod tests {
                 kind: 20
             }
         );
+        assert_eq!(decode(command_word(CMD_IDLE), &ARGS), Event::Idle);
+        assert_eq!(
+            decode(command_word(CMD_SLEEP), &ARGS),
+            Event::Sleep { cycles: 10 }
+        );
     }
 
     #[test]
@@ -235,5 +253,6 @@ mod tests {
         assert!(!decode(command_word(CMD_PROGRESS), &ARGS).is_final());
         assert!(!decode(command_word(CMD_START), &ARGS).is_final());
         assert!(!decode(command_word(CMD_IDLE), &ARGS).is_final());
+        assert!(!decode(command_word(CMD_SLEEP), &ARGS).is_final());
     }
 }

@@ -96,8 +96,9 @@ impl Report {
         let Some(r) = self.vcpus.get_mut(vcpu) else {
             return false;
         };
-        if event == Event::Idle {
-            // A finished guest idles until it is stopped; nothing to record.
+        if matches!(event, Event::Idle | Event::Sleep { .. }) {
+            // A finished guest idles until it is stopped, a paced one sleeps between
+            // writes; nothing to record.
             return false;
         }
         if matches!(r.state, VcpuState::Passed | VcpuState::Failed) {
@@ -178,7 +179,7 @@ impl Report {
                 r.fail(now, format!("unknown port write {raw:#x}"));
                 true
             }
-            Event::Idle => false,
+            Event::Idle | Event::Sleep { .. } => false,
         }
     }
 
@@ -341,6 +342,7 @@ mod tests {
         r.record(0, pass(), now);
         // Idling after the final event is what a finished guest does.
         assert!(!r.record(0, Event::Idle, now));
+        assert!(!r.record(0, Event::Sleep { cycles: 5 }, now));
         assert!(r.passed());
         r.record(0, Event::Start { vcpu: 0, tsc: 0 }, now);
         assert!(!r.passed());

@@ -1,6 +1,7 @@
 //! `vmm --guest dirty --dirty-rate MB_PER_S` on real KVM: the guest paces its page writes
 //! to the rate (measured from its own write counts over its run time, at two rates), still
-//! passes its replay check, and a paced guest migrates and passes on the destination.
+//! passes its replay check, a slow paced guest sleeps in the host instead of spinning its
+//! vCPU threads, and a paced guest migrates and passes on the destination.
 
 mod guest_util;
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use guest_tests::params::dirty_rate_mb_s;
 use guest_util::{kvm_or_skip, serial, vmm_guest, Run};
+use serde_json::Value;
 
 /// Small guest: the rate, not the size, is under test.
 const SMALL: [&str; 8] = [
@@ -88,6 +90,132 @@ fn paced_dirty_guest_writes_at_the_rate_asked_and_passes() {
             run.stdout
         );
     }
+}
+
+/// Share of its vCPUs' run time a guest paced to [`SLOW_RATE`] may burn in host CPU.
+/// Spinning on rdtsc costs 100% of every vCPU that gets a core (on this loaded 2-core
+/// machine measured 53% with two other busy threads); sleeping between writes (about 1 ms
+/// apart at this rate) leaves port exits and timer wake-ups: 7-8% measured here.
+const SLOW_CPU_SHARE: f64 = 0.25;
+/// A rate low enough that each vCPU waits about 1 ms between writes (2 vCPUs).
+const SLOW_RATE: u64 = 8;
+
+/// Runs `vmm` with `args` and `--stats-json`, and returns the run with the CPU time
+/// (user + system, seconds) of the vmm process and all its threads, from `wait4`.
+fn run_with_cpu_time(tag: &str, args: &[&str]) -> (Run, f64) {
+    let stats = std::env::temp_dir().join(format!("vmm-guest-{}-{tag}.json", std::process::id()));
+    let _ = std::fs::remove_file(&stats);
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .args([
+            "--log-level",
+            "warn",
+            "--guest-timeout",
+            "300",
+            "--stats-json",
+        ])
+        .arg(&stats)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let mut stdout = String::new();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err_pipe, &mut s).unwrap();
+        s
+    });
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    let stderr = err_reader.join().unwrap();
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own unreaped child (the `Child` is never waited on), and both
+    // out-pointers point to live locals of the right types.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    let wall = t.elapsed();
+    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    let cpu = secs(usage.ru_utime) + secs(usage.ru_stime);
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let doc = std::fs::read_to_string(&stats)
+        .ok()
+        .map(|s| serde_json::from_str::<Value>(&s).expect("stats JSON"));
+    let _ = std::fs::remove_file(&stats);
+    eprintln!(
+        "vmm {} -> exit {code} in {:.2} s, {cpu:.2} s CPU",
+        args.join(" "),
+        wall.as_secs_f64()
+    );
+    (
+        Run {
+            code,
+            stdout,
+            stderr,
+            wall,
+            stats: doc,
+        },
+        cpu,
+    )
+}
+
+#[test]
+fn slow_paced_guest_sleeps_instead_of_spinning() {
+    if !kvm_or_skip("slow_paced_guest_sleeps_instead_of_spinning") {
+        return;
+    }
+    let _g = serial();
+    let rate = SLOW_RATE.to_string();
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend([
+        "--no-demand-paging",
+        "--generations",
+        "0",
+        "--run-for",
+        RUN_FOR,
+        "--dirty-rate",
+        &rate,
+    ]);
+    let (run, cpu) = run_with_cpu_time("slow", &args);
+    run.assert_pass();
+    let got = measured_rate(&run);
+    let vcpus = run.stats()["vcpus"].as_array().expect("vcpus").len();
+    assert_eq!(vcpus, 2, "{}", run.stats());
+    // The vCPUs' own run time (not the whole process lifetime, which includes start-up).
+    let vcpu_secs: f64 = run.stats()["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["seconds"].as_f64())
+        .sum();
+    let share = cpu / vcpu_secs;
+    eprintln!(
+        "--dirty-rate {SLOW_RATE}: measured {got:.2} MB/s, {cpu:.2} s CPU over {vcpu_secs:.2} \
+         vCPU-seconds ({:.0}%), wall {:.2} s",
+        share * 100.0,
+        run.wall.as_secs_f64()
+    );
+    assert!(
+        got >= BAND.0 * SLOW_RATE as f64 && got <= BAND.1 * SLOW_RATE as f64,
+        "--dirty-rate {SLOW_RATE}: measured {got:.2} MB/s, outside {:.1}..{:.1}\n{}",
+        BAND.0 * SLOW_RATE as f64,
+        BAND.1 * SLOW_RATE as f64,
+        run.stdout
+    );
+    assert!(
+        share < SLOW_CPU_SHARE,
+        "the paced guest used {cpu:.2} s of CPU over {vcpu_secs:.2} vCPU-seconds ({:.0}%, \
+         limit {:.0}%): its vCPUs spin instead of sleeping between writes",
+        share * 100.0,
+        SLOW_CPU_SHARE * 100.0
+    );
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! The test-port device (ports 0xf4..=0xf7): decodes the guests' commands, keeps the
-//! `Report`, and asks the VM to stop when every vCPU has finished or one has failed.
+//! `Report`, asks the VM to stop when every vCPU has finished or one has failed, and
+//! holds a vCPU thread while its guest idles or sleeps between paced writes.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use guest_tests::params::MAILBOX_ARGS;
+use guest_tests::params::{pace_sleep, MAILBOX_ARGS};
 use guest_tests::protocol::{decode_bytes, TEST_PORT};
 use guest_tests::{Event, Params, Report};
 use log::{debug, error, info};
@@ -46,6 +47,17 @@ impl TestPort {
         }
     }
 
+    /// The guest's TSC frequency in kHz from the parameter block (0 = unknown or unreadable).
+    fn tsc_khz(&self) -> u64 {
+        let gpa = Params::pacing_gpa(self.params_gpa);
+        self.mem
+            .read_obj::<u64>(GuestAddress(gpa))
+            .unwrap_or_else(|e| {
+                error!("cannot read the TSC frequency in the parameter block at {gpa:#x}: {e}");
+                0
+            })
+    }
+
     fn mailbox(&self, vcpu: usize) -> [u64; MAILBOX_ARGS] {
         let mut bytes = [0u8; MAILBOX_ARGS * 8];
         let gpa = Params::args_gpa(self.params_gpa, vcpu);
@@ -66,6 +78,17 @@ impl TestPort {
             // A finished guest repeats this write until the VM stops: sleep a little so
             // it costs no CPU, yet return soon enough for pause and stop commands.
             self.exit.wait_timeout(IDLE_SLEEP);
+            return;
+        }
+        if let Event::Sleep { cycles } = event {
+            // A paced guest ahead of its next write: hold this vCPU thread (it runs the
+            // guest, so the CPU goes to other threads) for at most the wait and at most
+            // PACE_SLEEP_MAX_MS, so a pause or stop of the VM is never held up longer.
+            // A stop request ends the sleep at once; the guest re-reads its TSC either way.
+            let t = pace_sleep(cycles, self.tsc_khz());
+            if !t.is_zero() {
+                self.exit.wait_timeout(t);
+            }
             return;
         }
         let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
@@ -112,7 +135,8 @@ impl PioDevice for TestPort {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_tests::protocol::{command_word, CMD_FAIL, CMD_PASS, CMD_START};
+    use guest_tests::params::PACE_SLEEP_MAX_MS;
+    use guest_tests::protocol::{command_word, CMD_FAIL, CMD_PASS, CMD_SLEEP, CMD_START};
 
     fn setup(n: usize) -> (TestPort, GuestMemoryMmap, Arc<Mutex<Report>>, ExitRequest) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -155,6 +179,43 @@ mod tests {
         let r = report.lock().unwrap();
         let why = r.vcpus()[1].failure.as_deref().unwrap();
         assert!(why.contains("0x402008"), "{why}");
+    }
+
+    #[test]
+    fn sleep_holds_the_thread_for_the_wait_capped_and_records_nothing() {
+        let (port, mem, report, exit) = setup(1);
+        send(&port, &mem, 0, CMD_START, [0, 0, 0, 0, 0, 0]);
+        // 1 GHz TSC: 3_000_000 cycles are 3 ms.
+        mem.write_obj(1_000_000u64, GuestAddress(Params::pacing_gpa(0x1000)))
+            .unwrap();
+        let t = Instant::now();
+        send(&port, &mem, 0, CMD_SLEEP, [3_000_000, 0, 0, 0, 0, 0]);
+        let slept = t.elapsed();
+        assert!(slept >= Duration::from_millis(3), "{slept:?}");
+        // A wait of 100 s is served PACE_SLEEP_MAX_MS at a time.
+        let t = Instant::now();
+        send(&port, &mem, 0, CMD_SLEEP, [100_000_000_000, 0, 0, 0, 0, 0]);
+        let slept = t.elapsed();
+        assert!(
+            slept >= Duration::from_millis(PACE_SLEEP_MAX_MS) && slept < Duration::from_secs(5),
+            "{slept:?}"
+        );
+        assert_eq!(exit.code(), None);
+        assert_eq!(report.lock().unwrap().vcpus()[0].failure, None);
+        // Once the VM is stopping, a sleep returns at once.
+        exit.request(EXIT_PASS, "test");
+        let t = Instant::now();
+        send(&port, &mem, 0, CMD_SLEEP, [100_000_000_000, 0, 0, 0, 0, 0]);
+        assert!(t.elapsed() < Duration::from_millis(PACE_SLEEP_MAX_MS));
+    }
+
+    #[test]
+    fn sleep_with_an_unknown_tsc_frequency_returns_at_once() {
+        let (port, mem, _report, exit) = setup(1);
+        let t = Instant::now();
+        send(&port, &mem, 0, CMD_SLEEP, [100_000_000_000, 0, 0, 0, 0, 0]);
+        assert!(t.elapsed() < Duration::from_millis(PACE_SLEEP_MAX_MS));
+        assert_eq!(exit.code(), None);
     }
 
     #[test]
