@@ -106,6 +106,8 @@ fn run_with_cpu_time(tag: &str, args: &[&str]) -> (Run, f64) {
     let stats = std::env::temp_dir().join(format!("vmm-guest-{}-{tag}.json", std::process::id()));
     let _ = std::fs::remove_file(&stats);
     let t = Instant::now();
+    // Reaped with wait4 below rather than Child::wait: wait4 also returns its rusage.
+    #[allow(clippy::zombie_processes)]
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(args)
         .args([
