@@ -23,7 +23,7 @@ use crate::arch::x86_64::configure_vcpu;
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
 use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LAST};
 use crate::devices::PioBus;
-use crate::dirty::{DirtyMode, DirtyTracker};
+use crate::dirty::{DirtyMode, DirtyTracker, HostChanges};
 use crate::memory::{self, human, BackingKind, GuestRam};
 use crate::migrate::postcopy::PostcopyTarget;
 use crate::migrate::precopy::{self, DirtySource, MigrateConfig, MigrateError};
@@ -663,6 +663,23 @@ pub fn run_on(
             let pager = pager.clone();
             Box::new(move |gpa, len| Ok(pager.reclaim(gpa, len)?.to_json()))
         }
+        // Shared memory: MADV_DONTNEED would only unmap the file's pages, which the next
+        // access maps again unchanged; punch them out of the memfd (file offset = gpa -
+        // region start, as memory.rs lays the files out).
+        None if !ram.shared_regions().is_empty() => {
+            let files: Vec<(u64, u64, Arc<std::fs::File>)> = ram
+                .shared_regions()
+                .iter()
+                .map(|s| (s.region.gpa, s.region.len, s.file.clone()))
+                .collect();
+            Box::new(move |gpa, len| {
+                let (r, _, file) = files
+                    .iter()
+                    .find(|(r, l, _)| gpa >= *r && gpa + len <= r + l)
+                    .context("range outside shared RAM")?;
+                reclaim::punch_hole(file, gpa - r, len)
+            })
+        }
         None => {
             let ram_map: Vec<(u64, u64, u64)> =
                 ram.regions().map(|r| (r.gpa, r.len, r.host_addr)).collect();
@@ -675,13 +692,22 @@ pub fn run_on(
             })
         }
     };
-    let reclaimer = Arc::new(Reclaimer::new(
+    // Reclaims change guest RAM behind the dirty tracker: a migration marks them through
+    // this gate (and refuses them during its last round).
+    let host_changes = Arc::new(HostChanges::new());
+    let mut reclaimer = Reclaimer::new(
         mem.clone(),
         Params::reclaim_seq_gpa(PARAMS_GPA),
         regions.clone(),
         ram.page_size(),
         drop_range,
-    ));
+        host_changes.clone(),
+    );
+    if let Some((target, _)) = &postcopy_rx {
+        let target: Arc<PostcopyTarget> = target.clone();
+        reclaimer = reclaimer.refuse_owed(Box::new(move |gpa, len| target.owes_any(gpa, len)));
+    }
+    let reclaimer = Arc::new(reclaimer);
 
     let report = Arc::new(Mutex::new(Report::new(cpus.into())));
     if mig.incoming.is_some() {
@@ -778,6 +804,7 @@ pub fn run_on(
         dirty: &dirty,
         pager: pager.as_deref().map(|p| p as &dyn RamPager),
         serial: Some(&serial),
+        host_changes: Some(&host_changes),
     };
     let cfg = MigrateConfig {
         downtime: Duration::from_millis(args.downtime_ms),

@@ -1,5 +1,7 @@
 //! Reclaims under a running `stress` guest on real KVM: a storm of 1 GiB ranges, and the
-//! control socket (stats, reclaim, bad requests, pause/resume) while the guest keeps running.
+//! control socket (stats, reclaim, bad requests, pause/resume) while the guest keeps running;
+//! reclaims on shared memfd memory without demand paging (hole punch); a reclaim under a real
+//! KVM dirty tracker is in its next harvest.
 
 mod guest_util;
 
@@ -9,6 +11,12 @@ use std::time::{Duration, Instant};
 
 use guest_util::{hugetlb_or_skip, kvm_or_skip, serial, vmm_guest};
 use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::dirty::{DirtyMode, DirtyTracker, HostChanges};
+use vmm::guest::layout::LOW_RESERVED;
+use vmm::guest::reclaim::{madvise_dontneed, ReclaimError, Reclaimer};
+use vmm::memory::{BackingKind, GuestRam};
+use vmm::vm::Vm;
 
 const GIB: u64 = 1 << 30;
 const SZ_2M: u64 = 2 << 20;
@@ -206,4 +214,116 @@ fn control_socket_during_stress_and_bad_requests_leave_the_guest_running() {
     );
     assert!(stdout.lines().any(|l| l == "PASS"), "{stdout}");
     assert!(!sock.exists(), "the socket is removed when the VM ends");
+}
+
+/// Bug: with `--memory-backend shared --no-demand-paging` the storm used MADV_DONTNEED, which
+/// leaves a MAP_SHARED memfd's pages in the file: the guest read its old data, never zeroes.
+/// The stress guest counts the pages it finds zeroed by a reclaim and re-initialises; a storm
+/// that really drops pages makes that count positive.
+#[test]
+fn shared_memfd_without_demand_paging_reclaims_read_zero_and_pass() {
+    let test = "shared_memfd_no_demand_paging_storm";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let _one = serial();
+    let run = vmm_guest(
+        test,
+        &[
+            "--guest",
+            "stress",
+            "--mem",
+            "1G",
+            "--cpus",
+            "2",
+            "--memory-backend",
+            "shared",
+            "--hugepages",
+            "none",
+            "--no-demand-paging",
+            "--generations",
+            "8",
+            "--reclaim-storm",
+            "2",
+        ],
+    );
+    run.assert_pass();
+    let reinit = run.vcpu_sum("reinit");
+    assert!(
+        reinit > 0,
+        "no page read zero after the storm's reclaims: {}",
+        run.stats()
+    );
+    eprintln!("{reinit} pages found zeroed and re-initialised by the guest");
+}
+
+/// A reclaim while a migration tracks dirty pages through KVM's dirty bitmap (which sees only
+/// guest writes, never a host drop) is in the tracker's next harvest, with the page of the
+/// reclaim sequence word; during the last round reclaims are refused and the range keeps its
+/// content.
+#[test]
+fn a_reclaim_under_a_kvm_bitmap_tracker_is_in_the_next_harvest() {
+    let test = "reclaim_under_kvm_bitmap_tracker";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    const PAGE: u64 = 4096;
+    const SEQ_GPA: u64 = 0x3000;
+    let ram = GuestRam::new(64 << 20, BackingKind::Small).expect("guest RAM");
+    let vm = Vm::new(&ram, 1).expect("VM");
+    let regions: Vec<_> = ram.regions().collect();
+    let mem = ram.memory().clone();
+    let tracker = DirtyTracker::new_kvm(vm.fd(), &regions, DirtyMode::KvmBitmap).expect("tracker");
+    let host = std::sync::Arc::new(HostChanges::new());
+    let ram_map: Vec<(u64, u64, u64)> = regions
+        .iter()
+        .map(|r| (r.gpa, r.len, r.host_addr))
+        .collect();
+    let reclaimer = Reclaimer::new(
+        mem.clone(),
+        SEQ_GPA,
+        ram_map.iter().map(|&(g, l, _)| (g, l)).collect(),
+        ram.page_size(),
+        Box::new(move |gpa, len| {
+            let &(r, _, h) = ram_map
+                .iter()
+                .find(|(r, l, _)| gpa >= *r && gpa + len <= r + l)
+                .expect("in RAM");
+            madvise_dontneed(h + (gpa - r), len)
+        }),
+        host.clone(),
+    );
+    let range = (LOW_RESERVED + 0x10_000, 0x4000);
+    for p in 0..range.1 / PAGE {
+        mem.write_obj(0xabcd_u64, GuestAddress(range.0 + p * PAGE))
+            .unwrap();
+    }
+    // The migration starts: track, then the first harvest (the bitmap starts all set).
+    host.track(tracker.vmm_writes().clone());
+    tracker.harvest().expect("first harvest");
+    assert_eq!(
+        tracker.harvest().unwrap().count(),
+        0,
+        "nothing ran, nothing dirty"
+    );
+
+    reclaimer.reclaim(range.0, range.1).expect("reclaim");
+    let zero: u64 = mem.read_obj(GuestAddress(range.0 + PAGE)).unwrap();
+    assert_eq!(zero, 0, "the reclaimed range reads zero on the source");
+    let bm = tracker.harvest().unwrap();
+    let got: Vec<u64> = bm.iter().collect();
+    let mut want = vec![SEQ_GPA];
+    want.extend((0..range.1 / PAGE).map(|p| range.0 + p * PAGE));
+    assert_eq!(got, want, "the zeroed pages and the sequence word's page");
+    assert_eq!(tracker.harvest().unwrap().count(), 0, "taken once");
+
+    // Last round: refused, nothing changes, nothing to send.
+    host.seal();
+    let other = LOW_RESERVED + 0x40_000;
+    mem.write_obj(0x1234_u64, GuestAddress(other)).unwrap();
+    let e = reclaimer.reclaim(other, PAGE).unwrap_err();
+    assert!(matches!(e, ReclaimError::Migrating { .. }), "{e}");
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(other)).unwrap(), 0x1234);
+    assert_eq!(tracker.harvest().unwrap().count(), 0);
+    tracker.stop().unwrap();
 }

@@ -424,3 +424,103 @@ fn postcopy_to_a_destination_without_demand_paging_is_refused_and_the_source_run
     assert!(derr.contains("nothing runs here"), "{derr}");
     assert!(derr.contains("--no-demand-paging"), "{derr}");
 }
+
+/// Migrates a `stress` guest while a reclaim storm drops its slices on the source (every
+/// 100 ms, all of slice memory): each reclaim is marked for the next round, the ones that
+/// would fall into the last round are refused, and the guest (which re-initialises pages it
+/// finds zeroed by a reclaim) finishes on the destination with PASS.
+///
+/// The stress guest cannot see the divergence this guards against by itself (a page the
+/// destination kept from before the reclaim holds data the guest once wrote, which it
+/// accepts); the lib-level tests (`guest_reclaim`'s
+/// `a_reclaim_under_a_kvm_bitmap_tracker_is_in_the_next_harvest`, reclaim.rs's unit tests)
+/// assert the marking itself. This one asserts it runs end to end under both tracking modes.
+fn stress_migration_under_a_reclaim_storm(test: &str, dirty_mode: &str) {
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let json = std::env::temp_dir().join(format!("{test}-{}.json", std::process::id()));
+    let common = [
+        "--guest",
+        "stress",
+        "--mem",
+        "512M",
+        "--cpus",
+        "2",
+        "--hugepages",
+        "none",
+        "--guest-timeout",
+        "80",
+    ];
+    let spawn = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(common)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn vmm")
+    };
+    let mut dst = spawn(&["--incoming", &addr]);
+    let dst_rx = lines(&mut dst);
+    wait_for(&dst_rx, "waiting for the migration source");
+    let mut src = spawn(&[
+        "--generations",
+        STORM_GENERATIONS,
+        "--reclaim-storm",
+        "1000",
+        "--dirty-mode",
+        dirty_mode,
+        "--migrate-to",
+        &addr,
+        "--migrate-json",
+        json.to_str().unwrap(),
+        "--max-rounds",
+        "4",
+        "--migrate-delay-ms",
+        "500",
+    ]);
+    let src_rx = lines(&mut src);
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert_eq!(scode, 0, "source: {sout}\n{serr}");
+    assert!(sout.contains("complete"), "{sout}");
+    let storm = serr.matches("reclaim storm: dropped").count();
+    assert!(
+        storm >= 3,
+        "the storm ran before and during the migration: {serr}"
+    );
+    let (dcode, dout, derr) = finish(dst, dst_rx);
+    assert_eq!(dcode, 0, "destination: {dout}\n{derr}");
+    assert!(dout.lines().any(|l| l == "PASS"), "{dout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("--migrate-json written"))
+            .expect("--migrate-json is JSON");
+    let _ = std::fs::remove_file(&json);
+    check_precopy(&doc, dirty_mode);
+    eprintln!(
+        "{test}: {storm} storm reclaims on the source; {} refused in the last round",
+        serr.matches("a migration is sending its last round")
+            .count()
+    );
+}
+
+/// Generations of the stress guest in the storm tests: long enough to outlive the migration.
+const STORM_GENERATIONS: &str = "10";
+
+#[test]
+fn precopy_kvm_bitmap_under_a_reclaim_storm_passes() {
+    stress_migration_under_a_reclaim_storm(
+        "precopy_kvm_bitmap_under_a_reclaim_storm_passes",
+        "kvm-bitmap",
+    );
+}
+
+#[test]
+fn precopy_stage2_wp_under_a_reclaim_storm_passes() {
+    stress_migration_under_a_reclaim_storm(
+        "precopy_stage2_wp_under_a_reclaim_storm_passes",
+        "stage2-wp",
+    );
+}

@@ -107,6 +107,22 @@ impl PageSet {
             .is_some_and(|(r, i)| self.words[r][(i / 64) as usize] & (1 << (i % 64)) != 0)
     }
 
+    /// Whether any host page overlapping `[gpa, gpa + len)` is in the set.
+    pub fn any_in(&self, gpa: u64, len: u64) -> bool {
+        if self.count == 0 || len == 0 {
+            return false;
+        }
+        let end = gpa.saturating_add(len);
+        let mut at = gpa >> self.shift << self.shift;
+        while at < end {
+            if self.contains(at) {
+                return true;
+            }
+            at += self.host_page();
+        }
+        false
+    }
+
     /// Host pages in the set.
     pub fn len(&self) -> u64 {
         self.count
@@ -504,6 +520,12 @@ impl PostcopyTarget {
             .guest_running()
     }
 
+    /// Whether any host page of `[gpa, gpa + len)` is still owed. Pages only ever leave the
+    /// owed set, so a false answer stays false: nothing in the range becomes owed again.
+    pub fn owes_any(&self, gpa: u64, len: u64) -> bool {
+        self.lock().owed.any_in(gpa, len)
+    }
+
     /// Host pages still owed.
     pub fn owed(&self) -> u64 {
         self.lock().owed.len()
@@ -726,6 +748,21 @@ pub fn read_dest_info(r: &mut StreamReader<Connection>) -> Result<DestInfo, Migr
 mod tests {
     use super::*;
     use crate::dirty::SlotInfo;
+
+    #[test]
+    fn any_in_finds_an_owed_host_page_overlapping_a_range() {
+        let regions = [(0u64, 8u64 << 20)];
+        let mut s = PageSet::new(&regions, 2 << 20);
+        assert!(!s.any_in(0, 8 << 20), "empty");
+        s.insert(4 << 20);
+        assert!(s.any_in((6 << 20) - 0x1000, 0x1000), "last 4K of the page");
+        assert!(s.any_in(0, 8 << 20));
+        assert!(!s.any_in(0, 4 << 20), "ends where the owed page starts");
+        assert!(!s.any_in(6 << 20, 2 << 20));
+        assert!(!s.any_in(4 << 20, 0), "empty range");
+        s.remove(4 << 20);
+        assert!(!s.any_in(0, 8 << 20));
+    }
 
     #[test]
     fn page_set_counts_iterates_and_runs() {

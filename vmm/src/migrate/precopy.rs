@@ -27,7 +27,7 @@ use super::summary::{
 use super::transport::{Address, AddressError, Connection};
 use super::{DEVICE_KVM_VM, DEVICE_SERIAL};
 use crate::devices::serial::SerialDevice;
-use crate::dirty::{DirtyBitmap, DirtyError, DirtyMode, DirtyTracker};
+use crate::dirty::{DirtyBitmap, DirtyError, DirtyMode, DirtyTracker, HostChanges};
 use crate::memory::RamRegion;
 use crate::paging::Pager;
 use crate::vcpu::{VcpuError, VmControl};
@@ -135,6 +135,9 @@ pub struct Source<'a> {
     pub pager: Option<&'a dyn RamPager>,
     /// COM1, when the VM has one.
     pub serial: Option<&'a SerialDevice>,
+    /// The gate of the host's own changes of guest RAM (reclaims), when the VM has any: the
+    /// migration records them from its first harvest and refuses them from its last.
+    pub host_changes: Option<&'a HostChanges>,
 }
 
 fn layout_of(vcpus: usize, regions: &[RamRegion]) -> Layout {
@@ -220,9 +223,16 @@ pub fn send(
             true,
         ),
     };
+    // Before the first harvest: a host change from now on is marked for a later round.
+    if let Some(h) = src.host_changes {
+        h.track(tracker.vmm_writes().clone());
+    }
     let mut paused = false;
     let _boost = SenderPriority::raise();
     let res = rounds(src, cfg, &tracker, &mut w, &mut paused, back, dest, started);
+    if let Some(h) = src.host_changes {
+        h.finish(matches!(res, Ok(_) | Err(MigrateError::PostcopyLost(_))));
+    }
     // KVM rings stay on for a later attempt (they cannot be enabled again once vCPUs exist).
     if owned {
         if let Err(e) = tracker.stop() {
@@ -395,6 +405,11 @@ fn rounds<W: Write>(
         }
         Ok(())
     };
+    // No host change (reclaim) after this: the ones made so far, also while pausing, are
+    // marked when `seal` returns, so the harvest below has them.
+    if let Some(h) = src.host_changes {
+        h.seal();
+    }
     // The pages harvested for the last estimate are not sent yet: they go with the last
     // round (precopy) or are owed (postcopy).
     let mut last = tracker.harvest()?;
