@@ -9,7 +9,9 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use migrate_util::{finish, free_port, kvm_or_skip, lines, wait_for, LIMIT, SERIAL};
+use migrate_util::{
+    assert_guest_passed, finish, free_port, kvm_or_skip, lines, wait_for, LIMIT, SERIAL,
+};
 
 /// The precopy suite runs without demand paging (KVM populates RAM), as it was first built;
 /// migrate_modes runs every mode with demand paging on.
@@ -63,15 +65,7 @@ fn precopy_dirty_guest_passes_on_the_destination() {
     let bytes: u64 = rounds.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
     assert!(bytes <= doc["bytes_sent"].as_u64().unwrap(), "{doc}");
     assert!(doc["downtime_ms"].as_f64().unwrap() <= doc["total_ms"].as_f64().unwrap());
-    let (dcode, dout, derr) = finish(dst, dst_rx);
-    assert_eq!(dcode, 0, "destination: {dout}\n{derr}");
-    assert!(dout.contains("PASS"), "{dout}");
-    // Every vCPU's replay matched every page of its slice.
-    assert_eq!(
-        derr.matches("dirty replay of").count(),
-        2,
-        "each vCPU verified: {derr}"
-    );
+    assert_guest_passed("destination", &finish(dst, dst_rx));
 }
 
 #[test]
@@ -98,14 +92,13 @@ fn cut_connection_leaves_the_source_running_and_passing() {
     let mut src = vmm(&["--migrate-to", &addr, "--run-for", "2"]);
     let src_rx = lines(&mut src);
     assert!(cutter.join().unwrap() >= 8 << 20, "the source sent data");
-    let (code, out, err) = finish(src, src_rx);
+    let src = finish(src, src_rx);
+    let err = &src.2;
     assert!(
         err.contains("failed") && err.contains("keeps running here"),
         "{err}"
     );
-    assert_eq!(code, 0, "the source's guest passes: {out}\n{err}");
-    assert!(out.contains("PASS"), "{out}");
-    assert_eq!(err.matches("dirty replay of").count(), 2, "{err}");
+    assert_guest_passed("the source's guest", &src);
 }
 
 #[test]
@@ -176,15 +169,14 @@ fn destination_lost_after_the_pause_resumes_the_source() {
     let mut src = vmm(&["--migrate-to", &addr, "--run-for", "1"]);
     let src_rx = lines(&mut src);
     assert!(sink.join().unwrap() > 0, "the source sent its stream");
-    let (code, out, err) = finish(src, src_rx);
+    let src = finish(src, src_rx);
+    let (out, err) = (&src.1, &src.2);
     assert!(
         out.contains("(paused)"),
         "the source reached the final round: {out}"
     );
     assert!(err.contains("keeps running here"), "{err}");
-    assert_eq!(code, 0, "the resumed guest passes: {out}\n{err}");
-    assert!(out.contains("PASS"), "{out}");
-    assert_eq!(err.matches("dirty replay of").count(), 2, "{err}");
+    assert_guest_passed("the resumed guest", &src);
 }
 
 #[test]
@@ -218,10 +210,7 @@ fn migrate_command_on_the_control_socket_moves_the_guest() {
     assert_eq!(resp["migrate"]["mode"], "precopy", "{resp}");
     let (scode, sout, serr) = finish(src, src_rx);
     assert_eq!(scode, 0, "{sout}\n{serr}");
-    let (dcode, dout, derr) = finish(dst, dst_rx);
-    assert_eq!(dcode, 0, "destination: {dout}\n{derr}");
-    assert!(dout.contains("PASS"), "{dout}");
-    assert_eq!(derr.matches("dirty replay of").count(), 2, "{derr}");
+    assert_guest_passed("destination", &finish(dst, dst_rx));
 }
 
 #[test]

@@ -143,3 +143,17 @@ pub fn finish(mut child: Child, rx: Receiver<String>) -> (i32, String, String) {
     }
     (code, out.join("\n"), err)
 }
+
+/// Asserts that a `dirty` guest's process, as [`finish`] returned it, passed: exit code 0,
+/// `PASS` on stdout, and one "dirty replay of" line per vCPU on stderr (every vCPU's replay
+/// matched every page of its slice). `who` names the process in the failure message.
+pub fn assert_guest_passed(who: &str, (code, out, err): &(i32, String, String)) {
+    assert_eq!(*code, 0, "{who}: {out}\n{err}");
+    assert!(out.contains("PASS"), "{who}: {out}");
+    let vcpus: usize = CPUS.parse().expect("CPUS is a number");
+    assert_eq!(
+        err.matches("dirty replay of").count(),
+        vcpus,
+        "{who}: each vCPU verified: {err}"
+    );
+}
