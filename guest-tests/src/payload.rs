@@ -519,8 +519,8 @@ macro_rules! touch_asm {
 /// completed write; runs `generations` generations, or until `stop` when that is 0.
 /// With `write_interval_tsc` set it spaces its writes that many TSC cycles apart
 /// (rdtsc is allowed at CPL 3: the VMM leaves CR4.TSD clear), sleeping in the host
-/// (`CMD_SLEEP`) through waits longer than `PACE_SLEEP_MIN_US` and spinning through
-/// shorter ones.
+/// (`CMD_SLEEP`) for each wait, at least `PACE_SLEEP_MIN_US`: the writes that fall
+/// due during a rounded-up sleep go in a burst, so a high rate does not spin.
 macro_rules! dirty_asm {
     () => {
         concat!(
@@ -590,9 +590,12 @@ macro_rules! dirty_asm {
             // pace: returns when this vCPU's next write is due: r10 advances by
             // write_interval_tsc (0 = unpaced); a backlog beyond r8 cycles is dropped, and
             // a deadline more than one interval ahead (the TSC went back, e.g. after a
-            // migration) restarts from now. A wait longer than rbp cycles is handed to
-            // the host (SLEEP with the cycles left; the host may return early, so the
-            // TSC is read again after it), a shorter one spins. Clobbers rax, rdx, rdi.
+            // migration) restarts from now. A wait is handed to the host (SLEEP with the
+            // cycles left; the host may return early, so the TSC is read again after
+            // it); a wait shorter than rbp cycles sleeps rbp cycles and the writes that
+            // fall due meanwhile go in a burst, so the average rate holds without
+            // spinning. Only with an unknown TSC frequency (rbp all ones) does it spin.
+            // Clobbers rax, rdx, rdi.
             ".Lgt_dirty_pace:\n",
             "  mov rdi, qword ptr [r15 + {WRITE_INTERVAL_TSC}]\n",
             "  test rdi, rdi\n",
@@ -608,9 +611,13 @@ macro_rules! dirty_asm {
             "  cmp rdx, rdi\n",
             "  ja .Lgt_dirty_pace_reset\n",
             "  cmp rdx, rbp\n",
-            "  ja .Lgt_dirty_pace_sleep\n",
+            "  jae .Lgt_dirty_pace_sleep\n",
+            "  cmp rbp, -1\n",
+            "  jne .Lgt_dirty_pace_round_up\n",
             "  pause\n",
             "  jmp .Lgt_dirty_pace_spin\n",
+            ".Lgt_dirty_pace_round_up:\n",
+            "  mov rdx, rbp\n",
             ".Lgt_dirty_pace_sleep:\n",
             "  mov qword ptr [r14 + {V_ARGS}], rdx\n",
             "  mov eax, {CMD_SLEEP}\n",

@@ -29,7 +29,8 @@ pub const CMD_BAD_PARAMS: u32 = 5;
 /// may sleep a little on each). No args.
 pub const CMD_IDLE: u32 = 6;
 /// Command: the guest has nothing to do for a while (a paced `dirty` vCPU whose next
-/// write is due later than [`PACE_SLEEP_MIN_US`](crate::params::PACE_SLEEP_MIN_US)).
+/// write is not due yet; it asks for at least
+/// [`PACE_SLEEP_MIN_US`](crate::params::PACE_SLEEP_MIN_US)).
 /// Args: TSC cycles until it has work. The VMM holds the vCPU thread for at most that
 /// long (converted with `Params::tsc_khz`) and at most
 /// [`PACE_SLEEP_MAX_MS`](crate::params::PACE_SLEEP_MAX_MS); the guest then reads its TSC
