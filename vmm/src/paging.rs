@@ -48,6 +48,25 @@
 //! page. Known edge: a write fill whose install meets a racing invalidation is installed (and
 //! its bit set) after the lock was dropped, so its page may be reported one harvest late.
 //!
+//! # Faults in flight at a pause (`settle`)
+//!
+//! A migration's last round pauses the vCPUs and harvests once more; that harvest must hold
+//! every write made before the pause. A vCPU waiting in the kernel's `handle_userfault` when
+//! the pause kicks it (a signal) leaves `KVM_RUN` at once, and its fault message is then in one
+//! of two states. Unread: the kernel takes it off the queue as the thread leaves, the write
+//! never happened, and the vCPU repeats it on resume. Read: it is in a handler's hands, maybe
+//! deferred because a harvest held the dirty lock, and the handler relaxes stage2 (setting the
+//! dirty bit) and lifts the host protection *after* the pause, possibly after the last
+//! harvest. The guest's write itself did not happen either (the vCPU repeats it on resume,
+//! where it is recorded again), but the bit lands in no round, and a write fill in flight the
+//! same way puts a page in the host with its bit set late.
+//!
+//! [`Pager::settle`] closes that: each handler counts the fault messages it holds
+//! (`faults_held`: counted in the critical section of `event_lock` that reads them, released
+//! when resolved; a deferred fault stays counted), and `settle` waits, under the same lock,
+//! for "none held and none unread on the fd". Once every vCPU is out of `KVM_RUN`, no vCPU
+//! message can appear unread any more, so zero held then means no fault can set a bit later.
+//!
 //! # Shared memory (memfd): MISSING + MINOR, UFFDIO_CONTINUE, hole-punch reclaim
 //!
 //! Guest RAM may be a memfd mapped MAP_SHARED (shmem, or a hugetlbfs memfd for 2 MiB / 1 GiB
@@ -176,6 +195,10 @@ const DEFER_POLL_MS: i32 = 1;
 const PLACE_RETRIES: u32 = 20_000;
 /// See [`PLACE_RETRIES`].
 const PLACE_RETRY_SLEEP: Duration = Duration::from_micros(50);
+/// [`Pager::settle`] re-checks after a nap that starts here and doubles...
+const SETTLE_NAP_MIN: Duration = Duration::from_micros(20);
+/// ...up to the handlers' deferral poll ([`DEFER_POLL_MS`]).
+const SETTLE_NAP_MAX: Duration = Duration::from_millis(DEFER_POLL_MS as u64);
 /// epoll tokens of a handler's two fds.
 const TOKEN_UFFD: u64 = 1;
 const TOKEN_STOP: u64 = 2;
@@ -293,6 +316,16 @@ pub enum PagingError {
         /// Cause.
         #[source]
         source: UffdError,
+    },
+    /// [`Pager::settle`] timed out: faults were still being handled with the vCPUs paused.
+    #[error("page faults still in flight after {waited_ms} ms with the vCPUs paused ({held} read by the fault handlers and not yet resolved{unread}): a fault handler is stuck (see the log for the fault it reports); resume the VM, or retry with a longer timeout")]
+    Settle {
+        /// How long settle waited.
+        waited_ms: u64,
+        /// Fault messages read and not yet resolved when it gave up.
+        held: u64,
+        /// ", and messages unread on the userfaultfd" when some were, else empty.
+        unread: &'static str,
     },
 }
 
@@ -699,6 +732,11 @@ struct Shared {
     dirty_lock: RwLock<()>,
     /// Dirty logging is on (between `start_dirty_log` and `stop_dirty_log`).
     dirty_logging: AtomicBool,
+    /// Fault messages in the handlers' hands: counted when read (under `event_lock`, in the
+    /// same critical section as the `read(2)`), released once resolved (stage2 updated, dirty
+    /// bit set, host page filled or unprotected) or dropped. A deferred fault stays counted.
+    /// [`Pager::settle`] waits for zero.
+    faults_held: AtomicU64,
     stop: EventFd,
     stopping: AtomicBool,
 }
@@ -821,6 +859,16 @@ impl Shared {
                 _guard: Some(p.into_inner()),
             }),
             Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// `n` held fault messages are finished (see `faults_held`). Release: everything the
+    /// handler did for them (stage2 entry and dirty bit, host fill or unprotect) is visible to
+    /// whoever sees the count drop ([`Pager::settle`]'s acquire load).
+    fn release_faults(&self, n: u64) {
+        if n > 0 {
+            let before = self.faults_held.fetch_sub(n, Ordering::SeqCst);
+            debug_assert!(before >= n, "released {n} faults of {before} held");
         }
     }
 
@@ -1041,6 +1089,7 @@ impl Pager {
             inflight: Mutex::new(Vec::new()),
             dirty_lock: RwLock::new(()),
             dirty_logging: AtomicBool::new(false),
+            faults_held: AtomicU64::new(0),
             stop,
             stopping: AtomicBool::new(false),
             cfg: cfg.clone(),
@@ -1355,35 +1404,6 @@ impl Pager {
         PagingError::OutsideRam { gpa, len, ram }
     }
 
-    /// Write-protects (`protect`) or unprotects the host pages of `[gpa, gpa+len)` with the
-    /// pager's own userfaultfd (write tracking only): after a dirty-log harvest re-protects
-    /// pages in stage2, the host must protect them too so that the next write faults here.
-    /// `UffdError::Again` means a REMOVE is pending for part of the range (those pages come back
-    /// as new fills); callers may ignore it.
-    pub fn write_protect(&self, gpa: u64, len: u64, protect: bool) -> Result<(), PagingError> {
-        let sh = &self.shared;
-        if !sh.cfg.write_tracking {
-            return Err(PagingError::Config(
-                "write_protect needs write tracking: start the pager with write_tracking = true"
-                    .into(),
-            ));
-        }
-        let end = gpa.checked_add(len).ok_or_else(|| self.outside(gpa, len))?;
-        let region = sh
-            .backing
-            .region_of_gpa(gpa)
-            .copied()
-            .filter(|r| end <= r.gpa + r.len && len > 0)
-            .ok_or_else(|| self.outside(gpa, len))?;
-        let page = sh.page.bytes();
-        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) {
-            return Err(PagingError::Unaligned { gpa, len, page });
-        }
-        let host = region.host_addr + (gpa - region.gpa);
-        sh.uffd.write_protect(host, len, protect, false)?;
-        Ok(())
-    }
-
     /// Starts stage2-wp dirty logging (the pager must run with `write_tracking`): stage2 dirty
     /// logging on (blocks split eagerly to 4 KiB, every leaf write-protected), then every host
     /// page of guest RAM write-protected with the pager's userfaultfd, so that each first write
@@ -1460,6 +1480,57 @@ impl Pager {
         inc(&sh.counters.harvests);
         add(&sh.counters.harvested_pages, reported);
         Ok(words)
+    }
+
+    /// Returns once no guest page fault is in flight in the pager: every fault message a
+    /// handler has read is resolved (stage2 updated and, for a write, its dirty bit set; the
+    /// host page filled or unprotected), none is deferred, and the userfaultfd holds no unread
+    /// message. Call it with every vCPU paused (out of `KVM_RUN`), after the last round's pause
+    /// and before its harvest, so that the harvest holds every write the guest made before the
+    /// pause. `Err(PagingError::Settle)` if that does not happen within `timeout`.
+    ///
+    /// Why this is needed and why it suffices (module doc, "Faults in flight at a pause"): a
+    /// vCPU kicked out of `KVM_RUN` while it waits in `handle_userfault` leaves with its
+    /// message either unread (the kernel removes it from the queue) or read, and then in a
+    /// handler's hands, possibly deferred because a harvest held the dirty lock. The handlers
+    /// count each fault message in the same critical section as the `read(2)` that took it
+    /// (under `event_lock`, which this takes too), and release it once done, so "nothing held
+    /// and nothing unread" observed under that lock means no fault can still set a bit. A
+    /// thread that faults after that check (not a paused vCPU: e.g. the VMM writing guest RAM)
+    /// is a write after `settle`.
+    pub fn settle(&self, timeout: Duration) -> Result<(), PagingError> {
+        let sh = &self.shared;
+        let t0 = Instant::now();
+        let mut nap = SETTLE_NAP_MIN;
+        loop {
+            let (held, unread) = {
+                let _reads = sh.event_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let held = sh.faults_held.load(Ordering::SeqCst);
+                // An unread message: read by a handler shortly (the fd stays readable for
+                // their epoll). An error reading the state counts as "unread" until timeout.
+                let unread = sh.uffd.poll_readable(0).unwrap_or(true);
+                (held, unread)
+            };
+            if held == 0 && !unread {
+                debug!("pager settled in {} us", t0.elapsed().as_micros());
+                return Ok(());
+            }
+            let waited = t0.elapsed();
+            if waited >= timeout {
+                return Err(PagingError::Settle {
+                    waited_ms: waited.as_millis() as u64,
+                    held,
+                    unread: if unread {
+                        ", and messages unread on the userfaultfd"
+                    } else {
+                        ""
+                    },
+                });
+            }
+            // Deferred faults are retried on the handlers' 1 ms poll: nap up to that long.
+            std::thread::sleep(nap.min(timeout - waited));
+            nap = (nap * 2).min(SETTLE_NAP_MAX);
+        }
     }
 
     /// Stops dirty logging: stage2 stops recording; the host protection left on pages is
@@ -1747,6 +1818,10 @@ impl Handler {
             let events = std::mem::take(&mut self.events);
             for ev in &events {
                 self.on_event(*ev);
+                if matches!(ev, Event::Pagefault { .. }) {
+                    // Done with this message (a deferral holds its own count).
+                    self.sh.release_faults(1);
+                }
             }
             self.events = events;
             self.run_deferred();
@@ -1784,10 +1859,17 @@ impl Handler {
         Ok(evs.iter().any(|e| e.u64 == TOKEN_UFFD))
     }
 
-    /// Reads a batch and processes its REMOVE/UNMAP events under the event lock.
+    /// Reads a batch and processes its REMOVE/UNMAP events under the event lock. The fault
+    /// messages read are counted as held before the lock is released (see [`Pager::settle`]).
     fn read_batch(&mut self) -> Result<(), UffdError> {
         let _guard = self.sh.event_lock.lock().unwrap();
-        self.sh.uffd.read_events(&mut self.events, EVENT_BATCH)?;
+        let read = self.sh.uffd.read_events(&mut self.events, EVENT_BATCH);
+        let faults = self
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Pagefault { .. }))
+            .count() as u64;
+        self.sh.faults_held.fetch_add(faults, Ordering::SeqCst);
         for ev in &self.events {
             match *ev {
                 Event::Remove { start, end } => {
@@ -1801,7 +1883,7 @@ impl Handler {
                 _ => {}
             }
         }
-        Ok(())
+        read.map(|_| ())
     }
 
     /// The host dropped `[start, end)`: bracket stage2 unless it was our own reclaim.
@@ -1876,7 +1958,7 @@ impl Handler {
                     inc(&c.ev_wp);
                     if !self.on_wp(gpa, vcpu) {
                         inc(&c.wp_waited);
-                        self.deferred.push(Deferred {
+                        self.push_deferred(Deferred {
                             gpa,
                             access: Access::Write,
                             vcpu,
@@ -2304,7 +2386,7 @@ impl Handler {
 
     fn defer(&mut self, gpa: u64, access: Access, vcpu: usize, needs_fill: bool, minor: bool) {
         inc(&self.sh.counters.deferred);
-        self.deferred.push(Deferred {
+        self.push_deferred(Deferred {
             gpa,
             access,
             vcpu,
@@ -2315,6 +2397,12 @@ impl Handler {
         });
     }
 
+    /// Keeps a fault for later; it counts as held (see `Shared::faults_held`) until finished.
+    fn push_deferred(&mut self, d: Deferred) {
+        self.sh.faults_held.fetch_add(1, Ordering::SeqCst);
+        self.deferred.push(d);
+    }
+
     /// Retries deferred faults: fills that met a pending REMOVE, installs that met an
     /// invalidation. An install goes ahead only if the host still has the page (KVM's order: the
     /// host page is resolved after the sequence is read, the install checks the sequence).
@@ -2323,6 +2411,14 @@ impl Handler {
             return;
         }
         let pending = std::mem::take(&mut self.deferred);
+        let taken = pending.len() as u64;
+        self.retry_deferred(pending);
+        // Released only now: a fault deferred again was counted anew when it was pushed, so the
+        // count never drops to zero while one is still kept.
+        self.sh.release_faults(taken);
+    }
+
+    fn retry_deferred(&mut self, pending: Vec<Deferred>) {
         for mut d in pending {
             d.attempts += 1;
             if d.attempts > MAX_DEFER_ATTEMPTS {
@@ -2336,20 +2432,20 @@ impl Handler {
             }
             if d.wp {
                 if !self.on_wp(d.gpa, d.vcpu) {
-                    self.deferred.push(d);
+                    self.push_deferred(d);
                 }
                 continue;
             }
             let sh = self.sh.clone();
             let Some(_shared) = sh.dirty_shared() else {
-                self.deferred.push(d);
+                self.push_deferred(d);
                 continue;
             };
             let seq = self.sh.s2.invalidate_seq();
             let filled = if d.needs_fill {
                 match self.resolve(d.gpa, d.access == Access::Write, d.minor) {
                     Fill::Pending => {
-                        self.deferred.push(d);
+                        self.push_deferred(d);
                         continue;
                     }
                     Fill::Failed => continue,
@@ -2370,7 +2466,7 @@ impl Handler {
             };
             if !self.install(d.gpa, d.access, d.vcpu, seq, filled) {
                 d.needs_fill = false;
-                self.deferred.push(d);
+                self.push_deferred(d);
             }
         }
     }

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, info};
 
@@ -63,6 +63,10 @@ impl std::str::FromStr for DirtyMode {
         }
     }
 }
+
+/// How long [`DirtyTracker::settle`] waits for the pager's faults in flight: they resolve within
+/// a millisecond or two (one deferral poll); far longer means a stuck fault handler.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Default per-vCPU ring: 64 KiB = 4096 entries (the selftest's default size).
 pub const DEFAULT_RING_BYTES: u32 = 64 << 10;
@@ -741,6 +745,21 @@ impl DirtyTracker {
         st.pages = out.count();
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = st;
         Ok(out)
+    }
+
+    /// Call with every vCPU paused (out of `KVM_RUN`), before the last harvest: returns once
+    /// every write the guest made before the pause is recorded, so that harvest has it.
+    ///
+    /// stage2-wp: [`Pager::settle`]: a write fault a vCPU took just before the pause may still
+    /// be in a fault handler (the vCPU left `KVM_RUN` without waiting for it), which would set
+    /// its dirty bit after the last harvest; this waits until no fault is in flight, at most
+    /// [`SETTLE_TIMEOUT`]. KVM modes: nothing to wait for (KVM records a page in its bitmap or
+    /// ring before the vCPU can leave `KVM_RUN`), a no-op.
+    pub fn settle(&self) -> Result<(), DirtyError> {
+        match &self.backend {
+            Backend::Bitmap | Backend::Ring { .. } => Ok(()),
+            Backend::Stage2 { pager } => Ok(pager.settle(SETTLE_TIMEOUT)?),
+        }
     }
 
     /// Stops dirty logging (KVM modes: clears `KVM_MEM_LOG_DIRTY_PAGES`; stage2: disables its
