@@ -67,6 +67,14 @@
 //! for "none held and none unread on the fd". Once every vCPU is out of `KVM_RUN`, no vCPU
 //! message can appear unread any more, so zero held then means no fault can set a bit later.
 //!
+//! What the lag never did, with or without `settle`: lose a write. A guest write to a
+//! protected page completes only once the host page is writable, which the handler makes it
+//! only after the relax set the bit; so a write made before the pause has its bit set before
+//! the pause. What `settle` buys is an exact last round: no bit (and no host page turned
+//! writable) lands after it. One source it cannot see: KVM's async page faults, whose kernel
+//! worker faults the page in for the vCPU with a write (`FOLL_WRITE`) and may start only after
+//! the pause; such a bit has no guest write behind it (the vCPU writes after resuming).
+//!
 //! # Shared memory (memfd): MISSING + MINOR, UFFDIO_CONTINUE, hole-punch reclaim
 //!
 //! Guest RAM may be a memfd mapped MAP_SHARED (shmem, or a hugetlbfs memfd for 2 MiB / 1 GiB
@@ -1486,8 +1494,9 @@ impl Pager {
     /// handler has read is resolved (stage2 updated and, for a write, its dirty bit set; the
     /// host page filled or unprotected), none is deferred, and the userfaultfd holds no unread
     /// message. Call it with every vCPU paused (out of `KVM_RUN`), after the last round's pause
-    /// and before its harvest, so that the harvest holds every write the guest made before the
-    /// pause. `Err(PagingError::Settle)` if that does not happen within `timeout`.
+    /// and before its harvest, so that the harvest is the last word: no fault the vCPUs took
+    /// before the pause sets a bit (or makes a host page writable) after it.
+    /// `Err(PagingError::Settle)` if that does not happen within `timeout`.
     ///
     /// Why this is needed and why it suffices (module doc, "Faults in flight at a pause"): a
     /// vCPU kicked out of `KVM_RUN` while it waits in `handle_userfault` leaves with its

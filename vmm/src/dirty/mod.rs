@@ -748,7 +748,8 @@ impl DirtyTracker {
     }
 
     /// Call with every vCPU paused (out of `KVM_RUN`), before the last harvest: returns once
-    /// every write the guest made before the pause is recorded, so that harvest has it.
+    /// no fault the vCPUs took before the pause can still record a page, so that harvest is
+    /// the last word (nothing is reported after it while the vCPUs stay paused).
     ///
     /// stage2-wp: [`Pager::settle`]: a write fault a vCPU took just before the pause may still
     /// be in a fault handler (the vCPU left `KVM_RUN` without waiting for it), which would set
