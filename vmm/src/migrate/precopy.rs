@@ -18,8 +18,8 @@ use super::state::{
     VcpuCaps, VcpuState, VmState,
 };
 use super::stream::{
-    discard_runs, Chunk, Layout, StreamError, StreamReader, StreamWriter, DEST_DEMAND_PAGING,
-    PAGE_SIZE,
+    discard_runs, Chunk, Layout, Received, StreamError, StreamReader, StreamWriter,
+    DEST_DEMAND_PAGING, PAGE_SIZE,
 };
 use super::summary::{
     dirty_mode_name, ms, MigrationMode, MigrationSummary, PostcopyFigures, RoundFigures,
@@ -320,7 +320,7 @@ fn rounds<W: Write>(
     tracker: &DirtyTracker,
     w: &mut StreamWriter<W>,
     paused: &mut bool,
-    back: StreamReader<Connection>,
+    mut back: StreamReader<Connection>,
     dest: Option<DestInfo>,
     started: Instant,
 ) -> Result<MigrationSummary, MigrateError> {
@@ -343,6 +343,10 @@ fn rounds<W: Write>(
         };
         w.round(round, pages)?;
         w.flush()?;
+        // A round ends when the destination has applied it, not when the socket took the
+        // bytes: the rate below (and so the downtime estimate) is end to end, and no
+        // backlog on the destination is left to lengthen the pause.
+        back.expect_round_applied(round)?;
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
         let sent = w.bytes_written() - b0;
         let rate = sent as f64 / secs;
@@ -477,7 +481,6 @@ fn rounds<W: Write>(
         rate_mb_s: sent as f64 / secs / MB,
         est_downtime_ms: 0.0,
     });
-    let mut back = back;
     back.expect_guest_running()?;
     Ok(summary(
         MigrationMode::Precopy,
@@ -537,6 +540,10 @@ pub struct Incoming {
     pub postcopy: Option<PostcopyIncoming>,
 }
 
+/// Socket read buffer of the destination: small chunks (zero runs, single pages) come many
+/// to a read; page data larger than it bypasses it.
+const RECEIVE_BUFFER: usize = 256 << 10;
+
 /// Accepts one source on `listener`, says what this destination can receive, and receives
 /// RAM into `mem` (through `pager` when demand paging is on) and the state, until `End` or the
 /// postcopy switch. A checksum, truncation or layout error stops here with that error.
@@ -551,17 +558,19 @@ pub fn receive(
     let input = conn
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;
-    {
-        let reply = conn
-            .try_clone()
-            .map_err(|source| StreamError::Io { offset: 0, source })?;
-        let (host_page, flags) = match pager {
-            Some(p) => (p.host_page(), DEST_DEMAND_PAGING),
-            None => (PAGE_SIZE as u64, 0),
-        };
-        StreamWriter::headless(reply).dest_info(host_page, flags)?;
-    }
-    let (mut r, _) = StreamReader::new(std::io::BufReader::new(input), &layout_of(vcpus, regions))?;
+    let mut reply = StreamWriter::headless(
+        conn.try_clone()
+            .map_err(|source| StreamError::Io { offset: 0, source })?,
+    );
+    let (host_page, flags) = match pager {
+        Some(p) => (p.host_page(), DEST_DEMAND_PAGING),
+        None => (PAGE_SIZE as u64, 0),
+    };
+    reply.dest_info(host_page, flags)?;
+    let (mut r, _) = StreamReader::new(
+        std::io::BufReader::with_capacity(RECEIVE_BUFFER, input),
+        &layout_of(vcpus, regions),
+    )?;
     let mut states: Vec<Option<VcpuState>> = (0..vcpus).map(|_| None).collect();
     let mut vm = None;
     let mut serial = None;
@@ -572,7 +581,10 @@ pub fn receive(
     let mut switch = SwitchFigures::default();
     let switched = loop {
         let (offset, chunk) = r.position();
-        let c = r.next_chunk()?;
+        let c = match r.next_chunk_into(&mut ram)? {
+            Received::PagesInPlace { .. } => continue,
+            Received::Chunk(c) => c,
+        };
         if ram.apply(&c)? {
             continue;
         }
@@ -580,6 +592,7 @@ pub fn receive(
             Chunk::Round { round, dirty_pages } => {
                 rounds = round + 1;
                 info!("incoming round {round}: {dirty_pages} pages");
+                reply.round_applied(round)?;
             }
             Chunk::Vcpu { id, blob } => {
                 let st = VcpuState::decode(blob)?;

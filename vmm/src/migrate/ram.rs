@@ -77,10 +77,13 @@ impl RamSender {
         len: u64,
         pager: Option<&dyn RamPager>,
     ) -> Result<(), RamError> {
-        let Some(pager) = pager else {
-            return self.send_present(w, mem, gpa, len);
+        let host_page = match pager {
+            Some(p) => p.host_page(),
+            // Without a pager, only private memory tells which pages were never populated
+            // (see [`Residency`]); shared memory is read whole.
+            None if is_private(mem, gpa) => PAGE_BYTES,
+            None => return self.send_present(w, mem, gpa, len),
         };
-        let host_page = pager.host_page();
         let end = gpa + len;
         let mut window = gpa;
         while window < end {
@@ -107,6 +110,9 @@ impl RamSender {
         Ok(())
     }
 
+    /// Sends the pages of `[gpa, gpa+len)`, all populated: each page is tested for zero in
+    /// guest memory, zero runs go without data and only data runs are copied out (into the
+    /// buffer, so that the checksum covers exactly the bytes sent while the guest writes on).
     fn send_present<W: Write>(
         &mut self,
         w: &mut StreamWriter<W>,
@@ -114,36 +120,105 @@ impl RamSender {
         gpa: u64,
         len: u64,
     ) -> Result<(), RamError> {
-        let mut at = gpa;
+        use vm_memory::GuestMemoryBackend;
+        check_range(mem, gpa, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let host = mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| RamError::OutOfRange { gpa, len })? as *const u8;
+        let zero_at = |at: u64| {
+            // SAFETY: callers pass a page `at` in `[gpa, gpa+len)`, which is guest RAM inside
+            // one region (checked above), mapped for the VM's life and page aligned.
+            unsafe { guest_page_is_zero(host.add((at - gpa) as usize)) }
+        };
+        let max_data = self.buf.len() as u64;
         let end = gpa + len;
+        let mut at = gpa;
         while at < end {
-            let n = ((end - at) as usize).min(self.buf.len());
-            let buf = &mut self.buf[..n];
-            mem.read_slice(buf, GuestAddress(at))
-                .map_err(|_| RamError::OutOfRange {
-                    gpa: at,
-                    len: n as u64,
-                })?;
-            let zeros = w.ram(at, buf)?;
-            self.zero_pages += zeros;
-            self.data_pages += (n / PAGE_SIZE) as u64 - zeros;
-            at += n as u64;
+            let zero = zero_at(at);
+            let mut next = at + PAGE_BYTES;
+            while next < end && (zero || next - at < max_data) && zero_at(next) == zero {
+                next += PAGE_BYTES;
+            }
+            let pages = (next - at) / PAGE_BYTES;
+            if zero {
+                w.zero_pages(at, pages)?;
+                self.zero_pages += pages;
+            } else {
+                let buf = &mut self.buf[..(next - at) as usize];
+                mem.read_slice(buf, GuestAddress(at))
+                    .map_err(|_| RamError::OutOfRange {
+                        gpa: at,
+                        len: next - at,
+                    })?;
+                w.pages(at, buf)?;
+                self.data_pages += pages;
+            }
+            at = next;
         }
         Ok(())
     }
 }
 
+/// True when the 4 KiB guest page at `page` reads all zeroes, tested in place (no copy).
+/// Guest memory changes under the VMM's feet (running vCPUs), so it is read with relaxed
+/// atomic loads, which are plain loads on x86-64; a page written meanwhile is dirty in the
+/// next harvest and goes again, so a stale answer is never final.
+///
+/// # Safety
+/// `page` must be 8-byte aligned and valid for reads of [`PAGE_SIZE`] bytes for the call.
+unsafe fn guest_page_is_zero(page: *const u8) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const WORDS: usize = PAGE_SIZE / 8;
+    /// Words OR-ed before each test: a data page usually fails the first block.
+    const BLOCK: usize = 8;
+    let words = page.cast::<u64>().cast_mut();
+    for block in (0..WORDS).step_by(BLOCK) {
+        let mut acc = 0u64;
+        for i in block..block + BLOCK {
+            // SAFETY: `i < WORDS`, so the word lies in the page the caller vouches for;
+            // aligned as the page is. The memory is only read.
+            acc |= unsafe { AtomicU64::from_ptr(words.add(i)) }.load(Ordering::Relaxed);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether the RAM region holding `gpa` is private anonymous memory (no file behind it):
+/// there a page the host never populated and never swapped reads as zero.
+fn is_private(mem: &GuestMemoryMmap, gpa: u64) -> bool {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.find_region(GuestAddress(gpa))
+        .is_some_and(|r| r.file_offset().is_none())
+}
+
 /// Guest bytes whose residency one `mincore` call reads.
 const RESIDENCY_WINDOW: u64 = 64 << 20;
 
-/// Which 4 KiB pages of a guest range the host has: the test of [`RamPager::is_populated`]
-/// (`mincore`), made once for the whole range instead of once per page. Only the pager
-/// populates guest RAM while a migration reads this, so a snapshot stays true for the pages
-/// the caller has not placed itself.
+/// Which 4 KiB pages of a guest range hold something the host must read, made once for the
+/// whole range instead of once per page:
+/// - private anonymous memory: pages present or swapped out (`/proc/self/pagemap`); any other
+///   page was never populated, or was dropped, and reads as zero. (`mincore` would miss
+///   swapped-out pages, whose data is not zero.)
+/// - shared memory (a memfd): `mincore`, the test of [`RamPager::is_populated`] (on shmem,
+///   "the file has the page"; on hugetlbfs, "this mapping maps it").
+///
+/// Only the pager populates guest RAM while a migration reads this, so a snapshot stays true
+/// for the pages the caller has not placed itself.
 struct Residency {
     gpa: u64,
     pages: Vec<u8>,
 }
+
+/// `/proc/self/pagemap` entry bits (Documentation/admin-guide/mm/pagemap.rst).
+const PM_PRESENT: u64 = 1 << 63;
+/// Swapped out (or another swap-type entry, e.g. a page being migrated).
+const PM_SWAP: u64 = 1 << 62;
 
 impl Residency {
     /// The residency of `[gpa, gpa+len)` (page aligned, inside one RAM region).
@@ -154,23 +229,32 @@ impl Residency {
             .get_host_address(GuestAddress(gpa))
             .map_err(|_| RamError::OutOfRange { gpa, len })?;
         let mut pages = vec![0u8; (len / PAGE_BYTES) as usize];
-        if !pages.is_empty() {
-            // SAFETY: [host, host+len) is guest RAM mapped for the VM's life (checked to lie
-            // in one region above); `pages` has one byte per 4 KiB page of it. mincore only
-            // reads the page tables.
-            let ret = unsafe {
-                libc::mincore(
-                    host.cast::<libc::c_void>(),
-                    len as usize,
-                    pages.as_mut_ptr(),
-                )
-            };
-            if ret != 0 {
-                return Err(RamError::Pager(format!(
-                    "mincore of guest memory {gpa:#x}+{len:#x}: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
+        if pages.is_empty() {
+            return Ok(Residency { gpa, pages });
+        }
+        if is_private(mem, gpa) {
+            pagemap_residency(host as u64, &mut pages).map_err(|e| {
+                RamError::Pager(format!(
+                    "reading /proc/self/pagemap for guest memory {gpa:#x}+{len:#x}: {e}"
+                ))
+            })?;
+            return Ok(Residency { gpa, pages });
+        }
+        // SAFETY: [host, host+len) is guest RAM mapped for the VM's life (checked to lie
+        // in one region above); `pages` has one byte per 4 KiB page of it. mincore only
+        // reads the page tables.
+        let ret = unsafe {
+            libc::mincore(
+                host.cast::<libc::c_void>(),
+                len as usize,
+                pages.as_mut_ptr(),
+            )
+        };
+        if ret != 0 {
+            return Err(RamError::Pager(format!(
+                "mincore of guest memory {gpa:#x}+{len:#x}: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         Ok(Residency { gpa, pages })
     }
@@ -179,6 +263,28 @@ impl Residency {
     fn populated(&self, gpa: u64) -> bool {
         self.pages[((gpa - self.gpa) / PAGE_BYTES) as usize] & 1 != 0
     }
+}
+
+/// Sets `out[i]` to 1 when the 4 KiB page at `hva + i * 4 KiB` of this process is present or
+/// swapped out, from `/proc/self/pagemap` (one 8-byte entry per page).
+fn pagemap_residency(hva: u64, out: &mut [u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const ENTRY: usize = 8;
+    static PAGEMAP: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    let file = match PAGEMAP.get() {
+        Some(f) => f,
+        None => {
+            let f = std::fs::File::open("/proc/self/pagemap")?;
+            PAGEMAP.get_or_init(|| f)
+        }
+    };
+    let mut raw = vec![0u8; out.len() * ENTRY];
+    file.read_exact_at(&mut raw, hva / PAGE_BYTES * ENTRY as u64)?;
+    for (o, e) in out.iter_mut().zip(raw.chunks_exact(ENTRY)) {
+        let e = u64::from_ne_bytes(e.try_into().expect("8-byte chunk"));
+        *o = u8::from(e & (PM_PRESENT | PM_SWAP) != 0);
+    }
+    Ok(())
 }
 
 /// The end of the host page of `host_page` bytes that holds `gpa`.
@@ -342,6 +448,26 @@ impl<'a> RamReceiver<'a> {
     }
 }
 
+/// Without a pager, page data is read from the socket straight into guest memory: the
+/// destination's vCPUs do not run until the stream has ended well (a corrupted chunk stops
+/// the destination), and nothing else writes its RAM meanwhile. With a pager, missing host
+/// pages must be placed whole (UFFDIO_COPY from a buffer), so data goes through the buffer.
+impl super::stream::PageSink for RamReceiver<'_> {
+    fn direct(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+        use vm_memory::GuestMemoryBackend;
+        if self.pager.is_some() || check_range(self.mem, gpa, len as u64).is_err() {
+            return None;
+        }
+        let host = self.mem.get_host_address(GuestAddress(gpa)).ok()?;
+        self.written += len as u64;
+        // SAFETY: `[host, host+len)` is guest RAM inside one region (checked above), mapped
+        // for the VM's life. The receiver owns the destination's RAM while the stream comes
+        // in (no vCPU runs, no other thread writes it), and the slice lives only as long as
+        // this `&mut self` borrow, for the one read of the chunk's data.
+        Some(unsafe { std::slice::from_raw_parts_mut(host, len) })
+    }
+}
+
 /// Checks that `[gpa, gpa+len)` is guest RAM.
 pub fn check_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), RamError> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -371,16 +497,33 @@ pub fn apply_chunk(mem: &GuestMemoryMmap, chunk: &Chunk<'_>) -> Result<bool, Ram
             Ok(true)
         }
         Chunk::ZeroPages { gpa, count } => {
-            let out_of_range = || RamError::OutOfRange {
-                gpa,
-                len: count.saturating_mul(PAGE_SIZE as u64),
-            };
-            for i in 0..count {
-                let at = (i * PAGE_SIZE as u64)
-                    .checked_add(gpa)
-                    .ok_or_else(out_of_range)?;
-                mem.write_slice(&ZERO_PAGE, GuestAddress(at))
-                    .map_err(|_| out_of_range())?;
+            let len = count
+                .checked_mul(PAGE_BYTES)
+                .ok_or(RamError::OutOfRange { gpa, len: u64::MAX })?;
+            check_range(mem, gpa, len)?;
+            // On private memory a page never populated reads as zero already: writing zeroes
+            // would only allocate it (a whole huge page on THP or hugetlbfs).
+            let private = is_private(mem, gpa);
+            let end = gpa + len;
+            let mut window = gpa;
+            while window < end {
+                let window_end = end.min(window + RESIDENCY_WINDOW);
+                let res = if private {
+                    Some(Residency::of(mem, window, window_end - window)?)
+                } else {
+                    None
+                };
+                for at in (window..window_end).step_by(PAGE_SIZE) {
+                    if res.as_ref().is_none_or(|r| r.populated(at)) {
+                        mem.write_slice(&ZERO_PAGE, GuestAddress(at)).map_err(|_| {
+                            RamError::OutOfRange {
+                                gpa: at,
+                                len: PAGE_BYTES,
+                            }
+                        })?;
+                    }
+                }
+                window = window_end;
             }
             Ok(true)
         }
@@ -490,6 +633,80 @@ mod tests {
         let res = Residency::of(&p.mem, 0, 16 * PAGE_BYTES).unwrap();
         let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
         assert_eq!(resident, vec![0, 1, 5, 9], "nothing else was faulted in");
+    }
+
+    /// Without a pager, private memory still tells which pages were never populated: those go
+    /// as zero runs unread; populated pages are tested for zero in place, and only data runs
+    /// are sent with data (with the same header, whole-page layout and contents).
+    #[test]
+    fn private_memory_without_a_pager_sends_data_runs_only() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap();
+        for page in [0u64, 1, 5] {
+            mem.write_obj(page + 7, GuestAddress(page * PAGE_BYTES + 8))
+                .unwrap();
+        }
+        // Populated, but zero: tested in place and sent as a zero run.
+        mem.write_obj(0u64, GuestAddress(9 * PAGE_BYTES)).unwrap();
+        let mut w = StreamWriter::headless(Vec::new());
+        let mut s = RamSender::new();
+        s.send_range(&mut w, &mem, 0, 16 * PAGE_BYTES, None)
+            .unwrap();
+        w.end().unwrap();
+        let bytes = w.into_inner().unwrap();
+        assert_eq!(
+            chunks(&bytes),
+            vec![
+                ("data", 0, 2),
+                ("zero", 2, 3),
+                ("data", 5, 1),
+                ("zero", 6, 3),
+                ("zero", 9, 1),
+                ("zero", 10, 6)
+            ]
+        );
+        assert_eq!((s.data_pages, s.zero_pages), (3, 13));
+        let res = Residency::of(&mem, 0, 16 * PAGE_BYTES).unwrap();
+        let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
+        assert_eq!(resident, vec![0, 1, 5, 9], "nothing else was faulted in");
+
+        // The receiver rebuilds the same memory, writing no zeroes over missing pages.
+        let dst = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap();
+        let mut r = StreamReader::headless(&bytes[..]);
+        let mut rx = RamReceiver::new(&dst, None);
+        loop {
+            let c = match r.next_chunk_into(&mut rx).unwrap() {
+                super::super::stream::Received::PagesInPlace { .. } => continue,
+                super::super::stream::Received::Chunk(c) => c,
+            };
+            if !rx.apply(&c).unwrap() {
+                assert_eq!(c, Chunk::End);
+                break;
+            }
+        }
+        assert_eq!(rx.written, 3 * PAGE_BYTES, "the data went straight in");
+        for page in [0u64, 1, 5] {
+            assert_eq!(
+                dst.read_obj::<u64>(GuestAddress(page * PAGE_BYTES + 8))
+                    .unwrap(),
+                page + 7
+            );
+        }
+        let res = Residency::of(&dst, 0, 16 * PAGE_BYTES).unwrap();
+        let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
+        assert_eq!(resident, vec![0, 1, 5], "zero runs allocated nothing");
+    }
+
+    #[test]
+    fn guest_page_zero_test_sees_one_set_byte_anywhere() {
+        let mut page = vec![0u64; PAGE_SIZE / 8];
+        // SAFETY: a live, aligned buffer of one page.
+        let zero = |p: &[u64]| unsafe { guest_page_is_zero(p.as_ptr().cast()) };
+        assert!(zero(&page));
+        for word in [0, 7, 8, 300, PAGE_SIZE / 8 - 1] {
+            page[word] = 1 << 40;
+            assert!(!zero(&page), "word {word}");
+            page[word] = 0;
+        }
     }
 
     /// The receiver places missing pages (runs at once on 4 KiB pages, whole zero-padded host

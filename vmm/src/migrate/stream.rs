@@ -33,8 +33,9 @@ use std::io::{self, BufWriter, Read, Write};
 
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
-/// The format version this code writes and reads (2: postcopy chunks).
-pub const VERSION: u32 = 2;
+/// The format version this code writes and reads (2: postcopy chunks; 3: the destination
+/// acknowledges each precopy round once it has applied it).
+pub const VERSION: u32 = 3;
 /// The page size of `PAGES` and `ZERO_PAGES` chunks.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages carried by one `PAGES` chunk (1 MiB of data).
@@ -63,8 +64,9 @@ mod kind {
     pub const DISCARD: u32 = 11;
     pub const POSTCOPY: u32 = 12;
     pub const ALL_RECEIVED: u32 = 13;
+    pub const ROUND_APPLIED: u32 = 14;
     /// The highest kind a reader accepts.
-    pub const LAST: u32 = ALL_RECEIVED;
+    pub const LAST: u32 = ROUND_APPLIED;
 }
 
 /// `DEST_INFO` flag: the destination runs with demand paging (it can receive postcopy).
@@ -89,6 +91,7 @@ fn kind_name(k: u32) -> &'static str {
         kind::DISCARD => "discard",
         kind::POSTCOPY => "postcopy",
         kind::ALL_RECEIVED => "all-received",
+        kind::ROUND_APPLIED => "round-applied",
         _ => "unknown",
     }
 }
@@ -394,6 +397,13 @@ pub enum Chunk<'a> {
     Postcopy,
     /// Destination to source: every postcopy page is in place; the source may exit.
     AllReceived,
+    /// Destination to source: everything up to the end of precopy round `round` is in
+    /// guest memory here. The source times its rounds (and so its downtime estimate) by
+    /// these, not by how fast its socket takes bytes.
+    RoundApplied {
+        /// Round number.
+        round: u32,
+    },
 }
 
 /// The (gpa, count) runs of a `Discard` chunk's payload.
@@ -610,6 +620,12 @@ impl<W: Write> StreamWriter<W> {
         self.flush()
     }
 
+    /// Destination to source: round `round` is applied; flushes.
+    pub fn round_applied(&mut self, round: u32) -> Result<(), StreamError> {
+        self.chunk(kind::ROUND_APPLIED, &[&round.to_le_bytes()])?;
+        self.flush()
+    }
+
     /// Pushes buffered bytes to the transport.
     pub fn flush(&mut self) -> Result<(), StreamError> {
         let offset = self.offset;
@@ -646,6 +662,28 @@ pub fn is_zero(page: &[u8]) -> bool {
         }
     }
     blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Where [`StreamReader::next_chunk_into`] may put the data of a `Pages` chunk.
+pub trait PageSink {
+    /// The memory for the `len` bytes of pages at `gpa`, or `None` to receive them in the
+    /// reader's buffer as a plain [`Chunk::Pages`] (e.g. a range outside guest RAM, which the
+    /// caller then reports).
+    fn direct(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]>;
+}
+
+/// What [`StreamReader::next_chunk_into`] read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'a> {
+    /// Any chunk, as [`StreamReader::next_chunk`] returns it.
+    Chunk(Chunk<'a>),
+    /// `len` bytes of pages at `gpa`, already in the sink's memory with a good checksum.
+    PagesInPlace {
+        /// Guest-physical address of the first page.
+        gpa: u64,
+        /// Bytes.
+        len: usize,
+    },
 }
 
 /// Reads a migration stream from any `Read`. Each chunk costs two reads (frame head, then payload
@@ -747,6 +785,11 @@ impl<R: Read> StreamReader<R> {
         let frame = self.offset;
         let mut head = [0u8; 8];
         self.fill(&mut head, "chunk header")?;
+        self.frame_after_head(frame, head)
+    }
+
+    /// [`Self::frame`] once the 8-byte `head` of the frame at `frame` is read.
+    fn frame_after_head(&mut self, frame: u64, head: [u8; 8]) -> Result<(u32, usize), StreamError> {
         let k = u32::from_le_bytes(head[..4].try_into().unwrap());
         let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
         if !(kind::HEADER..=kind::LAST).contains(&k) {
@@ -773,9 +816,15 @@ impl<R: Read> StreamReader<R> {
         let res = self.fill(&mut body[..len + 4], "chunk payload and checksum");
         self.buf = body;
         res?;
+        self.check_crc(frame, k, &head, len)?;
+        Ok((k, len))
+    }
+
+    /// Checks the CRC after the `len` payload bytes in `buf` against head and payload.
+    fn check_crc(&self, frame: u64, k: u32, head: &[u8; 8], len: usize) -> Result<(), StreamError> {
         let stored = u32::from_le_bytes(self.buf[len..len + 4].try_into().unwrap());
         let mut crc = crc32fast::Hasher::new();
-        crc.update(&head);
+        crc.update(head);
         crc.update(&self.buf[..len]);
         let computed = crc.finalize();
         if stored != computed {
@@ -787,7 +836,67 @@ impl<R: Read> StreamReader<R> {
                 computed,
             });
         }
-        Ok((k, len))
+        Ok(())
+    }
+
+    /// The next chunk, with the data of a `Pages` chunk read straight into the memory
+    /// `sink` offers for it (one copy from the socket instead of two). The checksum is
+    /// tested after the data landed: on a mismatch the memory holds the corrupted bytes and
+    /// the error says so, so a sink is only for memory nothing uses until the stream ends
+    /// well (a destination's RAM before its guest runs).
+    pub fn next_chunk_into(
+        &mut self,
+        sink: &mut dyn PageSink,
+    ) -> Result<Received<'_>, StreamError> {
+        if self.ended {
+            return Ok(Received::Chunk(Chunk::End));
+        }
+        let frame = self.offset;
+        let mut head = [0u8; 8];
+        self.fill(&mut head, "chunk header")?;
+        let k = u32::from_le_bytes(head[..4].try_into().unwrap());
+        let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
+        let data_len = len.wrapping_sub(8);
+        if k != kind::PAGES || len <= 8 || len > MAX_PAYLOAD || !data_len.is_multiple_of(PAGE_SIZE)
+        {
+            // Not page data (or a malformed frame, which the common path reports).
+            let (k, len) = self.frame_after_head(frame, head)?;
+            return self.parse(frame, k, len).map(Received::Chunk);
+        }
+        let mut gpa_bytes = [0u8; 8];
+        self.fill(&mut gpa_bytes, "chunk payload and checksum")?;
+        let gpa = u64::from_le_bytes(gpa_bytes);
+        let Some(dst) = sink.direct(gpa, data_len) else {
+            if self.buf.len() < len + 4 {
+                self.buf.resize(len + 4, 0);
+            }
+            self.buf[..8].copy_from_slice(&gpa_bytes);
+            let mut body = std::mem::take(&mut self.buf);
+            let res = self.fill(&mut body[8..len + 4], "chunk payload and checksum");
+            self.buf = body;
+            res?;
+            self.check_crc(frame, k, &head, len)?;
+            return self.parse(frame, k, len).map(Received::Chunk);
+        };
+        self.fill(dst, "chunk payload and checksum")?;
+        let mut stored = [0u8; 4];
+        self.fill(&mut stored, "chunk payload and checksum")?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(&gpa_bytes);
+        crc.update(dst);
+        let (stored, computed) = (u32::from_le_bytes(stored), crc.finalize());
+        if stored != computed {
+            return Err(StreamError::Checksum {
+                chunk: self.chunk,
+                kind: kind_name(k),
+                offset: frame,
+                stored,
+                computed,
+            });
+        }
+        self.chunk += 1;
+        Ok(Received::PagesInPlace { gpa, len: data_len })
     }
 
     /// The next chunk. After `End`, further calls return `End` again without reading.
@@ -797,6 +906,11 @@ impl<R: Read> StreamReader<R> {
         }
         let frame = self.offset;
         let (k, len) = self.frame()?;
+        self.parse(frame, k, len)
+    }
+
+    /// Parses the frame of kind `k` at `frame` whose `len` payload bytes are in `buf`.
+    fn parse(&mut self, frame: u64, k: u32, len: usize) -> Result<Chunk<'_>, StreamError> {
         let chunk = self.chunk;
         self.chunk += 1;
         if k == kind::END {
@@ -811,20 +925,42 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// Waits for the destination's acknowledgement that the guest runs (skipping its
-    /// destination-info, which precopy does not need).
+    /// destination-info, which precopy does not need, and the acknowledgement of the last
+    /// round, which the guest-running one implies).
     pub fn expect_guest_running(&mut self) -> Result<(), StreamError> {
         loop {
             let offset = self.offset;
             let chunk = self.chunk;
             match self.next_chunk()? {
                 Chunk::GuestRunning => return Ok(()),
-                Chunk::DestInfo { .. } => {}
+                Chunk::DestInfo { .. } | Chunk::RoundApplied { .. } => {}
                 other => {
                     return Err(StreamError::Unexpected {
                         chunk,
                         offset,
                         found: chunk_name(&other),
                         expected: "guest-running",
+                    })
+                }
+            }
+        }
+    }
+
+    /// Waits for the destination's acknowledgement of round `round` (skipping its
+    /// destination-info, which precopy does not need).
+    pub fn expect_round_applied(&mut self, round: u32) -> Result<(), StreamError> {
+        loop {
+            let offset = self.offset;
+            let chunk = self.chunk;
+            match self.next_chunk()? {
+                Chunk::RoundApplied { round: r } if r == round => return Ok(()),
+                Chunk::DestInfo { .. } => {}
+                other => {
+                    return Err(StreamError::Unexpected {
+                        chunk,
+                        offset,
+                        found: chunk_name(&other),
+                        expected: "round-applied for the round just sent",
                     })
                 }
             }
@@ -920,6 +1056,11 @@ fn parse_payload(k: u32, payload: &[u8]) -> Result<Chunk<'_>, String> {
             c.finish()?;
             Chunk::AllReceived
         }
+        kind::ROUND_APPLIED => {
+            let round = c.u32()?;
+            c.finish()?;
+            Chunk::RoundApplied { round }
+        }
         _ => return Err(format!("{} chunk after the start", kind_name(k))),
     })
 }
@@ -939,6 +1080,7 @@ pub fn chunk_name(c: &Chunk<'_>) -> &'static str {
         Chunk::Discard { .. } => "discard",
         Chunk::Postcopy => "postcopy",
         Chunk::AllReceived => "all-received",
+        Chunk::RoundApplied { .. } => "round-applied",
     }
 }
 
@@ -994,6 +1136,118 @@ mod tests {
         assert!(StreamWriter::headless(Vec::new())
             .discard(&[(0x1001, 1)])
             .is_err());
+    }
+
+    /// A sink over a plain buffer standing for guest memory at gpa 0.
+    struct VecSink(Vec<u8>);
+
+    impl PageSink for VecSink {
+        fn direct(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+            self.0.get_mut(gpa as usize..gpa as usize + len)
+        }
+    }
+
+    /// Page data lands in the sink's memory; other chunks, and pages the sink declines,
+    /// come back as chunks; a corrupted page chunk is reported after it landed.
+    #[test]
+    fn pages_are_read_straight_into_the_sink() {
+        let data: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        let mut w = StreamWriter::headless(Vec::new());
+        w.pages(0x1000, &data).unwrap();
+        w.zero_pages(0x8000, 3).unwrap();
+        w.pages(0x10_0000, &data[..PAGE_SIZE]).unwrap();
+        w.end().unwrap();
+        let bytes = w.into_inner().unwrap();
+
+        let mut sink = VecSink(vec![0; 16 * PAGE_SIZE]);
+        let mut r = StreamReader::headless(&bytes[..]);
+        assert_eq!(
+            r.next_chunk_into(&mut sink).unwrap(),
+            Received::PagesInPlace {
+                gpa: 0x1000,
+                len: 2 * PAGE_SIZE
+            }
+        );
+        assert_eq!(
+            r.next_chunk_into(&mut sink).unwrap(),
+            Received::Chunk(Chunk::ZeroPages {
+                gpa: 0x8000,
+                count: 3
+            })
+        );
+        // Outside the sink's memory: declined, read into the reader's buffer.
+        match r.next_chunk_into(&mut sink).unwrap() {
+            Received::Chunk(Chunk::Pages { gpa, data: d }) => {
+                assert_eq!((gpa, d), (0x10_0000, &data[..PAGE_SIZE]))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            r.next_chunk_into(&mut sink).unwrap(),
+            Received::Chunk(Chunk::End)
+        );
+        assert_eq!(&sink.0[PAGE_SIZE..3 * PAGE_SIZE], &data[..]);
+        assert!(sink.0[..PAGE_SIZE].iter().all(|&b| b == 0));
+        assert!(sink.0[3 * PAGE_SIZE..].iter().all(|&b| b == 0));
+        assert_eq!(r.bytes_read(), bytes.len() as u64);
+
+        // One flipped data byte: the checksum catches it.
+        let mut bad = bytes.clone();
+        bad[8 + 8 + 100] ^= 1;
+        let err = StreamReader::headless(&bad[..])
+            .next_chunk_into(&mut VecSink(vec![0; 16 * PAGE_SIZE]))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StreamError::Checksum {
+                    chunk: 0,
+                    offset: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Cut inside the data: truncated, not a checksum error.
+        let err = StreamReader::headless(&bytes[..8 + 8 + 1000])
+            .next_chunk_into(&mut VecSink(vec![0; 16 * PAGE_SIZE]))
+            .unwrap_err();
+        assert!(matches!(err, StreamError::Truncated { .. }), "{err}");
+    }
+
+    /// The source waits for the acknowledgement of the round it sent, passing over the
+    /// destination-info; an acknowledgement of another round is an error, and the
+    /// guest-running wait passes over the last round's acknowledgement.
+    #[test]
+    fn round_acknowledgements_are_matched_to_their_round() {
+        let mut w = StreamWriter::headless(Vec::new());
+        w.dest_info(4096, 0).unwrap();
+        w.round_applied(0).unwrap();
+        w.round_applied(1).unwrap();
+        w.round_applied(3).unwrap();
+        w.guest_running().unwrap();
+        let bytes = w.into_inner().unwrap();
+        let mut r = StreamReader::headless(&bytes[..]);
+        r.expect_round_applied(0).unwrap();
+        r.expect_round_applied(1).unwrap();
+        r.expect_guest_running().unwrap();
+
+        let mut w = StreamWriter::headless(Vec::new());
+        w.round_applied(2).unwrap();
+        let bytes = w.into_inner().unwrap();
+        let err = StreamReader::headless(&bytes[..])
+            .expect_round_applied(1)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StreamError::Unexpected {
+                    found: "round-applied",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
