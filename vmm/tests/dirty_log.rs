@@ -412,6 +412,72 @@ fn dirty_log_rule_100_runs_each_mode() {
     run_many(DirtyMode::Stage2Wp, 100);
 }
 
+/// Rings made at the VM's start (as `vmm --dirty-mode kvm-ring --api-socket` does, in case a
+/// migration comes) log nothing until the first harvest: no ring fills, however much the guest
+/// writes. The first harvest starts logging (rings fill, harvests report the area), `stop`
+/// ends it (no more ring-full exits), and a later harvest starts it again.
+#[test]
+fn rings_log_only_between_the_first_harvest_and_stop() {
+    if !kvm_available() {
+        return;
+    }
+    const WATCH: Duration = Duration::from_millis(150);
+    let ram = guest_ram();
+    let vm = Vm::new(&ram, VCPUS).unwrap();
+    let regions: Vec<_> = ram.regions().collect();
+    let tracker = Arc::new(DirtyTracker::new_kvm(vm.fd(), &regions, SMALL_RING).unwrap());
+    let fds: Vec<VcpuFd> = (0..VCPUS)
+        .map(|id| make_vcpu(&vm, ram.memory(), id))
+        .collect();
+    make_tables_user(ram.memory(), false);
+    for (id, fd) in fds.iter().enumerate() {
+        tracker.attach_vcpu(id, fd).unwrap();
+    }
+    let exit = ExitRequest::new().unwrap();
+    let hooks = VcpuHooks {
+        dirty_ring_full: Some(tracker.ring_full_hook()),
+    };
+    let mut ctl = VmControl::start_with_hooks(
+        fds,
+        Arc::new(PioBus::new()),
+        ram.memory().clone(),
+        exit.clone(),
+        hooks,
+    )
+    .unwrap();
+    let area_pages = |b: &DirtyBitmap| (0..PAGES).filter(|&p| b.is_dirty(page_gpa(p))).count();
+    let before = snapshot(&ram);
+    std::thread::sleep(WATCH);
+    assert_ne!(snapshot(&ram), before, "the guest writes");
+    assert_eq!(
+        tracker.ring_full_exits(),
+        0,
+        "no logging before the first harvest"
+    );
+
+    tracker.harvest().unwrap();
+    std::thread::sleep(WATCH);
+    let logged = tracker.ring_full_exits();
+    assert!(logged > 0, "256-entry rings fill once logging is on");
+    assert!(area_pages(&tracker.harvest().unwrap()) > 0);
+
+    tracker.stop().unwrap();
+    let stopped_at = tracker.ring_full_exits();
+    std::thread::sleep(WATCH);
+    assert_eq!(
+        tracker.ring_full_exits(),
+        stopped_at,
+        "no logging after stop"
+    );
+
+    tracker.harvest().unwrap();
+    std::thread::sleep(WATCH);
+    assert!(tracker.ring_full_exits() > stopped_at, "logging again");
+    assert!(area_pages(&tracker.harvest().unwrap()) > 0);
+    ctl.stop_all();
+    assert_eq!(exit.code(), None, "no vCPU failed");
+}
+
 #[test]
 fn ring_after_vcpus_is_refused_with_a_clear_error() {
     if !kvm_available() {
@@ -440,6 +506,8 @@ fn ring_full_without_a_hook_stops_the_vm() {
     let fd = make_vcpu(&vm, ram.memory(), 0);
     make_tables_user(ram.memory(), false);
     tracker.attach_vcpu(0, &fd).unwrap();
+    // Logging into the rings starts with the first harvest.
+    assert_eq!(tracker.harvest().unwrap().count(), 0);
     let exit = ExitRequest::new().unwrap();
     let mut ctl = VmControl::start(
         vec![fd],

@@ -471,6 +471,10 @@ enum Backend {
         rings: Mutex<Vec<Arc<Mutex<ring::Ring>>>>,
         /// Entries collected on ring-full exits, waiting for the next harvest.
         pending: Mutex<DirtyBitmap>,
+        /// `KVM_MEM_LOG_DIRTY_PAGES` is on: set by the first harvest, cleared by `stop`. The
+        /// rings themselves exist from the VM's start (KVM takes them only before vCPUs), but
+        /// KVM logs into them only while the slots carry the flag.
+        logging: Mutex<bool>,
     },
     Stage2 {
         pager: Arc<Pager>,
@@ -519,6 +523,13 @@ impl DirtyTracker {
     /// Starts KVM dirty logging on `vm` (the VM fd, duplicated here) for the RAM `regions`
     /// (slot `i` = region `i`). For [`DirtyMode::KvmRing`] this must run before any vCPU is
     /// created; attach each vCPU afterwards with [`DirtyTracker::attach_vcpu`].
+    ///
+    /// [`DirtyMode::KvmRing`] only creates the rings here: KVM logs into them once the slots
+    /// carry `KVM_MEM_LOG_DIRTY_PAGES`, which the first [`DirtyTracker::harvest`] sets and
+    /// [`DirtyTracker::stop`] clears. A VM that creates its rings at start in case it migrates
+    /// later so runs at full speed until a migration begins: with logging on, KVM maps guest
+    /// RAM in 4 KiB pages, takes a write-protect fault on every page's first write after each
+    /// reset, and exits to the VMM each time a ring fills.
     pub fn new_kvm(
         vm: &impl AsRawFd,
         regions: &[RamRegion],
@@ -532,13 +543,14 @@ impl DirtyTracker {
                 Backend::Bitmap
             }
             DirtyMode::KvmRing { ring_bytes } => {
+                // Only the rings now; logging (the slots' flag) starts with the first harvest.
                 let flavor = ring::enable(&vm, ring_bytes)?;
-                bitmap::set_log_flag(&vm, &slots, true)?;
                 Backend::Ring {
                     bytes: ring_bytes,
                     flavor,
                     rings: Mutex::new(Vec::new()),
                     pending: Mutex::new(DirtyBitmap::empty(&slots)),
+                    logging: Mutex::new(false),
                 }
             }
             DirtyMode::Stage2Wp => return Err(DirtyError::NoWriteTracking),
@@ -710,8 +722,22 @@ impl DirtyTracker {
                     out.merge_words(i, words);
                 }
             }
-            Backend::Ring { rings, pending, .. } => {
+            Backend::Ring {
+                rings,
+                pending,
+                logging,
+                ..
+            } => {
                 let vm = self.vm.as_ref().expect("KVM mode has a VM fd");
+                {
+                    // The first harvest starts logging: every write after this is in a ring.
+                    let mut on = logging.lock().unwrap_or_else(|p| p.into_inner());
+                    if !*on {
+                        bitmap::set_log_flag(vm, &self.slots, true)?;
+                        *on = true;
+                        info!("dirty rings: logging started");
+                    }
+                }
                 let t0 = Instant::now();
                 let rings: Vec<_> = rings.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 {
@@ -763,15 +789,35 @@ impl DirtyTracker {
         }
     }
 
-    /// Stops dirty logging (KVM modes: clears `KVM_MEM_LOG_DIRTY_PAGES`; stage2: disables its
-    /// logging, so write-protected pages get W back on their next write).
+    /// Stops dirty logging (KVM modes: clears `KVM_MEM_LOG_DIRTY_PAGES`, and in ring mode
+    /// empties the rings, which stay for a later harvest to start logging again; stage2:
+    /// disables its logging, so write-protected pages get W back on their next write).
     pub fn stop(&self) -> Result<(), DirtyError> {
+        let vm = || self.vm.as_ref().expect("KVM mode has a VM fd");
         match &self.backend {
-            Backend::Bitmap | Backend::Ring { .. } => bitmap::set_log_flag(
-                self.vm.as_ref().expect("KVM mode has a VM fd"),
-                &self.slots,
-                false,
-            ),
+            Backend::Bitmap => bitmap::set_log_flag(vm(), &self.slots, false),
+            Backend::Ring {
+                rings,
+                pending,
+                logging,
+                ..
+            } => {
+                // Logging off, then the rings emptied and the pending set dropped: the next
+                // harvest starts afresh (the rings stay: KVM cannot make them again).
+                let mut on = logging.lock().unwrap_or_else(|p| p.into_inner());
+                bitmap::set_log_flag(vm(), &self.slots, false)?;
+                *on = false;
+                let rings: Vec<_> = rings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let mut pend = pending.lock().unwrap_or_else(|p| p.into_inner());
+                for r in &rings {
+                    let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
+                    self.collect_ring(&mut r, &mut pend)?;
+                }
+                ring::reset_all(vm())?;
+                pend.clear();
+                info!("dirty rings: logging stopped (the rings stay for a later harvest)");
+                Ok(())
+            }
             Backend::Stage2 { pager } => Ok(pager.stop_dirty_log()?),
         }
     }
