@@ -340,3 +340,9 @@ fn help_lists_every_flag_and_exits_zero() {
     }
     assert!(help.contains("[default: 1G]") && help.contains("[default: auto]"));
 }
+
+#[test]
+fn prefault_with_demand_paging_is_refused_with_the_fix() {
+    let out = run(&["--guest", "stress", "--mem", "64M", "--prefault"]);
+    expect_error(&out, &["--prefault", "add --no-demand-paging"]);
+}

@@ -325,3 +325,28 @@ fn migration_flag_misuse_is_refused_with_the_fix() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A destination that populated its RAM before listening (--prefault) says so, receives into
+/// memory that is all present (every page data lands in is resident, unlike the other
+/// tests' destinations), and its guest passes.
+#[test]
+fn prefaulted_destination_receives_and_passes() {
+    if !kvm_or_skip("prefaulted_destination_receives_and_passes") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = vmm(&["--incoming", &addr, "--run-for", "0", "--prefault"]);
+    let dst_rx = lines(&mut dst);
+    let before = wait_for(&dst_rx, "waiting for the migration source");
+    assert!(
+        before.iter().any(|l| l.starts_with("prefaulted 512M")),
+        "{before:?}"
+    );
+    let mut src = vmm(&["--migrate-to", &addr, "--migrate-delay-ms", "500"]);
+    let src_rx = lines(&mut src);
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert_eq!(scode, 0, "source: {sout}\n{serr}");
+    let dst = finish(dst, dst_rx);
+    assert_guest_passed("the prefaulted destination", &dst);
+}

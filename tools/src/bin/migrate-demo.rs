@@ -80,6 +80,10 @@ struct Cli {
     /// Do not echo the two vmm processes' output (it still goes to the logs).
     #[arg(long)]
     quiet: bool,
+    /// Let a destination without demand paging (precopy) fault its RAM in as pages arrive,
+    /// instead of populating it (vmm --prefault) before it listens.
+    #[arg(long)]
+    no_prefault: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -135,6 +139,7 @@ struct VmmFeatures {
     dirty_rate: bool,
     /// Migration still needs `--no-demand-paging` on both sides (older vmm).
     migration_needs_no_demand_paging: bool,
+    prefault: bool,
 }
 
 fn probe(vmm: &Path) -> Result<VmmFeatures> {
@@ -149,6 +154,7 @@ fn probe(vmm: &Path) -> Result<VmmFeatures> {
         dirty_mode: help.contains("--dirty-mode"),
         dirty_rate: help.contains("--dirty-rate"),
         migration_needs_no_demand_paging: help.contains("needs --no-demand-paging"),
+        prefault: help.contains("--prefault"),
     })
 }
 
@@ -434,7 +440,10 @@ fn run(cli: &Cli) -> Result<Outcome> {
     let src_dp = !old && cli.dirty_mode == DirtyModeArg::Stage2Wp;
     let dst_dp = !old && cli.mode == ModeArg::Postcopy;
 
-    let mut dst = start_destination(cli, &vmm, &common, &addr, port, &dst_stats, dst_dp)?;
+    let prefault = !dst_dp && feat.prefault && !cli.no_prefault;
+    let mut dst = start_destination(
+        cli, &vmm, &common, &addr, port, &dst_stats, dst_dp, prefault,
+    )?;
     let (mut src, guest_started) =
         start_source(cli, &vmm, &common, &sock, &migration_json, &feat, src_dp)?;
     println!(
@@ -516,6 +525,7 @@ fn run(cli: &Cli) -> Result<Outcome> {
 }
 
 /// Starts `vmm --incoming` and waits until it listens.
+#[allow(clippy::too_many_arguments)]
 fn start_destination(
     cli: &Cli,
     vmm: &Path,
@@ -524,6 +534,7 @@ fn start_destination(
     port: u16,
     stats: &Path,
     demand_paging: bool,
+    prefault: bool,
 ) -> Result<Vmm> {
     let mut dst_cmd = Command::new(vmm);
     dst_cmd
@@ -533,6 +544,11 @@ fn start_destination(
         .arg(stats);
     if !demand_paging {
         dst_cmd.arg("--no-demand-paging");
+    }
+    if prefault {
+        // Like a production destination started ahead of the migration with its memory
+        // preallocated (QEMU -mem-prealloc): the page faults are paid before it listens.
+        dst_cmd.arg("--prefault");
     }
     println!(
         "migrate-demo: destination: {} {}",

@@ -208,20 +208,16 @@ pub fn send(
         }
         None => None,
     };
-    let (tracker, owned) = match src.dirty {
-        DirtySource::KvmBitmap => (
-            Arc::new(DirtyTracker::new_kvm(
-                src.vm,
-                src.regions,
-                DirtyMode::KvmBitmap,
-            )?),
-            true,
-        ),
-        DirtySource::KvmRing(t) => (t.clone(), false),
-        DirtySource::Stage2Wp(p) => (
-            Arc::new(DirtyTracker::new_stage2(p.clone(), src.regions)?),
-            true,
-        ),
+    let tracker = match src.dirty {
+        DirtySource::KvmBitmap => Arc::new(DirtyTracker::new_kvm(
+            src.vm,
+            src.regions,
+            DirtyMode::KvmBitmap,
+        )?),
+        // Created with the VM (rings only exist if set up before the vCPUs); it logs from
+        // its first harvest below until the stop after this migration.
+        DirtySource::KvmRing(t) => t.clone(),
+        DirtySource::Stage2Wp(p) => Arc::new(DirtyTracker::new_stage2(p.clone(), src.regions)?),
     };
     // Before the first harvest: a host change from now on is marked for a later round.
     if let Some(h) = src.host_changes {
@@ -233,11 +229,11 @@ pub fn send(
     if let Some(h) = src.host_changes {
         h.finish(matches!(res, Ok(_) | Err(MigrateError::PostcopyLost(_))));
     }
-    // KVM rings stay on for a later attempt (they cannot be enabled again once vCPUs exist).
-    if owned {
-        if let Err(e) = tracker.stop() {
-            log::warn!("stopping dirty logging after migration: {e}");
-        }
+    // Logging stops with the migration, in every mode: KVM's rings stay mapped for a later
+    // attempt (they cannot be created again once vCPUs exist), but KVM stops logging into
+    // them until that attempt's first harvest.
+    if let Err(e) = tracker.stop() {
+        log::warn!("stopping dirty logging after migration: {e}");
     }
     let resume = match &res {
         Err(MigrateError::PostcopyLost(_)) | Ok(_) => false,
@@ -252,20 +248,21 @@ pub fn send(
     res
 }
 
-/// Scheduling weight of the thread that sends a migration, raised while it runs: with more
-/// vCPUs than host cores (or vCPUs that spin) the guest would otherwise take most of the CPU
-/// from the sender and no round would catch up. A nice value (getpriority(2)), lower = more.
+/// Scheduling weight of the threads that send and receive a migration, raised while they
+/// run: with more vCPUs than host cores (or vCPUs that spin) the guest would otherwise take
+/// most of the CPU from them and no round would catch up (on one host, the source's vCPUs
+/// compete with the destination's receiver too). A nice value (getpriority(2)), lower = more.
 const SENDER_NICE: libc::c_int = -10;
 
-/// The sender thread's raised priority; the old one is put back on drop. Without the right
+/// A migration thread's raised priority; the old one is put back on drop. Without the right
 /// to raise it (not root, no CAP_SYS_NICE) the migration runs at the normal priority.
-struct SenderPriority {
+pub(super) struct SenderPriority {
     tid: libc::id_t,
     old: libc::c_int,
 }
 
 impl SenderPriority {
-    fn raise() -> Option<SenderPriority> {
+    pub(super) fn raise() -> Option<SenderPriority> {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() } as libc::id_t;
         // SAFETY: getpriority/setpriority on this thread's own id; errno is checked.
@@ -277,7 +274,7 @@ impl SenderPriority {
             }
             if libc::setpriority(libc::PRIO_PROCESS, tid, SENDER_NICE) != 0 {
                 log::debug!(
-                    "migration sender stays at nice {old}: {}",
+                    "migration thread stays at nice {old}: {}",
                     std::io::Error::last_os_error()
                 );
                 return None;
@@ -414,6 +411,9 @@ fn rounds<W: Write>(
     if let Some(h) = src.host_changes {
         h.seal();
     }
+    // A write fault a vCPU took just before the pause may still be in a handler (stage2-wp):
+    // let it set its page's bit, so that the page goes in this round and not never.
+    tracker.settle()?;
     // The pages harvested for the last estimate are not sent yet: they go with the last
     // round (precopy) or are owed (postcopy).
     let mut last = tracker.harvest()?;
@@ -555,6 +555,7 @@ pub fn receive(
     pager: Option<&dyn RamPager>,
 ) -> Result<Incoming, MigrateError> {
     let conn = listener.accept()?;
+    let _boost = SenderPriority::raise();
     let input = conn
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;
