@@ -576,7 +576,8 @@ pub fn receive(
     let mut vm = None;
     let mut serial = None;
     let mut rounds = 0;
-    let mut ram = RamReceiver::new(mem, pager);
+    // This destination's RAM is new: nothing but this stream writes it before the guest runs.
+    let mut ram = RamReceiver::new(mem, pager).fresh();
     let ram_regions: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
     let mut owed: Option<PageSet> = None;
     let mut switch = SwitchFigures::default();

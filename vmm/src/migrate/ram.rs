@@ -308,6 +308,9 @@ pub struct RamReceiver<'a> {
     pub placed: u64,
     /// Bytes written into present memory.
     pub written: u64,
+    /// With [`Self::fresh`]: one bit per 4 KiB page of guest-physical space, set while the
+    /// page may hold data this receiver wrote (a zero run clears it again).
+    dirty: Option<Vec<u64>>,
 }
 
 impl<'a> RamReceiver<'a> {
@@ -319,15 +322,72 @@ impl<'a> RamReceiver<'a> {
             page: Vec::new(),
             placed: 0,
             written: 0,
+            dirty: None,
         }
+    }
+
+    /// Declares that `mem` reads all zero now and that only this receiver writes it (a
+    /// destination's RAM before its guest runs, prefaulted or not): a zero run then skips
+    /// the pages this receiver never wrote instead of writing zeroes over them (or, on memory
+    /// not populated yet, allocating them). Without a pager only: the pager path has its own
+    /// test (the host page is missing).
+    pub fn fresh(mut self) -> RamReceiver<'a> {
+        use vm_memory::GuestMemoryBackend;
+        if self.pager.is_none() {
+            let pages = self.mem.last_addr().0 / PAGE_BYTES + 1;
+            self.dirty = Some(vec![0; pages.div_ceil(64) as usize]);
+        }
+        self
+    }
+
+    /// Notes that `[gpa, gpa+len)` (page aligned) now holds received data.
+    fn mark_written(&mut self, gpa: u64, len: u64) {
+        if let Some(bits) = self.dirty.as_mut() {
+            for page in gpa / PAGE_BYTES..(gpa + len) / PAGE_BYTES {
+                bits[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+    }
+
+    /// Zeroes the pages of `[gpa, gpa+len)` (checked guest RAM) that this receiver wrote
+    /// before; the others read zero already.
+    fn zero_written(&mut self, gpa: u64, len: u64) -> Result<(), RamError> {
+        let Some(bits) = self.dirty.as_mut() else {
+            unreachable!("only for fresh receivers");
+        };
+        for page in gpa / PAGE_BYTES..(gpa + len) / PAGE_BYTES {
+            let (word, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+            if bits[word] & bit != 0 {
+                bits[word] &= !bit;
+                let at = page * PAGE_BYTES;
+                self.mem
+                    .write_slice(&ZERO_PAGE, GuestAddress(at))
+                    .map_err(|_| RamError::OutOfRange {
+                        gpa: at,
+                        len: PAGE_BYTES,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// Applies a `Pages` or `ZeroPages` chunk; returns false for any other chunk.
     pub fn apply(&mut self, chunk: &Chunk<'_>) -> Result<bool, RamError> {
         let Some(pager) = self.pager else {
+            if self.dirty.is_some() {
+                if let Chunk::ZeroPages { gpa, count } = *chunk {
+                    let len = count
+                        .checked_mul(PAGE_BYTES)
+                        .ok_or(RamError::OutOfRange { gpa, len: u64::MAX })?;
+                    check_range(self.mem, gpa, len)?;
+                    self.zero_written(gpa, len)?;
+                    return Ok(true);
+                }
+            }
             let done = apply_chunk(self.mem, chunk)?;
-            if let Chunk::Pages { data, .. } = chunk {
+            if let Chunk::Pages { gpa, data } = *chunk {
                 self.written += data.len() as u64;
+                self.mark_written(gpa, data.len() as u64);
             }
             return Ok(done);
         };
@@ -460,6 +520,7 @@ impl super::stream::PageSink for RamReceiver<'_> {
         }
         let host = self.mem.get_host_address(GuestAddress(gpa)).ok()?;
         self.written += len as u64;
+        self.mark_written(gpa, len as u64);
         // SAFETY: `[host, host+len)` is guest RAM inside one region (checked above), mapped
         // for the VM's life. The receiver owns the destination's RAM while the stream comes
         // in (no vCPU runs, no other thread writes it), and the slice lives only as long as
@@ -694,6 +755,44 @@ mod tests {
         let res = Residency::of(&dst, 0, 16 * PAGE_BYTES).unwrap();
         let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
         assert_eq!(resident, vec![0, 1, 5], "zero runs allocated nothing");
+    }
+
+    /// A fresh receiver writes zeroes only over pages it wrote before; the rest read zero
+    /// already and are left alone (not even allocated).
+    #[test]
+    fn fresh_receiver_zeroes_only_pages_it_wrote() {
+        let dst = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap();
+        let mut rx = RamReceiver::new(&dst, None).fresh();
+        let data = vec![0xabu8; 2 * PAGE_SIZE];
+        assert!(rx
+            .apply(&Chunk::Pages {
+                gpa: PAGE_BYTES,
+                data: &data
+            })
+            .unwrap());
+        assert!(rx.apply(&Chunk::ZeroPages { gpa: 0, count: 2 }).unwrap());
+        assert_eq!(dst.read_obj::<u8>(GuestAddress(PAGE_BYTES)).unwrap(), 0);
+        assert_eq!(
+            dst.read_obj::<u8>(GuestAddress(2 * PAGE_BYTES)).unwrap(),
+            0xab
+        );
+        assert!(rx
+            .apply(&Chunk::ZeroPages {
+                gpa: 3 * PAGE_BYTES,
+                count: 13
+            })
+            .unwrap());
+        let res = Residency::of(&dst, 0, 16 * PAGE_BYTES).unwrap();
+        let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
+        assert_eq!(resident, vec![1, 2], "only the pages data went to");
+        assert!(
+            rx.apply(&Chunk::ZeroPages {
+                gpa: 15 * PAGE_BYTES,
+                count: 2
+            })
+            .is_err(),
+            "a zero run past guest RAM is refused"
+        );
     }
 
     #[test]
