@@ -172,6 +172,39 @@ fn postcopy_demo_passes_and_writes_summary_and_plot() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// --pause-first: the source's guest is paused before the migration, so nothing is dirtied
+/// after the full pass; the guest resumes on the destination and passes there. The
+/// destination populated its RAM first (--prefault, the default for precopy).
+#[test]
+fn paused_precopy_demo_passes_with_an_empty_last_round() {
+    if !can_run("paused_precopy_demo_passes_with_an_empty_last_round") {
+        return;
+    }
+    let _g = serial();
+    let out = out_dir("paused");
+    let o = demo(&out, &["--pause-first"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "exit {}\n{stdout}", o.status);
+    assert!(
+        stdout.contains("guest is paused (--pause-first)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("--prefault"),
+        "the destination prefaults: {stdout}"
+    );
+    let s = check_outputs(&out, "precopy");
+    let m = read_json(&out.join("migration.json"));
+    let rounds = m["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "the full pass and the paused round: {m:#}");
+    assert_eq!(
+        rounds[1]["dirty_pages"], 0,
+        "nothing dirtied while paused: {m:#}"
+    );
+    assert_eq!(s["result"], "PASS", "{s:#}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 #[test]
 fn missing_vmm_says_how_to_build_it() {
     let out = out_dir("novmm");

@@ -1,6 +1,7 @@
 //! `migrate-bench`: issue 5's migration benchmark in one invocation. Measures the loopback
 //! bandwidth of a plain TCP socket copy, then migrates a `dirty` guest with `migrate-demo`
-//! (precopy at an idle, a 1/8-bandwidth and a 1/4-bandwidth dirty rate, postcopy unpaced)
+//! (precopy at an idle, a 1/8-bandwidth and a 1/4-bandwidth dirty rate, precopy of a paused
+//! guest, which measures the stream alone, and postcopy unpaced)
 //! and prints, per run, downtime, total time, bytes sent, the bound bytes / bandwidth, the
 //! ratio total / bound and whether the issue's goals hold.
 //!
@@ -156,6 +157,8 @@ struct Case {
     rate_label: String,
     /// The downtime goal applies (precopy at <= 1/4 bandwidth; postcopy always).
     downtime_goal: bool,
+    /// Pause the guest before migrating (migrate-demo --pause-first).
+    paused: bool,
 }
 
 /// What one migration gave.
@@ -190,6 +193,7 @@ fn run_case(cli: &Cli, demo: &Path, vmm: &Path, mem: &str, cpus: u8, c: Case) ->
     .arg(&out)
     .arg("--vmm")
     .arg(vmm)
+    .args(c.paused.then_some("--pause-first"))
     .stdout(Stdio::inherit())
     .stderr(Stdio::inherit());
     println!("\n== {} ({}, {})", c.name, c.mode, c.rate_label);
@@ -262,6 +266,7 @@ fn run() -> Result<bool> {
             rate_mb_s: cli.idle_rate,
             rate_label: format!("idle: {} MB/s", cli.idle_rate),
             downtime_goal: true,
+            paused: false,
         },
         Case {
             name: "precopy-eighth".into(),
@@ -269,6 +274,7 @@ fn run() -> Result<bool> {
             rate_mb_s: eighth,
             rate_label: format!("1/8 bandwidth: {eighth} MB/s"),
             downtime_goal: true,
+            paused: false,
         },
         Case {
             name: "precopy-quarter".into(),
@@ -276,6 +282,17 @@ fn run() -> Result<bool> {
             rate_mb_s: quarter,
             rate_label: format!("1/4 bandwidth: {quarter} MB/s"),
             downtime_goal: true,
+            paused: false,
+        },
+        // The stream alone: the guest writes unpaced through the warm-up (most of RAM is
+        // data), then is paused, so the migration has both cores and one round.
+        Case {
+            name: "precopy-paused".into(),
+            mode: "precopy",
+            rate_mb_s: 0,
+            rate_label: "paused (guest wrote unpaced before)".into(),
+            downtime_goal: false,
+            paused: true,
         },
     ];
     let mut skipped = Vec::new();
@@ -286,6 +303,7 @@ fn run() -> Result<bool> {
             rate_mb_s: 0,
             rate_label: "unlimited".into(),
             downtime_goal: true,
+            paused: false,
         });
     } else {
         skipped.push(format!(

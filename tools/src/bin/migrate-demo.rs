@@ -80,6 +80,11 @@ struct Cli {
     /// Do not echo the two vmm processes' output (it still goes to the logs).
     #[arg(long)]
     quiet: bool,
+    /// Pause the source's guest after the warm-up, before the migration starts: the
+    /// migration then measures the stream alone, with no vCPU competing for the host's
+    /// cores and nothing dirtied between rounds.
+    #[arg(long)]
+    pause_first: bool,
     /// Let a destination without demand paging (precopy) fault its RAM in as pages arrive,
     /// instead of populating it (vmm --prefault) before it listens.
     #[arg(long)]
@@ -458,6 +463,17 @@ fn run(cli: &Cli) -> Result<Outcome> {
             "the source vmm exited ({st}) during the warm-up; its last lines:\n{}",
             src.last_lines()
         );
+    }
+    if cli.pause_first {
+        let v = api_request(&sock, &json!({"cmd": "pause"}), limit)
+            .context("pausing the source's guest (--pause-first)")?;
+        if v["ok"] != true {
+            bail!(
+                "the source refused to pause its guest (--pause-first): {}",
+                v["error"].as_str().unwrap_or("no reason given")
+            );
+        }
+        println!("migrate-demo: the source's guest is paused (--pause-first)");
     }
     let mut req = json!({"cmd": "migrate", "to": addr});
     if cli.mode == ModeArg::Postcopy {

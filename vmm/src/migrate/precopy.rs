@@ -462,6 +462,8 @@ fn rounds<W: Write>(
     }
     let t0 = Instant::now();
     let b0 = w.bytes_written();
+    // Paused since `pause_all`: no vCPU writes guest RAM, and reclaims were sealed above.
+    sender.guest_paused = true;
     send_dirty(w, &mut sender, src.mem, &last, src.pager)?;
     w.round(round, final_pages)?;
     write_state(w)?;

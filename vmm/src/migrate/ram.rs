@@ -49,6 +49,10 @@ pub struct RamSender {
     pub data_pages: u64,
     /// Pages sent as zero runs.
     pub zero_pages: u64,
+    /// Set by the caller once nothing writes guest RAM any more (every vCPU paused, before
+    /// the last round): page data is then checksummed and sent straight from guest memory,
+    /// without the copy that keeps chunk and checksum consistent under a running guest.
+    pub guest_paused: bool,
 }
 
 impl Default for RamSender {
@@ -64,6 +68,7 @@ impl RamSender {
             buf: vec![0; MAX_PAGES_PER_CHUNK * PAGE_SIZE],
             data_pages: 0,
             zero_pages: 0,
+            guest_paused: false,
         }
     }
 
@@ -146,6 +151,15 @@ impl RamSender {
             if zero {
                 w.zero_pages(at, pages)?;
                 self.zero_pages += pages;
+            } else if self.guest_paused {
+                // SAFETY: `[at, next)` lies in `[gpa, gpa+len)`, guest RAM inside one region
+                // (checked above) mapped for the VM's life; with the guest paused nothing
+                // writes it while this shared slice lives (the chunk's CRC and send).
+                let data = unsafe {
+                    std::slice::from_raw_parts(host.add((at - gpa) as usize), (next - at) as usize)
+                };
+                w.pages(at, data)?;
+                self.data_pages += pages;
             } else {
                 let buf = &mut self.buf[..(next - at) as usize];
                 mem.read_slice(buf, GuestAddress(at))
@@ -726,6 +740,18 @@ mod tests {
             ]
         );
         assert_eq!((s.data_pages, s.zero_pages), (3, 13));
+        // With the guest paused the data goes straight from guest memory: the same stream.
+        let mut w2 = StreamWriter::headless(Vec::new());
+        let mut s2 = RamSender::new();
+        s2.guest_paused = true;
+        s2.send_range(&mut w2, &mem, 0, 16 * PAGE_BYTES, None)
+            .unwrap();
+        w2.end().unwrap();
+        assert_eq!(
+            w2.into_inner().unwrap(),
+            bytes,
+            "paused and running streams differ"
+        );
         let res = Residency::of(&mem, 0, 16 * PAGE_BYTES).unwrap();
         let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
         assert_eq!(resident, vec![0, 1, 5, 9], "nothing else was faulted in");
