@@ -662,6 +662,14 @@ mod tests {
         }
     }
 
+    /// The 4 KiB pages among the first `pages` of `mem` that the host has.
+    fn resident_pages(mem: &GuestMemoryMmap, pages: u64) -> Vec<u64> {
+        let res = Residency::of(mem, 0, pages * PAGE_BYTES).unwrap();
+        (0..pages)
+            .filter(|&i| res.populated(i * PAGE_BYTES))
+            .collect()
+    }
+
     fn chunks(bytes: &[u8]) -> Vec<(&'static str, u64, u64)> {
         let mut r = StreamReader::headless(bytes);
         let mut got = Vec::new();
@@ -705,8 +713,7 @@ mod tests {
                 ("zero", 10, 6)
             ]
         );
-        let res = Residency::of(&p.mem, 0, 16 * PAGE_BYTES).unwrap();
-        let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
+        let resident = resident_pages(&p.mem, 16);
         assert_eq!(resident, vec![0, 1, 5, 9], "nothing else was faulted in");
     }
 
@@ -752,8 +759,7 @@ mod tests {
             bytes,
             "paused and running streams differ"
         );
-        let res = Residency::of(&mem, 0, 16 * PAGE_BYTES).unwrap();
-        let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
+        let resident = resident_pages(&mem, 16);
         assert_eq!(resident, vec![0, 1, 5, 9], "nothing else was faulted in");
 
         // The receiver rebuilds the same memory, writing no zeroes over missing pages.
@@ -778,8 +784,7 @@ mod tests {
                 page + 7
             );
         }
-        let res = Residency::of(&dst, 0, 16 * PAGE_BYTES).unwrap();
-        let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
+        let resident = resident_pages(&dst, 16);
         assert_eq!(resident, vec![0, 1, 5], "zero runs allocated nothing");
     }
 
@@ -808,8 +813,7 @@ mod tests {
                 count: 13
             })
             .unwrap());
-        let res = Residency::of(&dst, 0, 16 * PAGE_BYTES).unwrap();
-        let resident: Vec<u64> = (0..16).filter(|&i| res.populated(i * PAGE_BYTES)).collect();
+        let resident = resident_pages(&dst, 16);
         assert_eq!(resident, vec![1, 2], "only the pages data went to");
         assert!(
             rx.apply(&Chunk::ZeroPages {

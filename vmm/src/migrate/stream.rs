@@ -25,9 +25,11 @@
 //! | `DISCARD` | (gpa u64, count u32) runs: pages whose copy here is stale (postcopy switch) |
 //! | `POSTCOPY` | empty: the guest may run; the discarded pages follow, then `END` |
 //! | `ALL_RECEIVED` | empty (destination to source: every postcopy page is in place) |
+//! | `ROUND_APPLIED` | round u32 (destination to source: that round is in guest RAM here; the source waits for it before it times the round and harvests again) |
 //!
 //! The reader keeps one reusable buffer, so reading a chunk allocates nothing after the first
-//! large one; the writer checksums page data straight from the caller's slice.
+//! large one; [`StreamReader::next_chunk_into`] reads page data straight into the caller's
+//! memory instead. The writer checksums page data straight from the caller's slice.
 
 use std::io::{self, BufWriter, Read, Write};
 
@@ -826,7 +828,17 @@ impl<R: Read> StreamReader<R> {
         let mut crc = crc32fast::Hasher::new();
         crc.update(head);
         crc.update(&self.buf[..len]);
-        let computed = crc.finalize();
+        self.compare_crc(frame, k, stored, crc.finalize())
+    }
+
+    /// The checksum error for the chunk at `frame` of kind `k`, unless the CRCs agree.
+    fn compare_crc(
+        &self,
+        frame: u64,
+        k: u32,
+        stored: u32,
+        computed: u32,
+    ) -> Result<(), StreamError> {
         if stored != computed {
             return Err(StreamError::Checksum {
                 chunk: self.chunk,
@@ -885,16 +897,7 @@ impl<R: Read> StreamReader<R> {
         crc.update(&head);
         crc.update(&gpa_bytes);
         crc.update(dst);
-        let (stored, computed) = (u32::from_le_bytes(stored), crc.finalize());
-        if stored != computed {
-            return Err(StreamError::Checksum {
-                chunk: self.chunk,
-                kind: kind_name(k),
-                offset: frame,
-                stored,
-                computed,
-            });
-        }
+        self.compare_crc(frame, k, u32::from_le_bytes(stored), crc.finalize())?;
         self.chunk += 1;
         Ok(Received::PagesInPlace { gpa, len: data_len })
     }
