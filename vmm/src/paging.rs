@@ -905,6 +905,10 @@ impl Shared {
     }
 }
 
+/// Fewest runs for which [`Pager::drop_runs_quiet`] unregisters and registers RAM again
+/// (two ioctls per region) instead of dropping run by run.
+const QUIET_DROP_MIN_RUNS: usize = 8;
+
 /// The demand pager: owns the userfaultfd, the handler threads and the stage2 engine.
 ///
 /// The host memory must outlive the pager: stop (or drop) the pager before unmapping guest RAM.
@@ -1144,6 +1148,79 @@ impl Pager {
         if let Some(slot) = self.shared.vcpu_tids.get(vcpu) {
             slot.store(tid, Ordering::Relaxed);
         }
+    }
+
+    /// Drops the host pages of every `(gpa, len)` run like [`Self::reclaim`] run by run, but
+    /// without a userfaultfd REMOVE event per run: the private RAM regions are unregistered
+    /// for the batch and registered again after it. Each REMOVE costs a round trip with a
+    /// handler thread (40-75 µs of wake-ups on this host against 6.5 µs for a plain
+    /// MADV_DONTNEED), which made a postcopy switch on 4 KiB pages take hundreds of ms.
+    /// Stage2 is bracketed per run as in `reclaim`; file-backed regions punch holes, which
+    /// raise no event anyway.
+    ///
+    /// Only while nothing else touches guest RAM: no vCPU runs and no other thread reads or
+    /// writes it (a postcopy destination at its switch, before its guest runs). A touch in
+    /// between would be filled by the kernel without the pager hearing of it. With write
+    /// tracking this drops run by run through `reclaim` instead (unregistering would lose
+    /// the write protection), as it does for a handful of runs.
+    pub fn drop_runs_quiet(&self, runs: &[(u64, u64)]) -> Result<(), PagingError> {
+        let sh = &self.shared;
+        if sh.cfg.write_tracking || runs.len() < QUIET_DROP_MIN_RUNS {
+            return runs
+                .iter()
+                .try_for_each(|&(gpa, len)| self.reclaim(gpa, len).map(|_| ()));
+        }
+        let private: Vec<RamRegion> = sh
+            .backing
+            .regions
+            .iter()
+            .filter(|r| sh.file_of(r).is_none())
+            .copied()
+            .collect();
+        for r in &private {
+            sh.uffd.unregister(r.host_addr, r.len)?;
+        }
+        let res = runs
+            .iter()
+            .try_for_each(|&(gpa, len)| self.drop_unregistered(gpa, len));
+        for r in &private {
+            sh.uffd
+                .register(r.host_addr, r.len, UFFDIO_REGISTER_MODE_MISSING)
+                .map_err(|source| PagingError::Register {
+                    gpa: r.gpa,
+                    len: r.len,
+                    host: r.host_addr,
+                    source,
+                })?;
+        }
+        res
+    }
+
+    /// One run of [`Self::drop_runs_quiet`]: private memory with the userfaultfd unregistered.
+    fn drop_unregistered(&self, gpa: u64, len: u64) -> Result<(), PagingError> {
+        let sh = &self.shared;
+        let region = self.check_range(gpa, len)?;
+        if sh.file_of(&region).is_some() {
+            return self.reclaim(gpa, len).map(|_| ());
+        }
+        let host = region.host_addr + (gpa - region.gpa);
+        let end = gpa + len;
+        let zapped = sh.s2.invalidate_range_start(gpa..end);
+        // SAFETY: [host, host+len) lies inside a guest RAM mapping this pager owns (checked
+        // above); dropping its pages is what the caller asked for, and the guest sees zeroes
+        // (or, on its next touch once registered again, a MISSING fault).
+        let ret =
+            unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+        let drop_err = (ret != 0).then(io::Error::last_os_error);
+        sh.s2.invalidate_range_end(gpa..end);
+        if let Some(source) = drop_err {
+            return Err(PagingError::Drop { gpa, len, source });
+        }
+        let c = &sh.counters;
+        inc(&c.reclaims);
+        add(&c.reclaimed_bytes, len);
+        add(&c.zapped, zapped as u64);
+        Ok(())
     }
 
     /// Drops the host memory of `[gpa, gpa+len)` and tells stage2, like the host's mmu notifier:

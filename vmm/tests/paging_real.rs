@@ -672,3 +672,51 @@ fn dirty_log_makes_the_next_write_after_each_harvest_fault_once() {
     ));
     pager.stop();
 }
+
+/// A quiet batch drop (the postcopy switch's): every run's host pages and stage2 leaves go,
+/// no REMOVE event is raised for them, the pages between runs keep their data, and the range
+/// is registered again after the batch: a touch of a dropped page is a pager fault that fills
+/// a fresh zero page.
+#[test]
+fn quiet_batch_drop_drops_every_run_without_events_and_stays_registered() {
+    let Some(ram) = Ram::new(GIB, false) else {
+        return;
+    };
+    let ram = Arc::new(ram);
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 1)).unwrap();
+    const PAGES: u64 = 64;
+    for i in 0..PAGES {
+        ram.write(i * PAGE + 8, 0x7700 + i);
+    }
+    // Every other pair of pages: 16 runs of 2 pages (more than the batch threshold).
+    let runs: Vec<(u64, u64)> = (0..PAGES / 4).map(|k| (k * 4 * PAGE, 2 * PAGE)).collect();
+    let before = pager.stats();
+    pager.drop_runs_quiet(&runs).unwrap();
+    let mid = pager.stats();
+    assert_eq!(mid.reclaims, before.reclaims + runs.len() as u64, "{mid}");
+    assert_eq!(mid.own_removes, before.own_removes, "no REMOVE event: {mid}");
+    assert_eq!(mid.external_invalidations, 0, "{mid}");
+    for i in 0..PAGES {
+        let a = i * PAGE;
+        let dropped = (i % 4) < 2;
+        assert_eq!(!ram.present(a), dropped, "host page {a:#x}");
+        assert_eq!(
+            pager.stage2().translate(a, Access::Read).is_err(),
+            dropped,
+            "stage2 leaf {a:#x}"
+        );
+        if !dropped {
+            assert_eq!(ram.read(a + 8), 0x7700 + i, "kept page {a:#x}");
+        }
+    }
+    // Registered again: touching a dropped page is a MISSING fault the pager fills.
+    for (gpa, _) in &runs {
+        assert_eq!(ram.read(gpa + 8), 0, "fresh zero page at {gpa:#x}");
+    }
+    let after = pager.stats();
+    assert!(
+        after.events_missing >= mid.events_missing + runs.len() as u64,
+        "every dropped page came back through the pager: {after}"
+    );
+    pager.stop();
+}

@@ -22,4 +22,8 @@ impl RamPager for Pager {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
+
+    fn discard_all(&self, runs: &[(u64, u64)]) -> Result<(), String> {
+        self.drop_runs_quiet(runs).map_err(|e| e.to_string())
+    }
 }

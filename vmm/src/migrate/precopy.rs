@@ -622,9 +622,15 @@ pub fn receive(
                 };
                 let set = owed.get_or_insert_with(|| PageSet::new(&ram_regions, p.host_page()));
                 let t = Instant::now();
+                let mut drops = Vec::new();
                 for (gpa, count) in discard_runs(runs) {
-                    discard(p, set, gpa, count, &mut switch.drop_calls)?;
+                    stale_runs(p, set, gpa, count, &mut drops)?;
                 }
+                switch.drop_calls += drops.len() as u64;
+                // Nothing runs on this side yet: the pager may drop them all without an
+                // event per run.
+                p.discard_all(&drops)
+                    .map_err(|e| RamError::Pager(format!("dropping stale copies: {e}")))?;
                 switch.drop_time += t.elapsed();
             }
             Chunk::Postcopy => break true,
@@ -675,14 +681,15 @@ pub fn receive(
 }
 
 /// Postcopy switch on the destination: the pages of `[gpa, gpa + count pages)` are stale
-/// here; their host pages join `owed` and any copy here is dropped (consecutive ones at once;
-/// a run never spans two RAM regions: the source splits runs at region ends).
-fn discard(
+/// here; their host pages join `owed`, and the runs of them that have a copy here are added
+/// to `drops` (consecutive ones as one run; a run never spans two RAM regions: the source
+/// splits runs at region ends).
+fn stale_runs(
     p: &dyn RamPager,
     owed: &mut PageSet,
     gpa: u64,
     count: u32,
-    calls: &mut u64,
+    drops: &mut Vec<(u64, u64)>,
 ) -> Result<(), MigrateError> {
     let host = p.host_page();
     let end = gpa
@@ -692,29 +699,17 @@ fn discard(
             len: u64::from(count),
         })?;
     let mut at = gpa / host * host;
-    let mut drop_run: Option<(u64, u64)> = None;
-    let mut flush = |run: Option<(u64, u64)>| -> Result<(), MigrateError> {
-        if let Some((s, e)) = run {
-            p.discard(s, e - s)
-                .map_err(|e| RamError::Pager(format!("dropping stale {s:#x}: {e}")))?;
-            *calls += 1;
-        }
-        Ok(())
-    };
     while at < end {
         owed.insert(at);
         if p.is_populated(at) {
-            drop_run = match drop_run {
-                Some((s, e)) if e == at => Some((s, at + host)),
-                run => {
-                    flush(run)?;
-                    Some((at, at + host))
-                }
-            };
+            match drops.last_mut() {
+                Some((s, len)) if *s + *len == at => *len += host,
+                _ => drops.push((at, host)),
+            }
         }
         at += host;
     }
-    flush(drop_run)
+    Ok(())
 }
 
 /// Restores the received state into a fresh VM and its (not yet running) vCPUs.

@@ -39,6 +39,13 @@ pub trait RamPager: Send + Sync {
     fn place(&self, gpa: u64, data: &[u8]) -> Result<bool, String>;
     /// Drops the host pages of `[gpa, gpa+len)` (whole host pages) so the next access faults.
     fn discard(&self, gpa: u64, len: u64) -> Result<(), String>;
+    /// Drops every `(gpa, len)` run, with nothing else touching guest RAM meanwhile (a
+    /// postcopy destination at its switch): [`crate::paging::Pager`] does it without a
+    /// userfaultfd event per run. By default, run by run.
+    fn discard_all(&self, runs: &[(u64, u64)]) -> Result<(), String> {
+        runs.iter()
+            .try_for_each(|&(gpa, len)| self.discard(gpa, len))
+    }
 }
 
 /// Sends guest memory with one reusable 1 MiB buffer (no per-page allocation).
