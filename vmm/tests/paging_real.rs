@@ -694,7 +694,10 @@ fn quiet_batch_drop_drops_every_run_without_events_and_stays_registered() {
     pager.drop_runs_quiet(&runs).unwrap();
     let mid = pager.stats();
     assert_eq!(mid.reclaims, before.reclaims + runs.len() as u64, "{mid}");
-    assert_eq!(mid.own_removes, before.own_removes, "no REMOVE event: {mid}");
+    assert_eq!(
+        mid.own_removes, before.own_removes,
+        "no REMOVE event: {mid}"
+    );
     assert_eq!(mid.external_invalidations, 0, "{mid}");
     for i in 0..PAGES {
         let a = i * PAGE;
