@@ -1818,6 +1818,31 @@ struct Deferred {
 }
 
 /// Result of a host fill.
+/// Sorts the result of a fill ioctl (COPY, ZEROPAGE, CONTINUE of the faulting block) into
+/// the outcomes every fill shares, counting them: `Ok(Ok(bytes))` filled, possibly in part
+/// (the run stopped at a present page or a pending event; the faulting page is first, so it is
+/// filled and the rest stays for their own faults); `Ok(Err(Present))` another handler filled
+/// it (`install` wakes our vCPU); `Ok(Err(Pending))` a REMOVE/UNMAP is pending, nothing done.
+/// Any other error is the caller's to judge.
+fn fill_race(c: &Counters, r: Result<u64, UffdError>) -> Result<Result<u64, Fill>, UffdError> {
+    match r {
+        Ok(n) => Ok(Ok(n)),
+        Err(UffdError::Again { done, .. }) if done > 0 => {
+            inc(&c.eagain);
+            Ok(Ok(done))
+        }
+        Err(UffdError::Exists { .. }) => {
+            inc(&c.eexist);
+            Ok(Err(Fill::Present))
+        }
+        Err(UffdError::Again { .. }) => {
+            inc(&c.eagain);
+            Ok(Err(Fill::Pending))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 enum Fill {
     /// `bytes` from the block start were filled (the faulting page first); nobody woken yet.
     Filled { bytes: u64 },
@@ -2151,20 +2176,9 @@ impl Handler {
         } else {
             UFFDIO_CONTINUE_MODE_DONTWAKE
         };
-        let bytes = match sh.uffd.continue_(hva, page, mode) {
-            Ok(n) => n,
-            Err(UffdError::Again { done, .. }) if done > 0 => {
-                inc(&c.eagain);
-                done
-            }
-            Err(UffdError::Exists { .. }) => {
-                inc(&c.eexist);
-                return Fill::Present;
-            }
-            Err(UffdError::Again { .. }) => {
-                inc(&c.eagain);
-                return Fill::Pending;
-            }
+        let bytes = match fill_race(c, sh.uffd.continue_(hva, page, mode)) {
+            Ok(Ok(n)) => n,
+            Ok(Err(race)) => return race,
             // The page left the file since the fault (a hole was punched): the vCPU's next
             // access is a MISSING fault.
             Err(UffdError::Ioctl { ref source, .. })
@@ -2346,23 +2360,9 @@ impl Handler {
             };
             (len, r)
         };
-        let bytes = match result {
-            Ok(n) => n,
-            // Part done: the run stopped at a present page or a pending event. The faulting
-            // page is first, so it is filled; the rest stays for their own faults.
-            Err(UffdError::Again { done, .. }) if done > 0 => {
-                inc(&c.eagain);
-                done
-            }
-            Err(UffdError::Exists { .. }) => {
-                // Another handler filled it; `install` wakes our vCPU.
-                inc(&c.eexist);
-                return Fill::Present;
-            }
-            Err(UffdError::Again { .. }) => {
-                inc(&c.eagain);
-                return Fill::Pending;
-            }
+        let bytes = match fill_race(c, result) {
+            Ok(Ok(n)) => n,
+            Ok(Err(race)) => return race,
             Err(e) => {
                 // Waking the vCPU would only make it fault again on the same page, forever:
                 // a page the host cannot give is fatal to the VM, as a SIGBUS would be.
