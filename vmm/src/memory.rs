@@ -374,6 +374,22 @@ fn check_pool(backing: BackingKind, size: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// `--hugepages auto`: `huge` (2 MiB hugetlbfs) when `size` is a whole number of 2 MiB pages
+/// and the free pool covers it, else `fallback`; says which, naming `what` is backed.
+fn resolve_auto(size: u64, huge: BackingKind, fallback: BackingKind, what: &str) -> BackingKind {
+    let resolved =
+        if size.is_multiple_of(SZ_2M) && pool_available(huge).unwrap_or(0) >= size / SZ_2M {
+            huge
+        } else {
+            fallback
+        };
+    info!(
+        "--hugepages auto: backing {} of {what} with {resolved}",
+        human(size)
+    );
+    resolved
+}
+
 /// Bytes one prefault worker populates at a time.
 const PREFAULT_PART: u64 = 64 << 20;
 
@@ -385,33 +401,14 @@ impl GuestRam {
             return Err(MemoryError::Empty);
         }
         let backing = match backing {
-            BackingKind::SharedAuto => {
-                let resolved = if size.is_multiple_of(SZ_2M)
-                    && pool_available(BackingKind::Shared2M).unwrap_or(0) >= size / SZ_2M
-                {
-                    BackingKind::Shared2M
-                } else {
-                    BackingKind::Shared4K
-                };
-                info!(
-                    "--hugepages auto: backing {} of shared guest RAM with {resolved}",
-                    human(size)
-                );
-                resolved
-            }
+            BackingKind::SharedAuto => resolve_auto(
+                size,
+                BackingKind::Shared2M,
+                BackingKind::Shared4K,
+                "shared guest RAM",
+            ),
             BackingKind::Auto => {
-                let resolved = if size.is_multiple_of(SZ_2M)
-                    && pool_available(BackingKind::Hugetlb2M).unwrap_or(0) >= size / SZ_2M
-                {
-                    BackingKind::Hugetlb2M
-                } else {
-                    BackingKind::Thp
-                };
-                info!(
-                    "--hugepages auto: backing {} of guest RAM with {resolved}",
-                    human(size)
-                );
-                resolved
+                resolve_auto(size, BackingKind::Hugetlb2M, BackingKind::Thp, "guest RAM")
             }
             b => b,
         };
