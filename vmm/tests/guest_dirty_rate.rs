@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use guest_tests::params::dirty_rate_mb_s;
 use guest_util::{kvm_or_skip, serial, vmm_guest, Run};
-use serde_json::Value;
 
 /// Small guest: the rate, not the size, is under test.
 const SMALL: [&str; 8] = [
@@ -100,72 +99,27 @@ const SLOW_CPU_SHARE: f64 = 0.25;
 /// A rate low enough that each vCPU waits about 1 ms between writes (2 vCPUs).
 const SLOW_RATE: u64 = 8;
 
-/// Runs `vmm` with `args` and `--stats-json`, and returns the run with the CPU time
-/// (user + system, seconds) of the vmm process and all its threads, from `wait4`.
-fn run_with_cpu_time(tag: &str, args: &[&str]) -> (Run, f64) {
-    let stats = std::env::temp_dir().join(format!("vmm-guest-{}-{tag}.json", std::process::id()));
-    let _ = std::fs::remove_file(&stats);
-    let t = Instant::now();
-    // Reaped with wait4 below rather than Child::wait: wait4 also returns its rusage.
-    #[allow(clippy::zombie_processes)]
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(args)
-        .args([
-            "--log-level",
-            "warn",
-            "--guest-timeout",
-            "300",
-            "--stats-json",
-        ])
-        .arg(&stats)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm");
-    let mut stdout = String::new();
-    let mut err_pipe = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut err_pipe, &mut s).unwrap();
-        s
-    });
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
-    let stderr = err_reader.join().unwrap();
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
-    let mut status = 0;
+/// CPU time (user + system, seconds) of this process's reaped children so far.
+fn children_cpu_secs() -> f64 {
     // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our own unreaped child (the `Child` is never waited on), and both
-    // out-pointers point to live locals of the right types.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
-    let wall = t.elapsed();
+    // SAFETY: getrusage fills the live local `usage`.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    assert_eq!(r, 0, "getrusage: {}", std::io::Error::last_os_error());
     let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    let cpu = secs(usage.ru_utime) + secs(usage.ru_stime);
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
-    };
-    let doc = std::fs::read_to_string(&stats)
-        .ok()
-        .map(|s| serde_json::from_str::<Value>(&s).expect("stats JSON"));
-    let _ = std::fs::remove_file(&stats);
-    eprintln!(
-        "vmm {} -> exit {code} in {:.2} s, {cpu:.2} s CPU",
-        args.join(" "),
-        wall.as_secs_f64()
-    );
-    (
-        Run {
-            code,
-            stdout,
-            stderr,
-            wall,
-            stats: doc,
-        },
-        cpu,
-    )
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Runs `vmm` as [`vmm_guest`] does and returns the run with the CPU time (user + system,
+/// seconds) of the vmm process and all its threads: the growth of this process's reaped
+/// children's CPU time across the run. The other suites' guests hold [`serial`]; a child of a
+/// test that does not can only add to the figure, never hide a spinning guest.
+fn run_with_cpu_time(tag: &str, args: &[&str]) -> (Run, f64) {
+    let before = children_cpu_secs();
+    let run = vmm_guest(tag, args);
+    let cpu = children_cpu_secs() - before;
+    eprintln!("  {cpu:.2} s CPU");
+    (run, cpu)
 }
 
 /// Runs the 2-vCPU guest paced to `rate` MB/s and asserts that it writes at that rate and
