@@ -669,6 +669,41 @@ mod tests {
         }
     }
 
+    /// Data in pages 0, 1 and 5 (`page + 7` at offset 8); page 9 written but zero (populated,
+    /// read, found zero); the other pages of 16 never touched.
+    fn write_sample(mem: &GuestMemoryMmap) {
+        for page in [0u64, 1, 5] {
+            mem.write_obj(page + 7, GuestAddress(page * PAGE_BYTES + 8))
+                .unwrap();
+        }
+        mem.write_obj(0u64, GuestAddress(9 * PAGE_BYTES)).unwrap();
+    }
+
+    /// The chunks [`write_sample`]'s 16 pages go out as.
+    const SAMPLE_CHUNKS: [(&str, u64, u64); 6] = [
+        ("data", 0, 2),
+        ("zero", 2, 3),
+        ("data", 5, 1),
+        ("zero", 6, 3),
+        ("zero", 9, 1),
+        ("zero", 10, 6),
+    ];
+
+    /// Sends the first 16 pages of `mem`; returns the stream and the sender's counts.
+    fn send_sample(
+        mem: &GuestMemoryMmap,
+        pager: Option<&dyn RamPager>,
+        guest_paused: bool,
+    ) -> (Vec<u8>, RamSender) {
+        let mut w = StreamWriter::headless(Vec::new());
+        let mut s = RamSender::new();
+        s.guest_paused = guest_paused;
+        s.send_range(&mut w, mem, 0, 16 * PAGE_BYTES, pager)
+            .unwrap();
+        w.end().unwrap();
+        (w.into_inner().unwrap(), s)
+    }
+
     /// The 4 KiB pages among the first `pages` of `mem` that the host has.
     fn resident_pages(mem: &GuestMemoryMmap, pages: u64) -> Vec<u64> {
         let res = Residency::of(mem, 0, pages * PAGE_BYTES).unwrap();
@@ -697,29 +732,10 @@ mod tests {
     #[test]
     fn untouched_pages_are_sent_as_zeroes_without_reading_them() {
         let p = fake(16, PAGE_BYTES);
-        for page in [0u64, 1, 5] {
-            p.mem
-                .write_obj(page + 7, GuestAddress(page * PAGE_BYTES))
-                .unwrap();
-        }
         // Page 9 is populated but holds zeroes: read, found zero, sent as a zero run.
-        p.mem.write_obj(0u64, GuestAddress(9 * PAGE_BYTES)).unwrap();
-        let mut w = StreamWriter::headless(Vec::new());
-        let mut s = RamSender::new();
-        s.send_range(&mut w, &p.mem, 0, 16 * PAGE_BYTES, Some(&p))
-            .unwrap();
-        w.end().unwrap();
-        assert_eq!(
-            chunks(&w.into_inner().unwrap()),
-            vec![
-                ("data", 0, 2),
-                ("zero", 2, 3),
-                ("data", 5, 1),
-                ("zero", 6, 3),
-                ("zero", 9, 1),
-                ("zero", 10, 6)
-            ]
-        );
+        write_sample(&p.mem);
+        let (bytes, _) = send_sample(&p.mem, Some(&p), false);
+        assert_eq!(chunks(&bytes), SAMPLE_CHUNKS);
         let resident = resident_pages(&p.mem, 16);
         assert_eq!(resident, vec![0, 1, 5, 9], "nothing else was faulted in");
     }
@@ -730,42 +746,14 @@ mod tests {
     #[test]
     fn private_memory_without_a_pager_sends_data_runs_only() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap();
-        for page in [0u64, 1, 5] {
-            mem.write_obj(page + 7, GuestAddress(page * PAGE_BYTES + 8))
-                .unwrap();
-        }
-        // Populated, but zero: tested in place and sent as a zero run.
-        mem.write_obj(0u64, GuestAddress(9 * PAGE_BYTES)).unwrap();
-        let mut w = StreamWriter::headless(Vec::new());
-        let mut s = RamSender::new();
-        s.send_range(&mut w, &mem, 0, 16 * PAGE_BYTES, None)
-            .unwrap();
-        w.end().unwrap();
-        let bytes = w.into_inner().unwrap();
-        assert_eq!(
-            chunks(&bytes),
-            vec![
-                ("data", 0, 2),
-                ("zero", 2, 3),
-                ("data", 5, 1),
-                ("zero", 6, 3),
-                ("zero", 9, 1),
-                ("zero", 10, 6)
-            ]
-        );
+        // Page 9 is populated, but zero: tested in place and sent as a zero run.
+        write_sample(&mem);
+        let (bytes, s) = send_sample(&mem, None, false);
+        assert_eq!(chunks(&bytes), SAMPLE_CHUNKS);
         assert_eq!((s.data_pages, s.zero_pages), (3, 13));
         // With the guest paused the data goes straight from guest memory: the same stream.
-        let mut w2 = StreamWriter::headless(Vec::new());
-        let mut s2 = RamSender::new();
-        s2.guest_paused = true;
-        s2.send_range(&mut w2, &mem, 0, 16 * PAGE_BYTES, None)
-            .unwrap();
-        w2.end().unwrap();
-        assert_eq!(
-            w2.into_inner().unwrap(),
-            bytes,
-            "paused and running streams differ"
-        );
+        let (paused, _) = send_sample(&mem, None, true);
+        assert_eq!(paused, bytes, "paused and running streams differ");
         let resident = resident_pages(&mem, 16);
         assert_eq!(resident, vec![0, 1, 5, 9], "nothing else was faulted in");
 
