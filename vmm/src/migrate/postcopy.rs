@@ -540,7 +540,7 @@ impl PostcopyTarget {
     ) -> Result<TargetFigures, MigrateError> {
         let owed_at_start = self.owed();
         // The destination's guest runs meanwhile: its vCPUs must not starve this thread.
-        let _boost = super::precopy::SenderPriority::raise();
+        let _boost = super::precopy::MigrationPriority::raise();
         // A truncated stream here is not the precopy case ("the source keeps running"): the
         // source has handed the guest over.
         let res = self.receive_inner(&mut r).map_err(|e| match e {

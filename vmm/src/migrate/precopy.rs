@@ -224,7 +224,7 @@ pub fn send(
         h.track(tracker.vmm_writes().clone());
     }
     let mut paused = false;
-    let _boost = SenderPriority::raise();
+    let _boost = MigrationPriority::raise();
     let res = rounds(src, cfg, &tracker, &mut w, &mut paused, back, dest, started);
     if let Some(h) = src.host_changes {
         h.finish(matches!(res, Ok(_) | Err(MigrateError::PostcopyLost(_))));
@@ -252,17 +252,17 @@ pub fn send(
 /// run: with more vCPUs than host cores (or vCPUs that spin) the guest would otherwise take
 /// most of the CPU from them and no round would catch up (on one host, the source's vCPUs
 /// compete with the destination's receiver too). A nice value (getpriority(2)), lower = more.
-const SENDER_NICE: libc::c_int = -10;
+const MIGRATION_NICE: libc::c_int = -10;
 
 /// A migration thread's raised priority; the old one is put back on drop. Without the right
 /// to raise it (not root, no CAP_SYS_NICE) the migration runs at the normal priority.
-pub(super) struct SenderPriority {
+pub(super) struct MigrationPriority {
     tid: libc::id_t,
     old: libc::c_int,
 }
 
-impl SenderPriority {
-    pub(super) fn raise() -> Option<SenderPriority> {
+impl MigrationPriority {
+    pub(super) fn raise() -> Option<MigrationPriority> {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() } as libc::id_t;
         // SAFETY: getpriority/setpriority on this thread's own id; errno is checked.
@@ -272,19 +272,19 @@ impl SenderPriority {
             if old == -1 && *libc::__errno_location() != 0 {
                 return None;
             }
-            if libc::setpriority(libc::PRIO_PROCESS, tid, SENDER_NICE) != 0 {
+            if libc::setpriority(libc::PRIO_PROCESS, tid, MIGRATION_NICE) != 0 {
                 log::debug!(
                     "migration thread stays at nice {old}: {}",
                     std::io::Error::last_os_error()
                 );
                 return None;
             }
-            Some(SenderPriority { tid, old })
+            Some(MigrationPriority { tid, old })
         }
     }
 }
 
-impl Drop for SenderPriority {
+impl Drop for MigrationPriority {
     fn drop(&mut self) {
         // SAFETY: as in `raise`, on the same thread id.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid, self.old) };
@@ -557,7 +557,7 @@ pub fn receive(
     pager: Option<&dyn RamPager>,
 ) -> Result<Incoming, MigrateError> {
     let conn = listener.accept()?;
-    let _boost = SenderPriority::raise();
+    let _boost = MigrationPriority::raise();
     let input = conn
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;
