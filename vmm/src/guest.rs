@@ -166,7 +166,7 @@ pub struct GuestArgs {
     pub no_demand_paging: bool,
     /// Populate all of guest RAM before the guest runs (an --incoming destination: before
     /// it listens), like QEMU's -mem-prealloc: no host page faults later, at the cost of the
-    /// time (about 0.25 s per GiB of huge pages here) and the memory up front. Needs
+    /// time (0.47-0.57 s for 4 GiB of 2 MiB pages here) and the memory up front. Needs
     /// --no-demand-paging (the pager populates RAM itself, page by page).
     #[arg(long)]
     pub prefault: bool,
