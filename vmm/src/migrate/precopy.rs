@@ -12,7 +12,7 @@ use log::info;
 use vm_memory::GuestMemoryMmap;
 
 use super::postcopy::{self, DestInfo, PageSet};
-use super::ram::{RamError, RamPager, RamReceiver, RamSender};
+use super::ram::{RamError, RamPager, RamReceiver, RamSender, ResidencyCursor};
 use super::state::{
     complete_pending_io, restore_vcpu, restore_vm, save_vcpu, save_vm, SerialRegs, StateError,
     VcpuCaps, VcpuState, VmState,
@@ -623,8 +623,9 @@ pub fn receive(
                 let set = owed.get_or_insert_with(|| PageSet::new(&ram_regions, p.host_page()));
                 let t = Instant::now();
                 let mut drops = Vec::new();
+                let mut res = ResidencyCursor::new(mem);
                 for (gpa, count) in discard_runs(runs) {
-                    stale_runs(p, set, gpa, count, &mut drops)?;
+                    stale_runs(p.host_page(), &mut res, set, gpa, count, &mut drops)?;
                 }
                 switch.drop_calls += drops.len() as u64;
                 // Nothing runs on this side yet: the pager may drop them all without an
@@ -683,15 +684,15 @@ pub fn receive(
 /// Postcopy switch on the destination: the pages of `[gpa, gpa + count pages)` are stale
 /// here; their host pages join `owed`, and the runs of them that have a copy here are added
 /// to `drops` (consecutive ones as one run; a run never spans two RAM regions: the source
-/// splits runs at region ends).
+/// splits runs at region ends). `res` tells which host pages have a copy here.
 fn stale_runs(
-    p: &dyn RamPager,
+    host: u64,
+    res: &mut ResidencyCursor,
     owed: &mut PageSet,
     gpa: u64,
     count: u32,
     drops: &mut Vec<(u64, u64)>,
 ) -> Result<(), MigrateError> {
-    let host = p.host_page();
     let end = gpa
         .checked_add(u64::from(count) * PAGE_SIZE as u64)
         .ok_or(RamError::OutOfRange {
@@ -701,7 +702,7 @@ fn stale_runs(
     let mut at = gpa / host * host;
     while at < end {
         owed.insert(at);
-        if p.is_populated(at) {
+        if res.populated(at)? {
             match drops.last_mut() {
                 Some((s, len)) if *s + *len == at => *len += host,
                 _ => drops.push((at, host)),
