@@ -191,7 +191,8 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         self.inv.bump();
         let found = {
             let mut l = self.inv.ranges();
-            match l.iter().position(|x| *x == r) {
+            // From the back: nested invalidations end in reverse order of their starts.
+            match l.iter().rposition(|x| *x == r) {
                 Some(i) => {
                     l.swap_remove(i);
                     true

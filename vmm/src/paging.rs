@@ -137,7 +137,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 use std::thread::JoinHandle;
@@ -909,6 +909,100 @@ impl Shared {
 /// (two ioctls per region) instead of dropping run by run.
 const QUIET_DROP_MIN_RUNS: usize = 8;
 
+/// Runs per `process_madvise` call of [`Pager::drop_runs_quiet`] (the kernel's limit on the
+/// iovec count, UIO_MAXIOV).
+const DROP_BATCH: usize = 1024;
+
+/// A run of guest RAM to drop, with its host address.
+struct HostRun {
+    gpa: u64,
+    len: u64,
+    host: u64,
+}
+
+/// Whether `process_madvise(MADV_DONTNEED)` on this process failed as unsupported once (a
+/// kernel before 6.13 allows it only for a few other advices): then every batch drops run by
+/// run.
+static PROCESS_MADVISE_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// A pidfd of this process, for `process_madvise`; None where pidfds are not available.
+fn own_pidfd() -> Option<OwnedFd> {
+    if PROCESS_MADVISE_UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; it touches
+    // no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned by pidfd_open, so it is an open descriptor owned by no
+    // one else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Drops the host pages of every run in `batch` (MADV_DONTNEED): with one `process_madvise`
+/// call on this process where the kernel takes it (6.13 and later; since 6.16 it also flushes
+/// the TLB once for the whole call instead of once per range), else one `madvise` per run.
+/// A partial or failed `process_madvise` is redone run by run, which names the run that fails.
+fn drop_host_runs(batch: &[HostRun], pidfd: Option<&OwnedFd>) -> Result<(), PagingError> {
+    if let Some(pidfd) = pidfd {
+        let iov: Vec<libc::iovec> = batch
+            .iter()
+            .map(|r| libc::iovec {
+                iov_base: r.host as *mut libc::c_void,
+                iov_len: r.len as usize,
+            })
+            .collect();
+        let total: u64 = batch.iter().map(|r| r.len).sum();
+        // SAFETY: every iovec names host memory of a guest RAM mapping this pager owns (the
+        // caller checked each run against the regions), which the caller wants dropped; the
+        // kernel only reads `iov`, which outlives the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_process_madvise,
+                pidfd.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len(),
+                libc::MADV_DONTNEED,
+                0,
+            )
+        };
+        if ret >= 0 && ret as u64 == total {
+            return Ok(());
+        }
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::EINVAL | libc::EPERM)
+            ) {
+                PROCESS_MADVISE_UNSUPPORTED.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    for r in batch {
+        // SAFETY: [host, host+len) lies inside a guest RAM mapping this pager owns (checked by
+        // the caller); dropping its pages is what the caller asked for, and the guest sees
+        // zeroes (or, on its next touch once registered again, a MISSING fault).
+        let ret = unsafe {
+            libc::madvise(
+                r.host as *mut libc::c_void,
+                r.len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if ret != 0 {
+            return Err(PagingError::Drop {
+                gpa: r.gpa,
+                len: r.len,
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The demand pager: owns the userfaultfd, the handler threads and the stage2 engine.
 ///
 /// The host memory must outlive the pager: stop (or drop) the pager before unmapping guest RAM.
@@ -1180,9 +1274,7 @@ impl Pager {
         for r in &private {
             sh.uffd.unregister(r.host_addr, r.len)?;
         }
-        let res = runs
-            .iter()
-            .try_for_each(|&(gpa, len)| self.drop_unregistered(gpa, len));
+        let res = self.drop_unregistered(runs);
         for r in &private {
             sh.uffd
                 .register(r.host_addr, r.len, UFFDIO_REGISTER_MODE_MISSING)
@@ -1196,29 +1288,51 @@ impl Pager {
         res
     }
 
-    /// One run of [`Self::drop_runs_quiet`]: private memory with the userfaultfd unregistered.
-    fn drop_unregistered(&self, gpa: u64, len: u64) -> Result<(), PagingError> {
+    /// The runs of [`Self::drop_runs_quiet`], private memory with the userfaultfd unregistered
+    /// (runs on shared memory go through [`Self::reclaim`]): [`DROP_BATCH`] runs at a time are
+    /// bracketed in stage2 together and dropped by one `process_madvise` ([`drop_host_runs`]).
+    fn drop_unregistered(&self, runs: &[(u64, u64)]) -> Result<(), PagingError> {
         let sh = &self.shared;
-        let region = self.check_range(gpa, len)?;
-        if sh.file_of(&region).is_some() {
-            return self.reclaim(gpa, len).map(|_| ());
+        let pidfd = own_pidfd();
+        let mut batch = Vec::with_capacity(DROP_BATCH.min(runs.len()));
+        for &(gpa, len) in runs {
+            let region = self.check_range(gpa, len)?;
+            if sh.file_of(&region).is_some() {
+                self.reclaim(gpa, len)?;
+                continue;
+            }
+            batch.push(HostRun {
+                gpa,
+                len,
+                host: region.host_addr + (gpa - region.gpa),
+            });
+            if batch.len() == DROP_BATCH {
+                self.drop_batch(&batch, pidfd.as_ref())?;
+                batch.clear();
+            }
         }
-        let host = region.host_addr + (gpa - region.gpa);
-        let end = gpa + len;
-        let zapped = sh.s2.invalidate_range_start(gpa..end);
-        // SAFETY: [host, host+len) lies inside a guest RAM mapping this pager owns (checked
-        // above); dropping its pages is what the caller asked for, and the guest sees zeroes
-        // (or, on its next touch once registered again, a MISSING fault).
-        let ret =
-            unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
-        let drop_err = (ret != 0).then(io::Error::last_os_error);
-        sh.s2.invalidate_range_end(gpa..end);
-        if let Some(source) = drop_err {
-            return Err(PagingError::Drop { gpa, len, source });
+        if batch.is_empty() {
+            return Ok(());
         }
+        self.drop_batch(&batch, pidfd.as_ref())
+    }
+
+    /// One batch of [`Self::drop_unregistered`]: every run's stage2 invalidation starts, the
+    /// host pages go, then the invalidations end (last started, first ended).
+    fn drop_batch(&self, batch: &[HostRun], pidfd: Option<&OwnedFd>) -> Result<(), PagingError> {
+        let sh = &self.shared;
+        let zapped: usize = batch
+            .iter()
+            .map(|r| sh.s2.invalidate_range_start(r.gpa..r.gpa + r.len))
+            .sum();
+        let res = drop_host_runs(batch, pidfd);
+        for r in batch.iter().rev() {
+            sh.s2.invalidate_range_end(r.gpa..r.gpa + r.len);
+        }
+        res?;
         let c = &sh.counters;
-        inc(&c.reclaims);
-        add(&c.reclaimed_bytes, len);
+        add(&c.reclaims, batch.len() as u64);
+        add(&c.reclaimed_bytes, batch.iter().map(|r| r.len).sum());
         add(&c.zapped, zapped as u64);
         Ok(())
     }

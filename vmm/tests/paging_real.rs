@@ -684,11 +684,12 @@ fn quiet_batch_drop_drops_every_run_without_events_and_stays_registered() {
     };
     let ram = Arc::new(ram);
     let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 1)).unwrap();
-    const PAGES: u64 = 64;
+    // 1100 runs: more than one batch of the pager's drop (1024 runs per process_madvise).
+    const PAGES: u64 = 4 * 1100;
     for i in 0..PAGES {
         ram.write(i * PAGE + 8, 0x7700 + i);
     }
-    // Every other pair of pages: 16 runs of 2 pages (more than the batch threshold).
+    // Every other pair of pages: runs of 2 pages.
     let runs: Vec<(u64, u64)> = (0..PAGES / 4).map(|k| (k * 4 * PAGE, 2 * PAGE)).collect();
     let before = pager.stats();
     pager.drop_runs_quiet(&runs).unwrap();
