@@ -202,7 +202,9 @@ pub struct GuestArgs {
     /// demand paging). Source only.
     #[arg(long, value_name = "MODE")]
     pub dirty_mode: Option<String>,
-    /// Switch to postcopy after N precopy rounds (1 = right after the full pass): the guest
+    /// Switch to postcopy after N precopy rounds (1 = right after the full pass) and one
+    /// discard round (the destination drops its stale copies while the guest still runs
+    /// here): the guest
     /// runs on the destination at once, pages it touches that are still on the source come
     /// on demand, the rest is pushed in the background. Needs demand paging on the
     /// destination. Once the destination runs the guest there is no way back: if the
@@ -571,10 +573,13 @@ pub fn run_on(
                 inc.placed,
                 match &inc.postcopy {
                     Some(pc) => format!(
-                        "; postcopy: {} host pages of {} still on the source, stale copies \
-                         dropped with {} calls in {:.1} ms",
+                        "; postcopy: {} host pages of {} still on the source; stale copies \
+                         dropped: {} runs in {:.1} ms before the source paused, {} runs in \
+                         {:.1} ms at the switch",
                         pc.owed.len(),
                         human(pc.owed.host_page()),
+                        pc.switch.early_drop_calls,
+                        pc.switch.early_drop_time.as_secs_f64() * 1e3,
                         pc.switch.drop_calls,
                         pc.switch.drop_time.as_secs_f64() * 1e3
                     ),

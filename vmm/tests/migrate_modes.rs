@@ -75,6 +75,17 @@ fn migrate_and_verify_on(
             dout.contains("faults served on demand"),
             "the destination's postcopy figures: {dout}"
         );
+        // The discard round dropped the stale copies of its dirty pages before the pause.
+        let discard = doc["rounds"].as_array().unwrap().last().unwrap().clone();
+        if discard["dirty_pages"].as_u64().unwrap() > 0 {
+            let early = dout
+                .split("stale copies dropped: ")
+                .nth(1)
+                .and_then(|t| t.split(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("the destination's drop figures: {dout}"));
+            assert!(early > 0, "runs dropped before the pause: {dout}");
+        }
     }
     Some(doc)
 }
@@ -89,8 +100,16 @@ fn check_precopy(doc: &serde_json::Value, mode: &str) {
 fn check_postcopy(doc: &serde_json::Value, mode: &str) {
     assert_eq!(doc["mode"], "postcopy", "{doc}");
     assert_eq!(doc["dirty_mode"], mode, "{doc}");
-    // --postcopy-after 2: the full pass and one dirty round, then the switch.
-    assert_eq!(doc["rounds"].as_array().unwrap().len(), 2, "{doc}");
+    // --postcopy-after 2: the full pass and one dirty round, then the discard round (no page
+    // data: 12 bytes per run and a chunk header or two), then the switch.
+    let rounds = doc["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3, "{doc}");
+    let discard = &rounds[2];
+    let runs_bytes = 12 * discard["dirty_pages"].as_u64().unwrap();
+    assert!(
+        discard["bytes"].as_u64().unwrap() <= runs_bytes + 256,
+        "the discard round carries no page data: {discard}"
+    );
     let pc = &doc["postcopy"];
     let moved = pc["requested_pages"].as_u64().unwrap() + pc["pushed_pages"].as_u64().unwrap();
     assert!(moved > 0, "pages moved after the switch: {doc}");
@@ -375,9 +394,10 @@ fn postcopy_kvm_ring_over_the_control_socket_passes() {
     assert_eq!(resp["ok"], true, "{resp}");
     assert_eq!(resp["migrate"]["mode"], "postcopy", "{resp}");
     assert_eq!(resp["migrate"]["dirty_mode"], "kvm-ring", "{resp}");
+    // The full pass and the discard round.
     assert_eq!(
         resp["migrate"]["rounds"].as_array().unwrap().len(),
-        1,
+        2,
         "{resp}"
     );
     let (scode, sout, serr) = finish(src, src_rx);

@@ -28,9 +28,6 @@ use crate::paging::PageSource;
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Most bytes the source pushes in one go before it looks at requests again.
 const PUSH_BATCH: u64 = 1 << 20;
-/// Gaps of up to this many bytes between owed host pages are owed as well (see
-/// [`PageSet::fill_gaps`]).
-const MAX_OWED_GAP_BYTES: u64 = 32 << 10;
 /// Interval of the source's postcopy progress line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const MB: f64 = 1_000_000.0;
@@ -156,23 +153,29 @@ impl PageSet {
             })
     }
 
-    /// Adds the host pages of every gap of at most `max_gap` host pages between two members
-    /// (within a region): fewer, longer runs for the price of a few more pages.
-    pub fn fill_gaps(&mut self, max_gap: u64) {
-        let members: Vec<u64> = self.iter().collect();
-        let page = self.host_page();
-        for pair in members.windows(2) {
-            let (a, b) = (pair[0], pair[1]);
-            let gap = (b - a) / page - 1;
-            if gap == 0 || gap > max_gap || self.slot(a).map(|s| s.0) != self.slot(b).map(|s| s.0) {
-                continue;
-            }
-            let mut at = a + page;
-            while at < b {
-                self.insert(at);
-                at += page;
+    /// Adds every member of `other` (a set over the same regions and host page size).
+    pub fn union_with(&mut self, other: &PageSet) {
+        self.combine(other, |a, b| a | b);
+    }
+
+    /// Removes every member of `other` (a set over the same regions and host page size).
+    pub fn remove_all(&mut self, other: &PageSet) {
+        self.combine(other, |a, b| a & !b);
+    }
+
+    fn combine(&mut self, other: &PageSet, f: impl Fn(u64, u64) -> u64) {
+        assert!(
+            self.regions == other.regions && self.shift == other.shift,
+            "page sets over different layouts"
+        );
+        let mut count = 0;
+        for (mine, theirs) in self.words.iter_mut().zip(&other.words) {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a = f(*a, *b);
+                count += u64::from(a.count_ones());
             }
         }
+        self.count = count;
     }
 
     /// Runs of consecutive host pages as (gpa, pages of 4 KiB), each at most `u32::MAX` pages.
@@ -247,6 +250,10 @@ pub struct PushOutcome {
 /// and device chunks) and the switch, then answers page requests first and pushes every
 /// remaining host page; ends the stream and waits for "all received". The guest is paused
 /// here and never resumes once the destination said it runs.
+///
+/// `dirty` holds the pages written since the last harvest; `discarded`, the host pages a
+/// discard round before the pause already took from the destination. Both are owed, but
+/// only the pages of `dirty` outside `discarded` are discarded now.
 #[allow(clippy::too_many_arguments)]
 pub fn push<W: Write>(
     w: &mut StreamWriter<W>,
@@ -255,16 +262,21 @@ pub fn push<W: Write>(
     mem: &GuestMemoryMmap,
     regions: &[(u64, u64)],
     dirty: &DirtyBitmap,
+    discarded: Option<&PageSet>,
     pager: Option<&dyn RamPager>,
     state: impl FnOnce(&mut StreamWriter<W>) -> Result<(), MigrateError>,
 ) -> Result<PushOutcome, MigrateError> {
     let mut owed = PageSet::of_dirty(dirty, regions, dest.host_page);
-    // The destination drops its stale copies run by run; short gaps between them are owed
-    // too (the source's copy is as good), which saves drops on small host pages.
-    owed.fill_gaps(MAX_OWED_GAP_BYTES / dest.host_page);
-    let total = owed.len();
     let switch_at = Instant::now();
+    // Pages discarded before the pause have no copy there any more, written since or not.
+    if let Some(early) = discarded {
+        owed.remove_all(early);
+    }
     w.discard(&owed.runs())?;
+    if let Some(early) = discarded {
+        owed.union_with(early);
+    }
+    let total = owed.len();
     state(w)?;
     w.postcopy()?;
     // From here on the destination may run the guest: no error lets the source resume.
@@ -788,21 +800,35 @@ mod tests {
     }
 
     #[test]
-    fn short_gaps_are_filled_within_a_region_only() {
-        let regions = [(0u64, 1 << 20), (1 << 20, 1 << 20)];
-        let mut s = PageSet::new(&regions, PAGE);
-        for p in [0u64, 3, 10, 255, 256] {
-            s.insert(p * PAGE);
+    fn union_and_removal_keep_members_and_count() {
+        let regions = [(0u64, 1 << 20), (4 << 30, 1 << 20)];
+        let mut a = PageSet::new(&regions, PAGE);
+        let mut b = PageSet::new(&regions, PAGE);
+        for p in [0u64, 3, 64, 200] {
+            a.insert(p * PAGE);
         }
-        s.fill_gaps(2);
-        // 0..=3 joined (gap 2), 3..10 not (gap 6); 255 and 256 touch but lie in two
-        // regions: two runs (a drop never spans regions).
+        for p in [3u64, 65, 255] {
+            b.insert(p * PAGE);
+        }
+        b.insert(4 << 30);
+        let mut u = a.clone();
+        u.union_with(&b);
+        assert_eq!(u.len(), 7);
         assert_eq!(
-            s.runs(),
-            vec![(0, 4), (10 * PAGE, 1), (255 * PAGE, 1), (256 * PAGE, 1)]
+            u.iter().collect::<Vec<_>>(),
+            [0u64, 3, 64, 65, 200, 255]
+                .iter()
+                .map(|p| p * PAGE)
+                .chain([4 << 30])
+                .collect::<Vec<_>>()
         );
-        s.fill_gaps(6);
-        assert_eq!(s.runs(), vec![(0, 11), (255 * PAGE, 1), (256 * PAGE, 1)]);
+        u.remove_all(&a);
+        assert_eq!(u.len(), 3, "only b's pages outside a are left");
+        assert_eq!(
+            u.iter().collect::<Vec<_>>(),
+            vec![65 * PAGE, 255 * PAGE, 4 << 30]
+        );
+        assert!(!u.contains(3 * PAGE));
     }
 
     #[test]

@@ -389,8 +389,10 @@ pub enum Chunk<'a> {
         /// [`DEST_DEMAND_PAGING`] and future flags.
         flags: u32,
     },
-    /// Postcopy switch: the pages of these runs changed since they were sent; the
-    /// destination drops its copies and takes them from the postcopy phase.
+    /// Postcopy: the pages of these runs changed since they were sent; the destination drops
+    /// its copies and takes them from the postcopy phase. Sent in a discard round before the
+    /// source pauses and again at the switch; after it, the source sends no data for those
+    /// pages until the switch (the destination would keep such a copy over the pushed one).
     Discard {
         /// Raw runs, 12 bytes each; iterate with [`discard_runs`].
         runs: &'a [u8],
