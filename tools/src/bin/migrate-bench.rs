@@ -1,7 +1,7 @@
 //! `migrate-bench`: issue 5's migration benchmark in one invocation. Measures the loopback
 //! bandwidth of a plain TCP socket copy, then migrates a `dirty` guest with `migrate-demo`
 //! (precopy at an idle, a 1/8-bandwidth and a 1/4-bandwidth dirty rate, precopy of a paused
-//! guest, which measures the stream alone, and postcopy unpaced)
+//! guest, which measures the stream alone, and postcopy unpaced, also on 4 KiB pages and THP)
 //! and prints, per run, downtime, total time, bytes sent, the bound bytes / bandwidth, the
 //! ratio total / bound and whether the issue's goals hold.
 //!
@@ -57,6 +57,16 @@ struct Cli {
     /// not take the shared 2 MiB hugetlb pool.
     #[arg(long, default_value = "thp")]
     hugepages: String,
+    /// Postcopy runs on more backings, after the one on --hugepages: comma-separated vmm
+    /// --hugepages kinds (4 KiB pages and THP by default, where the switch has the most
+    /// stale pages to drop); `--postcopy-also ''` for none.
+    #[arg(
+        long,
+        value_name = "KINDS",
+        value_delimiter = ',',
+        default_value = "none,thp"
+    )]
+    postcopy_also: Vec<String>,
     /// The migrate-demo binary (default: next to this program).
     #[arg(long, value_name = "PATH")]
     demo: Option<PathBuf>,
@@ -159,6 +169,8 @@ struct Case {
     downtime_goal: bool,
     /// Pause the guest before migrating (migrate-demo --pause-first).
     paused: bool,
+    /// Backing of guest RAM when not the one of --hugepages.
+    backing: Option<String>,
 }
 
 /// What one migration gave.
@@ -186,7 +198,7 @@ fn run_case(cli: &Cli, demo: &Path, vmm: &Path, mem: &str, cpus: u8, c: Case) ->
         "--run-after",
         "1",
         "--hugepages",
-        &cli.hugepages,
+        c.backing.as_deref().unwrap_or(&cli.hugepages),
         "--quiet",
         "--out",
     ])
@@ -267,6 +279,7 @@ fn run() -> Result<bool> {
             rate_label: format!("idle: {} MB/s", cli.idle_rate),
             downtime_goal: true,
             paused: false,
+            backing: None,
         },
         Case {
             name: "precopy-eighth".into(),
@@ -275,6 +288,7 @@ fn run() -> Result<bool> {
             rate_label: format!("1/8 bandwidth: {eighth} MB/s"),
             downtime_goal: true,
             paused: false,
+            backing: None,
         },
         Case {
             name: "precopy-quarter".into(),
@@ -283,6 +297,7 @@ fn run() -> Result<bool> {
             rate_label: format!("1/4 bandwidth: {quarter} MB/s"),
             downtime_goal: true,
             paused: false,
+            backing: None,
         },
         // The stream alone: the guest writes unpaced through the warm-up (most of RAM is
         // data), then is paused, so the migration has both cores and one round.
@@ -293,6 +308,7 @@ fn run() -> Result<bool> {
             rate_label: "paused (guest wrote unpaced before)".into(),
             downtime_goal: false,
             paused: true,
+            backing: None,
         },
     ];
     let mut skipped = Vec::new();
@@ -304,7 +320,23 @@ fn run() -> Result<bool> {
             rate_label: "unlimited".into(),
             downtime_goal: true,
             paused: false,
+            backing: None,
         });
+        for kind in cli
+            .postcopy_also
+            .iter()
+            .filter(|k| !k.is_empty() && **k != cli.hugepages)
+        {
+            cases.push(Case {
+                name: format!("postcopy-unlimited-{kind}"),
+                mode: "postcopy",
+                rate_mb_s: 0,
+                rate_label: format!("unlimited, --hugepages {kind}"),
+                downtime_goal: true,
+                paused: false,
+                backing: Some(kind.clone()),
+            });
+        }
     } else {
         skipped.push(format!(
             "postcopy skipped: {} has no --postcopy-after yet",
