@@ -4,15 +4,14 @@
 //! vCPU threads, and a paced guest migrates and passes on the destination.
 
 mod guest_util;
+mod migrate_util;
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
-use std::sync::mpsc::channel;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use guest_tests::params::dirty_rate_mb_s;
 use guest_util::{kvm_or_skip, serial, vmm_guest, Run};
+use migrate_util::{listening, run_to_end, vmm, LIMIT};
 
 /// Small guest: the rate, not the size, is under test.
 const SMALL: [&str; 8] = [
@@ -44,8 +43,9 @@ fn measured_rate(run: &Run) -> f64 {
     dirty_rate_mb_s(run.vcpu_sum("writes"), secs)
 }
 
-fn paced_run(tag: &str, rate: Option<u64>) -> Run {
-    let rate_s = rate.map(|r| r.to_string());
+/// [`SMALL`] on RAM that KVM populates, writing until stopped after [`RUN_FOR`] seconds,
+/// paced to `rate` MB/s when there is one.
+fn paced_args(rate: Option<&str>) -> Vec<&str> {
     let mut args: Vec<&str> = SMALL.to_vec();
     args.extend([
         "--no-demand-paging",
@@ -54,10 +54,15 @@ fn paced_run(tag: &str, rate: Option<u64>) -> Run {
         "--run-for",
         RUN_FOR,
     ]);
-    if let Some(r) = &rate_s {
+    if let Some(r) = rate {
         args.extend(["--dirty-rate", r]);
     }
-    vmm_guest(tag, &args)
+    args
+}
+
+fn paced_run(tag: &str, rate: Option<u64>) -> Run {
+    let rate_s = rate.map(|r| r.to_string());
+    vmm_guest(tag, &paced_args(rate_s.as_deref()))
 }
 
 #[test]
@@ -126,17 +131,7 @@ fn run_with_cpu_time(tag: &str, args: &[&str]) -> (Run, f64) {
 /// that its vCPUs burn less than `limit` of their run time in host CPU.
 fn assert_paced_without_spinning(tag: &str, rate: u64, limit: f64) {
     let rate_s = rate.to_string();
-    let mut args: Vec<&str> = SMALL.to_vec();
-    args.extend([
-        "--no-demand-paging",
-        "--generations",
-        "0",
-        "--run-for",
-        RUN_FOR,
-        "--dirty-rate",
-        &rate_s,
-    ]);
-    let (run, cpu) = run_with_cpu_time(tag, &args);
+    let (run, cpu) = run_with_cpu_time(tag, &paced_args(Some(&rate_s)));
     run.assert_pass();
     let got = measured_rate(&run);
     let vcpus = run.stats()["vcpus"].as_array().expect("vcpus").len();
@@ -216,70 +211,35 @@ fn paced_guest_migrates_and_passes_on_the_destination() {
         return;
     }
     let _g = serial();
-    let limit = Duration::from_secs(90);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("tcp:127.0.0.1:{port}");
-    let common = |extra: &[&str]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
-        c.args(SMALL)
-            .args(["--no-demand-paging", "--generations", "0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    };
+    // migrate_util's `vmm` is the SMALL guest, writing until stopped (`--generations 0`).
     // The destination stops the guest as soon as it runs there: the guest finishes its
     // current (200 ms) generation only if its pacing survived the move (a deadline left far
     // ahead by a different TSC would stall it until the limit).
     // Same --dirty-rate on both sides: it sets the default --writes-per-gen, which the
     // destination's replay check uses.
-    let mut dst = common(&["--dirty-rate", "40", "--incoming", &addr, "--run-for", "0"])
-        .spawn()
-        .expect("spawn destination");
-    let (tx, rx) = channel();
-    let out = dst.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l.clone());
-            all.push(l);
-        }
-        all
-    });
     let t = Instant::now();
-    loop {
-        let l = rx
-            .recv_timeout(limit)
-            .expect("destination did not start listening");
-        if l.contains("waiting for the migration source") {
-            break;
-        }
-    }
-    let src = common(&["--dirty-rate", "40", "--migrate-to", &addr])
-        .output()
-        .expect("run source");
-    let src_err = String::from_utf8_lossy(&src.stderr);
-    let src_out = String::from_utf8_lossy(&src.stdout);
-    assert_eq!(src.status.code(), Some(0), "source: {src_out}\n{src_err}");
+    let mut dst = listening(
+        vmm,
+        &["--no-demand-paging", "--dirty-rate", "40", "--run-for", "0"],
+    );
+    let (scode, src_out, src_err) = run_to_end(vmm(&[
+        "--no-demand-paging",
+        "--dirty-rate",
+        "40",
+        "--migrate-to",
+        &dst.addr,
+    ]));
+    assert_eq!(scode, 0, "source: {src_out}\n{src_err}");
     assert!(src_out.contains("paced to 40 MB/s"), "{src_out}");
-    let code = loop {
-        if let Some(st) = dst.try_wait().unwrap() {
-            break st.code().unwrap_or(-1);
-        }
-        if t.elapsed() > limit {
-            let _ = dst.kill();
-            let _ = dst.wait();
-            panic!("the destination did not finish within {limit:?}: the paced guest stalled");
+    while dst.child.try_wait().unwrap().is_none() {
+        if t.elapsed() > LIMIT {
+            let _ = dst.child.kill();
+            let _ = dst.child.wait();
+            panic!("the destination did not finish within {LIMIT:?}: the paced guest stalled");
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    let dst_out = reader.join().unwrap().join("\n");
-    let mut dst_err = String::new();
-    std::io::Read::read_to_string(&mut dst.stderr.take().unwrap(), &mut dst_err).unwrap();
+    }
+    let (code, dst_out, dst_err) = dst.finish();
     assert_eq!(code, 0, "destination: {dst_out}\n{dst_err}");
     assert!(dst_out.lines().any(|l| l == "PASS"), "{dst_out}");
 }

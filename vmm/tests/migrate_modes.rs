@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use migrate_util::{
-    assert_guest_passed, finish, free_2m_pages_or_skip, free_port, kvm_or_skip, lines, vmm, vmm_on,
-    wait_for, SERIAL,
+    assert_guest_passed, finish, free_2m_pages_or_skip, guest_on, kvm_or_skip, lines, listening,
+    migrate_json_path, read_migrate_json, run_to_end, serial, vmm, vmm_on, wait_for,
+    wait_for_socket,
 };
 
 /// Migrates a writing `dirty` guest with `src_flags`; the destination stops the guest as
@@ -32,19 +33,16 @@ fn migrate_and_verify_on(
     if !kvm_or_skip(test) {
         return None;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _g = serial();
     // Both ends' RAM on 2 MiB pages: 512M each.
     if backing == "2M" && !free_2m_pages_or_skip(test, 2 * 256) {
         return None;
     }
-    let addr = format!("tcp:127.0.0.1:{}", free_port());
-    let json = std::env::temp_dir().join(format!("{test}-{}.json", std::process::id()));
-    let mut dst = vmm_on(backing, &["--incoming", &addr, "--run-for", "0"]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
+    let json = migrate_json_path(test);
+    let dst = listening(|a| vmm_on(backing, a), &["--run-for", "0"]);
     let mut args = vec![
         "--migrate-to",
-        &addr,
+        &dst.addr,
         "--migrate-json",
         json.to_str().unwrap(),
         "--max-rounds",
@@ -54,22 +52,17 @@ fn migrate_and_verify_on(
         "300",
     ];
     args.extend_from_slice(src_flags);
-    let mut src = vmm_on(backing, &args);
-    let src_rx = lines(&mut src);
-    let (scode, sout, serr) = finish(src, src_rx);
+    let (scode, sout, serr) = run_to_end(vmm_on(backing, &args));
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
     assert!(
         sout.contains("round 0:"),
         "a progress line per round: {sout}"
     );
     assert!(sout.contains("complete"), "{sout}");
-    let dst = finish(dst, dst_rx);
+    let dst = dst.finish();
     assert_guest_passed("destination", &dst);
     let dout = &dst.1;
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("--migrate-json written"))
-            .expect("--migrate-json is JSON");
-    let _ = std::fs::remove_file(&json);
+    let doc = read_migrate_json(&json);
     if doc["mode"] == "postcopy" {
         assert!(
             dout.contains("faults served on demand"),
@@ -219,11 +212,12 @@ enum Step {
 /// far. Returns the address for the source's --migrate-to and a handle whose result says
 /// whether the switch went through.
 fn chunk_proxy(
-    dst_addr: String,
+    dst_addr: &str,
     mut step: impl FnMut(u32, &mut Vec<u8>, Option<u32>, u64) -> Step + Send + 'static,
 ) -> (String, std::thread::JoinHandle<bool>) {
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let src_addr = format!("tcp:{}", proxy.local_addr().unwrap());
+    let dst_addr = dst_addr.to_owned();
     let handle = std::thread::spawn(move || {
         let back_chunks = Arc::new(AtomicU64::new(0));
         let (mut from_src, _) = proxy.accept().unwrap();
@@ -277,14 +271,11 @@ fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
     if !kvm_or_skip("connection_cut_during_postcopy_stops_both_ends_with_exit_1") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dst_addr = format!("127.0.0.1:{}", free_port());
-    let mut dst = vmm(&["--incoming", &format!("tcp:{dst_addr}"), "--run-for", "0"]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
+    let _g = serial();
+    let dst = listening(vmm, &["--run-for", "0"]);
     // Once the destination's guest runs (DEST_INFO and GUEST_RUNNING went back) and some
     // postcopy pages went forward, cut: the source is gone in the middle of postcopy.
-    let (src_addr, cutter) = chunk_proxy(dst_addr, |_, _, n, back| match n {
+    let (src_addr, cutter) = chunk_proxy(dst.host_port(), |_, _, n, back| match n {
         Some(n) if n >= 64 && back >= 2 => Step::Cut,
         _ => Step::Pass,
     });
@@ -301,7 +292,7 @@ fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
         cutter.join().unwrap(),
         "the stream reached the postcopy switch"
     );
-    let (dcode, dout, derr) = finish(dst, dst_rx);
+    let (dcode, dout, derr) = dst.finish();
     assert_eq!(dcode, 1, "destination: {dout}\n{derr}");
     assert!(
         derr.contains("the guest cannot continue"),
@@ -321,14 +312,11 @@ fn corrupted_postcopy_page_stops_the_destination_with_exit_1() {
     if !kvm_or_skip("corrupted_postcopy_page_stops_the_destination_with_exit_1") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dst_addr = format!("127.0.0.1:{}", free_port());
-    let mut dst = vmm(&["--incoming", &format!("tcp:{dst_addr}"), "--run-for", "0"]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
+    let _g = serial();
+    let dst = listening(vmm, &["--run-for", "0"]);
     // Flip one byte of page data in the first pages chunk after the switch.
     let mut flipped = false;
-    let (src_addr, proxy) = chunk_proxy(dst_addr, move |kind, frame, n, _| {
+    let (src_addr, proxy) = chunk_proxy(dst.host_port(), move |kind, frame, n, _| {
         if n.is_some() && kind == KIND_PAGES && !flipped {
             frame[8 + 8 + 100] ^= 0x5a;
             flipped = true;
@@ -344,7 +332,7 @@ fn corrupted_postcopy_page_stops_the_destination_with_exit_1() {
         "300",
     ]);
     let src_rx = lines(&mut src);
-    let (dcode, dout, derr) = finish(dst, dst_rx);
+    let (dcode, dout, derr) = dst.finish();
     assert_eq!(dcode, 1, "destination: {dout}\n{derr}");
     assert!(derr.contains("checksum mismatch"), "{derr}");
     assert!(derr.contains("the guest cannot continue"), "{derr}");
@@ -362,12 +350,9 @@ fn postcopy_kvm_ring_over_the_control_socket_passes() {
     if !kvm_or_skip("postcopy_kvm_ring_over_the_control_socket_passes") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let _g = serial();
     let sock = std::env::temp_dir().join(format!("migrate-pc-{}.sock", std::process::id()));
-    let mut dst = vmm(&["--incoming", &addr, "--run-for", "0"]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
+    let dst = listening(vmm, &["--run-for", "0"]);
     // kvm-ring is chosen when the VM starts (the rings exist before the vCPUs) and the
     // control socket's migration uses it.
     let mut src = vmm(&[
@@ -378,18 +363,15 @@ fn postcopy_kvm_ring_over_the_control_socket_passes() {
     ]);
     let src_rx = lines(&mut src);
     wait_for(&src_rx, "guest dirty on");
-    let t = std::time::Instant::now();
-    while !sock.exists() && t.elapsed() < migrate_util::LIMIT {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let zero = serde_json::json!({"cmd": "migrate", "to": addr, "postcopy_after": 0});
+    wait_for_socket(&sock);
+    let zero = serde_json::json!({"cmd": "migrate", "to": dst.addr, "postcopy_after": 0});
     let bad = vmm::api::request(&sock, &zero).unwrap();
     assert_eq!(bad["ok"], false, "{bad}");
     assert!(
         bad["error"].as_str().unwrap().contains("at least 1"),
         "{bad}"
     );
-    let req = serde_json::json!({"cmd": "migrate", "to": addr, "postcopy_after": 1});
+    let req = serde_json::json!({"cmd": "migrate", "to": dst.addr, "postcopy_after": 1});
     let resp = vmm::api::request(&sock, &req).unwrap();
     assert_eq!(resp["ok"], true, "{resp}");
     assert_eq!(resp["migrate"]["mode"], "postcopy", "{resp}");
@@ -402,7 +384,7 @@ fn postcopy_kvm_ring_over_the_control_socket_passes() {
     );
     let (scode, sout, serr) = finish(src, src_rx);
     assert_eq!(scode, 0, "{sout}\n{serr}");
-    assert_guest_passed("destination", &finish(dst, dst_rx));
+    assert_guest_passed("destination", &dst.finish());
 }
 
 #[test]
@@ -410,21 +392,16 @@ fn postcopy_to_a_destination_without_demand_paging_is_refused_and_the_source_run
     if !kvm_or_skip("postcopy_to_a_destination_without_demand_paging_is_refused") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let addr = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = vmm(&["--incoming", &addr, "--no-demand-paging"]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
-    let mut src = vmm(&[
+    let _g = serial();
+    let dst = listening(vmm, &["--no-demand-paging"]);
+    let (scode, sout, serr) = run_to_end(vmm(&[
         "--migrate-to",
-        &addr,
+        &dst.addr,
         "--postcopy-after",
         "1",
         "--run-for",
         "1",
-    ]);
-    let src_rx = lines(&mut src);
-    let (scode, sout, serr) = finish(src, src_rx);
+    ]));
     assert!(
         serr.contains("postcopy needs demand paging on the destination"),
         "{serr}"
@@ -432,7 +409,7 @@ fn postcopy_to_a_destination_without_demand_paging_is_refused_and_the_source_run
     assert!(serr.contains("keeps running here"), "{serr}");
     assert_eq!(scode, 0, "the source's guest passes: {sout}\n{serr}");
     assert!(sout.contains("PASS"), "{sout}");
-    let (dcode, dout, derr) = finish(dst, dst_rx);
+    let (dcode, dout, derr) = dst.finish();
     assert_eq!(dcode, 1, "{dout}\n{derr}");
     assert!(derr.contains("nothing runs here"), "{derr}");
     assert!(derr.contains("--no-demand-paging"), "{derr}");
@@ -452,34 +429,15 @@ fn stress_migration_under_a_reclaim_storm(test: &str, dirty_mode: &str) {
     if !kvm_or_skip(test) {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let addr = format!("tcp:127.0.0.1:{}", free_port());
-    let json = std::env::temp_dir().join(format!("{test}-{}.json", std::process::id()));
-    let common = [
-        "--guest",
-        "stress",
-        "--mem",
-        "512M",
-        "--cpus",
-        "2",
-        "--hugepages",
-        "none",
-        "--guest-timeout",
-        "80",
-    ];
-    let spawn = |extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .args(common)
-            .args(extra)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn vmm")
+    let _g = serial();
+    let json = migrate_json_path(test);
+    let stress = |extra: &[&str]| {
+        let mut args = vec!["--guest-timeout", "80"];
+        args.extend_from_slice(extra);
+        guest_on("stress", "none", &args)
     };
-    let mut dst = spawn(&["--incoming", &addr]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
-    let mut src = spawn(&[
+    let dst = listening(stress, &[]);
+    let (scode, sout, serr) = run_to_end(stress(&[
         "--generations",
         STORM_GENERATIONS,
         "--reclaim-storm",
@@ -487,16 +445,14 @@ fn stress_migration_under_a_reclaim_storm(test: &str, dirty_mode: &str) {
         "--dirty-mode",
         dirty_mode,
         "--migrate-to",
-        &addr,
+        &dst.addr,
         "--migrate-json",
         json.to_str().unwrap(),
         "--max-rounds",
         "4",
         "--migrate-delay-ms",
         "500",
-    ]);
-    let src_rx = lines(&mut src);
-    let (scode, sout, serr) = finish(src, src_rx);
+    ]));
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
     assert!(sout.contains("complete"), "{sout}");
     let storm = serr.matches("reclaim storm: dropped").count();
@@ -504,13 +460,10 @@ fn stress_migration_under_a_reclaim_storm(test: &str, dirty_mode: &str) {
         storm >= 3,
         "the storm ran before and during the migration: {serr}"
     );
-    let (dcode, dout, derr) = finish(dst, dst_rx);
+    let (dcode, dout, derr) = dst.finish();
     assert_eq!(dcode, 0, "destination: {dout}\n{derr}");
     assert!(dout.lines().any(|l| l == "PASS"), "{dout}");
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("--migrate-json written"))
-            .expect("--migrate-json is JSON");
-    let _ = std::fs::remove_file(&json);
+    let doc = read_migrate_json(&json);
     check_precopy(&doc, dirty_mode);
     eprintln!(
         "{test}: {storm} storm reclaims on the source; {} refused in the last round",

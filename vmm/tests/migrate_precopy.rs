@@ -12,7 +12,8 @@ use std::time::Duration;
 use vmm::migrate::{Chunk, StreamReader, StreamWriter};
 
 use migrate_util::{
-    assert_guest_passed, finish, free_port, kvm_or_skip, lines, wait_for, LIMIT, SERIAL,
+    assert_guest_passed, finish, kvm_or_skip, lines, listening, migrate_json_path,
+    read_migrate_json, run_to_end, serial, wait_for, wait_for_socket,
 };
 
 /// The precopy suite runs without demand paging (KVM populates RAM), as it was first built;
@@ -28,23 +29,18 @@ fn precopy_dirty_guest_passes_on_the_destination() {
     if !kvm_or_skip("precopy_dirty_guest_passes_on_the_destination") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let _g = serial();
     // --run-for 0: the guest is stopped as soon as it runs here, so it finishes its current
     // generation only and most pages still hold what the source wrote: a page lost on the way
     // fails the replay (a longer run would overwrite every page many times and hide a loss).
-    let mut dst = vmm(&["--incoming", &addr, "--run-for", "0"]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
-    let json = std::env::temp_dir().join(format!("migrate-precopy-{}.json", std::process::id()));
-    let mut src = vmm(&[
+    let dst = listening(vmm, &["--run-for", "0"]);
+    let json = migrate_json_path("migrate-precopy");
+    let (scode, sout, serr) = run_to_end(vmm(&[
         "--migrate-to",
-        &addr,
+        &dst.addr,
         "--migrate-json",
         json.to_str().unwrap(),
-    ]);
-    let src_rx = lines(&mut src);
-    let (scode, sout, serr) = finish(src, src_rx);
+    ]));
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
     assert!(
         sout.contains("round 0:"),
@@ -52,10 +48,7 @@ fn precopy_dirty_guest_passes_on_the_destination() {
     );
     assert!(sout.contains("complete"), "{sout}");
     // The --migrate-json summary: precopy, every round listed, the full pass covers RAM.
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("--migrate-json written"))
-            .expect("--migrate-json is JSON");
-    let _ = std::fs::remove_file(&json);
+    let doc = read_migrate_json(&json);
     assert_eq!(doc["mode"], "precopy", "{doc}");
     assert_eq!(doc["dirty_mode"], "kvm-bitmap", "{doc}");
     assert!(doc["postcopy"].is_null(), "{doc}");
@@ -67,7 +60,7 @@ fn precopy_dirty_guest_passes_on_the_destination() {
     let bytes: u64 = rounds.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
     assert!(bytes <= doc["bytes_sent"].as_u64().unwrap(), "{doc}");
     assert!(doc["downtime_ms"].as_f64().unwrap() <= doc["total_ms"].as_f64().unwrap());
-    assert_guest_passed("destination", &finish(dst, dst_rx));
+    assert_guest_passed("destination", &dst.finish());
 }
 
 #[test]
@@ -75,7 +68,7 @@ fn cut_connection_leaves_the_source_running_and_passing() {
     if !kvm_or_skip("cut_connection_leaves_the_source_running_and_passing") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _g = serial();
     // A fake destination that reads a few MB and then drops the connection; it never
     // acknowledges a round, so a source waiting for that gets the cut there instead.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -113,12 +106,10 @@ fn corrupted_stream_stops_the_destination_with_exit_1() {
     if !kvm_or_skip("corrupted_stream_stops_the_destination_with_exit_1") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dst_addr = format!("127.0.0.1:{}", free_port());
-    let mut dst = vmm(&["--incoming", &format!("tcp:{dst_addr}")]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
+    let _g = serial();
+    let dst = listening(vmm, &[]);
     // A proxy that flips one byte 3 MB into the stream (inside page data).
+    let dst_addr = dst.host_port().to_owned();
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let src_addr = format!("tcp:{}", proxy.local_addr().unwrap());
     std::thread::spawn(move || {
@@ -155,7 +146,7 @@ fn corrupted_stream_stops_the_destination_with_exit_1() {
         "2",
     ]);
     let src_rx = lines(&mut src);
-    let (dcode, dout, derr) = finish(dst, dst_rx);
+    let (dcode, dout, derr) = dst.finish();
     assert_eq!(dcode, 1, "{dout}\n{derr}");
     assert!(derr.to_lowercase().contains("checksum"), "{derr}");
     // The source notices and keeps its guest, which still passes.
@@ -169,7 +160,7 @@ fn destination_lost_after_the_pause_resumes_the_source() {
     if !kvm_or_skip("destination_lost_after_the_pause_resumes_the_source") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _g = serial();
     // A fake destination that takes the whole stream, acknowledging each round as a real
     // one does, and then hangs up without the guest-running acknowledgement: the source has
     // paused its guest by then.
@@ -216,24 +207,21 @@ fn migrate_command_on_the_control_socket_moves_the_guest() {
     if !kvm_or_skip("migrate_command_on_the_control_socket_moves_the_guest") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let _g = serial();
     let sock = std::env::temp_dir().join(format!("migrate-api-{}.sock", std::process::id()));
-    let mut dst = vmm(&["--incoming", &addr, "--run-for", "0"]);
-    let dst_rx = lines(&mut dst);
-    wait_for(&dst_rx, "waiting for the migration source");
+    let dst = listening(vmm, &["--run-for", "0"]);
     let mut src = vmm(&["--api-socket", sock.to_str().unwrap()]);
     let src_rx = lines(&mut src);
     wait_for(&src_rx, "guest dirty on");
-    let t = std::time::Instant::now();
-    while !sock.exists() && t.elapsed() < LIMIT {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(&sock);
     let bad = vmm::api::request(&sock, &serde_json::json!({"cmd": "migrate"})).unwrap();
     assert_eq!(bad["ok"], false, "{bad}");
     assert!(bad["error"].as_str().unwrap().contains("\"to\""), "{bad}");
-    let resp =
-        vmm::api::request(&sock, &serde_json::json!({"cmd": "migrate", "to": addr})).unwrap();
+    let resp = vmm::api::request(
+        &sock,
+        &serde_json::json!({"cmd": "migrate", "to": dst.addr}),
+    )
+    .unwrap();
     assert_eq!(resp["ok"], true, "{resp}");
     assert!(
         resp["migrate"]["rounds"].as_array().unwrap().len() >= 2,
@@ -242,7 +230,7 @@ fn migrate_command_on_the_control_socket_moves_the_guest() {
     assert_eq!(resp["migrate"]["mode"], "precopy", "{resp}");
     let (scode, sout, serr) = finish(src, src_rx);
     assert_eq!(scode, 0, "{sout}\n{serr}");
-    assert_guest_passed("destination", &finish(dst, dst_rx));
+    assert_guest_passed("destination", &dst.finish());
 }
 
 #[test]
@@ -334,19 +322,20 @@ fn prefaulted_destination_receives_and_passes() {
     if !kvm_or_skip("prefaulted_destination_receives_and_passes") {
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let addr = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = vmm(&["--incoming", &addr, "--run-for", "0", "--prefault"]);
-    let dst_rx = lines(&mut dst);
-    let before = wait_for(&dst_rx, "waiting for the migration source");
+    let _g = serial();
+    let dst = listening(vmm, &["--run-for", "0", "--prefault"]);
+    let before = &dst.before;
     assert!(
         before.iter().any(|l| l.starts_with("prefaulted 512M")),
         "{before:?}"
     );
-    let mut src = vmm(&["--migrate-to", &addr, "--migrate-delay-ms", "500"]);
-    let src_rx = lines(&mut src);
-    let (scode, sout, serr) = finish(src, src_rx);
+    let (scode, sout, serr) = run_to_end(vmm(&[
+        "--migrate-to",
+        &dst.addr,
+        "--migrate-delay-ms",
+        "500",
+    ]));
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
-    let dst = finish(dst, dst_rx);
+    let dst = dst.finish();
     assert_guest_passed("the prefaulted destination", &dst);
 }

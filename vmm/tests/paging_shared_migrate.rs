@@ -3,112 +3,45 @@
 //! the source, pages placed into the memfd (and fetched on demand in postcopy) on the
 //! destination, whose replay of every write must PASS. 4 KiB shmem and 2 MiB hugetlbfs memfd.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::{mpsc, Mutex};
-use std::thread;
-use std::time::Duration;
+mod migrate_util;
 
-/// One migration at a time (2 cores, one huge page pool).
-static SERIAL: Mutex<()> = Mutex::new(());
+use std::process::Child;
 
-fn free_2m_pages() -> u64 {
-    let read = |f: &str| -> u64 {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    read("free_hugepages").saturating_sub(read("resv_hugepages"))
-}
+use migrate_util::{free_2m_pages_or_skip, kvm_or_skip, listening_at, run_to_end, serial, vmm_on};
 
-fn vmm(hugepages: &str, extra: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args([
-            "--guest",
-            "dirty",
-            "--mem",
-            "512M",
-            "--cpus",
-            "2",
-            "--generations",
-            "0",
-            "--memory-backend",
-            "shared",
-            "--hugepages",
-            hugepages,
-            "--log-level",
-            "warn",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "--- stdout\n{}\n--- stderr\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+/// A `dirty` guest on shared memfd RAM backed by `--hugepages hugepages`, with `extra` flags.
+fn vmm(hugepages: &str, extra: &[&str]) -> Child {
+    let mut args = vec!["--memory-backend", "shared", "--log-level", "warn"];
+    args.extend_from_slice(extra);
+    vmm_on(hugepages, &args)
 }
 
 fn migrate(test: &str, hugepages: &str, src_flags: &[&str]) {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("{test}: skipped: /dev/kvm is absent");
+    if !kvm_or_skip(test) {
         return;
     }
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = serial();
     // Both ends hold the guest's RAM at once.
-    if hugepages == "2M" && free_2m_pages() < 2 * 256 {
-        eprintln!(
-            "{test}: skipped: the 2 MiB pool has {} free pages, 512 needed",
-            free_2m_pages()
-        );
+    if hugepages == "2M" && !free_2m_pages_or_skip(test, 2 * 256) {
         return;
     }
     let sock = std::env::temp_dir().join(format!("{test}-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
-    let addr = format!("unix:{}", sock.display());
-    let mut dst = vmm(hugepages, &["--incoming", &addr, "--run-for", "0"]);
-    // Collect the destination's stdout on a thread; it listens once it says so.
-    let (tx, rx) = mpsc::channel();
-    let dst_out = dst.stdout.take().unwrap();
-    let reader = thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(dst_out).lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) if l.contains("waiting for the migration source") => break,
-            Ok(_) => {}
-            Err(e) => panic!("the destination never listened: {e}"),
-        }
-    }
-    let mut args = vec!["--migrate-to", &addr, "--max-rounds", "4"];
-    args.extend_from_slice(src_flags);
-    let src = vmm(hugepages, &args).wait_with_output().unwrap();
-    let mut dst = dst.wait_with_output().unwrap();
-    dst.stdout = reader.join().unwrap().into_bytes();
-    let _ = std::fs::remove_file(&sock);
-    assert_eq!(src.status.code(), Some(0), "source: {}", text(&src));
-    assert!(
-        String::from_utf8_lossy(&src.stdout).contains("complete"),
-        "{}",
-        text(&src)
+    let dst = listening_at(
+        format!("unix:{}", sock.display()),
+        |a| vmm(hugepages, a),
+        &["--run-for", "0"],
     );
-    assert_eq!(dst.status.code(), Some(0), "destination: {}", text(&dst));
-    let out = String::from_utf8_lossy(&dst.stdout);
-    assert!(out.contains("shared memfd"), "{}", text(&dst));
-    assert!(out.lines().any(|l| l == "PASS"), "{}", text(&dst));
+    let mut args = vec!["--migrate-to", &dst.addr, "--max-rounds", "4"];
+    args.extend_from_slice(src_flags);
+    let (scode, sout, serr) = run_to_end(vmm(hugepages, &args));
+    let (dcode, dout, derr) = dst.finish();
+    let _ = std::fs::remove_file(&sock);
+    assert_eq!(scode, 0, "source: {sout}\n{serr}");
+    assert!(sout.contains("complete"), "{sout}\n{serr}");
+    assert_eq!(dcode, 0, "destination: {dout}\n{derr}");
+    assert!(dout.contains("shared memfd"), "{dout}\n{derr}");
+    assert!(dout.lines().any(|l| l == "PASS"), "{dout}\n{derr}");
 }
 
 #[test]

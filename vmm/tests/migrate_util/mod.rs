@@ -1,15 +1,15 @@
-//! Shared by the migration suites: real `vmm --guest dirty` processes, their output as a
-//! channel of lines, free ports, one migration at a time.
+//! Shared by the migration suites: real `vmm --guest` processes, their output as a channel
+//! of lines, destinations started and listening, free ports, one migration at a time.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// One migration at a time: the machine has 2 cores.
 pub static SERIAL: Mutex<()> = Mutex::new(());
@@ -19,6 +19,13 @@ pub const MEM: &str = "512M";
 pub const CPUS: &str = "2";
 /// Generous per-process limit: a stuck run fails the test instead of hanging it.
 pub const LIMIT: Duration = Duration::from_secs(90);
+/// What a destination prints once it listens for its source.
+pub const LISTENING: &str = "waiting for the migration source";
+
+/// Holds [`SERIAL`] (a test that panicked holding it does not stop the others).
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// False (with the reason printed) when this machine has no KVM.
 pub fn kvm_or_skip(test: &str) -> bool {
@@ -62,24 +69,82 @@ pub fn vmm(extra: &[&str]) -> Child {
 
 /// A `dirty` guest that writes until stopped, on `--hugepages backing`, with `extra` flags.
 pub fn vmm_on(backing: &str, extra: &[&str]) -> Child {
+    let mut args = vec!["--generations", "0"];
+    args.extend_from_slice(extra);
+    guest_on("dirty", backing, &args)
+}
+
+/// The built-in `guest` on [`MEM`] and [`CPUS`], on `--hugepages backing`, with `extra`
+/// flags; stdout and stderr piped.
+pub fn guest_on(guest: &str, backing: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args([
             "--guest",
-            "dirty",
+            guest,
             "--mem",
             MEM,
             "--cpus",
             CPUS,
             "--hugepages",
             backing,
-            "--generations",
-            "0",
         ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn vmm")
+}
+
+/// A destination `vmm --incoming ADDR` that has said it listens ([`LISTENING`]).
+pub struct Destination {
+    /// The process.
+    pub child: Child,
+    /// Its stdout lines after the listening line.
+    pub rx: Receiver<String>,
+    /// The address it listens on, as `--incoming` took it: the source's `--migrate-to`.
+    pub addr: String,
+    /// Its stdout lines up to the listening line, that one included.
+    pub before: Vec<String>,
+}
+
+impl Destination {
+    /// The `HOST:PORT` of a `tcp:` address: what a proxy in front of the destination
+    /// connects to.
+    pub fn host_port(&self) -> &str {
+        self.addr
+            .strip_prefix("tcp:")
+            .unwrap_or_else(|| panic!("{} is not a tcp: address", self.addr))
+    }
+
+    /// [`finish`] of the destination: (code, stdout after the listening line, stderr).
+    pub fn finish(self) -> (i32, String, String) {
+        finish(self.child, self.rx)
+    }
+}
+
+/// Starts a destination with `spawn(["--incoming", addr, extra...])` and waits until it
+/// listens on `addr`.
+pub fn listening_at(
+    addr: String,
+    spawn: impl FnOnce(&[&str]) -> Child,
+    extra: &[&str],
+) -> Destination {
+    let mut args = vec!["--incoming", addr.as_str()];
+    args.extend_from_slice(extra);
+    let mut child = spawn(&args);
+    let rx = lines(&mut child);
+    let before = wait_for(&rx, LISTENING);
+    Destination {
+        child,
+        rx,
+        addr,
+        before,
+    }
+}
+
+/// [`listening_at`] a free port of 127.0.0.1.
+pub fn listening(spawn: impl FnOnce(&[&str]) -> Child, extra: &[&str]) -> Destination {
+    listening_at(format!("tcp:127.0.0.1:{}", free_port()), spawn, extra)
 }
 
 /// Forwards a child's stdout lines to a channel (and echoes them).
@@ -116,7 +181,7 @@ pub fn wait_for(rx: &Receiver<String>, needle: &str) -> Vec<String> {
 
 /// Waits for the child (killing it after LIMIT); returns (code, rest of stdout, stderr).
 pub fn finish(mut child: Child, rx: Receiver<String>) -> (i32, String, String) {
-    let t = std::time::Instant::now();
+    let t = Instant::now();
     let code = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st.code().unwrap_or(-1);
@@ -142,6 +207,32 @@ pub fn finish(mut child: Child, rx: Receiver<String>) -> (i32, String, String) {
         out.push(l);
     }
     (code, out.join("\n"), err)
+}
+
+/// [`finish`] of a child whose output nobody has read yet: (code, stdout, stderr).
+pub fn run_to_end(mut child: Child) -> (i32, String, String) {
+    let rx = lines(&mut child);
+    finish(child, rx)
+}
+
+/// Waits (up to [`LIMIT`]) until the control socket `sock` exists.
+pub fn wait_for_socket(sock: &Path) {
+    let t = Instant::now();
+    while !sock.exists() && t.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where `test` asks the source to write its `--migrate-json` document.
+pub fn migrate_json_path(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{test}-{}.json", std::process::id()))
+}
+
+/// The `--migrate-json` document at `path`, which is removed.
+pub fn read_migrate_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("--migrate-json written");
+    let _ = std::fs::remove_file(path);
+    serde_json::from_str(&text).expect("--migrate-json is JSON")
 }
 
 /// Asserts that a `dirty` guest's process, as [`finish`] returned it, passed: exit code 0,
