@@ -179,6 +179,8 @@ fn postcopy_stage2_wp_passes() {
 
 /// Chunk kind of page data on the wire (stream.rs `kind::PAGES`).
 const KIND_PAGES: u32 = 2;
+/// Chunk kind of a discard list on the wire (stream.rs `kind::DISCARD`).
+const KIND_DISCARD: u32 = 11;
 /// Chunk kind of the postcopy switch on the wire (stream.rs `kind::POSTCOPY`).
 const KIND_POSTCOPY: u32 = 12;
 /// Magic and version before the first chunk.
@@ -305,6 +307,52 @@ fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
         serr.contains("during postcopy"),
         "the source says why: {serr}"
     );
+}
+
+#[test]
+fn connection_cut_in_the_discard_round_leaves_the_source_running_and_passing() {
+    if !kvm_or_skip("connection_cut_in_the_discard_round_leaves_the_source_running_and_passing") {
+        return;
+    }
+    let _g = serial();
+    let dst = listening(vmm, &["--run-for", "0"]);
+    // The first discard list goes before the source pauses (the discard round): forward it
+    // so that the destination drops its stale copies, then cut. The guest never left the
+    // source, which must keep running it.
+    let (src_addr, cutter) = chunk_proxy(dst.host_port(), |kind, _, n, _| {
+        if n.is_none() && kind == KIND_DISCARD {
+            Step::Cut
+        } else {
+            Step::Pass
+        }
+    });
+    let mut src = vmm(&[
+        "--migrate-to",
+        &src_addr,
+        "--postcopy-after",
+        "1",
+        "--migrate-delay-ms",
+        "300",
+        "--run-for",
+        "2",
+    ]);
+    let src_rx = lines(&mut src);
+    assert!(!cutter.join().unwrap(), "cut before the postcopy switch");
+    let (dcode, dout, derr) = dst.finish();
+    assert_eq!(dcode, 1, "destination: {dout}\n{derr}");
+    assert!(!dout.contains("\nPASS"), "{dout}");
+    let src = finish(src, src_rx);
+    assert!(
+        src.1.contains("round 0:") && !src.1.contains("switching to postcopy"),
+        "the cut came after the full pass and before the pause: {}",
+        src.1
+    );
+    assert!(
+        src.2.contains("failed") && src.2.contains("keeps running here"),
+        "the source says its guest stays: {}",
+        src.2
+    );
+    assert_guest_passed("the source's guest", &src);
 }
 
 #[test]
