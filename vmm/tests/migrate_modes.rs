@@ -1,8 +1,9 @@
 //! Live migration in every dirty-tracking mode (kvm-bitmap, kvm-ring, stage2-wp), precopy and
 //! postcopy, between two real `vmm --guest dirty` processes with demand paging on both ends:
 //! the destination's replay of every write must PASS. Also: a connection cut in the middle of
-//! postcopy stops both ends with exit 1 and says why; a postcopy request to a destination
-//! without demand paging is refused and the source's guest goes on and passes.
+//! postcopy stops both ends with exit 1 and says why; a cut in the discard round before the
+//! pause leaves the source's guest running; a postcopy request to a destination without
+//! demand paging is refused and the source's guest goes on and passes.
 
 mod migrate_util;
 
