@@ -1249,8 +1249,9 @@ impl Pager {
     /// for the batch and registered again after it. Each REMOVE costs a round trip with a
     /// handler thread (40-75 µs of wake-ups on this host against 6.5 µs for a plain
     /// MADV_DONTNEED), which made a postcopy switch on 4 KiB pages take hundreds of ms.
-    /// Stage2 is bracketed per run as in `reclaim`; file-backed regions punch holes, which
-    /// raise no event anyway.
+    /// Runs on private RAM go in batches of up to 1024: stage2 invalidates every run of the
+    /// batch, one `process_madvise` drops them, then the invalidations end. File-backed
+    /// regions punch holes run by run, which raise no event anyway.
     ///
     /// Only while nothing else touches guest RAM: no vCPU runs and no other thread reads or
     /// writes it (a postcopy destination at its switch, before its guest runs). A touch in
