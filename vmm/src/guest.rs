@@ -1035,6 +1035,12 @@ fn migrate_now(
     cfg: MigrateConfig,
     json: Option<&std::path::Path>,
 ) -> (Result<serde_json::Value, String>, Option<Waited>) {
+    // Only for the message on failure: a VM paused before stays paused (see precopy::send).
+    let was_paused = src
+        .control
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .all_paused();
     match precopy::send(src, addr, cfg) {
         Ok(s) => {
             println!(
@@ -1074,7 +1080,14 @@ fn migrate_now(
             (Err(msg), Some(Waited::Lost))
         }
         Err(e) => {
-            let msg = format!("migration to {addr} failed: {e}; the VM keeps running here");
+            let msg = if was_paused {
+                format!(
+                    "migration to {addr} failed: {e}; the VM stays here, paused as it was \
+                     (vmmctl resume runs it again)"
+                )
+            } else {
+                format!("migration to {addr} failed: {e}; the VM keeps running here")
+            };
             eprintln!("{msg}");
             (Err(msg), None)
         }

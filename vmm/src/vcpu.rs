@@ -665,6 +665,13 @@ impl VmControl {
             .map_err(|_| VcpuError::NotPaused { id: index })
     }
 
+    /// Whether every vCPU is out of the guest (paused, or halted with nothing to wake it), so
+    /// that none writes guest RAM until told to resume. Asks each vCPU thread (a running one
+    /// answers at once, refusing).
+    pub fn all_paused(&self) -> bool {
+        (0..self.vcpus.len()).all(|i| self.with_paused_vcpu(i, |_| ()).is_ok())
+    }
+
     /// Lets every paused vCPU enter the guest again.
     pub fn resume_all(&self) -> Result<(), VcpuError> {
         self.broadcast(Command::Resume).map(|_| ())
@@ -802,7 +809,7 @@ mod tests {
     }
 
     /// Real KVM: a job runs on a paused vCPU's thread and returns its result; a running vCPU
-    /// refuses with NotPaused.
+    /// refuses with NotPaused; `all_paused` follows pause and resume.
     #[test]
     fn with_paused_vcpu_runs_only_while_paused() {
         if !std::path::Path::new("/dev/kvm").exists() {
@@ -833,7 +840,9 @@ mod tests {
             ctl.with_paused_vcpu(0, |fd| fd.get_regs().unwrap().rip),
             Err(VcpuError::NotPaused { id: 0 })
         ));
+        assert!(!ctl.all_paused(), "the vCPU runs");
         ctl.pause_all().unwrap();
+        assert!(ctl.all_paused());
         let rip = ctl
             .with_paused_vcpu(0, |fd| fd.get_regs().unwrap().rip)
             .unwrap();
@@ -846,6 +855,7 @@ mod tests {
             Err(VcpuError::NoAck { id: 1, .. })
         ));
         ctl.resume_all().unwrap();
+        assert!(!ctl.all_paused(), "running again");
         ctl.stop_all();
     }
 }

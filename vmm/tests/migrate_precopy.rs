@@ -339,3 +339,90 @@ fn prefaulted_destination_receives_and_passes() {
     let dst = dst.finish();
     assert_guest_passed("the prefaulted destination", &dst);
 }
+
+/// A VM paused before its migration stays paused through it: a reclaim meanwhile is refused
+/// (its RAM is sent as it is, uncopied), a failed migration leaves it paused, and the next
+/// migration finds nothing dirtied between its rounds. Then the destination runs it and
+/// passes.
+#[test]
+fn paused_vm_stays_paused_through_its_migrations_and_refuses_reclaims() {
+    if !kvm_or_skip("paused_vm_stays_paused_through_its_migrations_and_refuses_reclaims") {
+        return;
+    }
+    let _g = serial();
+    let sock = std::env::temp_dir().join(format!("migrate-paused-{}.sock", std::process::id()));
+    let req = |v: serde_json::Value| vmm::api::request(&sock, &v).unwrap();
+    // A fake destination that reads the start of the stream, says so, and cuts when told:
+    // it never acknowledges round 0, so the migration waits inside it meanwhile.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let (reading_tx, reading_rx) = std::sync::mpsc::channel();
+    let (cut_tx, cut_rx) = std::sync::mpsc::channel::<()>();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        while got < 4 << 20 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        reading_tx.send(got).unwrap();
+        let _ = cut_rx.recv_timeout(Duration::from_secs(60));
+        got
+    });
+    // Demand paging on (the suite's default is off): reclaims need the pager.
+    let mut src = migrate_util::vmm(&["--api-socket", sock.to_str().unwrap()]);
+    let src_rx = lines(&mut src);
+    wait_for(&src_rx, "guest dirty on");
+    wait_for_socket(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(req(serde_json::json!({"cmd": "pause"}))["ok"], true);
+    let sock2 = sock.clone();
+    let first = std::thread::spawn(move || {
+        vmm::api::request(
+            &sock2,
+            &serde_json::json!({"cmd": "migrate", "to": fake_addr}),
+        )
+        .unwrap()
+    });
+    let got = reading_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the fake destination reads the stream");
+    assert!(got >= 4 << 20, "the migration is sending: {got} bytes");
+    let refused = req(serde_json::json!({"cmd": "reclaim", "gpa": "0x10000000", "len": "2M"}));
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("a migration of this paused VM"),
+        "{refused}"
+    );
+    cut_tx.send(()).unwrap();
+    fake.join().unwrap();
+    let failed = first.join().unwrap();
+    assert_eq!(failed["ok"], false, "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("paused as it was"),
+        "{failed}"
+    );
+    // Still paused: a migration now sees no page written between its rounds.
+    let dst = listening(vmm, &["--run-for", "1"]);
+    let done = req(serde_json::json!({"cmd": "migrate", "to": dst.addr}));
+    assert_eq!(done["ok"], true, "{done}");
+    let rounds = done["migrate"]["rounds"].as_array().unwrap();
+    assert!(rounds.len() >= 2, "{done}");
+    assert!(
+        rounds[1..].iter().all(|r| r["dirty_pages"] == 0),
+        "nothing written after the full pass: {done}"
+    );
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert_eq!(scode, 0, "{sout}\n{serr}");
+    assert_guest_passed("destination", &dst.finish());
+    let _ = std::fs::remove_file(&sock);
+}

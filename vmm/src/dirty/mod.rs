@@ -356,6 +356,10 @@ pub enum HostChangeRefused {
     /// The last round is being taken with the vCPUs paused.
     #[error("a migration is sending its last round (the VM is paused): retry once it is over (the VM then runs here again if it failed)")]
     LastRound,
+    /// The VM was paused when its migration started: every round is sent straight from guest
+    /// RAM, which must not change until the migration ends.
+    #[error("a migration of this paused VM is running and sends guest RAM as it is: retry once it is over")]
+    PausedMigration,
     /// The migration completed: the guest runs on the destination.
     #[error("the guest migrated to the destination, this VM no longer runs: send the request to the destination's control socket")]
     Migrated,
@@ -434,7 +438,13 @@ impl HostChanges {
     /// The migration's last round: refuse changes from now on. When this returns, every
     /// change made before is marked (call after pausing the vCPUs, before the last harvest).
     pub fn seal(&self) {
-        *self.lock() = HostChangeState::Refused(HostChangeRefused::LastRound);
+        self.refuse(HostChangeRefused::LastRound);
+    }
+
+    /// Refuse changes from now on, saying `why`. When this returns, every change made before
+    /// is marked.
+    pub fn refuse(&self, why: HostChangeRefused) {
+        *self.lock() = HostChangeState::Refused(why);
     }
 
     /// The migration ended: `migrated` (the guest runs elsewhere, or is lost) keeps refusing

@@ -4,7 +4,7 @@
 //! destination's receive-and-restore.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -27,7 +27,9 @@ use super::summary::{
 use super::transport::{Address, AddressError, Connection};
 use super::{DEVICE_KVM_VM, DEVICE_SERIAL};
 use crate::devices::serial::SerialDevice;
-use crate::dirty::{DirtyBitmap, DirtyError, DirtyMode, DirtyTracker, HostChanges};
+use crate::dirty::{
+    DirtyBitmap, DirtyError, DirtyMode, DirtyTracker, HostChangeRefused, HostChanges,
+};
 use crate::memory::RamRegion;
 use crate::paging::Pager;
 use crate::vcpu::{VcpuError, VmControl};
@@ -173,8 +175,10 @@ fn send_dirty<W: Write>(
 }
 
 /// Runs a migration to `to`. On any error before the destination's guest runs, the VM is
-/// resumed (if it was paused) and keeps running here; the caller reports the error. After
-/// that point (postcopy) the error is [`MigrateError::PostcopyLost`] and the VM stays paused.
+/// resumed if this migration paused it and keeps running here; the caller reports the error.
+/// A VM paused before stays paused through the migration (pause and resume requests wait for
+/// it, reclaims are refused) and after a failure. After the destination's guest runs
+/// (postcopy) the error is [`MigrateError::PostcopyLost`] and the VM stays paused.
 pub fn send(
     src: &Source<'_>,
     to: &Address,
@@ -219,13 +223,35 @@ pub fn send(
         DirtySource::KvmRing(t) => t.clone(),
         DirtySource::Stage2Wp(p) => Arc::new(DirtyTracker::new_stage2(p.clone(), src.regions)?),
     };
+    // A VM paused before its migration stays paused through it: the control lock is held,
+    // so pause and resume requests wait until the migration is over. Nothing writes its RAM
+    // then (reclaims are refused too), and every round is sent straight from guest RAM.
+    let held = {
+        let c = src.control.lock().unwrap_or_else(|p| p.into_inner());
+        c.all_paused().then_some(c)
+    };
     // Before the first harvest: a host change from now on is marked for a later round.
     if let Some(h) = src.host_changes {
         h.track(tracker.vmm_writes().clone());
+        if held.is_some() {
+            h.refuse(HostChangeRefused::PausedMigration);
+        }
     }
+    // Set only when this migration paused the VM: a failure resumes it then, and leaves a VM
+    // that was paused before as it was.
     let mut paused = false;
     let _boost = MigrationPriority::raise();
-    let res = rounds(src, cfg, &tracker, &mut w, &mut paused, back, dest, started);
+    let res = rounds(
+        src,
+        cfg,
+        &tracker,
+        &mut w,
+        &mut paused,
+        held,
+        back,
+        dest,
+        started,
+    );
     if let Some(h) = src.host_changes {
         h.finish(matches!(res, Ok(_) | Err(MigrateError::PostcopyLost(_))));
     }
@@ -317,11 +343,14 @@ fn rounds<W: Write>(
     tracker: &DirtyTracker,
     w: &mut StreamWriter<W>,
     paused: &mut bool,
+    held: Option<MutexGuard<'_, VmControl>>,
     mut back: StreamReader<Connection>,
     dest: Option<DestInfo>,
     started: Instant,
 ) -> Result<MigrationSummary, MigrateError> {
     let mut sender = RamSender::new();
+    // Paused before the migration and held so: no vCPU writes guest RAM in any round.
+    sender.guest_paused = held.is_some();
     // Forget what the tracker holds (the bitmap's initially-set bits, ring entries since the
     // VM started): the full pass below reads every page after this harvest.
     tracker.harvest()?;
@@ -412,9 +441,17 @@ fn rounds<W: Write>(
     // Stop the guest, save the vCPUs (completing any half-done I/O first, which may still
     // touch memory), then take the last harvest: everything written is in it.
     let pause_at = Instant::now();
-    let control = src.control.lock().unwrap_or_else(|p| p.into_inner());
-    control.pause_all()?;
-    *paused = true;
+    // Held until the migration ends, so that no resume request runs the guest while its
+    // last round is sent (or, after a postcopy switch, at all).
+    let control = match held {
+        Some(c) => c,
+        None => {
+            let c = src.control.lock().unwrap_or_else(|p| p.into_inner());
+            c.pause_all()?;
+            *paused = true;
+            c
+        }
+    };
     let mut blobs = Vec::with_capacity(control.len());
     for i in 0..control.len() {
         let caps = src.caps.clone();
@@ -425,7 +462,6 @@ fn rounds<W: Write>(
         blobs.push(st.encode()?);
     }
     let vcpus = control.len() as u32;
-    drop(control);
     let vm_state = save_vm(src.vm)?.encode()?;
     let serial = match src.serial {
         Some(s) => Some(SerialRegs::from(&s.state()).encode()?),
