@@ -23,7 +23,7 @@ use crate::arch::x86_64::configure_vcpu;
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
 use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LAST};
 use crate::devices::PioBus;
-use crate::dirty::{DirtyMode, DirtyTracker, HostChanges};
+use crate::dirty::{DirtyMode, DirtyTracker, HostChangeRefused, HostChanges};
 use crate::memory::{self, human, BackingKind, GuestRam};
 use crate::migrate::postcopy::PostcopyTarget;
 use crate::migrate::precopy::{self, DirtySource, MigrateConfig, MigrateError};
@@ -796,7 +796,12 @@ pub fn run_on(
         Some(path) => Some(api::serve(
             path,
             Arc::new(GuestApi {
-                fns: api_target(pager.clone(), reclaimer.clone(), control.clone()),
+                fns: api_target(
+                    pager.clone(),
+                    reclaimer.clone(),
+                    control.clone(),
+                    host_changes.clone(),
+                ),
                 migrate: Mutex::new(migrate_tx),
             }),
         )?),
@@ -1158,6 +1163,7 @@ fn api_target(
     pager: Option<Arc<Pager>>,
     reclaimer: Arc<Reclaimer>,
     control: Arc<Mutex<VmControl>>,
+    host_changes: Arc<HostChanges>,
 ) -> api::ApiFns {
     let resume_control = control.clone();
     api::ApiFns {
@@ -1174,11 +1180,12 @@ fn api_target(
                 .map_err(|e| e.to_string())
         }),
         resume: Box::new(move || {
-            resume_control
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .resume_all()
-                .map_err(|e| e.to_string())
+            // A resume that waited for a migration's end must not run a guest that moved.
+            let control = resume_control.lock().unwrap_or_else(|p| p.into_inner());
+            if host_changes.migrated() {
+                return Err(HostChangeRefused::Migrated.to_string());
+            }
+            control.resume_all().map_err(|e| e.to_string())
         }),
     }
 }

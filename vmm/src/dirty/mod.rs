@@ -447,6 +447,15 @@ impl HostChanges {
         *self.lock() = HostChangeState::Refused(why);
     }
 
+    /// Whether a migration moved the guest away (or lost it in postcopy): this VM must not
+    /// run again.
+    pub fn migrated(&self) -> bool {
+        matches!(
+            &*self.lock(),
+            HostChangeState::Refused(HostChangeRefused::Migrated)
+        )
+    }
+
     /// The migration ended: `migrated` (the guest runs elsewhere, or is lost) keeps refusing
     /// changes; otherwise the VM runs here again and changes are allowed, unrecorded.
     pub fn finish(&self, migrated: bool) {

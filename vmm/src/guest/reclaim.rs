@@ -480,11 +480,14 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("retry"), "{e}");
+        assert!(!host.migrated(), "sealed is not migrated yet");
         host.finish(true);
+        assert!(host.migrated());
         let e = r.reclaim(LOW_RESERVED, 0x1000).unwrap_err();
         assert!(e.to_string().contains("destination"), "{e}");
         // A failed migration: the VM runs here again, reclaims work unrecorded.
         host.finish(false);
+        assert!(!host.migrated());
         r.reclaim(LOW_RESERVED, 0x1000).unwrap();
         let mut after = DirtyBitmap::empty(&slots());
         vmm.take_into(&mut after);
