@@ -60,6 +60,24 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         let mut b = self.batch();
         b.map(gpa, len, frame, perms, size)
     }
+
+    /// [`Stage2::map_range`] for the empty entries only: a leaf already there (or one another
+    /// thread is installing) is left as it is and not counted, whatever it maps. This is
+    /// fault-around's rule: the neighbours of a fault are mapped where nothing is, and a
+    /// neighbour another fault mapped meanwhile, perhaps with fewer permissions, keeps its
+    /// entry (replacing it would count one page as installed twice). A larger block or a
+    /// table in the way is still an error.
+    pub fn map_range_absent(
+        &self,
+        gpa: u64,
+        len: u64,
+        frame: u64,
+        perms: Perms,
+        size: PageSize,
+    ) -> Result<usize, Error> {
+        let mut b = self.batch();
+        b.map_with(gpa, len, frame, perms, size, false)
+    }
 }
 
 /// The map visitor: descend (creating tables) to the target level, install there.
@@ -68,6 +86,9 @@ struct MapV {
     frame: u64,
     level: usize,
     perms: Perms,
+    /// Replace a different leaf at the target level (`map_range`), or keep any present entry
+    /// (`map_range_absent`).
+    replace: bool,
     written: usize,
     err: Option<Error>,
 }
@@ -112,6 +133,10 @@ impl<F: Format, T: Tlb> Visitor<F, T> for MapV {
                     return Step::Pause;
                 }
                 ctx.old = old;
+                return Step::Continue;
+            }
+            if !self.replace && ctx.level == self.level && old != 0 {
+                // Present, or being installed by another thread: theirs.
                 return Step::Continue;
             }
             if s2.fmt.is_locked(old) {
@@ -194,6 +219,31 @@ impl<F: Format, T: Tlb> Batch<'_, F, T> {
         perms: Perms,
         size: PageSize,
     ) -> Result<usize, Error> {
+        self.map_with(gpa, len, frame, perms, size, true)
+    }
+
+    /// Map one range into the batch where nothing is mapped (see
+    /// [`Stage2::map_range_absent`]).
+    pub fn map_absent(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        frame: u64,
+        perms: Perms,
+        size: PageSize,
+    ) -> Result<usize, Error> {
+        self.map_with(gpa, len, frame, perms, size, false)
+    }
+
+    fn map_with(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        frame: u64,
+        perms: Perms,
+        size: PageSize,
+        replace: bool,
+    ) -> Result<usize, Error> {
         let align = size.bytes();
         for (what, value) in [("gpa", gpa), ("len", len), ("frame", frame)] {
             if value % align != 0 {
@@ -221,6 +271,7 @@ impl<F: Format, T: Tlb> Batch<'_, F, T> {
             frame,
             level: size.level(),
             perms: perms.union(Perms::R),
+            replace,
             written: 0,
             err: None,
         };
@@ -299,6 +350,51 @@ mod tests {
             Ok(0)
         );
         assert_eq!(tlb.flushes().range, 1);
+    }
+
+    #[test]
+    fn map_range_absent_keeps_present_leaves_and_counts_only_new_ones() {
+        let tlb = Arc::new(SoftTlb::new(1));
+        let s2 = engine(Ept, tlb.clone());
+        // A fault mapped page 3 read-only, and page 5 elsewhere.
+        s2.map_range(0x3000, 0x1000, 0x8000_3000, Perms::R, PageSize::Size4K)
+            .unwrap();
+        s2.map_range(0x5000, 0x1000, 0x9000_0000, Perms::RW, PageSize::Size4K)
+            .unwrap();
+        let before = s2.stats();
+        assert_eq!(
+            s2.map_range_absent(0, 0x8000, 0x8000_0000, Perms::RWX, PageSize::Size4K),
+            Ok(6)
+        );
+        let after = s2.stats();
+        assert_eq!(after.installs_4k - before.installs_4k, 6);
+        assert_eq!(after.mapped_4k, 8);
+        // The present leaves are as they were.
+        assert!(
+            s2.translate(0x3000, Access::Write).is_err(),
+            "page 3 stays read-only"
+        );
+        assert_eq!(s2.translate(0x3000, Access::Read).unwrap().pa, 0x8000_3000);
+        assert_eq!(s2.translate(0x5000, Access::Read).unwrap().pa, 0x9000_0000);
+        // The new ones map as asked.
+        assert_eq!(s2.translate(0x7004, Access::Write).unwrap().pa, 0x8000_7004);
+        // Again: nothing is absent, nothing is written.
+        assert_eq!(
+            s2.map_range_absent(0, 0x8000, 0x8000_0000, Perms::RWX, PageSize::Size4K),
+            Ok(0)
+        );
+        // map_range, by contrast, replaces the two that differ.
+        assert_eq!(
+            s2.map_range(0, 0x8000, 0x8000_0000, Perms::RWX, PageSize::Size4K),
+            Ok(2)
+        );
+        // A larger block in the way is still an error.
+        s2.map_range(0x20_0000, 0x20_0000, 0, Perms::RW, PageSize::Size2M)
+            .unwrap();
+        assert!(matches!(
+            s2.map_range_absent(0x20_0000, 0x1000, 0, Perms::RW, PageSize::Size4K),
+            Err(Error::Conflict { .. })
+        ));
     }
 
     #[test]

@@ -159,6 +159,8 @@ enum Op {
         size: u8,
         alt: bool,
         perms: u8,
+        /// `map_range_absent` instead of `map_range`.
+        absent: bool,
     },
     Fault {
         at: usize,
@@ -186,8 +188,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0..128usize, 0..3u8, any::<bool>(), 0..4u8)
-            .prop_map(|(at, size, alt, perms)| Op::Map { at, size, alt, perms }),
+        3 => (0..128usize, 0..3u8, any::<bool>(), 0..4u8, any::<bool>())
+            .prop_map(|(at, size, alt, perms, absent)| Op::Map { at, size, alt, perms, absent }),
         8 => (0..128usize, 0..3u8).prop_map(|(at, access)| Op::Fault { at, access }),
         2 => (0..128usize, 1..1024u32).prop_map(|(at, len_pages)| Op::Invalidate { at, len_pages }),
         1 => (0..128usize, 0..2u8).prop_map(|(at, to)| Op::Split { at, to }),
@@ -220,6 +222,7 @@ fn run<F: Format>(fmt: F, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 size,
                 alt,
                 perms,
+                absent,
             } => {
                 if m.logging {
                     continue;
@@ -228,6 +231,39 @@ fn run<F: Format>(fmt: F, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let gpa = grid_addr(at) & !(size.bytes() - 1);
                 let frame = if alt { ALT } else { BASE } + gpa;
                 let perms = [Perms::R, Perms::RW, Perms::RX, Perms::RWX][perms as usize];
+                if absent {
+                    // A leaf of this size already here stays as it is; an empty entry gets
+                    // the new leaf; anything else in the way is a conflict.
+                    let here = m.leaves.get(&gpa).map(|l| l.size == size.bytes());
+                    match s2.map_range_absent(gpa, size.bytes(), frame, perms, size) {
+                        Ok(n) => {
+                            if here == Some(true) {
+                                prop_assert_eq!(n, 0, "step {}: a present leaf was written", step);
+                            } else {
+                                prop_assert_eq!(n, 1, "step {}", step);
+                                let old = m.zap(gpa, gpa + size.bytes());
+                                prop_assert!(old.is_empty(), "step {}: replaced {:?}", step, old);
+                                m.leaves.insert(
+                                    gpa,
+                                    Leaf {
+                                        size: size.bytes(),
+                                        pa: frame,
+                                        perms,
+                                    },
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            prop_assert!(
+                                matches!(e, stage2::Error::Conflict { .. }),
+                                "step {}: {}",
+                                step,
+                                e
+                            );
+                        }
+                    }
+                    continue;
+                }
                 // One entry: either fully written or refused (nothing written).
                 match s2.map_range(gpa, size.bytes(), frame, perms, size) {
                     Ok(_) => {

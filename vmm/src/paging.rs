@@ -2377,15 +2377,20 @@ impl Handler {
         }
     }
 
-    /// Records fault-around pages `[gpa, gpa+len)` (filled by us) with one batched stage2 call;
-    /// if another thread's mapping is in the way, page by page.
+    /// Records fault-around pages `[gpa, gpa+len)` (filled by us) with one batched stage2 call
+    /// that leaves alone any page another handler recorded meanwhile (a deferred fault on one
+    /// of them may have been installed, read-only, since our fill); if a larger mapping is in
+    /// the way, page by page.
     fn map_around(&mut self, gpa: u64, len: u64, vcpu: usize) {
         let Some(hva) = self.sh.backing.gpa_to_host(gpa) else {
             return;
         };
         let sh = self.sh.clone();
         let c = &sh.counters;
-        match sh.s2.map_range(gpa, len, hva, Perms::RWX, PageSize::Size4K) {
+        match sh
+            .s2
+            .map_range_absent(gpa, len, hva, Perms::RWX, PageSize::Size4K)
+        {
             Ok(n) => add(&c.fault_around, n as u64),
             Err(e) => {
                 debug!("fault-around map_range {gpa:#x}+{len:#x}: {e}; page by page");
