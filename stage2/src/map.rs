@@ -76,7 +76,7 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         size: PageSize,
     ) -> Result<usize, Error> {
         let mut b = self.batch();
-        b.map_with(gpa, len, frame, perms, size, false)
+        b.map_absent(gpa, len, frame, perms, size)
     }
 }
 
