@@ -373,27 +373,20 @@ fn rounds<W: Write>(
         // bytes: the rate below (and so the downtime estimate) is end to end, and no
         // backlog on the destination is left to lengthen the pause.
         back.expect_round_applied(round)?;
-        let secs = t0.elapsed().as_secs_f64().max(1e-6);
-        let sent = w.bytes_written() - b0;
-        let rate = sent as f64 / secs;
+        let mut f = RoundFigures::new(round, pages, w.bytes_written() - b0, t0.elapsed());
         let bm = tracker.harvest()?;
         let next = bm.count();
         pending = Some(bm);
+        let rate = f.rate_mb_s * MB;
         let est = Duration::from_secs_f64(next as f64 * PAGE_SIZE as f64 / rate.max(1.0));
-        figures.push(RoundFigures {
-            round,
-            dirty_pages: pages,
-            bytes: sent,
-            ms: secs * 1e3,
-            rate_mb_s: rate / MB,
-            est_downtime_ms: ms(est),
-        });
+        f.est_downtime_ms = ms(est);
         println!(
             "round {round}: {pages} dirty pages, {:.1} MB sent, {:.0} MB/s, estimated downtime {} ms ({next} pages dirty now)",
-            sent as f64 / MB,
-            rate / MB,
+            f.bytes as f64 / MB,
+            f.rate_mb_s,
             est.as_millis()
         );
+        figures.push(f);
         round += 1;
         let done = match cfg.postcopy_after {
             Some(n) => round >= n,
@@ -419,22 +412,14 @@ fn rounds<W: Write>(
         w.round(round, bm.count())?;
         w.flush()?;
         back.expect_round_applied(round)?;
-        let secs = t0.elapsed().as_secs_f64().max(1e-6);
-        let sent = w.bytes_written() - b0;
-        figures.push(RoundFigures {
-            round,
-            dirty_pages: bm.count(),
-            bytes: sent,
-            ms: secs * 1e3,
-            rate_mb_s: sent as f64 / secs / MB,
-            est_downtime_ms: 0.0,
-        });
+        let f = RoundFigures::new(round, bm.count(), w.bytes_written() - b0, t0.elapsed());
         println!(
             "round {round} (discard): {} dirty pages owed from now on; the destination dropped its copies ({} host pages) in {:.0} ms",
             bm.count(),
             set.len(),
-            secs * 1e3
+            f.ms
         );
+        figures.push(f);
         round += 1;
         discarded = Some(set);
     }
@@ -544,16 +529,12 @@ fn rounds<W: Write>(
         "round {round} (paused): {final_pages} dirty pages, {:.1} MB sent in all; waiting for the destination",
         w.bytes_written() as f64 / MB
     );
-    let secs = t0.elapsed().as_secs_f64().max(1e-6);
-    let sent = w.bytes_written() - b0;
-    figures.push(RoundFigures {
+    figures.push(RoundFigures::new(
         round,
-        dirty_pages: final_pages,
-        bytes: sent,
-        ms: secs * 1e3,
-        rate_mb_s: sent as f64 / secs / MB,
-        est_downtime_ms: 0.0,
-    });
+        final_pages,
+        w.bytes_written() - b0,
+        t0.elapsed(),
+    ));
     back.expect_guest_running()?;
     Ok(summary(
         MigrationMode::Precopy,

@@ -44,6 +44,22 @@ pub struct RoundFigures {
     pub est_downtime_ms: f64,
 }
 
+impl RoundFigures {
+    /// Round `round`: `dirty_pages` pages in `bytes` of stream, sent in `took`. The downtime
+    /// estimate is 0; a running round sets it.
+    pub fn new(round: u32, dirty_pages: u64, bytes: u64, took: std::time::Duration) -> Self {
+        let secs = took.as_secs_f64().max(1e-6);
+        RoundFigures {
+            round,
+            dirty_pages,
+            bytes,
+            ms: secs * 1e3,
+            rate_mb_s: bytes as f64 / secs / 1e6,
+            est_downtime_ms: 0.0,
+        }
+    }
+}
+
 /// The postcopy phase, from the switch to the destination's "all pages received".
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PostcopyFigures {
