@@ -187,6 +187,28 @@ fn make_tables_user(mem: &GuestMemoryMmap, preset_ad: bool) {
 }
 
 /// The area's words as the host sees them: `[page][vcpu]`.
+/// Starts `fds` on the VMM's own run loop with `tracker`'s ring-full hook; returns their
+/// control and the exit latch a failing vCPU sets.
+fn run_vcpus(
+    fds: Vec<VcpuFd>,
+    ram: &GuestRam,
+    tracker: &Arc<DirtyTracker>,
+) -> (VmControl, ExitRequest) {
+    let exit = ExitRequest::new().unwrap();
+    let hooks = VcpuHooks {
+        dirty_ring_full: Some(tracker.ring_full_hook()),
+    };
+    let ctl = VmControl::start_with_hooks(
+        fds,
+        Arc::new(PioBus::new()),
+        ram.memory().clone(),
+        exit.clone(),
+        hooks,
+    )
+    .unwrap();
+    (ctl, exit)
+}
+
 fn snapshot(ram: &GuestRam) -> Vec<u64> {
     let host = ram.gpa_to_host(AREA_GPA).unwrap();
     let mut out = Vec::with_capacity((PAGES * u64::from(VCPUS)) as usize);
@@ -257,18 +279,7 @@ fn run_once(mode: DirtyMode, rounds: usize, pause: Duration) -> Result<Outcome, 
     let mut snaps = vec![snapshot(&ram)];
 
     // The production run loop (vcpu.rs), with the tracker's ring-full hook.
-    let exit = ExitRequest::new().unwrap();
-    let hooks = VcpuHooks {
-        dirty_ring_full: Some(tracker.ring_full_hook()),
-    };
-    let mut ctl = VmControl::start_with_hooks(
-        fds,
-        Arc::new(PioBus::new()),
-        ram.memory().clone(),
-        exit.clone(),
-        hooks,
-    )
-    .unwrap();
+    let (mut ctl, exit) = run_vcpus(fds, &ram, &tracker);
 
     for _ in 0..rounds {
         std::thread::sleep(pause);
@@ -433,18 +444,7 @@ fn rings_log_only_between_the_first_harvest_and_stop() {
     for (id, fd) in fds.iter().enumerate() {
         tracker.attach_vcpu(id, fd).unwrap();
     }
-    let exit = ExitRequest::new().unwrap();
-    let hooks = VcpuHooks {
-        dirty_ring_full: Some(tracker.ring_full_hook()),
-    };
-    let mut ctl = VmControl::start_with_hooks(
-        fds,
-        Arc::new(PioBus::new()),
-        ram.memory().clone(),
-        exit.clone(),
-        hooks,
-    )
-    .unwrap();
+    let (mut ctl, exit) = run_vcpus(fds, &ram, &tracker);
     let area_pages = |b: &DirtyBitmap| (0..PAGES).filter(|&p| b.is_dirty(page_gpa(p))).count();
     let before = snapshot(&ram);
     std::thread::sleep(WATCH);

@@ -13,9 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use migrate_util::{
-    assert_guest_passed, finish, free_2m_pages_or_skip, guest_on, kvm_or_skip, lines, listening,
-    migrate_json_path, read_migrate_json, run_to_end, serial, vmm, vmm_on, wait_for,
-    wait_for_socket,
+    api_guest, assert_guest_passed, finish, free_2m_pages_or_skip, guest_on, kvm_or_skip, lines,
+    listening, migrate_json_path, read_migrate_json, run_to_end, serial, vmm, vmm_on,
 };
 
 /// Migrates a writing `dirty` guest with `src_flags`; the destination stops the guest as
@@ -269,6 +268,27 @@ fn chunk_proxy(
     (src_addr, handle)
 }
 
+/// A source that migrates to `to` (a proxy), switching to postcopy after `after` rounds, once
+/// its guest has written for 300 ms; with its output lines.
+fn postcopy_source(
+    to: &str,
+    after: &str,
+    extra: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut args = vec![
+        "--migrate-to",
+        to,
+        "--postcopy-after",
+        after,
+        "--migrate-delay-ms",
+        "300",
+    ];
+    args.extend_from_slice(extra);
+    let mut src = vmm(&args);
+    let rx = lines(&mut src);
+    (src, rx)
+}
+
 #[test]
 fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
     if !kvm_or_skip("connection_cut_during_postcopy_stops_both_ends_with_exit_1") {
@@ -282,15 +302,7 @@ fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
         Some(n) if n >= 64 && back >= 2 => Step::Cut,
         _ => Step::Pass,
     });
-    let mut src = vmm(&[
-        "--migrate-to",
-        &src_addr,
-        "--postcopy-after",
-        "2",
-        "--migrate-delay-ms",
-        "300",
-    ]);
-    let src_rx = lines(&mut src);
+    let (src, src_rx) = postcopy_source(&src_addr, "2", &[]);
     assert!(
         cutter.join().unwrap(),
         "the stream reached the postcopy switch"
@@ -327,17 +339,7 @@ fn connection_cut_in_the_discard_round_leaves_the_source_running_and_passing() {
             Step::Pass
         }
     });
-    let mut src = vmm(&[
-        "--migrate-to",
-        &src_addr,
-        "--postcopy-after",
-        "1",
-        "--migrate-delay-ms",
-        "300",
-        "--run-for",
-        "2",
-    ]);
-    let src_rx = lines(&mut src);
+    let (src, src_rx) = postcopy_source(&src_addr, "1", &["--run-for", "2"]);
     assert!(!cutter.join().unwrap(), "cut before the postcopy switch");
     let (dcode, dout, derr) = dst.finish();
     assert_eq!(dcode, 1, "destination: {dout}\n{derr}");
@@ -372,15 +374,7 @@ fn corrupted_postcopy_page_stops_the_destination_with_exit_1() {
         }
         Step::Pass
     });
-    let mut src = vmm(&[
-        "--migrate-to",
-        &src_addr,
-        "--postcopy-after",
-        "1",
-        "--migrate-delay-ms",
-        "300",
-    ]);
-    let src_rx = lines(&mut src);
+    let (src, src_rx) = postcopy_source(&src_addr, "1", &[]);
     let (dcode, dout, derr) = dst.finish();
     assert_eq!(dcode, 1, "destination: {dout}\n{derr}");
     assert!(derr.contains("checksum mismatch"), "{derr}");
@@ -404,15 +398,7 @@ fn postcopy_kvm_ring_over_the_control_socket_passes() {
     let dst = listening(vmm, &["--run-for", "0"]);
     // kvm-ring is chosen when the VM starts (the rings exist before the vCPUs) and the
     // control socket's migration uses it.
-    let mut src = vmm(&[
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--dirty-mode",
-        "kvm-ring",
-    ]);
-    let src_rx = lines(&mut src);
-    wait_for(&src_rx, "guest dirty on");
-    wait_for_socket(&sock);
+    let (src, src_rx) = api_guest(vmm, &sock, &["--dirty-mode", "kvm-ring"]);
     let zero = serde_json::json!({"cmd": "migrate", "to": dst.addr, "postcopy_after": 0});
     let bad = vmm::api::request(&sock, &zero).unwrap();
     assert_eq!(bad["ok"], false, "{bad}");

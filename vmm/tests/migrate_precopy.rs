@@ -12,8 +12,8 @@ use std::time::Duration;
 use vmm::migrate::{Chunk, StreamReader, StreamWriter};
 
 use migrate_util::{
-    assert_guest_passed, finish, kvm_or_skip, lines, listening, migrate_json_path,
-    read_migrate_json, run_to_end, serial, wait_for, wait_for_socket,
+    api_guest, assert_guest_passed, finish, kvm_or_skip, lines, listening, migrate_json_path,
+    read_migrate_json, run_to_end, serial,
 };
 
 /// The precopy suite runs without demand paging (KVM populates RAM), as it was first built;
@@ -210,10 +210,7 @@ fn migrate_command_on_the_control_socket_moves_the_guest() {
     let _g = serial();
     let sock = std::env::temp_dir().join(format!("migrate-api-{}.sock", std::process::id()));
     let dst = listening(vmm, &["--run-for", "0"]);
-    let mut src = vmm(&["--api-socket", sock.to_str().unwrap()]);
-    let src_rx = lines(&mut src);
-    wait_for(&src_rx, "guest dirty on");
-    wait_for_socket(&sock);
+    let (src, src_rx) = api_guest(vmm, &sock, &[]);
     let bad = vmm::api::request(&sock, &serde_json::json!({"cmd": "migrate"})).unwrap();
     assert_eq!(bad["ok"], false, "{bad}");
     assert!(bad["error"].as_str().unwrap().contains("\"to\""), "{bad}");
@@ -373,10 +370,7 @@ fn paused_vm_stays_paused_through_its_migrations_and_refuses_reclaims() {
         got
     });
     // Demand paging on (the suite's default is off): reclaims need the pager.
-    let mut src = migrate_util::vmm(&["--api-socket", sock.to_str().unwrap()]);
-    let src_rx = lines(&mut src);
-    wait_for(&src_rx, "guest dirty on");
-    wait_for_socket(&sock);
+    let (src, src_rx) = api_guest(migrate_util::vmm, &sock, &[]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(req(serde_json::json!({"cmd": "pause"}))["ok"], true);
     let sock2 = sock.clone();

@@ -14,10 +14,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use stage2::PageSize;
-use vmm::paging::{PageSource, Pager, PagerConfig, PagingError};
+use vmm::paging::{PageSource, Pager, PagingError};
 
 mod paging_util;
-use paging_util::{Ram, PAGE};
+use paging_util::{tracking_cfg, xorshift, Ram, PAGE};
 
 /// Writer threads (the "vCPUs").
 const WRITERS: usize = 4;
@@ -59,22 +59,6 @@ fn install_pause_handler() {
     // SAFETY: installs a handler that only touches atomics and calls nanosleep; `sa` is valid.
     let r = unsafe { libc::sigaction(PAUSE_SIGNAL, &sa, std::ptr::null_mut()) };
     assert_eq!(r, 0, "sigaction: {}", std::io::Error::last_os_error());
-}
-
-fn tracking_cfg() -> PagerConfig {
-    PagerConfig {
-        handlers: 2,
-        write_tracking: true,
-        fault_around_pages: 1,
-        vcpus: WRITERS,
-    }
-}
-
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
 }
 
 fn dirty_pages(words: &[u64]) -> Vec<u64> {
@@ -208,7 +192,8 @@ fn no_dirty_bit_lands_after_settle_with_the_writers_paused() {
         ram.write(p * PAGE, 1);
     }
     let pager = Arc::new(
-        Pager::start_with_regions(&[ram.region()], PageSize::Size4K, tracking_cfg()).unwrap(),
+        Pager::start_with_regions(&[ram.region()], PageSize::Size4K, tracking_cfg(WRITERS))
+            .unwrap(),
     );
     assert!(pager.record_present().unwrap() > 0);
     pager.start_dirty_log().unwrap();
@@ -280,8 +265,8 @@ fn settle_waits_for_a_held_fault_and_times_out_with_the_reason() {
         return;
     };
     let ram = Arc::new(ram);
-    let pager =
-        Pager::start_with_regions(&[ram.region()], PageSize::Size4K, tracking_cfg()).unwrap();
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, tracking_cfg(WRITERS))
+        .unwrap();
     let t0 = Instant::now();
     pager.settle(SETTLE_TIMEOUT).unwrap();
     assert!(

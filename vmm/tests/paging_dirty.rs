@@ -14,26 +14,10 @@ use stage2::PageSize;
 use vmm::paging::{Pager, PagerConfig, PagingError};
 
 mod paging_util;
-use paging_util::{Ram, PAGE};
+use paging_util::{tracking_cfg, xorshift, Ram, PAGE};
 
 const WRITERS: usize = 2;
 const HARVESTS: usize = 200;
-
-fn tracking_cfg() -> PagerConfig {
-    PagerConfig {
-        handlers: 2,
-        write_tracking: true,
-        fault_around_pages: 1,
-        vcpus: WRITERS,
-    }
-}
-
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
 
 fn is_set(words: &[u64], page: u64) -> bool {
     words[(page / 64) as usize] & (1 << (page % 64)) != 0
@@ -57,7 +41,7 @@ struct Progress {
 fn run(ram: Ram, page: PageSize) {
     let ram = Arc::new(ram);
     let pages = ram.len / PAGE;
-    let pager = Pager::start_with_regions(&[ram.region()], page, tracking_cfg()).unwrap();
+    let pager = Pager::start_with_regions(&[ram.region()], page, tracking_cfg(WRITERS)).unwrap();
     // Every page present before logging starts (the first harvest reports the start-up writes).
     for p in 0..pages {
         ram.write(p * PAGE, 0);
@@ -202,8 +186,8 @@ fn a_dirty_page_on_hugetlb_reports_its_whole_huge_page() {
     let Some(ram) = Ram::new(8 << 20, true) else {
         return;
     };
-    let pager =
-        Pager::start_with_regions(&[ram.region()], PageSize::Size2M, tracking_cfg()).unwrap();
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size2M, tracking_cfg(WRITERS))
+        .unwrap();
     ram.write(0, 1);
     ram.write(2 << 20, 1);
     pager.start_dirty_log().unwrap();
@@ -235,15 +219,15 @@ fn dirty_log_calls_are_refused_with_the_reason() {
         PageSize::Size4K,
         PagerConfig {
             write_tracking: false,
-            ..tracking_cfg()
+            ..tracking_cfg(WRITERS)
         },
     )
     .unwrap();
     let e = untracked.start_dirty_log().unwrap_err();
     assert!(e.to_string().contains("write_tracking = true"), "{e}");
     untracked.stop();
-    let pager =
-        Pager::start_with_regions(&[ram.region()], PageSize::Size4K, tracking_cfg()).unwrap();
+    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, tracking_cfg(WRITERS))
+        .unwrap();
     let e = pager.harvest_dirty(0, ram.len).unwrap_err();
     assert!(e.to_string().contains("start_dirty_log"), "{e}");
     pager.start_dirty_log().unwrap();

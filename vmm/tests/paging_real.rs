@@ -11,7 +11,7 @@ use vmm::memory::RamRegion;
 use vmm::paging::{Pager, PagerConfig, PagingError};
 
 mod paging_util;
-use paging_util::{Ram, PAGE};
+use paging_util::{xorshift, Ram, PAGE};
 
 const HUGE_2M: u64 = 2 << 20;
 const GIB: u64 = 1 << 30;
@@ -23,13 +23,6 @@ fn cfg(handlers: usize, fault_around: usize) -> PagerConfig {
         fault_around_pages: fault_around,
         vcpus: handlers,
     }
-}
-
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
 }
 
 /// Pages (of `page` bytes) touched by `threads` threads at `per_thread` random 4 KiB addresses

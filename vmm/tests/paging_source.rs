@@ -12,7 +12,7 @@ use stage2::{Access, PageSize};
 use vmm::paging::{PageSource, Pager, PagerConfig, PagingError};
 
 mod paging_util;
-use paging_util::{Ram, PAGE};
+use paging_util::{xorshift, Ram, PAGE};
 
 const HUGE_2M: u64 = 2 << 20;
 
@@ -23,13 +23,6 @@ fn cfg(handlers: usize, fault_around: usize) -> PagerConfig {
         fault_around_pages: fault_around,
         vcpus: handlers,
     }
-}
-
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
 }
 
 /// The source's contents of the word at `gpa` (never zero, different for every word).

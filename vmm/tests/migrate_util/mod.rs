@@ -147,6 +147,22 @@ pub fn listening(spawn: impl FnOnce(&[&str]) -> Child, extra: &[&str]) -> Destin
     listening_at(format!("tcp:127.0.0.1:{}", free_port()), spawn, extra)
 }
 
+/// Starts a `dirty` guest with `spawn(["--api-socket", sock, extra...])` and waits until it
+/// writes and its control socket is there; returns it with its output lines.
+pub fn api_guest(
+    spawn: impl FnOnce(&[&str]) -> Child,
+    sock: &Path,
+    extra: &[&str],
+) -> (Child, Receiver<String>) {
+    let mut args = vec!["--api-socket", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut child = spawn(&args);
+    let rx = lines(&mut child);
+    wait_for(&rx, "guest dirty on");
+    wait_for_socket(sock);
+    (child, rx)
+}
+
 /// Forwards a child's stdout lines to a channel (and echoes them).
 pub fn lines(child: &mut Child) -> Receiver<String> {
     let out = child.stdout.take().unwrap();

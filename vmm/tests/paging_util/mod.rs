@@ -4,8 +4,27 @@
 #![allow(dead_code)] // each suite uses part of the helpers
 
 use vmm::memory::RamRegion;
+use vmm::paging::PagerConfig;
 
 pub const PAGE: u64 = 4096;
+
+/// A small, fast pseudo-random step (xorshift64) for the suites' random page choices.
+pub fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// A pager that tracks writes for `vcpus` writer threads: two handlers, no fault-around.
+pub fn tracking_cfg(vcpus: usize) -> PagerConfig {
+    PagerConfig {
+        handlers: 2,
+        write_tracking: true,
+        fault_around_pages: 1,
+        vcpus,
+    }
+}
 
 /// Guest "RAM": a private anonymous mapping, unmapped on drop (after the pager is stopped).
 pub struct Ram {
