@@ -1040,12 +1040,6 @@ fn migrate_now(
     cfg: MigrateConfig,
     json: Option<&std::path::Path>,
 ) -> (Result<serde_json::Value, String>, Option<Waited>) {
-    // Only for the message on failure: a VM paused before stays paused (see precopy::send).
-    let was_paused = src
-        .control
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .all_paused();
     match precopy::send(src, addr, cfg) {
         Ok(s) => {
             println!(
@@ -1085,7 +1079,14 @@ fn migrate_now(
             (Err(msg), Some(Waited::Lost))
         }
         Err(e) => {
-            let msg = if was_paused {
+            // A failed migration resumes the VM it paused, and leaves one that was paused
+            // before as it was (see precopy::send): paused now means paused before.
+            let paused = src
+                .control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .all_paused();
+            let msg = if paused {
                 format!(
                     "migration to {addr} failed: {e}; the VM stays here, paused as it was \
                      (vmmctl resume runs it again)"
