@@ -272,9 +272,10 @@ fn install_perms(need: Perms, allowed: Perms) -> Perms {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use super::*;
-    use crate::testutil::{engine, Ram};
+    use crate::testutil::{engine, returns_within, Ram};
     use crate::{Arm64, Ept, NoopTlb, SoftTlb, TlbAccess, TranslateError};
 
     fn fault(gpa: u64, access: Access) -> Fault {
@@ -375,17 +376,28 @@ mod tests {
 
     #[test]
     fn bbm_marker_means_retry() {
-        let s2 = engine(Ept, NoopTlb);
+        let s2 = Arc::new(engine(Ept, NoopTlb));
         let ram = Ram::new(PageSize::Size4K, Perms::RW);
         s2.handle_fault(fault(0x5000, Access::Read), &ram, s2.invalidate_seq());
         let g = s2.reclaim.pin();
         let f = s2.descend(0x5000, 3, false, &g);
         assert!(s2.try_break(f.slot, f.old, f.level, 0x5000));
         for access in [Access::Read, Access::Write] {
-            assert_eq!(
-                s2.handle_fault(fault(0x5000, access), &ram, s2.invalidate_seq()),
-                Outcome::Retry
-            );
+            // On another thread, with a deadline: a fault that waited for our make would never
+            // return, and this test would hang instead of failing.
+            let out = returns_within(Duration::from_secs(10), {
+                let s2 = s2.clone();
+                move || {
+                    let ram = Ram::new(PageSize::Size4K, Perms::RW);
+                    s2.handle_fault(fault(0x5000, access), &ram, s2.invalidate_seq())
+                }
+            });
+            let Some(out) = out else {
+                // Let the waiting fault finish before failing.
+                assert!(s2.make(f.slot, f.old));
+                panic!("a {access:?} fault on a break-before-make marker did not return in 10 s: it waits for the owner's make instead of answering Retry");
+            };
+            assert_eq!(out, Outcome::Retry, "{access:?} fault on the marker");
         }
         assert!(
             s2.translate(0x5000, Access::Read).is_err(),

@@ -126,7 +126,10 @@ unsafe impl<F: Format, T: Tlb> Sync for Stage2<F, T> {}
 impl<F: Format, T: Tlb> Stage2<F, T> {
     /// An empty table (one root page).
     pub fn new(format: F, tlb: T, config: Config) -> Self {
-        let reclaim = Reclaim::new();
+        Stage2::with_reclaim(format, tlb, config, Reclaim::new())
+    }
+
+    fn with_reclaim(format: F, tlb: T, config: Config, reclaim: Reclaim) -> Self {
         let root = reclaim.alloc();
         let stats = Counters::new();
         stats.inc(C::TablesLive);
@@ -142,6 +145,12 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
             stats,
             structure: Mutex::new(()),
         }
+    }
+
+    /// [`Stage2::new`] with an epoch collector of the engine's own (see `Reclaim::with_own_collector`).
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn with_own_collector(format: F, tlb: T, config: Config) -> Self {
+        Stage2::with_reclaim(format, tlb, config, Reclaim::with_own_collector())
     }
 
     /// The format.
@@ -242,7 +251,7 @@ impl<F: Format, T: Tlb> std::fmt::Debug for Stage2<F, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{engine, Ram};
+    use crate::testutil::{engine, engine_own_epoch, Ram};
 
     #[test]
     fn stats_display_is_an_aligned_table() {
@@ -305,7 +314,7 @@ mod tests {
 
     #[test]
     fn faults_under_a_callers_pin_install_and_pages_are_reclaimed_after_it_drops() {
-        let s2 = engine(Ept, NoopTlb);
+        let s2 = engine_own_epoch(Ept, NoopTlb);
         let ram = Ram::new(PageSize::Size4K, Perms::RW);
         {
             let _pin = s2.pin();

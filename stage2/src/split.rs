@@ -248,7 +248,7 @@ impl<F: Format, T: Tlb> Visitor<F, T> for CollapseV {
 
 #[cfg(test)]
 mod tests {
-    use crate::testutil::engine;
+    use crate::testutil::{engine, engine_own_epoch};
     use crate::{Access, Arm64, Ept, Format, NoopTlb, PageSize, Perms, Stage2, Tlb};
 
     fn sample(s2: &Stage2<impl Format, impl Tlb>) -> Vec<Option<(u64, Perms)>> {
@@ -329,7 +329,7 @@ mod tests {
 
     #[test]
     fn collapsed_table_page_is_freed_after_grace_period() {
-        let s2 = engine(Ept, NoopTlb);
+        let s2 = engine_own_epoch(Ept, NoopTlb);
         s2.map_range(0, 0x20_0000, 0x4000_0000, Perms::RW, PageSize::Size4K)
             .unwrap();
         let allocated = s2.stats().tables_allocated;

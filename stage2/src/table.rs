@@ -128,6 +128,11 @@ pub(crate) struct Guard {
 /// Allocation and deferred reclamation of table pages.
 pub(crate) struct Reclaim {
     pool: Arc<Pool>,
+    /// Unit tests that count deferred frees use an epoch collector of their own: on crossbeam's
+    /// global one, any other test of the binary that is pinned (or stuck pinned after a failure)
+    /// holds their frees back. `None`: the global collector.
+    #[cfg(all(test, not(loom)))]
+    own: Option<crossbeam_epoch::Collector>,
     /// Under loom, unlinked pages wait here until the engine drops.
     #[cfg(loom)]
     deferred: StdMutex<Vec<SendPage>>,
@@ -137,9 +142,21 @@ impl Reclaim {
     pub(crate) fn new() -> Self {
         Reclaim {
             pool: Arc::new(Pool::default()),
+            #[cfg(all(test, not(loom)))]
+            own: None,
             #[cfg(loom)]
             deferred: StdMutex::new(Vec::new()),
         }
+    }
+
+    /// Reclamation through an epoch collector of this engine's own (unit tests only). Every pin
+    /// registers a new participant, which is slow but keeps the participant's thread-local
+    /// bookkeeping out of the picture.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn with_own_collector() -> Self {
+        let mut r = Reclaim::new();
+        r.own = Some(crossbeam_epoch::Collector::new());
+        r
     }
 
     pub(crate) fn pool(&self) -> &Pool {
@@ -149,6 +166,13 @@ impl Reclaim {
     /// Enter a read-side critical section.
     #[inline]
     pub(crate) fn pin(&self) -> Guard {
+        #[cfg(all(test, not(loom)))]
+        if let Some(c) = &self.own {
+            // The guard keeps the participant alive after its handle drops.
+            return Guard {
+                _epoch: c.register().pin(),
+            };
+        }
         Guard {
             #[cfg(not(loom))]
             _epoch: crossbeam_epoch::pin(),
@@ -213,7 +237,7 @@ impl Reclaim {
     pub(crate) fn flush(&self) {
         #[cfg(not(loom))]
         for _ in 0..4 {
-            crossbeam_epoch::pin().flush();
+            self.pin()._epoch.flush();
         }
     }
 }

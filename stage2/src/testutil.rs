@@ -41,3 +41,23 @@ pub(crate) fn cfg() -> Config {
 pub(crate) fn engine<F: Format, T: Tlb>(f: F, t: T) -> Stage2<F, T> {
     Stage2::new(f, t, cfg())
 }
+
+/// [`engine`] with an epoch collector of its own, for tests that wait for deferred frees (other
+/// tests' pins on the global collector cannot hold them back).
+pub(crate) fn engine_own_epoch<F: Format, T: Tlb>(f: F, t: T) -> Stage2<F, T> {
+    Stage2::with_own_collector(f, t, cfg())
+}
+
+/// Run `f` on its own thread and wait at most `limit` for its result: `None` if it is still
+/// running then (it is left running). For calls that must return and would hang a test if they
+/// did not.
+pub(crate) fn returns_within<R: Send + 'static>(
+    limit: std::time::Duration,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Option<R> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
