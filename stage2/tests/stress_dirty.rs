@@ -5,12 +5,13 @@
 //! A write is recorded with the number of harvests completed before it started; it must be in a
 //! harvest whose index is at least that number (a harvest that completed before the write started
 //! cannot hold it; one of the later ones must). A final harvest after the threads join closes the set.
+//! A vCPU that panics or hangs fails the test within its time limit (`support/threads.rs`).
 
 #![cfg(not(loom))]
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stage2::{
@@ -21,6 +22,8 @@ use stage2::{
 #[path = "support/rng.rs"]
 mod rng;
 use rng::Rng;
+#[path = "support/threads.rs"]
+mod threads;
 
 const GIB: u64 = 1 << 30;
 /// GiB 0 is backed in 2 MiB blocks (eager split at enable), GiB 1 in 4 KiB pages.
@@ -31,6 +34,8 @@ const FRAME_BASE: u64 = 1 << 40;
 const VCPUS: usize = 3;
 const RUN_FOR: Duration = Duration::from_secs(3);
 const MAX_OPS_PER_THREAD: u64 = 4_000_000;
+/// How long the vCPUs may overrun `RUN_FOR` before the test reports a hang.
+const HANG_LIMIT: Duration = Duration::from_secs(30);
 
 struct Linear;
 
@@ -122,7 +127,7 @@ fn stress_no_lost_dirty_page_lazy_split() {
 /// Map the hot window of GiB 0 with 2 MiB blocks (writable), enable logging with `policy`, then
 /// race writers against harvests and invalidations.
 fn run(policy: SplitPolicy) {
-    let s2: Engine = Stage2::new(
+    let s2: Arc<Engine> = Arc::new(Stage2::new(
         Ept,
         NoopTlb,
         Config {
@@ -130,7 +135,7 @@ fn run(policy: SplitPolicy) {
             dirty_limit: RANGE.end,
             ..Config::default()
         },
-    );
+    ));
     for gpa in (0..HOT_PAGES << 12).step_by(2 << 20) {
         let fault = Fault {
             gpa,
@@ -150,25 +155,25 @@ fn run(policy: SplitPolicy) {
     // Writes made before logging was enabled are not asked for; start from a clean log.
     let _ = s2.dirty().harvest(RANGE);
 
-    let completed = AtomicUsize::new(0);
-    let harvests: Mutex<Vec<HashSet<u64>>> = Mutex::new(Vec::new());
-    let writes = Mutex::new(Vec::new());
-    let stop = AtomicBool::new(false);
+    let completed = Arc::new(AtomicUsize::new(0));
+    let harvests: Arc<Mutex<Vec<HashSet<u64>>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
     let deadline = Instant::now() + RUN_FOR;
-    std::thread::scope(|s| {
-        let vcpus: Vec<_> = (0..VCPUS)
-            .map(|v| {
-                let (s2, completed, writes) = (&s2, &completed, &writes);
-                s.spawn(move || {
-                    writes
-                        .lock()
-                        .unwrap()
-                        .extend(vcpu(s2, v, completed, deadline))
-                })
-            })
-            .collect();
-        let (s2, completed, harvests, stop) = (&s2, &completed, &harvests, &stop);
-        s.spawn(move || {
+    let vcpus: Vec<_> = (0..VCPUS)
+        .map(|v| {
+            let (s2, completed) = (s2.clone(), completed.clone());
+            let h = std::thread::spawn(move || vcpu(&s2, v, &completed, deadline));
+            (format!("vCPU {v}"), h)
+        })
+        .collect();
+    let harvester = {
+        let (s2, completed, harvests, stop) = (
+            s2.clone(),
+            completed.clone(),
+            harvests.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Acquire) {
                 let pages = s2.dirty().harvest(RANGE).iter().collect::<HashSet<u64>>();
@@ -182,15 +187,20 @@ fn run(policy: SplitPolicy) {
                 }
                 std::thread::sleep(Duration::from_micros(500));
             }
-        });
-        for v in vcpus {
-            v.join().unwrap();
-        }
-        stop.store(true, Ordering::Release);
-    });
-    let mut harvests = harvests.into_inner().unwrap();
+        })
+    };
+    let writes: Vec<(u64, usize)> = threads::join_all(
+        vcpus,
+        deadline + HANG_LIMIT,
+        || stop.store(true, Ordering::Release),
+        vec![("the harvester".to_string(), harvester)],
+        HANG_LIMIT,
+    )
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut harvests = std::mem::take(&mut *harvests.lock().unwrap());
     harvests.push(s2.dirty().harvest(RANGE).iter().collect::<HashSet<u64>>());
-    let writes = writes.into_inner().unwrap();
     assert!(
         harvests.len() > 10 && writes.len() > 1000,
         "the run did too little: {} harvests, {} writes",

@@ -7,13 +7,17 @@
 //! Checks: an access that completes while its GiB's generation is stable reaches that generation's
 //! memory (no stale TLB entry survives an invalidation); every write that completed is in a
 //! harvest that started after the write (no stale writable TLB entry survives a harvest's
-//! re-protection); a fault on RW memory is never denied.
+//! re-protection); a fault on RW memory is never denied; every access completes after a bounded
+//! number of faults answered `Installed`, `Relaxed` or `Spurious` in a row (a vCPU whose TLB keeps
+//! an entry that a spurious fault did not flush would fault forever).
+//!
+//! A vCPU that panics or hangs fails the test within its time limit (`support/threads.rs`).
 
 #![cfg(not(loom))]
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stage2::{
@@ -24,6 +28,8 @@ use stage2::{
 #[path = "support/rng.rs"]
 mod rng;
 use rng::Rng;
+#[path = "support/threads.rs"]
+mod threads;
 
 const GIB: u64 = 1 << 30;
 const NR_GIB: u64 = 2;
@@ -33,6 +39,13 @@ const GEN_STRIDE: u64 = 1 << 36;
 const VCPUS: usize = 3;
 const RUN_FOR: Duration = Duration::from_secs(2);
 const MAX_ACCESSES_PER_VCPU: u64 = 2_000_000;
+/// Faults answered with a mapping that allows the access (installed, relaxed or spurious) one
+/// access may take in a row before it must complete. Between two of them the host may re-protect
+/// (a harvest) or zap (an invalidation) the page, every few hundred microseconds: a handful is
+/// normal, this many is a vCPU that makes no progress.
+const MAX_GRANTED_REFAULTS: u32 = 100;
+/// How long the vCPUs may overrun `RUN_FOR` before the test reports a hang.
+const HANG_LIMIT: Duration = Duration::from_secs(30);
 
 /// GiB 0 in 2 MiB blocks, GiB 1 in 4 KiB pages, both RW, each with a generation.
 struct Host {
@@ -92,35 +105,47 @@ fn vcpu(
         let generation = &host.generation[gib as usize];
         let before = completed.load(Ordering::Acquire);
         let gen_before = generation.load(Ordering::Acquire);
-        match s2.tlb().access(s2, v, gpa, access) {
-            TlbAccess::Ok(pa) => {
-                if generation.load(Ordering::Acquire) == gen_before {
-                    assert_eq!(
-                        pa,
-                        Host::frame(gpa, gen_before),
-                        "vCPU {v}: {access:?} at {gpa:#x} reached stale memory"
+        // Like a CPU: retry the access until it completes; each failure is a stage-2 fault.
+        let mut granted_refaults = 0;
+        loop {
+            match s2.tlb().access(s2, v, gpa, access) {
+                TlbAccess::Ok(pa) => {
+                    if generation.load(Ordering::Acquire) == gen_before {
+                        assert_eq!(
+                            pa,
+                            Host::frame(gpa, gen_before),
+                            "vCPU {v}: {access:?} at {gpa:#x} reached stale memory"
+                        );
+                    }
+                    if access == Access::Write {
+                        writes.push((gpa & !0xfff, before));
+                    }
+                    break;
+                }
+                TlbAccess::Fault { from_cache } => {
+                    let seq = s2.invalidate_seq();
+                    let out = s2.handle_fault(
+                        Fault {
+                            gpa,
+                            access,
+                            vcpu: v,
+                        },
+                        host,
+                        seq,
+                    );
+                    assert_ne!(
+                        out,
+                        Outcome::Denied,
+                        "vCPU {v}: {access:?} at {gpa:#x} denied on RW memory"
+                    );
+                    if out != Outcome::Retry {
+                        granted_refaults += 1;
+                    }
+                    assert!(
+                        granted_refaults <= MAX_GRANTED_REFAULTS,
+                        "vCPU {v}: {access:?} at {gpa:#x} faulted again after {granted_refaults} faults answered with a usable mapping (last {out:?}, from cache: {from_cache}): no progress"
                     );
                 }
-                if access == Access::Write {
-                    writes.push((gpa & !0xfff, before));
-                }
-            }
-            TlbAccess::Fault { .. } => {
-                let seq = s2.invalidate_seq();
-                let out = s2.handle_fault(
-                    Fault {
-                        gpa,
-                        access,
-                        vcpu: v,
-                    },
-                    host,
-                    seq,
-                );
-                assert_ne!(
-                    out,
-                    Outcome::Denied,
-                    "vCPU {v}: {access:?} at {gpa:#x} denied on RW memory"
-                );
             }
         }
     }
@@ -129,7 +154,7 @@ fn vcpu(
 
 #[test]
 fn stress_tlb_no_stale_translation_no_lost_write() {
-    let s2: Engine = Stage2::new(
+    let s2: Arc<Engine> = Arc::new(Stage2::new(
         Ept,
         SoftTlb::new(VCPUS),
         Config {
@@ -137,30 +162,31 @@ fn stress_tlb_no_stale_translation_no_lost_write() {
             dirty_limit: NR_GIB * GIB,
             ..Config::default()
         },
-    );
-    let host = Host {
+    ));
+    let host = Arc::new(Host {
         generation: Default::default(),
-    };
+    });
     s2.dirty().enable(SplitPolicy::Eager);
-    let completed = AtomicUsize::new(0);
-    let harvests: Mutex<Vec<HashSet<u64>>> = Mutex::new(Vec::new());
-    let writes = Mutex::new(Vec::new());
-    let stop = AtomicBool::new(false);
+    let completed = Arc::new(AtomicUsize::new(0));
+    let harvests: Arc<Mutex<Vec<HashSet<u64>>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
     let deadline = Instant::now() + RUN_FOR;
-    std::thread::scope(|s| {
-        let vcpus: Vec<_> = (0..VCPUS)
-            .map(|v| {
-                let (s2, host, completed, writes) = (&s2, &host, &completed, &writes);
-                s.spawn(move || {
-                    writes
-                        .lock()
-                        .unwrap()
-                        .extend(vcpu(s2, host, v, completed, deadline))
-                })
-            })
-            .collect();
-        let (s2, host, completed, harvests, stop) = (&s2, &host, &completed, &harvests, &stop);
-        s.spawn(move || {
+    let vcpus: Vec<_> = (0..VCPUS)
+        .map(|v| {
+            let (s2, host, completed) = (s2.clone(), host.clone(), completed.clone());
+            let h = std::thread::spawn(move || vcpu(&s2, &host, v, &completed, deadline));
+            (format!("vCPU {v}"), h)
+        })
+        .collect();
+    let harvester = {
+        let (s2, host, completed, harvests, stop) = (
+            s2.clone(),
+            host.clone(),
+            completed.clone(),
+            harvests.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Acquire) {
                 let pages: HashSet<u64> = s2.dirty().harvest(0..NR_GIB * GIB).iter().collect();
@@ -176,15 +202,20 @@ fn stress_tlb_no_stale_translation_no_lost_write() {
                 }
                 std::thread::sleep(Duration::from_micros(300));
             }
-        });
-        for v in vcpus {
-            v.join().unwrap();
-        }
-        stop.store(true, Ordering::Release);
-    });
-    let mut harvests = harvests.into_inner().unwrap();
+        })
+    };
+    let writes: Vec<(u64, usize)> = threads::join_all(
+        vcpus,
+        deadline + HANG_LIMIT,
+        || stop.store(true, Ordering::Release),
+        vec![("the harvester".to_string(), harvester)],
+        HANG_LIMIT,
+    )
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut harvests = std::mem::take(&mut *harvests.lock().unwrap());
     harvests.push(s2.dirty().harvest(0..NR_GIB * GIB).iter().collect());
-    let writes = writes.into_inner().unwrap();
     assert!(
         harvests.len() > 10 && writes.len() > 1000,
         "the run did too little: {} harvests, {} writes",
