@@ -42,9 +42,24 @@ fn fault_until_done(s2: &Stage2<Ept, NoopTlb>, access: Access, vcpu: usize) -> O
     }
 }
 
+/// Run a loom model (preemption bound `LOOM_MAX_PREEMPTIONS`) and print how many executions it
+/// explored.
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
+    loom::model::Builder::new().check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f()
+    });
+    println!(
+        "loom: {} executions",
+        runs.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
 #[test]
 fn seed001_read_and_write_race_ends_rw_without_bbm() {
-    loom::model(|| {
+    model(|| {
         let s2 = Arc::new(Stage2::new(
             Ept,
             NoopTlb,
