@@ -69,7 +69,7 @@ mod types;
 mod walk;
 
 pub use dirty::{Bitmap, DirtyLog, SplitPolicy};
-pub use format::{Arm64, Ept, Format};
+pub use format::{Arm64, Ept, EptAttrs, Format, S2Attrs};
 pub use invalidate::Invalidation;
 pub use map::Batch;
 pub use stats::Stats;

@@ -15,7 +15,7 @@ use crate::Stage2;
 
 impl<F: Format, T: Tlb> Stage2<F, T> {
     /// Split the block `old` at `level` (base `addr`) into a table of 512 leaves one level down,
-    /// same output addresses, permissions and marks. Without break-before-make when the format
+    /// same output addresses, permissions, attributes and marks. Without break-before-make when the format
     /// allows it (EPT, ARM64 with FEAT_BBM level 2), otherwise break, flush, make. Returns the new
     /// table descriptor; `Err` if the entry changed under us (nothing was published).
     pub(crate) fn split_entry(
@@ -31,15 +31,17 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
         let csize = level_bytes(child_level);
         let oa = self.fmt.leaf_oa(old, level);
         let perms = self.fmt.leaf_perms(old);
+        let attrs = self.fmt.attrs(old);
         let wp = self.fmt.is_dirty_wp(old);
         let page = self.reclaim.alloc();
         {
             // SAFETY: `page` is freshly allocated and private to this thread until published.
             let t: &TablePage = unsafe { &*page };
             for (i, e) in t.entries.iter().enumerate() {
-                let c = self
+                let leaf = self
                     .fmt
-                    .with_dirty_wp(self.fmt.leaf(oa + i as u64 * csize, child_level, perms), wp);
+                    .leaf_with(oa + i as u64 * csize, child_level, perms, attrs);
+                let c = self.fmt.with_dirty_wp(leaf, wp);
                 // Relaxed: published by the SeqCst (Release) CAS below.
                 e.store(c, Ordering::Relaxed);
             }
@@ -147,10 +149,11 @@ impl<F: Format, T: Tlb> Stage2<F, T> {
             return false;
         }
         let block = self.fmt.with_dirty_wp(
-            self.fmt.leaf(
+            self.fmt.leaf_with(
                 self.fmt.leaf_oa(first, clevel),
                 level,
                 self.fmt.leaf_perms(first),
+                self.fmt.attrs(first),
             ),
             self.fmt.is_dirty_wp(first),
         );
@@ -325,6 +328,61 @@ mod tests {
             PageSize::Size2M
         );
         assert_eq!(s2.stats().collapses, 1);
+    }
+
+    /// A block with attributes other than the default (written straight into its entry, as a VMM
+    /// maps a device region) keeps them through a split and the collapse back.
+    fn split_and_collapse_keep_attributes<F: Format>(f: F, attrs: F::Attrs) {
+        let s2 = engine(f, NoopTlb);
+        s2.map_range(0, 0x20_0000, 0x4000_0000, Perms::RW, PageSize::Size2M)
+            .unwrap();
+        {
+            let g = s2.reclaim.pin();
+            let e = s2.descend(0, 2, false, &g);
+            let block = s2.fmt.leaf_with(0x4000_0000, 2, Perms::RW, attrs);
+            e.slot.store(block, std::sync::atomic::Ordering::SeqCst);
+        }
+        assert_eq!(s2.split(0..0x20_0000, PageSize::Size4K), 1);
+        for gpa in [0, 0x1000, 0x1f_f000] {
+            let g = s2.reclaim.pin();
+            let e = s2.descend(gpa, 3, false, &g);
+            assert_eq!(e.level, 3);
+            assert_eq!(s2.fmt.attrs(e.old), attrs, "4 KiB page at {gpa:#x}");
+            assert_eq!(s2.fmt.leaf_oa(e.old, 3), 0x4000_0000 + gpa);
+        }
+        assert_eq!(s2.collapse(0..0x20_0000), 1);
+        let g = s2.reclaim.pin();
+        let e = s2.descend(0, 3, false, &g);
+        assert_eq!(e.level, 2, "collapsed into a block");
+        assert_eq!(s2.fmt.attrs(e.old), attrs);
+        assert_eq!(s2.fmt.leaf_perms(e.old), Perms::RW);
+    }
+
+    #[test]
+    fn split_and_collapse_keep_attributes_ept() {
+        use crate::format::ept::MemType;
+        split_and_collapse_keep_attributes(
+            Ept,
+            crate::EptAttrs {
+                mem_type: MemType::Uncacheable,
+                ignore_pat: true,
+                suppress_ve: true,
+                ..Default::default()
+            },
+        );
+    }
+
+    #[test]
+    fn split_and_collapse_keep_attributes_arm64() {
+        use crate::format::arm64::{DeviceType, MemAttr, Shareability};
+        split_and_collapse_keep_attributes(
+            Arm64 { bbm_level2: false },
+            crate::S2Attrs {
+                mem_attr: MemAttr::Device(DeviceType::NGnRE),
+                shareability: Shareability::Non,
+                ..Default::default()
+            },
+        );
     }
 
     #[test]

@@ -34,8 +34,84 @@ pub const FRAME_MASK: u64 = 0x000f_ffff_ffff_f000;
 pub const SW_DIRTY_WP: u64 = 1 << 52;
 /// Bit 53 (software): in a not-present entry (bits 2:0 = 0), the break-before-make marker.
 pub const SW_LOCKED: u64 = 1 << 53;
-/// Bit 63: suppress #VE (ignored unless EPT-violation #VE is enabled; never set by this engine).
+/// Bit 63: suppress #VE (ignored unless EPT-violation #VE is enabled).
 pub const SUPPRESS_VE: u64 = 1 << 63;
+
+/// The EPT memory type of a leaf, bits 5:3 (§29.3.7, "EPT and Memory Typing"; the encodings are
+/// the PAT's; 2, 3 and 7 are reserved and make the entry misconfigured).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemType {
+    /// 0: uncacheable (UC).
+    Uncacheable,
+    /// 1: write-combining (WC).
+    WriteCombining,
+    /// 4: write-through (WT).
+    WriteThrough,
+    /// 5: write-protected (WP).
+    WriteProtected,
+    /// 6: write-back (WB), guest RAM.
+    #[default]
+    WriteBack,
+}
+
+impl MemType {
+    /// The 3-bit encoding.
+    pub const fn bits(self) -> u64 {
+        match self {
+            MemType::Uncacheable => 0,
+            MemType::WriteCombining => 1,
+            MemType::WriteThrough => 4,
+            MemType::WriteProtected => 5,
+            MemType::WriteBack => MEMTYPE_WB,
+        }
+    }
+
+    /// The type an encoding stands for; `None` for the reserved 2, 3 and 7.
+    pub const fn from_bits(v: u64) -> Option<MemType> {
+        Some(match v {
+            0 => MemType::Uncacheable,
+            1 => MemType::WriteCombining,
+            4 => MemType::WriteThrough,
+            5 => MemType::WriteProtected,
+            6 => MemType::WriteBack,
+            _ => return None,
+        })
+    }
+}
+
+/// The attributes of an EPT leaf besides output address and R/W/X (Table 29-6 for a 4 KiB page;
+/// Tables 29-2 and 29-4 give 1 GiB and 2 MiB pages the same bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EptAttrs {
+    /// Bits 5:3, the EPT memory type.
+    pub mem_type: MemType,
+    /// Bit 6: ignore the guest's PAT memory type, use `mem_type` alone (§29.3.7).
+    pub ignore_pat: bool,
+    /// Bit 8: accessed (the CPU sets it when A/D flags are enabled in the EPTP, §29.3.5).
+    pub accessed: bool,
+    /// Bit 9: dirty (set on a write with A/D flags enabled, §29.3.5).
+    pub dirty: bool,
+    /// Bit 10: user-mode execute (with mode-based execute control; bit 2 is then
+    /// supervisor-mode execute).
+    pub user_exec: bool,
+    /// Bit 63: suppress #VE (an EPT violation through this entry is a VM exit even when
+    /// EPT-violation #VE is enabled).
+    pub suppress_ve: bool,
+}
+
+impl Default for EptAttrs {
+    /// Guest RAM: write-back, the guest's PAT respected, no flag set.
+    fn default() -> Self {
+        EptAttrs {
+            mem_type: MemType::WriteBack,
+            ignore_pat: false,
+            accessed: false,
+            dirty: false,
+            user_exec: false,
+            suppress_ve: false,
+        }
+    }
+}
 
 /// The x86 EPT format (4-level, 4 KiB pages, 2 MiB and 1 GiB large pages).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,10 +168,34 @@ impl Format for Ept {
         d & FRAME_MASK
     }
 
+    type Attrs = EptAttrs;
+
     #[inline]
-    fn leaf(&self, oa: u64, level: usize, perms: Perms) -> u64 {
-        let size_bit = if level < 3 { LARGE_PAGE } else { 0 };
-        (oa & level_mask(level)) | (MEMTYPE_WB << MEMTYPE_SHIFT) | size_bit | perms_bits(perms)
+    fn leaf_with(&self, oa: u64, level: usize, perms: Perms, a: EptAttrs) -> u64 {
+        let flag = |on: bool, bit: u64| if on { bit } else { 0 };
+        (oa & level_mask(level))
+            | (a.mem_type.bits() << MEMTYPE_SHIFT)
+            | flag(level < 3, LARGE_PAGE)
+            | flag(a.ignore_pat, IGNORE_PAT)
+            | flag(a.accessed, ACCESSED)
+            | flag(a.dirty, DIRTY)
+            | flag(a.user_exec, USER_EXEC)
+            | flag(a.suppress_ve, SUPPRESS_VE)
+            | perms_bits(perms)
+    }
+
+    #[inline]
+    fn attrs(&self, d: u64) -> EptAttrs {
+        EptAttrs {
+            // The engine writes no reserved encoding; one read from elsewhere counts as UC.
+            mem_type: MemType::from_bits((d & MEMTYPE_MASK) >> MEMTYPE_SHIFT)
+                .unwrap_or(MemType::Uncacheable),
+            ignore_pat: d & IGNORE_PAT != 0,
+            accessed: d & ACCESSED != 0,
+            dirty: d & DIRTY != 0,
+            user_exec: d & USER_EXEC != 0,
+            suppress_ve: d & SUPPRESS_VE != 0,
+        }
     }
 
     #[inline]
@@ -129,7 +229,8 @@ impl Format for Ept {
 
     #[inline]
     fn leaf_attrs(&self, d: u64) -> u64 {
-        d & (MEMTYPE_MASK | IGNORE_PAT | USER_EXEC | SW_DIRTY_WP)
+        // Accessed and dirty are the CPU's status flags, not attributes: they do not block a merge.
+        d & (MEMTYPE_MASK | IGNORE_PAT | USER_EXEC | SUPPRESS_VE | SW_DIRTY_WP)
     }
 }
 
@@ -200,6 +301,97 @@ mod tests {
         assert!(Ept.is_dirty_wp(d));
         assert_eq!(Ept.leaf_oa(d, 3), 0x1000);
         assert!(!Ept.is_dirty_wp(Ept.with_dirty_wp(d, false)));
+    }
+
+    // Attribute vectors, each derived bit by bit from Intel SDM Vol. 3C Table 29-6 (4 KiB page),
+    // Table 29-4 (2 MiB page) or Table 29-2 (1 GiB page); memory types from §29.3.7, A/D flags
+    // from §29.3.5.
+
+    #[test]
+    fn attrs_4k_uncacheable_ignore_pat() {
+        // Table 29-6: R (bit 0) = 0x1; memory type UC = 0 in 5:3; ignore PAT (bit 6) = 0x40;
+        // frame 0xfee00 in 51:12 (the local APIC page) -> 0xfee0_0041.
+        let a = EptAttrs {
+            mem_type: MemType::Uncacheable,
+            ignore_pat: true,
+            ..EptAttrs::default()
+        };
+        let d = Ept.leaf_with(0xfee0_0000, 3, Perms::R, a);
+        assert_eq!(d, 0x0000_0000_fee0_0041);
+        assert_eq!(Ept.attrs(d), a);
+        assert_eq!(Ept.leaf_perms(d), Perms::R);
+    }
+
+    #[test]
+    fn attrs_2m_write_combining_accessed_dirty_suppress_ve() {
+        // Table 29-4: RWX = 0x7; WC = 1 in 5:3 = 0x08; bit 7 (2 MiB page) = 0x80; accessed
+        // (bit 8) = 0x100; dirty (bit 9) = 0x200 -> 0x38f; suppress #VE is bit 63; frame
+        // 0x4020_0000 in 51:21.
+        let a = EptAttrs {
+            mem_type: MemType::WriteCombining,
+            accessed: true,
+            dirty: true,
+            suppress_ve: true,
+            ..EptAttrs::default()
+        };
+        let d = Ept.leaf_with(0x4020_0000, 2, Perms::RWX, a);
+        assert_eq!(d, 0x8000_0000_4020_038f);
+        assert!(Ept.is_leaf(d, 2));
+        assert_eq!(Ept.leaf_oa(d, 2), 0x4020_0000);
+        assert_eq!(Ept.attrs(d), a);
+    }
+
+    #[test]
+    fn attrs_4k_write_through_user_exec() {
+        // Table 29-6: R + X (bits 0, 2) = 0x5; WT = 4 in 5:3 = 0x20; user-mode execute
+        // (bit 10) = 0x400 -> 0x425; frame 0x7 -> 0x7425.
+        let a = EptAttrs {
+            mem_type: MemType::WriteThrough,
+            user_exec: true,
+            ..EptAttrs::default()
+        };
+        let d = Ept.leaf_with(0x7000, 3, Perms::RX, a);
+        assert_eq!(d, 0x0000_0000_0000_7425);
+        assert_eq!(Ept.attrs(d), a);
+        // A permission change keeps every attribute.
+        let w = Ept.with_perms(d, Perms::RWX);
+        assert_eq!(w, 0x0000_0000_0000_7427);
+        assert_eq!(Ept.attrs(w), a);
+    }
+
+    #[test]
+    fn attrs_1g_write_protected() {
+        // Table 29-2: RW = 0x3; WP = 5 in 5:3 = 0x28; bit 7 (1 GiB page) = 0x80 -> 0xab; frame
+        // 0x1_4000_0000 in 51:30.
+        let a = EptAttrs {
+            mem_type: MemType::WriteProtected,
+            ..EptAttrs::default()
+        };
+        let d = Ept.leaf_with(0x1_4000_0000, 1, Perms::RW, a);
+        assert_eq!(d, 0x0000_0001_4000_00ab);
+        assert_eq!(Ept.attrs(d), a);
+    }
+
+    #[test]
+    fn default_attrs_are_write_back_ram() {
+        assert_eq!(
+            Ept.leaf(0x1234_5000, 3, Perms::RW),
+            Ept.leaf_with(0x1234_5000, 3, Perms::RW, EptAttrs::default())
+        );
+        assert_eq!(
+            Ept.attrs(Ept.leaf(0x1000, 3, Perms::R)),
+            EptAttrs::default()
+        );
+        for t in [
+            MemType::Uncacheable,
+            MemType::WriteCombining,
+            MemType::WriteThrough,
+            MemType::WriteProtected,
+            MemType::WriteBack,
+        ] {
+            assert_eq!(MemType::from_bits(t.bits()), Some(t));
+        }
+        assert_eq!(MemType::from_bits(2), None, "reserved");
     }
 
     #[test]

@@ -3,8 +3,8 @@
 pub mod arm64;
 pub mod ept;
 
-pub use arm64::Arm64;
-pub use ept::Ept;
+pub use arm64::{Arm64, S2Attrs};
+pub use ept::{Ept, EptAttrs};
 
 use crate::types::Perms;
 
@@ -44,9 +44,22 @@ pub trait Format: Send + Sync + 'static {
     /// The next-level table address in a table descriptor.
     fn table_addr(&self, d: u64) -> u64;
 
-    /// A leaf at `level` mapping `oa` (aligned to the level's size) with `perms`, as normal
-    /// write-back cacheable memory.
-    fn leaf(&self, oa: u64, level: usize, perms: Perms) -> u64;
+    /// The format's leaf attributes besides output address and permissions (memory type,
+    /// cacheability, shareability, hardware flags), as named fields. `Default` is what the engine
+    /// maps guest RAM with: normal write-back cacheable memory.
+    type Attrs: Copy + Default + PartialEq + Eq + std::fmt::Debug + Send + Sync;
+
+    /// A leaf at `level` mapping `oa` (aligned to the level's size) with `perms` and `attrs`.
+    fn leaf_with(&self, oa: u64, level: usize, perms: Perms, attrs: Self::Attrs) -> u64;
+
+    /// A leaf at `level` mapping `oa` with `perms` and the default attributes (guest RAM).
+    #[inline]
+    fn leaf(&self, oa: u64, level: usize, perms: Perms) -> u64 {
+        self.leaf_with(oa, level, perms, Self::Attrs::default())
+    }
+
+    /// The attributes of leaf `d` (what [`Format::leaf_with`] was given).
+    fn attrs(&self, d: u64) -> Self::Attrs;
 
     /// The output address of a leaf at `level`.
     fn leaf_oa(&self, d: u64, level: usize) -> u64;
