@@ -55,11 +55,13 @@ pub enum Kind {
     Cmpxchg16b,
     /// `ldmxcsr m32` (0f ae /2).
     Ldmxcsr,
+    /// `stmxcsr m32` (0f ae /3).
+    Stmxcsr,
 }
 
 impl Kind {
     /// Number of kinds.
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 8;
     /// Every kind, in counter order.
     pub const ALL: [Kind; Kind::COUNT] = [
         Kind::Int3,
@@ -69,6 +71,7 @@ impl Kind {
         Kind::Stac,
         Kind::Cmpxchg16b,
         Kind::Ldmxcsr,
+        Kind::Stmxcsr,
     ];
 
     /// The mnemonic, as used in logs and the stats JSON.
@@ -81,6 +84,7 @@ impl Kind {
             Kind::Stac => "stac",
             Kind::Cmpxchg16b => "cmpxchg16b",
             Kind::Ldmxcsr => "ldmxcsr",
+            Kind::Stmxcsr => "stmxcsr",
         }
     }
 
@@ -201,6 +205,11 @@ pub enum Insn {
         /// The 4-byte memory operand.
         mem: MemOperand,
     },
+    /// `stmxcsr m32`.
+    Stmxcsr {
+        /// The 4-byte memory operand.
+        mem: MemOperand,
+    },
 }
 
 impl Insn {
@@ -214,6 +223,7 @@ impl Insn {
             Insn::Stac => Kind::Stac,
             Insn::Cmpxchg16b { .. } => Kind::Cmpxchg16b,
             Insn::Ldmxcsr { .. } => Kind::Ldmxcsr,
+            Insn::Stmxcsr { .. } => Kind::Stmxcsr,
         }
     }
 }
@@ -327,6 +337,14 @@ const FORMS: &[Form] = &[
         allows: ALLOW_SEGMENT | ALLOW_REX,
         rex_w: false,
     },
+    Form {
+        kind: Kind::Stmxcsr,
+        opcode: &[0x0f, 0xae],
+        modrm: ModRmRule::MemDigit(3),
+        mandatory: None,
+        allows: ALLOW_SEGMENT | ALLOW_REX,
+        rex_w: false,
+    },
 ];
 
 /// Prefixes seen before the opcode.
@@ -408,7 +426,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     }
     let rest = &bytes[c.at..];
     let form = match FORMS.iter().find(|f| rest.starts_with(f.opcode)) {
-        Some(f) => f,
+        Some(f) => select_form(f, rest).ok_or(DecodeError::Truncated(bytes.len()))??,
         None if rest.is_empty() || FORMS.iter().any(|f| f.opcode.starts_with(rest)) => {
             return Err(DecodeError::Truncated(bytes.len()))
         }
@@ -441,23 +459,38 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         }
         ModRmRule::MemDigit(digit) => {
             let (reg, op) = modrm(&mut c, &p)?;
+            debug_assert_eq!(reg & 7, digit, "select_form chose by the digit");
             let mem = match op {
-                Operand::Mem(m) if reg & 7 == digit => m,
-                Operand::Mem(_) => return Err(DecodeError::Unsupported("other ModRM.reg digit")),
+                Operand::Mem(m) => m,
                 Operand::Reg(_) => {
                     return Err(DecodeError::Unsupported(
                         "register form of a memory-only opcode",
                     ))
                 }
             };
-            if form.kind == Kind::Cmpxchg16b {
-                Insn::Cmpxchg16b { mem, lock: p.lock }
-            } else {
-                Insn::Ldmxcsr { mem }
+            match form.kind {
+                Kind::Cmpxchg16b => Insn::Cmpxchg16b { mem, lock: p.lock },
+                Kind::Ldmxcsr => Insn::Ldmxcsr { mem },
+                _ => Insn::Stmxcsr { mem },
             }
         }
     };
     Ok(Decoded { insn, len: c.at })
+}
+
+/// Among the forms sharing `first`'s opcode, the one whose `/digit` (if any) matches the ModRM
+/// byte after it. `None`: the ModRM byte is missing.
+fn select_form(first: &'static Form, rest: &[u8]) -> Option<Result<&'static Form, DecodeError>> {
+    if !matches!(first.modrm, ModRmRule::MemDigit(_)) {
+        return Some(Ok(first));
+    }
+    let reg = (rest.get(first.opcode.len())? >> 3) & 7;
+    Some(
+        FORMS
+            .iter()
+            .find(|f| f.opcode == first.opcode && f.modrm == ModRmRule::MemDigit(reg))
+            .ok_or(DecodeError::Unsupported("other ModRM.reg digit")),
+    )
 }
 
 fn check_prefixes(form: &Form, p: &Prefixes) -> Result<(), DecodeError> {
@@ -830,9 +863,16 @@ mod tests {
                 mem: mem(Base::Reg(9), None, 0)
             }
         );
-        // stmxcsr (/3), lfence (register form), wrfsbase (f3 0f ae /2 mod 11) are not it
+        // stmxcsr [rcx] (/3)
+        assert_eq!(
+            ok(&[0x0f, 0xae, 0x19]).insn,
+            Insn::Stmxcsr {
+                mem: mem(Base::Reg(1), None, 0)
+            }
+        );
+        // xsave [rax] (/4), lfence (register form), wrfsbase (f3 0f ae /2 mod 11) are not it
         assert!(matches!(
-            decode(&[0x0f, 0xae, 0x19]),
+            decode(&[0x0f, 0xae, 0x20]),
             Err(DecodeError::Unsupported(_))
         ));
         assert!(matches!(
@@ -884,6 +924,7 @@ mod tests {
             &[0xf3, 0x0f, 0xb8, 0x45],             // disp8 missing
             &[0xf3, 0x0f, 0xb8, 0x05, 0x00, 0x00], // disp32 cut
             &[0xf0, 0x48, 0x0f, 0xc7],
+            &[0x0f, 0xae], // ldmxcsr or stmxcsr: the ModRM digit decides
         ] {
             assert_eq!(
                 decode(bytes),

@@ -122,9 +122,13 @@ pub trait EmulationContext {
     fn translate(&mut self, gva: u64, write: bool) -> Result<u64, EmulateError>;
     /// Reads guest-physical memory (inside one page).
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), EmulateError>;
+    /// Writes guest-physical memory (inside one page).
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), EmulateError>;
     /// An atomic 16-byte compare-and-exchange on 16-byte-aligned guest-physical memory: stores
     /// `new` if it holds `expected`; returns what it held before in either case.
     fn cmpxchg16(&mut self, gpa: u64, expected: u128, new: u128) -> Result<u128, EmulateError>;
+    /// MXCSR.
+    fn mxcsr(&mut self) -> Result<u32, EmulateError>;
     /// Writes MXCSR.
     fn set_mxcsr(&mut self, val: u32) -> Result<(), EmulateError>;
     /// Delivers `exc` to the guest when it runs next (RIP as left by the emulation).
@@ -199,6 +203,27 @@ pub fn read_virt(
     Ok(())
 }
 
+/// Writes `data` at linear address `gva`; every page it touches is translated (and must be
+/// writable) before anything is written.
+pub fn write_virt(
+    ctx: &mut impl EmulationContext,
+    gva: u64,
+    data: &[u8],
+) -> Result<(), EmulateError> {
+    let mut pieces = Vec::with_capacity(2);
+    let mut done = 0;
+    while done < data.len() {
+        let at = gva.wrapping_add(done as u64);
+        let n = ((PAGE_SIZE - (at % PAGE_SIZE)) as usize).min(data.len() - done);
+        pieces.push((ctx.translate(at, true)?, done, n));
+        done += n;
+    }
+    for (gpa, from, n) in pieces {
+        ctx.write_phys(gpa, &data[from..from + n])?;
+    }
+    Ok(())
+}
+
 fn read_u64(
     ctx: &mut impl EmulationContext,
     mem: &MemOperand,
@@ -242,7 +267,7 @@ pub fn execute(d: &Decoded, ctx: &mut impl EmulationContext) -> Result<Effect, E
         }
         Insn::Cmpxchg16b { mem, .. } => {
             let gva = effective_address(ctx, &mem, d.len);
-            if gva % 16 != 0 {
+            if !gva.is_multiple_of(16) {
                 // "If the destination operand is not aligned on a 16-byte boundary, #GP(0)."
                 ctx.inject(Exception::GP0)?;
                 return Ok(Effect::Raised(Exception::GP0));
@@ -268,6 +293,11 @@ pub fn execute(d: &Decoded, ctx: &mut impl EmulationContext) -> Result<Effect, E
                 return Ok(Effect::Raised(Exception::GP0));
             }
             ctx.set_mxcsr(val)?;
+        }
+        Insn::Stmxcsr { mem } => {
+            let gva = effective_address(ctx, &mem, d.len);
+            let val = ctx.mxcsr()?;
+            write_virt(ctx, gva, &val.to_le_bytes())?;
         }
     }
     ctx.set_rip(next);
@@ -355,13 +385,21 @@ pub(crate) mod tests {
             Ok(())
         }
         fn cmpxchg16(&mut self, gpa: u64, expected: u128, new: u128) -> Result<u128, EmulateError> {
-            assert_eq!(gpa % 16, 0, "aligned");
+            assert!(gpa.is_multiple_of(16), "aligned");
             let at = gpa as usize;
             let cur = u128::from_le_bytes(self.mem[at..at + 16].try_into().unwrap());
             if cur == expected {
                 self.mem[at..at + 16].copy_from_slice(&new.to_le_bytes());
             }
             Ok(cur)
+        }
+        fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), EmulateError> {
+            let at = gpa as usize;
+            self.mem[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn mxcsr(&mut self) -> Result<u32, EmulateError> {
+            Ok(self.mxcsr)
         }
         fn set_mxcsr(&mut self, val: u32) -> Result<(), EmulateError> {
             self.mxcsr = val;
@@ -546,6 +584,26 @@ pub(crate) mod tests {
             Err(EmulateError::ReadOnly { .. })
         ));
         assert_eq!(f.rip, 0x1000);
+    }
+
+    #[test]
+    fn stmxcsr_stores_mxcsr_across_a_page_boundary() {
+        let mut f = Fake::new();
+        f.mxcsr = 0x1234_9fc0;
+        f.regs[1] = 0x4ffe;
+        // stmxcsr [rcx]
+        assert_eq!(f.run(&[0x0f, 0xae, 0x19]).unwrap(), Effect::Completed);
+        assert_eq!(f.mem[0x4ffe..0x5002], 0x1234_9fc0u32.to_le_bytes());
+        assert_eq!(f.rip, 0x1003);
+        // a read-only second page: nothing is written
+        f.read_only_page = Some(0x6000);
+        f.regs[1] = 0x5ffe;
+        assert!(matches!(
+            f.run(&[0x0f, 0xae, 0x19]),
+            Err(EmulateError::ReadOnly { gva: 0x6000 })
+        ));
+        assert_eq!(f.mem[0x5ffe..0x6002], [0; 4]);
+        assert_eq!(f.rip, 0x1003);
     }
 
     #[test]

@@ -18,6 +18,14 @@ use crate::dirty::HostChanges;
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1 << 0;
 /// Words of `kvm_run.internal.data` that hold flags, `insn_size` and the 15 bytes.
 const EMULATION_FAILURE_WORDS: usize = 3;
+/// MXCSR in the XSAVE image: bytes 27:24 of the legacy (FXSAVE) region (Intel SDM Vol. 1
+/// §10.5.1, Table 10-2), as an index into `kvm_xsave.region` (u32 words).
+const XSAVE_MXCSR_WORD: usize = 6;
+/// XSTATE_BV, the first field of the XSAVE header at byte 512 (Intel SDM Vol. 1 §13.4.2), low
+/// half, as an index into `kvm_xsave.region`.
+const XSAVE_XSTATE_BV_WORD: usize = 128;
+/// XSTATE_BV bits 0 (x87) and 1 (SSE, which carries MXCSR) (Intel SDM Vol. 1 §13.1).
+const XSTATE_FP_SSE: u32 = 0b11;
 /// Selector bits 1:0, the requested privilege level; CS's is the CPL (Intel SDM Vol. 3A §5.5).
 const SELECTOR_RPL_MASK: u16 = 0b11;
 
@@ -112,9 +120,18 @@ impl<'a> KvmContext<'a> {
                 .map_err(kvm_err("KVM_SET_REGS"))?;
         }
         if let Some(mxcsr) = self.mxcsr {
-            let mut fpu = self.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
-            fpu.mxcsr = mxcsr;
-            self.fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+            // KVM_SET_FPU ignores MXCSR (KVM copies every FXSAVE field but that one; measured
+            // here too), so it goes through the XSAVE image. The image KVM reports holds the
+            // effective x87/SSE state even where XSTATE_BV says "initial", so marking both
+            // present keeps them as they are.
+            let mut xsave = self.fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
+            xsave.region[XSAVE_MXCSR_WORD] = mxcsr;
+            xsave.region[XSAVE_XSTATE_BV_WORD] |= XSTATE_FP_SSE;
+            // SAFETY: `xsave` is a whole `kvm_xsave` (4096 bytes) read from this vCPU. KVM
+            // copies the guest's uabi XSAVE size, 4096 bytes unless the VMM enabled dynamic
+            // XSTATE features for guests (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM), which it
+            // never does.
+            unsafe { self.fd.set_xsave(&xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
         }
         if let Some(exc) = self.exception {
             let mut ev = self
@@ -269,7 +286,7 @@ impl EmulationContext for KvmContext<'_> {
 
     fn cmpxchg16(&mut self, gpa: u64, expected: u128, new: u128) -> Result<u128, EmulateError> {
         let not_ram = |why: String| EmulateError::NotRam { gpa, len: 16, why };
-        if gpa % 16 != 0 {
+        if !gpa.is_multiple_of(16) {
             return Err(not_ram("not 16-byte aligned".into()));
         }
         let slice = self
@@ -288,6 +305,36 @@ impl EmulationContext for KvmContext<'_> {
                 .change(&[(gpa, 16)], cas)
                 .map_err(|e| EmulateError::Refused(e.to_string())),
             None => Ok(cas()),
+        }
+    }
+
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), EmulateError> {
+        let mem = self.mem;
+        let write = || {
+            mem.write_slice(data, GuestAddress(gpa))
+                .map_err(|e| EmulateError::NotRam {
+                    gpa,
+                    len: data.len(),
+                    why: e.to_string(),
+                })
+        };
+        match self.host_changes {
+            Some(h) => h
+                .change(&[(gpa, data.len() as u64)], write)
+                .map_err(|e| EmulateError::Refused(e.to_string()))?,
+            None => write(),
+        }
+    }
+
+    fn mxcsr(&mut self) -> Result<u32, EmulateError> {
+        match self.mxcsr {
+            Some(v) => Ok(v),
+            // KVM_GET_FPU reports MXCSR as 0 whatever it is: read the XSAVE image.
+            None => Ok(self
+                .fd
+                .get_xsave()
+                .map_err(kvm_err("KVM_GET_XSAVE"))?
+                .region[XSAVE_MXCSR_WORD]),
         }
     }
 

@@ -1,6 +1,6 @@
 //! The emulation fallback: instructions this host's software KVM (`kvm_pvm`) stops on with an
 //! emulation failure in guest kernel mode (int3, fwait, popcnt, clac/stac, cmpxchg16b,
-//! ldmxcsr) are decoded and carried out by the VMM, then the guest runs on.
+//! ldmxcsr, stmxcsr) are decoded and carried out by the VMM, then the guest runs on.
 //!
 //! [`decode`] turns bytes into an [`Insn`](decode::Insn), [`exec`] carries it out against an
 //! [`EmulationContext`](exec::EmulationContext), [`kvm`] is that context for a real vCPU, and
@@ -45,7 +45,7 @@ impl EmulationStats {
     }
 
     /// `{"int3": n, "fwait": n, "popcnt": n, "clac": n, "stac": n, "cmpxchg16b": n,
-    /// "ldmxcsr": n}`, every kind present.
+    /// "ldmxcsr": n, "stmxcsr": n}`, every kind present.
     pub fn to_json(&self) -> serde_json::Value {
         let map = Kind::ALL
             .iter()
