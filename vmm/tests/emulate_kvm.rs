@@ -5,6 +5,7 @@
 //! and reports on an I/O port. Whatever this KVM emulates itself or leaves to the VMM, the
 //! results must be the architectural ones; the counters show which instructions exited.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -161,16 +162,24 @@ fn kvm_available() -> bool {
     true
 }
 
-/// Ends the VM when the program reports on its port: code 0 for `DONE`, 1 otherwise.
-struct DonePort(ExitRequest);
+/// Ends the VM when every vCPU has reported `DONE` on the port (code 0), or at once on any
+/// other byte (code 1).
+struct DonePort {
+    exit: ExitRequest,
+    waiting: AtomicUsize,
+}
 
 impl PioDevice for DonePort {
     fn read(&self, _vcpu: usize, _port: u16, data: &mut [u8]) {
         data.fill(0);
     }
-    fn write(&self, _vcpu: usize, _port: u16, data: &[u8]) {
-        let code = if data[0] == DONE { 0 } else { 1 };
-        self.0.request(code, "test program reported");
+    fn write(&self, vcpu: usize, _port: u16, data: &[u8]) {
+        if data[0] != DONE {
+            self.exit
+                .request(1, &format!("vCPU {vcpu} reported {:#x}", data[0]));
+        } else if self.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.exit.request(0, "every vCPU reported DONE");
+        }
     }
 }
 
@@ -220,38 +229,50 @@ fn prepare_program(mem: &GuestMemoryMmap) {
     .unwrap();
 }
 
-/// Runs `code` on one vCPU at CPL 0 (RDI = 0, an IDT at IDT_GPA) after `prepare` filled guest
-/// memory, until the code reports on DONE_PORT or two minutes pass.
+/// Runs `code` on one vCPU at CPL 0 (see [`run_on`]).
 fn run(code: &[u8], prepare: impl FnOnce(&GuestMemoryMmap)) -> Outcome {
+    run_on(1, code, prepare)
+}
+
+/// Runs `code` on `cpus` vCPUs at CPL 0 (RDI = vCPU id, own stacks, an IDT at IDT_GPA) after
+/// `prepare` filled guest memory, until every vCPU reported DONE or two minutes pass.
+fn run_on(cpus: u8, code: &[u8], prepare: impl FnOnce(&GuestMemoryMmap)) -> Outcome {
     let ram = GuestRam::new(64 << 20, BackingKind::Small).unwrap();
     let mem = ram.memory();
     mem.write_slice(code, GuestAddress(CODE_GPA)).unwrap();
     prepare(mem);
-    let vm = Vm::new(&ram, 1).unwrap();
-    let fd = vm.create_vcpu(0).unwrap();
-    configure_vcpu(&vm, &fd, 0).unwrap();
-    let cfg = long_mode::LongModeConfig {
-        pml4_gpa: PML4_GPA,
-        identity_map_bytes: ram.size(),
-        gdt_gpa: GDT_GPA,
-        entry: CODE_GPA,
-        rsp: 0x8_0000,
-        rsi: 0,
-        rdi: 0,
-    };
-    long_mode::setup(mem, &fd, cfg).unwrap();
-    let mut sregs = fd.get_sregs().unwrap();
-    sregs.idt.base = IDT_GPA;
-    sregs.idt.limit = 256 * 16 - 1;
-    fd.set_sregs(&sregs).unwrap();
+    let vm = Vm::new(&ram, cpus).unwrap();
+    let mut fds = Vec::new();
+    for id in 0..cpus {
+        let fd = vm.create_vcpu(id).unwrap();
+        configure_vcpu(&vm, &fd, id).unwrap();
+        let cfg = long_mode::LongModeConfig {
+            pml4_gpa: PML4_GPA,
+            identity_map_bytes: ram.size(),
+            gdt_gpa: GDT_GPA,
+            entry: CODE_GPA,
+            rsp: 0x8_0000 - u64::from(id) * 0x1000,
+            rsi: 0,
+            rdi: u64::from(id),
+        };
+        long_mode::setup(mem, &fd, cfg).unwrap();
+        let mut sregs = fd.get_sregs().unwrap();
+        sregs.idt.base = IDT_GPA;
+        sregs.idt.limit = 256 * 16 - 1;
+        fd.set_sregs(&sregs).unwrap();
+        fds.push(fd);
+    }
 
     let exit = ExitRequest::new().unwrap();
     let mut bus = PioBus::new();
-    bus.register(DONE_PORT..=DONE_PORT, Arc::new(DonePort(exit.clone())))
-        .unwrap();
+    let done = DonePort {
+        exit: exit.clone(),
+        waiting: AtomicUsize::new(cpus.into()),
+    };
+    bus.register(DONE_PORT..=DONE_PORT, Arc::new(done)).unwrap();
     let emulation = EmulationHooks::default();
     let mut ctl = VmControl::start_with_emulation(
-        vec![fd],
+        fds,
         Arc::new(bus),
         mem.clone(),
         exit.clone(),
@@ -388,4 +409,51 @@ fn unhandled_instruction_still_fails_the_vcpu() {
     }
     assert_eq!(code, Some(2), "the vCPU failed and stopped the VM");
     assert_eq!(stats.total(), 0, "nothing was emulated");
+}
+
+/// Two vCPUs each add 1 to both halves of one 16-byte counter 2000 times with a
+/// `lock cmpxchg16b` retry loop. Both vCPUs' instructions are emulated on their own threads at
+/// once, so a lost update or a torn half would show in the final value.
+#[test]
+fn cmpxchg16b_is_atomic_across_vcpus() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    const PER_VCPU: u64 = 2000;
+    const COUNTER: u64 = DATA_GPA + 0x200;
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xbe, 0x00, 0x02, 0x20, 0x00,       // 0x00: mov esi, 0x200200 (COUNTER)
+        0x41, 0xb8, 0xd0, 0x07, 0x00, 0x00, // 0x05: mov r8d, 2000
+        0x48, 0x8b, 0x06,                   // 0x0b: mov rax, [rsi]
+        0x48, 0x8b, 0x56, 0x08,             // 0x0e: mov rdx, [rsi + 8]
+        0x48, 0x8d, 0x58, 0x01,             // 0x12: lea rbx, [rax + 1]
+        0x48, 0x8d, 0x4a, 0x01,             // 0x16: lea rcx, [rdx + 1]
+        0xf0, 0x48, 0x0f, 0xc7, 0x0e,       // 0x1a: lock cmpxchg16b [rsi]
+        0x75, 0xf1,                         // 0x1f: jne 0x12 (rdx:rax reloaded)
+        0x41, 0xff, 0xc8,                   // 0x21: dec r8d
+        0x75, 0xe5,                         // 0x24: jne 0x0b
+        0x66, 0xba, 0x10, 0x05,             // 0x26: mov dx, 0x510
+        0xb0, DONE,                         // 0x2a: mov al, DONE
+        0xee,                               // 0x2c: out dx, al
+        0xf4,                               // 0x2d: hlt
+        0xeb, 0xfd,                         // 0x2e: jmp 0x2d
+    ];
+    let o = run_on(2, code, |_| ());
+    assert_eq!(o.code, Some(0), "both vCPUs finished");
+    let mem = o.ram.memory();
+    let lo: u64 = mem.read_obj(GuestAddress(COUNTER)).unwrap();
+    let hi: u64 = mem.read_obj(GuestAddress(COUNTER + 8)).unwrap();
+    assert_eq!(
+        (lo, hi),
+        (2 * PER_VCPU, 2 * PER_VCPU),
+        "no lost or torn update"
+    );
+    let n = o.stats.count(Kind::Cmpxchg16b);
+    eprintln!("cmpxchg16b emulated {n} times (retries included)");
+    assert!(
+        n == 0 || n >= 2 * PER_VCPU,
+        "all of them exited or none: {n}"
+    );
 }
