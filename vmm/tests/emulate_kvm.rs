@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm::arch::x86_64::emulate::{EmulationStats, Kind};
 use vmm::arch::x86_64::{configure_vcpu, gdt, long_mode};
 use vmm::devices::{PioBus, PioDevice};
+use vmm::dirty::{DirtyBitmap, HostChanges, SlotInfo, VmmDirty};
 use vmm::memory::{BackingKind, GuestRam};
 use vmm::vcpu::{EmulationHooks, ExitRequest, VcpuHooks, VmControl};
 use vmm::vm::Vm;
@@ -231,12 +232,17 @@ fn prepare_program(mem: &GuestMemoryMmap) {
 
 /// Runs `code` on one vCPU at CPL 0 (see [`run_on`]).
 fn run(code: &[u8], prepare: impl FnOnce(&GuestMemoryMmap)) -> Outcome {
-    run_on(1, code, prepare)
+    run_on(1, code, prepare, EmulationHooks::default())
 }
 
 /// Runs `code` on `cpus` vCPUs at CPL 0 (RDI = vCPU id, own stacks, an IDT at IDT_GPA) after
 /// `prepare` filled guest memory, until every vCPU reported DONE or two minutes pass.
-fn run_on(cpus: u8, code: &[u8], prepare: impl FnOnce(&GuestMemoryMmap)) -> Outcome {
+fn run_on(
+    cpus: u8,
+    code: &[u8],
+    prepare: impl FnOnce(&GuestMemoryMmap),
+    emulation: EmulationHooks,
+) -> Outcome {
     let ram = GuestRam::new(64 << 20, BackingKind::Small).unwrap();
     let mem = ram.memory();
     mem.write_slice(code, GuestAddress(CODE_GPA)).unwrap();
@@ -270,7 +276,6 @@ fn run_on(cpus: u8, code: &[u8], prepare: impl FnOnce(&GuestMemoryMmap)) -> Outc
         waiting: AtomicUsize::new(cpus.into()),
     };
     bus.register(DONE_PORT..=DONE_PORT, Arc::new(done)).unwrap();
-    let emulation = EmulationHooks::default();
     let mut ctl = VmControl::start_with_emulation(
         fds,
         Arc::new(bus),
@@ -440,7 +445,7 @@ fn cmpxchg16b_is_atomic_across_vcpus() {
         0xf4,                               // 0x2d: hlt
         0xeb, 0xfd,                         // 0x2e: jmp 0x2d
     ];
-    let o = run_on(2, code, |_| ());
+    let o = run_on(2, code, |_| (), EmulationHooks::default());
     assert_eq!(o.code, Some(0), "both vCPUs finished");
     let mem = o.ram.memory();
     let lo: u64 = mem.read_obj(GuestAddress(COUNTER)).unwrap();
@@ -456,4 +461,58 @@ fn cmpxchg16b_is_atomic_across_vcpus() {
         n == 0 || n >= 2 * PER_VCPU,
         "all of them exited or none: {n}"
     );
+}
+
+/// With a host-change gate that a migration is tracking, the guest RAM the fallback writes
+/// (cmpxchg16b, stmxcsr: all in the data page) is marked in the migration's VMM log, and
+/// nothing else is: the guest's own writes are KVM's dirty log's business.
+#[test]
+fn emulated_writes_are_marked_for_a_tracking_migration() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    let gate = Arc::new(HostChanges::new());
+    type Saved = (Vec<SlotInfo>, Arc<VmmDirty>);
+    let log = Arc::new(std::sync::Mutex::new(None::<Saved>));
+    let (gate2, log2) = (gate.clone(), log.clone());
+    let emulation = EmulationHooks {
+        host_changes: Some(gate),
+        ..Default::default()
+    };
+    let o = run_on(
+        1,
+        CODE,
+        |mem| {
+            prepare_program(mem);
+            let slots: Vec<SlotInfo> = mem
+                .iter()
+                .enumerate()
+                .map(|(i, r)| SlotInfo {
+                    slot: i as u32,
+                    gpa: r.start_addr().0,
+                    len: r.len(),
+                    host_addr: r.as_ptr() as u64,
+                })
+                .collect();
+            let vmm_log = Arc::new(VmmDirty::new(&slots));
+            gate2.track(vmm_log.clone());
+            *log2.lock().unwrap() = Some((slots, vmm_log));
+        },
+        emulation,
+    );
+    assert_eq!(o.code, Some(0));
+    let (slots, vmm_log) = log.lock().unwrap().take().unwrap();
+    let mut marked = DirtyBitmap::empty(&slots);
+    vmm_log.take_into(&mut marked);
+    let pages: Vec<u64> = marked.iter().collect();
+    if o.stats.count(Kind::Cmpxchg16b) + o.stats.count(Kind::Stmxcsr) == 0 {
+        assert!(pages.is_empty(), "nothing emulated wrote: {pages:x?}");
+    } else {
+        assert_eq!(
+            pages,
+            vec![DATA_GPA],
+            "only the data page, written by the fallback"
+        );
+    }
 }
