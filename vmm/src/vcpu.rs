@@ -104,8 +104,9 @@ impl std::fmt::Debug for VcpuHooks {
 pub struct EmulationHooks {
     /// Per-kind counts of emulated instructions ([`VmControl::emulation_stats`]).
     pub stats: Arc<EmulationStats>,
-    /// The gate for host writes to guest RAM: an emulated `cmpxchg16b` stores through it, so a
-    /// running migration marks the page dirty. Without it such writes are not recorded.
+    /// The gate for host writes to guest RAM: emulated stores (`cmpxchg16b`, `stmxcsr`) go
+    /// through it, so a running migration marks their pages dirty. Without it they are not
+    /// recorded.
     pub host_changes: Option<Arc<HostChanges>>,
 }
 
@@ -333,8 +334,9 @@ pub fn fault_report(id: usize, vcpu: &mut VcpuFd, mem: &GuestMemoryMmap, reason:
             out.push_str(
                 "\nKVM could not emulate the instruction at RIP. This host's KVM (software, no EPT) \
                  cannot emulate some instructions in guest kernel mode; the VMM emulates int3, \
-                 fwait, popcnt, clac, stac, cmpxchg16b, ldmxcsr and stmxcsr itself, not this one (xrstor: \
-                 boot the kernel with noxsave). On hardware KVM this guest would run on.",
+                 fwait, popcnt, clac, stac, cmpxchg16b, ldmxcsr and stmxcsr itself, not this \
+                 one (xrstor: boot the kernel with noxsave). On hardware KVM this guest would \
+                 run on.",
             );
         }
     }
@@ -495,8 +497,8 @@ impl VcpuThread {
 
 impl VcpuThread {
     /// KVM_EXIT_INTERNAL_ERROR: an emulation failure (suberror 1) on an instruction the
-    /// fallback knows is emulated and the guest runs on; anything else stays a fault, reported
-    /// with the exit data as before.
+    /// fallback handles is carried out here and the guest runs on; anything else stays a
+    /// fault, reported with the exit data as before.
     fn on_internal_error(&mut self, reason: String) -> ExitAction {
         // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union field.
         let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };

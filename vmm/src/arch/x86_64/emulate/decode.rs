@@ -1,5 +1,5 @@
 //! The decoder of the emulation fallback: turns the bytes at RIP into an [`Insn`], for the few
-//! instruction forms listed in [`FORMS`] and nothing else (64-bit mode only).
+//! instruction forms listed in `FORMS` and nothing else (64-bit mode only).
 
 use std::fmt;
 
