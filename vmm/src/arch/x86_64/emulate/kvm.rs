@@ -369,17 +369,17 @@ pub fn emulate_failed_insn(
         }
         Some(Err(DecodeError::Truncated(_))) | None => decode::decode(&ctx.fetch_at_rip()?)?,
     };
+    let rip = ctx.rip();
     let effect = exec::execute(&decoded, &mut ctx)?;
     ctx.commit()?;
     let kind = decoded.insn.kind();
     if stats.record(kind) {
         info!(
             "vcpu{vcpu}: KVM cannot emulate {kind} here; the VMM emulates it (first at RIP \
-             {:#x}, {effect:?})",
-            fd.get_regs().map(|r| r.rip).unwrap_or(0)
+             {rip:#x}, {effect:?})"
         );
     } else {
-        debug!("vcpu{vcpu}: emulated {kind} ({effect:?})");
+        debug!("vcpu{vcpu}: emulated {kind} at RIP {rip:#x} ({effect:?})");
     }
     Ok((kind, effect))
 }
