@@ -19,7 +19,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::x86_64::emulate::kvm::{emulate_failed_insn, exit_insn_bytes};
+use crate::arch::x86_64::emulate::EmulationStats;
 use crate::devices::PioBus;
+use crate::dirty::HostChanges;
 
 /// Exit code of a VM that ended normally (reset, shutdown, signal, test PASS).
 pub const EXIT_OK: i32 = 0;
@@ -92,6 +95,19 @@ impl std::fmt::Debug for VcpuHooks {
             .field("dirty_ring_full", &self.dirty_ring_full.is_some())
             .finish()
     }
+}
+
+/// What the emulation fallback of every vCPU thread of a VM shares, given to
+/// [`VmControl::start_with_emulation`]. Separate from [`VcpuHooks`] so that callers building
+/// `VcpuHooks` with a struct literal keep compiling.
+#[derive(Clone, Debug, Default)]
+pub struct EmulationHooks {
+    /// Per-kind counts of emulated instructions ([`VmControl::emulation_stats`]).
+    pub stats: Arc<EmulationStats>,
+    /// The gate for host writes to guest RAM: emulated stores (`cmpxchg16b`, `stmxcsr`) go
+    /// through it, so a running migration marks their pages dirty. Without it they are not
+    /// recorded.
+    pub host_changes: Option<Arc<HostChanges>>,
 }
 
 /// The VM-wide "please stop with this code" latch: devices and vCPU threads request, the main
@@ -317,8 +333,10 @@ pub fn fault_report(id: usize, vcpu: &mut VcpuFd, mem: &GuestMemoryMmap, reason:
         if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
             out.push_str(
                 "\nKVM could not emulate the instruction at RIP. This host's KVM (software, no EPT) \
-                 cannot emulate some instructions (int3, xrstor, lock cmpxchg16b) in guest kernel \
-                 mode; on hardware KVM this guest would run on.",
+                 cannot emulate some instructions in guest kernel mode; the VMM emulates int3, \
+                 fwait, popcnt, clac, stac, cmpxchg16b, ldmxcsr and stmxcsr itself, not this \
+                 one (xrstor: boot the kernel with noxsave). On hardware KVM this guest would \
+                 run on.",
             );
         }
     }
@@ -382,6 +400,7 @@ struct VcpuThread {
     acks: Sender<(RunState, Command)>,
     jobs: Receiver<VcpuJob>,
     hooks: VcpuHooks,
+    emulation: EmulationHooks,
 }
 
 impl VcpuThread {
@@ -441,13 +460,18 @@ impl VcpuThread {
         if state != RunState::Running {
             return state;
         }
+        let mut internal_error = false;
         let action = match self.fd.run() {
-            Ok(exit) => handle_exit(self.id, exit, &self.bus),
+            Ok(exit) => {
+                internal_error = matches!(exit, VcpuExit::InternalError);
+                handle_exit(self.id, exit, &self.bus)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitAction::Continue,
             Err(e) => ExitAction::Fault(format!("KVM_RUN failed: {e}")),
         };
         let action = match action {
             ExitAction::DirtyRingFull => self.on_dirty_ring_full(),
+            ExitAction::Fault(reason) if internal_error => self.on_internal_error(reason),
             a => a,
         };
         match action {
@@ -472,6 +496,30 @@ impl VcpuThread {
 }
 
 impl VcpuThread {
+    /// KVM_EXIT_INTERNAL_ERROR: an emulation failure (suberror 1) on an instruction the
+    /// fallback handles is carried out here and the guest runs on; anything else stays a
+    /// fault, reported with the exit data as before.
+    fn on_internal_error(&mut self, reason: String) -> ExitAction {
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union field.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        if internal.suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return ExitAction::Fault(reason);
+        }
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let bytes = exit_insn_bytes(internal.ndata, &internal.data[..n]);
+        match emulate_failed_insn(
+            self.id,
+            &self.fd,
+            &self.mem,
+            self.emulation.host_changes.as_deref(),
+            bytes.as_deref(),
+            &self.emulation.stats,
+        ) {
+            Ok(_) => ExitAction::Continue,
+            Err(e) => ExitAction::Fault(format!("{reason} (emulation fallback: {e})")),
+        }
+    }
+
     /// KVM_EXIT_DIRTY_RING_FULL: the hook empties the ring; then the guest is entered again.
     /// KVM returns this exit again at once if the ring is still full, so a hook that frees
     /// nothing makes no progress but loses nothing.
@@ -539,6 +587,7 @@ impl VcpuHandle {
 pub struct VmControl {
     vcpus: Vec<VcpuHandle>,
     exit: ExitRequest,
+    emulation: Arc<EmulationStats>,
 }
 
 impl std::fmt::Debug for VmControl {
@@ -569,6 +618,19 @@ impl VmControl {
         exit: ExitRequest,
         hooks: VcpuHooks,
     ) -> Result<VmControl, VcpuError> {
+        Self::start_with_emulation(vcpus, bus, mem, exit, hooks, EmulationHooks::default())
+    }
+
+    /// Like [`start_with_hooks`](Self::start_with_hooks), with the emulation fallback's shared
+    /// counters and host-write gate given by the caller.
+    pub fn start_with_emulation(
+        vcpus: Vec<VcpuFd>,
+        bus: Arc<PioBus>,
+        mem: GuestMemoryMmap,
+        exit: ExitRequest,
+        hooks: VcpuHooks,
+        emulation: EmulationHooks,
+    ) -> Result<VmControl, VcpuError> {
         register_kick_handler().map_err(|what| VcpuError::Start { id: 0, what })?;
         let mut handles = Vec::with_capacity(vcpus.len());
         for (id, fd) in vcpus.into_iter().enumerate() {
@@ -585,6 +647,7 @@ impl VmControl {
                 acks: ack_tx,
                 jobs: job_rx,
                 hooks: hooks.clone(),
+                emulation: emulation.clone(),
             };
             let join = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -604,7 +667,14 @@ impl VmControl {
         Ok(VmControl {
             vcpus: handles,
             exit,
+            emulation: emulation.stats,
         })
+    }
+
+    /// The emulation fallback's per-kind counters, shared with every vCPU thread (for
+    /// `--stats-json` and the control socket's `stats`: [`EmulationStats::to_json`]).
+    pub fn emulation_stats(&self) -> &Arc<EmulationStats> {
+        &self.emulation
     }
 
     /// The exit latch shared with the devices.

@@ -287,6 +287,9 @@ impl Iterator for SetBits {
 /// - the migration receiver and postcopy's `Pager::place`: on the destination, which tracks
 ///   nothing.
 /// - devices (serial, i8042, the test port) only read guest RAM.
+/// - the emulation fallback (arch/x86_64/emulate) stores for the guest (`cmpxchg16b`,
+///   `stmxcsr`) on vCPU threads while the VM runs: through [`HostChanges::change`] when the
+///   VM's gate is given in `vcpu::EmulationHooks::host_changes`, unrecorded otherwise.
 /// - not a write but a content change: a reclaim (`MADV_DONTNEED`, or a hole punch on shared
 ///   memory) turns a page into zeroes, which no source of dirty pages sees (stage2-wp only sees
 ///   the guest's next write). Reclaims go through [`HostChanges`], which marks the range here

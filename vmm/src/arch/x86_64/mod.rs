@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod cpuid;
+pub mod emulate;
 pub mod gdt;
 pub mod long_mode;
 pub mod mptable;
