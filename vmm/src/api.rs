@@ -49,9 +49,16 @@ pub trait ApiTarget: Send + Sync {
     /// runs the guest (postcopy: once it has every page). By default a VM cannot migrate.
     fn migrate(&self, to: &str, postcopy_after: Option<u32>) -> Result<Value, String> {
         let _ = postcopy_after;
-        Err(format!(
-            "this VM cannot migrate to {to}: only the built-in test guests (vmm --guest) migrate so far"
-        ))
+        Err(format!("this VM cannot migrate to {to}"))
+    }
+    /// What the VM is: state, vCPUs, memory, backing, uptime, dirty mode, payload.
+    fn info(&self) -> Value {
+        Value::Null
+    }
+    /// Asks the guest to power off (an ACPI power button when it listens), and stops the VM
+    /// after a timeout if it does not; returns how it ended.
+    fn shutdown(&self) -> Result<Value, String> {
+        Err("this VM cannot be shut down over the control socket".into())
     }
 }
 
@@ -320,7 +327,7 @@ fn error(msg: impl Into<String>) -> Value {
     json!({"ok": false, "error": msg.into()})
 }
 
-const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"}, {"cmd":"resume"} or {"cmd":"migrate","to":"tcp:HOST:PORT"[,"postcopy_after":N]}"#;
+const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"}, {"cmd":"resume"}, {"cmd":"info"}, {"cmd":"shutdown"} or {"cmd":"migrate","to":"tcp:HOST:PORT"[,"postcopy_after":N]}"#;
 
 /// Answers one request line (without or with its trailing newline).
 pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
@@ -343,6 +350,11 @@ pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
     };
     match cmd {
         "stats" => json!({"ok": true, "stats": target.stats()}),
+        "info" => json!({"ok": true, "info": target.info()}),
+        "shutdown" => match target.shutdown() {
+            Ok(how) => json!({"ok": true, "shutdown": how}),
+            Err(e) => error(e),
+        },
         "reclaim" => {
             let gpa = match size_field(obj, "gpa") {
                 Ok(v) => v,

@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use crate::boot::DEFAULT_CMDLINE;
 use crate::guest::GuestArgs;
 use crate::memory::{BackingKind, MemoryBackend, MemoryError};
+use crate::migrate::precopy;
 
 /// Default guest RAM.
 pub const DEFAULT_MEM: &str = "1G";
@@ -160,7 +161,7 @@ pub fn parse_cpus(s: &str) -> Result<u8, String> {
 #[command(name = "vmm", version, about, long_about = None)]
 pub struct Cli {
     /// Kernel to boot: a bzImage (e.g. /boot/vmlinuz-*) or a vmlinux ELF. Required unless --guest.
-    #[arg(long, value_name = "PATH", required_unless_present = "guest")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["guest", "incoming"])]
     pub kernel: Option<PathBuf>,
 
     /// Initial ramdisk, placed at the top of RAM below the kernel's limit.
@@ -202,12 +203,169 @@ pub struct Cli {
     #[arg(long)]
     pub no_fast_boot: bool,
 
+    /// What every VM has: demand paging, the control socket, statistics, migration.
+    #[command(flatten)]
+    pub machine: MachineArgs,
+
     /// Built-in test guests.
     #[command(flatten)]
     pub guest_args: GuestArgs,
+
+    /// The ids of the flags given on the command line (not defaulted), to refuse the ones that
+    /// do not apply to the chosen mode.
+    #[arg(skip)]
+    pub given: Vec<String>,
+}
+
+/// Options of every VM, a kernel or a test guest (flattened into the main command line).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MachineArgs {
+    /// Let KVM populate guest RAM by itself instead of the userfaultfd + stage2 pager.
+    #[arg(long)]
+    pub no_demand_paging: bool,
+    /// Populate all of guest RAM before the guest runs (an --incoming destination: before
+    /// it listens), like QEMU's -mem-prealloc: no host page faults later, at the cost of the
+    /// time (0.47-0.57 s for 4 GiB of 2 MiB pages here) and the memory up front. Needs
+    /// --no-demand-paging (the pager populates RAM itself, page by page).
+    #[arg(long)]
+    pub prefault: bool,
+    /// Write the run's figures (demand-paging and stage2 counters; for a test guest also its
+    /// per-vCPU results and timings) as JSON to this file when the VM ends.
+    #[arg(long, value_name = "PATH")]
+    pub stats_json: Option<PathBuf>,
+    /// Serve the control socket (JSON lines: stats, info, reclaim, pause, resume, migrate,
+    /// shutdown) at this path while the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Live-migrate the running guest to a `vmm --incoming` destination (tcp:HOST:PORT or
+    /// unix:PATH): precopy rounds over --dirty-mode, then the last round with the guest
+    /// paused (or postcopy, see --postcopy-after). The source exits 0 once the destination
+    /// runs the guest (postcopy: once it has every page); if the migration fails before
+    /// the guest was handed over (the pause of precopy, the switch of postcopy), the guest
+    /// keeps running here.
+    #[arg(long, value_name = "ADDR")]
+    pub migrate_to: Option<String>,
+    /// Receive a migrating VM (a kernel or a test guest) at this address (tcp:HOST:PORT or
+    /// unix:PATH) instead of loading one. Alone it takes memory size, vCPUs, backing and the
+    /// guest from the stream; --guest, --mem, --cpus or --hugepages given here must agree with
+    /// the source. Postcopy needs demand paging here (no --no-demand-paging).
+    #[arg(long, value_name = "ADDR")]
+    pub incoming: Option<String>,
+    /// How the migration source finds the pages written between rounds: kvm-bitmap (KVM's
+    /// dirty bitmap, the default), kvm-ring (KVM's per-vCPU dirty rings, created when the VM
+    /// starts, so give it at start also for `vmmctl migrate`; KVM logs into them only from
+    /// a migration's first round to its end, so a VM that never migrates runs at full speed)
+    /// or stage2-wp (stage2's own write tracking through userfaultfd write-protect; needs
+    /// demand paging). Source only.
+    #[arg(long, value_name = "MODE")]
+    pub dirty_mode: Option<String>,
+    /// Switch to postcopy after N precopy rounds (1 = right after the full pass) and one
+    /// discard round (the destination drops its stale copies while the guest still runs
+    /// here): the guest
+    /// runs on the destination at once, pages it touches that are still on the source come
+    /// on demand, the rest is pushed in the background. Needs demand paging on the
+    /// destination. Once the destination runs the guest there is no way back: if the
+    /// connection drops before every page arrived, the destination stops with an error and
+    /// exits 1 (the guest cannot continue without its memory) and so does the source.
+    #[arg(long, value_name = "N")]
+    pub postcopy_after: Option<u32>,
+    /// Let the guest run this long before --migrate-to starts (so that it has written
+    /// memory by then).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub migrate_delay_ms: u64,
+    /// Write the source's migration figures (mode, dirty-tracking mode, total and downtime in
+    /// ms, bytes, one entry per round, the postcopy phase) as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub migrate_json: Option<PathBuf>,
+    /// Precopy stops iterating when the estimated downtime is at most this.
+    #[arg(long, value_name = "MS", default_value_t = precopy::DEFAULT_DOWNTIME_MS)]
+    pub downtime_ms: u64,
+    /// Precopy stops iterating after this many rounds.
+    #[arg(long, value_name = "N", default_value_t = precopy::DEFAULT_MAX_ROUNDS)]
+    pub max_rounds: u32,
+}
+
+/// Flags only the built-in test guests have (clap ids).
+pub const GUEST_FLAGS: &[&str] = &[
+    "mode",
+    "generations",
+    "writes_per_gen",
+    "seed",
+    "dirty_rate",
+    "expect_reclaim",
+    "reclaim_storm",
+    "guest_timeout",
+    "run_for",
+];
+/// Flags only a booted kernel has (clap ids).
+pub const KERNEL_FLAGS: &[&str] = &["kernel", "initrd", "cmdline", "no_fast_boot"];
+
+/// The command-line spelling of a clap id (`writes_per_gen` -> `--writes-per-gen`).
+pub fn flag_name(id: &str) -> String {
+    format!("--{}", id.replace('_', "-"))
 }
 
 impl Cli {
+    /// Whether the flag with clap id `id` was given on the command line (not defaulted).
+    pub fn was_given(&self, id: &str) -> bool {
+        self.given.iter().any(|g| g == id)
+    }
+
+    /// Refuses a flag that does not apply to the chosen mode (a kernel, a test guest, or an
+    /// `--incoming` destination), with what to do.
+    pub fn check_mode(&self) -> Result<(), String> {
+        let first = |ids: &[&str]| {
+            ids.iter()
+                .find(|id| self.was_given(id))
+                .map(|id| flag_name(id))
+        };
+        let guest = self.guest_args.guest.is_some();
+        if guest && self.kernel.is_some() {
+            return Err(
+                "--guest and --kernel together: run either a built-in test guest or a kernel"
+                    .into(),
+            );
+        }
+        if self.machine.incoming.is_some() {
+            if let Some(f) = first(KERNEL_FLAGS) {
+                return Err(format!(
+                    "{f} with --incoming: the destination receives the kernel, its command line \
+                     and its initrd with the VM's memory from the source; drop {f}"
+                ));
+            }
+            return Ok(());
+        }
+        if guest {
+            if let Some(f) = first(KERNEL_FLAGS) {
+                return Err(format!(
+                    "{f} is for booting a kernel (--kernel); a built-in test guest (--guest) has \
+                     none: drop {f}"
+                ));
+            }
+        } else if let Some(f) = first(GUEST_FLAGS) {
+            return Err(format!(
+                "{f} is for the built-in test guests (--guest NAME); a kernel has no {f}: drop it"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `--hugepages` as the command line spells it.
+    pub fn hugepages_name(&self) -> String {
+        self.hugepages
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// `--memory-backend` as the command line spells it.
+    pub fn memory_backend_name(&self) -> String {
+        self.memory_backend
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
     /// The guest RAM backing that --hugepages and --memory-backend ask for together.
     pub fn backing(&self) -> Result<BackingKind, MemoryError> {
         BackingKind::from(self.hugepages).on_backend(self.memory_backend.into())
@@ -222,8 +380,24 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     use clap::error::ErrorKind;
-    match Cli::try_parse_from(args) {
-        Ok(cli) => Ok(cli),
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = Cli::command()
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    match parsed {
+        Ok((mut cli, m)) => {
+            cli.given = m
+                .ids()
+                .filter(|id| {
+                    m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+                })
+                .map(|id| id.as_str().to_string())
+                .collect();
+            match cli.check_mode() {
+                Ok(()) => Ok(cli),
+                Err(e) => Err((format!("error: {e}"), 1)),
+            }
+        }
         Err(e) => match e.kind() {
             ErrorKind::DisplayHelp
             | ErrorKind::DisplayVersion

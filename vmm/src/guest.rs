@@ -3,9 +3,7 @@
 
 pub mod layout;
 pub mod port;
-pub mod reclaim;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,25 +16,19 @@ use guest_tests::{payload_of, GuestKind, Mode, Params, Report, VcpuBlock};
 use log::info;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::api;
-use crate::arch::x86_64::configure_vcpu;
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
-use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LAST};
+use crate::cli::MachineArgs;
 use crate::devices::PioBus;
-use crate::dirty::{DirtyMode, DirtyTracker, HostChangeRefused, HostChanges};
-use crate::memory::{self, human, BackingKind, GuestRam};
-use crate::migrate::postcopy::PostcopyTarget;
-use crate::migrate::precopy::{self, DirtySource, MigrateConfig, MigrateError};
-use crate::migrate::ram::RamPager;
-use crate::migrate::state::VcpuCaps;
-use crate::migrate::Address;
-use crate::paging::{PageSource, Pager, PagerConfig, PagingStats};
-use crate::vcpu::{ExitRequest, VcpuHooks, VmControl};
-use crate::vm::Vm;
+use crate::machine::reclaim::{Handshake, Storm};
+use crate::machine::session::{Session, SessionConfig, Waited};
+use crate::machine::spec::{GuestSpec, MachineSpec, Payload};
+use crate::machine::{stop_pager, Machine, MachineConfig, MigrationPlan};
+use crate::memory::{self, human, BackingKind};
+use crate::migrate::precopy::Pending;
+use crate::paging::PagingStats;
 
 use layout::{CODE_GPA, CODE_MAX, GDT_GPA, PARAMS_GPA, PML4_GPA};
 use port::{TestPort, EXIT_FAIL, EXIT_PASS};
-use reclaim::{Reclaimer, Storm};
 
 /// Generations `stress` runs when `--generations` is not given.
 pub const DEFAULT_STRESS_GENERATIONS: u64 = 2;
@@ -161,80 +153,59 @@ pub struct GuestArgs {
     /// the guest runs; implies --expect-reclaim.
     #[arg(long, value_name = "COUNT")]
     pub reclaim_storm: Option<u64>,
-    /// Let KVM populate guest RAM by itself instead of the userfaultfd + stage2 pager.
-    #[arg(long)]
-    pub no_demand_paging: bool,
-    /// Populate all of guest RAM before the guest runs (an --incoming destination: before
-    /// it listens), like QEMU's -mem-prealloc: no host page faults later, at the cost of the
-    /// time (0.47-0.57 s for 4 GiB of 2 MiB pages here) and the memory up front. Needs
-    /// --no-demand-paging (the pager populates RAM itself, page by page).
-    #[arg(long)]
-    pub prefault: bool,
     /// Fail the guest if it has not finished after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub guest_timeout: Option<u64>,
-    /// Write the run's figures (per-vCPU results, timings, demand-paging and stage2
-    /// counters) as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub stats_json: Option<PathBuf>,
-    /// Serve the control socket (JSON lines: stats, reclaim, pause, resume) at this path
-    /// while the guest runs.
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: Option<PathBuf>,
-    /// Live-migrate the running guest to a `vmm --incoming` destination (tcp:HOST:PORT or
-    /// unix:PATH): precopy rounds over --dirty-mode, then the last round with the guest
-    /// paused (or postcopy, see --postcopy-after). The source exits 0 once the destination
-    /// runs the guest (postcopy: once it has every page); if the migration fails before
-    /// the guest was handed over (the pause of precopy, the switch of postcopy), the guest
-    /// keeps running here.
-    #[arg(long, value_name = "ADDR")]
-    pub migrate_to: Option<String>,
-    /// Receive a migrating guest at this address (tcp:HOST:PORT or unix:PATH) instead of
-    /// loading one; give the same --guest, --mem, --cpus, --seed, --writes-per-gen as the
-    /// source. Postcopy needs demand paging here (no --no-demand-paging).
-    #[arg(long, value_name = "ADDR")]
-    pub incoming: Option<String>,
-    /// How the migration source finds the pages written between rounds: kvm-bitmap (KVM's
-    /// dirty bitmap, the default), kvm-ring (KVM's per-vCPU dirty rings, created when the VM
-    /// starts, so give it at start also for `vmmctl migrate`; KVM logs into them only from
-    /// a migration's first round to its end, so a VM that never migrates runs at full speed)
-    /// or stage2-wp (stage2's own write tracking through userfaultfd write-protect; needs
-    /// demand paging). Source only.
-    #[arg(long, value_name = "MODE")]
-    pub dirty_mode: Option<String>,
-    /// Switch to postcopy after N precopy rounds (1 = right after the full pass) and one
-    /// discard round (the destination drops its stale copies while the guest still runs
-    /// here): the guest
-    /// runs on the destination at once, pages it touches that are still on the source come
-    /// on demand, the rest is pushed in the background. Needs demand paging on the
-    /// destination. Once the destination runs the guest there is no way back: if the
-    /// connection drops before every page arrived, the destination stops with an error and
-    /// exits 1 (the guest cannot continue without its memory) and so does the source.
-    #[arg(long, value_name = "N")]
-    pub postcopy_after: Option<u32>,
-    /// Let the guest run this long before --migrate-to starts (so that it has written
-    /// memory by then).
-    #[arg(long, value_name = "MS", default_value_t = 0)]
-    pub migrate_delay_ms: u64,
-    /// Write the source's migration figures (mode, dirty-tracking mode, total and downtime in
-    /// ms, bytes, one entry per round, the postcopy phase) as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub migrate_json: Option<PathBuf>,
-    /// Precopy stops iterating when the estimated downtime is at most this.
-    #[arg(long, value_name = "MS", default_value_t = precopy::DEFAULT_DOWNTIME_MS)]
-    pub downtime_ms: u64,
-    /// Precopy stops iterating after this many rounds.
-    #[arg(long, value_name = "N", default_value_t = precopy::DEFAULT_MAX_ROUNDS)]
-    pub max_rounds: u32,
     /// Set the guest's stop flag after this many seconds of running here (with
     /// --generations 0 the dirty guest then finishes, and is verified).
     #[arg(long, value_name = "SECONDS")]
     pub run_for: Option<u64>,
 }
 
-/// Runs the named built-in guest on `--hugepages auto` backing.
-pub fn run(args: &GuestArgs, mem_bytes: u64, cpus: u8) -> anyhow::Result<i32> {
-    run_on(args, mem_bytes, cpus, BackingKind::Auto)
+impl GuestArgs {
+    /// `--mode` as the command line spells it.
+    pub fn mode_name(&self) -> String {
+        self.mode
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// What a migration destination needs to run and verify this guest.
+    pub fn spec(&self) -> GuestSpec {
+        GuestSpec {
+            name: self.guest.clone().unwrap_or_default(),
+            mode: self.mode_name(),
+            generations: self.generations,
+            writes_per_gen: self.writes_per_gen,
+            seed: self.seed,
+            dirty_rate: self.dirty_rate,
+            expect_reclaim: self.expect_reclaim || self.reclaim_storm.is_some(),
+        }
+    }
+
+    /// The guest a migration source described, with this destination's own options
+    /// (`--guest-timeout`, `--run-for`) kept.
+    pub fn from_spec(&self, g: &GuestSpec) -> anyhow::Result<GuestArgs> {
+        let mode = ModeArg::from_str(&g.mode, true).map_err(|_| {
+            anyhow::anyhow!(
+                "the source's guest mode {:?} is unknown here: run the same vmm build on both sides",
+                g.mode
+            )
+        })?;
+        Ok(GuestArgs {
+            guest: Some(g.name.clone()),
+            mode,
+            generations: g.generations,
+            writes_per_gen: g.writes_per_gen,
+            seed: g.seed,
+            dirty_rate: g.dirty_rate,
+            expect_reclaim: g.expect_reclaim,
+            reclaim_storm: None,
+            guest_timeout: self.guest_timeout,
+            run_for: self.run_for,
+        })
+    }
 }
 
 /// What the run needs, resolved from the options.
@@ -406,339 +377,80 @@ fn verify_dirty(mem: &GuestMemoryMmap, params: &Params, report: &mut Report) -> 
     Ok(())
 }
 
-/// The migration flags, checked against each other: every misuse is refused with the fix.
-struct MigrationPlan {
-    migrate_to: Option<Address>,
-    incoming: Option<Address>,
-    /// The dirty-tracking mode a migration of this VM uses (`--dirty-mode`).
-    dirty_mode: DirtyMode,
-}
-
-fn plan_migration(args: &GuestArgs) -> anyhow::Result<MigrationPlan> {
-    let parse_addr = |flag: &str, a: &Option<String>| -> anyhow::Result<Option<Address>> {
-        a.as_deref()
-            .map(|s| s.parse::<Address>().with_context(|| format!("{flag} {s}")))
-            .transpose()
-    };
-    let migrate_to = parse_addr("--migrate-to", &args.migrate_to)?;
-    let incoming = parse_addr("--incoming", &args.incoming)?;
-    if migrate_to.is_some() && incoming.is_some() {
-        bail!("--migrate-to and --incoming together: a VM is either the source or the destination");
-    }
-    let dirty_mode = match &args.dirty_mode {
-        Some(m) => m
-            .parse::<DirtyMode>()
-            .map_err(|e| anyhow::anyhow!("--dirty-mode {m}: {e}"))?,
-        None => DirtyMode::KvmBitmap,
-    };
-    if args.migrate_delay_ms > 0 && migrate_to.is_none() {
-        bail!(
-            "--migrate-delay-ms is for --migrate-to (it delays that migration); add \
-             --migrate-to ADDR or drop it"
-        );
-    }
-    let source_flags = [
-        ("--dirty-mode", args.dirty_mode.is_some()),
-        ("--postcopy-after", args.postcopy_after.is_some()),
-        ("--migrate-json", args.migrate_json.is_some()),
-    ];
-    if incoming.is_some() {
-        if let Some((flag, _)) = source_flags.iter().find(|(_, given)| *given) {
-            bail!(
-                "{flag} is a migration source option: the source chooses how to migrate and \
-                 the --incoming destination follows; give {flag} to the vmm with --migrate-to \
-                 and drop it here"
-            );
-        }
-    } else if migrate_to.is_none() && args.api_socket.is_none() {
-        if let Some((flag, _)) = source_flags.iter().find(|(_, given)| *given) {
-            bail!(
-                "{flag} without --migrate-to or --api-socket: this VM never migrates; add \
-                 --migrate-to ADDR (or --api-socket PATH and use vmmctl migrate)"
-            );
-        }
-    }
-    if args.postcopy_after.is_some() && migrate_to.is_none() {
-        bail!(
-            "--postcopy-after is for --migrate-to; over the control socket ask with \
-             `vmmctl migrate --to ADDR --postcopy-after N`"
-        );
-    }
-    if args.postcopy_after == Some(0) {
-        bail!("--postcopy-after 0: give at least 1 (round 0 is the full pass of RAM)");
-    }
-    if dirty_mode == DirtyMode::Stage2Wp && args.no_demand_paging {
-        bail!(
-            "--dirty-mode stage2-wp tracks writes through the demand pager, which \
-             --no-demand-paging turns off: drop --no-demand-paging, or use --dirty-mode \
-             kvm-bitmap or kvm-ring"
-        );
-    }
-    Ok(MigrationPlan {
-        migrate_to,
-        incoming,
-        dirty_mode,
-    })
-}
-
-/// Runs the named built-in guest on `mem_bytes` of RAM with `backing`, on `cpus` vCPUs.
-/// Returns the process exit code: 0 when every vCPU passed, 1 otherwise.
+/// Runs the named built-in guest on `mem_bytes` of RAM with `backing`, on `cpus` vCPUs, on a
+/// [`Machine`] with the options of `m`; with `incoming`, receives the guest from that source
+/// instead of loading it. Returns the process exit code: 0 when every vCPU passed, 1 otherwise.
 pub fn run_on(
     args: &GuestArgs,
+    m: &MachineArgs,
     mem_bytes: u64,
     cpus: u8,
     backing: BackingKind,
+    incoming: Option<Pending>,
 ) -> anyhow::Result<i32> {
     let plan = plan(args, mem_bytes, cpus)?;
-    let mig = plan_migration(args)?;
-    let migrates = mig.migrate_to.is_some() || args.api_socket.is_some();
-    if args.prefault && !args.no_demand_paging {
-        bail!(
-            "--prefault populates guest RAM up front, which demand paging would do page by \
-             page: add --no-demand-paging, or drop --prefault"
-        );
-    }
-    let ram = GuestRam::new(mem_bytes, backing)?;
-    if args.prefault {
-        let t = Instant::now();
-        ram.prefault()?;
-        println!(
-            "prefaulted {} of guest RAM in {:.2} s",
-            human(mem_bytes),
-            t.elapsed().as_secs_f64()
-        );
-    }
-    let vm = Vm::new(&ram, cpus)?;
-    let mem = ram.memory().clone();
-    let ram_regions: Vec<memory::RamRegion> = ram.regions().collect();
-    let caps = Arc::new(VcpuCaps::probe(vm.kvm()).context("probing KVM for migration")?);
-    let exit = ExitRequest::new().context("creating the exit event")?;
-    // KVM's dirty rings can only be enabled before the vCPUs exist: a VM that may migrate
-    // with --dirty-mode kvm-ring logs into them from the start.
-    let ring = match mig.dirty_mode {
-        DirtyMode::KvmRing { .. } if migrates => Some(Arc::new(
-            DirtyTracker::new_kvm(vm.fd(), &ram_regions, mig.dirty_mode)
-                .context("--dirty-mode kvm-ring")?,
-        )),
-        _ => None,
-    };
-    let start_pager = || -> anyhow::Result<Option<Arc<Pager>>> {
-        if args.no_demand_paging {
-            return Ok(None);
-        }
-        let mut cfg = PagerConfig::for_vcpus(cpus.into());
-        cfg.write_tracking = mig.dirty_mode == DirtyMode::Stage2Wp && migrates;
-        Ok(Some(Arc::new(Pager::start(&ram, cfg).context(
-            "starting demand paging (use --no-demand-paging to let KVM populate RAM)",
-        )?)))
-    };
-    // COM1: the test guests do not print, but its state migrates like any device's.
-    let (serial, serial_irq) = SerialDevice::with_new_irq(Box::new(std::io::stdout()))
-        .context("cannot create the serial IRQ event fd")?;
-    let serial = Arc::new(serial);
-    vm.fd()
-        .register_irqfd(&serial_irq, COM1_IRQ)
-        .context("KVM_IRQFD for the serial IRQ failed")?;
+    let mig = MigrationPlan::from_args(m)?;
+    let mut machine = Machine::new(MachineConfig {
+        mem: mem_bytes,
+        cpus,
+        backing,
+        demand_paging: !m.no_demand_paging,
+        prefault: m.prefault,
+        dirty_mode: mig.dirty_mode,
+        migrates: mig.migrates,
+        // COM1: the test guests do not print, but its state migrates like any device's.
+        serial_out: Box::new(std::io::stdout()),
+    })?;
+    let mem = machine.mem().clone();
+    let end_gpa = machine.ram().end_gpa();
 
-    // Destination: demand paging first (pages arrive through it), then listen, so the source
-    // can connect as soon as we print the address.
-    let mut pager = None;
-    let received = match &mig.incoming {
-        Some(addr) => {
-            pager = start_pager()?;
-            let listener = addr.listen()?;
-            println!("waiting for the migration source at {}", listener.address());
-            let t = Instant::now();
-            let inc = precopy::receive(
-                &listener,
-                &mem,
-                cpus.into(),
-                &ram_regions,
-                pager.as_deref().map(|p| p as &dyn RamPager),
-            )
-            .with_context(|| {
-                if args.no_demand_paging {
-                    "incoming migration failed; nothing runs here (this destination runs with \
-                     --no-demand-paging: a source with --postcopy-after refuses it, see its \
-                     message)"
-                } else {
-                    "incoming migration failed; nothing runs here"
-                }
-            })?;
-            println!(
-                "received {} rounds, {:.1} MB in {:.3} s ({} host pages placed through the pager){}",
-                inc.rounds,
-                inc.bytes as f64 / 1e6,
-                t.elapsed().as_secs_f64(),
-                inc.placed,
-                match &inc.postcopy {
-                    Some(pc) => format!(
-                        "; postcopy: {} host pages of {} still on the source; stale copies \
-                         dropped: {} runs in {:.1} ms before the source paused, {} runs in \
-                         {:.1} ms at the switch",
-                        pc.owed.len(),
-                        human(pc.owed.host_page()),
-                        pc.switch.early_drop_calls,
-                        pc.switch.early_drop_time.as_secs_f64() * 1e3,
-                        pc.switch.drop_calls,
-                        pc.switch.drop_time.as_secs_f64() * 1e3
-                    ),
-                    None => String::new(),
-                }
-            );
-            Some(inc)
-        }
+    // Destination: demand paging first (pages arrive through it), then the rest of the stream.
+    let received = match incoming {
+        Some(pending) => Some(machine.receive(pending)?),
         None => None,
     };
     let entry = match &received {
         Some(_) => 0,
         None => load(&mem, &plan)?,
     };
-
-    let mut vcpus = Vec::with_capacity(cpus.into());
-    for id in 0..cpus {
-        let fd = vm.create_vcpu(id)?;
-        configure_vcpu(&vm, &fd, id)?;
-        if let Some(t) = &ring {
-            t.attach_vcpu(id.into(), &fd)
-                .with_context(|| format!("attaching the dirty ring of vCPU {id}"))?;
+    let vcpus = machine.create_vcpus()?;
+    if received.is_none() {
+        for (id, fd) in (0u8..).zip(&vcpus) {
+            long_mode::setup(
+                &mem,
+                fd,
+                LongModeConfig {
+                    pml4_gpa: PML4_GPA,
+                    identity_map_bytes: end_gpa,
+                    gdt_gpa: GDT_GPA,
+                    entry,
+                    rsp: layout::stack_top(id),
+                    rsi: PARAMS_GPA,
+                    rdi: id.into(),
+                },
+            )?;
+            enter_ring3(fd, id)?;
         }
-        if received.is_some() {
-            vcpus.push(fd);
-            continue;
+        if plan.kind == GuestKind::Dirty {
+            // A migrated guest brought its pace along in its parameter block.
+            write_pacing(&mem, &vcpus[0], plan.dirty_rate, cpus)?;
         }
-        long_mode::setup(
-            &mem,
-            &fd,
-            LongModeConfig {
-                pml4_gpa: PML4_GPA,
-                identity_map_bytes: ram.end_gpa(),
-                gdt_gpa: GDT_GPA,
-                entry,
-                rsp: layout::stack_top(id),
-                rsi: PARAMS_GPA,
-                rdi: id.into(),
-            },
-        )?;
-        enter_ring3(&fd, id)?;
-        vcpus.push(fd);
+        make_tables_user(&mem, end_gpa)?;
+        // Demand paging through userfaultfd + stage2: registered after the host wrote the
+        // code, tables and parameter block (those pages are present and never fault), before
+        // any vCPU runs, so every first touch of slice memory is a userfaultfd fault.
+        machine.start_pager()?;
     }
-    if received.is_none() && plan.kind == GuestKind::Dirty {
-        // A migrated guest brought its pace along in its parameter block.
-        write_pacing(&mem, &vcpus[0], plan.dirty_rate, cpus)?;
-    }
-    let mut postcopy_in = None;
-    let ack = match received {
-        Some(mut inc) => {
-            precopy::restore(&inc, vm.fd(), &vcpus, &caps, Some(&serial))
-                .context("restoring the migrated state")?;
-            postcopy_in = inc.postcopy.take();
-            Some(inc.conn)
+    let postcopy = match received {
+        Some(inc) => {
+            machine.restore(&inc, &vcpus)?;
+            Some(inc)
         }
-        None => {
-            make_tables_user(&mem, ram.end_gpa())?;
-            None
-        }
+        None => None,
     };
-
-    // Demand paging through userfaultfd + stage2: registered after the host wrote the code,
-    // tables and parameter block (those pages are present and never fault), before any
-    // vCPU runs, so every first touch of slice memory is a userfaultfd fault.
-    if mig.incoming.is_none() {
-        pager = start_pager()?;
-    }
-    if let Some(pager) = &pager {
-        // A page the host cannot provide ends the run with the reason, never a fault loop.
-        let exit = exit.clone();
-        pager.on_fatal(move |why| {
-            exit.request(EXIT_FAIL, why);
-        });
-    }
-    // Postcopy destination: the owed pages come from the source, on fault and pushed.
-    let mut postcopy_rx = None;
-    let mut ack = ack;
-    if let (Some(pc), Some(pager)) = (postcopy_in, &pager) {
-        let conn = ack.take().expect("a migrated VM has its connection");
-        let fail_exit = exit.clone();
-        let target = Arc::new(PostcopyTarget::new(
-            mem.clone(),
-            pager.clone(),
-            pc.owed,
-            conn,
-            move |why: &str| {
-                eprintln!("{why}");
-                fail_exit.request(EXIT_FAIL, why);
-            },
-        ));
-        pager.set_page_source(Some(target.clone() as Arc<dyn PageSource>));
-        let rx_target = target.clone();
-        let reader = pc.reader;
-        let rx = std::thread::Builder::new()
-            .name("postcopy-rx".into())
-            .spawn(move || rx_target.receive(reader))
-            .context("starting the postcopy receiver")?;
-        // The source never resumes its copy once told; the vCPUs start right after.
-        target
-            .guest_running()
-            .context("telling the source the guest runs here")?;
-        println!("migrated guest runs here; postcopy: pages still owed arrive on demand");
-        postcopy_rx = Some((target, rx));
-    }
-
-    let regions: Vec<(u64, u64)> = ram.regions().map(|r| (r.gpa, r.len)).collect();
-    let drop_range: Box<reclaim::DropFn> = match &pager {
-        Some(pager) => {
-            let pager = pager.clone();
-            Box::new(move |gpa, len| Ok(pager.reclaim(gpa, len)?.to_json()))
-        }
-        // Shared memory: MADV_DONTNEED would only unmap the file's pages, which the next
-        // access maps again unchanged; punch them out of the memfd (file offset = gpa -
-        // region start, as memory.rs lays the files out).
-        None if !ram.shared_regions().is_empty() => {
-            let files: Vec<(u64, u64, Arc<std::fs::File>)> = ram
-                .shared_regions()
-                .iter()
-                .map(|s| (s.region.gpa, s.region.len, s.file.clone()))
-                .collect();
-            Box::new(move |gpa, len| {
-                let (r, _, file) = files
-                    .iter()
-                    .find(|(r, l, _)| gpa >= *r && gpa + len <= r + l)
-                    .context("range outside shared RAM")?;
-                reclaim::punch_hole(file, gpa - r, len)
-            })
-        }
-        None => {
-            let ram_map: Vec<(u64, u64, u64)> =
-                ram.regions().map(|r| (r.gpa, r.len, r.host_addr)).collect();
-            Box::new(move |gpa, len| {
-                let (r, _, host) = ram_map
-                    .iter()
-                    .find(|(r, l, _)| gpa >= *r && gpa + len <= r + l)
-                    .context("range outside RAM")?;
-                reclaim::madvise_dontneed(host + (gpa - r), len)
-            })
-        }
-    };
-    // Reclaims change guest RAM behind the dirty tracker: a migration marks them through
-    // this gate (and refuses them during its last round).
-    let host_changes = Arc::new(HostChanges::new());
-    let mut reclaimer = Reclaimer::new(
-        mem.clone(),
-        Params::reclaim_seq_gpa(PARAMS_GPA),
-        regions.clone(),
-        ram.page_size(),
-        drop_range,
-        host_changes.clone(),
-    );
-    if let Some((target, _)) = &postcopy_rx {
-        let target: Arc<PostcopyTarget> = target.clone();
-        reclaimer = reclaimer.refuse_owed(Box::new(move |gpa, len| target.owes_any(gpa, len)));
-    }
-    let reclaimer = Arc::new(reclaimer);
 
     let report = Arc::new(Mutex::new(Report::new(cpus.into())));
-    if mig.incoming.is_some() {
+    if postcopy.is_some() {
         // The guest announced its start on the source; this report continues from there.
         let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
         for vcpu in 0..usize::from(cpus) {
@@ -757,140 +469,97 @@ pub fn run_on(
             mem.clone(),
             PARAMS_GPA,
             report.clone(),
-            exit.clone(),
+            machine.exit().clone(),
         )),
     )?;
-    bus.register(COM1_BASE..=COM1_LAST, serial.clone())?;
 
     println!(
         "guest {} on {cpus} vCPU(s), {} of RAM on {}, {}{}{}",
         plan.kind.name(),
         human(mem_bytes),
-        ram.backing(),
+        machine.ram().backing(),
         describe(&plan),
         if plan.params.flags & FLAG_EXPECT_RECLAIM != 0 {
             ", expecting reclaims"
         } else {
             ""
         },
-        if pager.is_some() {
+        if machine.pager().is_some() {
             ", demand paging through stage2"
         } else {
             ", no demand paging"
         }
     );
 
-    let started = Instant::now();
-    let hooks = VcpuHooks {
-        dirty_ring_full: ring.as_ref().map(|t| t.ring_full_hook()),
-    };
-    let control = Arc::new(Mutex::new(VmControl::start_with_hooks(
-        vcpus,
-        Arc::new(bus),
-        mem.clone(),
-        exit.clone(),
-        hooks,
-    )?));
-    let (migrate_tx, migrate_rx) = std::sync::mpsc::channel::<MigrateRequest>();
-    let api = match &args.api_socket {
-        Some(path) => Some(api::serve(
-            path,
-            Arc::new(GuestApi {
-                fns: api_target(
-                    pager.clone(),
-                    reclaimer.clone(),
-                    control.clone(),
-                    host_changes.clone(),
-                ),
-                migrate: Mutex::new(migrate_tx),
-            }),
-        )?),
+    // Postcopy destination: the owed pages come from the source, on fault and pushed.
+    let postcopy_rx = match postcopy {
+        Some(inc) => machine.take_over(inc)?,
         None => None,
     };
+    // Reclaims change guest RAM behind the dirty tracker: a migration marks them through the
+    // machine's gate (and refuses them during its last round).
+    let mut reclaimer = machine.reclaimer(Some(Handshake {
+        seq_gpa: Params::reclaim_seq_gpa(PARAMS_GPA),
+        reserved_below: layout::LOW_RESERVED,
+    }));
+    if let Some(pc) = &postcopy_rx {
+        let target = pc.target().clone();
+        reclaimer = reclaimer.refuse_owed(Box::new(move |gpa, len| target.owes_any(gpa, len)));
+    }
+    let reclaimer = Arc::new(reclaimer);
+
+    let started = Instant::now();
+    let control = machine.start(vcpus, bus)?;
+    let spec = MachineSpec::new(
+        mem_bytes,
+        cpus,
+        machine.backing(),
+        Payload::Guest(args.spec()),
+    );
+    let mut session = Session::new(
+        &machine,
+        control,
+        reclaimer.clone(),
+        SessionConfig {
+            api_socket: m.api_socket.clone(),
+            migrate: MigrationPlan::config(m),
+            migrate_json: m.migrate_json.clone(),
+            spec: spec.to_bytes(),
+            i8042: None,
+            power_button: None,
+            payload: format!("guest {}", plan.kind.name()),
+        },
+    )?;
     let mut storm = match args.reclaim_storm {
         Some(count) => Some(Storm::start(
             reclaimer.clone(),
-            layout::reclaim_ranges(&regions, ram.page_size()),
+            layout::reclaim_ranges(
+                &machine
+                    .regions()
+                    .iter()
+                    .map(|r| (r.gpa, r.len))
+                    .collect::<Vec<_>>(),
+                machine.ram().page_size(),
+            ),
             count,
             STORM_INTERVAL,
         )?),
         None => None,
     };
 
-    if let Some(conn) = ack {
-        precopy::acknowledge(conn).context("telling the source the guest runs here")?;
-        println!("migrated guest runs here");
-    }
-    let dirty = match (&ring, &pager) {
-        (Some(t), _) => DirtySource::KvmRing(t.clone()),
-        (None, Some(p)) if mig.dirty_mode == DirtyMode::Stage2Wp => {
-            DirtySource::Stage2Wp(p.clone())
-        }
-        _ => DirtySource::KvmBitmap,
-    };
-    let src = precopy::Source {
-        vm: vm.fd(),
-        regions: &ram_regions,
-        mem: &mem,
-        control: &control,
-        caps: caps.clone(),
-        dirty: &dirty,
-        pager: pager.as_deref().map(|p| p as &dyn RamPager),
-        serial: Some(&serial),
-        host_changes: Some(&host_changes),
-    };
-    let cfg = MigrateConfig {
-        downtime: Duration::from_millis(args.downtime_ms),
-        max_rounds: args.max_rounds.max(1),
-        postcopy_after: None,
-    };
-    let json = args.migrate_json.as_deref();
-    // Waits for the VM to stop, at most `limit`, carrying out `migrate` requests of the
-    // control socket meanwhile.
-    let wait = |limit: Option<Duration>| -> Waited {
-        let deadline = limit.map(|l| Instant::now() + l);
-        loop {
-            let mut slice = MIGRATE_POLL;
-            if let Some(d) = deadline {
-                let now = Instant::now();
-                if now >= d {
-                    return Waited::Timeout;
-                }
-                slice = slice.min(d - now);
-            }
-            if let Some(code) = exit.wait_timeout(slice) {
-                return Waited::Exit(code);
-            }
-            while let Ok((addr, postcopy_after, reply)) = migrate_rx.try_recv() {
-                let cfg = MigrateConfig {
-                    postcopy_after,
-                    ..cfg
-                };
-                let (res, waited) = migrate_now(&src, &addr, cfg, json);
-                let _ = reply.send(res);
-                if let Some(w) = waited {
-                    return w;
-                }
-            }
-        }
-    };
     let mut waited = Waited::Timeout;
     if let Some(addr) = &mig.migrate_to {
-        if args.migrate_delay_ms > 0 {
-            waited = wait(Some(Duration::from_millis(args.migrate_delay_ms)));
+        if m.migrate_delay_ms > 0 {
+            waited = session.wait(Some(Duration::from_millis(m.migrate_delay_ms)));
         }
         if let Waited::Timeout = waited {
-            let cfg = MigrateConfig {
-                postcopy_after: args.postcopy_after,
-                ..cfg
-            };
-            if let (_, Some(w)) = migrate_now(&src, addr, cfg, json) {
+            if let (_, Some(w)) = session.migrate(addr, m.postcopy_after) {
                 waited = w;
             }
         }
     }
     if let (Some(secs), Waited::Timeout) = (args.run_for, &waited) {
-        waited = wait(Some(Duration::from_secs(secs)));
+        waited = session.wait(Some(Duration::from_secs(secs)));
         if let Waited::Timeout = waited {
             info!("--run-for {secs} s over: setting the guest's stop flag");
             mem.write_obj(1u64, GuestAddress(Params::stop_gpa(PARAMS_GPA)))
@@ -898,9 +567,9 @@ pub fn run_on(
         }
     }
     if let Waited::Timeout = waited {
-        waited = wait(args.guest_timeout.map(Duration::from_secs));
+        waited = session.wait(args.guest_timeout.map(Duration::from_secs));
     }
-    drop(migrate_rx);
+    session.close();
     let code = match waited {
         Waited::Exit(code) => code,
         Waited::Timeout => {
@@ -911,11 +580,10 @@ pub fn run_on(
         }
         Waited::Migrated | Waited::Lost => {
             // The guest runs on the destination now (or nowhere); this copy is stale.
-            drop(api);
             if let Some(s) = storm.as_mut() {
                 s.stop();
             }
-            control.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+            session.stop();
             return Ok(match waited {
                 Waited::Migrated => EXIT_PASS,
                 _ => EXIT_FAIL,
@@ -924,32 +592,12 @@ pub fn run_on(
     };
     let elapsed = started.elapsed();
     let storm_reclaims = storm.as_mut().map(|s| s.stop()).unwrap_or(0);
-    drop(api);
-    control.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+    session.stop();
 
     let mut report = report.lock().unwrap_or_else(|p| p.into_inner()).clone();
     // Postcopy destination: the guest may have finished before every page arrived; the
     // replay below reads them all, so wait for the rest (or the reason it never came).
-    let mut postcopy_failed = None;
-    if let Some((target, rx)) = postcopy_rx {
-        let owed = target.owed();
-        if owed > 0 {
-            println!("postcopy: waiting for the {owed} host pages still owed");
-        }
-        match rx.join() {
-            Ok(Ok(f)) => println!(
-                "postcopy: {} host pages received after the switch, {} faults served on demand, all pages present {:.3} s after the switch",
-                f.received,
-                f.faults,
-                f.all_present.as_secs_f64()
-            ),
-            Ok(Err(e)) => postcopy_failed = Some(e.to_string()),
-            Err(_) => postcopy_failed = Some("the postcopy receiver panicked".into()),
-        }
-        if let Some(p) = &pager {
-            p.set_page_source(None);
-        }
-    }
+    let postcopy_failed = postcopy_rx.and_then(|pc| pc.finish(&machine).err());
     if let Some(why) = &postcopy_failed {
         report.fail_unfinished(&format!(
             "postcopy failed ({why}): the guest's memory is incomplete"
@@ -961,17 +609,13 @@ pub fn run_on(
             "VM stopped with code {code} before this vCPU finished"
         ));
     }
-    let paging_stats = pager.as_ref().map(|p| p.stats());
+    let paging_stats = machine.pager().map(|p| p.stats());
     // Stop demand paging before the host reads slice memory for the dirty replay: the
     // kernel then fills untouched pages itself and stage2's figures stay the guest's.
+    drop(storm);
     drop(reclaimer);
-    drop(src);
-    drop(dirty);
-    if let Some(pager) = pager {
-        match Arc::try_unwrap(pager) {
-            Ok(p) => p.stop(),
-            Err(_) => log::warn!("the pager is still shared at exit; it stops when dropped"),
-        }
+    if let Some(pager) = machine.take_pager() {
+        stop_pager(pager);
     }
     if plan.kind == GuestKind::Dirty && report.passed() && postcopy_failed.is_none() {
         verify_dirty(&mem, &plan.params, &mut report)?;
@@ -989,13 +633,10 @@ pub fn run_on(
         human_bytes(paging_stats.as_ref().map_or(0, |s| s.reclaimed_bytes)),
         report.total_reinit()
     );
-    if let Some(path) = &args.stats_json {
+    if let Some(path) = &m.stats_json {
         write_stats_json(path, &plan, &report, elapsed, paging_stats.as_ref())?;
     }
-    drop(control);
-    drop(ring);
-    drop(vm);
-    drop(ram);
+    drop(machine);
     if let Some(why) = postcopy_failed {
         eprintln!("error: postcopy failed: {why}; the guest's memory here is incomplete");
         return Ok(EXIT_FAIL);
@@ -1005,136 +646,6 @@ pub fn run_on(
     } else {
         EXIT_FAIL
     })
-}
-
-/// How waiting for the guest ended.
-enum Waited {
-    /// The VM stopped with this code.
-    Exit(i32),
-    /// The time limit passed.
-    Timeout,
-    /// The guest moved to a migration destination.
-    Migrated,
-    /// A postcopy migration failed after the destination's guest started: the guest is lost.
-    Lost,
-}
-
-/// How often the main thread looks for a control-socket `migrate` request.
-const MIGRATE_POLL: Duration = Duration::from_millis(100);
-
-/// A control-socket migration request (address, postcopy after N rounds) and where its
-/// answer goes.
-type MigrateRequest = (
-    Address,
-    Option<u32>,
-    std::sync::mpsc::Sender<Result<serde_json::Value, String>>,
-);
-
-/// Migrates to `addr`, printing the outcome and writing `--migrate-json` when asked. Returns
-/// the answer for the control socket and, when the guest no longer runs here, how the wait
-/// ends: `Migrated`, or `Lost` when a postcopy failed after the destination took over. On any
-/// other failure the VM keeps running here.
-fn migrate_now(
-    src: &precopy::Source<'_>,
-    addr: &Address,
-    cfg: MigrateConfig,
-    json: Option<&std::path::Path>,
-) -> (Result<serde_json::Value, String>, Option<Waited>) {
-    match precopy::send(src, addr, cfg) {
-        Ok(s) => {
-            println!(
-                "migration to {addr} complete ({}, {}): total {:.3} s, downtime {:.1} ms, {} rounds, {:.1} MB sent, {} pages in the last round{}",
-                if s.postcopy.is_some() { "postcopy" } else { "precopy" },
-                s.dirty_mode,
-                s.total_ms / 1e3,
-                s.downtime_ms,
-                s.rounds.len(),
-                s.bytes_sent as f64 / 1e6,
-                s.rounds.last().map_or(0, |r| r.dirty_pages),
-                match &s.postcopy {
-                    Some(p) => format!(
-                        "; postcopy {:.3} s, {} pages on request, {} pushed",
-                        p.ms / 1e3,
-                        p.requested_pages,
-                        p.pushed_pages
-                    ),
-                    None => String::new(),
-                }
-            );
-            if let Some(path) = json {
-                if let Err(e) = s.write(path) {
-                    eprintln!(
-                        "cannot write --migrate-json {}: {e}; the migration itself succeeded",
-                        path.display()
-                    );
-                }
-            }
-            let mut v = s.to_json();
-            v["to"] = serde_json::Value::String(addr.to_string());
-            (Ok(v), Some(Waited::Migrated))
-        }
-        Err(e @ MigrateError::PostcopyLost(_)) => {
-            let msg = format!("migration to {addr} failed: {e}");
-            eprintln!("{msg}");
-            (Err(msg), Some(Waited::Lost))
-        }
-        Err(e) => {
-            // A failed migration resumes the VM it paused, and leaves one that was paused
-            // before as it was (see precopy::send): paused now means paused before.
-            let paused = src
-                .control
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .all_paused();
-            let msg = if paused {
-                format!(
-                    "migration to {addr} failed: {e}; the VM stays here, paused as it was \
-                     (vmmctl resume runs it again)"
-                )
-            } else {
-                format!("migration to {addr} failed: {e}; the VM keeps running here")
-            };
-            eprintln!("{msg}");
-            (Err(msg), None)
-        }
-    }
-}
-
-/// The guest runner's control-socket target: the shared commands plus `migrate`.
-struct GuestApi {
-    fns: api::ApiFns,
-    migrate: Mutex<std::sync::mpsc::Sender<MigrateRequest>>,
-}
-
-impl api::ApiTarget for GuestApi {
-    fn stats(&self) -> serde_json::Value {
-        self.fns.stats()
-    }
-    fn reclaim(&self, gpa: u64, len: u64) -> Result<serde_json::Value, String> {
-        self.fns.reclaim(gpa, len)
-    }
-    fn pause(&self) -> Result<(), String> {
-        self.fns.pause()
-    }
-    fn resume(&self) -> Result<(), String> {
-        self.fns.resume()
-    }
-    fn migrate(&self, to: &str, postcopy_after: Option<u32>) -> Result<serde_json::Value, String> {
-        if postcopy_after == Some(0) {
-            return Err(
-                "\"postcopy_after\": 0: give at least 1 (round 0 is the full pass of RAM)".into(),
-            );
-        }
-        let addr: Address = to.parse().map_err(|e| format!("\"to\": {e}"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.migrate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send((addr, postcopy_after, tx))
-            .map_err(|_| "the VM is stopping; nothing to migrate".to_string())?;
-        rx.recv()
-            .map_err(|_| "the VM stopped before the migration started".to_string())?
-    }
 }
 
 fn describe(plan: &Plan) -> String {
@@ -1155,39 +666,6 @@ fn describe(plan: &Plan) -> String {
                 r => format!(", paced to {r} MB/s"),
             }
         ),
-    }
-}
-
-/// The control socket's view of a guest run: stage2/pager statistics, reclaims with the
-/// guest handshake, pause and resume of every vCPU.
-fn api_target(
-    pager: Option<Arc<Pager>>,
-    reclaimer: Arc<Reclaimer>,
-    control: Arc<Mutex<VmControl>>,
-    host_changes: Arc<HostChanges>,
-) -> api::ApiFns {
-    let resume_control = control.clone();
-    api::ApiFns {
-        stats: Box::new(move || match &pager {
-            Some(p) => p.stats().to_json(),
-            None => serde_json::json!({ "paging": null, "stage2": null }),
-        }),
-        reclaim: Box::new(move |gpa, len| reclaimer.reclaim(gpa, len).map_err(|e| e.to_string())),
-        pause: Box::new(move || {
-            control
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pause_all()
-                .map_err(|e| e.to_string())
-        }),
-        resume: Box::new(move || {
-            // A resume that waited for a migration's end must not run a guest that moved.
-            let control = resume_control.lock().unwrap_or_else(|p| p.into_inner());
-            if host_changes.migrated() {
-                return Err(HostChangeRefused::Migrated.to_string());
-            }
-            control.resume_all().map_err(|e| e.to_string())
-        }),
     }
 }
 

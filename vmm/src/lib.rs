@@ -1,8 +1,8 @@
 //! The VMM as a library: the binary in `main.rs` is a thin CLI over these modules.
 //!
-//! Module ownership while the first version is built in parallel:
-//! boot/memory/vcpu/devices/arch/vm (bzImage boot, issue 3), uffd/paging
-//! (demand paging, issue 4), guest (built-in test guests, issue 4).
+//! [`machine`] is the one composition root of a VM (RAM, KVM VM, vCPUs, pager, dirty
+//! tracking, reclaim, control socket, migration); a payload is either a booted kernel
+//! ([`machine::kernel`]) or a built-in test guest ([`guest`]).
 
 pub mod api;
 pub mod arch;
@@ -11,6 +11,7 @@ pub mod cli;
 pub mod devices;
 pub mod dirty;
 pub mod guest;
+pub mod machine;
 pub mod memory;
 pub mod migrate;
 pub mod paging;

@@ -401,8 +401,10 @@ fn dirty_log_rule_kvm_ring_full_exits() {
         return;
     }
     let mut exits = 0;
+    // Harvests 60 ms apart: a ring fills only with 192 pages written since the last reset,
+    // which took 10-150 ms on this machine's software KVM (8 ms apart, none filled).
     for i in 0..5 {
-        let o = run_once(SMALL_RING, 10, Duration::from_millis(8))
+        let o = run_once(SMALL_RING, 4, Duration::from_millis(60))
             .unwrap_or_else(|e| panic!("run {i}: {e}"));
         exits += o.ring_full_exits;
     }

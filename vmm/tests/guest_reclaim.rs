@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::dirty::{DirtyMode, DirtyTracker, HostChanges};
 use vmm::guest::layout::LOW_RESERVED;
-use vmm::guest::reclaim::{madvise_dontneed, ReclaimError, Reclaimer};
+use vmm::machine::reclaim::{madvise_dontneed, Handshake, ReclaimError, Reclaimer};
 use vmm::memory::{BackingKind, GuestRam};
 use vmm::vm::Vm;
 
@@ -284,7 +284,10 @@ fn a_reclaim_under_a_kvm_bitmap_tracker_is_in_the_next_harvest() {
         .collect();
     let reclaimer = Reclaimer::new(
         mem.clone(),
-        SEQ_GPA,
+        Some(Handshake {
+            seq_gpa: SEQ_GPA,
+            reserved_below: LOW_RESERVED,
+        }),
         ram_map.iter().map(|&(g, l, _)| (g, l)).collect(),
         ram.page_size(),
         Box::new(move |gpa, len| {

@@ -166,12 +166,15 @@ fn child_run_touch(a: &[String]) -> Result<i32> {
     let args = vmm::guest::GuestArgs {
         guest: Some("touch".into()),
         seed: 1,
-        stats_json: Some(json.into()),
         guest_timeout: Some(600),
+        ..Default::default()
+    };
+    let machine = vmm::cli::MachineArgs {
+        stats_json: Some(json.into()),
         no_demand_paging: nodp,
         ..Default::default()
     };
-    vmm::guest::run_on(&args, mem.parse()?, cpus.parse()?, backing)
+    vmm::guest::run_on(&args, &machine, mem.parse()?, cpus.parse()?, backing, None)
 }
 
 fn workspace_root() -> PathBuf {

@@ -4,6 +4,8 @@
 //! vmmctl --socket /run/vmm.sock stats
 //! vmmctl --socket /run/vmm.sock reclaim 1G 512M     # GPA and length: decimal, 0x hex, K/M/G/T
 //! vmmctl --socket /run/vmm.sock pause | resume
+//! vmmctl --socket /run/vmm.sock info               # state, vCPUs, memory, backing, uptime
+//! vmmctl --socket /run/vmm.sock shutdown           # ACPI power button, hard stop on timeout
 //! vmmctl --socket /run/vmm.sock migrate --to tcp:127.0.0.1:4444   # precopy live migration
 //! vmmctl --socket /run/vmm.sock migrate --to tcp:127.0.0.1:4444 --postcopy-after 2
 //! ```
@@ -37,8 +39,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Print the VMM's statistics (stage2 and demand paging).
+    /// Print the VMM's statistics (stage2, demand paging, emulated instructions).
     Stats,
+    /// Print what the VM is: state, vCPUs, memory, backing, uptime, dirty mode, payload.
+    Info,
+    /// Ask the guest to power off (ACPI power button); the VMM stops it after a timeout if
+    /// it does not.
+    Shutdown,
     /// Drop the host memory behind guest range [GPA, GPA+LEN); the guest sees zeroes there.
     Reclaim {
         /// Guest-physical start: 4096, 0x40000000, 1G.
@@ -88,6 +95,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn request_of(cmd: &Cmd) -> Value {
     match cmd {
         Cmd::Stats => json!({"cmd": "stats"}),
+        Cmd::Info => json!({"cmd": "info"}),
+        Cmd::Shutdown => json!({"cmd": "shutdown"}),
         Cmd::Reclaim { gpa, len } => json!({"cmd": "reclaim", "gpa": gpa, "len": len}),
         Cmd::Pause => json!({"cmd": "pause"}),
         Cmd::Resume => json!({"cmd": "resume"}),
@@ -138,6 +147,8 @@ fn run(cli: &Cli) -> Result<bool> {
     }
     match &cli.cmd {
         Cmd::Stats => println!("{}", serde_json::to_string_pretty(&resp["stats"])?),
+        Cmd::Info => println!("{}", serde_json::to_string_pretty(&resp["info"])?),
+        Cmd::Shutdown => println!("{}", serde_json::to_string_pretty(&resp["shutdown"])?),
         Cmd::Reclaim { .. } => println!("{}", serde_json::to_string_pretty(&resp["reclaim"])?),
         Cmd::Pause => println!("paused"),
         Cmd::Resume => println!("resumed"),

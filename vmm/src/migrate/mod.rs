@@ -18,3 +18,5 @@ pub use transport::{Address, AddressError, Connection, Listener};
 pub const DEVICE_KVM_VM: &str = "kvm-vm";
 /// Device-state chunk name of COM1 ([`state::SerialRegs`]).
 pub const DEVICE_SERIAL: &str = "serial-com1";
+/// Device-state chunk name of the i8042 controller ([`crate::devices::i8042::I8042State`]).
+pub const DEVICE_I8042: &str = "i8042";

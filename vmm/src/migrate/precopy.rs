@@ -25,7 +25,8 @@ use super::summary::{
     dirty_mode_name, ms, MigrationMode, MigrationSummary, PostcopyFigures, RoundFigures,
 };
 use super::transport::{Address, AddressError, Connection};
-use super::{DEVICE_KVM_VM, DEVICE_SERIAL};
+use super::{DEVICE_I8042, DEVICE_KVM_VM, DEVICE_SERIAL};
+use crate::devices::i8042::{I8042State, I8042};
 use crate::devices::serial::SerialDevice;
 use crate::dirty::{
     DirtyBitmap, DirtyError, DirtyMode, DirtyTracker, HostChangeRefused, HostChanges,
@@ -137,6 +138,11 @@ pub struct Source<'a> {
     pub pager: Option<&'a dyn RamPager>,
     /// COM1, when the VM has one.
     pub serial: Option<&'a SerialDevice>,
+    /// The i8042 controller, when the VM has one (a booted kernel).
+    pub i8042: Option<&'a I8042>,
+    /// The machine spec the stream's header carries (JSON, `crate::machine::spec`): what the
+    /// destination builds before it receives. Empty: the destination is told by its flags.
+    pub spec: &'a [u8],
     /// The gate of the host's own changes of guest RAM (reclaims), when the VM has any: the
     /// migration records them from its first harvest and refuses them from its last.
     pub host_changes: Option<&'a HostChanges>,
@@ -195,7 +201,10 @@ pub fn send(
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;
     let vcpus = src.control.lock().unwrap_or_else(|p| p.into_inner()).len();
-    let mut w = StreamWriter::new(conn, &layout_of(vcpus, src.regions))?;
+    let mut w = StreamWriter::new(
+        conn,
+        &layout_of(vcpus, src.regions).with_spec(src.spec.to_vec()),
+    )?;
     let mut back = StreamReader::headless(back);
     let dest = match cfg.postcopy_after {
         Some(_) => {
@@ -452,6 +461,15 @@ fn rounds<W: Write>(
         Some(s) => Some(SerialRegs::from(&s.state()).encode()?),
         None => None,
     };
+    let i8042 = match src.i8042 {
+        Some(k) => Some(
+            postcard::to_stdvec(&k.state()).map_err(|source| StateError::Decode {
+                what: "i8042",
+                source,
+            })?,
+        ),
+        None => None,
+    };
     let write_state = |w: &mut StreamWriter<W>| -> Result<(), MigrateError> {
         for (i, b) in blobs.iter().enumerate() {
             w.vcpu(i as u32, b)?;
@@ -459,6 +477,9 @@ fn rounds<W: Write>(
         w.device(DEVICE_KVM_VM, &vm_state)?;
         if let Some(s) = &serial {
             w.device(DEVICE_SERIAL, s)?;
+        }
+        if let Some(k) = &i8042 {
+            w.device(DEVICE_I8042, k)?;
         }
         Ok(())
     };
@@ -585,6 +606,8 @@ pub struct Incoming {
     pub vm: VmState,
     /// COM1's registers, when the source had one.
     pub serial: Option<SerialRegs>,
+    /// The i8042's registers, when the source had one.
+    pub i8042: Option<I8042State>,
     /// Rounds seen.
     pub rounds: u32,
     /// Bytes read.
@@ -602,21 +625,61 @@ pub struct Incoming {
 /// to a read; page data larger than it bypasses it.
 const RECEIVE_BUFFER: usize = 256 << 10;
 
-/// Accepts one source on `listener`, says what this destination can receive, and receives
-/// RAM into `mem` (through `pager` when demand paging is on) and the state, until `End` or the
-/// postcopy switch. A checksum, truncation or layout error stops here with that error.
+/// A source that connected and sent its header: the destination builds its VM from
+/// [`layout`](Self::layout) (its spec), then [`receive`]s the rest.
+pub struct Pending {
+    conn: Connection,
+    reader: StreamReader<std::io::BufReader<Connection>>,
+    layout: Layout,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pending {
+    /// The source's layout and machine spec.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+}
+
+/// Accepts one source on `listener` and reads its header.
+pub fn accept(listener: &super::Listener) -> Result<Pending, MigrateError> {
+    let conn = listener.accept()?;
+    let input = conn
+        .try_clone()
+        .map_err(|source| StreamError::Io { offset: 0, source })?;
+    let (reader, layout) =
+        StreamReader::open(std::io::BufReader::with_capacity(RECEIVE_BUFFER, input))?;
+    Ok(Pending {
+        conn,
+        reader,
+        layout,
+    })
+}
+
+/// Receives from a source accepted with [`accept`]: says what this destination can receive,
+/// checks the source's layout against this VM, and receives RAM into `mem` (through `pager`
+/// when demand paging is on) and the state, until `End` or the postcopy switch. A checksum,
+/// truncation or layout error stops here with that error.
 pub fn receive(
-    listener: &super::Listener,
+    pending: Pending,
     mem: &GuestMemoryMmap,
     vcpus: usize,
     regions: &[RamRegion],
     pager: Option<&dyn RamPager>,
 ) -> Result<Incoming, MigrateError> {
-    let conn = listener.accept()?;
+    let Pending {
+        conn,
+        reader: mut r,
+        layout,
+    } = pending;
     let _boost = MigrationPriority::raise();
-    let input = conn
-        .try_clone()
-        .map_err(|source| StreamError::Io { offset: 0, source })?;
     let mut reply = StreamWriter::headless(
         conn.try_clone()
             .map_err(|source| StreamError::Io { offset: 0, source })?,
@@ -626,13 +689,11 @@ pub fn receive(
         None => (PAGE_SIZE as u64, 0),
     };
     reply.dest_info(host_page, flags)?;
-    let (mut r, _) = StreamReader::new(
-        std::io::BufReader::with_capacity(RECEIVE_BUFFER, input),
-        &layout_of(vcpus, regions),
-    )?;
+    layout_of(vcpus, regions).accept(&layout)?;
     let mut states: Vec<Option<VcpuState>> = (0..vcpus).map(|_| None).collect();
     let mut vm = None;
     let mut serial = None;
+    let mut i8042 = None;
     let mut rounds = 0;
     // This destination's RAM is new: nothing but this stream writes it before the guest runs.
     let mut ram = RamReceiver::new(mem, pager).fresh();
@@ -669,6 +730,14 @@ pub fn receive(
             }
             Chunk::Device { name, blob } if name == DEVICE_SERIAL => {
                 serial = Some(SerialRegs::decode(blob)?);
+            }
+            Chunk::Device { name, blob } if name == DEVICE_I8042 => {
+                i8042 = Some(
+                    postcard::from_bytes(blob).map_err(|source| StateError::Decode {
+                        what: "i8042",
+                        source,
+                    })?,
+                );
             }
             Chunk::Device { name, .. } => info!("ignoring state of unknown device {name:?}"),
             Chunk::Discard { runs } => {
@@ -732,6 +801,7 @@ pub fn receive(
         vcpus,
         vm: vm.ok_or_else(|| MigrateError::Missing("the VM state (irqchip, PIT, clock)".into()))?,
         serial,
+        i8042,
         rounds,
         bytes,
         placed,

@@ -12,7 +12,7 @@
 //!
 //! | kind | payload |
 //! |------|---------|
-//! | `HEADER` | page_size u32, vcpus u32, nr_regions u32, then (gpa u64, len u64) per region |
+//! | `HEADER` | page_size u32, vcpus u32, nr_regions u32, then (gpa u64, len u64) per region, then spec_len u32 and the machine spec (JSON: memory, vCPUs, backing, payload; empty when none) |
 //! | `PAGES` | gpa u64, then a whole number of pages (at most [`MAX_PAGES_PER_CHUNK`]) |
 //! | `ZERO_PAGES` | gpa u64, count u64: `count` pages of zeros, no data |
 //! | `VCPU` | vcpu id u32, then the state blob |
@@ -36,8 +36,9 @@ use std::io::{self, BufWriter, Read, Write};
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
 /// The format version this code writes and reads (2: postcopy chunks; 3: the destination
-/// acknowledges each precopy round once it has applied it).
-pub const VERSION: u32 = 3;
+/// acknowledges each precopy round once it has applied it; 4: the header carries the machine
+/// spec, so a destination needs nothing but its address).
+pub const VERSION: u32 = 4;
 /// The page size of `PAGES` and `ZERO_PAGES` chunks.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages carried by one `PAGES` chunk (1 MiB of data).
@@ -48,6 +49,8 @@ pub const MAX_PAYLOAD: usize = MAX_PAGES_PER_CHUNK * PAGE_SIZE + 8;
 pub const FRAME_OVERHEAD: usize = 12;
 /// Most RAM regions a header may list (a corrupted count is refused before allocating).
 const MAX_REGIONS: usize = 64;
+/// Longest machine spec a header may carry.
+pub const MAX_SPEC: usize = 64 << 10;
 /// Capacity of the writer's buffer.
 const WRITE_BUFFER: usize = 256 << 10;
 
@@ -210,6 +213,10 @@ pub struct Layout {
     pub vcpus: u32,
     /// Guest RAM regions as (gpa, len), in guest-physical order.
     pub regions: Vec<(u64, u64)>,
+    /// What the destination builds before it receives: the machine spec as JSON
+    /// (`crate::machine::spec`), empty when the sender has none. Not compared by
+    /// [`accept`](Layout::accept).
+    pub spec: Vec<u8>,
 }
 
 impl Layout {
@@ -219,7 +226,14 @@ impl Layout {
             page_size: PAGE_SIZE as u32,
             vcpus,
             regions: regions.into_iter().collect(),
+            spec: Vec::new(),
         }
+    }
+
+    /// This layout with `spec` as its machine spec.
+    pub fn with_spec(mut self, spec: Vec<u8>) -> Layout {
+        self.spec = spec;
+        self
     }
 
     /// Total RAM bytes.
@@ -268,6 +282,8 @@ impl Layout {
             out.extend_from_slice(&gpa.to_le_bytes());
             out.extend_from_slice(&len.to_le_bytes());
         }
+        out.extend_from_slice(&(self.spec.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.spec);
         out
     }
 
@@ -285,11 +301,19 @@ impl Layout {
         for _ in 0..n {
             regions.push((c.u64()?, c.u64()?));
         }
+        let spec_len = c.u32()? as usize;
+        if spec_len > MAX_SPEC {
+            return Err(format!(
+                "header carries a {spec_len}-byte machine spec (at most {MAX_SPEC})"
+            ));
+        }
+        let spec = c.take(spec_len)?.to_vec();
         c.finish()?;
         Ok(Layout {
             page_size,
             vcpus,
             regions,
+            spec,
         })
     }
 }
@@ -443,6 +467,9 @@ impl<W: Write> StreamWriter<W> {
         start[8..].copy_from_slice(&VERSION.to_le_bytes());
         w.put(&start)?;
         w.chunk(kind::HEADER, &[&layout.encode()])?;
+        // The destination builds its machine from the header before it says what it can
+        // receive, which a postcopy source waits for: the header must not sit in the buffer.
+        w.flush()?;
         Ok(w)
     }
 
@@ -712,6 +739,14 @@ impl<R: Read> std::fmt::Debug for StreamReader<R> {
 impl<R: Read> StreamReader<R> {
     /// Reads magic, version and header; checks the source's layout against `here`.
     pub fn new(input: R, here: &Layout) -> Result<(StreamReader<R>, Layout), StreamError> {
+        let (r, layout) = StreamReader::open(input)?;
+        here.accept(&layout)?;
+        Ok((r, layout))
+    }
+
+    /// Reads magic, version and header, and returns the source's layout unchecked (a
+    /// destination that builds its VM from the header's spec checks it afterwards).
+    pub fn open(input: R) -> Result<(StreamReader<R>, Layout), StreamError> {
         let mut r = StreamReader::headless(input);
         let mut start = [0u8; 12];
         r.fill(&mut start, "magic and version")?;
@@ -738,7 +773,6 @@ impl<R: Read> StreamReader<R> {
             offset: frame,
             what,
         })?;
-        here.accept(&layout)?;
         r.chunk = 1;
         Ok((r, layout))
     }

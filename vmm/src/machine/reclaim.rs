@@ -1,8 +1,7 @@
-//! Dropping guest ranges under a running test guest: the reclaim-sequence handshake that
-//! keeps the `stress` guest's verification exact, the migration gate every reclaim passes,
-//! and the reclaim-storm thread.
+//! Dropping guest ranges under a running guest: the range checks and the migration gate every
+//! reclaim passes, the test guests' reclaim-sequence handshake, and the reclaim-storm thread.
 //!
-//! Every drop is bracketed by two increments of `Params::reclaim_seq` in guest memory
+//! With a [`Handshake`] (the built-in test guests), every drop is bracketed by two increments of `Params::reclaim_seq` in guest memory
 //! (odd while the drop runs). The stores are SeqCst (`xchg` on x86), so they are
 //! globally visible before the host starts zapping and after it has finished; a guest
 //! that finds a zeroed page and then reads the sequence unchanged and even knows no
@@ -22,12 +21,20 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use guest_tests::params::PAGE_SIZE;
 use log::{info, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::LOW_RESERVED;
-use crate::dirty::{HostChangeRefused, HostChanges};
+use crate::dirty::{HostChangeRefused, HostChanges, PAGE_SIZE};
+
+/// A guest that is told about reclaims: the sequence word it reads, and the low memory (its
+/// code, tables and stacks) that must never be reclaimed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handshake {
+    /// Guest-physical address of the reclaim sequence (a u64, odd while a drop runs).
+    pub seq_gpa: u64,
+    /// Ranges below this address are refused.
+    pub reserved_below: u64,
+}
 
 /// Drops the host memory behind a guest range (the pager's reclaim, or a plain madvise);
 /// returns a JSON report of what it did.
@@ -60,12 +67,14 @@ pub enum ReclaimError {
         regions: Vec<(u64, u64)>,
     },
     /// Touches the guest's code, tables and stacks.
-    #[error("reclaim range {gpa:#x}+{len:#x} overlaps the test guest's code, page tables and stacks below {LOW_RESERVED:#x}: reclaim slice memory only")]
+    #[error("reclaim range {gpa:#x}+{len:#x} overlaps the test guest's code, page tables and stacks below {below:#x}: reclaim slice memory only")]
     Reserved {
         /// Start.
         gpa: u64,
         /// Length.
         len: u64,
+        /// The reserved low memory's end.
+        below: u64,
     },
     /// A migration is taking guest RAM as it is, or took it away.
     #[error("reclaim of {gpa:#x}+{len:#x} refused: {why}")]
@@ -97,10 +106,10 @@ pub enum ReclaimError {
     },
 }
 
-/// Reclaims guest ranges with the sequence handshake.
+/// Reclaims guest ranges, with the sequence handshake when the guest has one.
 pub struct Reclaimer {
     mem: GuestMemoryMmap,
-    seq_gpa: u64,
+    handshake: Option<Handshake>,
     regions: Vec<(u64, u64)>,
     page: u64,
     drop_range: Box<DropFn>,
@@ -112,11 +121,11 @@ pub struct Reclaimer {
 }
 
 impl Reclaimer {
-    /// A reclaimer over RAM `regions` of backing page size `page`, bumping the sequence at
-    /// `seq_gpa` around each call of `drop_range`, all through the migration gate `host`.
+    /// A reclaimer over RAM `regions` of backing page size `page`, calling `drop_range`
+    /// through the migration gate `host` (and bumping the handshake's sequence around it).
     pub fn new(
         mem: GuestMemoryMmap,
-        seq_gpa: u64,
+        handshake: Option<Handshake>,
         regions: Vec<(u64, u64)>,
         page: u64,
         drop_range: Box<DropFn>,
@@ -124,7 +133,7 @@ impl Reclaimer {
     ) -> Reclaimer {
         Reclaimer {
             mem,
-            seq_gpa,
+            handshake,
             regions,
             page,
             drop_range,
@@ -164,13 +173,17 @@ impl Reclaimer {
                 regions: self.regions.clone(),
             });
         }
-        if gpa < LOW_RESERVED {
-            return Err(ReclaimError::Reserved { gpa, len });
+        if let Some(h) = self.handshake.filter(|h| gpa < h.reserved_below) {
+            return Err(ReclaimError::Reserved {
+                gpa,
+                len,
+                below: h.reserved_below,
+            });
         }
         Ok(())
     }
 
-    /// Drops `[gpa, gpa + len)`, telling the guest through the reclaim sequence.
+    /// Drops `[gpa, gpa + len)`, telling the guest through the reclaim sequence if it has one.
     pub fn reclaim(&self, gpa: u64, len: u64) -> Result<serde_json::Value, ReclaimError> {
         self.check(gpa, len)?;
         if self.owed.as_ref().is_some_and(|owed| owed(gpa, len)) {
@@ -179,17 +192,21 @@ impl Reclaimer {
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         // The drop zeroes the range and the handshake writes the sequence word: both are
         // marked for a running migration once done (a word store marks its whole page).
-        let changed = [(gpa, len), (self.seq_gpa, 8)];
+        let mut changed = vec![(gpa, len)];
+        changed.extend(self.handshake.map(|h| (h.seq_gpa, 8)));
         let result = self
             .host
             .change(&changed, || {
+                let Some(h) = self.handshake else {
+                    return (self.drop_range)(gpa, len);
+                };
                 let seq: u64 = self
                     .mem
-                    .load(GuestAddress(self.seq_gpa), Ordering::SeqCst)
+                    .load(GuestAddress(h.seq_gpa), Ordering::SeqCst)
                     .expect("the parameter block is in RAM");
-                self.store_seq(seq.wrapping_add(1));
+                self.store_seq(h.seq_gpa, seq.wrapping_add(1));
                 let result = (self.drop_range)(gpa, len);
-                self.store_seq(seq.wrapping_add(2));
+                self.store_seq(h.seq_gpa, seq.wrapping_add(2));
                 result
             })
             .map_err(|why| ReclaimError::Migrating { gpa, len, why })?;
@@ -199,9 +216,9 @@ impl Reclaimer {
         Ok(report)
     }
 
-    fn store_seq(&self, value: u64) {
+    fn store_seq(&self, seq_gpa: u64, value: u64) {
         self.mem
-            .store(value, GuestAddress(self.seq_gpa), Ordering::SeqCst)
+            .store(value, GuestAddress(seq_gpa), Ordering::SeqCst)
             .expect("the parameter block is in RAM");
     }
 
@@ -330,6 +347,14 @@ mod tests {
     use super::*;
     use crate::dirty::{DirtyBitmap, SlotInfo, VmmDirty};
 
+    /// The test guests' reserved low memory.
+    const LOW_RESERVED: u64 = 4 << 20;
+    /// The sequence at 0x1000 and the reserved low memory.
+    const TEST_HANDSHAKE: Handshake = Handshake {
+        seq_gpa: 0x1000,
+        reserved_below: LOW_RESERVED,
+    };
+
     fn reclaimer(log: Arc<Mutex<Vec<(u64, u64, u64)>>>) -> Reclaimer {
         reclaimer_gated(log, Arc::new(HostChanges::new()))
     }
@@ -339,7 +364,7 @@ mod tests {
         let seen = mem.clone();
         Reclaimer::new(
             mem,
-            0x1000,
+            Some(TEST_HANDSHAKE),
             vec![(0, 8 << 20)],
             PAGE_SIZE,
             Box::new(move |gpa, len| {
@@ -442,7 +467,7 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         let r = Arc::new(Reclaimer::new(
             mem,
-            0x1000,
+            Some(TEST_HANDSHAKE),
             vec![(0, 8 << 20)],
             PAGE_SIZE,
             Box::new(move |_, _| {

@@ -1,0 +1,313 @@
+//! A booted Linux kernel as a machine's payload: the kernel and initrd loaded with their boot
+//! tables (MP table, ACPI), the i8042, the console, and the machine's session (demand paging,
+//! control socket, migration) around it; or the same kernel VM received from a migration.
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use log::{debug, info};
+
+use super::console::{self, FlushingStdout, SignalFd};
+use super::incoming::PostcopyRx;
+use super::session::{Session, SessionConfig, Waited};
+use super::spec::{MachineSpec, Payload};
+use super::{Machine, MachineConfig, MigrationPlan};
+use crate::arch::x86_64::{acpi, mptable};
+use crate::boot::{self, BootSpec, KernelImage};
+use crate::cli::{Cli, SerialTarget};
+use crate::devices::i8042::{I8042, I8042_COMMAND, I8042_DATA};
+use crate::devices::PioBus;
+use crate::memory::{human, BackingKind};
+use crate::migrate::precopy::Pending;
+use crate::vcpu::EXIT_OK;
+use crate::vm;
+
+/// Logs (at debug level) how long after `main` started each start-up step ended, so the host's
+/// share of the time to the guest's first instruction can be read from `--log-level debug`.
+struct StartupClock(Instant);
+
+impl StartupClock {
+    fn mark(&self, step: &str) {
+        debug!("start-up: {step} done at {:.1?}", self.0.elapsed());
+    }
+}
+
+/// Refuses guest RAM larger than the host's physical memory (an overcommitted guest would be
+/// killed by the OOM killer long after start-up).
+pub fn check_host_memory(mem: u64) -> Result<()> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total_kb: Option<u64> = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+    if let Some(kb) = total_kb {
+        let total = kb * 1024;
+        if mem > total {
+            bail!(
+                "--mem {} is more than this host's {} MiB of RAM: lower --mem",
+                human(mem),
+                total >> 20
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses more vCPUs than KVM allows.
+fn check_cpus(cpus: u8) -> Result<()> {
+    let kvm = vm::open_kvm()?;
+    let max = vm::max_vcpus(&kvm);
+    if u32::from(cpus) > max {
+        return Err(vm::VmError::TooManyCpus {
+            asked: cpus.into(),
+            max,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn serial_out(target: &SerialTarget) -> Result<Box<dyn Write + Send>> {
+    Ok(match target {
+        SerialTarget::Stdio => Box::new(FlushingStdout),
+        SerialTarget::File(p) => Box::new(LineWriter::new(File::create(p).with_context(|| {
+            format!(
+                "cannot create serial output file {}: check --serial file:PATH",
+                p.display()
+            )
+        })?)),
+    })
+}
+
+fn machine_config(cli: &Cli, backing: BackingKind, plan: &MigrationPlan) -> Result<MachineConfig> {
+    Ok(MachineConfig {
+        mem: cli.mem,
+        cpus: cli.cpus,
+        backing,
+        demand_paging: !cli.machine.no_demand_paging,
+        prefault: cli.machine.prefault,
+        dirty_mode: plan.dirty_mode,
+        migrates: plan.migrates,
+        serial_out: serial_out(&cli.serial)?,
+    })
+}
+
+/// Boots `--kernel` on a new machine and runs it until it ends (or moves away). Returns the
+/// process exit code.
+pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
+    let clock = StartupClock(started);
+    let plan = MigrationPlan::from_args(&cli.machine)?;
+    let Some(kernel_path) = cli.kernel.as_deref() else {
+        bail!("no kernel given: pass --kernel PATH (a bzImage or vmlinux) or --guest NAME");
+    };
+    check_host_memory(cli.mem)?;
+    let kernel = KernelImage::from_file(kernel_path)?;
+    kernel.check_fits(cli.mem)?;
+    clock.mark("kernel file read");
+    let initrd = read_initrd(cli.initrd.as_deref())?;
+    if let Some(data) = &initrd {
+        kernel.check_initrd_fits(cli.mem, data.len() as u64)?;
+    }
+    check_cpus(cli.cpus)?;
+    // Before any thread starts, so that every thread inherits the blocked signals.
+    let signals = SignalFd::new().context("cannot set up SIGINT/SIGTERM handling")?;
+
+    let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
+    clock.mark("machine created");
+    let mem = machine.mem().clone();
+    mptable::setup(&mem, cli.cpus)?;
+    let rsdp = acpi::setup(&mem, cli.cpus)?;
+    let loaded = boot::load(
+        machine.ram(),
+        &BootSpec {
+            kernel: &kernel,
+            initrd: initrd.as_deref(),
+            cmdline: &cli.cmdline,
+            fast_boot: !cli.no_fast_boot,
+            acpi_rsdp: Some(rsdp),
+        },
+    )?;
+    drop(kernel);
+    drop(initrd);
+    clock.mark("kernel loaded");
+    // Demand paging from here: the kernel, its tables and the initrd are present and never
+    // fault; every other first touch is a stage2 fault.
+    machine.start_pager()?;
+    let vcpus = machine.create_vcpus()?;
+    boot::setup_boot_cpu(&mem, &vcpus[0], &loaded)?;
+    info!(
+        "starting {} vCPU(s), {} RAM on {}, {}{}",
+        cli.cpus,
+        human(machine.ram().size()),
+        machine.ram().backing(),
+        loaded.path,
+        if machine.pager().is_some() {
+            ", demand paging through stage2"
+        } else {
+            ", no demand paging"
+        }
+    );
+    clock.mark("vCPUs configured");
+    let i8042 = Arc::new(I8042::new(machine.exit().clone()));
+    serve(cli, machine, vcpus, i8042, signals, &plan, None)
+}
+
+fn read_initrd(path: Option<&Path>) -> Result<Option<Vec<u8>>> {
+    match path {
+        Some(p) => Ok(Some(std::fs::read(p).map_err(|source| {
+            boot::BootError::ReadInitrd {
+                path: p.to_path_buf(),
+                source,
+            }
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// Receives a kernel VM from `pending` (its spec already checked against the flags) and runs
+/// it here.
+pub fn run_incoming(
+    cli: &Cli,
+    spec: &MachineSpec,
+    backing: BackingKind,
+    pending: Pending,
+) -> Result<i32> {
+    let plan = MigrationPlan::from_args(&cli.machine)?;
+    check_host_memory(spec.mem)?;
+    let signals = SignalFd::new().context("cannot set up SIGINT/SIGTERM handling")?;
+    let mut cfg = machine_config(cli, backing, &plan)?;
+    cfg.mem = spec.mem;
+    cfg.cpus = spec.cpus;
+    let mut machine = Machine::new(cfg)?;
+    let inc = machine.receive(pending)?;
+    let vcpus = machine.create_vcpus()?;
+    machine.restore(&inc, &vcpus)?;
+    let i8042 = Arc::new(match inc.i8042 {
+        Some(st) => I8042::from_state(machine.exit().clone(), st),
+        None => I8042::new(machine.exit().clone()),
+    });
+    let postcopy = machine.take_over(inc)?;
+    serve(cli, machine, vcpus, i8042, signals, &plan, postcopy)
+}
+
+/// Runs a loaded (or received) kernel VM: i8042 on the port bus, the console thread, the
+/// session, `--migrate-to`, and `--stats-json` at the end.
+fn serve(
+    cli: &Cli,
+    mut machine: Machine,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    i8042: Arc<I8042>,
+    signals: SignalFd,
+    plan: &MigrationPlan,
+    postcopy: Option<PostcopyRx>,
+) -> Result<i32> {
+    let mut bus = PioBus::new();
+    bus.register(I8042_DATA..=I8042_DATA, i8042.clone())?;
+    bus.register(I8042_COMMAND..=I8042_COMMAND, i8042.clone())?;
+    let mut reclaimer = machine.reclaimer(None);
+    if let Some(pc) = &postcopy {
+        let target = pc.target().clone();
+        reclaimer = reclaimer.refuse_owed(Box::new(move |gpa, len| target.owes_any(gpa, len)));
+    }
+    let started = Instant::now();
+    let control = machine.start(vcpus, bus)?;
+    let console = console::spawn(
+        machine.exit(),
+        signals,
+        matches!(cli.serial, SerialTarget::Stdio).then(|| machine.serial().clone()),
+    )?;
+    let mut session = Session::new(
+        &machine,
+        control,
+        Arc::new(reclaimer),
+        SessionConfig {
+            api_socket: cli.machine.api_socket.clone(),
+            migrate: MigrationPlan::config(&cli.machine),
+            migrate_json: cli.machine.migrate_json.clone(),
+            spec: MachineSpec::new(
+                machine.ram().size(),
+                machine.vm().cpus(),
+                machine.backing(),
+                Payload::Kernel,
+            )
+            .to_bytes(),
+            i8042: Some(i8042),
+            power_button: None,
+            payload: "kernel".into(),
+        },
+    )?;
+    let mut waited = Waited::Timeout;
+    if let Some(addr) = &plan.migrate_to {
+        if cli.machine.migrate_delay_ms > 0 {
+            waited = session.wait(Some(Duration::from_millis(cli.machine.migrate_delay_ms)));
+        }
+        if waited == Waited::Timeout {
+            if let (_, Some(w)) = session.migrate(addr, cli.machine.postcopy_after) {
+                waited = w;
+            }
+        }
+    }
+    if waited == Waited::Timeout {
+        waited = session.wait(None);
+    }
+    let code = match waited {
+        Waited::Exit(code) => code,
+        Waited::Migrated => {
+            machine.exit().request(EXIT_OK, "the VM migrated");
+            EXIT_OK
+        }
+        Waited::Lost | Waited::Timeout => {
+            machine.exit().request(
+                super::EXIT_HOST_FAILED,
+                "the VM was lost in a postcopy migration",
+            );
+            super::EXIT_HOST_FAILED
+        }
+    };
+    session.close();
+    let elapsed = started.elapsed();
+    let emulation = session
+        .control()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .emulation_stats()
+        .clone();
+    session.stop();
+    let _ = console.join();
+    let _ = std::io::stdout().flush();
+    let mut code = code;
+    if let Some(pc) = postcopy {
+        if let Err(why) = pc.finish(&machine) {
+            eprintln!("error: postcopy failed: {why}; the guest's memory here is incomplete");
+            code = super::EXIT_HOST_FAILED;
+        }
+    }
+    let paging = machine.pager().map(|p| p.stats());
+    if let Some(stats) = &paging {
+        info!("{stats}");
+    }
+    if emulation.total() > 0 {
+        info!("emulated instructions: {}", emulation.to_json());
+    }
+    if let Some(path) = &cli.machine.stats_json {
+        let doc = serde_json::json!({
+            "payload": "kernel",
+            "exit_code": code,
+            "seconds": elapsed.as_secs_f64(),
+            "migrated": waited == Waited::Migrated,
+            "demand_paging": paging.as_ref().map(|p| p.to_json()),
+            "emulation": emulation.to_json(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing --stats-json {}", path.display()))?;
+    }
+    if let Some(p) = machine.take_pager() {
+        super::stop_pager(p);
+    }
+    info!("VM ended with exit code {code}");
+    Ok(code)
+}

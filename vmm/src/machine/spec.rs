@@ -1,0 +1,306 @@
+//! The machine spec: what a migration destination must build before it can receive a VM
+//! (memory size, vCPUs, backing, and the payload with what its verification needs), carried as
+//! JSON in the migration stream's header, and checked against the flags the destination was
+//! given.
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{flag_name, Cli, Hugepages, MemoryBackendArg, GUEST_FLAGS};
+use crate::memory::{human, BackingKind};
+
+/// A VM as the migration source describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSpec {
+    /// Guest RAM bytes.
+    pub mem: u64,
+    /// vCPUs.
+    pub cpus: u8,
+    /// `--hugepages` as the command line spells it (`auto`, `2M`, `1G`, `thp`, `none`).
+    pub hugepages: String,
+    /// `--memory-backend` as the command line spells it (`private`, `shared`).
+    pub memory_backend: String,
+    /// What runs in the VM.
+    pub payload: Payload,
+}
+
+/// What runs in a migrating VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Payload {
+    /// A booted kernel: everything it needs is in RAM and device state.
+    Kernel,
+    /// A built-in test guest, with what the destination's verification needs.
+    Guest(GuestSpec),
+}
+
+/// A built-in test guest's options, as the source ran it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSpec {
+    /// `--guest`.
+    pub name: String,
+    /// `--mode`.
+    pub mode: String,
+    /// `--generations` (none: the guest's default).
+    pub generations: Option<u64>,
+    /// `--writes-per-gen` (none: the default).
+    pub writes_per_gen: Option<u64>,
+    /// `--seed`.
+    pub seed: u64,
+    /// `--dirty-rate`.
+    pub dirty_rate: u64,
+    /// `--expect-reclaim` (or a `--reclaim-storm` on the source).
+    pub expect_reclaim: bool,
+}
+
+impl MachineSpec {
+    /// The JSON the stream carries.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a machine spec is always serializable")
+    }
+
+    /// Parses a stream's spec; empty means the source sent none (an older or a test sender).
+    pub fn from_bytes(bytes: &[u8]) -> anyhow::Result<Option<MachineSpec>> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(bytes)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("the source's machine spec is not valid: {e}"))
+    }
+
+    /// The payload's name as the command line spells it (`kernel`, or the guest's name).
+    pub fn payload_name(&self) -> &str {
+        match &self.payload {
+            Payload::Kernel => "a kernel",
+            Payload::Guest(g) => &g.name,
+        }
+    }
+}
+
+/// The `--hugepages` and `--memory-backend` tokens that ask for `kind`.
+pub fn backing_tokens(kind: BackingKind) -> (&'static str, &'static str) {
+    match kind {
+        BackingKind::Auto => ("auto", "private"),
+        BackingKind::Hugetlb2M => ("2M", "private"),
+        BackingKind::Hugetlb1G => ("1G", "private"),
+        BackingKind::Thp => ("thp", "private"),
+        BackingKind::Small => ("none", "private"),
+        BackingKind::SharedAuto => ("auto", "shared"),
+        BackingKind::Shared4K => ("none", "shared"),
+        BackingKind::Shared2M => ("2M", "shared"),
+        BackingKind::Shared1G => ("1G", "shared"),
+    }
+}
+
+impl MachineSpec {
+    /// The spec of a VM of `mem` bytes and `cpus` vCPUs on `backing` running `payload`.
+    pub fn new(mem: u64, cpus: u8, backing: BackingKind, payload: Payload) -> MachineSpec {
+        let (hugepages, memory_backend) = backing_tokens(backing);
+        MachineSpec {
+            mem,
+            cpus,
+            hugepages: hugepages.into(),
+            memory_backend: memory_backend.into(),
+            payload,
+        }
+    }
+}
+
+/// One value a destination flag gave, to compare with the source's.
+#[derive(Debug)]
+pub struct Given<'a> {
+    /// The flag, e.g. `--mem`.
+    pub flag: &'a str,
+    /// The value given here, as the source's value is written.
+    pub here: String,
+    /// The source's value.
+    pub source: String,
+}
+
+/// Refuses the first flag given on the destination whose value disagrees with the source's,
+/// with both values.
+pub fn check_agree(given: &[Given<'_>]) -> anyhow::Result<()> {
+    for g in given {
+        if g.here != g.source {
+            anyhow::bail!(
+                "{} {} here, but the migrating VM has {} {}: drop {} (an --incoming \
+                 destination takes it from the source) or give the source's value",
+                g.flag,
+                g.here,
+                g.flag,
+                g.source,
+                g.flag
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks the flags an `--incoming` destination was given against the source's `spec` (a
+/// flag given here must agree with the source's value) and returns the backing to build.
+pub fn reconcile(cli: &Cli, spec: &MachineSpec) -> anyhow::Result<BackingKind> {
+    let mut given = Vec::new();
+    let mut add = |id: &'static str, here: String, source: String| {
+        if cli.was_given(id) {
+            given.push((flag_name(id), here, source));
+        }
+    };
+    add("mem", human(cli.mem), human(spec.mem));
+    add("cpus", cli.cpus.to_string(), spec.cpus.to_string());
+    add("hugepages", cli.hugepages_name(), spec.hugepages.clone());
+    add(
+        "memory_backend",
+        cli.memory_backend_name(),
+        spec.memory_backend.clone(),
+    );
+    match &spec.payload {
+        Payload::Kernel => {
+            let guest_flag = std::iter::once("guest")
+                .chain(GUEST_FLAGS.iter().copied())
+                .find(|id| cli.was_given(id));
+            if let Some(id) = guest_flag {
+                anyhow::bail!(
+                    "{} here, but the migrating VM is a booted kernel, not a built-in test \
+                     guest: drop {}",
+                    flag_name(id),
+                    flag_name(id)
+                );
+            }
+        }
+        Payload::Guest(g) => {
+            let a = &cli.guest_args;
+            let opt = |v: Option<u64>| v.map_or("default".to_string(), |n| n.to_string());
+            add("guest", a.guest.clone().unwrap_or_default(), g.name.clone());
+            add("mode", a.mode_name(), g.mode.clone());
+            add("generations", opt(a.generations), opt(g.generations));
+            add(
+                "writes_per_gen",
+                opt(a.writes_per_gen),
+                opt(g.writes_per_gen),
+            );
+            add("seed", a.seed.to_string(), g.seed.to_string());
+            add(
+                "dirty_rate",
+                a.dirty_rate.to_string(),
+                g.dirty_rate.to_string(),
+            );
+        }
+    }
+    let given: Vec<Given<'_>> = given
+        .iter()
+        .map(|(flag, here, source)| Given {
+            flag,
+            here: here.clone(),
+            source: source.clone(),
+        })
+        .collect();
+    check_agree(&given)?;
+    let hugepages = Hugepages::from_str(&spec.hugepages, true).map_err(|_| {
+        anyhow::anyhow!(
+            "the source's backing {:?} is unknown here: run the same vmm build on both sides",
+            spec.hugepages
+        )
+    })?;
+    let backend = MemoryBackendArg::from_str(&spec.memory_backend, true).map_err(|_| {
+        anyhow::anyhow!(
+            "the source's memory backend {:?} is unknown here: run the same vmm build on both \
+             sides",
+            spec.memory_backend
+        )
+    })?;
+    Ok(BackingKind::from(hugepages).on_backend(backend.into())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest_spec() -> MachineSpec {
+        MachineSpec {
+            mem: 1 << 30,
+            cpus: 2,
+            hugepages: "2M".into(),
+            memory_backend: "private".into(),
+            payload: Payload::Guest(GuestSpec {
+                name: "dirty".into(),
+                mode: "sequential".into(),
+                generations: Some(0),
+                writes_per_gen: None,
+                seed: 7,
+                dirty_rate: 40,
+                expect_reclaim: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn spec_round_trips_through_its_bytes() {
+        let s = guest_spec();
+        assert_eq!(MachineSpec::from_bytes(&s.to_bytes()).unwrap(), Some(s));
+        let k = MachineSpec {
+            payload: Payload::Kernel,
+            ..guest_spec()
+        };
+        let text = String::from_utf8(k.to_bytes()).unwrap();
+        assert!(text.contains(r#""payload":{"kind":"kernel"}"#), "{text}");
+        assert_eq!(MachineSpec::from_bytes(text.as_bytes()).unwrap(), Some(k));
+    }
+
+    #[test]
+    fn backing_tokens_parse_back_to_the_same_backing() {
+        use crate::memory::MemoryBackend;
+        for kind in [
+            BackingKind::Auto,
+            BackingKind::Hugetlb2M,
+            BackingKind::Hugetlb1G,
+            BackingKind::Thp,
+            BackingKind::Small,
+            BackingKind::SharedAuto,
+            BackingKind::Shared4K,
+            BackingKind::Shared2M,
+            BackingKind::Shared1G,
+        ] {
+            let (h, b) = backing_tokens(kind);
+            let h = Hugepages::from_str(h, true).unwrap();
+            let b: MemoryBackend = MemoryBackendArg::from_str(b, true).unwrap().into();
+            assert_eq!(BackingKind::from(h).on_backend(b).unwrap(), kind, "{kind}");
+        }
+    }
+
+    #[test]
+    fn empty_spec_is_none_and_garbage_is_an_error() {
+        assert_eq!(MachineSpec::from_bytes(b"").unwrap(), None);
+        let e = MachineSpec::from_bytes(b"{\"mem\":")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("machine spec is not valid"), "{e}");
+    }
+
+    #[test]
+    fn disagreeing_flag_names_both_values() {
+        let ok = [Given {
+            flag: "--cpus",
+            here: "2".into(),
+            source: "2".into(),
+        }];
+        check_agree(&ok).unwrap();
+        let bad = [
+            Given {
+                flag: "--cpus",
+                here: "2".into(),
+                source: "2".into(),
+            },
+            Given {
+                flag: "--mem",
+                here: "512M".into(),
+                source: "1G".into(),
+            },
+        ];
+        let e = check_agree(&bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--mem 512M here, but the migrating VM has --mem 1G"),
+            "{e}"
+        );
+    }
+}
