@@ -223,8 +223,9 @@ pub struct MachineArgs {
     /// Let KVM populate guest RAM by itself instead of the userfaultfd + stage2 pager.
     #[arg(long)]
     pub no_demand_paging: bool,
-    /// Populate all of guest RAM before the guest runs (an --incoming destination: before
-    /// it listens), like QEMU's -mem-prealloc: no host page faults later, at the cost of the
+    /// Populate all of guest RAM before the guest runs (an --incoming destination: once the
+    /// source's stream header has said how much, before any page arrives), like QEMU's
+    /// -mem-prealloc: no host page faults later, at the cost of the
     /// time (0.47-0.57 s for 4 GiB of 2 MiB pages here) and the memory up front. Needs
     /// --no-demand-paging (the pager populates RAM itself, page by page).
     #[arg(long)]

@@ -217,6 +217,12 @@ struct Plan {
     dirty_rate: u64,
 }
 
+/// Checks the guest options against `mem_bytes` and `cpus` without running anything (an
+/// `--incoming` destination given `--guest` refuses bad options before it listens).
+pub fn check(args: &GuestArgs, mem_bytes: u64, cpus: u8) -> anyhow::Result<()> {
+    plan(args, mem_bytes, cpus).map(|_| ())
+}
+
 fn plan(args: &GuestArgs, mem_bytes: u64, cpus: u8) -> anyhow::Result<Plan> {
     let name = args.guest.as_deref().unwrap_or_default();
     let Some(kind) = GuestKind::from_name(name) else {
@@ -449,8 +455,16 @@ pub fn run_on(
         None => None,
     };
 
+    // Postcopy destination: the owed pages come from the source, on fault and pushed. Before
+    // the host reads guest memory below: an owed page it touched first would be filled with
+    // zeroes, and the source's copy then refused as already present.
+    let migrated = postcopy.is_some();
+    let postcopy_rx = match postcopy {
+        Some(inc) => machine.take_over(inc)?,
+        None => None,
+    };
     let report = Arc::new(Mutex::new(Report::new(cpus.into())));
-    if postcopy.is_some() {
+    if migrated {
         // The guest announced its start on the source; this report continues from there.
         let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
         for vcpu in 0..usize::from(cpus) {
@@ -491,11 +505,6 @@ pub fn run_on(
         }
     );
 
-    // Postcopy destination: the owed pages come from the source, on fault and pushed.
-    let postcopy_rx = match postcopy {
-        Some(inc) => machine.take_over(inc)?,
-        None => None,
-    };
     // Reclaims change guest RAM behind the dirty tracker: a migration marks them through the
     // machine's gate (and refuses them during its last round).
     let mut reclaimer = machine.reclaimer(Some(Handshake {

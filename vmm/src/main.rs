@@ -70,6 +70,10 @@ fn run(cli: &Cli, started: Instant) -> Result<i32> {
 /// `--incoming`: the VM (a kernel or a test guest, its memory size, vCPUs and backing) comes
 /// from the source's header; flags given here must agree with it.
 fn run_incoming(cli: &Cli, addr: &vmm::migrate::Address) -> Result<i32> {
+    if cli.guest_args.guest.is_some() {
+        // What this destination was told must make sense before it listens.
+        vmm::guest::check(&cli.guest_args, cli.mem, cli.cpus)?;
+    }
     let pending = incoming::accept(addr)?;
     let spec = match MachineSpec::from_bytes(&pending.layout().spec)? {
         Some(s) => s,

@@ -62,7 +62,10 @@ fn run_tool(tool: &str, args: &[&str], input: &[u8]) -> Option<Vec<u8>> {
 fn kernel_payload(format: Compression, input: &[u8]) -> Option<Vec<u8>> {
     let (tool, args) = kernel_command(format);
     let mut payload = run_tool(tool, args, input)?;
-    payload.extend_from_slice(&(input.len() as u32).to_le_bytes());
+    // size_append: every format but gzip, whose member ends with its own ISIZE.
+    if format != Compression::Gzip {
+        payload.extend_from_slice(&(input.len() as u32).to_le_bytes());
+    }
     Some(payload)
 }
 

@@ -311,9 +311,9 @@ fn migration_flag_misuse_is_refused_with_the_fix() {
     );
 }
 
-/// A destination that populated its RAM before listening (--prefault) says so, receives into
-/// memory that is all present (every page data lands in is resident, unlike the other
-/// tests' destinations), and its guest passes.
+/// A destination with --prefault populates its RAM once the source's header has said how much,
+/// before any page arrives, says so, receives into memory that is all present (every page
+/// data lands in is resident, unlike the other tests' destinations), and its guest passes.
 #[test]
 fn prefaulted_destination_receives_and_passes() {
     if !kvm_or_skip("prefaulted_destination_receives_and_passes") {
@@ -321,11 +321,6 @@ fn prefaulted_destination_receives_and_passes() {
     }
     let _g = serial();
     let dst = listening(vmm, &["--run-for", "0", "--prefault"]);
-    let before = &dst.before;
-    assert!(
-        before.iter().any(|l| l.starts_with("prefaulted 512M")),
-        "{before:?}"
-    );
     let (scode, sout, serr) = run_to_end(vmm(&[
         "--migrate-to",
         &dst.addr,
@@ -334,6 +329,17 @@ fn prefaulted_destination_receives_and_passes() {
     ]));
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
     let dst = dst.finish();
+    assert!(
+        dst.1.lines().any(|l| l.starts_with("prefaulted 512M")),
+        "{}",
+        dst.1
+    );
+    let received = dst.1.find("received ").expect("a received line");
+    assert!(
+        dst.1.find("prefaulted 512M").unwrap() < received,
+        "prefaulted before receiving: {}",
+        dst.1
+    );
     assert_guest_passed("the prefaulted destination", &dst);
 }
 
@@ -419,4 +425,64 @@ fn paused_vm_stays_paused_through_its_migrations_and_refuses_reclaims() {
     assert_eq!(scode, 0, "{sout}\n{serr}");
     assert_guest_passed("destination", &dst.finish());
     let _ = std::fs::remove_file(&sock);
+}
+
+/// A destination given nothing but `--incoming ADDR` (and its own `--run-for`) builds the VM
+/// from the stream's header: memory size, vCPUs, backing, and the guest with the parameters
+/// its replay check needs.
+#[test]
+fn destination_with_only_incoming_takes_the_vm_from_the_stream() {
+    if !kvm_or_skip("destination_with_only_incoming_takes_the_vm_from_the_stream") {
+        return;
+    }
+    let _g = serial();
+    let bare = |args: &[&str]| -> Child {
+        Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(args)
+            .args(["--no-demand-paging", "--run-for", "0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn vmm")
+    };
+    let dst = listening(bare, &[]);
+    let (scode, sout, serr) = run_to_end(vmm(&["--migrate-to", &dst.addr]));
+    assert_eq!(scode, 0, "source: {sout}\n{serr}");
+    let d = dst.finish();
+    assert!(
+        d.1.contains("incoming: dirty on 2 vCPU(s), 512M of RAM"),
+        "the destination says what it received: {}",
+        d.1
+    );
+    assert_guest_passed("destination", &d);
+}
+
+/// A flag given on the destination that disagrees with the source is refused before any page
+/// moves, with both values; the source keeps running and passes.
+#[test]
+fn destination_flag_disagreeing_with_the_source_is_refused_with_both_values() {
+    if !kvm_or_skip("destination_flag_disagreeing_with_the_source_is_refused_with_both_values") {
+        return;
+    }
+    let _g = serial();
+    let half = |args: &[&str]| -> Child {
+        Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(args)
+            .args(["--guest", "dirty", "--mem", "256M"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn vmm")
+    };
+    let dst = listening(half, &[]);
+    let src = vmm(&["--migrate-to", &dst.addr, "--run-for", "1"]);
+    let (dcode, dout, derr) = dst.finish();
+    assert_eq!(dcode, 1, "{dout}\n{derr}");
+    assert!(
+        derr.contains("--mem 256M here, but the migrating VM has --mem 512M"),
+        "{derr}"
+    );
+    let s = run_to_end(src);
+    assert!(s.2.contains("keeps running here"), "{}", s.2);
+    assert_guest_passed("the source's guest", &s);
 }

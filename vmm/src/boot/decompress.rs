@@ -326,7 +326,10 @@ pub fn decompress_payload(
     let started = Instant::now();
     let corrupt = |reason: String| DecompressError::Corrupt { format, reason };
     let vmlinux = match format {
-        Compression::Gzip => read_all(flate2::bufread::GzDecoder::new(stream), size)
+        // The kernel appends no size to a gzip payload (scripts/Makefile.lib: cmd_gzip has no
+        // size_append): its last 4 bytes are the member's own ISIZE, part of the stream. The
+        // decoder reads one member and ignores anything after it.
+        Compression::Gzip => read_all(flate2::bufread::GzDecoder::new(payload), size)
             .map_err(|e| corrupt(e.to_string()))?,
         Compression::Bzip2 => read_all(bzip2::bufread::BzDecoder::new(stream), size)
             .map_err(|e| corrupt(e.to_string()))?,
