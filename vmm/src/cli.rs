@@ -429,6 +429,43 @@ mod tests {
     }
 
     #[test]
+    fn a_flag_of_the_other_mode_is_refused_with_the_fix() {
+        let e = parse(&["--guest", "stress", "--kernel", "/k"]).unwrap_err();
+        assert!(e.0.contains("--guest and --kernel together"), "{}", e.0);
+        let e = parse(&["--kernel", "/k", "--mode", "random"]).unwrap_err();
+        assert!(
+            e.0.contains("--mode is for the built-in test guests") && e.0.contains("drop it"),
+            "{}",
+            e.0
+        );
+        let e = parse(&["--kernel", "/k", "--writes-per-gen", "5"]).unwrap_err();
+        assert!(e.0.starts_with("error: --writes-per-gen is for"), "{}", e.0);
+        let e = parse(&["--guest", "touch", "--initrd", "/i"]).unwrap_err();
+        assert!(e.0.contains("--initrd is for booting a kernel"), "{}", e.0);
+        let e = parse(&["--incoming", "tcp:127.0.0.1:1", "--cmdline", "x"]).unwrap_err();
+        assert!(e.0.contains("--cmdline with --incoming"), "{}", e.0);
+        // Defaults are not "given": a kernel run keeps the guest flags' defaults silently.
+        let c = parse(&["--kernel", "/k"]).unwrap();
+        assert!(
+            !c.was_given("seed") && !c.was_given("mode"),
+            "{:?}",
+            c.given
+        );
+        assert!(c.was_given("kernel"));
+        // A destination alone, and one told the guest's own options, both parse.
+        parse(&["--incoming", "tcp:127.0.0.1:1"]).unwrap();
+        parse(&[
+            "--incoming",
+            "tcp:127.0.0.1:1",
+            "--guest",
+            "dirty",
+            "--seed",
+            "3",
+        ])
+        .unwrap();
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("4G"), Ok(4 << 30));
         assert_eq!(parse_size("512m"), Ok(512 << 20));

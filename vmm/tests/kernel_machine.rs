@@ -120,8 +120,8 @@ impl KernelVm {
         false
     }
 
-    /// Waits for the process to end by itself; (exit code, stderr).
-    fn wait_end(mut self, limit: Duration) -> (Option<i32>, String) {
+    /// Waits for the process to end by itself; (exit code, stderr, console).
+    fn wait_end(mut self, limit: Duration) -> (Option<i32>, String, String) {
         let t = Instant::now();
         let code = loop {
             if let Some(st) = self.child.try_wait().unwrap() {
@@ -138,8 +138,9 @@ impl KernelVm {
         if let Some(mut e) = self.child.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut e, &mut err);
         }
+        let text = self.text();
         let _ = std::fs::remove_file(&self.console);
-        (code, err)
+        (code, err, text)
     }
 
     fn kill(mut self) -> String {
@@ -208,19 +209,30 @@ fn kernel_vm_pages_on_demand_and_answers_info_stats_and_shutdown() {
         "the kernel's first touches were userfaultfd faults: {st}"
     );
     assert!(st["stage2"].is_object(), "{st}");
-    for kind in ["int3", "fwait", "popcnt", "clac", "stac", "cmpxchg16b", "ldmxcsr"] {
+    for kind in [
+        "int3",
+        "fwait",
+        "popcnt",
+        "clac",
+        "stac",
+        "cmpxchg16b",
+        "ldmxcsr",
+    ] {
         assert!(st["emulation"][kind].is_u64(), "{kind} counted: {st}");
     }
 
     let down = request(&sock, json!({"cmd": "shutdown"}))["shutdown"].clone();
     assert!(down["how"].is_string(), "{down}");
-    let (code, err) = vm.wait_end(Duration::from_secs(30));
+    let (code, err, _) = vm.wait_end(Duration::from_secs(30));
     assert_eq!(code, Some(0), "shutdown ends the VM with 0: {err}");
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     let _ = std::fs::remove_file(&stats);
     assert_eq!(doc["payload"], "kernel", "{doc}");
     assert!(
-        doc["demand_paging"]["paging"]["events_missing"].as_u64().unwrap() >= missing,
+        doc["demand_paging"]["paging"]["events_missing"]
+            .as_u64()
+            .unwrap()
+            >= missing,
         "{doc}"
     );
 }
@@ -275,12 +287,12 @@ fn migrate_mid_boot(test: &str, postcopy_after: Option<u32>) {
         },
         "{figures}"
     );
-    let (src_code, src_err) = src.wait_end(Duration::from_secs(60));
-    let src_text = String::from_utf8_lossy(
-        &std::fs::read(tmp(&format!("{test}-src.console"))).unwrap_or_default(),
-    )
-    .into_owned();
-    assert_eq!(src_code, Some(0), "the source ends once migrated: {src_err}");
+    let (src_code, src_err, src_text) = src.wait_end(Duration::from_secs(60));
+    assert_eq!(
+        src_code,
+        Some(0),
+        "the source ends once migrated: {src_err}"
+    );
 
     let mut dst = KernelVm {
         child: dst,

@@ -324,3 +324,32 @@ fn stream_throughput_over_loopback() {
         );
     }
 }
+
+/// The header carries the machine spec whole; the reader's layout check ignores it, and a spec
+/// longer than the limit is malformed before it is read.
+#[test]
+fn header_carries_the_machine_spec() {
+    let spec = br#"{"mem":536870912,"cpus":2,"payload":{"kind":"kernel"}}"#.to_vec();
+    let lay = layout(2).with_spec(spec.clone());
+    let mut w = StreamWriter::new(Vec::new(), &lay).unwrap();
+    w.end().unwrap();
+    let bytes = w.into_inner().unwrap();
+    let (_, got) = StreamReader::open(&bytes[..]).unwrap();
+    assert_eq!(got.spec, spec);
+    assert_eq!(got, lay);
+    let (_, got) = StreamReader::new(&bytes[..], &layout(2)).unwrap();
+    assert_eq!(
+        got.spec, spec,
+        "a destination with no spec of its own accepts it"
+    );
+
+    let big = layout(2).with_spec(vec![b' '; vmm::migrate::stream::MAX_SPEC + 1]);
+    let mut w = StreamWriter::new(Vec::new(), &big).unwrap();
+    w.end().unwrap();
+    let bytes = w.into_inner().unwrap();
+    let e = StreamReader::open(&bytes[..]).unwrap_err();
+    assert!(
+        matches!(e, StreamError::Malformed { chunk: 0, .. }) && e.to_string().contains("spec"),
+        "{e}"
+    );
+}
