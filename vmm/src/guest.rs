@@ -556,17 +556,11 @@ pub fn run_on(
         None => None,
     };
 
-    let mut waited = Waited::Timeout;
-    if let Some(addr) = &mig.migrate_to {
-        if m.migrate_delay_ms > 0 {
-            waited = session.wait(Some(Duration::from_millis(m.migrate_delay_ms)));
-        }
-        if let Waited::Timeout = waited {
-            if let (_, Some(w)) = session.migrate(addr, m.postcopy_after) {
-                waited = w;
-            }
-        }
-    }
+    let mut waited = session.migrate_to(
+        mig.migrate_to.as_ref(),
+        Duration::from_millis(m.migrate_delay_ms),
+        m.postcopy_after,
+    );
     if let (Some(secs), Waited::Timeout) = (args.run_for, &waited) {
         waited = session.wait(Some(Duration::from_secs(secs)));
         if let Waited::Timeout = waited {

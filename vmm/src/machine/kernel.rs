@@ -240,17 +240,11 @@ fn serve(
             payload: "kernel".into(),
         },
     )?;
-    let mut waited = Waited::Timeout;
-    if let Some(addr) = &plan.migrate_to {
-        if cli.machine.migrate_delay_ms > 0 {
-            waited = session.wait(Some(Duration::from_millis(cli.machine.migrate_delay_ms)));
-        }
-        if waited == Waited::Timeout {
-            if let (_, Some(w)) = session.migrate(addr, cli.machine.postcopy_after) {
-                waited = w;
-            }
-        }
-    }
+    let mut waited = session.migrate_to(
+        plan.migrate_to.as_ref(),
+        Duration::from_millis(cli.machine.migrate_delay_ms),
+        cli.machine.postcopy_after,
+    );
     if waited == Waited::Timeout {
         waited = session.wait(None);
     }

@@ -162,6 +162,29 @@ impl<'m> Session<'m> {
         }
     }
 
+    /// `--migrate-to`: when `addr` is given, lets the VM run `delay` first, then migrates to
+    /// `addr` (postcopy after `postcopy_after` rounds when given). `Timeout` when the VM still
+    /// runs here afterwards (no migration asked, or it failed and the VM keeps running).
+    pub fn migrate_to(
+        &self,
+        addr: Option<&Address>,
+        delay: Duration,
+        postcopy_after: Option<u32>,
+    ) -> Waited {
+        let Some(addr) = addr else {
+            return Waited::Timeout;
+        };
+        if !delay.is_zero() {
+            let waited = self.wait(Some(delay));
+            if waited != Waited::Timeout {
+                return waited;
+            }
+        }
+        self.migrate(addr, postcopy_after)
+            .1
+            .unwrap_or(Waited::Timeout)
+    }
+
     /// Migrates to `addr`, printing the outcome and writing `--migrate-json` when asked.
     /// Returns the answer for the control socket and, when the guest no longer runs here, how
     /// the wait ends: `Migrated`, or `Lost` when a postcopy failed after the destination took
