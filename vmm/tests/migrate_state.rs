@@ -111,6 +111,13 @@ fn distinctive_state_survives_capture_encode_restore_into_a_fresh_vm() {
     fpu.xmm[3] = [0x5a; 16];
     fpu.mxcsr = 0x1f80 | 0x40; // default plus DAZ
     vcpu_a.set_fpu(&fpu).unwrap();
+    // KVM_SET_FPU drops MXCSR here (measured); the guest's own `ldmxcsr` (or the emulation
+    // fallback's) lands in the XSAVE image, word 6 (Intel SDM Vol. 1 §10.5.1, Table 10-2).
+    let mut xs = vcpu_a.get_xsave().unwrap();
+    xs.region[6] = 0x1fc0; // default plus DAZ
+    xs.region[128] |= 0b11; // XSTATE_BV: x87 and SSE present, as `ldmxcsr` leaves them
+    // SAFETY: a whole kvm_xsave read from this vCPU, one word changed.
+    unsafe { vcpu_a.set_xsave(&xs) }.unwrap();
     let msrs = [
         (MSR_KERNEL_GS_BASE, 0xffff_8888_0000_1000),
         (MSR_LSTAR, 0xffff_ffff_8100_0000),
@@ -197,6 +204,14 @@ fn distinctive_state_survives_capture_encode_restore_into_a_fresh_vm() {
     assert_eq!(again.regs, saved.regs);
     assert_eq!(again.sregs, saved.sregs);
     assert_eq!(again.fpu, saved.fpu);
+    if caps.xsave {
+        assert_eq!(
+            vcpu_b.get_xsave().unwrap().region[6],
+            0x1fc0,
+            "MXCSR moved with the XSAVE image"
+        );
+        assert_eq!(again.xsave, saved.xsave);
+    }
     assert_eq!(again.xcrs, saved.xcrs);
     assert_eq!(again.debugregs, saved.debugregs);
     assert_eq!(again.cpuid, saved.cpuid);

@@ -178,6 +178,10 @@ pub struct VcpuState {
     pub sregs: kvm_sregs,
     /// x87/SSE state (legacy KVM_GET_FPU layout).
     pub fpu: FpuState,
+    /// The XSAVE image (KVM_GET_XSAVE, 4096 bytes as 1024 words) when KVM has
+    /// `KVM_CAP_XSAVE`. Restored after the FPU: KVM_SET_FPU drops MXCSR (measured on this
+    /// host), the XSAVE image carries it with the x87/SSE state.
+    pub xsave: Option<Vec<u32>>,
     /// Extended control registers, when KVM has KVM_CAP_XCRS and the guest's CPUID has XSAVE.
     pub xcrs: Option<kvm_xcrs>,
     /// DR0-DR3, DR6, DR7.
@@ -220,6 +224,8 @@ impl VcpuState {
 pub struct VcpuCaps {
     /// KVM_CAP_XCRS (XSAVE's XCR0); absent on this project's software KVM.
     pub xcrs: bool,
+    /// KVM_CAP_XSAVE: the vCPU's XSAVE image can be read and written (KVM_GET/SET_XSAVE).
+    pub xsave: bool,
     /// The MSR indices to save, in restore order.
     pub msr_indices: Vec<u32>,
 }
@@ -232,6 +238,7 @@ impl VcpuCaps {
             .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
         Ok(VcpuCaps {
             xcrs: kvm_sys.check_extension(Cap::Xcrs),
+            xsave: kvm_sys.check_extension(Cap::Xsave),
             msr_indices: order_msrs(list.as_slice()),
         })
     }
@@ -320,6 +327,16 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u32, caps: &VcpuCaps) -> Result<VcpuState, S
     let regs = vcpu.get_regs().map_err(kvm(w("KVM_GET_REGS")))?;
     let sregs = vcpu.get_sregs().map_err(kvm(w("KVM_GET_SREGS")))?;
     let fpu = vcpu.get_fpu().map_err(kvm(w("KVM_GET_FPU")))?;
+    let xsave = if caps.xsave {
+        Some(
+            vcpu.get_xsave()
+                .map_err(kvm(w("KVM_GET_XSAVE")))?
+                .region
+                .to_vec(),
+        )
+    } else {
+        None
+    };
     // XCR0 means something only when the guest was given XSAVE; without it there is nothing to
     // save (this project's software KVM offers no XSAVE to guests).
     let guest_xsave = cpuid
@@ -343,6 +360,7 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u32, caps: &VcpuCaps) -> Result<VcpuState, S
         regs,
         sregs,
         fpu: FpuState::from(&fpu),
+        xsave,
         xcrs,
         debugregs,
         lapic,
@@ -365,6 +383,31 @@ pub fn restore_vcpu(vcpu: &VcpuFd, st: &VcpuState, caps: &VcpuCaps) -> Result<()
     vcpu.set_regs(&st.regs).map_err(kvm(w("KVM_SET_REGS")))?;
     vcpu.set_fpu(&kvm_fpu::from(&st.fpu))
         .map_err(kvm(w("KVM_SET_FPU")))?;
+    if let Some(words) = &st.xsave {
+        if !caps.xsave {
+            return Err(StateError::MissingCap {
+                vcpu: id,
+                what: "the XSAVE image",
+                cap: "KVM_CAP_XSAVE",
+            });
+        }
+        let mut image = kvm_bindings::kvm_xsave::default();
+        if words.len() != image.region.len() {
+            return Err(StateError::Table {
+                what: "XSAVE image",
+                why: format!("{} words, KVM's image has {}", words.len(), image.region.len()),
+            });
+        }
+        image.region.copy_from_slice(words);
+        // KVM reports the effective x87/SSE state (MXCSR included) even where XSTATE_BV calls
+        // it initial, but takes MXCSR back only when XSTATE_BV has SSE: mark both present.
+        use crate::arch::x86_64::emulate::kvm::{XSAVE_XSTATE_BV_WORD, XSTATE_FP_SSE};
+        image.region[XSAVE_XSTATE_BV_WORD] |= XSTATE_FP_SSE;
+        // SAFETY: `image` is a whole `kvm_xsave` (4096 bytes), as KVM_GET_XSAVE on the source
+        // filled it; KVM reads the guest's uabi XSAVE size, 4096 bytes unless dynamic XSTATE
+        // features were enabled for guests, which this VMM never does.
+        unsafe { vcpu.set_xsave(&image) }.map_err(kvm(w("KVM_SET_XSAVE")))?;
+    }
     if let Some(xcrs) = &st.xcrs {
         if !caps.xcrs {
             return Err(StateError::MissingCap {

@@ -37,8 +37,9 @@ use std::io::{self, BufWriter, Read, Write};
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
 /// The format version this code writes and reads (2: postcopy chunks; 3: the destination
 /// acknowledges each precopy round once it has applied it; 4: the header carries the machine
-/// spec, so a destination needs nothing but its address).
-pub const VERSION: u32 = 4;
+/// spec, so a destination needs nothing but its address; 5: a vCPU's state carries its XSAVE
+/// image, which has MXCSR).
+pub const VERSION: u32 = 5;
 /// The page size of `PAGES` and `ZERO_PAGES` chunks.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages carried by one `PAGES` chunk (1 MiB of data).

@@ -20,12 +20,12 @@ const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1 << 0;
 const EMULATION_FAILURE_WORDS: usize = 3;
 /// MXCSR in the XSAVE image: bytes 27:24 of the legacy (FXSAVE) region (Intel SDM Vol. 1
 /// §10.5.1, Table 10-2), as an index into `kvm_xsave.region` (u32 words).
-const XSAVE_MXCSR_WORD: usize = 6;
+pub const XSAVE_MXCSR_WORD: usize = 6;
 /// XSTATE_BV, the first field of the XSAVE header at byte 512 (Intel SDM Vol. 1 §13.4.2), low
 /// half, as an index into `kvm_xsave.region`.
-const XSAVE_XSTATE_BV_WORD: usize = 128;
+pub const XSAVE_XSTATE_BV_WORD: usize = 128;
 /// XSTATE_BV bits 0 (x87) and 1 (SSE, which carries MXCSR) (Intel SDM Vol. 1 §13.1).
-const XSTATE_FP_SSE: u32 = 0b11;
+pub const XSTATE_FP_SSE: u32 = 0b11;
 /// Selector bits 1:0, the requested privilege level; CS's is the CPL (Intel SDM Vol. 3A §5.5).
 const SELECTOR_RPL_MASK: u16 = 0b11;
 
