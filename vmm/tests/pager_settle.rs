@@ -14,7 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use stage2::PageSize;
-use vmm::paging::{PageSource, Pager, PagingError};
+use vmm::pager::{PageSource, Pager, PagingError};
 
 mod paging_util;
 use paging_util::{tracking_cfg, xorshift, Ram, PAGE};

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use stage2::PageSize;
 use vmm::memory::RamRegion;
-use vmm::paging::{Pager, PagerConfig};
+use vmm::pager::{Pager, PagerConfig};
 
 mod paging_util;
 use paging_util::{Ram, PAGE};

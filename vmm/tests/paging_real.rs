@@ -8,7 +8,7 @@ use std::thread;
 
 use stage2::{Access, PageSize};
 use vmm::memory::RamRegion;
-use vmm::paging::{Pager, PagerConfig, PagingError};
+use vmm::pager::{Pager, PagerConfig, PagingError};
 
 mod paging_util;
 use paging_util::{xorshift, Ram, PAGE};

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use stage2::{Access, PageSize};
-use vmm::paging::{PageSource, Pager, PagerConfig, PagingError};
+use vmm::pager::{PageSource, Pager, PagerConfig, PagingError};
 
 mod paging_util;
 use paging_util::{xorshift, Ram, PAGE};

@@ -23,7 +23,7 @@ use super::stream::{Chunk, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
 use super::summary::PostcopyFigures;
 use super::transport::Connection;
 use crate::dirty::DirtyBitmap;
-use crate::paging::PageSource;
+use crate::pager::PageSource;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Most bytes the source pushes in one go before it looks at requests again.

@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each suite uses part of the helpers
 
 use vmm::memory::RamRegion;
-use vmm::paging::PagerConfig;
+use vmm::pager::PagerConfig;
 
 pub const PAGE: u64 = 4096;
 
