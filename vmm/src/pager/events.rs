@@ -478,3 +478,58 @@ impl Pager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use stage2::{Access, PageSize};
+
+    use crate::pager::fake::{Call, Rig, HOST};
+    use crate::uffd::HostPages;
+
+    const P: u64 = 4096;
+
+    #[test]
+    fn a_deferred_install_whose_page_was_dropped_again_wakes_the_vcpu_and_installs_nothing() {
+        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        let sh = rig.handler.sh.clone();
+        let inv = sh.s2.invalidate(0..P);
+        rig.fault(0, true);
+        assert_eq!(rig.handler.deferred.len(), 1);
+        // The page goes again before the retry (a second drop).
+        rig.host.drop_pages(HOST, P).unwrap();
+        drop(inv);
+        rig.host.take_calls();
+        rig.handler.run_deferred();
+        assert!(rig.handler.deferred.is_empty());
+        assert!(!rig.maps(0, Access::Read));
+        assert_eq!(
+            rig.host.take_calls(),
+            vec![Call::Wake {
+                start: HOST,
+                len: P
+            }]
+        );
+        let st = rig.stats();
+        assert_eq!((st.installed, st.deferred_dropped), (0, 1));
+    }
+
+    #[test]
+    fn a_fault_outside_guest_ram_wakes_its_thread_and_counts_nothing() {
+        let mut rig = Rig::new(2, PageSize::Size4K, false, 1);
+        rig.handler.on_event(crate::uffd::Event::Pagefault {
+            addr: HOST + 5 * P + 12,
+            write: true,
+            wp: false,
+            minor: false,
+            tid: 0,
+        });
+        assert_eq!(
+            rig.host.take_calls(),
+            vec![Call::Wake {
+                start: HOST + 5 * P,
+                len: P
+            }]
+        );
+        assert_eq!(rig.stats().events_missing, 0);
+    }
+}

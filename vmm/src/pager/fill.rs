@@ -288,3 +288,125 @@ impl Handler {
         &mut self.source_buf[..len]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
+
+    use stage2::{Access, PageSize};
+
+    use crate::pager::fake::{Call, Rig, HOST};
+
+    const P: u64 = 4096;
+
+    #[test]
+    fn a_stale_fault_whose_fill_meets_eexist_is_spurious_and_wakes_its_vcpu() {
+        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        // Two vCPUs wrote page 3; one handler took the first message and finished it.
+        rig.fault(3 * P, true);
+        rig.host.take_calls();
+        // The second message was read before that fill: its fill finds the page (EEXIST).
+        rig.fault(3 * P, true);
+        let st = rig.stats();
+        assert_eq!(
+            (st.eexist, st.installed, st.spurious, st.refills),
+            (1, 1, 1, 0)
+        );
+        assert_eq!(st.stage2.installs_4k, 1, "one page, one install");
+        assert_eq!(
+            rig.host.take_calls(),
+            vec![
+                Call::Copy {
+                    dst: HOST + 3 * P,
+                    len: P,
+                    wp: false
+                },
+                Call::Wake {
+                    start: HOST + 3 * P,
+                    len: P
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fill_that_loses_to_a_fill_in_flight_installs_for_the_winner() {
+        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        // Another handler has copied page 5 in and not yet told stage2.
+        rig.host.populate(HOST + 5 * P, P);
+        rig.fault(5 * P, false);
+        let st = rig.stats();
+        assert_eq!((st.eexist, st.installed, st.populated_4k), (1, 1, 0));
+        assert!(rig.maps(5 * P, Access::Write));
+        assert!(rig.handler.deferred.is_empty());
+        assert_eq!(
+            rig.host.take_calls().last(),
+            Some(&Call::Wake {
+                start: HOST + 5 * P,
+                len: P
+            })
+        );
+    }
+
+    #[test]
+    fn a_fill_that_meets_a_pending_remove_waits_for_the_event_and_stays_held() {
+        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        rig.host.set_remove_pending(true);
+        rig.fault(2 * P, false);
+        assert_eq!(rig.handler.deferred.len(), 1);
+        assert!(!rig.maps(2 * P, Access::Read));
+        // Still pending at the next batch: kept, and still counted for `settle`.
+        rig.handler.run_deferred();
+        assert_eq!(rig.handler.deferred.len(), 1);
+        assert_eq!(rig.sh().faults_held.load(Ordering::SeqCst), 1);
+        assert!(!rig
+            .host
+            .take_calls()
+            .iter()
+            .any(|c| matches!(c, Call::Wake { .. })));
+        // A handler read the REMOVE: the retry fills and installs.
+        rig.host.set_remove_pending(false);
+        rig.handler.run_deferred();
+        assert!(rig.handler.deferred.is_empty());
+        assert_eq!(rig.sh().faults_held.load(Ordering::SeqCst), 0);
+        assert!(rig.maps(2 * P, Access::Write));
+        let st = rig.stats();
+        assert_eq!((st.eagain, st.deferred, st.installed), (2, 1, 1));
+        assert_eq!(
+            rig.host.take_calls().last(),
+            Some(&Call::Wake {
+                start: HOST + 2 * P,
+                len: P
+            })
+        );
+    }
+
+    #[test]
+    fn a_fill_the_host_refuses_stops_the_vm_and_wakes_nobody() {
+        let mut rig = Rig::new(4, PageSize::Size2M, false, 1);
+        let why = Arc::new(Mutex::new(String::new()));
+        let seen = why.clone();
+        *rig.sh().on_fatal.lock().unwrap() = Some(Box::new(move |w: &str| {
+            *seen.lock().unwrap() = w.to_string()
+        }));
+        rig.host.fail_next_fill(libc::ENOMEM);
+        rig.fault((2 << 20) + 0x1000, true);
+        assert!(why
+            .lock()
+            .unwrap()
+            .contains("could not back guest page 0x200000"));
+        assert_eq!(rig.stats().fatal, 1);
+        assert!(rig.handler.deferred.is_empty(), "not retried forever");
+        assert!(!rig.maps(2 << 20, Access::Read));
+        assert_eq!(
+            rig.host.take_calls(),
+            vec![Call::Copy {
+                dst: HOST + (2 << 20),
+                len: 2 << 20,
+                wp: false
+            }],
+            "a hugetlbfs fill copies the whole huge page, and nobody is woken"
+        );
+    }
+}

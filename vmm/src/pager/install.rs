@@ -147,3 +147,81 @@ impl Handler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use stage2::{Access, PageSize};
+
+    use crate::pager::fake::{Call, Rig, HOST};
+
+    const P: u64 = 4096;
+
+    #[test]
+    fn fault_around_stops_at_the_end_of_the_ram_region() {
+        // 8 pages of RAM, fault-around of 16: a fault at page 5 fills pages 5 to 7 only.
+        // (Without write tracking every fill is recorded writable and so filled by COPY.)
+        let mut rig = Rig::new(8, PageSize::Size4K, false, 16);
+        rig.fault(5 * P, false);
+        assert_eq!(
+            rig.host.take_calls(),
+            vec![
+                Call::Copy {
+                    dst: HOST + 5 * P,
+                    len: 3 * P,
+                    wp: false
+                },
+                Call::Wake {
+                    start: HOST + 5 * P,
+                    len: 3 * P
+                },
+            ]
+        );
+        let st = rig.stats();
+        assert_eq!((st.installed, st.fault_around_pages), (1, 2));
+        for page in 5..8 {
+            assert!(rig.maps(page * P, Access::Write), "page {page}");
+        }
+        assert!(!rig.maps(4 * P, Access::Read));
+    }
+
+    #[test]
+    fn fault_around_records_only_the_pages_its_fill_put_in() {
+        let mut rig = Rig::new(8, PageSize::Size4K, false, 16);
+        // Page 7 is filled already (another handler, not yet in stage2): the run stops there.
+        rig.host.populate(HOST + 7 * P, P);
+        rig.fault(4 * P, false);
+        let st = rig.stats();
+        assert_eq!((st.eagain, st.installed, st.fault_around_pages), (1, 1, 2));
+        assert_eq!(st.populated_4k, 3 * P);
+        for page in 4..7 {
+            assert!(rig.maps(page * P, Access::Write), "page {page}");
+        }
+        assert!(
+            !rig.maps(7 * P, Access::Read),
+            "left to the fault of the handler that filled it"
+        );
+    }
+
+    #[test]
+    fn an_install_that_meets_an_invalidation_is_deferred_with_its_fault_around_pages() {
+        let mut rig = Rig::new(8, PageSize::Size4K, false, 4);
+        let sh = rig.handler.sh.clone();
+        let inv = sh.s2.invalidate(0..8 * P);
+        rig.fault(P, true);
+        let deferred: Vec<u64> = rig.handler.deferred.iter().map(|d| d.gpa).collect();
+        assert_eq!(deferred, vec![2 * P, 3 * P, 4 * P, P]);
+        assert!(rig.handler.deferred.iter().all(|d| !d.needs_fill));
+        assert!(!rig
+            .host
+            .take_calls()
+            .iter()
+            .any(|c| matches!(c, Call::Wake { .. })));
+        drop(inv);
+        rig.handler.run_deferred();
+        assert!(rig.handler.deferred.is_empty());
+        for page in 1..5 {
+            assert!(rig.maps(page * P, Access::Write), "page {page}");
+        }
+        assert_eq!(rig.stats().retry, 1);
+    }
+}

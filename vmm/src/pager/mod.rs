@@ -44,6 +44,8 @@
 mod backing;
 mod error;
 mod events;
+#[cfg(test)]
+mod fake;
 mod fill;
 mod install;
 mod postcopy;

@@ -313,3 +313,111 @@ impl Pager {
         res
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use stage2::{Access, PageSize};
+
+    use crate::pager::fake::{Call, Rig, HOST};
+
+    const P: u64 = 4096;
+
+    #[test]
+    fn a_fault_in_a_range_being_reclaimed_is_deferred_until_the_reclaim_ends() {
+        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        rig.fault(2 * P, true);
+        let sh = rig.handler.sh.clone();
+        let host = rig.host.clone();
+        let handler = Arc::new(Mutex::new(rig.handler));
+        // While the madvise runs (the page is gone, the invalidation in progress), the guest
+        // touches the page again and a handler takes the fault.
+        let during = Arc::new(Mutex::new(None));
+        let (h, d) = (handler.clone(), during.clone());
+        host.on_drop(move || {
+            let mut h = h.lock().unwrap();
+            h.on_event(crate::uffd::Event::Pagefault {
+                addr: HOST + 2 * P,
+                write: true,
+                wp: false,
+                minor: false,
+                tid: 0,
+            });
+            *d.lock().unwrap() = Some(h.deferred.len());
+        });
+        host.take_calls();
+        let report = sh.reclaim(0, 4 * P).unwrap();
+        assert_eq!(report.zapped, 1);
+        assert_eq!(*during.lock().unwrap(), Some(1), "deferred, not installed");
+        let calls = host.take_calls();
+        assert_eq!(
+            calls[0],
+            Call::Drop {
+                start: HOST,
+                len: 4 * P
+            }
+        );
+        assert!(
+            !calls.iter().any(|c| matches!(c, Call::Wake { .. })),
+            "the vCPU sleeps while the install waits: {calls:?}"
+        );
+        assert!(sh.s2.translate(2 * P, Access::Read).is_err());
+        assert!(host.is_resident(HOST + 2 * P) && !host.is_resident(HOST + P));
+        // The next batch finishes it: the host has the page (filled after the drop).
+        let mut h = handler.lock().unwrap();
+        h.run_deferred();
+        assert!(h.deferred.is_empty());
+        assert!(sh.s2.translate(2 * P, Access::Write).is_ok());
+        let st = sh.stats();
+        assert_eq!((st.installed, st.retry, st.deferred), (2, 1, 1));
+        assert_eq!((st.reclaims, st.reclaimed_bytes), (1, 4 * P));
+        assert_eq!(
+            host.take_calls(),
+            vec![Call::Wake {
+                start: HOST + 2 * P,
+                len: P
+            }]
+        );
+    }
+
+    #[test]
+    fn a_remove_of_our_own_reclaim_is_not_bracketed_again_but_a_foreign_one_is() {
+        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        rig.fault(P, true);
+        rig.fault(5 * P, true);
+        let sh = rig.sh();
+        sh.own_drops.lock().unwrap().push(HOST..HOST + 4 * P);
+        sh.host_dropped(HOST + P, HOST + 2 * P);
+        assert!(
+            sh.s2.translate(P, Access::Read).is_ok(),
+            "ours: left to the reclaim"
+        );
+        sh.host_dropped(HOST + 4 * P, HOST + 8 * P);
+        assert!(sh.s2.translate(5 * P, Access::Read).is_err());
+        let st = sh.stats();
+        assert_eq!(
+            (st.own_removes, st.external_invalidations, st.zapped),
+            (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn reclaim_refuses_ranges_it_cannot_drop_whole() {
+        let rig = Rig::new(4, PageSize::Size2M, false, 1);
+        let sh = rig.sh();
+        let e = sh.reclaim(0, 0).unwrap_err().to_string();
+        assert!(e.contains("is empty"), "{e}");
+        let e = sh.reclaim(P, 2 << 20).unwrap_err().to_string();
+        assert!(
+            e.contains("not aligned to the guest RAM page size 0x200000"),
+            "{e}"
+        );
+        let e = sh.reclaim(6 << 20, 4 << 20).unwrap_err().to_string();
+        assert!(
+            e.contains("not inside guest RAM (RAM is 0x0..0x800000)"),
+            "{e}"
+        );
+        assert!(rig.host.take_calls().is_empty(), "nothing dropped");
+    }
+}

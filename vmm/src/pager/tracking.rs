@@ -243,3 +243,83 @@ impl Pager {
         self.shared.stop_dirty_log()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use stage2::{Access, PageSize};
+
+    use crate::pager::fake::{Call, Rig, HOST};
+
+    const P: u64 = 4096;
+
+    /// A tracked rig whose page 1 was read (filled write-protected), with dirty logging on.
+    fn logging() -> Rig {
+        let mut rig = Rig::new(4, PageSize::Size4K, true, 16);
+        rig.fault(P, false);
+        assert!(rig.maps(P, Access::Read) && !rig.maps(P, Access::Write));
+        assert!(rig.host.is_protected(HOST + P));
+        rig.sh().start_dirty_log().unwrap();
+        rig.host.take_calls();
+        rig
+    }
+
+    fn unprotects(calls: &[Call]) -> usize {
+        calls
+            .iter()
+            .filter(|c| matches!(c, Call::Protect { protect: false, .. }))
+            .count()
+    }
+
+    #[test]
+    fn a_write_fault_on_a_page_already_dirty_still_lifts_the_host_protection() {
+        let mut rig = logging();
+        rig.wp_fault(P);
+        // A second vCPU's write to the same page, read after the first was relaxed: stage2
+        // already allows it, but the writer still waits on the host protection.
+        rig.wp_fault(P);
+        let calls = rig.host.take_calls();
+        assert_eq!(unprotects(&calls), 2, "{calls:?}");
+        assert!(!rig.host.is_protected(HOST + P));
+        let st = rig.stats();
+        assert_eq!((st.relaxed, st.spurious, st.wp_cleared), (1, 1, 2));
+        // One dirty page, reported once and protected again.
+        assert_eq!(rig.sh().harvest_dirty(0, 4 * P).unwrap(), vec![0b10]);
+        assert!(rig.host.is_protected(HOST + P));
+        assert_eq!(rig.sh().harvest_dirty(0, 4 * P).unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn a_write_fault_during_a_harvest_is_deferred_and_lands_in_the_next_one() {
+        let mut rig = logging();
+        let sh = rig.handler.sh.clone();
+        let harvest = sh.dirty_lock.write().unwrap();
+        rig.wp_fault(P);
+        assert_eq!(rig.handler.deferred.len(), 1);
+        assert_eq!(unprotects(&rig.host.take_calls()), 0);
+        assert!(rig.host.is_protected(HOST + P), "the writer waits");
+        drop(harvest);
+        rig.handler.run_deferred();
+        assert!(rig.handler.deferred.is_empty());
+        assert!(!rig.host.is_protected(HOST + P));
+        let st = rig.stats();
+        assert_eq!((st.wp_waited, st.relaxed), (1, 1));
+        assert_eq!(sh.harvest_dirty(0, 4 * P).unwrap(), vec![0b10]);
+    }
+
+    #[test]
+    fn a_wp_fault_that_meets_a_pending_remove_wakes_the_writer_to_fault_again() {
+        let mut rig = logging();
+        rig.host.set_remove_pending(true);
+        rig.wp_fault(P);
+        assert!(rig.host.is_protected(HOST + P));
+        assert_eq!(
+            rig.host.take_calls().last(),
+            Some(&Call::Wake {
+                start: HOST + P,
+                len: P
+            })
+        );
+        let st = rig.stats();
+        assert_eq!((st.wp_cleared, st.eagain), (0, 1));
+    }
+}
