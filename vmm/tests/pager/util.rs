@@ -1,8 +1,6 @@
 //! Helpers of the pager's real-kernel suites: "guest RAM" as a plain anonymous mapping that a
 //! pager registers directly (no KVM), with volatile access and a presence check.
 
-#![allow(dead_code)] // each suite uses part of the helpers
-
 use vmm::memory::RamRegion;
 use vmm::pager::PagerConfig;
 

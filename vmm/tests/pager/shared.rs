@@ -11,8 +11,7 @@ use std::thread;
 use stage2::{Access, PageSize};
 use vmm::pager::{Pager, PagerConfig};
 
-mod paging_util;
-use paging_util::{SharedRam, PAGE};
+use super::util::{SharedRam, PAGE};
 
 fn cfg(write_tracking: bool) -> PagerConfig {
     PagerConfig {

@@ -10,8 +10,7 @@ use stage2::{Access, PageSize};
 use vmm::memory::RamRegion;
 use vmm::pager::{Pager, PagerConfig, PagingError};
 
-mod paging_util;
-use paging_util::{xorshift, Ram, PAGE};
+use super::util::{xorshift, Ram, PAGE};
 
 const HUGE_2M: u64 = 2 << 20;
 const GIB: u64 = 1 << 30;

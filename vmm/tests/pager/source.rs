@@ -11,8 +11,7 @@ use std::time::Duration;
 use stage2::{Access, PageSize};
 use vmm::pager::{PageSource, Pager, PagerConfig, PagingError};
 
-mod paging_util;
-use paging_util::{xorshift, Ram, PAGE};
+use super::util::{xorshift, Ram, PAGE};
 
 const HUGE_2M: u64 = 2 << 20;
 

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use stage2::PageSize;
 use vmm::pager::{PageSource, Pager, PagingError};
 
-mod paging_util;
-use paging_util::{tracking_cfg, xorshift, Ram, PAGE};
+use super::util::{tracking_cfg, xorshift, Ram, PAGE};
 
 /// Writer threads (the "vCPUs").
 const WRITERS: usize = 4;
