@@ -483,14 +483,12 @@ impl Pager {
 mod tests {
     use stage2::{Access, PageSize};
 
-    use crate::pager::fake::{Call, Rig, HOST};
+    use crate::pager::fake::{wake, Rig, HOST, P};
     use crate::uffd::HostPages;
-
-    const P: u64 = 4096;
 
     #[test]
     fn a_deferred_install_whose_page_was_dropped_again_wakes_the_vcpu_and_installs_nothing() {
-        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        let mut rig = Rig::small();
         let sh = rig.handler.sh.clone();
         let inv = sh.s2.invalidate(0..P);
         rig.fault(0, true);
@@ -502,13 +500,7 @@ mod tests {
         rig.handler.run_deferred();
         assert!(rig.handler.deferred.is_empty());
         assert!(!rig.maps(0, Access::Read));
-        assert_eq!(
-            rig.host.take_calls(),
-            vec![Call::Wake {
-                start: HOST,
-                len: P
-            }]
-        );
+        assert_eq!(rig.host.take_calls(), vec![wake(0, P)]);
         let st = rig.stats();
         assert_eq!((st.installed, st.deferred_dropped), (0, 1));
     }
@@ -523,13 +515,7 @@ mod tests {
             minor: false,
             tid: 0,
         });
-        assert_eq!(
-            rig.host.take_calls(),
-            vec![Call::Wake {
-                start: HOST + 5 * P,
-                len: P
-            }]
-        );
+        assert_eq!(rig.host.take_calls(), vec![wake(5 * P, P)]);
         assert_eq!(rig.stats().events_missing, 0);
     }
 }

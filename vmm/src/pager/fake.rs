@@ -7,7 +7,8 @@ use std::sync::Mutex;
 
 use crate::uffd::{HostPages, UffdError};
 
-const PAGE: u64 = 4096;
+/// The 4 KiB page.
+pub(super) const P: u64 = 4096;
 
 /// One call the pager made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,17 +52,29 @@ impl FakeHost {
         self.with(|p| std::mem::take(&mut p.calls))
     }
 
+    /// Takes the calls; the last one.
+    pub(super) fn last_call(&self) -> Option<Call> {
+        self.take_calls().pop()
+    }
+
+    /// Takes the calls; whether any woke a thread.
+    pub(super) fn take_woken(&self) -> bool {
+        self.take_calls()
+            .iter()
+            .any(|c| matches!(c, Call::Wake { .. }))
+    }
+
     pub(super) fn is_resident(&self, hva: u64) -> bool {
-        self.with(|p| p.resident.contains(&(hva & !(PAGE - 1))))
+        self.with(|p| p.resident.contains(&(hva & !(P - 1))))
     }
 
     pub(super) fn is_protected(&self, hva: u64) -> bool {
-        self.with(|p| p.protected.contains(&(hva & !(PAGE - 1))))
+        self.with(|p| p.protected.contains(&(hva & !(P - 1))))
     }
 
     /// Makes `[hva, hva+len)` resident, as another thread's fill would.
     pub(super) fn populate(&self, hva: u64, len: u64) {
-        self.with(|p| p.resident.extend((hva..hva + len).step_by(PAGE as usize)));
+        self.with(|p| p.resident.extend((hva..hva + len).step_by(P as usize)));
     }
 
     pub(super) fn set_remove_pending(&self, pending: bool) {
@@ -101,14 +114,14 @@ impl FakeHost {
                 return Err(UffdError::Again { addr: dst, done: 0 });
             }
             let done = (dst..dst + len)
-                .step_by(PAGE as usize)
+                .step_by(P as usize)
                 .take_while(|a| !p.resident.contains(a))
                 .count() as u64
-                * PAGE;
+                * P;
             if done == 0 {
                 return Err(UffdError::Exists { addr: dst });
             }
-            for a in (dst..dst + done).step_by(PAGE as usize) {
+            for a in (dst..dst + done).step_by(P as usize) {
                 p.resident.insert(a);
                 if wp {
                     p.protected.insert(a);
@@ -129,7 +142,7 @@ impl HostPages for FakeHost {
     }
 
     fn zero_in(&self, dst: u64, len: u64) -> Result<u64, UffdError> {
-        self.fill("UFFDIO_ZEROPAGE", dst, len, false, Call::Zero { dst, len })
+        self.fill("UFFDIO_ZEROP", dst, len, false, Call::Zero { dst, len })
     }
 
     fn continue_in(&self, dst: u64, len: u64, wp: bool) -> Result<u64, UffdError> {
@@ -160,7 +173,7 @@ impl HostPages for FakeHost {
                     done: 0,
                 });
             }
-            for a in (start..start + len).step_by(PAGE as usize) {
+            for a in (start..start + len).step_by(P as usize) {
                 if protect {
                     p.protected.insert(a);
                 } else {
@@ -174,7 +187,7 @@ impl HostPages for FakeHost {
     fn resident(&self, start: u64, pages: &mut [u8]) -> io::Result<()> {
         self.with(|p| {
             for (i, b) in pages.iter_mut().enumerate() {
-                *b = p.resident.contains(&(start + i as u64 * PAGE)) as u8;
+                *b = p.resident.contains(&(start + i as u64 * P)) as u8;
             }
         });
         Ok(())
@@ -183,7 +196,7 @@ impl HostPages for FakeHost {
     fn drop_pages(&self, start: u64, len: u64) -> io::Result<()> {
         self.with(|p| {
             p.calls.push(Call::Drop { start, len });
-            for a in (start..start + len).step_by(PAGE as usize) {
+            for a in (start..start + len).step_by(P as usize) {
                 p.resident.remove(&a);
                 p.protected.remove(&a);
             }
@@ -203,6 +216,14 @@ impl HostPages for FakeHost {
 /// Host address of guest RAM in the rigs (never dereferenced).
 pub(super) const HOST: u64 = 0x10_0000_0000;
 
+/// The wake of the threads waiting on guest RAM `[gpa, gpa+len)` of a rig.
+pub(super) fn wake(gpa: u64, len: u64) -> Call {
+    Call::Wake {
+        start: HOST + gpa,
+        len,
+    }
+}
+
 /// A pager's shared state over one fake RAM region at GPA 0, and one handler's decisions.
 pub(super) struct Rig {
     pub(super) host: std::sync::Arc<FakeHost>,
@@ -210,6 +231,11 @@ pub(super) struct Rig {
 }
 
 impl Rig {
+    /// 8 pages of 4 KiB, no write tracking, no fault-around.
+    pub(super) fn small() -> Rig {
+        Rig::new(8, stage2::PageSize::Size4K, false, 1)
+    }
+
     /// `pages` host pages of `page` bytes; write tracking as `tracking`; fault-around of
     /// `around` 4 KiB pages.
     pub(super) fn new(pages: u64, page: stage2::PageSize, tracking: bool, around: usize) -> Rig {

@@ -296,13 +296,11 @@ mod tests {
 
     use stage2::{Access, PageSize};
 
-    use crate::pager::fake::{Call, Rig, HOST};
-
-    const P: u64 = 4096;
+    use crate::pager::fake::{wake, Call, Rig, HOST, P};
 
     #[test]
     fn a_stale_fault_whose_fill_meets_eexist_is_spurious_and_wakes_its_vcpu() {
-        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        let mut rig = Rig::small();
         // Two vCPUs wrote page 3; one handler took the first message and finished it.
         rig.fault(3 * P, true);
         rig.host.take_calls();
@@ -322,17 +320,14 @@ mod tests {
                     len: P,
                     wp: false
                 },
-                Call::Wake {
-                    start: HOST + 3 * P,
-                    len: P
-                },
+                wake(3 * P, P),
             ]
         );
     }
 
     #[test]
     fn a_fill_that_loses_to_a_fill_in_flight_installs_for_the_winner() {
-        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        let mut rig = Rig::small();
         // Another handler has copied page 5 in and not yet told stage2.
         rig.host.populate(HOST + 5 * P, P);
         rig.fault(5 * P, false);
@@ -340,18 +335,12 @@ mod tests {
         assert_eq!((st.eexist, st.installed, st.populated_4k), (1, 1, 0));
         assert!(rig.maps(5 * P, Access::Write));
         assert!(rig.handler.deferred.is_empty());
-        assert_eq!(
-            rig.host.take_calls().last(),
-            Some(&Call::Wake {
-                start: HOST + 5 * P,
-                len: P
-            })
-        );
+        assert_eq!(rig.host.last_call(), Some(wake(5 * P, P)));
     }
 
     #[test]
     fn a_fill_that_meets_a_pending_remove_waits_for_the_event_and_stays_held() {
-        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        let mut rig = Rig::small();
         rig.host.set_remove_pending(true);
         rig.fault(2 * P, false);
         assert_eq!(rig.handler.deferred.len(), 1);
@@ -360,11 +349,7 @@ mod tests {
         rig.handler.run_deferred();
         assert_eq!(rig.handler.deferred.len(), 1);
         assert_eq!(rig.sh().faults_held.load(Ordering::SeqCst), 1);
-        assert!(!rig
-            .host
-            .take_calls()
-            .iter()
-            .any(|c| matches!(c, Call::Wake { .. })));
+        assert!(!rig.host.take_woken());
         // A handler read the REMOVE: the retry fills and installs.
         rig.host.set_remove_pending(false);
         rig.handler.run_deferred();
@@ -373,13 +358,7 @@ mod tests {
         assert!(rig.maps(2 * P, Access::Write));
         let st = rig.stats();
         assert_eq!((st.eagain, st.deferred, st.installed), (2, 1, 1));
-        assert_eq!(
-            rig.host.take_calls().last(),
-            Some(&Call::Wake {
-                start: HOST + 2 * P,
-                len: P
-            })
-        );
+        assert_eq!(rig.host.last_call(), Some(wake(2 * P, P)));
     }
 
     #[test]

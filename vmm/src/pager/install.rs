@@ -152,9 +152,7 @@ impl Handler {
 mod tests {
     use stage2::{Access, PageSize};
 
-    use crate::pager::fake::{Call, Rig, HOST};
-
-    const P: u64 = 4096;
+    use crate::pager::fake::{wake, Call, Rig, HOST, P};
 
     #[test]
     fn fault_around_stops_at_the_end_of_the_ram_region() {
@@ -170,10 +168,7 @@ mod tests {
                     len: 3 * P,
                     wp: false
                 },
-                Call::Wake {
-                    start: HOST + 5 * P,
-                    len: 3 * P
-                },
+                wake(5 * P, 3 * P),
             ]
         );
         let st = rig.stats();
@@ -211,11 +206,7 @@ mod tests {
         let deferred: Vec<u64> = rig.handler.deferred.iter().map(|d| d.gpa).collect();
         assert_eq!(deferred, vec![2 * P, 3 * P, 4 * P, P]);
         assert!(rig.handler.deferred.iter().all(|d| !d.needs_fill));
-        assert!(!rig
-            .host
-            .take_calls()
-            .iter()
-            .any(|c| matches!(c, Call::Wake { .. })));
+        assert!(!rig.host.take_woken());
         drop(inv);
         rig.handler.run_deferred();
         assert!(rig.handler.deferred.is_empty());

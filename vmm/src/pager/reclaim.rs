@@ -320,13 +320,11 @@ mod tests {
 
     use stage2::{Access, PageSize};
 
-    use crate::pager::fake::{Call, Rig, HOST};
-
-    const P: u64 = 4096;
+    use crate::pager::fake::{wake, Call, Rig, HOST, P};
 
     #[test]
     fn a_fault_in_a_range_being_reclaimed_is_deferred_until_the_reclaim_ends() {
-        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        let mut rig = Rig::small();
         rig.fault(2 * P, true);
         let sh = rig.handler.sh.clone();
         let host = rig.host.clone();
@@ -372,18 +370,12 @@ mod tests {
         let st = sh.stats();
         assert_eq!((st.installed, st.retry, st.deferred), (2, 1, 1));
         assert_eq!((st.reclaims, st.reclaimed_bytes), (1, 4 * P));
-        assert_eq!(
-            host.take_calls(),
-            vec![Call::Wake {
-                start: HOST + 2 * P,
-                len: P
-            }]
-        );
+        assert_eq!(host.take_calls(), vec![wake(2 * P, P)]);
     }
 
     #[test]
     fn a_remove_of_our_own_reclaim_is_not_bracketed_again_but_a_foreign_one_is() {
-        let mut rig = Rig::new(8, PageSize::Size4K, false, 1);
+        let mut rig = Rig::small();
         rig.fault(P, true);
         rig.fault(5 * P, true);
         let sh = rig.sh();

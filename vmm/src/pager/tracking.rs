@@ -248,9 +248,7 @@ impl Pager {
 mod tests {
     use stage2::{Access, PageSize};
 
-    use crate::pager::fake::{Call, Rig, HOST};
-
-    const P: u64 = 4096;
+    use crate::pager::fake::{wake, Call, Rig, HOST, P};
 
     /// A tracked rig whose page 1 was read (filled write-protected), with dirty logging on.
     fn logging() -> Rig {
@@ -312,13 +310,7 @@ mod tests {
         rig.host.set_remove_pending(true);
         rig.wp_fault(P);
         assert!(rig.host.is_protected(HOST + P));
-        assert_eq!(
-            rig.host.take_calls().last(),
-            Some(&Call::Wake {
-                start: HOST + P,
-                len: P
-            })
-        );
+        assert_eq!(rig.host.last_call(), Some(wake(P, P)));
         let st = rig.stats();
         assert_eq!((st.wp_cleared, st.eagain), (0, 1));
     }
