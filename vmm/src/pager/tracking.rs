@@ -76,60 +76,7 @@ impl Shared {
             }
         }
     }
-}
 
-impl Handler {
-    /// A write to a userfaultfd-write-protected page (write tracking): stage2 relaxes its entry
-    /// in place, then the host protection is cleared, which wakes the writer. Both under the
-    /// dirty lock, shared. Returns false, having done nothing, when a harvest holds the lock:
-    /// the fault is retried after it (never waited for here, so that this thread goes on
-    /// reading the REMOVE events a harvest's re-protect may be waiting for).
-    pub(super) fn on_wp(&mut self, gpa: u64, vcpu: usize) -> bool {
-        let sh = self.sh.clone();
-        let Some(_shared) = sh.dirty_shared() else {
-            return false;
-        };
-        let c = &sh.counters;
-        let seq = sh.s2.invalidate_seq();
-        let fault = Fault {
-            gpa,
-            access: Access::Write,
-            vcpu,
-        };
-        match sh.ask_stage2(fault, seq, Tally::Fault) {
-            Answer::Mapped { .. } => {
-                // Even when stage2 already allowed the write (Spurious), the host protection is
-                // what stops the vCPU: it must go, or the write faults forever.
-                let block = sh.block_of(gpa);
-                let Some(hva) = sh.backing.gpa_to_host(block) else {
-                    return true;
-                };
-                // Counted before the ioctl, which wakes the writer: whoever sees the write done
-                // sees it counted.
-                inc(&c.wp_cleared);
-                match sh.host.set_write_protect(hva, sh.page.bytes(), false) {
-                    Ok(()) => {}
-                    Err(UffdError::Again { .. }) => {
-                        // A REMOVE is pending: the writer retries and faults again after it.
-                        c.wp_cleared.fetch_sub(1, Ordering::Relaxed);
-                        inc(&c.eagain);
-                        sh.wake_block(gpa);
-                    }
-                    Err(e) => {
-                        c.wp_cleared.fetch_sub(1, Ordering::Relaxed);
-                        error!("clearing write protection of gpa {block:#x}: {e}");
-                        sh.wake_block(gpa);
-                    }
-                }
-            }
-            // The host page stays protected: waking makes the vCPU fault again.
-            Answer::Retry | Answer::Denied => sh.wake_block(gpa),
-        }
-        true
-    }
-}
-
-impl Shared {
     /// See [`Pager::start_dirty_log`].
     pub(super) fn start_dirty_log(&self) -> Result<(), PagingError> {
         self.need_tracking("start_dirty_log")?;
@@ -211,6 +158,57 @@ impl Shared {
         Err(PagingError::Config(format!(
             "{what} needs write tracking: start the pager with write_tracking = true"
         )))
+    }
+}
+
+impl Handler {
+    /// A write to a userfaultfd-write-protected page (write tracking): stage2 relaxes its entry
+    /// in place, then the host protection is cleared, which wakes the writer. Both under the
+    /// dirty lock, shared. Returns false, having done nothing, when a harvest holds the lock:
+    /// the fault is retried after it (never waited for here, so that this thread goes on
+    /// reading the REMOVE events a harvest's re-protect may be waiting for).
+    pub(super) fn on_wp(&mut self, gpa: u64, vcpu: usize) -> bool {
+        let sh = self.sh.clone();
+        let Some(_shared) = sh.dirty_shared() else {
+            return false;
+        };
+        let c = &sh.counters;
+        let seq = sh.s2.invalidate_seq();
+        let fault = Fault {
+            gpa,
+            access: Access::Write,
+            vcpu,
+        };
+        match sh.ask_stage2(fault, seq, Tally::Fault) {
+            Answer::Mapped { .. } => {
+                // Even when stage2 already allowed the write (Spurious), the host protection is
+                // what stops the vCPU: it must go, or the write faults forever.
+                let block = sh.block_of(gpa);
+                let Some(hva) = sh.backing.gpa_to_host(block) else {
+                    return true;
+                };
+                // Counted before the ioctl, which wakes the writer: whoever sees the write done
+                // sees it counted.
+                inc(&c.wp_cleared);
+                match sh.host.set_write_protect(hva, sh.page.bytes(), false) {
+                    Ok(()) => {}
+                    Err(UffdError::Again { .. }) => {
+                        // A REMOVE is pending: the writer retries and faults again after it.
+                        c.wp_cleared.fetch_sub(1, Ordering::Relaxed);
+                        inc(&c.eagain);
+                        sh.wake_block(gpa);
+                    }
+                    Err(e) => {
+                        c.wp_cleared.fetch_sub(1, Ordering::Relaxed);
+                        error!("clearing write protection of gpa {block:#x}: {e}");
+                        sh.wake_block(gpa);
+                    }
+                }
+            }
+            // The host page stays protected: waking makes the vCPU fault again.
+            Answer::Retry | Answer::Denied => sh.wake_block(gpa),
+        }
+        true
     }
 }
 
