@@ -4,27 +4,27 @@
 //!
 //! A vCPU (through KVM's `get_user_pages`) touches a missing host page of guest RAM; the kernel
 //! queues a MISSING fault on our userfaultfd and puts the thread to sleep. A handler thread
-//! ([`events`]) reads the event, translates the host address to a GPA ([`backing`]), reads
-//! stage2's invalidation sequence, fills the host page without waking anyone ([`fill`]), asks
-//! stage2 to record the mapping ([`install`]), and only then wakes the vCPU: like a vCPU under
+//! (`events`) reads the event, translates the host address to a GPA (`backing`), reads
+//! stage2's invalidation sequence, fills the host page without waking anyone (`fill`), asks
+//! stage2 to record the mapping (`install`), and only then wakes the vCPU: like a vCPU under
 //! KVM, it resumes once its stage-2 entry is in.
 //!
 //! # Order: host first, then stage2 (KVM's order)
 //!
 //! KVM resolves the host page first and installs its EPT entry second, under the mmu-notifier
 //! sequence check. The pager does the same: stage2 is told only about host pages that exist,
-//! and an install that meets an invalidation is deferred rather than spun on ([`events`] says
+//! and an install that meets an invalidation is deferred rather than spun on (`events` says
 //! why spinning would deadlock a reclaim).
 //!
 //! # The files
 //!
-//! * [`events`]: the handler threads' event loop, the REMOVE/fault ordering, deferral, `settle`.
-//! * [`fill`]: filling a faulting host page (zero, COPY, CONTINUE) and the races of a fill.
-//! * [`install`]: asking stage2 about a filled page and carrying out its answer, for every caller.
-//! * [`reclaim`]: dropping guest RAM bracketed by stage2 invalidations.
-//! * [`tracking`]: dirty logging by userfaultfd write protection.
-//! * [`postcopy`]: pages that come from a [`PageSource`], fetched on a fault or placed by a push.
-//! * [`stats`]: the counters and their snapshot.
+//! * `events`: the handler threads' event loop, the REMOVE/fault ordering, deferral, `settle`.
+//! * `fill`: filling a faulting host page (zero, COPY, CONTINUE) and the races of a fill.
+//! * `install`: asking stage2 about a filled page and carrying out its answer, for every caller.
+//! * `reclaim`: dropping guest RAM bracketed by stage2 invalidations.
+//! * `tracking`: dirty logging by userfaultfd write protection.
+//! * `postcopy`: pages that come from a [`PageSource`], fetched on a fault or placed by a push.
+//! * `stats`: the counters and their snapshot.
 //!
 //! The host operations (`UFFDIO_*`, `madvise`, `mincore`, hole punch) go through
 //! [`HostPages`], so that the handlers' decisions are unit-tested without a userfaultfd.

@@ -185,7 +185,7 @@ pub struct uffdio_continue {
 }
 
 /// `struct uffd_msg` (packed, 32 bytes): the event code and the raw 24-byte union, decoded by
-/// [`Event::from_msg`].
+/// [`super::Event::from_msg`].
 #[repr(C, packed)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct uffd_msg {
