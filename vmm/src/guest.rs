@@ -25,7 +25,7 @@ use crate::machine::spec::{GuestSpec, MachineSpec, Payload};
 use crate::machine::{stop_pager, Machine, MachineConfig, MigrationPlan};
 use crate::memory::{self, human, BackingKind};
 use crate::migrate::precopy::Pending;
-use crate::paging::PagingStats;
+use crate::pager::PagingStats;
 
 use layout::{CODE_GPA, CODE_MAX, GDT_GPA, PARAMS_GPA, PML4_GPA};
 use port::{TestPort, EXIT_FAIL, EXIT_PASS};

@@ -14,7 +14,7 @@ pub mod guest;
 pub mod machine;
 pub mod memory;
 pub mod migrate;
-pub mod paging;
+pub mod pager;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;

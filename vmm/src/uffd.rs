@@ -1,4 +1,4 @@
-//! A small userfaultfd layer: the kernel ABI of `linux/userfaultfd.h`, the fd, its ioctls and typed events.
+//! A small userfaultfd layer: the kernel ABI of `linux/userfaultfd.h`, the fd, its ioctls and typed events, and the pager's host operations ([`HostPages`]) on it.
 //!
 //! # Why our own module and not the `userfaultfd` crate
 //!
@@ -7,7 +7,7 @@
 //! eight ioctls and five small structs. The structs below are written by hand from the header
 //! (each with a size assertion, so a layout slip fails the build), the ioctl numbers come from
 //! vmm-sys-util's `ioctl_*_nr!` macros like every other ioctl in this VMM, and the whole ABI
-//! stays readable in one file, as in Cloud Hypervisor.
+//! stays readable in one file (`uffd/abi.rs`), as in Cloud Hypervisor.
 //!
 //! # Semantics kept by the types
 //!
@@ -22,284 +22,17 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_val};
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
-// ---------------------------------------------------------------------------------------------
-// The ABI of include/uapi/linux/userfaultfd.h (names as in the header).
-// ---------------------------------------------------------------------------------------------
+mod abi;
 
-/// The API version this module speaks (`UFFD_API`).
-pub const UFFD_API: u64 = 0xAA;
-/// ioctl type byte of every userfaultfd ioctl (`UFFDIO`).
-pub const UFFDIO: u32 = 0xAA;
-
-/// ioctl numbers within the `UFFDIO` type (`_UFFDIO_*`).
-pub const _UFFDIO_REGISTER: u32 = 0x00;
-/// See `_UFFDIO_REGISTER`.
-pub const _UFFDIO_UNREGISTER: u32 = 0x01;
-/// See `_UFFDIO_REGISTER`.
-pub const _UFFDIO_WAKE: u32 = 0x02;
-/// See `_UFFDIO_REGISTER`.
-pub const _UFFDIO_COPY: u32 = 0x03;
-/// See `_UFFDIO_REGISTER`.
-pub const _UFFDIO_ZEROPAGE: u32 = 0x04;
-/// See `_UFFDIO_REGISTER`.
-pub const _UFFDIO_WRITEPROTECT: u32 = 0x06;
-/// See `_UFFDIO_REGISTER`.
-pub const _UFFDIO_CONTINUE: u32 = 0x07;
-/// See `_UFFDIO_REGISTER`.
-pub const _UFFDIO_API: u32 = 0x3F;
-
-/// `USERFAULTFD_IOC` and `USERFAULTFD_IOC_NEW` of `/dev/userfaultfd` (Linux 6.1+).
-pub const USERFAULTFD_IOC: u32 = 0xAA;
-
-/// Event codes of `uffd_msg.event` (`UFFD_EVENT_*`).
-pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-/// See `UFFD_EVENT_PAGEFAULT`.
-pub const UFFD_EVENT_FORK: u8 = 0x13;
-/// See `UFFD_EVENT_PAGEFAULT`.
-pub const UFFD_EVENT_REMAP: u8 = 0x14;
-/// See `UFFD_EVENT_PAGEFAULT`.
-pub const UFFD_EVENT_REMOVE: u8 = 0x15;
-/// See `UFFD_EVENT_PAGEFAULT`.
-pub const UFFD_EVENT_UNMAP: u8 = 0x16;
-
-/// Flags of a page-fault message (`UFFD_PAGEFAULT_FLAG_*`): a write access.
-pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
-/// The fault is a write to a userfaultfd-write-protected page.
-pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
-/// The fault is a minor fault (page in the page cache, not mapped).
-pub const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
-
-/// Feature bits of `uffdio_api.features` (`UFFD_FEATURE_*`).
-pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_EXACT_ADDRESS: u64 = 1 << 11;
-/// See `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
-pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-
-/// Registration modes (`UFFDIO_REGISTER_MODE_*`).
-pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
-/// See `UFFDIO_REGISTER_MODE_MISSING`.
-pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-/// See `UFFDIO_REGISTER_MODE_MISSING`.
-pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
-
-/// `UFFDIO_COPY_MODE_*`.
-pub const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
-/// Map the copied page write-protected (needs a WP registration).
-pub const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
-/// `UFFDIO_ZEROPAGE_MODE_DONTWAKE`.
-pub const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
-/// `UFFDIO_WRITEPROTECT_MODE_WP`: set (1) or clear (0) the protection.
-pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-/// `UFFDIO_WRITEPROTECT_MODE_DONTWAKE`.
-pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
-/// `UFFDIO_CONTINUE_MODE_DONTWAKE`.
-pub const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
-/// `UFFDIO_CONTINUE_MODE_WP`: map the page write-protected (needs a WP registration; Linux 6.4+).
-pub const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
-
-/// `UFFD_USER_MODE_ONLY` flag of userfaultfd(2). Never used here (see the module doc); named so
-/// that the reason is searchable.
-pub const UFFD_USER_MODE_ONLY: i32 = 1;
-
-/// `struct uffdio_api`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct uffdio_api {
-    /// Requested API (`UFFD_API`).
-    pub api: u64,
-    /// In: features requested. Out: features the kernel offers.
-    pub features: u64,
-    /// Out: bitmask of the ioctls available on the fd.
-    pub ioctls: u64,
-}
-
-/// `struct uffdio_range`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct uffdio_range {
-    /// Start address (page aligned).
-    pub start: u64,
-    /// Length in bytes (page multiple).
-    pub len: u64,
-}
-
-/// `struct uffdio_register`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct uffdio_register {
-    /// The range to register.
-    pub range: uffdio_range,
-    /// `UFFDIO_REGISTER_MODE_*`.
-    pub mode: u64,
-    /// Out: bitmask of the range ioctls available on the range.
-    pub ioctls: u64,
-}
-
-/// `struct uffdio_copy`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct uffdio_copy {
-    /// Destination (registered range).
-    pub dst: u64,
-    /// Source buffer.
-    pub src: u64,
-    /// Bytes.
-    pub len: u64,
-    /// `UFFDIO_COPY_MODE_*`.
-    pub mode: u64,
-    /// Out: bytes copied, or a negative errno.
-    pub copy: i64,
-}
-
-/// `struct uffdio_zeropage`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct uffdio_zeropage {
-    /// Range to map the zero page into.
-    pub range: uffdio_range,
-    /// `UFFDIO_ZEROPAGE_MODE_*`.
-    pub mode: u64,
-    /// Out: bytes mapped, or a negative errno.
-    pub zeropage: i64,
-}
-
-/// `struct uffdio_writeprotect`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct uffdio_writeprotect {
-    /// Range to (un)protect.
-    pub range: uffdio_range,
-    /// `UFFDIO_WRITEPROTECT_MODE_*`.
-    pub mode: u64,
-}
-
-/// `struct uffdio_continue`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct uffdio_continue {
-    /// Range whose page-cache pages to map.
-    pub range: uffdio_range,
-    /// `UFFDIO_CONTINUE_MODE_*`.
-    pub mode: u64,
-    /// Out: bytes mapped, or a negative errno.
-    pub mapped: i64,
-}
-
-/// `struct uffd_msg` (packed, 32 bytes): the event code and the raw 24-byte union, decoded by
-/// [`Event::from_msg`].
-#[repr(C, packed)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct uffd_msg {
-    /// `UFFD_EVENT_*`.
-    pub event: u8,
-    /// Reserved.
-    pub reserved1: u8,
-    /// Reserved.
-    pub reserved2: u16,
-    /// Reserved.
-    pub reserved3: u32,
-    /// The `arg` union as three u64 (pagefault: flags, address, ptid; remap: from, to, len;
-    /// remove/unmap: start, end; fork: ufd in the low 32 bits of the first word).
-    pub arg: [u64; 3],
-}
-
-const _: () = assert!(size_of::<uffdio_api>() == 24);
-const _: () = assert!(size_of::<uffdio_range>() == 16);
-const _: () = assert!(size_of::<uffdio_register>() == 32);
-const _: () = assert!(size_of::<uffdio_copy>() == 40);
-const _: () = assert!(size_of::<uffdio_zeropage>() == 32);
-const _: () = assert!(size_of::<uffdio_writeprotect>() == 24);
-const _: () = assert!(size_of::<uffdio_continue>() == 32);
-const _: () = assert!(size_of::<uffd_msg>() == 32);
-
-ioctl_iowr_nr!(UFFDIO_API, UFFDIO, _UFFDIO_API, uffdio_api);
-ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, _UFFDIO_REGISTER, uffdio_register);
-ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, _UFFDIO_UNREGISTER, uffdio_range);
-ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, _UFFDIO_WAKE, uffdio_range);
-ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, _UFFDIO_COPY, uffdio_copy);
-ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, _UFFDIO_ZEROPAGE, uffdio_zeropage);
-ioctl_iowr_nr!(
-    UFFDIO_WRITEPROTECT,
-    UFFDIO,
-    _UFFDIO_WRITEPROTECT,
-    uffdio_writeprotect
-);
-ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, _UFFDIO_CONTINUE, uffdio_continue);
-ioctl_io_nr!(USERFAULTFD_IOC_NEW, USERFAULTFD_IOC, 0x00);
-
-/// Bit of a range ioctl in `uffdio_register.ioctls` / `uffdio_api.ioctls`.
-const fn ioctl_bit(nr: u32) -> u64 {
-    1u64 << nr
-}
-
-/// Feature names for error messages, in bit order.
-const FEATURE_NAMES: &[(u64, &str)] = &[
-    (
-        UFFD_FEATURE_PAGEFAULT_FLAG_WP,
-        "UFFD_FEATURE_PAGEFAULT_FLAG_WP",
-    ),
-    (UFFD_FEATURE_EVENT_FORK, "UFFD_FEATURE_EVENT_FORK"),
-    (UFFD_FEATURE_EVENT_REMAP, "UFFD_FEATURE_EVENT_REMAP"),
-    (UFFD_FEATURE_EVENT_REMOVE, "UFFD_FEATURE_EVENT_REMOVE"),
-    (
-        UFFD_FEATURE_MISSING_HUGETLBFS,
-        "UFFD_FEATURE_MISSING_HUGETLBFS",
-    ),
-    (UFFD_FEATURE_MISSING_SHMEM, "UFFD_FEATURE_MISSING_SHMEM"),
-    (UFFD_FEATURE_EVENT_UNMAP, "UFFD_FEATURE_EVENT_UNMAP"),
-    (UFFD_FEATURE_SIGBUS, "UFFD_FEATURE_SIGBUS"),
-    (UFFD_FEATURE_THREAD_ID, "UFFD_FEATURE_THREAD_ID"),
-    (UFFD_FEATURE_MINOR_HUGETLBFS, "UFFD_FEATURE_MINOR_HUGETLBFS"),
-    (UFFD_FEATURE_MINOR_SHMEM, "UFFD_FEATURE_MINOR_SHMEM"),
-    (UFFD_FEATURE_EXACT_ADDRESS, "UFFD_FEATURE_EXACT_ADDRESS"),
-    (
-        UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
-        "UFFD_FEATURE_WP_HUGETLBFS_SHMEM",
-    ),
-];
-
-/// Names of the feature bits set in `bits` (unknown bits as hex).
-pub fn feature_names(bits: u64) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = bits;
-    for &(bit, name) in FEATURE_NAMES {
-        if bits & bit != 0 {
-            out.push(name.to_string());
-            rest &= !bit;
-        }
-    }
-    if rest != 0 {
-        out.push(format!("{rest:#x}"));
-    }
-    out
-}
+use abi::ioctl_bit;
+pub use abi::*;
 
 // ---------------------------------------------------------------------------------------------
 // Errors and events.
@@ -557,6 +290,19 @@ fn api(file: &File, features: u64) -> Result<uffdio_api, UffdError> {
     Ok(api)
 }
 
+/// The result of an ioctl that reports only success or an error.
+fn ioctl_result(op: &'static str, start: u64, len: u64, ret: i32) -> Result<(), UffdError> {
+    if ret < 0 {
+        return Err(UffdError::Ioctl {
+            op,
+            start,
+            len,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 fn os_err() -> (i32, io::Error) {
     let e = io::Error::last_os_error();
     (e.raw_os_error().unwrap_or(0), e)
@@ -605,14 +351,7 @@ impl Uffd {
         };
         // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register` living for the call.
         let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_REGISTER(), &mut reg) };
-        if ret < 0 {
-            return Err(UffdError::Ioctl {
-                op: "UFFDIO_REGISTER",
-                start,
-                len,
-                source: io::Error::last_os_error(),
-            });
-        }
+        ioctl_result("UFFDIO_REGISTER", start, len, ret)?;
         Ok(RangeIoctls(reg.ioctls))
     }
 
@@ -621,15 +360,7 @@ impl Uffd {
         let mut range = uffdio_range { start, len };
         // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range` living for the call.
         let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_UNREGISTER(), &mut range) };
-        if ret < 0 {
-            return Err(UffdError::Ioctl {
-                op: "UFFDIO_UNREGISTER",
-                start,
-                len,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        ioctl_result("UFFDIO_UNREGISTER", start, len, ret)
     }
 
     /// Wakes the threads waiting on faults in `[start, start+len)`; they retry their access.
@@ -637,15 +368,7 @@ impl Uffd {
         let mut range = uffdio_range { start, len };
         // SAFETY: UFFDIO_WAKE reads one `uffdio_range` living for the call.
         let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_WAKE(), &mut range) };
-        if ret < 0 {
-            return Err(UffdError::Ioctl {
-                op: "UFFDIO_WAKE",
-                start,
-                len,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        ioctl_result("UFFDIO_WAKE", start, len, ret)
     }
 
     /// Maps the shared zero page over `[start, start+len)` (anonymous memory only) and wakes the
@@ -810,6 +533,206 @@ fn fill_result(
             len,
             source,
         }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The host operations of the demand pager.
+// ---------------------------------------------------------------------------------------------
+
+/// What the demand pager does to guest RAM's host pages, and nothing else: fill, wake, protect,
+/// ask what is resident, drop. The real implementation is [`Uffd`] (ioctls on its fd, plus the
+/// plain syscalls on this process); the pager's unit tests use a fake that keeps the pages in
+/// a table, so that its decisions are tested without a userfaultfd.
+///
+/// The fills never wake the faulting threads (`*_MODE_DONTWAKE`): the pager wakes them with
+/// [`HostPages::wake_waiters`] once stage2 has recorded the page.
+pub trait HostPages: Send + Sync {
+    /// UFFDIO_COPY of `src` into the missing pages at `dst`, write-protected when `wp`.
+    /// Returns the bytes copied; [`UffdError::Exists`] when the first page is present,
+    /// [`UffdError::Again`] when the copy stopped part way or a REMOVE is pending.
+    fn copy_in(&self, dst: u64, src: &[u8], wp: bool) -> Result<u64, UffdError>;
+    /// UFFDIO_ZEROPAGE over `[dst, dst+len)`; results as for `copy_in`.
+    fn zero_in(&self, dst: u64, len: u64) -> Result<u64, UffdError>;
+    /// UFFDIO_CONTINUE over `[dst, dst+len)` (pages the memfd has), write-protected when `wp`.
+    fn continue_in(&self, dst: u64, len: u64, wp: bool) -> Result<u64, UffdError>;
+    /// UFFDIO_WAKE of the threads waiting on `[start, start+len)`.
+    fn wake_waiters(&self, start: u64, len: u64) -> Result<(), UffdError>;
+    /// UFFDIO_WRITEPROTECT: set (`protect`) or clear the write protection of
+    /// `[start, start+len)`; clearing wakes the writers.
+    fn set_write_protect(&self, start: u64, len: u64, protect: bool) -> Result<(), UffdError>;
+    /// mincore of the 4 KiB pages from `start` on, one byte each into `pages` (bit 0: resident).
+    fn resident(&self, start: u64, pages: &mut [u8]) -> io::Result<()>;
+    /// madvise(MADV_DONTNEED) of `[start, start+len)`.
+    fn drop_pages(&self, start: u64, len: u64) -> io::Result<()>;
+    /// Drops every run of `runs` like [`HostPages::drop_pages`]; on failure, the index of the
+    /// run that failed.
+    fn drop_runs(&self, runs: &[Range<u64>]) -> Result<(), (usize, io::Error)> {
+        for (i, r) in runs.iter().enumerate() {
+            self.drop_pages(r.start, r.end - r.start)
+                .map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+    /// fallocate(PUNCH_HOLE | KEEP_SIZE) of `len` bytes at `offset` of a memfd of guest RAM.
+    fn punch_hole(&self, file: &File, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// Whether `process_madvise(MADV_DONTNEED)` on this process failed as unsupported once (a
+/// kernel before 6.13 allows it only for a few other advices): then every batch drops run by
+/// run.
+static PROCESS_MADVISE_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// A pidfd of this process, for `process_madvise`; None where pidfds are not available.
+fn own_pidfd() -> Option<OwnedFd> {
+    if PROCESS_MADVISE_UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; it touches
+    // no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned by pidfd_open, so it is an open descriptor owned by no
+    // one else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// One `process_madvise(MADV_DONTNEED)` call over every run; true when it dropped them all.
+fn process_madvise_all(pidfd: &OwnedFd, runs: &[Range<u64>]) -> bool {
+    let iov: Vec<libc::iovec> = runs
+        .iter()
+        .map(|r| libc::iovec {
+            iov_base: r.start as *mut libc::c_void,
+            iov_len: (r.end - r.start) as usize,
+        })
+        .collect();
+    let total: u64 = runs.iter().map(|r| r.end - r.start).sum();
+    // SAFETY: the caller names host memory of guest RAM that it wants dropped; the kernel only
+    // reads `iov`, which outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_process_madvise,
+            pidfd.as_raw_fd(),
+            iov.as_ptr(),
+            iov.len(),
+            libc::MADV_DONTNEED,
+            0,
+        )
+    };
+    if ret >= 0 && ret as u64 == total {
+        return true;
+    }
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSYS | libc::EINVAL | libc::EPERM)
+        ) {
+            PROCESS_MADVISE_UNSUPPORTED.store(true, Ordering::Relaxed);
+        }
+    }
+    false
+}
+
+impl HostPages for Uffd {
+    fn copy_in(&self, dst: u64, src: &[u8], wp: bool) -> Result<u64, UffdError> {
+        let mut mode = UFFDIO_COPY_MODE_DONTWAKE;
+        if wp {
+            mode |= UFFDIO_COPY_MODE_WP;
+        }
+        // SAFETY: `src` is a borrowed, readable slice for the whole call.
+        unsafe { self.copy(dst, src.as_ptr() as u64, src.len() as u64, mode) }
+    }
+
+    fn zero_in(&self, dst: u64, len: u64) -> Result<u64, UffdError> {
+        self.zeropage(dst, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+    }
+
+    fn continue_in(&self, dst: u64, len: u64, wp: bool) -> Result<u64, UffdError> {
+        let mut mode = UFFDIO_CONTINUE_MODE_DONTWAKE;
+        if wp {
+            mode |= UFFDIO_CONTINUE_MODE_WP;
+        }
+        self.continue_(dst, len, mode)
+    }
+
+    fn wake_waiters(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        self.wake(start, len)
+    }
+
+    fn set_write_protect(&self, start: u64, len: u64, protect: bool) -> Result<(), UffdError> {
+        self.write_protect(start, len, protect, false)
+    }
+
+    fn resident(&self, start: u64, pages: &mut [u8]) -> io::Result<()> {
+        // SAFETY: mincore only reads the page tables of [start, start + pages.len() pages) (an
+        // unmapped range fails with ENOMEM) and writes one byte per page into `pages`, which is
+        // exactly that long.
+        let ret = unsafe {
+            libc::mincore(
+                start as *mut libc::c_void,
+                pages.len() * 4096,
+                pages.as_mut_ptr(),
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn drop_pages(&self, start: u64, len: u64) -> io::Result<()> {
+        // SAFETY: the pager names a range of guest RAM it owns and wants dropped; no Rust
+        // reference into guest RAM exists (it is accessed with volatile copies), and the guest
+        // sees zeroes (or a MISSING fault) at its next touch.
+        let ret = unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// One `process_madvise` call on this process where the kernel takes it (6.13 and later;
+    /// since 6.16 it also flushes the TLB once for the whole call instead of once per range),
+    /// else one `madvise` per run. A partial or failed `process_madvise` is redone run by run,
+    /// which names the run that fails.
+    fn drop_runs(&self, runs: &[Range<u64>]) -> Result<(), (usize, io::Error)> {
+        if let Some(pidfd) = own_pidfd() {
+            if process_madvise_all(&pidfd, runs) {
+                return Ok(());
+            }
+        }
+        for (i, r) in runs.iter().enumerate() {
+            self.drop_pages(r.start, r.end - r.start)
+                .map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    fn punch_hole(&self, file: &File, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate on a memfd of guest RAM that the caller names; no Rust reference
+        // into the range exists (guest RAM is accessed with volatile copies), and the guest
+        // sees zeroes after.
+        let ret = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ use vmm::arch::x86_64::{configure_vcpu, long_mode};
 use vmm::devices::PioBus;
 use vmm::dirty::{DirtyBitmap, DirtyMode, DirtyTracker};
 use vmm::memory::{BackingKind, GuestRam};
-use vmm::paging::{Pager, PagerConfig};
+use vmm::pager::{Pager, PagerConfig};
 use vmm::vcpu::{ExitRequest, VcpuHooks, VmControl, EXIT_VCPU_FAILED};
 use vmm::vm::Vm;
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info};
 
 use crate::memory::RamRegion;
-use crate::paging::{Pager, PagingError};
+use crate::pager::{Pager, PagingError};
 
 /// Guest page shift: dirty tracking is at 4 KiB precision in every mode.
 pub const PAGE_SHIFT: u32 = 12;

@@ -15,7 +15,7 @@ use crate::migrate::postcopy::{PostcopyTarget, TargetFigures};
 use crate::migrate::precopy::{self, Incoming, MigrateError, Pending};
 use crate::migrate::ram::RamPager;
 use crate::migrate::Address;
-use crate::paging::PageSource;
+use crate::pager::PageSource;
 
 /// Listens at `addr`, says so on stdout (`waiting for the migration source at ADDR`: tests and
 /// scripts wait for this line), and accepts one source's header.

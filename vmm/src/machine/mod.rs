@@ -33,7 +33,7 @@ use crate::migrate::precopy::{self, DirtySource, MigrateConfig};
 use crate::migrate::ram::RamPager;
 use crate::migrate::state::VcpuCaps;
 use crate::migrate::Address;
-use crate::paging::{Pager, PagerConfig};
+use crate::pager::{Pager, PagerConfig};
 use crate::vcpu::{EmulationHooks, ExitRequest, VcpuHooks, VmControl};
 use crate::vm::Vm;
 

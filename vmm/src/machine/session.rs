@@ -16,7 +16,7 @@ use crate::devices::i8042::I8042;
 use crate::dirty::HostChangeRefused;
 use crate::migrate::precopy::{self, DirtySource, MigrateConfig, MigrateError};
 use crate::migrate::Address;
-use crate::paging::Pager;
+use crate::pager::Pager;
 use crate::vcpu::{ExitRequest, VmControl};
 
 /// How often the main thread looks for a control-socket `migrate` request.

@@ -2,7 +2,7 @@
 //! the sender, whole-page places and drops for the receiver).
 
 use super::ram::RamPager;
-use crate::paging::Pager;
+use crate::pager::Pager;
 
 impl RamPager for Pager {
     fn host_page(&self) -> u64 {

@@ -23,7 +23,7 @@ use super::stream::{Chunk, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
 use super::summary::PostcopyFigures;
 use super::transport::Connection;
 use crate::dirty::DirtyBitmap;
-use crate::paging::PageSource;
+use crate::pager::PageSource;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Most bytes the source pushes in one go before it looks at requests again.
@@ -436,10 +436,21 @@ pub struct PostcopyTarget {
     state: Mutex<TargetState>,
     arrived: Condvar,
     /// The reply direction (page requests, guest running, all received).
-    back: Mutex<StreamWriter<Connection>>,
+    back: Mutex<Reply>,
     started: Instant,
     /// Told once why the postcopy failed (stops the VM).
     on_fail: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+/// The destination's reply direction and what it has said on it.
+struct Reply {
+    w: StreamWriter<Connection>,
+    /// "Guest running" was sent.
+    running: bool,
+    /// Every owed page arrived before "guest running" was sent: "all received" goes right
+    /// after it. The source ends the migration (and closes the connection) when it reads "all
+    /// received", so said first it would leave "guest running" to a closed connection.
+    all_received_due: bool,
 }
 
 struct TargetState {
@@ -496,7 +507,11 @@ impl PostcopyTarget {
                 faults: 0,
             }),
             arrived: Condvar::new(),
-            back: Mutex::new(StreamWriter::headless(back)),
+            back: Mutex::new(Reply {
+                w: StreamWriter::headless(back),
+                running: false,
+                all_received_due: false,
+            }),
             started: Instant::now(),
             on_fail: Box::new(on_fail),
         }
@@ -523,13 +538,21 @@ impl PostcopyTarget {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn reply(&self) -> std::sync::MutexGuard<'_, Reply> {
+        self.back.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Tells the source the guest runs here (before the vCPUs start: the source then never
     /// resumes its copy).
     pub fn guest_running(&self) -> Result<(), StreamError> {
-        self.back
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .guest_running()
+        let mut reply = self.reply();
+        reply.w.guest_running()?;
+        reply.running = true;
+        if reply.all_received_due {
+            reply.all_received_due = false;
+            reply.w.all_received()?;
+        }
+        Ok(())
     }
 
     /// Whether any host page of `[gpa, gpa + len)` is still owed. Pages only ever leave the
@@ -642,10 +665,12 @@ impl PostcopyTarget {
                 "{left} host pages of the postcopy phase"
             )));
         }
-        self.back
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .all_received()?;
+        let mut reply = self.reply();
+        if reply.running {
+            reply.w.all_received()?;
+        } else {
+            reply.all_received_due = true;
+        }
         Ok(())
     }
 
@@ -675,11 +700,7 @@ impl PostcopyTarget {
         while at < gpa + len && st.failed.is_none() {
             if st.owed.contains(at) && st.requested.insert(at) {
                 drop(st);
-                let sent = self
-                    .back
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .page_request(at, (host / PAGE) as u32);
+                let sent = self.reply().w.page_request(at, (host / PAGE) as u32);
                 if let Err(e) = sent {
                     self.fail(format!(
                         "postcopy: asking the migration source for {at:#x} failed ({e}); the \
@@ -847,5 +868,51 @@ mod tests {
         assert_eq!(four_k.runs(), vec![(0x3000, 2), ((6 << 20) + 0x1000, 1)]);
         let two_m = PageSet::of_dirty(&bm, &[(0, 8 << 20)], 2 << 20);
         assert_eq!(two_m.runs(), vec![(0, 512), (6 << 20, 512)]);
+    }
+
+    /// A pager that is never asked anything: nothing is owed.
+    struct NoPages;
+
+    impl RamPager for NoPages {
+        fn host_page(&self) -> u64 {
+            PAGE
+        }
+        fn is_populated(&self, _: u64) -> bool {
+            true
+        }
+        fn place(&self, gpa: u64, _: &[u8]) -> Result<bool, String> {
+            panic!("nothing is owed, yet {gpa:#x} was placed")
+        }
+        fn discard(&self, gpa: u64, _: u64) -> Result<(), String> {
+            panic!("nothing is owed, yet {gpa:#x} was dropped")
+        }
+    }
+
+    #[test]
+    fn all_received_before_the_guest_runs_is_said_after_guest_running() {
+        use std::os::unix::net::UnixStream;
+        let regions = [(0u64, 64 * PAGE)];
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 * PAGE_SIZE)]).unwrap();
+        let (back, source_reads) = UnixStream::pair().unwrap();
+        let target = PostcopyTarget::new(
+            mem,
+            Arc::new(NoPages),
+            PageSet::new(&regions, PAGE),
+            Connection::Unix(back),
+            |why: &str| panic!("postcopy failed: {why}"),
+        );
+        // The source's push ends at once: every owed page (none) is in before the
+        // destination's guest was said to run.
+        let (pages_in, source_writes) = UnixStream::pair().unwrap();
+        let mut w = StreamWriter::headless(Connection::Unix(source_writes));
+        w.end().unwrap();
+        drop(w);
+        let r = StreamReader::headless(BufReader::new(Connection::Unix(pages_in)));
+        target.receive(r).unwrap();
+        target.guest_running().unwrap();
+        drop(target);
+        let mut replies = StreamReader::headless(Connection::Unix(source_reads));
+        assert_eq!(replies.next_chunk().unwrap(), Chunk::GuestRunning);
+        assert_eq!(replies.next_chunk().unwrap(), Chunk::AllReceived);
     }
 }

@@ -32,7 +32,7 @@ use crate::dirty::{
     DirtyBitmap, DirtyError, DirtyMode, DirtyTracker, HostChangeRefused, HostChanges,
 };
 use crate::memory::RamRegion;
-use crate::paging::Pager;
+use crate::pager::Pager;
 use crate::vcpu::{VcpuError, VmControl};
 
 /// Default downtime goal (`--downtime-ms`).

@@ -28,7 +28,7 @@ pub enum RamError {
     },
 }
 
-/// What migration needs from the demand pager (implemented by [`crate::paging::Pager`] in
+/// What migration needs from the demand pager (implemented by [`crate::pager::Pager`] in
 /// [`super::pager`]; unit tests use a fake).
 pub trait RamPager: Send + Sync {
     /// Host page size of guest RAM: places and drops work on whole host pages.
@@ -40,7 +40,7 @@ pub trait RamPager: Send + Sync {
     /// Drops the host pages of `[gpa, gpa+len)` (whole host pages) so the next access faults.
     fn discard(&self, gpa: u64, len: u64) -> Result<(), String>;
     /// Drops every `(gpa, len)` run, with nothing else touching guest RAM meanwhile (a
-    /// postcopy destination at its switch): [`crate::paging::Pager`] does it without a
+    /// postcopy destination at its switch): [`crate::pager::Pager`] does it without a
     /// userfaultfd event per run. By default, run by run.
     fn discard_all(&self, runs: &[(u64, u64)]) -> Result<(), String> {
         runs.iter()

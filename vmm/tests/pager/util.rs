@@ -1,12 +1,18 @@
 //! Helpers of the pager's real-kernel suites: "guest RAM" as a plain anonymous mapping that a
 //! pager registers directly (no KVM), with volatile access and a presence check.
 
-#![allow(dead_code)] // each suite uses part of the helpers
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
 
+use stage2::PageSize;
 use vmm::memory::RamRegion;
-use vmm::paging::PagerConfig;
+use vmm::pager::{Pager, PagerConfig};
 
 pub const PAGE: u64 = 4096;
+pub const HUGE_2M: u64 = 2 << 20;
+pub const GIB: u64 = 1 << 30;
 
 /// A small, fast pseudo-random step (xorshift64) for the suites' random page choices.
 pub fn xorshift(s: &mut u64) -> u64 {
@@ -14,6 +20,75 @@ pub fn xorshift(s: &mut u64) -> u64 {
     *s ^= *s >> 7;
     *s ^= *s << 17;
     *s
+}
+
+/// A pager without write tracking: `handlers` handler threads (one per vCPU), `fault_around`
+/// pages of fault-around.
+pub fn cfg(handlers: usize, fault_around: usize) -> PagerConfig {
+    PagerConfig {
+        handlers,
+        write_tracking: false,
+        fault_around_pages: fault_around,
+        vcpus: handlers,
+    }
+}
+
+/// `len` bytes of RAM (2 MiB hugetlb pages or 4 KiB ones) under a pager started with `cfg`;
+/// None (the test skips, the reason printed) when the memory cannot be mapped.
+pub fn paged(len: u64, hugetlb: bool, cfg: PagerConfig) -> Option<(Arc<Ram>, Pager)> {
+    let ram = Arc::new(Ram::new(len, hugetlb)?);
+    let page = if hugetlb {
+        PageSize::Size2M
+    } else {
+        PageSize::Size4K
+    };
+    let pager = Pager::start_with_regions(&[ram.region()], page, cfg).unwrap();
+    Some((ram, pager))
+}
+
+/// Two toucher threads write a word into random pages of `ram` (its own address, bit 0 set)
+/// and read it back, which must give the write or zero (a page dropped meanwhile), while
+/// `disturb` runs over and over on a third thread; after `run`, the touches and the
+/// disturbances made.
+pub fn touch_storm(
+    ram: &Arc<Ram>,
+    seed: u64,
+    run: Duration,
+    mut disturb: impl FnMut() + Send + 'static,
+) -> (u64, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let touchers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (ram, stop) = (ram.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut seed = seed + t;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let a = (xorshift(&mut seed) % (ram.len / PAGE)) * PAGE + t * 8;
+                    ram.write(a, a | 1);
+                    let v = ram.read(a);
+                    assert!(v == a | 1 || v == 0, "page {a:#x} read {v:#x}");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let disturber = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                disturb();
+                n += 1;
+            }
+            n
+        })
+    };
+    thread::sleep(run);
+    stop.store(true, Ordering::Relaxed);
+    let touches = touchers.into_iter().map(|h| h.join().unwrap()).sum();
+    (touches, disturber.join().unwrap())
 }
 
 /// A pager that tracks writes for `vcpus` writer threads: two handlers, no fault-around.

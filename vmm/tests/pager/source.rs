@@ -9,21 +9,9 @@ use std::thread;
 use std::time::Duration;
 
 use stage2::{Access, PageSize};
-use vmm::paging::{PageSource, Pager, PagerConfig, PagingError};
+use vmm::pager::{PageSource, Pager, PagingError};
 
-mod paging_util;
-use paging_util::{xorshift, Ram, PAGE};
-
-const HUGE_2M: u64 = 2 << 20;
-
-fn cfg(handlers: usize, fault_around: usize) -> PagerConfig {
-    PagerConfig {
-        handlers,
-        write_tracking: false,
-        fault_around_pages: fault_around,
-        vcpus: handlers,
-    }
-}
+use super::util::{cfg, paged, xorshift, Ram, HUGE_2M, PAGE};
 
 /// The source's contents of the word at `gpa` (never zero, different for every word).
 fn pattern(gpa: u64) -> u64 {
@@ -91,11 +79,9 @@ fn read_random(ram: &Arc<Ram>, threads: usize, per_thread: usize) {
 
 #[test]
 fn faults_on_4k_backing_read_the_source_bytes_fetched_in_fault_around_runs() {
-    let Some(ram) = Ram::new(16 << 20, false) else {
+    let Some((ram, pager)) = paged(16 << 20, false, cfg(2, 16)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 16)).unwrap();
     let src = Arc::new(PatternSource::default());
     pager.set_page_source(Some(src.clone()));
     read_random(&ram, 3, 3000);
@@ -139,11 +125,9 @@ fn faults_on_4k_backing_read_the_source_bytes_fetched_in_fault_around_runs() {
 
 #[test]
 fn faults_on_2m_hugetlb_read_the_source_bytes_one_huge_page_per_fetch() {
-    let Some(ram) = Ram::new(32 << 20, true) else {
+    let Some((ram, pager)) = paged(32 << 20, true, cfg(2, 16)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size2M, cfg(2, 16)).unwrap();
     let src = Arc::new(PatternSource::default());
     pager.set_page_source(Some(src.clone()));
     read_random(&ram, 3, 400);
@@ -252,11 +236,9 @@ fn place_racing_faults_on_2m_pages_installs_each_page_once_with_the_source_bytes
 
 #[test]
 fn place_on_a_present_page_returns_false_and_does_not_overwrite() {
-    let Some(ram) = Ram::new(4 << 20, false) else {
+    let Some((ram, pager)) = paged(4 << 20, false, cfg(1, 1)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 1)).unwrap();
     let mut data = vec![0u8; 2 * PAGE as usize];
     fill_pattern(0x10_0000, &mut data);
     // A fresh page: placed, readable, recorded in stage2; nothing was fetched (no source).
@@ -307,11 +289,9 @@ fn place_on_a_present_page_returns_false_and_does_not_overwrite() {
 
 #[test]
 fn a_failing_source_stops_the_vm_through_on_fatal() {
-    let Some(ram) = Ram::new(4 << 20, false) else {
+    let Some((ram, pager)) = paged(4 << 20, false, cfg(1, 4)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 4)).unwrap();
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
     pager.on_fatal(move |why| {

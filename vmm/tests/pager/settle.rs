@@ -14,10 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use stage2::PageSize;
-use vmm::paging::{PageSource, Pager, PagingError};
+use vmm::pager::{PageSource, Pager, PagingError};
 
-mod paging_util;
-use paging_util::{tracking_cfg, xorshift, Ram, PAGE};
+use super::util::{paged, tracking_cfg, xorshift, Ram, PAGE};
 
 /// Writer threads (the "vCPUs").
 const WRITERS: usize = 4;
@@ -261,12 +260,9 @@ impl PageSource for BlockingSource {
 /// it settles. With nothing in flight it settles at once.
 #[test]
 fn settle_waits_for_a_held_fault_and_times_out_with_the_reason() {
-    let Some(ram) = Ram::new(4 << 20, false) else {
+    let Some((ram, pager)) = paged(4 << 20, false, tracking_cfg(WRITERS)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, tracking_cfg(WRITERS))
-        .unwrap();
     let t0 = Instant::now();
     pager.settle(SETTLE_TIMEOUT).unwrap();
     assert!(

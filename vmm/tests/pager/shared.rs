@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::thread;
 
 use stage2::{Access, PageSize};
-use vmm::paging::{Pager, PagerConfig};
+use vmm::pager::{Pager, PagerConfig};
 
-mod paging_util;
-use paging_util::{SharedRam, PAGE};
+use super::util::{SharedRam, PAGE};
 
 fn cfg(write_tracking: bool) -> PagerConfig {
     PagerConfig {
@@ -168,7 +167,7 @@ fn punch_reclaim(sr: SharedRam, page: PageSize) {
             len / hp
         }
     );
-    let installs = |s: &vmm::paging::PagingStats| s.stage2.installs_4k + s.stage2.installs_2m;
+    let installs = |s: &vmm::pager::PagingStats| s.stage2.installs_4k + s.stage2.installs_2m;
     assert_eq!(
         installs(&refault) - installs(&after),
         len / hp,
@@ -229,7 +228,7 @@ fn dirty_logging_on_shmem_sees_guest_writes() {
 /// Serves [`pattern`] for every word.
 struct PatternSource;
 
-impl vmm::paging::PageSource for PatternSource {
+impl vmm::pager::PageSource for PatternSource {
     fn fetch(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
         for (i, w) in buf.chunks_exact_mut(8).enumerate() {
             w.copy_from_slice(&pattern(gpa + 8 * i as u64).to_ne_bytes());

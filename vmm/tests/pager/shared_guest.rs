@@ -1,9 +1,7 @@
 //! `vmm --guest stress --memory-backend shared` on real KVM: guest RAM is a shared memfd (shmem
 //! at 4 KiB, a hugetlbfs memfd at 2 MiB) paged through userfaultfd MISSING + MINOR and stage2.
 
-mod guest_util;
-
-use guest_util::{hugetlb_or_skip, kvm_or_skip, serial, vmm_guest, Run};
+use crate::guest_util::{hugetlb_or_skip, kvm_or_skip, serial, vmm_guest, Run};
 
 const GIB: u64 = 1 << 30;
 const SZ_2M: u64 = 2 << 20;
@@ -66,7 +64,7 @@ fn stress_on_shared_hugetlb_2m_installs_each_touched_2m_page_once() {
 
 #[test]
 fn thp_on_shared_memory_is_refused_naming_the_choices() {
-    let run = guest_util::vmm_plain(&[
+    let run = crate::guest_util::vmm_plain(&[
         "--guest",
         "stress",
         "--mem",

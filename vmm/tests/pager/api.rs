@@ -9,7 +9,7 @@ use serde_json::json;
 use stage2::PageSize;
 use vmm::api::{request, serve, ApiFns};
 use vmm::memory::RamRegion;
-use vmm::paging::{Pager, PagerConfig};
+use vmm::pager::{Pager, PagerConfig};
 
 const PAGE: u64 = 4096;
 

@@ -11,10 +11,9 @@ use std::thread;
 use std::time::Duration;
 
 use stage2::PageSize;
-use vmm::paging::{Pager, PagerConfig, PagingError};
+use vmm::pager::{Pager, PagerConfig, PagingError};
 
-mod paging_util;
-use paging_util::{tracking_cfg, xorshift, Ram, PAGE};
+use super::util::{tracking_cfg, xorshift, Ram, PAGE};
 
 const WRITERS: usize = 2;
 const HARVESTS: usize = 200;

@@ -5,25 +5,13 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
 use std::thread;
+use std::time::Duration;
 
 use stage2::{Access, PageSize};
 use vmm::memory::RamRegion;
-use vmm::paging::{Pager, PagerConfig, PagingError};
+use vmm::pager::{Pager, PagingError};
 
-mod paging_util;
-use paging_util::{xorshift, Ram, PAGE};
-
-const HUGE_2M: u64 = 2 << 20;
-const GIB: u64 = 1 << 30;
-
-fn cfg(handlers: usize, fault_around: usize) -> PagerConfig {
-    PagerConfig {
-        handlers,
-        write_tracking: false,
-        fault_around_pages: fault_around,
-        vcpus: handlers,
-    }
-}
+use super::util::{cfg, paged, touch_storm, xorshift, Ram, GIB, HUGE_2M, PAGE};
 
 /// Pages (of `page` bytes) touched by `threads` threads at `per_thread` random 4 KiB addresses
 /// each; every thread checks that an untouched word of the page reads zero, then writes its tag.
@@ -53,11 +41,9 @@ fn touch_random(ram: &Arc<Ram>, threads: usize, per_thread: usize, page: u64) ->
 
 #[test]
 fn threads_touching_random_4k_pages_get_zero_pages_and_one_install_each() {
-    let Some(ram) = Ram::new(64 << 20, false) else {
+    let Some((ram, pager)) = paged(64 << 20, false, cfg(4, 1)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(4, 1)).unwrap();
     let touched = touch_random(&ram, 4, 2000, PAGE);
     let st = pager.stats();
     println!("{st}");
@@ -75,11 +61,9 @@ fn threads_touching_random_4k_pages_get_zero_pages_and_one_install_each() {
 
 #[test]
 fn hugetlb_2m_installs_equal_touched_huge_pages() {
-    let Some(ram) = Ram::new(128 << 20, true) else {
+    let Some((ram, pager)) = paged(128 << 20, true, cfg(2, 16)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size2M, cfg(2, 16)).unwrap();
     let touched = touch_random(&ram, 3, 40, HUGE_2M);
     let st = pager.stats();
     println!("{st}");
@@ -124,11 +108,9 @@ fn racing_touches(ram: &Arc<Ram>, pager: &Pager, threads: usize, rounds: u64, st
 
 #[test]
 fn racing_touches_on_one_4k_page_install_once() {
-    let Some(ram) = Ram::new(16 << 20, false) else {
+    let Some((ram, pager)) = paged(16 << 20, false, cfg(4, 1)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(4, 1)).unwrap();
     let rounds = 200;
     racing_touches(&ram, &pager, 6, rounds, PAGE);
     let st = pager.stats();
@@ -154,11 +136,9 @@ fn racing_touches_on_one_4k_page_install_once() {
 
 #[test]
 fn racing_touches_on_one_2m_hugetlb_page_install_once() {
-    let Some(ram) = Ram::new(32 * HUGE_2M, true) else {
+    let Some((ram, pager)) = paged(32 * HUGE_2M, true, cfg(4, 1)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size2M, cfg(4, 1)).unwrap();
     let rounds = 32;
     racing_touches(&ram, &pager, 6, rounds, HUGE_2M);
     let st = pager.stats();
@@ -189,11 +169,9 @@ fn populate_sparse(ram: &Ram, len: u64, step: u64) -> u64 {
 
 #[test]
 fn reclaim_of_a_populated_1g_range_gives_fresh_zero_pages() {
-    let Some(ram) = Ram::new(2 * GIB, false) else {
+    let Some((ram, pager)) = paged(2 * GIB, false, cfg(2, 16)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 16)).unwrap();
     // Populate a spread of pages in [1 GiB, 2 GiB) (with fault-around: 16 pages each).
     let n = populate_sparse(&ram, GIB, 256 << 10);
     for i in 0..n {
@@ -245,11 +223,9 @@ fn reclaim_of_a_populated_1g_range_gives_fresh_zero_pages() {
 
 #[test]
 fn reclaim_of_a_populated_1g_hugetlb_range_refaults_whole_huge_pages() {
-    let Some(ram) = Ram::new(GIB, true) else {
+    let Some((ram, pager)) = paged(GIB, true, cfg(2, 16)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size2M, cfg(2, 16)).unwrap();
     // Touch every other huge page.
     let n = populate_sparse(&ram, GIB, 2 * HUGE_2M);
     assert_eq!(pager.stats().stage2.installs_2m, n);
@@ -271,11 +247,9 @@ fn reclaim_of_a_populated_1g_hugetlb_range_refaults_whole_huge_pages() {
 
 #[test]
 fn reclaim_of_an_empty_1g_range_works_and_zaps_nothing() {
-    let Some(ram) = Ram::new(2 * GIB, false) else {
+    let Some((ram, pager)) = paged(2 * GIB, false, cfg(1, 16)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 16)).unwrap();
     ram.write(8, 1);
     let rep = pager.reclaim(GIB, GIB).unwrap();
     println!("reclaim of an empty 1 GiB range: {rep:?}");
@@ -287,11 +261,9 @@ fn reclaim_of_an_empty_1g_range_works_and_zaps_nothing() {
 
 #[test]
 fn bad_reclaim_ranges_are_refused_with_a_clear_error_and_paging_goes_on() {
-    let Some(ram) = Ram::new(64 << 20, false) else {
+    let Some((ram, pager)) = paged(64 << 20, false, cfg(1, 16)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 16)).unwrap();
     let end = 64 << 20;
     let cases: [(u64, u64, &str); 6] = [
         (end, PAGE, "not inside guest RAM"),
@@ -328,48 +300,18 @@ fn reclaim_storm_during_touches_keeps_stage2_and_host_consistent() {
     // the storm, every page the host has must be mapped in stage2 (stage2 never under-reports),
     // and every value read is either the writer's or zero (a reclaimed page).
     let len = 64 << 20;
-    let Some(ram) = Ram::new(len, false) else {
+    let Some((ram, pager)) = paged(len, false, cfg(2, 8)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager =
-        Arc::new(Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 8)).unwrap());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut hs = Vec::new();
-    for t in 0..2u64 {
-        let (ram, stop) = (ram.clone(), stop.clone());
-        hs.push(thread::spawn(move || {
-            let mut seed = 77 + t;
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let a = (xorshift(&mut seed) % (len / PAGE)) * PAGE + t * 8;
-                ram.write(a, a | 1);
-                let v = ram.read(a);
-                assert!(v == a | 1 || v == 0, "page {a:#x} read {v:#x}");
-                n += 1;
-            }
-            n
-        }));
-    }
-    let reclaimer = {
-        let (pager, stop) = (pager.clone(), stop.clone());
-        thread::spawn(move || {
-            let mut seed = 5;
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let gpa = (xorshift(&mut seed) % (len / HUGE_2M)) * HUGE_2M;
-                pager.reclaim(gpa, HUGE_2M).unwrap();
-                n += 1;
-            }
-            n
-        })
-    };
-    thread::sleep(std::time::Duration::from_secs(2));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let touches: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
-    let reclaims = reclaimer.join().unwrap();
+    let pager = Arc::new(pager);
+    let reclaimer = pager.clone();
+    let mut seed = 5;
+    let (touches, reclaims) = touch_storm(&ram, 77, Duration::from_secs(2), move || {
+        let gpa = (xorshift(&mut seed) % (len / HUGE_2M)) * HUGE_2M;
+        reclaimer.reclaim(gpa, HUGE_2M).unwrap();
+    });
     // Let deferred installs finish (they retry every millisecond).
-    thread::sleep(std::time::Duration::from_millis(50));
+    thread::sleep(Duration::from_millis(50));
     let st = pager.stats();
     println!("{touches} touches, {reclaims} reclaims\n{st}");
     assert!(reclaims > 0 && touches > 0);
@@ -393,11 +335,9 @@ fn reclaim_storm_during_touches_keeps_stage2_and_host_consistent() {
 fn external_madvise_is_bracketed_and_refaults_zero() {
     // A drop the VMM did not make (REMOVE event from someone else's madvise) is bracketed by
     // the handler: stage2 forgets the range, and the next touch gets a fresh zero page.
-    let Some(ram) = Ram::new(8 << 20, false) else {
+    let Some((ram, pager)) = paged(8 << 20, false, cfg(1, 1)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(1, 1)).unwrap();
     ram.write(PAGE, 42);
     assert!(pager.stage2().translate(PAGE, Access::Read).is_ok());
     // SAFETY: drops one page of the test's own mapping.
@@ -410,7 +350,7 @@ fn external_madvise_is_bracketed_and_refaults_zero() {
     };
     assert_eq!(r, 0);
     // The handler read the REMOVE before madvise returned; give it a moment to bracket.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while pager.stats().external_invalidations == 0 {
         assert!(std::time::Instant::now() < deadline, "REMOVE not handled");
         thread::yield_now();
@@ -542,56 +482,26 @@ fn external_drop_storm_during_touches_never_hangs_and_reads_zero_or_the_write() 
     // them: every REMOVE is bracketed by a handler, removes and faults for the same pages
     // arrive in any order, and every access completes with the written value or a zero page.
     let len = 16 << 20;
-    let Some(ram) = Ram::new(len, false) else {
+    let Some((ram, pager)) = paged(len, false, cfg(2, 4)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 4)).unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut hs = Vec::new();
-    for t in 0..2u64 {
-        let (ram, stop) = (ram.clone(), stop.clone());
-        hs.push(thread::spawn(move || {
-            let mut seed = 1000 + t;
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let a = (xorshift(&mut seed) % (len / PAGE)) * PAGE + t * 8;
-                ram.write(a, a | 1);
-                let v = ram.read(a);
-                assert!(v == a | 1 || v == 0, "page {a:#x} read {v:#x}");
-                n += 1;
-            }
-            n
-        }));
-    }
-    let dropper = {
-        let (ram, stop) = (ram.clone(), stop.clone());
-        thread::spawn(move || {
-            let mut seed = 99;
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let a = (xorshift(&mut seed) % (len / PAGE / 8)) * PAGE * 8;
-                // SAFETY: drops 8 pages of the test's own mapping.
-                let r = unsafe {
-                    libc::madvise(
-                        (ram.addr + a) as *mut libc::c_void,
-                        (8 * PAGE) as usize,
-                        libc::MADV_DONTNEED,
-                    )
-                };
-                assert_eq!(r, 0);
-                n += 1;
-                // A drop in flight makes every fill fail with EAGAIN (the kernel's
-                // mmap_changing); back-to-back drops would starve the touchers.
-                thread::sleep(std::time::Duration::from_micros(20));
-            }
-            n
-        })
-    };
-    thread::sleep(std::time::Duration::from_secs(2));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let touches: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
-    let drops = dropper.join().unwrap();
+    let dropped = ram.clone();
+    let mut seed = 99;
+    let (touches, drops) = touch_storm(&ram, 1000, Duration::from_secs(2), move || {
+        let a = (xorshift(&mut seed) % (len / PAGE / 8)) * PAGE * 8;
+        // SAFETY: drops 8 pages of the test's own mapping.
+        let r = unsafe {
+            libc::madvise(
+                (dropped.addr + a) as *mut libc::c_void,
+                (8 * PAGE) as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        // A drop in flight makes every fill fail with EAGAIN (the kernel's mmap_changing);
+        // back-to-back drops would starve the touchers.
+        thread::sleep(Duration::from_micros(20));
+    });
     let st = pager.stats();
     println!("{touches} touches, {drops} external drops\n{st}");
     assert!(touches > 0 && drops > 0);
@@ -672,11 +582,9 @@ fn dirty_log_makes_the_next_write_after_each_harvest_fault_once() {
 /// a fresh zero page.
 #[test]
 fn quiet_batch_drop_drops_every_run_without_events_and_stays_registered() {
-    let Some(ram) = Ram::new(GIB, false) else {
+    let Some((ram, pager)) = paged(GIB, false, cfg(2, 1)) else {
         return;
     };
-    let ram = Arc::new(ram);
-    let pager = Pager::start_with_regions(&[ram.region()], PageSize::Size4K, cfg(2, 1)).unwrap();
     // 1100 runs: more than one batch of the pager's drop (1024 runs per process_madvise).
     const PAGES: u64 = 4 * 1100;
     for i in 0..PAGES {

@@ -1,0 +1,18 @@
+//! The demand pager's suite, one test binary: the pager against the real kernel (real
+//! userfaultfd, real memory, threads standing in for vCPUs), wired to the control socket, and
+//! on real KVM through `vmm --guest` with shared memory.
+
+mod api;
+mod dirty;
+mod real;
+mod settle;
+mod shared;
+mod shared_guest;
+mod shared_migrate;
+mod source;
+mod util;
+
+#[path = "../guest_util/mod.rs"]
+mod guest_util;
+#[path = "../migrate_util/mod.rs"]
+mod migrate_util;
