@@ -203,6 +203,12 @@ pub struct Cli {
     #[arg(long)]
     pub no_fast_boot: bool,
 
+    /// Sample the guest's RIP on every vCPU every 5 ms and write `samples rip` lines, most
+    /// samples first, to PATH when the VM ends (look the RIPs up in the kernel's System.map:
+    /// tools/guest-profile).
+    #[arg(long, value_name = "PATH")]
+    pub guest_profile: Option<PathBuf>,
+
     /// What every VM has: demand paging, the control socket, statistics, migration.
     #[command(flatten)]
     pub machine: MachineArgs,
@@ -305,7 +311,13 @@ pub const GUEST_FLAGS: &[&str] = &[
     "run_for",
 ];
 /// Flags only a booted kernel has (clap ids).
-pub const KERNEL_FLAGS: &[&str] = &["kernel", "initrd", "cmdline", "no_fast_boot"];
+pub const KERNEL_FLAGS: &[&str] = &[
+    "kernel",
+    "initrd",
+    "cmdline",
+    "no_fast_boot",
+    "guest_profile",
+];
 
 /// The command-line spelling of a clap id (`writes_per_gen` -> `--writes-per-gen`).
 pub fn flag_name(id: &str) -> String {

@@ -116,7 +116,7 @@ fn distinctive_state_survives_capture_encode_restore_into_a_fresh_vm() {
     let mut xs = vcpu_a.get_xsave().unwrap();
     xs.region[6] = 0x1fc0; // default plus DAZ
     xs.region[128] |= 0b11; // XSTATE_BV: x87 and SSE present, as `ldmxcsr` leaves them
-    // SAFETY: a whole kvm_xsave read from this vCPU, one word changed.
+                            // SAFETY: a whole kvm_xsave read from this vCPU, one word changed.
     unsafe { vcpu_a.set_xsave(&xs) }.unwrap();
     let msrs = [
         (MSR_KERNEL_GS_BASE, 0xffff_8888_0000_1000),

@@ -252,6 +252,7 @@ fn serve(
         reclaimer = reclaimer.refuse_owed(Box::new(move |gpa, len| target.owes_any(gpa, len)));
     }
     let started = Instant::now();
+    let profile = cli.guest_profile.as_ref().map(|_| machine.profile_guest());
     let control = machine.start(vcpus, bus)?;
     let console = console::spawn(
         machine.exit(),
@@ -336,6 +337,14 @@ fn serve(
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("writing --stats-json {}", path.display()))?;
+    }
+    if let (Some(path), Some(profile)) = (&cli.guest_profile, &profile) {
+        let file = File::create(path)
+            .with_context(|| format!("writing --guest-profile {}", path.display()))?;
+        profile
+            .write_to(std::io::BufWriter::new(file))
+            .with_context(|| format!("writing --guest-profile {}", path.display()))?;
+        info!("guest RIP profile written to {}", path.display());
     }
     if let Some(p) = machine.take_pager() {
         super::stop_pager(p);

@@ -43,6 +43,9 @@ use reclaim::{DropFn, Handshake, Reclaimer};
 /// of the host side that leaves the guest unable to go on).
 pub const EXIT_HOST_FAILED: i32 = 1;
 
+/// How often the guest profiler samples each vCPU's RIP.
+const PROFILE_INTERVAL: Duration = Duration::from_millis(5);
+
 /// What a [`Machine`] is made of; the payload-independent half of the command line.
 pub struct MachineConfig {
     /// Guest RAM bytes.
@@ -85,6 +88,8 @@ pub struct Machine {
     created: Instant,
     /// Whether the vCPUs run the syscall relay (its MSR filter is on the VM).
     syscall_relay: bool,
+    /// The guest RIP profile the vCPUs fill, when asked for ([`Machine::profile_guest`]).
+    profile: Option<Arc<crate::vcpu::GuestProfile>>,
 }
 
 impl Machine {
@@ -154,6 +159,7 @@ impl Machine {
             backing: cfg.backing,
             created: Instant::now(),
             syscall_relay,
+            profile: None,
         })
     }
 
@@ -195,6 +201,14 @@ impl Machine {
         Ok(vcpus)
     }
 
+    /// Samples the guest's RIPs once the vCPUs start ([`crate::vcpu::GuestProfile`]); returns
+    /// the profile they fill.
+    pub fn profile_guest(&mut self) -> Arc<crate::vcpu::GuestProfile> {
+        self.profile
+            .get_or_insert_with(|| Arc::new(crate::vcpu::GuestProfile::new()))
+            .clone()
+    }
+
     /// Starts one thread per vCPU on `bus` (COM1 is added here).
     pub fn start(
         &self,
@@ -211,16 +225,21 @@ impl Machine {
         let emulation = EmulationHooks {
             host_changes: Some(self.host_changes.clone()),
             syscall_relay: self.syscall_relay,
+            profile: self.profile.clone(),
             ..EmulationHooks::default()
         };
-        Ok(Arc::new(Mutex::new(VmControl::start_with_emulation(
+        let mut ctl = VmControl::start_with_emulation(
             vcpus,
             Arc::new(bus),
             self.ram.memory().clone(),
             self.exit.clone(),
             hooks,
             emulation,
-        )?)))
+        )?;
+        if self.profile.is_some() {
+            ctl.start_profiler(PROFILE_INTERVAL)?;
+        }
+        Ok(Arc::new(Mutex::new(ctl)))
     }
 
     /// How a reclaim drops host memory on this machine's backing: through the pager (inside

@@ -395,7 +395,11 @@ pub fn restore_vcpu(vcpu: &VcpuFd, st: &VcpuState, caps: &VcpuCaps) -> Result<()
         if words.len() != image.region.len() {
             return Err(StateError::Table {
                 what: "XSAVE image",
-                why: format!("{} words, KVM's image has {}", words.len(), image.region.len()),
+                why: format!(
+                    "{} words, KVM's image has {}",
+                    words.len(),
+                    image.region.len()
+                ),
             });
         }
         image.region.copy_from_slice(words);
