@@ -14,6 +14,8 @@ use crate::migrate::precopy;
 pub const DEFAULT_MEM: &str = "1G";
 /// Smallest guest RAM the CLI accepts (one 2 MiB page); a kernel needs far more and says so.
 pub const MIN_MEM: u64 = 2 << 20;
+/// Default of `--shutdown-timeout`: seconds a guest gets to power off after the power button.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
 /// The MP table and xAPIC ids allow at most this many vCPUs.
 pub const MAX_CPUS: u32 = 254;
 
@@ -278,6 +280,11 @@ pub struct MachineArgs {
     /// ms, bytes, one entry per round, the postcopy phase) as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub migrate_json: Option<PathBuf>,
+    /// How long the control socket's `shutdown` waits, after pressing the ACPI power button,
+    /// for a kernel guest to power off before it stops the VM itself (exit code 4). A test
+    /// guest has no power button: `shutdown` stops it at once.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_S)]
+    pub shutdown_timeout: u64,
     /// Precopy stops iterating when the estimated downtime is at most this.
     #[arg(long, value_name = "MS", default_value_t = precopy::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
@@ -337,6 +344,14 @@ impl Cli {
             return Ok(());
         }
         if guest {
+            if self.was_given("shutdown_timeout") {
+                return Err(
+                    "--shutdown-timeout is for a kernel's ACPI power button; a built-in \
+                     test guest has none and `shutdown` stops it at once: drop \
+                     --shutdown-timeout"
+                        .into(),
+                );
+            }
             if let Some(f) = first(KERNEL_FLAGS) {
                 return Err(format!(
                     "{f} is for booting a kernel (--kernel); a built-in test guest (--guest) has \

@@ -26,6 +26,12 @@ fn main() {
         .filter_level(cli.log_level)
         .format_timestamp_millis()
         .init();
+    // Before any other thread exists: every thread then has SIGINT/SIGTERM blocked and they
+    // stop the VM cleanly (exit code 130/143) instead of killing the process.
+    if let Err(e) = vmm::machine::signals::start() {
+        eprintln!("error: {}", one_line(&e));
+        std::process::exit(1);
+    }
     let code = match run(&cli, started) {
         Ok(code) => code,
         Err(e) => {

@@ -13,6 +13,7 @@ pub mod incoming;
 pub mod kernel;
 pub mod reclaim;
 pub mod session;
+pub mod signals;
 pub mod spec;
 
 use std::io::Write;
@@ -25,6 +26,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::configure_vcpu;
 use crate::cli::MachineArgs;
+use crate::devices::acpi::{PowerButton, GED_GSI};
 use crate::devices::serial::{SerialDevice, COM1_IRQ};
 use crate::devices::PioBus;
 use crate::dirty::{DirtyMode, DirtyTracker, HostChanges};
@@ -114,6 +116,8 @@ impl Machine {
         let regions: Vec<RamRegion> = ram.regions().collect();
         let caps = Arc::new(VcpuCaps::probe(vm.kvm()).context("probing KVM for migration")?);
         let exit = ExitRequest::new().context("creating the exit event")?;
+        // From here SIGINT/SIGTERM stop this VM through its exit request (see `signals`).
+        signals::attach(&exit);
         // KVM's dirty rings can only be enabled before the vCPUs exist: a VM that may migrate
         // with --dirty-mode kvm-ring logs into them from the start.
         let ring = match cfg.dirty_mode {
@@ -182,6 +186,18 @@ impl Machine {
             vcpus.push(fd);
         }
         Ok(vcpus)
+    }
+
+    /// The power button of a payload with ACPI: its press raises the Generic Event Device's
+    /// interrupt ([`crate::devices::acpi::GED_GSI`]) through a KVM irqfd.
+    pub fn power_button(&self) -> anyhow::Result<PowerButton> {
+        let (button, irqfd) =
+            PowerButton::new().context("cannot create the power button's event fd")?;
+        self.vm
+            .fd()
+            .register_irqfd(&irqfd, GED_GSI)
+            .context("KVM_IRQFD for the power button (GED) failed")?;
+        Ok(button)
     }
 
     /// Starts one thread per vCPU on `bus` (COM1 is added here).

@@ -17,17 +17,10 @@ use crate::dirty::HostChangeRefused;
 use crate::migrate::precopy::{self, DirtySource, MigrateConfig, MigrateError};
 use crate::migrate::Address;
 use crate::paging::Pager;
-use crate::vcpu::{ExitRequest, VmControl};
+use crate::vcpu::{ExitRequest, VmControl, EXIT_MIGRATE_FAILED, EXIT_OK, EXIT_SHUTDOWN_FORCED};
 
 /// How often the main thread looks for a control-socket `migrate` request.
 const MIGRATE_POLL: Duration = Duration::from_millis(100);
-
-/// How long `shutdown` waits for the guest to power off after the power button before it
-/// stops the VM itself.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Exit code of a VM stopped by `shutdown` (the guest powered off, or did not in time).
-pub const EXIT_SHUTDOWN: i32 = 0;
 
 /// How waiting for the VM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +54,9 @@ pub struct SessionConfig {
     /// Presses the guest's power button (ACPI), when the payload has one; without it
     /// `shutdown` stops the VM at once.
     pub power_button: Option<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    /// How long `shutdown` waits for the guest to power off after the power button before it
+    /// stops the VM itself (`--shutdown-timeout`).
+    pub shutdown_timeout: Duration,
     /// Names the payload in `info` (`kernel`, `guest stress`, ...).
     pub payload: String,
 }
@@ -76,6 +72,22 @@ pub struct Session<'m> {
     i8042: Option<Arc<I8042>>,
     migrate_rx: Option<Receiver<MigrateRequest>>,
     api: Option<ApiServer>,
+    migrate_to_failed: std::cell::Cell<bool>,
+}
+
+/// The process exit code of a VM that ended with `code`: [`EXIT_MIGRATE_FAILED`] instead of
+/// [`EXIT_OK`] when its `--migrate-to` failed (the VM ran on here), so a script never reads a
+/// migration that did not happen as a success. Any other code stays.
+pub fn exit_code_after(code: i32, migrate_to_failed: bool) -> i32 {
+    if code == EXIT_OK && migrate_to_failed {
+        eprintln!(
+            "error: --migrate-to failed (see above) and the VM ran on here until it ended; exit \
+             code {EXIT_MIGRATE_FAILED}"
+        );
+        EXIT_MIGRATE_FAILED
+    } else {
+        code
+    }
 }
 
 impl<'m> Session<'m> {
@@ -111,6 +123,7 @@ impl<'m> Session<'m> {
                         migrate: Mutex::new(migrate_tx),
                         info,
                         power_button: cfg.power_button,
+                        shutdown_timeout: cfg.shutdown_timeout,
                     }),
                 )?)
             }
@@ -126,6 +139,7 @@ impl<'m> Session<'m> {
             i8042: cfg.i8042,
             migrate_rx: Some(migrate_rx),
             api,
+            migrate_to_failed: std::cell::Cell::new(false),
         })
     }
 
@@ -164,7 +178,8 @@ impl<'m> Session<'m> {
 
     /// `--migrate-to`: when `addr` is given, lets the VM run `delay` first, then migrates to
     /// `addr` (postcopy after `postcopy_after` rounds when given). `Timeout` when the VM still
-    /// runs here afterwards (no migration asked, or it failed and the VM keeps running).
+    /// runs here afterwards (no migration asked, or it failed and the VM keeps running: then
+    /// [`migrate_to_failed`](Self::migrate_to_failed) says so).
     pub fn migrate_to(
         &self,
         addr: Option<&Address>,
@@ -180,9 +195,16 @@ impl<'m> Session<'m> {
                 return waited;
             }
         }
-        self.migrate(addr, postcopy_after)
-            .1
-            .unwrap_or(Waited::Timeout)
+        let (res, waited) = self.migrate(addr, postcopy_after);
+        if res.is_err() && waited.is_none() {
+            self.migrate_to_failed.set(true);
+        }
+        waited.unwrap_or(Waited::Timeout)
+    }
+
+    /// Whether `--migrate-to` failed and left the VM running here (see [`exit_code_after`]).
+    pub fn migrate_to_failed(&self) -> bool {
+        self.migrate_to_failed.get()
     }
 
     /// Migrates to `addr`, printing the outcome and writing `--migrate-json` when asked.
@@ -317,6 +339,7 @@ struct MachineApi {
     migrate: Mutex<Sender<MigrateRequest>>,
     info: Info,
     power_button: Option<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    shutdown_timeout: Duration,
 }
 
 impl ApiTarget for MachineApi {
@@ -376,12 +399,12 @@ impl ApiTarget for MachineApi {
             return Err(HostChangeRefused::Migrated.to_string());
         }
         let started = Instant::now();
+        let stop_now = |why: &str| {
+            self.exit.request(EXIT_SHUTDOWN_FORCED, why);
+            Ok(json!({"how": "stopped", "exit_code": EXIT_SHUTDOWN_FORCED, "seconds": 0.0}))
+        };
         let Some(press) = &self.power_button else {
-            self.exit.request(
-                EXIT_SHUTDOWN,
-                "shutdown requested (this guest has no power button)",
-            );
-            return Ok(json!({"how": "stopped", "seconds": 0.0}));
+            return stop_now("shutdown: this guest has no power button; stopped at once");
         };
         if self
             .control
@@ -389,28 +412,33 @@ impl ApiTarget for MachineApi {
             .unwrap_or_else(|p| p.into_inner())
             .all_paused()
         {
-            self.exit
-                .request(EXIT_SHUTDOWN, "shutdown requested while the VM was paused");
-            return Ok(json!({"how": "stopped", "seconds": 0.0}));
+            return stop_now(
+                "shutdown: the VM is paused and cannot hear the power button; stopped",
+            );
         }
         press()?;
-        match self.exit.wait_timeout(SHUTDOWN_GRACE) {
+        log::info!(
+            "shutdown: power button pressed; the guest has {} s to power off",
+            self.shutdown_timeout.as_secs_f64()
+        );
+        match self.exit.wait_timeout(self.shutdown_timeout) {
             Some(code) => Ok(json!({
-                "how": "powered off",
+                "how": if code == EXIT_OK { "powered off" } else { "ended" },
                 "exit_code": code,
                 "seconds": started.elapsed().as_secs_f64(),
             })),
             None => {
                 self.exit.request(
-                    EXIT_SHUTDOWN,
+                    EXIT_SHUTDOWN_FORCED,
                     &format!(
                         "shutdown: the guest did not power off within {} s of the power \
-                         button; stopped",
-                        SHUTDOWN_GRACE.as_secs()
+                         button (--shutdown-timeout); stopped",
+                        self.shutdown_timeout.as_secs_f64()
                     ),
                 );
                 Ok(json!({
                     "how": "stopped after timeout",
+                    "exit_code": EXIT_SHUTDOWN_FORCED,
                     "seconds": started.elapsed().as_secs_f64(),
                 }))
             }
