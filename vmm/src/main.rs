@@ -57,6 +57,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: &Cli, started: Instant) -> Result<i32> {
     let plan = MigrationPlan::from_args(&cli.machine)?;
+    vmm::machine::check_output_paths(cli)?;
     if let Some(addr) = &plan.incoming {
         return run_incoming(cli, addr);
     }

@@ -469,6 +469,49 @@ impl MigrationPlan {
     }
 }
 
+/// Refuses an output file that cannot be written (its directory is missing or read-only, or it
+/// is a directory), naming the flag as given (`given`, e.g. `--stats-json /x/s.json`), so that
+/// a run does not fail at its end after the guest ran. Creates nothing: a file this creates to
+/// find out is removed again.
+pub fn check_output_path(given: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    if path.is_dir() {
+        bail!("{given}: is a directory; give the path of a file to write");
+    }
+    let existed = path.exists();
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+    {
+        Ok(_) => {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+        Err(e) => bail!(
+            "{given}: cannot write this file ({e}): create its directory or choose a writable \
+             path"
+        ),
+    }
+}
+
+/// Checks every output path of the command line (`--stats-json`, `--migrate-json`,
+/// `--serial file:`) before anything starts.
+pub fn check_output_paths(cli: &crate::cli::Cli) -> anyhow::Result<()> {
+    if let Some(p) = &cli.machine.stats_json {
+        check_output_path(&format!("--stats-json {}", p.display()), p)?;
+    }
+    if let Some(p) = &cli.machine.migrate_json {
+        check_output_path(&format!("--migrate-json {}", p.display()), p)?;
+    }
+    if let crate::cli::SerialTarget::File(p) = &cli.serial {
+        check_output_path(&format!("--serial file:{}", p.display()), p)?;
+    }
+    Ok(())
+}
+
 /// Stops a pager taken out of a machine once nothing else shares it.
 pub fn stop_pager(pager: Arc<Pager>) {
     match Arc::try_unwrap(pager) {
