@@ -243,6 +243,9 @@ pub enum Command {
     Stop,
     /// Run the queued job on the vCPU fd if paused (or halted); the state does not change.
     RunJob,
+    /// Run the queued read-only job on the vCPU fd whatever the state (a running vCPU is out
+    /// of KVM_RUN while it reads commands); the state does not change.
+    Probe,
 }
 
 /// What the run loop does after an exit.
@@ -460,6 +463,12 @@ impl VcpuThread {
                     if from != RunState::Running {
                         job(&mut self.fd);
                     }
+                }
+                from
+            }
+            Command::Probe => {
+                if let Ok(job) = self.jobs.try_recv() {
+                    job(&mut self.fd);
                 }
                 from
             }
@@ -762,6 +771,33 @@ impl VmControl {
         v.wait_ack(Command::RunJob)?;
         rx.try_recv()
             .map_err(|_| VcpuError::NotPaused { id: index })
+    }
+
+    /// Runs `f` on vCPU `index`'s own thread with its fd whatever its run state (a running
+    /// vCPU is kicked out of KVM_RUN for it and enters the guest again afterwards), and returns
+    /// its result with the vCPU's run state. For reading state (`KVM_GET_MP_STATE`,
+    /// registers) of a VM that keeps running; changing state needs
+    /// [`with_paused_vcpu`](Self::with_paused_vcpu).
+    pub fn probe_vcpu<R, F>(&self, index: usize, f: F) -> Result<(RunState, R), VcpuError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    {
+        let gone = |why| VcpuError::NoAck {
+            id: index,
+            cmd: Command::Probe,
+            why,
+        };
+        let v = self.vcpus.get(index).ok_or(gone("no such vCPU"))?;
+        let (tx, rx) = channel();
+        let job: VcpuJob = Box::new(move |fd| {
+            let _ = tx.send(f(fd));
+        });
+        v.jobs.send(job).map_err(|_| gone("thread has ended"))?;
+        v.send(Command::Probe);
+        let state = v.wait_ack(Command::Probe)?;
+        let r = rx.try_recv().map_err(|_| gone("the job did not run"))?;
+        Ok((state, r))
     }
 
     /// Whether every vCPU is out of the guest (paused, or halted with nothing to wake it), so

@@ -9,6 +9,7 @@
 //! way.
 
 pub mod console;
+pub mod idle;
 pub mod incoming;
 pub mod kernel;
 pub mod reclaim;

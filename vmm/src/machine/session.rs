@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::idle::IdleWatch;
 use super::reclaim::Reclaimer;
 use super::Machine;
 use crate::api::{self, ApiServer, ApiTarget};
@@ -17,7 +18,9 @@ use crate::dirty::HostChangeRefused;
 use crate::migrate::precopy::{self, DirtySource, MigrateConfig, MigrateError};
 use crate::migrate::Address;
 use crate::paging::Pager;
-use crate::vcpu::{ExitRequest, VmControl, EXIT_MIGRATE_FAILED, EXIT_OK, EXIT_SHUTDOWN_FORCED};
+use crate::vcpu::{
+    ExitRequest, VmControl, EXIT_IDLE, EXIT_MIGRATE_FAILED, EXIT_OK, EXIT_SHUTDOWN_FORCED,
+};
 
 /// How often the main thread looks for a control-socket `migrate` request.
 const MIGRATE_POLL: Duration = Duration::from_millis(100);
@@ -73,6 +76,7 @@ pub struct Session<'m> {
     migrate_rx: Option<Receiver<MigrateRequest>>,
     api: Option<ApiServer>,
     migrate_to_failed: std::cell::Cell<bool>,
+    idle: std::cell::RefCell<IdleWatch>,
 }
 
 /// The process exit code of a VM that ended with `code`: [`EXIT_MIGRATE_FAILED`] instead of
@@ -140,6 +144,7 @@ impl<'m> Session<'m> {
             migrate_rx: Some(migrate_rx),
             api,
             migrate_to_failed: std::cell::Cell::new(false),
+            idle: std::cell::RefCell::new(IdleWatch::default()),
         })
     }
 
@@ -149,7 +154,8 @@ impl<'m> Session<'m> {
     }
 
     /// Waits for the VM to stop, at most `limit`, carrying out `migrate` requests of the
-    /// control socket meanwhile.
+    /// control socket meanwhile, and ending a VM that halted for good with [`EXIT_IDLE`]
+    /// (see [`super::idle`]).
     pub fn wait(&self, limit: Option<Duration>) -> Waited {
         let deadline = limit.map(|l| Instant::now() + l);
         let exit = self.machine.exit();
@@ -164,6 +170,10 @@ impl<'m> Session<'m> {
             }
             if let Some(code) = exit.wait_timeout(slice) {
                 return Waited::Exit(code);
+            }
+            if let Some(why) = self.idle.borrow_mut().poll(&self.control) {
+                exit.request(EXIT_IDLE, &why);
+                continue;
             }
             let Some(rx) = &self.migrate_rx else { continue };
             while let Ok((addr, postcopy_after, reply)) = rx.try_recv() {
