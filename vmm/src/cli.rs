@@ -157,10 +157,24 @@ pub fn parse_cpus(s: &str) -> Result<u8, String> {
     Ok(n as u8)
 }
 
+/// The exit codes as `vmm --help` lists them (README.md "Exit codes" explains each; a unit test
+/// checks this text against the `EXIT_*` constants).
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+    0  the guest powered off, a test guest passed, or the VM migrated away
+    1  an error before the guest started, a test guest failed, or the host failed it
+    2  a vCPU failed
+    3  the guest rebooted (ACPI reset register, i8042 reset, triple fault)
+    4  `shutdown` stopped the VM without the guest powering off
+    5  every vCPU halted with interrupts off: idle for good
+    6  --migrate-to failed and the VM then ended normally here
+  130  stopped by SIGINT
+  143  stopped by SIGTERM";
+
 /// Boot a Linux kernel (bzImage or vmlinux ELF) on huge-page-backed memory with KVM, or run a
 /// built-in test guest.
 #[derive(Parser, Debug)]
-#[command(name = "vmm", version, about, long_about = None)]
+#[command(name = "vmm", version, about, long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     /// Kernel to boot: a bzImage (e.g. /boot/vmlinuz-*) or a vmlinux ELF. Required unless --guest.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["guest", "incoming"])]
@@ -245,7 +259,7 @@ pub struct MachineArgs {
     /// paused (or postcopy, see --postcopy-after). The source exits 0 once the destination
     /// runs the guest (postcopy: once it has every page); if the migration fails before
     /// the guest was handed over (the pause of precopy, the switch of postcopy), the guest
-    /// keeps running here.
+    /// keeps running here, and its normal end then exits 6, not 0.
     #[arg(long, value_name = "ADDR")]
     pub migrate_to: Option<String>,
     /// Receive a migrating VM (a kernel or a test guest) at this address (tcp:HOST:PORT or
@@ -602,6 +616,35 @@ mod tests {
             assert!(help.contains(flag), "help documents {flag}");
         }
         assert!(help.contains("[default: 1G]"));
+    }
+
+    #[test]
+    fn help_lists_every_exit_code_with_its_constant_value() {
+        use crate::machine::EXIT_HOST_FAILED;
+        use crate::vcpu::*;
+        let (help, _) = parse(&["--help"]).unwrap_err();
+        assert!(help.contains("Exit codes:"), "{help}");
+        for (code, words) in [
+            (EXIT_OK, "powered off"),
+            (EXIT_HOST_FAILED, "an error before"),
+            (EXIT_VCPU_FAILED, "a vCPU failed"),
+            (EXIT_REBOOT, "rebooted"),
+            (EXIT_SHUTDOWN_FORCED, "`shutdown` stopped"),
+            (EXIT_IDLE, "halted with interrupts off"),
+            (EXIT_MIGRATE_FAILED, "--migrate-to failed"),
+            (EXIT_SIGINT, "SIGINT"),
+            (EXIT_SIGTERM, "SIGTERM"),
+        ] {
+            let line = help
+                .lines()
+                .find(|l| l.contains(words))
+                .unwrap_or_else(|| panic!("no line for {words:?}:\n{help}"));
+            assert_eq!(
+                line.split_whitespace().next(),
+                Some(code.to_string().as_str()),
+                "{line}"
+            );
+        }
     }
 
     #[test]

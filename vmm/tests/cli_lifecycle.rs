@@ -1,7 +1,8 @@
 //! Exit codes a script can trust, on the `vmm` binary with a built-in test guest: SIGTERM and
 //! SIGINT stop the VM cleanly (control socket removed, `--stats-json` written) with 143 and
-//! 130, the control socket's `shutdown` stops a guest without a power button with 4, and a
-//! failed `--migrate-to` turns the guest's later pass into 6.
+//! 130, and a destination still waiting for its source at once; the control socket's
+//! `shutdown` stops a guest without a power button with 4; a failed `--migrate-to` turns the
+//! guest's later pass into 6.
 
 mod migrate_util;
 
@@ -184,4 +185,25 @@ fn a_failed_migrate_to_exits_non_zero_although_the_guest_passes() {
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
     assert!(stderr.contains("--migrate-to failed"), "{stderr}");
+}
+
+/// A destination waiting for its source has no VM yet: SIGTERM ends it at once with 143 and
+/// removes the Unix socket it listened on.
+#[test]
+fn sigterm_ends_a_waiting_destination_and_removes_its_socket() {
+    let sock = tmp("incoming.sock");
+    let child = Command::new(VMM)
+        .args(["--incoming", &format!("unix:{}", sock.display())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    wait_for_path(&sock);
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let (code, err) = wait_end(child, Duration::from_secs(30));
+    assert_eq!(code, Some(EXIT_SIGTERM), "{err}");
+    assert!(err.contains("SIGTERM received before a VM was running"), "{err}");
+    assert!(!sock.exists(), "the listening socket is removed");
 }
