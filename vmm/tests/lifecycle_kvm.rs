@@ -265,6 +265,11 @@ fn the_power_button_interrupts_the_guest_which_powers_off() {
     let r = Running::start(BUTTON, &[(BUTTON_VECTOR, BUTTON_HANDLER)]);
     assert!(r.wait_ready(Duration::from_secs(60)), "the guest set up");
     let button = r.machine.power_button().unwrap();
+    assert_eq!(
+        r.machine.ged_listening().unwrap().listening(),
+        Some(true),
+        "the guest unmasked IOAPIC pin 23"
+    );
     let s = session(&r);
     assert_eq!(
         s.wait(Some(Duration::from_millis(3500))),
@@ -292,6 +297,11 @@ fn a_halt_with_interrupts_off_ends_the_vm_as_idle() {
     let _ = env_logger::builder().is_test(true).try_init();
     let r = Running::start(DEAD_HALT, &[]);
     assert!(r.wait_ready(Duration::from_secs(60)));
+    assert_eq!(
+        r.machine.ged_listening().unwrap().listening(),
+        Some(false),
+        "a guest that never programmed the IOAPIC does not listen to the power button"
+    );
     let t = Instant::now();
     let s = session(&r);
     let waited = s.wait(Some(Duration::from_secs(30)));

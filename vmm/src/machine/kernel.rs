@@ -13,7 +13,7 @@ use log::{debug, info};
 
 use super::console::{self, FlushingStdout};
 use super::incoming::PostcopyRx;
-use super::session::{Session, SessionConfig, Waited};
+use super::session::{PowerButtonHooks, Session, SessionConfig, Waited};
 use super::spec::{MachineSpec, Payload};
 use super::{Machine, MachineConfig, MigrationPlan};
 use crate::arch::x86_64::{acpi, mptable};
@@ -208,6 +208,7 @@ fn serve(
     // Power-off (S5) and reset through the FADT's registers; the power button through the GED.
     bus.register(ACPI_PM_PORTS, Arc::new(AcpiPm::new(machine.exit().clone())))?;
     let button = machine.power_button()?;
+    let ged = machine.ged_listening()?;
     let mut reclaimer = machine.reclaimer(None);
     if let Some(pc) = &postcopy {
         let target = pc.target().clone();
@@ -235,11 +236,14 @@ fn serve(
             )
             .to_bytes(),
             i8042: Some(i8042),
-            power_button: Some(Box::new(move || {
-                button
-                    .press()
-                    .map_err(|e| format!("cannot press the power button: {e}"))
-            })),
+            power_button: Some(PowerButtonHooks {
+                press: Box::new(move || {
+                    button
+                        .press()
+                        .map_err(|e| format!("cannot press the power button: {e}"))
+                }),
+                listening: Box::new(move || ged.listening()),
+            }),
             shutdown_timeout: Duration::from_secs(cli.machine.shutdown_timeout),
             payload: "kernel".into(),
         },

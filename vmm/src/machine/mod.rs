@@ -18,6 +18,7 @@ pub mod signals;
 pub mod spec;
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -201,6 +202,22 @@ impl Machine {
         Ok(button)
     }
 
+    /// Whether the guest listens to the power button: a reader of the in-kernel IOAPIC's
+    /// redirection entry of [`GED_GSI`], unmasked once the guest's GED driver requested the
+    /// interrupt (Linux: `drivers/acpi/evged.c`). Works on its own handle of the VM, so it can
+    /// be called from any thread while the VM runs.
+    pub fn ged_listening(&self) -> anyhow::Result<GedListening> {
+        // SAFETY: dup of the VM's own descriptor; the new descriptor is owned by the VmFd below.
+        let raw = unsafe { libc::dup(self.vm.fd().as_raw_fd()) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("dup of the VM fd");
+        }
+        // SAFETY: `raw` is a fresh descriptor of this KVM VM, owned by nothing else.
+        let vm = unsafe { self.vm.kvm().create_vmfd_from_rawfd(raw) }
+            .context("a second handle on the VM")?;
+        Ok(GedListening { vm })
+    }
+
     /// Starts one thread per vCPU on `bus` (COM1 is added here).
     pub fn start(
         &self,
@@ -369,6 +386,31 @@ impl Machine {
     /// When the machine was created.
     pub fn created(&self) -> Instant {
         self.created
+    }
+}
+
+/// Reads whether the guest unmasked the GED's IOAPIC input ([`Machine::ged_listening`]).
+pub struct GedListening {
+    vm: kvm_ioctls::VmFd,
+}
+
+/// Redirection entry bit 16: interrupt mask (82093AA I/O APIC datasheet §3.2.4).
+const IOAPIC_REDIR_MASKED: u64 = 1 << 16;
+
+impl GedListening {
+    /// `Some(true)` when the guest unmasked the GED's pin, `Some(false)` while it is masked (the
+    /// guest has no GED driver yet, e.g. early in a boot, and would not hear the button),
+    /// `None` when KVM cannot tell.
+    pub fn listening(&self) -> Option<bool> {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        self.vm.get_irqchip(&mut chip).ok()?;
+        // SAFETY: chip_id is KVM_IRQCHIP_IOAPIC, so `ioapic` is the union member KVM filled;
+        // `bits` covers the whole 8-byte redirection entry.
+        let entry = unsafe { chip.chip.ioapic.redirtbl.get(GED_GSI as usize)?.bits };
+        Some(entry & IOAPIC_REDIR_MASKED == 0)
     }
 }
 

@@ -54,14 +54,23 @@ pub struct SessionConfig {
     pub spec: Vec<u8>,
     /// The i8042, when the payload has one (its state migrates).
     pub i8042: Option<Arc<I8042>>,
-    /// Presses the guest's power button (ACPI), when the payload has one; without it
-    /// `shutdown` stops the VM at once.
-    pub power_button: Option<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    /// The guest's power button (ACPI), when the payload has one; without it `shutdown` stops
+    /// the VM at once.
+    pub power_button: Option<PowerButtonHooks>,
     /// How long `shutdown` waits for the guest to power off after the power button before it
     /// stops the VM itself (`--shutdown-timeout`).
     pub shutdown_timeout: Duration,
     /// Names the payload in `info` (`kernel`, `guest stress`, ...).
     pub payload: String,
+}
+
+/// What the control socket does with a payload's power button.
+pub struct PowerButtonHooks {
+    /// Presses it.
+    pub press: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+    /// Whether the guest listens to it (`None`: cannot tell); see
+    /// [`super::GedListening::listening`].
+    pub listening: Box<dyn Fn() -> Option<bool> + Send + Sync>,
 }
 
 /// A running machine with its control socket.
@@ -106,6 +115,7 @@ impl<'m> Session<'m> {
         let (migrate_tx, migrate_rx) = channel::<MigrateRequest>();
         let api = match &cfg.api_socket {
             Some(path) => {
+                let power_button = cfg.power_button.map(Arc::new);
                 let info = Info {
                     control: control.clone(),
                     mem: machine.ram().size(),
@@ -115,6 +125,7 @@ impl<'m> Session<'m> {
                         .into(),
                     started: Instant::now(),
                     payload: cfg.payload.clone(),
+                    power_button: power_button.clone(),
                 };
                 Some(api::serve(
                     path,
@@ -126,7 +137,7 @@ impl<'m> Session<'m> {
                         exit: machine.exit().clone(),
                         migrate: Mutex::new(migrate_tx),
                         info,
-                        power_button: cfg.power_button,
+                        power_button,
                         shutdown_timeout: cfg.shutdown_timeout,
                     }),
                 )?)
@@ -318,6 +329,7 @@ struct Info {
     dirty_mode: String,
     started: Instant,
     payload: String,
+    power_button: Option<Arc<PowerButtonHooks>>,
 }
 
 impl Info {
@@ -335,6 +347,9 @@ impl Info {
             "demand_paging": self.demand_paging,
             "dirty_mode": self.dirty_mode,
             "uptime_s": self.started.elapsed().as_secs_f64(),
+            "power_button": self.power_button.as_ref().map(|b| json!({
+                "guest_listening": (b.listening)(),
+            })),
         })
     }
 }
@@ -348,7 +363,7 @@ struct MachineApi {
     exit: ExitRequest,
     migrate: Mutex<Sender<MigrateRequest>>,
     info: Info,
-    power_button: Option<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    power_button: Option<Arc<PowerButtonHooks>>,
     shutdown_timeout: Duration,
 }
 
@@ -413,7 +428,7 @@ impl ApiTarget for MachineApi {
             self.exit.request(EXIT_SHUTDOWN_FORCED, why);
             Ok(json!({"how": "stopped", "exit_code": EXIT_SHUTDOWN_FORCED, "seconds": 0.0}))
         };
-        let Some(press) = &self.power_button else {
+        let Some(button) = &self.power_button else {
             return stop_now("shutdown: this guest has no power button; stopped at once");
         };
         if self
@@ -426,15 +441,22 @@ impl ApiTarget for MachineApi {
                 "shutdown: the VM is paused and cannot hear the power button; stopped",
             );
         }
-        press()?;
+        let listening = (button.listening)();
+        (button.press)()?;
         log::info!(
-            "shutdown: power button pressed; the guest has {} s to power off",
+            "shutdown: power button pressed ({}); the guest has {} s to power off",
+            match listening {
+                Some(true) => "the guest listens to it",
+                Some(false) => "the guest has not set up its interrupt and may not hear it",
+                None => "whether the guest listens is unknown",
+            },
             self.shutdown_timeout.as_secs_f64()
         );
         match self.exit.wait_timeout(self.shutdown_timeout) {
             Some(code) => Ok(json!({
                 "how": if code == EXIT_OK { "powered off" } else { "ended" },
                 "exit_code": code,
+                "guest_listening": listening,
                 "seconds": started.elapsed().as_secs_f64(),
             })),
             None => {
@@ -442,13 +464,19 @@ impl ApiTarget for MachineApi {
                     EXIT_SHUTDOWN_FORCED,
                     &format!(
                         "shutdown: the guest did not power off within {} s of the power \
-                         button (--shutdown-timeout); stopped",
-                        self.shutdown_timeout.as_secs_f64()
+                         button (--shutdown-timeout){}; stopped",
+                        self.shutdown_timeout.as_secs_f64(),
+                        if listening == Some(false) {
+                            ", and had not unmasked its interrupt (no ACPI GED driver yet)"
+                        } else {
+                            ""
+                        }
                     ),
                 );
                 Ok(json!({
                     "how": "stopped after timeout",
                     "exit_code": EXIT_SHUTDOWN_FORCED,
+                    "guest_listening": listening,
                     "seconds": started.elapsed().as_secs_f64(),
                 }))
             }
