@@ -236,6 +236,12 @@ pub struct Cli {
 /// Options of every VM, a kernel or a test guest (flattened into the main command line).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct MachineArgs {
+    /// Turn off what the VMM does for a software KVM (kvm_pvm) on its own: the syscall relay
+    /// that completes guest user syscalls, and `noxsave` appended to a kernel command line.
+    /// Without them a Linux guest on such a host stops at its first XSAVE instruction or at
+    /// init's first system call. Nothing changes on hardware KVM.
+    #[arg(long)]
+    pub no_host_quirks: bool,
     /// Let KVM populate guest RAM by itself instead of the userfaultfd + stage2 pager.
     #[arg(long)]
     pub no_demand_paging: bool,

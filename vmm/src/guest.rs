@@ -407,6 +407,7 @@ pub fn run_on(
         migrates: mig.migrates,
         // COM1: the test guests do not print, but its state migrates like any device's.
         serial_out: Box::new(std::io::stdout()),
+        host_quirks: !m.no_host_quirks,
     })?;
     let mem = machine.mem().clone();
     let end_gpa = machine.ram().end_gpa();

@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::emulate::kvm::{emulate_failed_insn, exit_insn_bytes};
+use crate::arch::x86_64::emulate::syscall_relay::{Outcome, SyscallRelay};
 use crate::arch::x86_64::emulate::EmulationStats;
 use crate::devices::PioBus;
 use crate::dirty::HostChanges;
@@ -135,6 +136,10 @@ pub struct EmulationHooks {
     /// through it, so a running migration marks their pages dirty. Without it they are not
     /// recorded.
     pub host_changes: Option<Arc<HostChanges>>,
+    /// Complete guest user syscalls that KVM leaves at CPL 3 (the syscall relay, for a
+    /// software KVM such as `kvm_pvm`; the VM must have its LSTAR writes filtered to
+    /// userspace, [`crate::vm::Vm::filter_syscall_msrs`]).
+    pub syscall_relay: bool,
 }
 
 /// The VM-wide "please stop with this code" latch: devices and vCPU threads request, the main
@@ -261,6 +266,11 @@ pub enum ExitAction {
     Fault(String),
     /// The vCPU's dirty ring is full: run the [`VcpuHooks::dirty_ring_full`] hook, re-enter.
     DirtyRingFull,
+    /// The guest wrote an MSR that is filtered to userspace (`KVM_EXIT_X86_WRMSR`): the syscall
+    /// relay carries the write out.
+    WroteMsr { index: u32, data: u64 },
+    /// `KVM_EXIT_DEBUG` at `pc`: the syscall relay's breakpoint or step.
+    Debug { pc: u64 },
 }
 
 /// Decides what an exit means. Pure apart from the device calls, so unit tests drive it with
@@ -315,6 +325,15 @@ pub fn handle_exit(vcpu: usize, exit: VcpuExit<'_>, bus: &PioBus) -> ExitAction 
         )),
         VcpuExit::IrqWindowOpen | VcpuExit::Intr => ExitAction::Continue,
         VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => ExitAction::DirtyRingFull,
+        VcpuExit::X86Wrmsr(w) => {
+            // Not a failed write: the relay writes the MSR itself before the guest runs on.
+            *w.error = 0;
+            ExitAction::WroteMsr {
+                index: w.index,
+                data: w.data,
+            }
+        }
+        VcpuExit::Debug(d) => ExitAction::Debug { pc: d.pc },
         other => ExitAction::Fault(format!("unexpected KVM exit {other:?}")),
     }
 }
@@ -433,12 +452,20 @@ struct VcpuThread {
     jobs: Receiver<VcpuJob>,
     hooks: VcpuHooks,
     emulation: EmulationHooks,
+    /// The syscall relay's state, when [`EmulationHooks::syscall_relay`] is on.
+    relay: Option<SyscallRelay>,
 }
 
 impl VcpuThread {
     fn run(mut self) {
         let ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(ptr));
+        if let Some(relay) = &mut self.relay {
+            // A vCPU restored from a migration has its syscall entry already: arm now.
+            if let Err(e) = relay.arm_from_state(&self.fd, &self.mem) {
+                warn!("vcpu{}: syscall relay not armed: {e}", self.id);
+            }
+        }
         let mut state = RunState::Running;
         while state != RunState::Stopped {
             state = match state {
@@ -510,10 +537,17 @@ impl VcpuThread {
         let action = match action {
             ExitAction::DirtyRingFull => self.on_dirty_ring_full(),
             ExitAction::Fault(reason) if internal_error => self.on_internal_error(reason),
+            ExitAction::WroteMsr { index, data } => {
+                self.on_relay(|r, fd, mem| r.on_wrmsr(fd, mem, index, data))
+            }
+            ExitAction::Debug { pc } => self.on_relay(|r, fd, mem| r.on_debug(fd, mem, pc)),
             a => a,
         };
         match action {
-            ExitAction::Continue | ExitAction::DirtyRingFull => RunState::Running,
+            ExitAction::Continue
+            | ExitAction::DirtyRingFull
+            | ExitAction::WroteMsr { .. }
+            | ExitAction::Debug { .. } => RunState::Running,
             ExitAction::Halt => {
                 debug!("vcpu{} halted", self.id);
                 RunState::Halted
@@ -534,6 +568,42 @@ impl VcpuThread {
 }
 
 impl VcpuThread {
+    /// An MSR write or debug exit for the syscall relay; without the relay such an exit is a
+    /// fault (nothing else asks KVM for them).
+    fn on_relay(
+        &mut self,
+        f: impl FnOnce(
+            &mut SyscallRelay,
+            &VcpuFd,
+            &GuestMemoryMmap,
+        )
+            -> Result<Outcome, crate::arch::x86_64::emulate::syscall_relay::RelayError>,
+    ) -> ExitAction {
+        let Some(relay) = &mut self.relay else {
+            return ExitAction::Fault(
+                "KVM_EXIT_X86_WRMSR or KVM_EXIT_DEBUG without the syscall relay".into(),
+            );
+        };
+        match f(relay, &self.fd, &self.mem) {
+            Ok(Outcome::Relayed) => {
+                if self.emulation.stats.record_relayed_syscall() {
+                    info!(
+                        "vcpu{}: KVM left a guest user syscall at CPL 3; the VMM completes it \
+                         (the syscall relay)",
+                        self.id
+                    );
+                }
+                ExitAction::Continue
+            }
+            Ok(Outcome::Stepping) => {
+                self.emulation.stats.record_stepped_fault();
+                ExitAction::Continue
+            }
+            Ok(_) => ExitAction::Continue,
+            Err(e) => ExitAction::Fault(format!("syscall relay: {e}")),
+        }
+    }
+
     /// KVM_EXIT_INTERNAL_ERROR: an emulation failure (suberror 1) on an instruction the
     /// fallback handles is carried out here and the guest runs on; anything else stays a
     /// fault, reported with the exit data as before.
@@ -685,6 +755,7 @@ impl VmControl {
                 acks: ack_tx,
                 jobs: job_rx,
                 hooks: hooks.clone(),
+                relay: emulation.syscall_relay.then(SyscallRelay::new),
                 emulation: emulation.clone(),
             };
             let join = std::thread::Builder::new()

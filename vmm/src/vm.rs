@@ -94,6 +94,15 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     }
 }
 
+/// The software KVM this host runs, if any: `kvm_pvm` (PVM, as clouds without nested
+/// virtualisation use) interprets guest ring-0 code and needs the VMM's help that hardware KVM
+/// does not (the emulation fallback, the syscall relay, a kernel command line without XSAVE).
+pub fn software_kvm() -> Option<&'static str> {
+    std::path::Path::new("/sys/module/kvm_pvm")
+        .exists()
+        .then_some("kvm_pvm")
+}
+
 /// The largest vCPU count KVM accepts here.
 pub fn max_vcpus(kvm: &Kvm) -> u32 {
     // The MP table and xAPIC ids carry 8-bit APIC ids, 0xff is the broadcast id.
@@ -190,6 +199,38 @@ impl Vm {
     /// CPUID as KVM supports it on this host (unfiltered).
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
+    }
+
+    /// Makes the guest's writes to `IA32_LSTAR` exit to userspace (`KVM_CAP_X86_USER_SPACE_MSR`
+    /// with an MSR filter), for the syscall relay: the vCPU thread carries each write out and
+    /// arms the relay. Every other MSR stays with KVM.
+    pub fn filter_syscall_msrs(&self) -> Result<(), VmError> {
+        use crate::arch::x86_64::emulate::syscall_relay::MSR_LSTAR;
+        use kvm_bindings::{
+            kvm_enable_cap, KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER,
+        };
+        use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_X86_USER_SPACE_MSR,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_FILTER);
+        self.fd
+            .enable_cap(&cap)
+            .map_err(kvm_err("KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)"))?;
+        // One MSR, its bit 0 clear: writes to it are denied to KVM and so exit to us.
+        let deny = [0u8; 1];
+        self.fd
+            .set_msr_filter(
+                MsrFilterDefaultAction::ALLOW,
+                &[MsrFilterRange {
+                    flags: MsrFilterRangeFlags::WRITE,
+                    base: MSR_LSTAR,
+                    msr_count: 1,
+                    bitmap: &deny,
+                }],
+            )
+            .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))
     }
 
     /// Creates vCPU `id` (0 is the boot CPU).

@@ -90,6 +90,7 @@ impl Running {
             dirty_mode: DirtyMode::KvmBitmap,
             migrates: false,
             serial_out: Box::new(std::io::sink()),
+            host_quirks: false,
         })
         .unwrap();
         let mem = machine.mem().clone();

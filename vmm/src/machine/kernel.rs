@@ -58,6 +58,33 @@ pub fn check_host_memory(mem: u64) -> Result<()> {
     Ok(())
 }
 
+/// Parameters a kernel needs on a software KVM (`kvm_pvm`): KVM there stops with an emulation
+/// failure on `xrstor` in guest kernel mode, which the VMM does not emulate, so the kernel
+/// must not use XSAVE.
+const SOFTWARE_KVM_PARAMS: &[&str] = &["noxsave"];
+
+/// The command line the kernel gets: `cmdline` plus, on a software KVM, the parameters it
+/// needs that `cmdline` does not already have. Returns the line and what was appended.
+pub fn quirk_cmdline(cmdline: &str, software_kvm: bool) -> (String, Vec<&'static str>) {
+    if !software_kvm {
+        return (cmdline.to_string(), Vec::new());
+    }
+    let have: Vec<&str> = cmdline.split_whitespace().collect();
+    let added: Vec<&'static str> = SOFTWARE_KVM_PARAMS
+        .iter()
+        .copied()
+        .filter(|p| !have.contains(p))
+        .collect();
+    let mut line = cmdline.trim_end().to_string();
+    for p in &added {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(p);
+    }
+    (line, added)
+}
+
 /// Refuses more vCPUs than KVM allows.
 fn check_cpus(cpus: u8) -> Result<()> {
     let kvm = vm::open_kvm()?;
@@ -94,6 +121,7 @@ fn machine_config(cli: &Cli, backing: BackingKind, plan: &MigrationPlan) -> Resu
         dirty_mode: plan.dirty_mode,
         migrates: plan.migrates,
         serial_out: serial_out(&cli.serial)?,
+        host_quirks: !cli.machine.no_host_quirks,
     })
 }
 
@@ -118,6 +146,16 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
     clock.mark("machine created");
     let mem = machine.mem().clone();
+    let software_kvm = crate::vm::software_kvm().filter(|_| !cli.machine.no_host_quirks);
+    let (cmdline, appended) = quirk_cmdline(&cli.cmdline, software_kvm.is_some());
+    if !appended.is_empty() {
+        info!(
+            "this host's KVM is {} (software): appended `{}` to the kernel command line \
+             (--no-host-quirks leaves it as given)",
+            software_kvm.unwrap_or_default(),
+            appended.join(" ")
+        );
+    }
     mptable::setup(&mem, cli.cpus)?;
     let rsdp = acpi::setup(&mem, cli.cpus)?;
     let loaded = boot::load(
@@ -125,7 +163,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
         &BootSpec {
             kernel: &kernel,
             initrd: initrd.as_deref(),
-            cmdline: &cli.cmdline,
+            cmdline: &cmdline,
             fast_boot: !cli.no_fast_boot,
             acpi_rsdp: Some(rsdp),
         },
@@ -313,4 +351,26 @@ fn serve(
     }
     info!("VM ended with exit code {code}");
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_software_kvm_gets_noxsave_once() {
+        assert_eq!(
+            quirk_cmdline("console=ttyS0", true),
+            ("console=ttyS0 noxsave".to_string(), vec!["noxsave"])
+        );
+        assert_eq!(
+            quirk_cmdline("noxsave console=ttyS0", true),
+            ("noxsave console=ttyS0".to_string(), vec![])
+        );
+        assert_eq!(quirk_cmdline("", true).0, "noxsave");
+        assert_eq!(
+            quirk_cmdline("console=ttyS0", false),
+            ("console=ttyS0".to_string(), vec![])
+        );
+    }
 }

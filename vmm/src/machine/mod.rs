@@ -66,6 +66,9 @@ pub struct MachineConfig {
     pub migrates: bool,
     /// Where COM1's output goes.
     pub serial_out: Box<dyn Write + Send>,
+    /// Help a software KVM where it needs it (`--no-host-quirks` turns it off): on `kvm_pvm`
+    /// the syscall relay runs.
+    pub host_quirks: bool,
 }
 
 /// RAM, VM, COM1, pager and the migration gate of one VM.
@@ -84,6 +87,8 @@ pub struct Machine {
     migrates: bool,
     backing: BackingKind,
     created: Instant,
+    /// Whether the vCPUs run the syscall relay (its MSR filter is on the VM).
+    syscall_relay: bool,
 }
 
 impl Machine {
@@ -115,6 +120,11 @@ impl Machine {
             );
         }
         let vm = Vm::new(&ram, cfg.cpus)?;
+        let syscall_relay = cfg.host_quirks && crate::vm::software_kvm().is_some();
+        if syscall_relay {
+            vm.filter_syscall_msrs()
+                .context("setting up the syscall relay (--no-host-quirks turns it off)")?;
+        }
         let regions: Vec<RamRegion> = ram.regions().collect();
         let caps = Arc::new(VcpuCaps::probe(vm.kvm()).context("probing KVM for migration")?);
         let exit = ExitRequest::new().context("creating the exit event")?;
@@ -149,6 +159,7 @@ impl Machine {
             migrates: cfg.migrates,
             backing: cfg.backing,
             created: Instant::now(),
+            syscall_relay,
         })
     }
 
@@ -233,6 +244,7 @@ impl Machine {
         // running migration sends their pages again.
         let emulation = EmulationHooks {
             host_changes: Some(self.host_changes.clone()),
+            syscall_relay: self.syscall_relay,
             ..EmulationHooks::default()
         };
         Ok(Arc::new(Mutex::new(VmControl::start_with_emulation(

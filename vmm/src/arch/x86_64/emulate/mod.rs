@@ -10,6 +10,7 @@
 pub mod decode;
 pub mod exec;
 pub mod kvm;
+pub mod syscall_relay;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,6 +21,10 @@ pub use decode::Kind;
 #[derive(Debug, Default)]
 pub struct EmulationStats {
     counts: [AtomicU64; Kind::COUNT],
+    /// User `syscall`s the relay carried into the guest kernel ([`syscall_relay`]).
+    relayed_syscalls: AtomicU64,
+    /// Guest page faults whose handler the relay stepped over.
+    stepped_faults: AtomicU64,
 }
 
 impl EmulationStats {
@@ -39,15 +44,37 @@ impl EmulationStats {
         self.counts[kind.index()].load(Ordering::Relaxed)
     }
 
+    /// Counts one user syscall the relay completed; true if it was the VM's first.
+    pub fn record_relayed_syscall(&self) -> bool {
+        self.relayed_syscalls.fetch_add(1, Ordering::Relaxed) == 0
+    }
+
+    /// Counts one guest page fault the relay stepped over.
+    pub fn record_stepped_fault(&self) {
+        self.stepped_faults.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// User syscalls the relay completed.
+    pub fn relayed_syscalls(&self) -> u64 {
+        self.relayed_syscalls.load(Ordering::Relaxed)
+    }
+
+    /// Guest page faults the relay stepped over.
+    pub fn stepped_faults(&self) -> u64 {
+        self.stepped_faults.load(Ordering::Relaxed)
+    }
+
     /// How many instructions were emulated in all.
     pub fn total(&self) -> u64 {
         Kind::ALL.iter().map(|k| self.count(*k)).sum()
     }
 
     /// `{"int3": n, "fwait": n, "popcnt": n, "clac": n, "stac": n, "cmpxchg16b": n,
-    /// "ldmxcsr": n, "stmxcsr": n}`, every kind present.
+    /// "ldmxcsr": n, "stmxcsr": n, "syscall": n, "pf_stepped": n}`, every kind present;
+    /// `syscall` counts user syscalls the relay completed, `pf_stepped` the page faults it
+    /// let through.
     pub fn to_json(&self) -> serde_json::Value {
-        let map = Kind::ALL
+        let mut map = Kind::ALL
             .iter()
             .map(|k| {
                 (
@@ -56,6 +83,8 @@ impl EmulationStats {
                 )
             })
             .collect::<serde_json::Map<_, _>>();
+        map.insert("syscall".into(), self.relayed_syscalls().into());
+        map.insert("pf_stepped".into(), self.stepped_faults().into());
         serde_json::Value::Object(map)
     }
 }
@@ -82,6 +111,15 @@ mod tests {
         assert_eq!(j["int3"], 2);
         assert_eq!(j["popcnt"], 1);
         assert_eq!(j["cmpxchg16b"], 0);
-        assert_eq!(j.as_object().unwrap().len(), Kind::COUNT);
+        assert_eq!(j.as_object().unwrap().len(), Kind::COUNT + 2);
+        assert!(s.record_relayed_syscall());
+        assert!(!s.record_relayed_syscall());
+        s.record_stepped_fault();
+        let j = s.to_json();
+        assert_eq!(
+            (j["syscall"].as_u64(), j["pf_stepped"].as_u64()),
+            (Some(2), Some(1))
+        );
+        assert_eq!(s.total(), 3, "relay counters are not emulated instructions");
     }
 }

@@ -1,0 +1,284 @@
+//! A real Linux to userspace on the stage-2 path: the project's test kernel boots to the test
+//! initramfs's `/init`, which prints `MARKER <value>`, runs the program the command line names
+//! and powers off through ACPI (exit code 0). On this host's software KVM that takes the
+//! emulation fallback (ring-0 instructions KVM cannot run) and the syscall relay (a user
+//! `syscall` KVM leaves at CPL 3); the emulation counters show both at work.
+//!
+//! Also: the counter program migrated live (precopy and postcopy) with no value lost or
+//! repeated and its checksum intact, and the memory program passing while the host reclaims
+//! guest memory the kernel does not use.
+
+mod kernel_util;
+mod migrate_util;
+
+use std::time::Duration;
+
+use kernel_util::{request, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT, SMALL};
+use migrate_util::{free_port, serial, LISTENING};
+use serde_json::{json, Value};
+
+/// The FNV-1a chain the guest's counter prints (tools/test-initramfs/counter.c): each value
+/// in decimal with a newline.
+fn fnv_chain(values: impl IntoIterator<Item = u64>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in values {
+        for b in format!("{v}\n").bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// `COUNTER <n> <checksum>` lines of a console, in order.
+fn counter_lines(text: &str) -> Vec<(u64, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "COUNTER").then_some(())?;
+            let n = w.next()?.parse().ok()?;
+            let sum = u64::from_str_radix(w.next()?, 16).ok()?;
+            Some((n, sum))
+        })
+        .collect()
+}
+
+/// Checks a counter transcript: 1, 2, 3, ... with nothing lost, repeated or reordered, each
+/// checksum the chain over the values so far.
+fn check_counter(lines: &[(u64, u64)]) {
+    assert!(!lines.is_empty(), "no COUNTER line");
+    for (i, (n, sum)) in lines.iter().enumerate() {
+        assert_eq!(
+            *n,
+            i as u64 + 1,
+            "counter value {i} (lost or repeated line)"
+        );
+        assert_eq!(*sum, fnv_chain(1..=*n), "checksum of line {n}");
+    }
+}
+
+fn stats_doc(path: &std::path::Path) -> Value {
+    let doc = serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default())
+        .unwrap_or(Value::Null);
+    let _ = std::fs::remove_file(path);
+    doc
+}
+
+/// On a software KVM the boot needs the fallback and the relay; the counters show them.
+fn check_emulation_counters(doc: &Value) {
+    if vmm::vm::software_kvm().is_none() {
+        return;
+    }
+    let e = &doc["emulation"];
+    assert!(
+        e["syscall"].as_u64().unwrap_or(0) > 0,
+        "relayed syscalls: {e}"
+    );
+    for kind in ["cmpxchg16b", "popcnt", "clac", "int3"] {
+        assert!(e[kind].as_u64().unwrap_or(0) > 0, "{kind} emulated: {e}");
+    }
+}
+
+/// Boots, waits for the end, checks the marker, the exit code and the counters.
+fn marker_and_poweroff(test: &str, machine: &[&str]) {
+    let Some((k, i)) = test_kernel(test) else {
+        return;
+    };
+    let _g = serial();
+    let stats = tmp(&format!("{test}.json"));
+    let vm = KernelVm::boot(
+        &k,
+        &i,
+        test,
+        "console=ttyS0 marker=abc",
+        machine,
+        &["--stats-json", stats.to_str().unwrap()],
+    );
+    let (code, err, text) = vm.wait_end(BOOT_LIMIT);
+    let tail = &text[text.len().saturating_sub(3000)..];
+    assert!(
+        text.lines().any(|l| l.trim_end() == "MARKER abc"),
+        "/init printed the marker:\n{tail}\n{err}"
+    );
+    assert_eq!(code, Some(0), "/init powered off:\n{tail}\n{err}");
+    let doc = stats_doc(&stats);
+    check_emulation_counters(&doc);
+    assert!(
+        doc["demand_paging"]["paging"]["events_missing"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "the kernel's memory came through the stage-2 pager: {doc}"
+    );
+}
+
+#[test]
+fn test_kernel_prints_the_marker_and_powers_off() {
+    marker_and_poweroff("test_kernel_prints_the_marker_and_powers_off", SMALL);
+}
+
+#[test]
+fn test_kernel_on_two_vcpus_and_2m_hugetlbfs() {
+    if !migrate_util::free_2m_pages_or_skip("test_kernel_on_two_vcpus_and_2m_hugetlbfs", 128) {
+        return;
+    }
+    marker_and_poweroff(
+        "test_kernel_on_two_vcpus_and_2m_hugetlbfs",
+        &["--mem", "256M", "--cpus", "2", "--hugepages", "2M"],
+    );
+}
+
+#[test]
+fn test_kernel_on_thp() {
+    marker_and_poweroff(
+        "test_kernel_on_thp",
+        &["--mem", "256M", "--cpus", "1", "--hugepages", "thp"],
+    );
+}
+
+/// The guest's counter program migrated while it runs: the destination's console carries on
+/// with the next value, the checksum chain holds across the move, and the guest powers off
+/// on the destination.
+fn migrate_counter(test: &str, postcopy_after: Option<u32>) {
+    let Some((k, i)) = test_kernel(test) else {
+        return;
+    };
+    let _g = serial();
+    let sock = tmp(&format!("{test}.sock"));
+    // 40 lines, 250 ms apart: about 10 s of guest time, the migration lands in the middle.
+    let cmdline = "console=ttyS0 marker=counter run=counter,40,250";
+    let mut src = KernelVm::boot(
+        &k,
+        &i,
+        &format!("{test}-src"),
+        cmdline,
+        SMALL,
+        &["--api-socket", sock.to_str().unwrap()],
+    );
+    assert!(
+        src.wait_for("COUNTER 5 ", BOOT_LIMIT),
+        "the counter started on the source:\n{}",
+        src.text()
+    );
+    wait_for_path(&sock);
+
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let dst_console = tmp(&format!("{test}-dst.console"));
+    let dst_serial = format!("file:{}", dst_console.display());
+    let mut dst = kernel_util::spawn(&["--incoming", &addr, "--serial", &dst_serial]);
+    let rx = migrate_util::lines(&mut dst);
+    migrate_util::wait_for(&rx, LISTENING);
+
+    let mut req = json!({"cmd": "migrate", "to": addr});
+    if let Some(n) = postcopy_after {
+        req["postcopy_after"] = json!(n);
+    }
+    let figures = request(&sock, req)["migrate"].clone();
+    eprintln!("{test}: {figures}");
+    let (src_code, src_err, src_text) = src.wait_end(Duration::from_secs(60));
+    assert_eq!(
+        src_code,
+        Some(0),
+        "the source ends once migrated: {src_err}"
+    );
+
+    let dst = KernelVm {
+        child: dst,
+        console: dst_console,
+    };
+    let (dst_code, dst_err, dst_text) = dst.wait_end(BOOT_LIMIT);
+    assert!(
+        dst_text.contains("COUNTER "),
+        "the destination went on counting:\n{dst_text}\n{dst_err}"
+    );
+    // One console: a line the pause cut is finished on the destination.
+    let all = counter_lines(&format!("{src_text}{dst_text}"));
+    check_counter(&all);
+    assert_eq!(all.last().unwrap().0, 40, "the counter ran to its end");
+    assert!(
+        dst_text.contains("RUN-EXIT 0"),
+        "the counter exited 0 on the destination:\n{dst_text}"
+    );
+    assert_eq!(
+        dst_code,
+        Some(0),
+        "the guest powered off on the destination:\n{dst_err}"
+    );
+}
+
+#[test]
+fn counter_migrates_live_precopy() {
+    migrate_counter("counter_migrates_live_precopy", None);
+}
+
+#[test]
+fn counter_migrates_live_postcopy() {
+    migrate_counter("counter_migrates_live_postcopy", Some(1));
+}
+
+/// The memory program writes and verifies a pattern over most of the guest's RAM on the
+/// stage-2 path while the host reclaims guest memory the kernel does not use: the VM has
+/// 384M, the kernel is told `mem=256M`, and the host drops [256M, 384M) again and again. A
+/// drop of memory the guest owns would lose its data (private memory comes back as zeroes),
+/// so this is the mode a guest tolerates; the balloon (issue 15) is how a guest hands over
+/// memory it owns.
+#[test]
+fn memtest_passes_while_the_host_reclaims_unused_guest_memory() {
+    let test = "memtest_passes_while_the_host_reclaims_unused_guest_memory";
+    let Some((k, i)) = test_kernel(test) else {
+        return;
+    };
+    let _g = serial();
+    let sock = tmp(&format!("{test}.sock"));
+    let mut vm = KernelVm::boot(
+        &k,
+        &i,
+        test,
+        "console=ttyS0 mem=256M marker=memtest run=memtest,75%,2",
+        &["--mem", "384M", "--cpus", "1", "--hugepages", "none"],
+        &["--api-socket", sock.to_str().unwrap()],
+    );
+    assert!(
+        vm.wait_for("memtest: pass 1 wrote", BOOT_LIMIT),
+        "memtest started:\n{}",
+        vm.text()
+    );
+    wait_for_path(&sock);
+    let mut reclaims = 0;
+    while !vm.text().contains("memtest: PASS") && !vm.text().contains("memtest: FAIL") {
+        let v = vmm::api::request(
+            &sock,
+            &json!({"cmd": "reclaim", "gpa": 256u64 << 20, "len": 128u64 << 20}),
+        );
+        match v {
+            Ok(v) if v["ok"] == true => reclaims += 1,
+            Ok(v) => panic!("reclaim refused: {v}"),
+            Err(_) => break, // the VM ended
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (code, err, text) = vm.wait_end(BOOT_LIMIT);
+    assert!(reclaims > 0, "the host reclaimed while memtest ran");
+    assert!(
+        text.contains("memtest: PASS"),
+        "memtest passed:\n{}\n{err}",
+        &text[text.len().saturating_sub(3000)..]
+    );
+    assert!(text.contains("RUN-EXIT 0"), "{text}");
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn the_counter_check_rejects_a_lost_or_repeated_line() {
+    let good: Vec<(u64, u64)> = (1..=3).map(|n| (n, fnv_chain(1..=n))).collect();
+    check_counter(&good);
+    let text: String = good
+        .iter()
+        .map(|(n, s)| format!("COUNTER {n} {s:016x}\nCOUNTER-DONE x\n"))
+        .collect();
+    assert_eq!(counter_lines(&text), good);
+    let lost = vec![good[0], good[2]];
+    assert!(std::panic::catch_unwind(|| check_counter(&lost)).is_err());
+    let repeated = vec![good[0], good[1], good[1]];
+    assert!(std::panic::catch_unwind(|| check_counter(&repeated)).is_err());
+}
