@@ -14,6 +14,8 @@ use crate::migrate::precopy;
 pub const DEFAULT_MEM: &str = "1G";
 /// Smallest guest RAM the CLI accepts (one 2 MiB page); a kernel needs far more and says so.
 pub const MIN_MEM: u64 = 2 << 20;
+/// Default of `--shutdown-timeout`: seconds a guest gets to power off after the power button.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
 /// The MP table and xAPIC ids allow at most this many vCPUs.
 pub const MAX_CPUS: u32 = 254;
 
@@ -155,10 +157,24 @@ pub fn parse_cpus(s: &str) -> Result<u8, String> {
     Ok(n as u8)
 }
 
+/// The exit codes as `vmm --help` lists them (README.md "Exit codes" explains each; a unit test
+/// checks this text against the `EXIT_*` constants).
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+    0  the guest powered off, a test guest passed, or the VM migrated away
+    1  an error before the guest started, a test guest failed, or the host failed it
+    2  a vCPU failed
+    3  the guest rebooted (ACPI reset register, i8042 reset, triple fault)
+    4  `shutdown` stopped the VM without the guest powering off
+    5  every vCPU halted with interrupts off: idle for good
+    6  --migrate-to failed and the VM then ended normally here
+  130  stopped by SIGINT
+  143  stopped by SIGTERM";
+
 /// Boot a Linux kernel (bzImage or vmlinux ELF) on huge-page-backed memory with KVM, or run a
 /// built-in test guest.
 #[derive(Parser, Debug)]
-#[command(name = "vmm", version, about, long_about = None)]
+#[command(name = "vmm", version, about, long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     /// Kernel to boot: a bzImage (e.g. /boot/vmlinuz-*) or a vmlinux ELF. Required unless --guest.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["guest", "incoming"])]
@@ -255,7 +271,7 @@ pub struct MachineArgs {
     /// paused (or postcopy, see --postcopy-after). The source exits 0 once the destination
     /// runs the guest (postcopy: once it has every page); if the migration fails before
     /// the guest was handed over (the pause of precopy, the switch of postcopy), the guest
-    /// keeps running here.
+    /// keeps running here, and its normal end then exits 6, not 0.
     #[arg(long, value_name = "ADDR")]
     pub migrate_to: Option<String>,
     /// Receive a migrating VM (a kernel or a test guest) at this address (tcp:HOST:PORT or
@@ -290,6 +306,11 @@ pub struct MachineArgs {
     /// ms, bytes, one entry per round, the postcopy phase) as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub migrate_json: Option<PathBuf>,
+    /// How long the control socket's `shutdown` waits, after pressing the ACPI power button,
+    /// for a kernel guest to power off before it stops the VM itself (exit code 4). A test
+    /// guest has no power button: `shutdown` stops it at once.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_S)]
+    pub shutdown_timeout: u64,
     /// Precopy stops iterating when the estimated downtime is at most this.
     #[arg(long, value_name = "MS", default_value_t = precopy::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
@@ -355,6 +376,14 @@ impl Cli {
             return Ok(());
         }
         if guest {
+            if self.was_given("shutdown_timeout") {
+                return Err(
+                    "--shutdown-timeout is for a kernel's ACPI power button; a built-in \
+                     test guest has none and `shutdown` stops it at once: drop \
+                     --shutdown-timeout"
+                        .into(),
+                );
+            }
             if let Some(f) = first(KERNEL_FLAGS) {
                 return Err(format!(
                     "{f} is for booting a kernel (--kernel); a built-in test guest (--guest) has \
@@ -605,6 +634,35 @@ mod tests {
             assert!(help.contains(flag), "help documents {flag}");
         }
         assert!(help.contains("[default: 1G]"));
+    }
+
+    #[test]
+    fn help_lists_every_exit_code_with_its_constant_value() {
+        use crate::machine::EXIT_HOST_FAILED;
+        use crate::vcpu::*;
+        let (help, _) = parse(&["--help"]).unwrap_err();
+        assert!(help.contains("Exit codes:"), "{help}");
+        for (code, words) in [
+            (EXIT_OK, "powered off"),
+            (EXIT_HOST_FAILED, "an error before"),
+            (EXIT_VCPU_FAILED, "a vCPU failed"),
+            (EXIT_REBOOT, "rebooted"),
+            (EXIT_SHUTDOWN_FORCED, "`shutdown` stopped"),
+            (EXIT_IDLE, "halted with interrupts off"),
+            (EXIT_MIGRATE_FAILED, "--migrate-to failed"),
+            (EXIT_SIGINT, "SIGINT"),
+            (EXIT_SIGTERM, "SIGTERM"),
+        ] {
+            let line = help
+                .lines()
+                .find(|l| l.contains(words))
+                .unwrap_or_else(|| panic!("no line for {words:?}:\n{help}"));
+            assert_eq!(
+                line.split_whitespace().next(),
+                Some(code.to_string().as_str()),
+                "{line}"
+            );
+        }
     }
 
     #[test]

@@ -20,12 +20,13 @@ use crate::arch::x86_64::long_mode::{self, LongModeConfig};
 use crate::cli::MachineArgs;
 use crate::devices::PioBus;
 use crate::machine::reclaim::{Handshake, Storm};
-use crate::machine::session::{Session, SessionConfig, Waited};
+use crate::machine::session::{exit_code_after, Session, SessionConfig, Waited};
 use crate::machine::spec::{GuestSpec, MachineSpec, Payload};
 use crate::machine::{stop_pager, Machine, MachineConfig, MigrationPlan};
 use crate::memory::{self, human, BackingKind};
 use crate::migrate::precopy::Pending;
 use crate::pager::PagingStats;
+use crate::vcpu::is_stopped_from_outside;
 
 use layout::{CODE_GPA, CODE_MAX, GDT_GPA, PARAMS_GPA, PML4_GPA};
 use port::{TestPort, EXIT_FAIL, EXIT_PASS};
@@ -537,6 +538,7 @@ pub fn run_on(
             spec: spec.to_bytes(),
             i8042: None,
             power_button: None,
+            shutdown_timeout: Duration::ZERO,
             payload: format!("guest {}", plan.kind.name()),
         },
     )?;
@@ -573,6 +575,7 @@ pub fn run_on(
     if let Waited::Timeout = waited {
         waited = session.wait(args.guest_timeout.map(Duration::from_secs));
     }
+    let migrate_to_failed = session.migrate_to_failed();
     session.close();
     let code = match waited {
         Waited::Exit(code) => code,
@@ -607,7 +610,12 @@ pub fn run_on(
             "postcopy failed ({why}): the guest's memory is incomplete"
         ));
     }
-    if code != EXIT_PASS && !report.any_failed() {
+    let stopped = is_stopped_from_outside(code);
+    if stopped {
+        report.fail_unfinished(&format!(
+            "the VM was stopped from outside (exit code {code}) before this vCPU finished"
+        ));
+    } else if code != EXIT_PASS && !report.any_failed() {
         // A vCPU fault stopped the VM (its thread logged the registers and bytes).
         report.fail_unfinished(&format!(
             "VM stopped with code {code} before this vCPU finished"
@@ -645,8 +653,11 @@ pub fn run_on(
         eprintln!("error: postcopy failed: {why}; the guest's memory here is incomplete");
         return Ok(EXIT_FAIL);
     }
-    Ok(if report.passed() {
-        EXIT_PASS
+    Ok(if stopped {
+        // A signal or `shutdown` stopped it: say that, not the unfinished guest's verdict.
+        code
+    } else if report.passed() {
+        exit_code_after(EXIT_PASS, migrate_to_failed)
     } else {
         EXIT_FAIL
     })

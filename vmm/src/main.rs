@@ -26,6 +26,12 @@ fn main() {
         .filter_level(cli.log_level)
         .format_timestamp_millis()
         .init();
+    // Before any other thread exists: every thread then has SIGINT/SIGTERM blocked and they
+    // stop the VM cleanly (exit code 130/143) instead of killing the process.
+    if let Err(e) = vmm::machine::signals::start() {
+        eprintln!("error: {}", one_line(&e));
+        std::process::exit(1);
+    }
     let code = match run(&cli, started) {
         Ok(code) => code,
         Err(e) => {
@@ -51,6 +57,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: &Cli, started: Instant) -> Result<i32> {
     let plan = MigrationPlan::from_args(&cli.machine)?;
+    vmm::machine::check_output_paths(cli)?;
     if let Some(addr) = &plan.incoming {
         return run_incoming(cli, addr);
     }

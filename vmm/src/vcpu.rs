@@ -25,10 +25,37 @@ use crate::arch::x86_64::emulate::EmulationStats;
 use crate::devices::PioBus;
 use crate::dirty::HostChanges;
 
-/// Exit code of a VM that ended normally (reset, shutdown, signal, test PASS).
+// The process exit codes of a VM. README.md "Exit codes" has the table; every code is defined
+// here, except `machine::EXIT_HOST_FAILED` (1).
+
+/// Exit code of a VM that ended normally: the guest powered off (ACPI S5), a test guest passed,
+/// or the VM moved to a migration destination.
 pub const EXIT_OK: i32 = 0;
 /// Exit code of a VM that stopped because a vCPU failed (emulation failure, entry failure, ...).
 pub const EXIT_VCPU_FAILED: i32 = 2;
+/// Exit code of a VM whose guest reset itself: the ACPI reset register, the i8042's pulse-reset
+/// command, a triple fault, or KVM's reset system event. The VMM does not restart it.
+pub const EXIT_REBOOT: i32 = 3;
+/// Exit code of a VM that the control socket's `shutdown` stopped without the guest powering
+/// off: the guest did not answer the power button in time, has no power button (a test guest),
+/// or was paused.
+pub const EXIT_SHUTDOWN_FORCED: i32 = 4;
+/// Exit code of a VM whose every vCPU halted with interrupts off and nothing pending: nothing
+/// but an NMI or INIT could wake it, and nothing in this VMM sends one.
+pub const EXIT_IDLE: i32 = 5;
+/// Exit code of a VM whose `--migrate-to` failed (it ran on here) and that then ended with
+/// [`EXIT_OK`]: the migration a script asked for did not happen.
+pub const EXIT_MIGRATE_FAILED: i32 = 6;
+/// Exit code of a VM stopped by SIGINT (the shell's 128 + signal number convention).
+pub const EXIT_SIGINT: i32 = 128 + libc::SIGINT;
+/// Exit code of a VM stopped by SIGTERM (128 + signal number).
+pub const EXIT_SIGTERM: i32 = 128 + libc::SIGTERM;
+
+/// Whether `code` says the VM was stopped from outside (a signal, or `shutdown` without a
+/// power-off) rather than ended by its guest: a test guest's own verdict does not replace it.
+pub fn is_stopped_from_outside(code: i32) -> bool {
+    matches!(code, EXIT_SHUTDOWN_FORCED | EXIT_SIGINT | EXIT_SIGTERM)
+}
 
 /// `kvm_run.internal.suberror` for an emulation failure (include/uapi/linux/kvm.h).
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -269,6 +296,9 @@ pub enum Command {
     Stop,
     /// Run the queued job on the vCPU fd if paused (or halted); the state does not change.
     RunJob,
+    /// Run the queued read-only job on the vCPU fd whatever the state (a running vCPU is out
+    /// of KVM_RUN while it reads commands); the state does not change.
+    Probe,
 }
 
 /// What the run loop does after an exit.
@@ -316,16 +346,18 @@ pub fn handle_exit(vcpu: usize, exit: VcpuExit<'_>, bus: &PioBus) -> ExitAction 
             ExitAction::Continue
         }
         VcpuExit::Hlt => ExitAction::Halt,
+        // A triple fault is how an x86 guest resets itself when nothing else works (Linux's
+        // reboot=t does it on purpose).
         VcpuExit::Shutdown => ExitAction::Stop(
-            EXIT_OK,
-            format!("vCPU {vcpu}: guest shut down (triple fault or reset)"),
+            EXIT_REBOOT,
+            format!("vCPU {vcpu}: triple fault (the guest reset itself)"),
         ),
         VcpuExit::SystemEvent(kind, _) => match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => {
                 ExitAction::Stop(EXIT_OK, format!("vCPU {vcpu}: guest powered off"))
             }
             KVM_SYSTEM_EVENT_RESET => {
-                ExitAction::Stop(EXIT_OK, format!("vCPU {vcpu}: guest reset"))
+                ExitAction::Stop(EXIT_REBOOT, format!("vCPU {vcpu}: guest reset"))
             }
             KVM_SYSTEM_EVENT_CRASH => {
                 ExitAction::Fault("the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)".into())
@@ -506,6 +538,12 @@ impl VcpuThread {
                     if from != RunState::Running {
                         job(&mut self.fd);
                     }
+                }
+                from
+            }
+            Command::Probe => {
+                if let Ok(job) = self.jobs.try_recv() {
+                    job(&mut self.fd);
                 }
                 from
             }
@@ -899,6 +937,33 @@ impl VmControl {
             .map_err(|_| VcpuError::NotPaused { id: index })
     }
 
+    /// Runs `f` on vCPU `index`'s own thread with its fd whatever its run state (a running
+    /// vCPU is kicked out of KVM_RUN for it and enters the guest again afterwards), and returns
+    /// its result with the vCPU's run state. For reading state (`KVM_GET_MP_STATE`,
+    /// registers) of a VM that keeps running; changing state needs
+    /// [`with_paused_vcpu`](Self::with_paused_vcpu).
+    pub fn probe_vcpu<R, F>(&self, index: usize, f: F) -> Result<(RunState, R), VcpuError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    {
+        let gone = |why| VcpuError::NoAck {
+            id: index,
+            cmd: Command::Probe,
+            why,
+        };
+        let v = self.vcpus.get(index).ok_or(gone("no such vCPU"))?;
+        let (tx, rx) = channel();
+        let job: VcpuJob = Box::new(move |fd| {
+            let _ = tx.send(f(fd));
+        });
+        v.jobs.send(job).map_err(|_| gone("thread has ended"))?;
+        v.send(Command::Probe);
+        let state = v.wait_ack(Command::Probe)?;
+        let r = rx.try_recv().map_err(|_| gone("the job did not run"))?;
+        Ok((state, r))
+    }
+
     /// Whether every vCPU is out of the guest (paused, or halted with nothing to wake it), so
     /// that none writes guest RAM until told to resume. Asks each vCPU thread (a running one
     /// answers at once, refusing).
@@ -1014,10 +1079,18 @@ mod tests {
         let (bus, _) = bus_with_recorder();
         assert!(matches!(
             handle_exit(0, VcpuExit::Shutdown, &bus),
-            ExitAction::Stop(EXIT_OK, _)
+            ExitAction::Stop(EXIT_REBOOT, _)
         ));
         assert!(matches!(
             handle_exit(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &bus),
+            ExitAction::Stop(EXIT_REBOOT, _)
+        ));
+        assert!(matches!(
+            handle_exit(
+                0,
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]),
+                &bus
+            ),
             ExitAction::Stop(EXIT_OK, _)
         ));
         assert!(matches!(

@@ -332,11 +332,19 @@ fn bzimage_with_initrd_in_guest_decompressor() {
     initrd_test(&["--no-fast-boot"]);
 }
 
+/// SIGTERM during a boot stops the kernel VM cleanly: exit code 143 (128 + SIGTERM, "stopped",
+/// not "succeeded"), and the control socket removed on the way out.
 #[test]
-fn sigterm_stops_the_vm_with_exit_zero() {
+fn sigterm_stops_the_vm_with_143_and_removes_the_socket() {
     let Some(k) = kernel("vmlinuz") else { return };
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut child = spawn(&args(&k, CMDLINE, &[]));
+    let sock =
+        std::env::temp_dir().join(format!("boot-kernel-{}-sigterm.sock", std::process::id()));
+    let mut child = spawn(&args(
+        &k,
+        CMDLINE,
+        &["--api-socket", sock.to_str().unwrap()],
+    ));
     let stdout = child.stdout.take().unwrap();
     let mut seen = false;
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -346,12 +354,17 @@ fn sigterm_stops_the_vm_with_exit_zero() {
         }
     }
     assert!(seen, "banner before SIGTERM");
+    assert!(sock.exists(), "the control socket is served");
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(0), "SIGTERM ends the VM with 0");
+            assert_eq!(
+                status.code(),
+                Some(vmm::vcpu::EXIT_SIGTERM),
+                "SIGTERM ends the VM with 143"
+            );
             break;
         }
         assert!(
@@ -360,11 +373,12 @@ fn sigterm_stops_the_vm_with_exit_zero() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(!sock.exists(), "the control socket is removed");
 }
 
 /// On this host the kernel stops with KVM_EXIT_INTERNAL_ERROR after the early lines; on hardware
 /// KVM it panics for want of a root file system and reboots through the i8042 (reboot=k), which
-/// ends the VM with 0. Either way vmm must end by itself and say why.
+/// ends the VM with the reboot code (3). Either way vmm must end by itself and say why.
 #[test]
 fn kernel_runs_to_its_end_without_hanging() {
     let Some(k) = kernel("vmlinuz") else { return };
@@ -392,7 +406,7 @@ fn kernel_runs_to_its_end_without_hanging() {
                 );
             }
         }
-        Some(0) => assert!(
+        Some(vmm::vcpu::EXIT_REBOOT) => assert!(
             has(&run.serial, "Kernel panic") || has(&run.serial, "reboot"),
             "{}",
             run.serial.join("\n")

@@ -346,3 +346,73 @@ fn prefault_with_demand_paging_is_refused_with_the_fix() {
     let out = run(&["--guest", "stress", "--mem", "64M", "--prefault"]);
     expect_error(&out, &["--prefault", "add --no-demand-paging"]);
 }
+
+/// An output file whose directory is missing is refused before anything runs, naming the flag,
+/// for every output flag; nothing is created.
+#[test]
+fn unwritable_output_paths_are_refused_before_the_guest_starts() {
+    let dir = tmpdir("outputs");
+    let missing = dir.join("no-such-dir");
+    let file = |name: &str| missing.join(name).to_str().unwrap().to_string();
+    for (args, flag) in [
+        (
+            vec![
+                "--guest",
+                "stress",
+                "--mem",
+                "64M",
+                "--stats-json",
+                &file("s.json"),
+            ],
+            "--stats-json",
+        ),
+        (
+            vec![
+                "--guest",
+                "stress",
+                "--mem",
+                "64M",
+                "--migrate-to",
+                "tcp:127.0.0.1:1",
+                "--migrate-json",
+                &file("m.json"),
+            ],
+            "--migrate-json",
+        ),
+        (
+            vec![
+                "--kernel",
+                "/nonexistent/bzImage",
+                "--serial",
+                &format!("file:{}", file("c.log")),
+            ],
+            "--serial file:",
+        ),
+    ] {
+        let out = run(&args);
+        let msg = expect_error(&out, &[flag, "no-such-dir", "create its directory"]);
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("guest stress"),
+            "refused before the guest started: {msg}"
+        );
+    }
+    assert!(!missing.exists());
+    // A directory given as the file is refused too, and an existing directory's new file is
+    // not left behind by the check.
+    let out = run(&[
+        "--guest",
+        "stress",
+        "--mem",
+        "64M",
+        "--stats-json",
+        dir.to_str().unwrap(),
+    ]);
+    expect_error(&out, &["--stats-json", "is a directory"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn shutdown_timeout_is_refused_for_a_test_guest() {
+    let out = run(&["--guest", "stress", "--shutdown-timeout", "5"]);
+    expect_error(&out, &["--shutdown-timeout", "test guest has none"]);
+}

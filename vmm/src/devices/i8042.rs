@@ -1,13 +1,13 @@
 //! The i8042 keyboard controller with no keyboard or mouse behind it: enough for a guest to
 //! find the controller (self-test, command byte read and write, port enable/disable, loop-back)
-//! and to reset the machine with command 0xfe, which ends the VM with exit code 0.
+//! and to reset the machine with command 0xfe, which ends the VM with `EXIT_REBOOT`.
 
 use std::sync::Mutex;
 
 use log::debug;
 
 use super::PioDevice;
-use crate::vcpu::{ExitRequest, EXIT_OK};
+use crate::vcpu::{ExitRequest, EXIT_REBOOT};
 
 /// Data port.
 pub const I8042_DATA: u16 = 0x60;
@@ -219,7 +219,7 @@ impl I8042 {
 
     fn reset(&self) {
         self.exit
-            .request(EXIT_OK, "guest reset through the i8042 controller");
+            .request(EXIT_REBOOT, "guest reset through the i8042 controller");
     }
 }
 
@@ -434,13 +434,13 @@ mod tests {
     }
 
     #[test]
-    fn reset_command_requests_exit_zero() {
+    fn reset_command_requests_the_reboot_exit() {
         let (d, exit) = dev();
         outb(&d, I8042_COMMAND, cmd::SELF_TEST);
         outb(&d, I8042_COMMAND, 0xff); // pulses no line
         assert_eq!(exit.code(), None);
         outb(&d, I8042_COMMAND, cmd::PULSE_RESET);
-        assert_eq!(exit.code(), Some(0));
+        assert_eq!(exit.code(), Some(EXIT_REBOOT));
     }
 
     #[test]
@@ -451,7 +451,7 @@ mod tests {
         assert_eq!(exit.code(), None);
         outb(&d, I8042_COMMAND, cmd::WRITE_OUTPUT_PORT);
         outb(&d, I8042_DATA, 0);
-        assert_eq!(exit.code(), Some(0));
+        assert_eq!(exit.code(), Some(EXIT_REBOOT));
     }
 
     #[test]

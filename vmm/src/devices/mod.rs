@@ -1,5 +1,6 @@
 //! Port-I/O devices and the bus that routes `in`/`out` exits to them by port range.
 
+pub mod acpi;
 pub mod i8042;
 pub mod serial;
 

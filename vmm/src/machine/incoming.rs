@@ -21,6 +21,10 @@ use crate::pager::PageSource;
 /// scripts wait for this line), and accepts one source's header.
 pub fn accept(addr: &Address) -> anyhow::Result<Pending> {
     let listener = addr.listen()?;
+    if let Address::Unix(path) = addr {
+        // A signal while this waits ends the process before the listener's drop removes it.
+        super::signals::remove_on_early_exit(path.clone());
+    }
     println!("waiting for the migration source at {}", listener.address());
     precopy::accept(&listener).context("incoming migration failed; nothing runs here")
 }

@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use log::{debug, info};
 
-use super::console::{self, FlushingStdout, SignalFd};
+use super::console::{self, FlushingStdout};
 use super::incoming::PostcopyRx;
-use super::session::{Session, SessionConfig, Waited};
+use super::session::{PowerButtonHooks, Session, SessionConfig, Waited};
 use super::spec::{MachineSpec, Payload};
 use super::{Machine, MachineConfig, MigrationPlan};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, BootSpec, KernelImage};
 use crate::cli::{Cli, SerialTarget};
+use crate::devices::acpi::{AcpiPm, ACPI_PM_PORTS};
 use crate::devices::i8042::{I8042, I8042_COMMAND, I8042_DATA};
 use crate::devices::PioBus;
 use crate::memory::{human, BackingKind};
@@ -141,8 +142,6 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
         kernel.check_initrd_fits(cli.mem, data.len() as u64)?;
     }
     check_cpus(cli.cpus)?;
-    // Before any thread starts, so that every thread inherits the blocked signals.
-    let signals = SignalFd::new().context("cannot set up SIGINT/SIGTERM handling")?;
 
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
     clock.mark("machine created");
@@ -191,7 +190,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
     );
     clock.mark("vCPUs configured");
     let i8042 = Arc::new(I8042::new(machine.exit().clone()));
-    serve(cli, machine, vcpus, i8042, signals, &plan, None)
+    serve(cli, machine, vcpus, i8042, &plan, None)
 }
 
 fn read_initrd(path: Option<&Path>) -> Result<Option<Vec<u8>>> {
@@ -216,7 +215,6 @@ pub fn run_incoming(
 ) -> Result<i32> {
     let plan = MigrationPlan::from_args(&cli.machine)?;
     check_host_memory(spec.mem)?;
-    let signals = SignalFd::new().context("cannot set up SIGINT/SIGTERM handling")?;
     let mut cfg = machine_config(cli, backing, &plan)?;
     cfg.mem = spec.mem;
     cfg.cpus = spec.cpus;
@@ -229,7 +227,7 @@ pub fn run_incoming(
         None => I8042::new(machine.exit().clone()),
     });
     let postcopy = machine.take_over(inc)?;
-    serve(cli, machine, vcpus, i8042, signals, &plan, postcopy)
+    serve(cli, machine, vcpus, i8042, &plan, postcopy)
 }
 
 /// Runs a loaded (or received) kernel VM: i8042 on the port bus, the console thread, the
@@ -239,13 +237,16 @@ fn serve(
     mut machine: Machine,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     i8042: Arc<I8042>,
-    signals: SignalFd,
     plan: &MigrationPlan,
     postcopy: Option<PostcopyRx>,
 ) -> Result<i32> {
     let mut bus = PioBus::new();
     bus.register(I8042_DATA..=I8042_DATA, i8042.clone())?;
     bus.register(I8042_COMMAND..=I8042_COMMAND, i8042.clone())?;
+    // Power-off (S5) and reset through the FADT's registers; the power button through the GED.
+    bus.register(ACPI_PM_PORTS, Arc::new(AcpiPm::new(machine.exit().clone())))?;
+    let button = machine.power_button()?;
+    let ged = machine.ged_listening()?;
     let mut reclaimer = machine.reclaimer(None);
     if let Some(pc) = &postcopy {
         let target = pc.target().clone();
@@ -256,7 +257,6 @@ fn serve(
     let control = machine.start(vcpus, bus)?;
     let console = console::spawn(
         machine.exit(),
-        signals,
         matches!(cli.serial, SerialTarget::Stdio).then(|| machine.serial().clone()),
     )?;
     let mut session = Session::new(
@@ -275,7 +275,15 @@ fn serve(
             )
             .to_bytes(),
             i8042: Some(i8042),
-            power_button: None,
+            power_button: Some(PowerButtonHooks {
+                press: Box::new(move || {
+                    button
+                        .press()
+                        .map_err(|e| format!("cannot press the power button: {e}"))
+                }),
+                listening: Box::new(move || ged.listening()),
+            }),
+            shutdown_timeout: Duration::from_secs(cli.machine.shutdown_timeout),
             payload: "kernel".into(),
         },
     )?;
@@ -301,6 +309,7 @@ fn serve(
             super::EXIT_HOST_FAILED
         }
     };
+    let code = super::session::exit_code_after(code, session.migrate_to_failed());
     session.close();
     let elapsed = started.elapsed();
     let emulation = session

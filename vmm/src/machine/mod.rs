@@ -9,13 +9,16 @@
 //! way.
 
 pub mod console;
+pub mod idle;
 pub mod incoming;
 pub mod kernel;
 pub mod reclaim;
 pub mod session;
+pub mod signals;
 pub mod spec;
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::configure_vcpu;
 use crate::cli::MachineArgs;
+use crate::devices::acpi::{PowerButton, GED_GSI};
 use crate::devices::serial::{SerialDevice, COM1_IRQ};
 use crate::devices::PioBus;
 use crate::dirty::{DirtyMode, DirtyTracker, HostChanges};
@@ -129,6 +133,8 @@ impl Machine {
         let regions: Vec<RamRegion> = ram.regions().collect();
         let caps = Arc::new(VcpuCaps::probe(vm.kvm()).context("probing KVM for migration")?);
         let exit = ExitRequest::new().context("creating the exit event")?;
+        // From here SIGINT/SIGTERM stop this VM through its exit request (see `signals`).
+        signals::attach(&exit);
         // KVM's dirty rings can only be enabled before the vCPUs exist: a VM that may migrate
         // with --dirty-mode kvm-ring logs into them from the start.
         let ring = match cfg.dirty_mode {
@@ -207,6 +213,34 @@ impl Machine {
         self.profile
             .get_or_insert_with(|| Arc::new(crate::vcpu::GuestProfile::new()))
             .clone()
+    }
+
+    /// The power button of a payload with ACPI: its press raises the Generic Event Device's
+    /// interrupt ([`crate::devices::acpi::GED_GSI`]) through a KVM irqfd.
+    pub fn power_button(&self) -> anyhow::Result<PowerButton> {
+        let (button, irqfd) =
+            PowerButton::new().context("cannot create the power button's event fd")?;
+        self.vm
+            .fd()
+            .register_irqfd(&irqfd, GED_GSI)
+            .context("KVM_IRQFD for the power button (GED) failed")?;
+        Ok(button)
+    }
+
+    /// Whether the guest listens to the power button: a reader of the in-kernel IOAPIC's
+    /// redirection entry of [`GED_GSI`], unmasked once the guest's GED driver requested the
+    /// interrupt (Linux: `drivers/acpi/evged.c`). Works on its own handle of the VM, so it can
+    /// be called from any thread while the VM runs.
+    pub fn ged_listening(&self) -> anyhow::Result<GedListening> {
+        // SAFETY: dup of the VM's own descriptor; the new descriptor is owned by the VmFd below.
+        let raw = unsafe { libc::dup(self.vm.fd().as_raw_fd()) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("dup of the VM fd");
+        }
+        // SAFETY: `raw` is a fresh descriptor of this KVM VM, owned by nothing else.
+        let vm = unsafe { self.vm.kvm().create_vmfd_from_rawfd(raw) }
+            .context("a second handle on the VM")?;
+        Ok(GedListening { vm })
     }
 
     /// Starts one thread per vCPU on `bus` (COM1 is added here).
@@ -386,6 +420,31 @@ impl Machine {
     }
 }
 
+/// Reads whether the guest unmasked the GED's IOAPIC input ([`Machine::ged_listening`]).
+pub struct GedListening {
+    vm: kvm_ioctls::VmFd,
+}
+
+/// Redirection entry bit 16: interrupt mask (82093AA I/O APIC datasheet §3.2.4).
+const IOAPIC_REDIR_MASKED: u64 = 1 << 16;
+
+impl GedListening {
+    /// `Some(true)` when the guest unmasked the GED's pin, `Some(false)` while it is masked (the
+    /// guest has no GED driver yet, e.g. early in a boot, and would not hear the button),
+    /// `None` when KVM cannot tell.
+    pub fn listening(&self) -> Option<bool> {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        self.vm.get_irqchip(&mut chip).ok()?;
+        // SAFETY: chip_id is KVM_IRQCHIP_IOAPIC, so `ioapic` is the union member KVM filled;
+        // `bits` covers the whole 8-byte redirection entry.
+        let entry = unsafe { chip.chip.ioapic.redirtbl.get(GED_GSI as usize)?.bits };
+        Some(entry & IOAPIC_REDIR_MASKED == 0)
+    }
+}
+
 /// The migration flags of a VM, checked against each other: every misuse is refused with
 /// the fix.
 #[derive(Debug, Clone)]
@@ -482,6 +541,49 @@ impl MigrationPlan {
             postcopy_after: None,
         }
     }
+}
+
+/// Refuses an output file that cannot be written (its directory is missing or read-only, or it
+/// is a directory), naming the flag as given (`given`, e.g. `--stats-json /x/s.json`), so that
+/// a run does not fail at its end after the guest ran. Creates nothing: a file this creates to
+/// find out is removed again.
+pub fn check_output_path(given: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    if path.is_dir() {
+        bail!("{given}: is a directory; give the path of a file to write");
+    }
+    let existed = path.exists();
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+    {
+        Ok(_) => {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+        Err(e) => bail!(
+            "{given}: cannot write this file ({e}): create its directory or choose a writable \
+             path"
+        ),
+    }
+}
+
+/// Checks every output path of the command line (`--stats-json`, `--migrate-json`,
+/// `--serial file:`) before anything starts.
+pub fn check_output_paths(cli: &crate::cli::Cli) -> anyhow::Result<()> {
+    if let Some(p) = &cli.machine.stats_json {
+        check_output_path(&format!("--stats-json {}", p.display()), p)?;
+    }
+    if let Some(p) = &cli.machine.migrate_json {
+        check_output_path(&format!("--migrate-json {}", p.display()), p)?;
+    }
+    if let crate::cli::SerialTarget::File(p) = &cli.serial {
+        check_output_path(&format!("--serial file:{}", p.display()), p)?;
+    }
+    Ok(())
 }
 
 /// Stops a pager taken out of a machine once nothing else shares it.

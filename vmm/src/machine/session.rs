@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::idle::IdleWatch;
 use super::reclaim::Reclaimer;
 use super::Machine;
 use crate::api::{self, ApiServer, ApiTarget};
@@ -17,17 +18,12 @@ use crate::dirty::HostChangeRefused;
 use crate::migrate::precopy::{self, DirtySource, MigrateConfig, MigrateError};
 use crate::migrate::Address;
 use crate::pager::Pager;
-use crate::vcpu::{ExitRequest, VmControl};
+use crate::vcpu::{
+    ExitRequest, VmControl, EXIT_IDLE, EXIT_MIGRATE_FAILED, EXIT_OK, EXIT_SHUTDOWN_FORCED,
+};
 
 /// How often the main thread looks for a control-socket `migrate` request.
 const MIGRATE_POLL: Duration = Duration::from_millis(100);
-
-/// How long `shutdown` waits for the guest to power off after the power button before it
-/// stops the VM itself.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Exit code of a VM stopped by `shutdown` (the guest powered off, or did not in time).
-pub const EXIT_SHUTDOWN: i32 = 0;
 
 /// How waiting for the VM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,11 +54,23 @@ pub struct SessionConfig {
     pub spec: Vec<u8>,
     /// The i8042, when the payload has one (its state migrates).
     pub i8042: Option<Arc<I8042>>,
-    /// Presses the guest's power button (ACPI), when the payload has one; without it
-    /// `shutdown` stops the VM at once.
-    pub power_button: Option<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    /// The guest's power button (ACPI), when the payload has one; without it `shutdown` stops
+    /// the VM at once.
+    pub power_button: Option<PowerButtonHooks>,
+    /// How long `shutdown` waits for the guest to power off after the power button before it
+    /// stops the VM itself (`--shutdown-timeout`).
+    pub shutdown_timeout: Duration,
     /// Names the payload in `info` (`kernel`, `guest stress`, ...).
     pub payload: String,
+}
+
+/// What the control socket does with a payload's power button.
+pub struct PowerButtonHooks {
+    /// Presses it.
+    pub press: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+    /// Whether the guest listens to it (`None`: cannot tell); see
+    /// [`super::GedListening::listening`].
+    pub listening: Box<dyn Fn() -> Option<bool> + Send + Sync>,
 }
 
 /// A running machine with its control socket.
@@ -76,6 +84,23 @@ pub struct Session<'m> {
     i8042: Option<Arc<I8042>>,
     migrate_rx: Option<Receiver<MigrateRequest>>,
     api: Option<ApiServer>,
+    migrate_to_failed: std::cell::Cell<bool>,
+    idle: std::cell::RefCell<IdleWatch>,
+}
+
+/// The process exit code of a VM that ended with `code`: [`EXIT_MIGRATE_FAILED`] instead of
+/// [`EXIT_OK`] when its `--migrate-to` failed (the VM ran on here), so a script never reads a
+/// migration that did not happen as a success. Any other code stays.
+pub fn exit_code_after(code: i32, migrate_to_failed: bool) -> i32 {
+    if code == EXIT_OK && migrate_to_failed {
+        eprintln!(
+            "error: --migrate-to failed (see above) and the VM ran on here until it ended; exit \
+             code {EXIT_MIGRATE_FAILED}"
+        );
+        EXIT_MIGRATE_FAILED
+    } else {
+        code
+    }
 }
 
 impl<'m> Session<'m> {
@@ -90,6 +115,7 @@ impl<'m> Session<'m> {
         let (migrate_tx, migrate_rx) = channel::<MigrateRequest>();
         let api = match &cfg.api_socket {
             Some(path) => {
+                let power_button = cfg.power_button.map(Arc::new);
                 let info = Info {
                     control: control.clone(),
                     mem: machine.ram().size(),
@@ -99,6 +125,7 @@ impl<'m> Session<'m> {
                         .into(),
                     started: Instant::now(),
                     payload: cfg.payload.clone(),
+                    power_button: power_button.clone(),
                 };
                 Some(api::serve(
                     path,
@@ -110,7 +137,8 @@ impl<'m> Session<'m> {
                         exit: machine.exit().clone(),
                         migrate: Mutex::new(migrate_tx),
                         info,
-                        power_button: cfg.power_button,
+                        power_button,
+                        shutdown_timeout: cfg.shutdown_timeout,
                     }),
                 )?)
             }
@@ -126,6 +154,8 @@ impl<'m> Session<'m> {
             i8042: cfg.i8042,
             migrate_rx: Some(migrate_rx),
             api,
+            migrate_to_failed: std::cell::Cell::new(false),
+            idle: std::cell::RefCell::new(IdleWatch::default()),
         })
     }
 
@@ -135,7 +165,8 @@ impl<'m> Session<'m> {
     }
 
     /// Waits for the VM to stop, at most `limit`, carrying out `migrate` requests of the
-    /// control socket meanwhile.
+    /// control socket meanwhile, and ending a VM that halted for good with [`EXIT_IDLE`]
+    /// (see [`super::idle`]).
     pub fn wait(&self, limit: Option<Duration>) -> Waited {
         let deadline = limit.map(|l| Instant::now() + l);
         let exit = self.machine.exit();
@@ -151,6 +182,10 @@ impl<'m> Session<'m> {
             if let Some(code) = exit.wait_timeout(slice) {
                 return Waited::Exit(code);
             }
+            if let Some(why) = self.idle.borrow_mut().poll(&self.control) {
+                exit.request(EXIT_IDLE, &why);
+                continue;
+            }
             let Some(rx) = &self.migrate_rx else { continue };
             while let Ok((addr, postcopy_after, reply)) = rx.try_recv() {
                 let (res, waited) = self.migrate(&addr, postcopy_after);
@@ -164,7 +199,8 @@ impl<'m> Session<'m> {
 
     /// `--migrate-to`: when `addr` is given, lets the VM run `delay` first, then migrates to
     /// `addr` (postcopy after `postcopy_after` rounds when given). `Timeout` when the VM still
-    /// runs here afterwards (no migration asked, or it failed and the VM keeps running).
+    /// runs here afterwards (no migration asked, or it failed and the VM keeps running: then
+    /// [`migrate_to_failed`](Self::migrate_to_failed) says so).
     pub fn migrate_to(
         &self,
         addr: Option<&Address>,
@@ -180,9 +216,16 @@ impl<'m> Session<'m> {
                 return waited;
             }
         }
-        self.migrate(addr, postcopy_after)
-            .1
-            .unwrap_or(Waited::Timeout)
+        let (res, waited) = self.migrate(addr, postcopy_after);
+        if res.is_err() && waited.is_none() {
+            self.migrate_to_failed.set(true);
+        }
+        waited.unwrap_or(Waited::Timeout)
+    }
+
+    /// Whether `--migrate-to` failed and left the VM running here (see [`exit_code_after`]).
+    pub fn migrate_to_failed(&self) -> bool {
+        self.migrate_to_failed.get()
     }
 
     /// Migrates to `addr`, printing the outcome and writing `--migrate-json` when asked.
@@ -286,6 +329,7 @@ struct Info {
     dirty_mode: String,
     started: Instant,
     payload: String,
+    power_button: Option<Arc<PowerButtonHooks>>,
 }
 
 impl Info {
@@ -303,6 +347,9 @@ impl Info {
             "demand_paging": self.demand_paging,
             "dirty_mode": self.dirty_mode,
             "uptime_s": self.started.elapsed().as_secs_f64(),
+            "power_button": self.power_button.as_ref().map(|b| json!({
+                "guest_listening": (b.listening)(),
+            })),
         })
     }
 }
@@ -316,7 +363,8 @@ struct MachineApi {
     exit: ExitRequest,
     migrate: Mutex<Sender<MigrateRequest>>,
     info: Info,
-    power_button: Option<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    power_button: Option<Arc<PowerButtonHooks>>,
+    shutdown_timeout: Duration,
 }
 
 impl ApiTarget for MachineApi {
@@ -376,12 +424,12 @@ impl ApiTarget for MachineApi {
             return Err(HostChangeRefused::Migrated.to_string());
         }
         let started = Instant::now();
-        let Some(press) = &self.power_button else {
-            self.exit.request(
-                EXIT_SHUTDOWN,
-                "shutdown requested (this guest has no power button)",
-            );
-            return Ok(json!({"how": "stopped", "seconds": 0.0}));
+        let stop_now = |why: &str| {
+            self.exit.request(EXIT_SHUTDOWN_FORCED, why);
+            Ok(json!({"how": "stopped", "exit_code": EXIT_SHUTDOWN_FORCED, "seconds": 0.0}))
+        };
+        let Some(button) = &self.power_button else {
+            return stop_now("shutdown: this guest has no power button; stopped at once");
         };
         if self
             .control
@@ -389,28 +437,46 @@ impl ApiTarget for MachineApi {
             .unwrap_or_else(|p| p.into_inner())
             .all_paused()
         {
-            self.exit
-                .request(EXIT_SHUTDOWN, "shutdown requested while the VM was paused");
-            return Ok(json!({"how": "stopped", "seconds": 0.0}));
+            return stop_now(
+                "shutdown: the VM is paused and cannot hear the power button; stopped",
+            );
         }
-        press()?;
-        match self.exit.wait_timeout(SHUTDOWN_GRACE) {
+        let listening = (button.listening)();
+        (button.press)()?;
+        log::info!(
+            "shutdown: power button pressed ({}); the guest has {} s to power off",
+            match listening {
+                Some(true) => "the guest listens to it",
+                Some(false) => "the guest has not set up its interrupt and may not hear it",
+                None => "whether the guest listens is unknown",
+            },
+            self.shutdown_timeout.as_secs_f64()
+        );
+        match self.exit.wait_timeout(self.shutdown_timeout) {
             Some(code) => Ok(json!({
-                "how": "powered off",
+                "how": if code == EXIT_OK { "powered off" } else { "ended" },
                 "exit_code": code,
+                "guest_listening": listening,
                 "seconds": started.elapsed().as_secs_f64(),
             })),
             None => {
                 self.exit.request(
-                    EXIT_SHUTDOWN,
+                    EXIT_SHUTDOWN_FORCED,
                     &format!(
                         "shutdown: the guest did not power off within {} s of the power \
-                         button; stopped",
-                        SHUTDOWN_GRACE.as_secs()
+                         button (--shutdown-timeout){}; stopped",
+                        self.shutdown_timeout.as_secs_f64(),
+                        if listening == Some(false) {
+                            ", and had not unmasked its interrupt (no ACPI GED driver yet)"
+                        } else {
+                            ""
+                        }
                     ),
                 );
                 Ok(json!({
                     "how": "stopped after timeout",
+                    "exit_code": EXIT_SHUTDOWN_FORCED,
+                    "guest_listening": listening,
                     "seconds": started.elapsed().as_secs_f64(),
                 }))
             }

@@ -1,11 +1,18 @@
 //! Minimal ACPI tables (RSDP, XSDT, FADT, DSDT, MADT) so a kernel built without MP-table support
-//! (Debian's cloud kernel has CONFIG_X86_MPPARSE off) still finds every vCPU and the I/O APIC.
-//! Layouts from the ACPI Specification 6.5, chapter 5.2.
+//! (Debian's cloud kernel has CONFIG_X86_MPPARSE off) still finds every vCPU and the I/O APIC,
+//! and can power off, reboot and hear the power button on a hardware-reduced platform: the
+//! FADT's sleep control/status and reset registers, and a DSDT with `\_S5`, a Generic Event
+//! Device and a power button. Layouts from the ACPI Specification 6.5, chapter 5.2.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::aml::{self, Trigger};
 use super::mptable::{APIC_DEFAULT_BASE, IOAPIC_DEFAULT_BASE};
 use super::ArchError;
+use crate::devices::acpi::{
+    GED_GSI, POWER_BUTTON_NOTIFY, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT,
+    SLEEP_STATUS_PORT,
+};
 
 /// Where the RSDP goes: the BIOS read-only area Linux scans (ACPI 6.5 §5.2.5.1), inside the
 /// range the e820 map marks reserved.
@@ -31,14 +38,29 @@ const FADT_LEN: usize = 276;
 const FADT_OFF_DSDT: usize = 40;
 const FADT_OFF_IAPC_BOOT_ARCH: usize = 109;
 const FADT_OFF_FLAGS: usize = 112;
+const FADT_OFF_RESET_REG: usize = 116;
+const FADT_OFF_RESET_VALUE: usize = 128;
 const FADT_OFF_MINOR_VERSION: usize = 131;
 const FADT_OFF_X_DSDT: usize = 140;
+const FADT_OFF_SLEEP_CONTROL_REG: usize = 244;
+const FADT_OFF_SLEEP_STATUS_REG: usize = 256;
+/// Generic Address Structure (§5.2.3.2): 12 bytes; address space 1 is system I/O; access
+/// size 1 is byte access.
+const GAS_LEN: usize = 12;
+const GAS_SPACE_SYSTEM_IO: u8 = 1;
+const GAS_ACCESS_BYTE: u8 = 1;
 /// IA-PC boot architecture flags (§5.2.9.3): 8042 present, no VGA, no MSI, no CMOS RTC.
 const IAPC_8042: u16 = 1 << 1;
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
-/// FADT flags (§5.2.9, Table 5.10): hardware-reduced ACPI (no PM1 blocks to emulate).
+/// FADT flags (§5.2.9, Table 5.10). PWR_BUTTON: the power button is a control-method device
+/// (`\_SB.PWRB`), not the fixed feature; SLP_BUTTON: no fixed sleep button; RESET_REG_SUP:
+/// RESET_REG and RESET_VALUE are valid; HW_REDUCED_ACPI: no PM1 blocks, GPEs or SCI to emulate
+/// (the MADT/IOAPIC set-up relies on it).
+const FADT_F_PWR_BUTTON: u32 = 1 << 4;
+const FADT_F_SLP_BUTTON: u32 = 1 << 5;
+const FADT_F_RESET_REG_SUP: u32 = 1 << 10;
 const FADT_F_HW_REDUCED_ACPI: u32 = 1 << 20;
 
 /// MADT (§5.2.12): flags PCAT_COMPAT (dual 8259 present), entry types and their flags.
@@ -100,6 +122,17 @@ fn madt(cpus: u8) -> Vec<u8> {
     sdt(b"APIC", MADT_REVISION, &b)
 }
 
+/// A one-byte I/O-port register as a Generic Address Structure (§5.2.3.2).
+fn gas_io_byte(port: u16) -> [u8; GAS_LEN] {
+    let mut g = [0u8; GAS_LEN];
+    g[0] = GAS_SPACE_SYSTEM_IO;
+    g[1] = 8; // register bit width
+    g[2] = 0; // bit offset
+    g[3] = GAS_ACCESS_BYTE;
+    g[4..].copy_from_slice(&u64::from(port).to_le_bytes());
+    g
+}
+
 fn fadt(dsdt_gpa: u64) -> Vec<u8> {
     let mut body = vec![0u8; FADT_LEN - SDT_HEADER_LEN];
     let at = |off: usize| off - SDT_HEADER_LEN;
@@ -109,11 +142,75 @@ fn fadt(dsdt_gpa: u64) -> Vec<u8> {
         IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT;
     body[at(FADT_OFF_IAPC_BOOT_ARCH)..at(FADT_OFF_IAPC_BOOT_ARCH) + 2]
         .copy_from_slice(&iapc.to_le_bytes());
-    body[at(FADT_OFF_FLAGS)..at(FADT_OFF_FLAGS) + 4]
-        .copy_from_slice(&FADT_F_HW_REDUCED_ACPI.to_le_bytes());
+    let flags =
+        FADT_F_PWR_BUTTON | FADT_F_SLP_BUTTON | FADT_F_RESET_REG_SUP | FADT_F_HW_REDUCED_ACPI;
+    body[at(FADT_OFF_FLAGS)..at(FADT_OFF_FLAGS) + 4].copy_from_slice(&flags.to_le_bytes());
+    for (off, port) in [
+        (FADT_OFF_RESET_REG, RESET_PORT),
+        (FADT_OFF_SLEEP_CONTROL_REG, SLEEP_CONTROL_PORT),
+        (FADT_OFF_SLEEP_STATUS_REG, SLEEP_STATUS_PORT),
+    ] {
+        body[at(off)..at(off) + GAS_LEN].copy_from_slice(&gas_io_byte(port));
+    }
+    body[at(FADT_OFF_RESET_VALUE)] = RESET_VALUE;
     body[at(FADT_OFF_MINOR_VERSION)] = FADT_MINOR_VERSION;
     body[at(FADT_OFF_X_DSDT)..at(FADT_OFF_X_DSDT) + 8].copy_from_slice(&dsdt_gpa.to_le_bytes());
     sdt(b"FACP", FADT_REVISION, &body)
+}
+
+/// The DSDT's definition block:
+///
+/// ```text
+/// Scope (\_SB) {
+///     Device (PWRB) { Name (_HID, EisaId ("PNP0C0C")) Name (_UID, Zero) }
+///     Device (GED) {
+///         Name (_HID, "ACPI0013")
+///         Name (_UID, Zero)
+///         Name (_CRS, ResourceTemplate () {
+///             Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { GED_GSI } })
+///         Method (_EVT, 1) { If (Arg0 == GED_GSI) { Notify (\_SB.PWRB, 0x80) } }
+///     }
+/// }
+/// Name (\_S5, Package () { S5_SLP_TYP, S5_SLP_TYP, Zero, Zero })
+/// ```
+///
+/// Linux's GED driver (`drivers/acpi/evged.c`) requests the `_CRS` interrupt and runs `_EVT`
+/// with the GSI when it fires; the button driver turns the notification into KEY_POWER. `\_S5`
+/// gives `acpi_power_off` the SLP_TYP it writes to the sleep control register (both values:
+/// SLP_TYPa and SLP_TYPb, the second unused without a PM1b block).
+fn dsdt_body() -> Vec<u8> {
+    use aml::{
+        arg, device, eisa_id, if_, integer, interrupt, lequal, method, name, notify, package,
+        resource_template, scope, string,
+    };
+    let pwrb = [name("_HID", &eisa_id("PNP0C0C")), name("_UID", &integer(0))].concat();
+    let ged = [
+        name("_HID", &string("ACPI0013")),
+        name("_UID", &integer(0)),
+        name(
+            "_CRS",
+            &resource_template(&[interrupt(GED_GSI, Trigger::Edge)]),
+        ),
+        method(
+            "_EVT",
+            1,
+            &if_(
+                &lequal(&arg(0), &integer(GED_GSI.into())),
+                &notify("\\_SB.PWRB", &integer(POWER_BUTTON_NOTIFY.into())),
+            ),
+        ),
+    ]
+    .concat();
+    let sb = scope(
+        "\\_SB",
+        &[device("PWRB", &pwrb), device("GED", &ged)].concat(),
+    );
+    let s5 = u64::from(S5_SLP_TYP);
+    let sleep_s5 = name(
+        "\\_S5",
+        &package(&[integer(s5), integer(s5), integer(0), integer(0)]),
+    );
+    [sb, sleep_s5].concat()
 }
 
 fn rsdp(xsdt_gpa: u64) -> Vec<u8> {
@@ -136,7 +233,7 @@ fn rsdp(xsdt_gpa: u64) -> Vec<u8> {
 pub fn build(cpus: u8) -> Vec<(u64, Vec<u8>)> {
     let align = |x: u64| x.next_multiple_of(8);
     let dsdt_gpa = TABLES_GPA;
-    let dsdt = sdt(b"DSDT", DSDT_REVISION, &[]);
+    let dsdt = sdt(b"DSDT", DSDT_REVISION, &dsdt_body());
     let fadt_gpa = align(dsdt_gpa + dsdt.len() as u64);
     let fadt = fadt(dsdt_gpa);
     let madt_gpa = align(fadt_gpa + fadt.len() as u64);
@@ -220,6 +317,104 @@ mod tests {
         assert!(
             t.iter().all(|(g, b)| g + b.len() as u64 <= 0x10_0000),
             "below 1 MiB"
+        );
+    }
+
+    fn table(sig: &[u8; 4]) -> Vec<u8> {
+        build(1)
+            .into_iter()
+            .find(|(_, b)| &b[..4] == sig)
+            .unwrap()
+            .1
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    /// The FADT fields at the offsets of ACPI 6.5 Table 5.9, checked against literal offsets
+    /// (not the constants) so that a wrong constant shows.
+    #[test]
+    fn fadt_has_the_reset_and_sleep_registers_of_a_hardware_reduced_platform() {
+        let f = table(b"FACP");
+        assert_eq!(f.len(), 276);
+        assert_eq!(f[8], 6, "revision 6");
+        assert_eq!(f[131], 5, "minor version 5");
+        assert_eq!(sum(&f), 0);
+        let flags = u32_at(&f, 112);
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        assert_ne!(flags & (1 << 4), 0, "PWR_BUTTON: a control-method button");
+        assert_ne!(flags & (1 << 5), 0, "SLP_BUTTON: no fixed sleep button");
+        let gas = |off: usize, port: u16| {
+            let g = &f[off..off + 12];
+            assert_eq!(g[0], 1, "system I/O at {off}");
+            assert_eq!(g[1], 8, "8 bits wide at {off}");
+            assert_eq!(g[2], 0, "bit offset 0 at {off}");
+            assert_eq!(g[3], 1, "byte access at {off}");
+            assert_eq!(
+                u64::from_le_bytes(g[4..12].try_into().unwrap()),
+                u64::from(port),
+                "port at {off}"
+            );
+        };
+        gas(116, RESET_PORT);
+        assert_eq!(f[128], RESET_VALUE, "RESET_VALUE");
+        gas(244, SLEEP_CONTROL_PORT);
+        gas(256, SLEEP_STATUS_PORT);
+        // No PM1/PM2/timer/GPE blocks, 32-bit or 64-bit: a hardware-reduced FADT has none.
+        assert!(f[56..88].iter().all(|b| *b == 0), "PM1a..GPE1 blocks");
+        assert!(f[148..244].iter().all(|b| *b == 0), "X_PM1a..X_GPE1 blocks");
+        assert_eq!(u32_at(&f, 46) & 0xffff, 0, "no SCI");
+    }
+
+    #[test]
+    fn dsdt_has_s5_a_ged_and_a_power_button() {
+        let d = table(b"DSDT");
+        assert_eq!(sum(&d), 0);
+        assert_eq!(u32_at(&d, 4) as usize, d.len());
+        let body = &d[36..];
+        let find = |needle: &[u8]| body.windows(needle.len()).position(|w| w == needle);
+        // Scope (\_SB) is first and its PkgLength ends exactly where Name (\_S5) starts.
+        assert_eq!(&body[..1], &[0x10]);
+        let (len, len_bytes) = match body[1] >> 6 {
+            0 => (usize::from(body[1]), 1),
+            1 => ((usize::from(body[2]) << 4) | usize::from(body[1] & 0xf), 2),
+            n => panic!("unexpectedly large scope ({n} extra length bytes)"),
+        };
+        assert_eq!(&body[1 + len_bytes..1 + len_bytes + 5], b"\\_SB_");
+        let s5 = &body[1 + len..];
+        assert_eq!(
+            s5,
+            &[
+                0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, S5_SLP_TYP, 0x0a,
+                S5_SLP_TYP, 0x00, 0x00
+            ]
+        );
+        let hid = |id: &[u8]| [b"\x08_HID".as_slice(), id].concat();
+        let pwrb = find(b"\x5b\x82").unwrap();
+        assert_eq!(&body[pwrb + 3..pwrb + 7], b"PWRB");
+        assert!(
+            find(&hid(&[0x0c, 0x41, 0xd0, 0x0c, 0x0c])).unwrap() > pwrb,
+            "PNP0C0C"
+        );
+        assert!(find(&hid(b"\x0dACPI0013\0")).is_some(), "GED _HID");
+        let gsi = GED_GSI.to_le_bytes();
+        let crs = [
+            b"\x08_CRS\x11\x0e\x0a\x0b\x89\x06\x00\x03\x01".as_slice(),
+            &gsi,
+            b"\x79\x00",
+        ]
+        .concat();
+        assert!(find(&crs).is_some(), "_CRS: one edge, active-high GSI");
+        let evt = find(b"_EVT\x01").expect("_EVT with one argument");
+        assert_eq!(body[evt - 2], 0x14, "MethodOp");
+        let cmp = [0xa0, 18, 0x93, 0x68, 0x0a, GED_GSI as u8];
+        assert_eq!(&body[evt + 5..evt + 11], &cmp, "If (Arg0 == GED_GSI)");
+        assert_eq!(
+            &body[evt + 11..evt + 24],
+            b"\x86\\\x2e_SB_PWRB\x0a\x80",
+            "Notify (\\_SB.PWRB, 0x80)"
         );
     }
 }

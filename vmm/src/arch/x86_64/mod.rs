@@ -2,6 +2,7 @@
 //! mode, the MP table, and `configure_vcpu` that every boot path calls.
 
 pub mod acpi;
+pub mod aml;
 pub mod cpuid;
 pub mod emulate;
 pub mod gdt;

@@ -1,0 +1,324 @@
+//! Real-KVM tests of the life cycle on the real machine path ([`Machine`], its port bus and
+//! vCPU threads): hand-assembled ring-0 guests power off through the ACPI sleep control
+//! register (exit 0), reset through the ACPI reset register (exit 3), answer the power button
+//! (the GED's GSI through the in-kernel IOAPIC) by powering off, and halt with interrupts off.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm::arch::x86_64::{gdt, long_mode};
+use vmm::cli::MachineArgs;
+use vmm::devices::acpi::{
+    sleep, AcpiPm, ACPI_PM_PORTS, GED_GSI, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT,
+};
+use vmm::devices::{PioBus, PioDevice};
+use vmm::dirty::DirtyMode;
+use vmm::machine::session::{Session, SessionConfig, Waited};
+use vmm::machine::{Machine, MachineConfig, MigrationPlan};
+use vmm::memory::BackingKind;
+use vmm::vcpu::{VmControl, EXIT_IDLE, EXIT_OK, EXIT_REBOOT};
+
+const CODE_GPA: u64 = 0x10_0000;
+const IDT_GPA: u64 = 0x8000;
+const PML4_GPA: u64 = 0x1000;
+const GDT_GPA: u64 = 0x500;
+/// The guests write [`READY`] here when set up.
+const READY_PORT: u16 = 0x510;
+const READY: u8 = b'R';
+/// IDT gate type: present, DPL 0, 64-bit interrupt gate (Intel SDM Vol. 3A §6.14.1).
+const GATE_INTERRUPT_PRESENT: u8 = 0x8e;
+
+fn kvm_available() -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("skipped: /dev/kvm is not available");
+        return false;
+    }
+    true
+}
+
+/// Records that the guest reached its ready point.
+#[derive(Default)]
+struct ReadyPort(AtomicBool);
+
+impl PioDevice for ReadyPort {
+    fn read(&self, _vcpu: usize, _port: u16, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, _vcpu: usize, _port: u16, data: &[u8]) {
+        if data[0] == READY {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A 16-byte 64-bit interrupt gate to `handler` through the boot code segment.
+fn idt_gate(handler: u64) -> [u8; 16] {
+    let mut g = [0u8; 16];
+    g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    g[2..4].copy_from_slice(&gdt::BOOT_CS.to_le_bytes());
+    g[5] = GATE_INTERRUPT_PRESENT;
+    g[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    g[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    g
+}
+
+/// A running one-vCPU machine with the ACPI registers and a ready port on its bus.
+struct Running {
+    machine: Machine,
+    control: Arc<std::sync::Mutex<VmControl>>,
+    ready: Arc<ReadyPort>,
+}
+
+impl Running {
+    /// Loads `code` at CODE_GPA (with `vectors`: (vector, offset of its handler in `code`))
+    /// and starts it in 64-bit mode at CPL 0, RAM and the first 4 GiB identity-mapped (the
+    /// LAPIC and IOAPIC included).
+    fn start(code: &[u8], vectors: &[(u8, u64)]) -> Running {
+        let machine = Machine::new(MachineConfig {
+            mem: 64 << 20,
+            cpus: 1,
+            backing: BackingKind::Small,
+            demand_paging: false,
+            prefault: false,
+            dirty_mode: DirtyMode::KvmBitmap,
+            migrates: false,
+            serial_out: Box::new(std::io::sink()),
+            host_quirks: false,
+        })
+        .unwrap();
+        let mem = machine.mem().clone();
+        mem.write_slice(code, GuestAddress(CODE_GPA)).unwrap();
+        for (vector, off) in vectors {
+            mem.write_slice(
+                &idt_gate(CODE_GPA + off),
+                GuestAddress(IDT_GPA + u64::from(*vector) * 16),
+            )
+            .unwrap();
+        }
+        let vcpus = machine.create_vcpus().unwrap();
+        let cfg = long_mode::LongModeConfig {
+            pml4_gpa: PML4_GPA,
+            identity_map_bytes: 4 << 30,
+            gdt_gpa: GDT_GPA,
+            entry: CODE_GPA,
+            rsp: 0x8_0000,
+            rsi: 0,
+            rdi: 0,
+        };
+        long_mode::setup(&mem, &vcpus[0], cfg).unwrap();
+        let mut sregs = vcpus[0].get_sregs().unwrap();
+        sregs.idt.base = IDT_GPA;
+        sregs.idt.limit = 256 * 16 - 1;
+        vcpus[0].set_sregs(&sregs).unwrap();
+        let mut bus = PioBus::new();
+        bus.register(ACPI_PM_PORTS, Arc::new(AcpiPm::new(machine.exit().clone())))
+            .unwrap();
+        let ready = Arc::new(ReadyPort::default());
+        bus.register(READY_PORT..=READY_PORT, ready.clone())
+            .unwrap();
+        let control = machine.start(vcpus, bus).unwrap();
+        Running {
+            machine,
+            control,
+            ready,
+        }
+    }
+
+    fn wait_ready(&self, limit: Duration) -> bool {
+        let t = Instant::now();
+        while !self.ready.0.load(Ordering::SeqCst) {
+            if t.elapsed() > limit || self.machine.exit().code().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    fn stop(self) {
+        self.control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stop_all();
+    }
+}
+
+/// Says ready, then writes `value` to `port` and halts (interrupts on, nothing pending).
+#[rustfmt::skip]
+fn write_port(port: u16, value: u8) -> Vec<u8> {
+    let p = port.to_le_bytes();
+    vec![
+        0x66, 0xba, 0x10, 0x05, // mov dx, 0x510
+        0xb0, READY,            // mov al, 'R'
+        0xee,                   // out dx, al
+        0x66, 0xba, p[0], p[1], // mov dx, port
+        0xb0, value,            // mov al, value
+        0xee,                   // out dx, al
+        0xf4,                   // 0x0e: hlt
+        0xeb, 0xfd,             // jmp 0x0e
+    ]
+}
+
+/// `cli; hlt` after saying ready.
+#[rustfmt::skip]
+const DEAD_HALT: &[u8] = &[
+    0x66, 0xba, 0x10, 0x05, // mov dx, 0x510
+    0xb0, READY,            // mov al, 'R'
+    0xee,                   // out dx, al
+    0xfa,                   // cli
+    0xf4,                   // 0x08: hlt
+    0xeb, 0xfd,             // jmp 0x08
+];
+
+/// Enables its local APIC, routes IOAPIC pin [`GED_GSI`] (23: redirection entry 0x3e/0x3f) to
+/// vector 0x40 (fixed, edge, active high, APIC 0), says ready and waits in `sti; hlt`; the
+/// handler of vector 0x40 sends the EOI and powers off through the sleep control register.
+/// Assembled with GNU as (`.intel_syntax noprefix`), bytes from `objdump -d`.
+#[rustfmt::skip]
+const BUTTON: &[u8] = &[
+    0xb8, 0xf0, 0x00, 0xe0, 0xfe,             // 0x00: mov eax, 0xfee000f0 (LAPIC SVR)
+    0xc7, 0x00, 0xff, 0x01, 0x00, 0x00,       // 0x05: mov dword [rax], 0x1ff (enable)
+    0xb8, 0x00, 0x00, 0xc0, 0xfe,             // 0x0b: mov eax, 0xfec00000 (IOREGSEL)
+    0xc7, 0x00, 0x3f, 0x00, 0x00, 0x00,       // 0x10: mov dword [rax], 0x3f
+    0xc7, 0x40, 0x10, 0x00, 0x00, 0x00, 0x00, // 0x16: mov dword [rax+0x10], 0 (APIC 0)
+    0xc7, 0x00, 0x3e, 0x00, 0x00, 0x00,       // 0x1d: mov dword [rax], 0x3e
+    0xc7, 0x40, 0x10, 0x40, 0x00, 0x00, 0x00, // 0x23: mov dword [rax+0x10], 0x40
+    0x66, 0xba, 0x10, 0x05,                   // 0x2a: mov dx, 0x510
+    0xb0, READY,                              // 0x2e: mov al, 'R'
+    0xee,                                     // 0x30: out dx, al
+    0xfb,                                     // 0x31: sti
+    0xf4,                                     // 0x32: hlt
+    0xeb, 0xfd,                               // 0x33: jmp 0x32
+    // handler:
+    0xb8, 0xb0, 0x00, 0xe0, 0xfe,             // 0x35: mov eax, 0xfee000b0 (LAPIC EOI)
+    0xc7, 0x00, 0x00, 0x00, 0x00, 0x00,       // 0x3a: mov dword [rax], 0
+    0x66, 0xba, 0x00, 0x06,                   // 0x40: mov dx, 0x600 (SLEEP_CONTROL_PORT)
+    0xb0, 0x34,                               // 0x44: mov al, S5 << 2 | SLP_EN
+    0xee,                                     // 0x46: out dx, al
+    0x48, 0xcf,                               // 0x47: iretq
+];
+const BUTTON_VECTOR: u8 = 0x40;
+const BUTTON_HANDLER: u64 = 0x35;
+
+fn session<'m>(r: &'m Running) -> Session<'m> {
+    Session::new(
+        &r.machine,
+        r.control.clone(),
+        Arc::new(r.machine.reclaimer(None)),
+        SessionConfig {
+            api_socket: None,
+            migrate: MigrationPlan::config(&MachineArgs::default()),
+            migrate_json: None,
+            spec: Vec::new(),
+            i8042: None,
+            power_button: None,
+            shutdown_timeout: Duration::ZERO,
+            payload: "lifecycle test".into(),
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn s5_through_the_sleep_control_register_ends_with_exit_zero() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    let s5 = (S5_SLP_TYP << sleep::SLP_TYP_SHIFT) | sleep::SLP_EN;
+    let r = Running::start(&write_port(SLEEP_CONTROL_PORT, s5), &[]);
+    let code = r.machine.exit().wait_timeout(Duration::from_secs(60));
+    assert!(r.ready.0.load(Ordering::SeqCst), "the guest ran");
+    assert_eq!(code, Some(EXIT_OK), "powered off");
+    r.stop();
+}
+
+#[test]
+fn the_acpi_reset_register_ends_with_the_reboot_code() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    let r = Running::start(&write_port(RESET_PORT, RESET_VALUE), &[]);
+    let code = r.machine.exit().wait_timeout(Duration::from_secs(60));
+    assert!(r.ready.0.load(Ordering::SeqCst), "the guest ran");
+    assert_eq!(code, Some(EXIT_REBOOT));
+    r.stop();
+}
+
+/// The power button reaches the guest as an interrupt on GED_GSI through the in-kernel IOAPIC;
+/// until it is pressed the guest sits in `sti; hlt`, which is not idle for good.
+#[test]
+fn the_power_button_interrupts_the_guest_which_powers_off() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    assert_eq!(GED_GSI, 23, "BUTTON programs redirection entry 23");
+    assert_eq!(BUTTON[BUTTON_HANDLER as usize], 0xb8, "listing offsets");
+    let r = Running::start(BUTTON, &[(BUTTON_VECTOR, BUTTON_HANDLER)]);
+    assert!(r.wait_ready(Duration::from_secs(60)), "the guest set up");
+    let button = r.machine.power_button().unwrap();
+    assert_eq!(
+        r.machine.ged_listening().unwrap().listening(),
+        Some(true),
+        "the guest unmasked IOAPIC pin 23"
+    );
+    let s = session(&r);
+    assert_eq!(
+        s.wait(Some(Duration::from_millis(3500))),
+        Waited::Timeout,
+        "halted with interrupts on: not idle, keeps running"
+    );
+    button.press().unwrap();
+    assert_eq!(
+        s.wait(Some(Duration::from_secs(60))),
+        Waited::Exit(EXIT_OK),
+        "the button's interrupt ran the handler, which powered off"
+    );
+    drop(s);
+    r.stop();
+}
+
+/// Measured on this host's kvm_pvm: `cli; hlt` never leaves KVM_RUN (no KVM_EXIT_HLT with the
+/// in-kernel irqchip), and KVM_GET_MP_STATE then says HALTED with RFLAGS.IF clear. The
+/// session's idle watch sees that and ends the VM with EXIT_IDLE.
+#[test]
+fn a_halt_with_interrupts_off_ends_the_vm_as_idle() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    let r = Running::start(DEAD_HALT, &[]);
+    assert!(r.wait_ready(Duration::from_secs(60)));
+    assert_eq!(
+        r.machine.ged_listening().unwrap().listening(),
+        Some(false),
+        "a guest that never programmed the IOAPIC does not listen to the power button"
+    );
+    let t = Instant::now();
+    let s = session(&r);
+    let waited = s.wait(Some(Duration::from_secs(30)));
+    eprintln!("idle found after {:?}", t.elapsed());
+    assert_eq!(waited, Waited::Exit(EXIT_IDLE));
+    let c = r.control.lock().unwrap();
+    let (_, (mp, rflags)) = c
+        .probe_vcpu(0, |fd| {
+            (
+                fd.get_mp_state().unwrap().mp_state,
+                fd.get_regs().unwrap().rflags,
+            )
+        })
+        .unwrap();
+    assert_eq!((mp, rflags & (1 << 9)), (3, 0), "HALTED, IF clear");
+    drop(c);
+    drop(s);
+    r.stop();
+}
