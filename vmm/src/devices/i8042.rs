@@ -13,6 +13,10 @@ use crate::vcpu::{ExitRequest, EXIT_REBOOT};
 pub const I8042_DATA: u16 = 0x60;
 /// Command (write) / status (read) port.
 pub const I8042_COMMAND: u16 = 0x64;
+/// The keyboard's ISA interrupt (PC/AT convention), as the DSDT describes it.
+pub const KBD_IRQ: u32 = 1;
+/// The auxiliary (mouse) port's ISA interrupt.
+pub const MOUSE_IRQ: u32 = 12;
 
 /// Status register bits (IBM PS/2 Technical Reference, 8042 status byte; the names Linux's
 /// drivers/input/serio/i8042.h gives them).

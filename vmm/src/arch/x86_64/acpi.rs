@@ -172,7 +172,22 @@ fn fadt(dsdt_gpa: u64) -> Vec<u8> {
 ///     }
 /// }
 /// Name (\_S5, Package () { S5_SLP_TYP, S5_SLP_TYP, Zero, Zero })
+/// Scope (\_SB) {
+///     Device (COM1) { Name (_HID, EisaId ("PNP0501")) Name (_UID, One)
+///         Name (_CRS, ResourceTemplate () { IO (Decode16, 0x3F8, 0x3F8, 1, 8)
+///             Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { 4 } }) }
+///     Device (PS2K) { Name (_HID, EisaId ("PNP0303")) Name (_CRS, ResourceTemplate () {
+///         IO (Decode16, 0x60, 0x60, 1, 1) IO (Decode16, 0x64, 0x64, 1, 1) Interrupt (...) { 1 } }) }
+///     Device (PS2M) { Name (_HID, EisaId ("PNP0F13"))
+///         Name (_CRS, ResourceTemplate () { Interrupt (...) { 12 } }) }
+/// }
 /// ```
+///
+/// COM1 and the i8042 are described because with hardware-reduced ACPI Linux sets up no legacy
+/// ISA interrupts: a driver that asks for IRQ 4 by number gets nothing, and the tty on ttyS0
+/// (interrupt-driven, unlike printk's console) never transmits. Described here, the ports'
+/// interrupts are mapped through the IOAPIC by the PNP drivers (8250_pnp, i8042's PNP probe),
+/// as on other hardware-reduced VMMs.
 ///
 /// Linux's GED driver (`drivers/acpi/evged.c`) requests the `_CRS` interrupt and runs `_EVT`
 /// with the GSI when it fires; the button driver turns the notification into KEY_POWER. `\_S5`
@@ -210,7 +225,55 @@ fn dsdt_body() -> Vec<u8> {
         "\\_S5",
         &package(&[integer(s5), integer(s5), integer(0), integer(0)]),
     );
-    [sb, sleep_s5].concat()
+    [sb, sleep_s5, legacy_devices()].concat()
+}
+
+/// `\_SB.COM1`, `\_SB.PS2K` and `\_SB.PS2M` (see [`dsdt_body`]).
+fn legacy_devices() -> Vec<u8> {
+    use crate::devices::i8042::{I8042_COMMAND, I8042_DATA, KBD_IRQ, MOUSE_IRQ};
+    use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LAST};
+    use aml::{device, eisa_id, integer, interrupt, io_port, name, resource_template, scope};
+    let com1 = [
+        name("_HID", &eisa_id("PNP0501")),
+        name("_UID", &integer(1)),
+        name(
+            "_CRS",
+            &resource_template(&[
+                io_port(COM1_BASE, (COM1_LAST - COM1_BASE + 1) as u8),
+                interrupt(COM1_IRQ, Trigger::Edge),
+            ]),
+        ),
+    ]
+    .concat();
+    let kbd = [
+        name("_HID", &eisa_id("PNP0303")),
+        name(
+            "_CRS",
+            &resource_template(&[
+                io_port(I8042_DATA, 1),
+                io_port(I8042_COMMAND, 1),
+                interrupt(KBD_IRQ, Trigger::Edge),
+            ]),
+        ),
+    ]
+    .concat();
+    let mouse = [
+        name("_HID", &eisa_id("PNP0F13")),
+        name(
+            "_CRS",
+            &resource_template(&[interrupt(MOUSE_IRQ, Trigger::Edge)]),
+        ),
+    ]
+    .concat();
+    scope(
+        "\\_SB",
+        &[
+            device("COM1", &com1),
+            device("PS2K", &kbd),
+            device("PS2M", &mouse),
+        ]
+        .concat(),
+    )
 }
 
 fn rsdp(xsdt_gpa: u64) -> Vec<u8> {
@@ -368,8 +431,12 @@ mod tests {
         assert_eq!(u32_at(&f, 46) & 0xffff, 0, "no SCI");
     }
 
+    fn hid_bytes(id: &[u8]) -> Vec<u8> {
+        [b"\x08_HID".as_slice(), id].concat()
+    }
+
     #[test]
-    fn dsdt_has_s5_a_ged_and_a_power_button() {
+    fn dsdt_has_s5_a_ged_a_power_button_com1_and_the_i8042() {
         let d = table(b"DSDT");
         assert_eq!(sum(&d), 0);
         assert_eq!(u32_at(&d, 4) as usize, d.len());
@@ -384,14 +451,37 @@ mod tests {
         };
         assert_eq!(&body[1 + len_bytes..1 + len_bytes + 5], b"\\_SB_");
         let s5 = &body[1 + len..];
-        assert_eq!(
-            s5,
-            &[
-                0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, S5_SLP_TYP, 0x0a,
-                S5_SLP_TYP, 0x00, 0x00
-            ]
+        let s5_name = [
+            0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, S5_SLP_TYP, 0x0a,
+            S5_SLP_TYP, 0x00, 0x00,
+        ];
+        assert_eq!(&s5[..s5_name.len()], &s5_name);
+        // Then a second Scope (\_SB) with the legacy devices, to the end of the table.
+        let legacy = &s5[s5_name.len()..];
+        assert_eq!(legacy[0], 0x10, "ScopeOp");
+        let legacy_len = (usize::from(legacy[2]) << 4) | usize::from(legacy[1] & 0xf);
+        assert_eq!((legacy[1] >> 6, 1 + legacy_len), (1, legacy.len()));
+        let com1 = [
+            hid_bytes(&[0x0c, 0x41, 0xd0, 0x05, 0x01]).as_slice(), // EisaId ("PNP0501")
+            b"\x08_UID\x01\x08_CRS\x11\x16\x0a\x13",
+            &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08], // IO 0x3f8, 8 ports
+            &[0x89, 0x06, 0x00, 0x03, 0x01, 4, 0, 0, 0, 0x79, 0x00], // IRQ 4, edge, end
+        ]
+        .concat();
+        assert!(find(&com1).is_some(), "COM1 with its ports and IRQ 4");
+        assert!(
+            find(&hid_bytes(&[0x0c, 0x41, 0xd0, 0x03, 0x03])).is_some(),
+            "PNP0303"
         );
-        let hid = |id: &[u8]| [b"\x08_HID".as_slice(), id].concat();
+        assert!(
+            find(&hid_bytes(&[0x0c, 0x41, 0xd0, 0x0f, 0x13])).is_some(),
+            "PNP0F13"
+        );
+        assert!(
+            find(&[0x89, 0x06, 0x00, 0x03, 0x01, 12, 0, 0, 0]).is_some(),
+            "the mouse's IRQ 12"
+        );
+        let hid = hid_bytes;
         let pwrb = find(b"\x5b\x82").unwrap();
         assert_eq!(&body[pwrb + 3..pwrb + 7], b"PWRB");
         assert!(

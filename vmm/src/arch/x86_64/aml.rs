@@ -31,8 +31,13 @@ mod op {
     pub const IF: u8 = 0xa0;
 }
 
-/// Resource descriptor tags (ACPI 6.5 §6.4.2.9 end tag, §6.4.3.6 extended interrupt).
+/// Resource descriptor tags (ACPI 6.5 §6.4.2.5 I/O port, §6.4.2.9 end tag, §6.4.3.6 extended
+/// interrupt).
 mod res {
+    /// Small item 0x08 (I/O port), 7 bytes long: 0x08 << 3 | 7.
+    pub const IO_PORT: u8 = 0x47;
+    /// I/O port information: the device decodes 16 address bits.
+    pub const IO_DECODE_16: u8 = 1;
     pub const END_TAG: u8 = 0x79;
     pub const EXTENDED_INTERRUPT: u8 = 0x89;
     /// Extended interrupt flags: consumer, edge-triggered, active-low, shared.
@@ -268,6 +273,13 @@ pub fn interrupt(gsi: u32, trigger: Trigger) -> Vec<u8> {
     d
 }
 
+/// An I/O Port Descriptor (§6.4.2.5) for `len` ports fixed at `base` (minimum = maximum base,
+/// 16-bit decode): ASL `IO (Decode16, base, base, 1, len)`.
+pub fn io_port(base: u16, len: u8) -> Vec<u8> {
+    let [lo, hi] = base.to_le_bytes();
+    vec![res::IO_PORT, res::IO_DECODE_16, lo, hi, lo, hi, 1, len]
+}
+
 /// `ResourceTemplate() { descriptors }`: a buffer of the descriptors and the End Tag (§6.4.2.9;
 /// checksum 0: "treat as correct").
 pub fn resource_template(descriptors: &[Vec<u8>]) -> Vec<u8> {
@@ -290,6 +302,15 @@ mod tests {
         assert_eq!(pkg_length(0xffe), vec![0x81, 0x00, 0x01]); // 0x1001 in three
         assert_eq!(pkg_length(0xf_fffc), vec![0x8f, 0xff, 0xff]); // 0xfffff
         assert_eq!(pkg_length(0xf_fffd), vec![0xc1, 0x00, 0x00, 0x01]); // 0x100001 in four
+    }
+
+    #[test]
+    fn io_port_descriptor_is_the_asl_compilers() {
+        // IO (Decode16, 0x03F8, 0x03F8, 0x01, 0x08) as iasl emits it.
+        assert_eq!(
+            io_port(0x3f8, 8),
+            vec![0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]
+        );
     }
 
     #[test]
