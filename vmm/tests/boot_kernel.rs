@@ -414,24 +414,3 @@ fn kernel_runs_to_its_end_without_hanging() {
         other => panic!("unexpected exit {other:?}\nstderr:\n{}", run.stderr),
     }
 }
-
-#[test]
-#[ignore = "needs hardware KVM: this host's software KVM cannot emulate int3/xrstor/lock cmpxchg16b, so a stock kernel never reaches init here"]
-fn full_boot_to_init() {
-    let Some(k) = kernel("vmlinuz") else { return };
-    let (initrd, _) = write_initrd("init");
-    let cmdline = "console=ttyS0 reboot=k panic=1 rdinit=/init";
-    let mut a = args(&k, cmdline, &[]);
-    a.extend(["--initrd".to_string(), initrd.to_str().unwrap().to_string()]);
-    let run = boot_until(&a, |l| has(l, "Run /init as init process"));
-    assert!(
-        run.satisfied,
-        "init started:\n{}\n{}",
-        run.serial.join("\n"),
-        run.stderr
-    );
-    assert!(
-        has(&run.serial, "smpboot: Allowing 2 CPUs"),
-        "both vCPUs announced"
-    );
-}

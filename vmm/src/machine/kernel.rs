@@ -58,31 +58,44 @@ pub fn check_host_memory(mem: u64) -> Result<()> {
     Ok(())
 }
 
-/// Parameters a kernel needs on a software KVM (`kvm_pvm`): KVM there stops with an emulation
-/// failure on `xrstor` in guest kernel mode, which the VMM does not emulate, so the kernel
-/// must not use XSAVE.
-const SOFTWARE_KVM_PARAMS: &[&str] = &["noxsave"];
+/// What a kernel needs on a software KVM (`kvm_pvm`), which stops with an emulation failure
+/// on instructions the VMM does not emulate: `xrstor` (the kernel must not use XSAVE) and the
+/// SSE register instructions of SSSE3 code paths (Debian's kernel runs SSSE3 BLAKE2s for its
+/// random pool: `movd xmm, r32`, `pxor`).
+const NOXSAVE: &str = "noxsave";
+const CLEARED_CPU_FEATURE: &str = "ssse3";
 
-/// The command line the kernel gets: `cmdline` plus, on a software KVM, the parameters it
-/// needs that `cmdline` does not already have. Returns the line and what was appended.
-pub fn quirk_cmdline(cmdline: &str, software_kvm: bool) -> (String, Vec<&'static str>) {
+/// The command line the kernel gets: `cmdline` plus, on a software KVM, what it needs that
+/// `cmdline` does not already have (`noxsave`; `ssse3` in `clearcpuid=`, added to the user's
+/// own `clearcpuid=` list if there is one). Returns the line and what was added.
+pub fn quirk_cmdline(cmdline: &str, software_kvm: bool) -> (String, Vec<String>) {
     if !software_kvm {
         return (cmdline.to_string(), Vec::new());
     }
-    let have: Vec<&str> = cmdline.split_whitespace().collect();
-    let added: Vec<&'static str> = SOFTWARE_KVM_PARAMS
-        .iter()
-        .copied()
-        .filter(|p| !have.contains(p))
-        .collect();
-    let mut line = cmdline.trim_end().to_string();
-    for p in &added {
-        if !line.is_empty() {
-            line.push(' ');
-        }
-        line.push_str(p);
+    let mut words: Vec<String> = cmdline.split_whitespace().map(str::to_string).collect();
+    let mut added = Vec::new();
+    if !words.iter().any(|w| w == NOXSAVE) {
+        words.push(NOXSAVE.to_string());
+        added.push(NOXSAVE.to_string());
     }
-    (line, added)
+    match words.iter_mut().find(|w| w.starts_with("clearcpuid=")) {
+        Some(w) => {
+            if !w["clearcpuid=".len()..]
+                .split(',')
+                .any(|f| f == CLEARED_CPU_FEATURE)
+            {
+                w.push(',');
+                w.push_str(CLEARED_CPU_FEATURE);
+                added.push(format!("clearcpuid=...,{CLEARED_CPU_FEATURE}"));
+            }
+        }
+        None => {
+            let w = format!("clearcpuid={CLEARED_CPU_FEATURE}");
+            words.push(w.clone());
+            added.push(w);
+        }
+    }
+    (words.join(" "), added)
 }
 
 /// Refuses more vCPUs than KVM allows.
@@ -367,16 +380,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_software_kvm_gets_noxsave_once() {
+    fn a_software_kvm_gets_noxsave_and_ssse3_cleared_once() {
         assert_eq!(
             quirk_cmdline("console=ttyS0", true),
-            ("console=ttyS0 noxsave".to_string(), vec!["noxsave"])
+            (
+                "console=ttyS0 noxsave clearcpuid=ssse3".to_string(),
+                vec!["noxsave".to_string(), "clearcpuid=ssse3".to_string()]
+            )
         );
         assert_eq!(
-            quirk_cmdline("noxsave console=ttyS0", true),
-            ("noxsave console=ttyS0".to_string(), vec![])
+            quirk_cmdline("noxsave clearcpuid=ssse3 console=ttyS0", true),
+            ("noxsave clearcpuid=ssse3 console=ttyS0".to_string(), vec![])
         );
-        assert_eq!(quirk_cmdline("", true).0, "noxsave");
+        // The user's own list is extended, not given a second clearcpuid= the kernel ignores.
+        assert_eq!(
+            quirk_cmdline("clearcpuid=cx16 noxsave", true).0,
+            "clearcpuid=cx16,ssse3 noxsave"
+        );
+        assert_eq!(quirk_cmdline("", true).0, "noxsave clearcpuid=ssse3");
         assert_eq!(
             quirk_cmdline("console=ttyS0", false),
             ("console=ttyS0".to_string(), vec![])
