@@ -283,7 +283,10 @@ fn debian_cloud_kernel_reaches_userspace() {
     };
     let k = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kernel/vmlinuz");
     if !k.exists() {
-        eprintln!("{test}: skipped: {} is missing (run tools/fetch-kernel)", k.display());
+        eprintln!(
+            "{test}: skipped: {} is missing (run tools/fetch-kernel)",
+            k.display()
+        );
         return;
     }
     let _g = serial();
@@ -309,6 +312,15 @@ fn debian_cloud_kernel_reaches_userspace() {
 #[test]
 fn the_counter_check_rejects_a_lost_or_repeated_line() {
     let good: Vec<(u64, u64)> = (1..=3).map(|n| (n, fnv_chain(1..=n))).collect();
+    // The first values counter.c prints (tools/test-kernel/README.md).
+    assert_eq!(
+        good,
+        vec![
+            (1, 0x07f8_bc07_b4ba_5002),
+            (2, 0x7a23_85f1_c751_78ae),
+            (3, 0xfb3e_fa19_1b39_9257)
+        ]
+    );
     check_counter(&good);
     let text: String = good
         .iter()
