@@ -1,6 +1,7 @@
 //! A real Linux to userspace on the stage-2 path: the project's test kernel boots to the test
 //! initramfs's `/init`, which prints `MARKER <value>`, runs the program the command line names
-//! and powers off through ACPI (exit code 0). On this host's software KVM that takes the
+//! and powers off through ACPI (exit code 0); on 4 KiB pages, THP, and 2 MiB hugetlbfs with two
+//! vCPUs (the precopy test), and shut down through the ACPI power button. On this host's software KVM that takes the
 //! emulation fallback (ring-0 instructions KVM cannot run) and the syscall relay (a user
 //! `syscall` KVM leaves at CPL 3); the emulation counters show both at work.
 //!
@@ -117,29 +118,49 @@ fn test_kernel_prints_the_marker_and_powers_off() {
     marker_and_poweroff("test_kernel_prints_the_marker_and_powers_off", SMALL);
 }
 
+/// The control socket's `shutdown` presses the ACPI power button: the test kernel's button
+/// driver reports KEY_POWER, /init's acpid powers off, and the VM ends with 0 (not the forced
+/// stop's 4). On THP-backed RAM, the backing no other kernel test uses.
 #[test]
-fn test_kernel_on_two_vcpus_and_2m_hugetlbfs() {
-    if !migrate_util::free_2m_pages_or_skip("test_kernel_on_two_vcpus_and_2m_hugetlbfs", 128) {
+fn shutdown_powers_off_through_the_guests_power_button_on_thp() {
+    let test = "shutdown_powers_off_through_the_guests_power_button_on_thp";
+    let Some((k, i)) = test_kernel(test) else {
         return;
-    }
-    marker_and_poweroff(
-        "test_kernel_on_two_vcpus_and_2m_hugetlbfs",
-        &["--mem", "256M", "--cpus", "2", "--hugepages", "2M"],
-    );
-}
-
-#[test]
-fn test_kernel_on_thp() {
-    marker_and_poweroff(
-        "test_kernel_on_thp",
+    };
+    let _g = serial();
+    let sock = tmp(&format!("{test}.sock"));
+    let mut vm = KernelVm::boot(
+        &k,
+        &i,
+        test,
+        "console=ttyS0 marker=thp run=counter",
         &["--mem", "256M", "--cpus", "1", "--hugepages", "thp"],
+        &["--api-socket", sock.to_str().unwrap()],
     );
+    assert!(
+        vm.wait_for("COUNTER 3 ", BOOT_LIMIT),
+        "the counter runs:\n{}",
+        vm.text()
+    );
+    assert!(vm.text().lines().any(|l| l.trim_end() == "MARKER thp"));
+    wait_for_path(&sock);
+    let info = request(&sock, json!({"cmd": "info"}))["info"].clone();
+    assert_eq!(info["backing"], "THP", "{info}");
+    let down = request(&sock, json!({"cmd": "shutdown"}))["shutdown"].clone();
+    eprintln!("{test}: {down}");
+    let (code, err, text) = vm.wait_end(Duration::from_secs(120));
+    assert!(
+        text.contains("init: power button pressed"),
+        "acpid ran the power button's action:\n{}\n{err}",
+        &text[text.len().saturating_sub(2000)..]
+    );
+    assert_eq!(code, Some(0), "the guest powered off: {err}");
 }
 
 /// The guest's counter program migrated while it runs: the destination's console carries on
 /// with the next value, the checksum chain holds across the move, and the guest powers off
 /// on the destination.
-fn migrate_counter(test: &str, postcopy_after: Option<u32>) {
+fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>) {
     let Some((k, i)) = test_kernel(test) else {
         return;
     };
@@ -152,7 +173,7 @@ fn migrate_counter(test: &str, postcopy_after: Option<u32>) {
         &i,
         &format!("{test}-src"),
         cmdline,
-        SMALL,
+        machine,
         &["--api-socket", sock.to_str().unwrap()],
     );
     assert!(
@@ -192,7 +213,9 @@ fn migrate_counter(test: &str, postcopy_after: Option<u32>) {
         "the destination went on counting:\n{dst_text}\n{dst_err}"
     );
     // One console: a line the pause cut is finished on the destination.
-    let all = counter_lines(&format!("{src_text}{dst_text}"));
+    let whole = format!("{src_text}{dst_text}");
+    assert!(whole.lines().any(|l| l.trim_end() == "MARKER counter"));
+    let all = counter_lines(&whole);
     check_counter(&all);
     assert_eq!(all.last().unwrap().0, 40, "the counter ran to its end");
     assert!(
@@ -206,14 +229,25 @@ fn migrate_counter(test: &str, postcopy_after: Option<u32>) {
     );
 }
 
+/// Precopy, on two vCPUs and 2 MiB hugetlbfs.
 #[test]
-fn counter_migrates_live_precopy() {
-    migrate_counter("counter_migrates_live_precopy", None);
+fn counter_migrates_live_precopy_on_two_vcpus_and_2m_hugetlbfs() {
+    let test = "counter_migrates_live_precopy_on_two_vcpus_and_2m_hugetlbfs";
+    // Source and destination: 128 pages each.
+    if !migrate_util::free_2m_pages_or_skip(test, 256) {
+        return;
+    }
+    migrate_counter(
+        test,
+        &["--mem", "256M", "--cpus", "2", "--hugepages", "2M"],
+        None,
+    );
 }
 
+/// Postcopy after one round, on 4 KiB pages.
 #[test]
 fn counter_migrates_live_postcopy() {
-    migrate_counter("counter_migrates_live_postcopy", Some(1));
+    migrate_counter("counter_migrates_live_postcopy", SMALL, Some(1));
 }
 
 /// The memory program writes and verifies a pattern over most of the guest's RAM on the
