@@ -6,9 +6,10 @@
 //! kernel's timestamps monotonic) and reaches the same point as an unmigrated boot.
 //!
 //! On this machine's software KVM the test kernel reaches `Run /init as init process` about
-//! 50 s (guest clock) into its boot and init's first system call then faults (the host KVM
-//! does not deliver a `syscall` from guest user mode to a non-PVM guest kernel, see DESIGN.md);
-//! on hardware KVM /init prints `MARKER <value>`. The tests accept either as "the end".
+//! 20-50 s (guest clock) into its boot; /init then runs through the syscall relay and powers
+//! off (ACPI S5), though its own output does not reach the console here yet (measured
+//! 2026-12-06, also on main); on hardware KVM /init prints `MARKER <value>` first. Without the
+//! relay init's first system call faults. The tests accept any of these as "the end".
 
 mod migrate_util;
 
@@ -153,14 +154,6 @@ impl KernelVm {
         let text = self.text();
         let _ = std::fs::remove_file(&self.console);
         (code, err, text)
-    }
-
-    fn kill(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let text = self.text();
-        let _ = std::fs::remove_file(&self.console);
-        text
     }
 }
 
@@ -323,9 +316,8 @@ fn migrate_mid_boot(test: &str, postcopy_after: Option<u32>) {
         console: dst_console,
     };
     let ended = dst.wait_for(LAST_LINE, BOOT_LIMIT);
-    // Let the line after it (init's fault here, the marker on hardware KVM) come too.
-    std::thread::sleep(Duration::from_secs(3));
-    let dst_text = dst.kill();
+    // /init then prints the marker and powers off, and the destination ends by itself.
+    let (dst_code, dst_err, dst_text) = dst.wait_end(Duration::from_secs(120));
     assert!(
         ended,
         "the destination continued the boot to {LAST_LINE:?}:\n{dst_text}"
@@ -350,11 +342,18 @@ fn migrate_mid_boot(test: &str, postcopy_after: Option<u32>) {
         seam > 10 && lines.len() > seam + 10,
         "both sides printed part of the boot"
     );
+    let powered_off = whole.contains("reboot: Power down");
     assert!(
-        whole.contains("MARKER kernel-machine") || whole.contains("init[1]: segfault"),
-        "the same end as an unmigrated boot (the marker on hardware KVM, init's fault here):\n{}",
+        whole.contains("MARKER kernel-machine")
+            || powered_off
+            || whole.contains("init[1]: segfault"),
+        "the same end as an unmigrated boot (the marker, or /init's poweroff, or init's fault \
+         on a build without the syscall relay):\n{}",
         &whole[whole.len().saturating_sub(2000)..]
     );
+    if powered_off {
+        assert_eq!(dst_code, Some(0), "the destination powered off: {dst_err}");
+    }
 }
 
 #[test]
