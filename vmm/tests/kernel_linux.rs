@@ -102,6 +102,10 @@ fn marker_and_poweroff(test: &str, machine: &[&str]) {
         "/init printed the marker:\n{tail}\n{err}"
     );
     assert_eq!(code, Some(0), "/init powered off:\n{tail}\n{err}");
+    assert!(
+        err.contains("guest powered off (ACPI S5 through the sleep control register)"),
+        "the kernel powered off through the FADT's sleep control register: {err}"
+    );
     let doc = stats_doc(&stats);
     check_emulation_counters(&doc);
     assert!(

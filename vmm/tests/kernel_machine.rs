@@ -6,9 +6,10 @@
 //! kernel's timestamps monotonic) and reaches the same point as an unmigrated boot.
 //!
 //! On this machine's software KVM the test kernel reaches `Run /init as init process` about
-//! 50 s (guest clock) into its boot and init's first system call then faults (the host KVM
-//! does not deliver a `syscall` from guest user mode to a non-PVM guest kernel, see DESIGN.md);
-//! on hardware KVM /init prints `MARKER <value>`. The tests accept either as "the end".
+//! 20-50 s (guest clock) into its boot; /init then runs through the syscall relay and powers
+//! off (ACPI S5), though its own output does not reach the console here yet (measured
+//! 2026-12-06, also on main); on hardware KVM /init prints `MARKER <value>` first. Without the
+//! relay init's first system call faults. The tests accept any of these as "the end".
 
 mod migrate_util;
 
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use migrate_util::{free_port, serial, LISTENING};
 use serde_json::{json, Value};
-use vmm::vcpu::{EXIT_OK, EXIT_REBOOT, EXIT_SHUTDOWN_FORCED};
+use vmm::vcpu::{EXIT_IDLE, EXIT_REBOOT, EXIT_SHUTDOWN_FORCED};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 /// One boot to /init takes 50-60 s here with the host idle; twice that when it is busy.
@@ -153,14 +154,6 @@ impl KernelVm {
         let text = self.text();
         let _ = std::fs::remove_file(&self.console);
         (code, err, text)
-    }
-
-    fn kill(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let text = self.text();
-        let _ = std::fs::remove_file(&self.console);
-        text
     }
 }
 
@@ -323,9 +316,8 @@ fn migrate_mid_boot(test: &str, postcopy_after: Option<u32>) {
         console: dst_console,
     };
     let ended = dst.wait_for(LAST_LINE, BOOT_LIMIT);
-    // Let the line after it (init's fault here, the marker on hardware KVM) come too.
-    std::thread::sleep(Duration::from_secs(3));
-    let dst_text = dst.kill();
+    // /init then prints the marker and powers off, and the destination ends by itself.
+    let (dst_code, dst_err, dst_text) = dst.wait_end(Duration::from_secs(120));
     assert!(
         ended,
         "the destination continued the boot to {LAST_LINE:?}:\n{dst_text}"
@@ -350,11 +342,18 @@ fn migrate_mid_boot(test: &str, postcopy_after: Option<u32>) {
         seam > 10 && lines.len() > seam + 10,
         "both sides printed part of the boot"
     );
+    let powered_off = whole.contains("reboot: Power down");
     assert!(
-        whole.contains("MARKER kernel-machine") || whole.contains("init[1]: segfault"),
-        "the same end as an unmigrated boot (the marker on hardware KVM, init's fault here):\n{}",
+        whole.contains("MARKER kernel-machine")
+            || powered_off
+            || whole.contains("init[1]: segfault"),
+        "the same end as an unmigrated boot (the marker, or /init's poweroff, or init's fault \
+         on a build without the syscall relay):\n{}",
         &whole[whole.len().saturating_sub(2000)..]
     );
+    if powered_off {
+        assert_eq!(dst_code, Some(0), "the destination powered off: {dst_err}");
+    }
 }
 
 #[test]
@@ -418,19 +417,34 @@ fn a_kernel_panic_reboots_through_the_acpi_reset_register() {
     );
 }
 
-/// /init of the test initramfs ends with `poweroff -f`: the kernel writes SLP_TYP|SLP_EN to
-/// the sleep control register and the VM ends with 0.
+/// Without ACPI (`acpi=off`) the kernel cannot power off: /init's `poweroff -f` ends in
+/// "System halted", every vCPU in `hlt` with interrupts off, which the idle watch ends with
+/// EXIT_IDLE instead of keeping the process alive. Needs guest userspace (the syscall relay on
+/// this host's KVM). 46 s here (measured 2026-12-06).
 #[test]
-#[ignore = "guest userspace does not run on this host's KVM yet (init faults on its first \
-            system call); run it on hardware KVM"]
-fn init_powers_off_through_acpi_s5_with_exit_zero() {
-    let Some((k, i)) = test_kernel("init_powers_off_through_acpi_s5_with_exit_zero") else {
+fn a_halted_kernel_ends_as_idle() {
+    let Some((k, i)) = test_kernel("a_halted_kernel_ends_as_idle") else {
         return;
     };
     let _g = serial();
-    let vm = KernelVm::boot(&k, &i, "poweroff", &[]);
+    let t = Instant::now();
+    let vm = KernelVm::boot_with(
+        &k,
+        Some(&i),
+        "console=ttyS0 noxsave acpi=off",
+        "halted",
+        &[],
+    );
     let (code, err, text) = vm.wait_end(BOOT_LIMIT);
-    assert!(text.contains("MARKER kernel-machine"), "/init ran:\n{text}");
-    assert_eq!(code, Some(EXIT_OK), "powered off: {err}");
-    assert!(err.contains("guest powered off (ACPI S5"), "{err}");
+    eprintln!("ended after {:.1} s", t.elapsed().as_secs_f64());
+    assert!(
+        text.contains("System halted"),
+        "the kernel halted:\n{}",
+        &text[text.len().saturating_sub(2000)..]
+    );
+    assert_eq!(code, Some(EXIT_IDLE), "{err}");
+    assert!(
+        err.contains("halted with interrupts off and nothing pending"),
+        "{err}"
+    );
 }

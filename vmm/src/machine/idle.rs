@@ -124,12 +124,17 @@ impl IdleWatch {
                         log::debug!("idle watch: vCPU {i}: {e}");
                         return self.reset();
                     }
-                    // Paused (a migration or `vmmctl pause` holds it), or the thread is gone.
-                    _ => return self.reset(),
+                    // Paused (a migration or `vmmctl pause` holds it).
+                    Ok(_) => return self.reset(),
+                    Err(e) => {
+                        log::debug!("idle watch: {e}");
+                        return self.reset();
+                    }
                 }
             }
             v
         };
+        log::trace!("idle watch: {samples:x?}");
         if !halted_for_good(&samples) {
             return self.reset();
         }
