@@ -672,7 +672,7 @@ pub fn receive_ram<R: Read>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migrate::StreamReader;
+    use crate::migrate::stream::StreamReader;
     use std::sync::Mutex;
 
     /// A pager over a plain mapping: places by writing, records what it was asked.
@@ -846,8 +846,8 @@ mod tests {
         let mut rx = RamReceiver::new(&dst, None);
         loop {
             let c = match r.next_chunk_into(&mut rx).unwrap() {
-                super::super::stream::Received::PagesInPlace { .. } => continue,
-                super::super::stream::Received::Chunk(c) => c,
+                crate::migrate::stream::Received::PagesInPlace { .. } => continue,
+                crate::migrate::stream::Received::Chunk(c) => c,
             };
             if !rx.apply(&c).unwrap() {
                 assert_eq!(c, Chunk::End);
