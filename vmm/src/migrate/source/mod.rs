@@ -14,7 +14,7 @@ use vm_memory::GuestMemoryMmap;
 use self::postcopy::DestInfo;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
-use crate::dirty::{DirtyBitmap, DirtyMode, DirtyTracker, HostChangeRefused, HostChanges};
+use crate::dirty::{DirtyBitmap, DirtySource, DirtyTracker, HostChangeRefused, HostChanges};
 use crate::memory::RamRegion;
 use crate::migrate::error::MigrateError;
 use crate::migrate::page_set::PageSet;
@@ -25,11 +25,8 @@ use crate::migrate::state::{
     DEVICE_KVM_VM, DEVICE_SERIAL,
 };
 use crate::migrate::stream::{Layout, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
-use crate::migrate::summary::{
-    dirty_mode_name, ms, MigrationMode, MigrationSummary, PostcopyFigures, RoundFigures,
-};
+use crate::migrate::summary::{ms, MigrationMode, MigrationSummary, PostcopyFigures, RoundFigures};
 use crate::migrate::transport::{Address, Connection};
-use crate::pager::Pager;
 use crate::vcpu::VmControl;
 
 /// Default downtime goal (`--downtime-ms`).
@@ -52,36 +49,6 @@ pub struct MigrateConfig {
     /// Switch to postcopy after this many rounds (at least 1: the full pass) instead of
     /// iterating until the downtime fits.
     pub postcopy_after: Option<u32>,
-}
-
-/// Where the source's dirty pages come from (`--dirty-mode`), set up when the VM starts.
-#[derive(Clone)]
-pub enum DirtySource {
-    /// KVM's dirty bitmap, started when a migration starts.
-    KvmBitmap,
-    /// KVM's dirty rings: enabled before the vCPUs were created, logging since the VM
-    /// started (the ring-full hook of every vCPU drains them).
-    KvmRing(Arc<DirtyTracker>),
-    /// stage2's write tracking: the pager was started with write tracking; logging starts
-    /// with the migration.
-    Stage2Wp(Arc<Pager>),
-}
-
-impl std::fmt::Debug for DirtySource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(dirty_mode_name(self.mode()))
-    }
-}
-
-impl DirtySource {
-    /// The mode.
-    pub fn mode(&self) -> DirtyMode {
-        match self {
-            DirtySource::KvmBitmap => DirtyMode::KvmBitmap,
-            DirtySource::KvmRing(t) => t.mode(),
-            DirtySource::Stage2Wp(_) => DirtyMode::Stage2Wp,
-        }
-    }
 }
 
 /// What the source needs from the running VM.
@@ -185,17 +152,7 @@ pub fn send(
         }
         None => None,
     };
-    let tracker = match src.dirty {
-        DirtySource::KvmBitmap => Arc::new(DirtyTracker::new_kvm(
-            src.vm,
-            src.regions,
-            DirtyMode::KvmBitmap,
-        )?),
-        // Created with the VM (rings only exist if set up before the vCPUs); it logs from
-        // its first harvest below until the stop after this migration.
-        DirtySource::KvmRing(t) => t.clone(),
-        DirtySource::Stage2Wp(p) => Arc::new(DirtyTracker::new_stage2(p.clone(), src.regions)?),
-    };
+    let tracker = src.dirty.tracker(src.vm, src.regions)?;
     // A VM paused before its migration stays paused through it: the control lock is held,
     // so pause and resume requests wait until the migration is over. Nothing writes its RAM
     // then (reclaims are refused too), and every round is sent straight from guest RAM.
@@ -422,7 +379,7 @@ fn rounds<W: Write>(
     let ram_bytes = src.regions.iter().map(|r| r.len).sum();
     let summary = |mode, figures, downtime: Duration, postcopy, bytes_sent| MigrationSummary {
         mode,
-        dirty_mode: dirty_mode_name(tracker.mode()).into(),
+        dirty_mode: tracker.mode().name().into(),
         total_ms: ms(started.elapsed()),
         downtime_ms: ms(downtime),
         bytes_sent,
