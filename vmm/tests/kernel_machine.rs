@@ -10,6 +10,7 @@
 //! does not deliver a `syscall` from guest user mode to a non-PVM guest kernel, see DESIGN.md);
 //! on hardware KVM /init prints `MARKER <value>`. The tests accept either as "the end".
 
+#[path = "migrate/util.rs"]
 mod migrate_util;
 
 use std::path::{Path, PathBuf};

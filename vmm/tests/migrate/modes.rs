@@ -5,14 +5,12 @@
 //! pause leaves the source's guest running; a postcopy request to a destination without
 //! demand paging is refused and the source's guest goes on and passes.
 
-mod migrate_util;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use migrate_util::{
+use crate::util::{
     api_guest, assert_guest_passed, finish, free_2m_pages_or_skip, guest_on, kvm_or_skip, lines,
     listening, migrate_json_path, read_migrate_json, run_to_end, serial, vmm, vmm_on,
 };

@@ -1,9 +1,7 @@
 //! `vmm --guest stress|touch|dirty` on real KVM: every mode on 4 KiB, THP and 2 MiB hugetlbfs
 //! backing, with exact stage2 install counts where the backing makes them exact.
 
-mod guest_util;
-
-use guest_util::{hugetlb_or_skip, kvm_or_skip, serial, vmm_guest, Run};
+use crate::util::{self, hugetlb_or_skip, kvm_or_skip, serial, vmm_guest, Run};
 
 const GIB: u64 = 1 << 30;
 const SZ_2M: u64 = 2 << 20;
@@ -170,7 +168,7 @@ fn touch_and_dirty_on_4_vcpus() {
     if !kvm_or_skip(test) {
         return;
     }
-    let hp = if guest_util::free_2m_pages() >= 512 {
+    let hp = if util::free_2m_pages() >= 512 {
         "2M"
     } else {
         "thp"
@@ -223,7 +221,7 @@ fn stress_on_hugetlb_1g_installs_one_block_per_touched_gib() {
     if !kvm_or_skip(test) {
         return;
     }
-    let free = guest_util::free_huge_pages("hugepages-1048576kB");
+    let free = util::free_huge_pages("hugepages-1048576kB");
     if free < 2 {
         eprintln!("{test}: skipped: the 1 GiB hugetlb pool has {free} free pages, 2 needed");
         return;
