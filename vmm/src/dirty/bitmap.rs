@@ -23,7 +23,10 @@ use kvm_bindings::{
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
-use super::{DirtyBitmap, DirtyError, DirtyLog, DirtyMode, HarvestStats, SlotInfo};
+use super::error::DirtyError;
+use super::log::{DirtyLog, HarvestStats};
+use super::mode::DirtyMode;
+use super::pages::{DirtyBitmap, SlotInfo};
 
 /// KVM's ioctl type (include/uapi/linux/kvm.h `KVMIO`).
 const KVMIO: u32 = 0xAE;
@@ -203,9 +206,5 @@ impl DirtyLog for KvmBitmapLog {
 
     fn stop(&self) -> Result<(), DirtyError> {
         set_log_flag(&self.vm, &self.slots, false)
-    }
-
-    fn kvm_bitmap(&self) -> Option<&KvmBitmapLog> {
-        Some(self)
     }
 }

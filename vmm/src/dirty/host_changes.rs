@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::VmmDirty;
+use super::pages::VmmDirty;
 
 /// Why a host-side change of guest RAM is refused: a migration is taking (or took) the
 /// memory as it is.

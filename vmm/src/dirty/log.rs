@@ -1,9 +1,24 @@
 //! What a source of dirty pages does, whatever the mode: [`DirtyLog`] (harvest, settle, stop),
-//! implemented once per [`DirtyMode`].
+//! implemented once per [`DirtyMode`], and the [`HarvestStats`] a harvest fills in.
 
-use super::bitmap::KvmBitmapLog;
-use super::ring::KvmRingLog;
-use super::{DirtyBitmap, DirtyError, DirtyMode, HarvestStats};
+use super::error::DirtyError;
+use super::mode::DirtyMode;
+use super::pages::DirtyBitmap;
+
+/// Timing of the last harvest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HarvestStats {
+    /// Reading the source (KVM_GET_DIRTY_LOG / ring collection), ns. stage2-wp: the whole
+    /// get-and-clear (`Pager::harvest_dirty` does both under one lock).
+    pub get_ns: u64,
+    /// Clearing and re-protecting (KVM_CLEAR_DIRTY_LOG / KVM_RESET_DIRTY_RINGS), ns; 0 in
+    /// stage2-wp (counted in `get_ns`).
+    pub clear_ns: u64,
+    /// Dirty pages returned (after the merge).
+    pub pages: u64,
+    /// Clear ioctls (bitmap chunks), ring entries collected, or `harvest_dirty` calls.
+    pub ops: u64,
+}
 
 /// One source of dirty pages, logging from its creation (or, for KVM's rings, from its first
 /// harvest) until [`stop`](Self::stop). A [`super::DirtyTracker`] drives one and ORs the VMM's
@@ -30,14 +45,4 @@ pub trait DirtyLog: Send + Sync {
 
     /// Stops logging; what remains set up for a later harvest is the source's business.
     fn stop(&self) -> Result<(), DirtyError>;
-
-    /// KVM's dirty rings, when this source is them (their vCPU hooks live there).
-    fn rings(&self) -> Option<&KvmRingLog> {
-        None
-    }
-
-    /// KVM's dirty bitmap, when this source is it (its clear-chunk knob lives there).
-    fn kvm_bitmap(&self) -> Option<&KvmBitmapLog> {
-        None
-    }
 }

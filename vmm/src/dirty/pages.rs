@@ -1,11 +1,47 @@
-//! The dirty pages of a harvest, one [`stage2::Bitmap`] per memslot ([`DirtyBitmap`]), and
-//! the VMM's own writes to guest RAM that every harvest takes in ([`VmmDirty`]).
+//! The dirty pages of a harvest, one [`stage2::Bitmap`] per memslot ([`SlotInfo`],
+//! [`DirtyBitmap`]), and the VMM's own writes to guest RAM that every harvest takes in
+//! ([`VmmDirty`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use stage2::Bitmap;
 
-use super::{SlotInfo, PAGE_SHIFT};
+use crate::memory::RamRegion;
+
+/// Guest page shift: dirty tracking is at 4 KiB precision in every mode.
+pub const PAGE_SHIFT: u32 = 12;
+/// Guest page size.
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+
+/// One KVM memslot of guest RAM. The tracker assumes slot `i` is RAM region `i` (vm.rs installs
+/// them in that order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// KVM slot id.
+    pub slot: u32,
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Host address of `gpa`.
+    pub host_addr: u64,
+}
+
+impl SlotInfo {
+    /// The slots of `regions`, numbered as vm.rs numbers them.
+    pub fn from_regions(regions: &[RamRegion]) -> Vec<SlotInfo> {
+        regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| SlotInfo {
+                slot: i as u32,
+                gpa: r.gpa,
+                len: r.len,
+                host_addr: r.host_addr,
+            })
+            .collect()
+    }
+}
 
 /// Dirty pages of one slot: page `gpa + i * 4096` of the slot is page `i` of `pages`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -29,7 +29,10 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
 
 use super::bitmap::set_log_flag;
-use super::{DirtyBitmap, DirtyError, DirtyLog, DirtyMode, HarvestStats, SlotInfo};
+use super::error::DirtyError;
+use super::log::{DirtyLog, HarvestStats};
+use super::mode::DirtyMode;
+use super::pages::{DirtyBitmap, SlotInfo};
 
 /// `kvm_dirty_gfn.slot` holds the address space in its upper 16 bits (api.rst §8.29).
 const RING_SLOT_ID_MASK: u32 = 0xffff;
@@ -354,9 +357,5 @@ impl DirtyLog for KvmRingLog {
         pend.clear();
         info!("dirty rings: logging stopped (the rings stay for a later harvest)");
         Ok(())
-    }
-
-    fn rings(&self) -> Option<&KvmRingLog> {
-        Some(self)
     }
 }

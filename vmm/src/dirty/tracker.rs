@@ -8,33 +8,25 @@ use std::sync::{Arc, Mutex};
 use log::info;
 
 use super::bitmap::KvmBitmapLog;
+use super::error::DirtyError;
+use super::log::{DirtyLog, HarvestStats};
+use super::mode::DirtyMode;
+use super::pages::{DirtyBitmap, SlotInfo, VmmDirty};
 use super::ring::{KvmRingLog, RingFlavor};
 use super::wp::Stage2WpLog;
-use super::{DirtyBitmap, DirtyError, DirtyLog, DirtyMode, SlotInfo, VmmDirty};
 use crate::memory::RamRegion;
 use crate::pager::Pager;
-
-/// Timing of the last harvest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HarvestStats {
-    /// Reading the source (KVM_GET_DIRTY_LOG / ring collection), ns. stage2-wp: the whole
-    /// get-and-clear (`Pager::harvest_dirty` does both under one lock).
-    pub get_ns: u64,
-    /// Clearing and re-protecting (KVM_CLEAR_DIRTY_LOG / KVM_RESET_DIRTY_RINGS), ns; 0 in
-    /// stage2-wp (counted in `get_ns`).
-    pub clear_ns: u64,
-    /// Dirty pages returned (after the merge).
-    pub pages: u64,
-    /// Clear ioctls (bitmap chunks), ring entries collected, or `harvest_dirty` calls.
-    pub ops: u64,
-}
 
 /// Dirty-page tracking over one [`DirtyLog`], merged with the VMM's own writes.
 ///
 /// `harvest` may run on any thread while vCPUs run; `on_ring_full` runs on a vCPU thread. Both
 /// take `&self`.
 pub struct DirtyTracker {
-    log: Box<dyn DirtyLog>,
+    log: Arc<dyn DirtyLog>,
+    /// The same log when it is KVM's rings: their vCPU hooks.
+    rings: Option<Arc<KvmRingLog>>,
+    /// The same log when it is KVM's bitmap: its clear-chunk knob.
+    kvm_bitmap: Option<Arc<KvmBitmapLog>>,
     slots: Vec<SlotInfo>,
     vmm: Arc<VmmDirty>,
     last: Mutex<HarvestStats>,
@@ -77,12 +69,23 @@ impl DirtyTracker {
     ) -> Result<DirtyTracker, DirtyError> {
         let vm = dup_fd(vm)?;
         let slots = SlotInfo::from_regions(regions);
-        let log: Box<dyn DirtyLog> = match mode {
-            DirtyMode::KvmBitmap => Box::new(KvmBitmapLog::start(vm, &slots)?),
-            DirtyMode::KvmRing { ring_bytes } => Box::new(KvmRingLog::new(vm, &slots, ring_bytes)?),
+        Ok(match mode {
+            DirtyMode::KvmBitmap => {
+                let log = Arc::new(KvmBitmapLog::start(vm, &slots)?);
+                DirtyTracker {
+                    kvm_bitmap: Some(log.clone()),
+                    ..DirtyTracker::with_log(log, slots)
+                }
+            }
+            DirtyMode::KvmRing { ring_bytes } => {
+                let log = Arc::new(KvmRingLog::new(vm, &slots, ring_bytes)?);
+                DirtyTracker {
+                    rings: Some(log.clone()),
+                    ..DirtyTracker::with_log(log, slots)
+                }
+            }
             DirtyMode::Stage2Wp => return Err(DirtyError::NoWriteTracking),
-        };
-        Ok(DirtyTracker::with_log(log, slots))
+        })
     }
 
     /// Starts stage2's own dirty logging over `pager`'s RAM `regions` (the pager must have been
@@ -95,11 +98,11 @@ impl DirtyTracker {
     ) -> Result<DirtyTracker, DirtyError> {
         let slots = SlotInfo::from_regions(regions);
         let log = Stage2WpLog::start(pager, &slots)?;
-        Ok(DirtyTracker::with_log(Box::new(log), slots))
+        Ok(DirtyTracker::with_log(Arc::new(log), slots))
     }
 
     /// A tracker over `log`, whose harvests cover `slots` (in slot order).
-    pub fn with_log(log: Box<dyn DirtyLog>, slots: Vec<SlotInfo>) -> DirtyTracker {
+    pub fn with_log(log: Arc<dyn DirtyLog>, slots: Vec<SlotInfo>) -> DirtyTracker {
         info!(
             "dirty tracking on: {}, {} slot(s)",
             log.mode().name(),
@@ -107,6 +110,8 @@ impl DirtyTracker {
         );
         DirtyTracker {
             log,
+            rings: None,
+            kvm_bitmap: None,
             vmm: Arc::new(VmmDirty::new(&slots)),
             last: Mutex::new(HarvestStats::default()),
             slots,
@@ -136,7 +141,7 @@ impl DirtyTracker {
     /// Maps the dirty ring of vCPU `index` (ring mode; a no-op otherwise). Call once per vCPU,
     /// in index order, right after creating it.
     pub fn attach_vcpu(&self, index: usize, vcpu_fd: &impl AsRawFd) -> Result<(), DirtyError> {
-        match self.log.rings() {
+        match &self.rings {
             Some(r) => r.attach_vcpu(index, vcpu_fd),
             None => Ok(()),
         }
@@ -144,14 +149,14 @@ impl DirtyTracker {
 
     /// The ring flavour in use (ring mode).
     pub fn ring_flavor(&self) -> Option<RingFlavor> {
-        self.log.rings().map(KvmRingLog::flavor)
+        self.rings.as_ref().map(|r| r.flavor())
     }
 
     /// The vCPU thread's answer to `KVM_EXIT_DIRTY_RING_FULL` (exit reason 31, kvm-ioctls'
     /// `VcpuExit::Unsupported(31)`): [`KvmRingLog::on_ring_full`] in ring mode, nothing (0
     /// entries) otherwise; the thread then re-enters the guest.
     pub fn on_ring_full(&self, vcpu: usize) -> Result<u32, DirtyError> {
-        match self.log.rings() {
+        match &self.rings {
             Some(r) => r.on_ring_full(vcpu),
             None => Ok(0),
         }
@@ -160,14 +165,14 @@ impl DirtyTracker {
     /// Pages per `KVM_CLEAR_DIRTY_LOG` call in the bitmap mode (default
     /// [`super::bitmap::CLEAR_CHUNK_PAGES`]); rounded up to a multiple of 64, KVM's alignment.
     pub fn set_clear_chunk_pages(&self, pages: u64) {
-        if let Some(b) = self.log.kvm_bitmap() {
+        if let Some(b) = &self.kvm_bitmap {
             b.set_clear_chunk_pages(pages);
         }
     }
 
     /// Ring-full exits answered so far by [`DirtyTracker::on_ring_full`].
     pub fn ring_full_exits(&self) -> u64 {
-        self.log.rings().map_or(0, KvmRingLog::ring_full_exits)
+        self.rings.as_ref().map_or(0, |r| r.ring_full_exits())
     }
 
     /// The vCPU loop's hook for `KVM_EXIT_DIRTY_RING_FULL`: give it to
@@ -268,7 +273,7 @@ mod tests {
         stopped: Mutex<u32>,
     }
 
-    impl DirtyLog for Arc<Scripted> {
+    impl DirtyLog for Scripted {
         fn mode(&self) -> DirtyMode {
             DirtyMode::Stage2Wp
         }
@@ -309,7 +314,7 @@ mod tests {
     #[test]
     fn a_harvest_is_the_logs_pages_ored_with_the_vmms_writes() {
         let log = Arc::new(Scripted::default());
-        let t = DirtyTracker::with_log(Box::new(log.clone()), slots());
+        let t = DirtyTracker::with_log(log.clone(), slots());
         log.next
             .lock()
             .unwrap()
@@ -331,7 +336,7 @@ mod tests {
     #[test]
     fn settle_and_stop_reach_the_log_and_ring_calls_are_no_ops_without_rings() {
         let log = Arc::new(Scripted::default());
-        let t = DirtyTracker::with_log(Box::new(log.clone()), slots());
+        let t = DirtyTracker::with_log(log.clone(), slots());
         t.settle().unwrap();
         t.stop().unwrap();
         assert_eq!(
@@ -347,7 +352,7 @@ mod tests {
     #[test]
     fn a_ring_source_hands_out_the_vms_own_tracker() {
         let log = Arc::new(Scripted::default());
-        let t = Arc::new(DirtyTracker::with_log(Box::new(log), slots()));
+        let t = Arc::new(DirtyTracker::with_log(log, slots()));
         let src = DirtySource::KvmRing(t.clone());
         // The VM fd is not used for rings: the tracker was made with the VM.
         let got = src.tracker(&std::io::stdin(), &[]).unwrap();

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{DirtyBitmap, DirtyError, DirtyLog, DirtyMode, HarvestStats, SlotInfo};
+use super::error::DirtyError;
+use super::log::{DirtyLog, HarvestStats};
+use super::mode::DirtyMode;
+use super::pages::{DirtyBitmap, SlotInfo};
 use crate::pager::{Pager, PagingError};
 
 /// How long [`DirtyLog::settle`] waits for the pager's faults in flight: they resolve within
