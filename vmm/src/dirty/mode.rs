@@ -11,7 +11,7 @@ pub enum DirtyMode {
         ring_bytes: u32,
     },
     /// `stage2-wp`: stage2's write tracking through userfaultfd write-protect (needs a
-    /// [`Pager`] started with `write_tracking`).
+    /// [`crate::pager::Pager`] started with `write_tracking`).
     Stage2Wp,
 }
 

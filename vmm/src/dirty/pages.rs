@@ -132,7 +132,7 @@ impl DirtyBitmap {
 
 /// The VMM's own writes to guest RAM, recorded lock-free and taken by every harvest: whoever
 /// writes guest RAM from the host while a tracker is live calls [`VmmDirty::mark`] (through
-/// [`DirtyTracker::vmm_writes`]) for the range it wrote.
+/// [`super::DirtyTracker::vmm_writes`]) for the range it wrote.
 ///
 /// Why not vm-memory's dirty bitmap: `GuestMemoryMmap<AtomicBitmap>` would mark every write
 /// made through vm-memory's `Bytes` calls by itself, but guest RAM is a `GuestMemoryMmap<()>`
@@ -153,11 +153,11 @@ impl DirtyBitmap {
 ///   nothing.
 /// - devices (serial, i8042, the test port) only read guest RAM.
 /// - the emulation fallback (arch/x86_64/emulate) stores for the guest (`cmpxchg16b`,
-///   `stmxcsr`) on vCPU threads while the VM runs: through [`HostChanges::change`] when the
+///   `stmxcsr`) on vCPU threads while the VM runs: through [`super::HostChanges::change`] when the
 ///   VM's gate is given in `vcpu::EmulationHooks::host_changes`, unrecorded otherwise.
 /// - not a write but a content change: a reclaim (`MADV_DONTNEED`, or a hole punch on shared
 ///   memory) turns a page into zeroes, which no source of dirty pages sees (stage2-wp only sees
-///   the guest's next write). Reclaims go through [`HostChanges`], which marks the range here
+///   the guest's next write). Reclaims go through [`super::HostChanges`], which marks the range here
 ///   (and the reclaim sequence word the reclaimer writes) while a migration runs.
 #[derive(Debug)]
 pub struct VmmDirty {

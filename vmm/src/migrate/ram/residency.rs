@@ -83,7 +83,7 @@ impl Residency {
 
 /// Residency of guest RAM for addresses asked in ascending order (a postcopy destination
 /// sorting out which stale pages it has a copy of): read a window of up to
-/// [`RESIDENCY_WINDOW`] at a time, with the test of [`Residency`], instead of one syscall per
+/// `RESIDENCY_WINDOW` (64 MiB) at a time, with the test of `Residency`, instead of one syscall per
 /// page.
 pub struct ResidencyCursor<'a> {
     mem: &'a GuestMemoryMmap,

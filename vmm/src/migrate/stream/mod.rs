@@ -1,4 +1,4 @@
-//! The migration stream: the wire format ([`format`], the place to read it), its header
+//! The migration stream: the wire format ([`format`](mod@format), the place to read it), its header
 //! ([`Layout`]), chunks ([`Chunk`]), the writer and the reader, and their errors.
 //!
 //! The reader keeps one reusable buffer, so reading a chunk allocates nothing after the first
