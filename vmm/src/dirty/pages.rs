@@ -218,10 +218,11 @@ impl VmmDirty {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn slots() -> Vec<SlotInfo> {
+    /// Two 1 MiB slots, at 0 and at 4 GiB.
+    pub(in crate::dirty) fn slots() -> Vec<SlotInfo> {
         vec![
             SlotInfo {
                 slot: 0,

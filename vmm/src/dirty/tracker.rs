@@ -264,6 +264,7 @@ impl DirtySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dirty::pages::tests::slots;
 
     /// A log that reports the pages it is told, and counts its calls.
     #[derive(Default)]
@@ -292,23 +293,6 @@ mod tests {
             *self.stopped.lock().unwrap() += 1;
             Ok(())
         }
-    }
-
-    fn slots() -> Vec<SlotInfo> {
-        vec![
-            SlotInfo {
-                slot: 0,
-                gpa: 0,
-                len: 1 << 20,
-                host_addr: 0,
-            },
-            SlotInfo {
-                slot: 1,
-                gpa: 4 << 30,
-                len: 1 << 20,
-                host_addr: 0,
-            },
-        ]
     }
 
     #[test]
