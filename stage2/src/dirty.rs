@@ -12,6 +12,7 @@ use std::ops::Range;
 use std::sync::atomic::AtomicPtr;
 use std::sync::Mutex as StdMutex;
 
+use crate::bitmap::{BitIter, Bitmap};
 use crate::format::Format;
 use crate::invalidate::page_range;
 use crate::stats::C;
@@ -142,94 +143,6 @@ impl Drop for DirtyState {
                 drop(unsafe { Box::from_raw(p) });
             }
         }
-    }
-}
-
-/// A dirty bitmap of a guest-physical range at 4 KiB precision: bit `i` is page `base + i * 4096`.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Bitmap {
-    base: u64,
-    pages: u64,
-    words: Vec<u64>,
-}
-
-impl Bitmap {
-    /// An all-clear bitmap of `range` (rounded out to pages).
-    pub fn new(range: Range<u64>) -> Self {
-        let r = page_range(&range);
-        let pages = (r.end - r.start) >> 12;
-        Bitmap {
-            base: r.start,
-            pages,
-            words: vec![0; pages.div_ceil(64) as usize],
-        }
-    }
-
-    /// First guest-physical address covered.
-    pub fn base(&self) -> u64 {
-        self.base
-    }
-
-    /// Number of pages covered.
-    pub fn pages(&self) -> u64 {
-        self.pages
-    }
-
-    /// The raw words (bit i of word w = page 64w + i).
-    pub fn words(&self) -> &[u64] {
-        &self.words
-    }
-
-    fn index(&self, gpa: u64) -> Option<u64> {
-        let i = gpa.checked_sub(self.base)? >> 12;
-        (i < self.pages).then_some(i)
-    }
-
-    /// Whether `gpa`'s page is set.
-    pub fn is_set(&self, gpa: u64) -> bool {
-        self.index(gpa)
-            .is_some_and(|i| self.words[(i / 64) as usize] & (1 << (i % 64)) != 0)
-    }
-
-    /// Set `gpa`'s page (ignored outside the range).
-    pub fn set(&mut self, gpa: u64) {
-        if let Some(i) = self.index(gpa) {
-            self.words[(i / 64) as usize] |= 1 << (i % 64);
-        }
-    }
-
-    /// Number of set pages.
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| w.count_ones() as u64).sum()
-    }
-
-    /// Guest-physical addresses of the set pages, ascending.
-    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(move |(w, &bits)| {
-            let base = self.base + ((w as u64 * 64) << 12);
-            BitIter(bits).map(move |b| base + ((b as u64) << 12))
-        })
-    }
-
-    /// OR `other` into `self` (pages outside `self`'s range are ignored).
-    pub fn merge(&mut self, other: &Bitmap) {
-        for gpa in other.iter() {
-            self.set(gpa);
-        }
-    }
-}
-
-struct BitIter(u64);
-
-impl Iterator for BitIter {
-    type Item = u32;
-    fn next(&mut self) -> Option<u32> {
-        if self.0 == 0 {
-            return None;
-        }
-        let b = self.0.trailing_zeros();
-        self.0 &= self.0 - 1;
-        Some(b)
     }
 }
 

@@ -53,6 +53,7 @@
 //! ```
 
 mod bbm;
+mod bitmap;
 mod dirty;
 mod fault;
 pub mod format;
@@ -68,7 +69,8 @@ pub mod tlb;
 mod types;
 mod walk;
 
-pub use dirty::{Bitmap, DirtyLog, SplitPolicy};
+pub use bitmap::{BitIter, Bitmap};
+pub use dirty::{DirtyLog, SplitPolicy};
 pub use format::{Arm64, Ept, EptAttrs, Format, S2Attrs};
 pub use invalidate::Invalidation;
 pub use map::Batch;

@@ -8,7 +8,7 @@ use clap::{Parser, ValueEnum};
 use crate::boot::DEFAULT_CMDLINE;
 use crate::guest::GuestArgs;
 use crate::memory::{BackingKind, MemoryBackend, MemoryError};
-use crate::migrate::precopy;
+use crate::migrate::source;
 
 /// Default guest RAM.
 pub const DEFAULT_MEM: &str = "1G";
@@ -312,10 +312,10 @@ pub struct MachineArgs {
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_S)]
     pub shutdown_timeout: u64,
     /// Precopy stops iterating when the estimated downtime is at most this.
-    #[arg(long, value_name = "MS", default_value_t = precopy::DEFAULT_DOWNTIME_MS)]
+    #[arg(long, value_name = "MS", default_value_t = source::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
     /// Precopy stops iterating after this many rounds.
-    #[arg(long, value_name = "N", default_value_t = precopy::DEFAULT_MAX_ROUNDS)]
+    #[arg(long, value_name = "N", default_value_t = source::DEFAULT_MAX_ROUNDS)]
     pub max_rounds: u32,
 }
 

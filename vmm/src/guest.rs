@@ -24,7 +24,7 @@ use crate::machine::session::{exit_code_after, Session, SessionConfig, Waited};
 use crate::machine::spec::{GuestSpec, MachineSpec, Payload};
 use crate::machine::{stop_pager, Machine, MachineConfig, MigrationPlan};
 use crate::memory::{self, human, BackingKind};
-use crate::migrate::precopy::Pending;
+use crate::migrate::destination::Pending;
 use crate::pager::PagingStats;
 use crate::vcpu::is_stopped_from_outside;
 

@@ -10,6 +10,7 @@
 //! guest memory the kernel does not use.
 
 mod kernel_util;
+#[path = "migrate/util.rs"]
 mod migrate_util;
 
 use std::time::Duration;

@@ -10,6 +10,7 @@
 //! through the VMM's syscall relay, its console output through COM1's interrupt, which the DSDT
 //! describes) and powers off (ACPI S5): that is "the end" on both sides of a migration.
 
+#[path = "migrate/util.rs"]
 mod migrate_util;
 
 use std::path::{Path, PathBuf};

@@ -10,6 +10,9 @@
 //! `KVM_CLEAR_DIRTY_LOG`: both ioctls are issued here through vmm-sys-util's helpers.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
@@ -20,7 +23,10 @@ use kvm_bindings::{
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
-use super::{DirtyError, SlotInfo, PAGE_SHIFT};
+use super::error::DirtyError;
+use super::log::{DirtyLog, HarvestStats};
+use super::mode::DirtyMode;
+use super::pages::{DirtyBitmap, SlotInfo};
 
 /// KVM's ioctl type (include/uapi/linux/kvm.h `KVMIO`).
 const KVMIO: u32 = 0xAE;
@@ -139,7 +145,66 @@ pub(super) fn clear(
     Ok(calls)
 }
 
-/// Words needed for a bitmap of a slot of `len` bytes.
-pub(super) fn words_for(len: u64) -> usize {
-    (len >> PAGE_SHIFT).div_ceil(64) as usize
+/// `kvm-bitmap`: KVM's dirty bitmap with manual protect, read and cleared per slot at every
+/// harvest, logging from its creation until [`DirtyLog::stop`].
+pub struct KvmBitmapLog {
+    vm: File,
+    slots: Vec<SlotInfo>,
+    /// What `KVM_GET_DIRTY_LOG` writes into (one harvest at a time).
+    scratch: Mutex<DirtyBitmap>,
+    /// Pages per `KVM_CLEAR_DIRTY_LOG`.
+    clear_chunk: AtomicU64,
+}
+
+impl KvmBitmapLog {
+    /// Turns on manual protect with initially-set bitmaps and logging on every slot of `vm`
+    /// (the first harvest so returns every page).
+    pub(super) fn start(vm: File, slots: &[SlotInfo]) -> Result<KvmBitmapLog, DirtyError> {
+        enable(&vm, slots)?;
+        Ok(KvmBitmapLog {
+            vm,
+            slots: slots.to_vec(),
+            scratch: Mutex::new(DirtyBitmap::empty(slots)),
+            clear_chunk: AtomicU64::new(CLEAR_CHUNK_PAGES),
+        })
+    }
+
+    /// Pages per `KVM_CLEAR_DIRTY_LOG` call (default [`CLEAR_CHUNK_PAGES`]); rounded up to a
+    /// multiple of [`CLEAR_ALIGN_PAGES`], KVM's alignment.
+    pub fn set_clear_chunk_pages(&self, pages: u64) {
+        let p = pages.max(1).next_multiple_of(CLEAR_ALIGN_PAGES);
+        self.clear_chunk.store(p, Ordering::Relaxed);
+    }
+}
+
+impl DirtyLog for KvmBitmapLog {
+    fn mode(&self) -> DirtyMode {
+        DirtyMode::KvmBitmap
+    }
+
+    fn harvest(&self, out: &mut DirtyBitmap, st: &mut HarvestStats) -> Result<(), DirtyError> {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, s) in self.slots.iter().enumerate() {
+            let pages = scratch.slot_mut(i).expect("scratch has every slot");
+            let t0 = Instant::now();
+            get(&self.vm, s.slot, pages.words_mut())?;
+            let t1 = Instant::now();
+            let chunk = self.clear_chunk.load(Ordering::Relaxed);
+            st.ops += u64::from(clear(
+                &self.vm,
+                s.slot,
+                pages.pages(),
+                pages.words(),
+                chunk,
+            )?);
+            st.get_ns += (t1 - t0).as_nanos() as u64;
+            st.clear_ns += t1.elapsed().as_nanos() as u64;
+            out.merge_words(i, pages.words());
+        }
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), DirtyError> {
+        set_log_flag(&self.vm, &self.slots, false)
+    }
 }

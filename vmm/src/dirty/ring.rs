@@ -1,6 +1,7 @@
 //! KVM's per-vCPU dirty rings (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`, falling back to
 //! `KVM_CAP_DIRTY_LOG_RING`): enabling on the VM, mapping each vCPU's ring, collecting its
-//! entries and `KVM_RESET_DIRTY_RINGS`.
+//! entries and `KVM_RESET_DIRTY_RINGS`; and [`KvmRingLog`], the `kvm-ring` [`DirtyLog`] over
+//! them.
 //!
 //! kvm-ioctls (0.25) has no dirty-ring wrapper: the ring is mapped from the vCPU fd at
 //! `KVM_DIRTY_LOG_PAGE_OFFSET` pages and the reset is issued through vmm-sys-util's ioctl
@@ -15,17 +16,26 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use kvm_bindings::{
     kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_DIRTY_LOG_PAGE_OFFSET,
 };
-use log::warn;
+use log::{debug, info, warn};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
 
-use super::DirtyError;
+use super::bitmap::set_log_flag;
+use super::error::DirtyError;
+use super::log::{DirtyLog, HarvestStats};
+use super::mode::DirtyMode;
+use super::pages::{DirtyBitmap, SlotInfo};
+
+/// `kvm_dirty_gfn.slot` holds the address space in its upper 16 bits (api.rst §8.29).
+const RING_SLOT_ID_MASK: u32 = 0xffff;
 
 const KVMIO: u32 = 0xAE;
 ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
@@ -193,5 +203,159 @@ impl Drop for Ring {
     fn drop(&mut self) {
         // SAFETY: the mapping was created in `map` with this length and is not used afterwards.
         unsafe { libc::munmap(self.base.cast(), self.map_len) };
+    }
+}
+
+/// `kvm-ring`: KVM's per-vCPU dirty rings. The rings exist from the VM's start (KVM takes them
+/// only before vCPUs), but KVM logs into them only while the slots carry
+/// `KVM_MEM_LOG_DIRTY_PAGES`: from the first harvest until [`DirtyLog::stop`].
+pub struct KvmRingLog {
+    vm: File,
+    slots: Vec<SlotInfo>,
+    bytes: u32,
+    flavor: RingFlavor,
+    rings: Mutex<Vec<Arc<Mutex<Ring>>>>,
+    /// Entries collected on ring-full exits, waiting for the next harvest.
+    pending: Mutex<DirtyBitmap>,
+    /// `KVM_MEM_LOG_DIRTY_PAGES` is on: set by the first harvest, cleared by `stop`.
+    logging: Mutex<bool>,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits answered by [`KvmRingLog::on_ring_full`].
+    ring_full: AtomicU64,
+}
+
+impl KvmRingLog {
+    /// Enables rings of `bytes` bytes per vCPU on `vm` (before any vCPU exists); logging
+    /// starts with the first harvest.
+    pub(super) fn new(vm: File, slots: &[SlotInfo], bytes: u32) -> Result<Self, DirtyError> {
+        let flavor = enable(&vm, bytes)?;
+        Ok(KvmRingLog {
+            vm,
+            slots: slots.to_vec(),
+            bytes,
+            flavor,
+            rings: Mutex::new(Vec::new()),
+            pending: Mutex::new(DirtyBitmap::empty(slots)),
+            logging: Mutex::new(false),
+            ring_full: AtomicU64::new(0),
+        })
+    }
+
+    /// The capability the rings were enabled with.
+    pub fn flavor(&self) -> RingFlavor {
+        self.flavor
+    }
+
+    /// Maps the ring of vCPU `index`; once per vCPU, in index order, right after creating it.
+    pub fn attach_vcpu(&self, index: usize, vcpu_fd: &impl AsRawFd) -> Result<(), DirtyError> {
+        let r = Ring::map(vcpu_fd, self.bytes)?;
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        if index != rings.len() {
+            return Err(DirtyError::NoVcpuRing(rings.len()));
+        }
+        rings.push(Arc::new(Mutex::new(r)));
+        Ok(())
+    }
+
+    /// The vCPU thread's answer to `KVM_EXIT_DIRTY_RING_FULL`: moves that vCPU's ring into the
+    /// pending set and resets the rings. No entry is dropped: the pages wait in the pending set
+    /// for the next harvest. Returns the entries moved.
+    pub fn on_ring_full(&self, vcpu: usize) -> Result<u32, DirtyError> {
+        let ring = self
+            .rings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vcpu)
+            .cloned()
+            .ok_or(DirtyError::NoVcpuRing(vcpu))?;
+        let n = {
+            let mut pend = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut r = ring.lock().unwrap_or_else(|p| p.into_inner());
+            collect_into(&mut r, &mut pend)?
+        };
+        reset_all(&self.vm)?;
+        self.ring_full.fetch_add(1, Ordering::Relaxed);
+        debug!("vCPU {vcpu}: dirty ring full, {n} entries moved to the pending set");
+        Ok(n)
+    }
+
+    /// Ring-full exits answered so far.
+    pub fn ring_full_exits(&self) -> u64 {
+        self.ring_full.load(Ordering::Relaxed)
+    }
+
+    fn all_rings(&self) -> Vec<Arc<Mutex<Ring>>> {
+        self.rings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Collects `r`'s entries into `out`: the entry's slot id (address space masked off) is the
+/// index of the slot in `out`, its offset the page in that slot.
+fn collect_into(r: &mut Ring, out: &mut DirtyBitmap) -> Result<u32, DirtyError> {
+    let mut bad = None;
+    let n = r.collect(|slot, offset| {
+        let id = (slot & RING_SLOT_ID_MASK) as usize;
+        if !out
+            .slot_mut(id)
+            .is_some_and(|pages| pages.set_index(offset))
+        {
+            bad = Some(slot);
+        }
+    });
+    match bad {
+        Some(slot) => Err(DirtyError::UnknownSlot(slot)),
+        None => Ok(n),
+    }
+}
+
+impl DirtyLog for KvmRingLog {
+    fn mode(&self) -> DirtyMode {
+        DirtyMode::KvmRing {
+            ring_bytes: self.bytes,
+        }
+    }
+
+    fn harvest(&self, out: &mut DirtyBitmap, st: &mut HarvestStats) -> Result<(), DirtyError> {
+        {
+            // The first harvest starts logging: every write after this is in a ring.
+            let mut on = self.logging.lock().unwrap_or_else(|p| p.into_inner());
+            if !*on {
+                set_log_flag(&self.vm, &self.slots, true)?;
+                *on = true;
+                info!("dirty rings: logging started");
+            }
+        }
+        let t0 = Instant::now();
+        let rings = self.all_rings();
+        let mut pend = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for r in &rings {
+            let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
+            st.ops += u64::from(collect_into(&mut r, &mut pend)?);
+        }
+        let t1 = Instant::now();
+        st.get_ns = (t1 - t0).as_nanos() as u64;
+        // Reset before handing the pages out: the caller copies after this returns.
+        reset_all(&self.vm)?;
+        st.clear_ns = t1.elapsed().as_nanos() as u64;
+        out.merge(&pend);
+        pend.clear();
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), DirtyError> {
+        // Logging off, then the rings emptied and the pending set dropped: the next harvest
+        // starts afresh (the rings stay: KVM cannot make them again).
+        let mut on = self.logging.lock().unwrap_or_else(|p| p.into_inner());
+        set_log_flag(&self.vm, &self.slots, false)?;
+        *on = false;
+        let rings = self.all_rings();
+        let mut pend = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for r in &rings {
+            let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
+            collect_into(&mut r, &mut pend)?;
+        }
+        reset_all(&self.vm)?;
+        pend.clear();
+        info!("dirty rings: logging stopped (the rings stay for a later harvest)");
+        Ok(())
     }
 }

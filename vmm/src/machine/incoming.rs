@@ -11,10 +11,11 @@ use kvm_ioctls::VcpuFd;
 
 use super::{Machine, EXIT_HOST_FAILED};
 use crate::memory::human;
-use crate::migrate::postcopy::{PostcopyTarget, TargetFigures};
-use crate::migrate::precopy::{self, Incoming, MigrateError, Pending};
+use crate::migrate::destination::postcopy::{PostcopyTarget, TargetFigures};
+use crate::migrate::destination::{self, Incoming, Pending};
 use crate::migrate::ram::RamPager;
 use crate::migrate::Address;
+use crate::migrate::MigrateError;
 use crate::pager::PageSource;
 
 /// Listens at `addr`, says so on stdout (`waiting for the migration source at ADDR`: tests and
@@ -26,7 +27,7 @@ pub fn accept(addr: &Address) -> anyhow::Result<Pending> {
         super::signals::remove_on_early_exit(path.clone());
     }
     println!("waiting for the migration source at {}", listener.address());
-    precopy::accept(&listener).context("incoming migration failed; nothing runs here")
+    destination::accept(&listener).context("incoming migration failed; nothing runs here")
 }
 
 impl Machine {
@@ -35,7 +36,7 @@ impl Machine {
     pub fn receive(&mut self, pending: Pending) -> anyhow::Result<Incoming> {
         let pager = self.start_pager()?;
         let t = Instant::now();
-        let inc = precopy::receive(
+        let inc = destination::receive(
             pending,
             self.mem(),
             self.vm().cpus().into(),
@@ -78,7 +79,7 @@ impl Machine {
     /// Restores the received VM state, vCPUs and COM1 into this machine's (not yet running)
     /// `vcpus`.
     pub fn restore(&self, inc: &Incoming, vcpus: &[VcpuFd]) -> anyhow::Result<()> {
-        precopy::restore(inc, self.vm().fd(), vcpus, self.caps(), Some(self.serial()))
+        destination::restore(inc, self.vm().fd(), vcpus, self.caps(), Some(self.serial()))
             .context("restoring the migrated state")
     }
 
@@ -87,7 +88,7 @@ impl Machine {
     /// vCPUs start.
     pub fn take_over(&self, mut inc: Incoming) -> anyhow::Result<Option<PostcopyRx>> {
         let Some(pc) = inc.postcopy.take() else {
-            precopy::acknowledge(inc.conn).context("telling the source the guest runs here")?;
+            destination::acknowledge(inc.conn).context("telling the source the guest runs here")?;
             println!("migrated guest runs here");
             return Ok(None);
         };

@@ -23,7 +23,7 @@ use crate::devices::acpi::{AcpiPm, ACPI_PM_PORTS};
 use crate::devices::i8042::{I8042, I8042_COMMAND, I8042_DATA};
 use crate::devices::PioBus;
 use crate::memory::{human, BackingKind};
-use crate::migrate::precopy::Pending;
+use crate::migrate::destination::Pending;
 use crate::vcpu::EXIT_OK;
 use crate::vm;
 

@@ -31,10 +31,10 @@ use crate::cli::MachineArgs;
 use crate::devices::acpi::{PowerButton, GED_GSI};
 use crate::devices::serial::{SerialDevice, COM1_IRQ};
 use crate::devices::PioBus;
-use crate::dirty::{DirtyMode, DirtyTracker, HostChanges};
+use crate::dirty::{DirtyMode, DirtySource, DirtyTracker, HostChanges};
 use crate::memory::{human, BackingKind, GuestRam, RamRegion};
-use crate::migrate::precopy::{self, DirtySource, MigrateConfig};
 use crate::migrate::ram::RamPager;
+use crate::migrate::source::{self, MigrateConfig};
 use crate::migrate::state::VcpuCaps;
 use crate::migrate::Address;
 use crate::pager::{Pager, PagerConfig};
@@ -345,8 +345,8 @@ impl Machine {
         &'a self,
         control: &'a Mutex<VmControl>,
         dirty: &'a DirtySource,
-    ) -> precopy::Source<'a> {
-        precopy::Source {
+    ) -> source::Source<'a> {
+        source::Source {
             vm: self.vm.fd(),
             regions: &self.regions,
             mem: self.ram.memory(),

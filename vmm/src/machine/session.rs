@@ -14,9 +14,11 @@ use super::reclaim::Reclaimer;
 use super::Machine;
 use crate::api::{self, ApiServer, ApiTarget};
 use crate::devices::i8042::I8042;
+use crate::dirty::DirtySource;
 use crate::dirty::HostChangeRefused;
-use crate::migrate::precopy::{self, DirtySource, MigrateConfig, MigrateError};
+use crate::migrate::source::{self, MigrateConfig};
 use crate::migrate::Address;
+use crate::migrate::MigrateError;
 use crate::pager::Pager;
 use crate::vcpu::{
     ExitRequest, VmControl, EXIT_IDLE, EXIT_MIGRATE_FAILED, EXIT_OK, EXIT_SHUTDOWN_FORCED,
@@ -244,7 +246,7 @@ impl<'m> Session<'m> {
         let mut src = self.machine.source(&self.control, &self.dirty);
         src.spec = &self.spec;
         src.i8042 = self.i8042.as_deref();
-        match precopy::send(&src, addr, cfg) {
+        match source::send(&src, addr, cfg) {
             Ok(s) => {
                 println!(
                     "migration to {addr} complete ({}, {}): total {:.3} s, downtime {:.1} ms, {} rounds, {:.1} MB sent, {} pages in the last round{}",
@@ -284,7 +286,7 @@ impl<'m> Session<'m> {
             }
             Err(e) => {
                 // A failed migration resumes the VM it paused, and leaves one that was paused
-                // before as it was (see precopy::send): paused now means paused before.
+                // before as it was (see source::send): paused now means paused before.
                 let paused = self
                     .control
                     .lock()

@@ -1,22 +1,24 @@
 //! Live migration: the wire format ([`stream`]), the sockets it travels over ([`transport`]),
 //! the vCPU/VM/device state it carries ([`state`]), moving guest RAM through it ([`ram`],
-//! [`pager`]), the two ends ([`precopy`], [`postcopy`]) and the figures ([`summary`]).
+//! [`pager`], [`page_set`]), the two ends ([`source`], [`destination`]), their errors
+//! ([`error`]) and the figures ([`summary`]).
+//!
+//! Dependencies run one way: the ends use everything else, nothing else uses an end, and
+//! neither end uses the other.
 
+pub mod destination;
+pub mod error;
+pub mod page_set;
 pub mod pager;
-pub mod postcopy;
-pub mod precopy;
+mod priority;
 pub mod ram;
+pub mod source;
 pub mod state;
 pub mod stream;
 pub mod summary;
 pub mod transport;
 
+pub use error::MigrateError;
+pub use state::{DEVICE_I8042, DEVICE_KVM_VM, DEVICE_SERIAL};
 pub use stream::{Chunk, Layout, StreamError, StreamReader, StreamWriter};
 pub use transport::{Address, AddressError, Connection, Listener};
-
-/// Device-state chunk name of the VM-wide KVM state ([`state::VmState`]).
-pub const DEVICE_KVM_VM: &str = "kvm-vm";
-/// Device-state chunk name of COM1 ([`state::SerialRegs`]).
-pub const DEVICE_SERIAL: &str = "serial-com1";
-/// Device-state chunk name of the i8042 controller ([`crate::devices::i8042::I8042State`]).
-pub const DEVICE_I8042: &str = "i8042";

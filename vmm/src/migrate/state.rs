@@ -36,6 +36,13 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+/// Device-state chunk name of the VM-wide KVM state ([`VmState`]).
+pub const DEVICE_KVM_VM: &str = "kvm-vm";
+/// Device-state chunk name of COM1 ([`SerialRegs`]).
+pub const DEVICE_SERIAL: &str = "serial-com1";
+/// Device-state chunk name of the i8042 controller ([`crate::devices::i8042::I8042State`]).
+pub const DEVICE_I8042: &str = "i8042";
+
 // MSR indices, Intel SDM Vol. 4 Table 2-2.
 /// IA32_TSC.
 const MSR_IA32_TSC: u32 = 0x10;

@@ -97,11 +97,7 @@ pub struct MigrationSummary {
 
 /// The `--dirty-mode` spelling of a mode.
 pub fn dirty_mode_name(m: DirtyMode) -> &'static str {
-    match m {
-        DirtyMode::KvmBitmap => "kvm-bitmap",
-        DirtyMode::KvmRing { .. } => "kvm-ring",
-        DirtyMode::Stage2Wp => "stage2-wp",
-    }
+    m.name()
 }
 
 impl MigrationSummary {

@@ -29,7 +29,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{RwLockReadGuard, TryLockError};
 
 use log::{error, info};
-use stage2::{Access, Fault};
+use stage2::{Access, Bitmap, Fault};
 
 use super::events::Handler;
 use super::install::{Answer, Tally};
@@ -91,7 +91,7 @@ impl Shared {
     }
 
     /// See [`Pager::harvest_dirty`].
-    pub(super) fn harvest_dirty(&self, gpa: u64, len: u64) -> Result<Vec<u64>, PagingError> {
+    pub(super) fn harvest_dirty(&self, gpa: u64, len: u64) -> Result<Bitmap, PagingError> {
         self.need_tracking("harvest_dirty")?;
         if !self.dirty_logging.load(Ordering::SeqCst) {
             return Err(PagingError::Config(
@@ -100,13 +100,10 @@ impl Shared {
         }
         let region = self.check_range(gpa, len)?;
         let pages = len / SZ_4K;
-        let mut words = vec![0u64; pages.div_ceil(64) as usize];
         let _excl = self.dirty_lock.write().unwrap_or_else(|p| p.into_inner());
-        let taken = self.s2.dirty().harvest(gpa..gpa + len);
-        for p in taken.iter() {
-            let i = (p - gpa) / SZ_4K;
-            words[(i / 64) as usize] |= 1 << (i % 64);
-        }
+        // Exactly `[gpa, gpa + len)`: `check_range` saw it page-aligned inside one region.
+        let mut taken = self.s2.dirty().harvest(gpa..gpa + len);
+        let words = taken.words_mut();
         // Re-protect on the host, in runs of whole host pages; on hugetlbfs report those.
         let per_host = self.page.bytes() / SZ_4K;
         let is_set = |w: &[u64], i: u64| w[(i / 64) as usize] & (1 << (i % 64)) != 0;
@@ -118,14 +115,14 @@ impl Shared {
                 continue;
             }
             let hp = i / per_host * per_host;
-            if !(hp..hp + per_host).any(|j| is_set(&words, j)) {
+            if !(hp..hp + per_host).any(|j| is_set(words, j)) {
                 i = hp + per_host;
                 continue;
             }
             // A run of host pages with at least one dirty page each.
             let start = hp;
             let mut end = hp + per_host;
-            while end < pages && (end..end + per_host).any(|j| is_set(&words, j)) {
+            while end < pages && (end..end + per_host).any(|j| is_set(words, j)) {
                 end += per_host;
             }
             for j in start..end {
@@ -138,7 +135,7 @@ impl Shared {
         }
         inc(&self.counters.harvests);
         add(&self.counters.harvested_pages, reported);
-        Ok(words)
+        Ok(taken)
     }
 
     /// See [`Pager::stop_dirty_log`].
@@ -223,15 +220,15 @@ impl Pager {
     }
 
     /// Get and clear the dirty log of `[gpa, gpa+len)` (inside one RAM region, aligned to the
-    /// host page size): bit `i % 64` of word `i / 64` is set when page `gpa + i * 4096` was
-    /// written since the previous harvest. The pages reported are write-protected again, in
+    /// host page size), as a [`Bitmap`] of that range: page `gpa + i * 4096` is set when it
+    /// was written since the previous harvest. The pages reported are write-protected again, in
     /// stage2 and on the host, before this returns, so a copy made afterwards holds every
     /// write they had and the next write to each is in the next harvest.
     ///
     /// Serialised against the WP-fault handlers (module doc): no write is lost and no pagemap
     /// sweep is needed. On hugetlbfs the host protects whole huge pages, so a dirty 4 KiB page
     /// reports its whole host page (the other 4 KiB pages of it were writable without a fault).
-    pub fn harvest_dirty(&self, gpa: u64, len: u64) -> Result<Vec<u64>, PagingError> {
+    pub fn harvest_dirty(&self, gpa: u64, len: u64) -> Result<Bitmap, PagingError> {
         self.shared.harvest_dirty(gpa, len)
     }
 
@@ -279,9 +276,9 @@ mod tests {
         let st = rig.stats();
         assert_eq!((st.relaxed, st.spurious, st.wp_cleared), (1, 1, 2));
         // One dirty page, reported once and protected again.
-        assert_eq!(rig.sh().harvest_dirty(0, 4 * P).unwrap(), vec![0b10]);
+        assert_eq!(rig.sh().harvest_dirty(0, 4 * P).unwrap().words(), [0b10]);
         assert!(rig.host.is_protected(HOST + P));
-        assert_eq!(rig.sh().harvest_dirty(0, 4 * P).unwrap(), vec![0]);
+        assert_eq!(rig.sh().harvest_dirty(0, 4 * P).unwrap().words(), [0]);
     }
 
     #[test]
@@ -299,7 +296,7 @@ mod tests {
         assert!(!rig.host.is_protected(HOST + P));
         let st = rig.stats();
         assert_eq!((st.wp_waited, st.relaxed), (1, 1));
-        assert_eq!(sh.harvest_dirty(0, 4 * P).unwrap(), vec![0b10]);
+        assert_eq!(sh.harvest_dirty(0, 4 * P).unwrap().words(), [0b10]);
     }
 
     #[test]

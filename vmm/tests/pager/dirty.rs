@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use stage2::PageSize;
+use stage2::{Bitmap, PageSize};
 use vmm::pager::{Pager, PagerConfig, PagingError};
 
 use super::util::{tracking_cfg, xorshift, Ram, PAGE};
@@ -18,8 +18,8 @@ use super::util::{tracking_cfg, xorshift, Ram, PAGE};
 const WRITERS: usize = 2;
 const HARVESTS: usize = 200;
 
-fn is_set(words: &[u64], page: u64) -> bool {
-    words[(page / 64) as usize] & (1 << (page % 64)) != 0
+fn is_set(bm: &Bitmap, page: u64) -> bool {
+    bm.is_set(page * PAGE)
 }
 
 /// Word `t` of every page (the writers' words).
@@ -96,10 +96,7 @@ fn run(ram: Ram, page: PageSize) {
     let st = pager.stats();
     println!("{st}");
     let writes: usize = logs.iter().map(Vec::len).sum();
-    let reported: u64 = bitmaps
-        .iter()
-        .map(|b| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>())
-        .sum();
+    let reported: u64 = bitmaps.iter().map(Bitmap::count).sum();
     println!(
         "{writes} writes, {} harvests, {reported} pages reported, {} WP faults ({} waited for a harvest)",
         bitmaps.len() - 1,
@@ -190,11 +187,7 @@ fn a_dirty_page_on_hugetlb_reports_its_whole_huge_page() {
     ram.write(0, 1);
     ram.write(2 << 20, 1);
     pager.start_dirty_log().unwrap();
-    assert!(pager
-        .harvest_dirty(0, ram.len)
-        .unwrap()
-        .iter()
-        .all(|w| *w == 0));
+    assert!(pager.harvest_dirty(0, ram.len).unwrap().is_empty());
     // One write into the second huge page: all 512 of its 4 KiB pages are reported, no other.
     ram.write((2 << 20) + 5 * PAGE, 7);
     let bm = pager.harvest_dirty(0, ram.len).unwrap();
@@ -203,8 +196,8 @@ fn a_dirty_page_on_hugetlb_reports_its_whole_huge_page() {
     // Protected again: a second write to another page of it is seen.
     ram.write((2 << 20) + 100 * PAGE, 8);
     let bm = pager.harvest_dirty(2 << 20, 2 << 20).unwrap();
-    assert_eq!(bm.len(), 8);
-    assert!(bm.iter().all(|w| *w == u64::MAX));
+    assert_eq!(bm.words().len(), 8);
+    assert!(bm.words().iter().all(|w| *w == u64::MAX));
     pager.stop();
 }
 

@@ -12,7 +12,7 @@ mod shared_migrate;
 mod source;
 mod util;
 
-#[path = "../guest_util/mod.rs"]
+#[path = "../guests/util.rs"]
 mod guest_util;
-#[path = "../migrate_util/mod.rs"]
+#[path = "../migrate/util.rs"]
 mod migrate_util;

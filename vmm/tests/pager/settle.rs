@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use stage2::PageSize;
+use stage2::{Bitmap, PageSize};
 use vmm::pager::{PageSource, Pager, PagingError};
 
 use super::util::{paged, tracking_cfg, xorshift, Ram, PAGE};
@@ -60,10 +60,8 @@ fn install_pause_handler() {
     assert_eq!(r, 0, "sigaction: {}", std::io::Error::last_os_error());
 }
 
-fn dirty_pages(words: &[u64]) -> Vec<u64> {
-    (0..words.len() as u64 * 64)
-        .filter(|&p| words[(p / 64) as usize] & (1 << (p % 64)) != 0)
-        .collect()
+fn dirty_pages(bm: &Bitmap) -> Vec<u64> {
+    bm.iter().map(|gpa| gpa / PAGE).collect()
 }
 
 /// Whether the calling thread may harvest now (the harvester runs only while not paused).

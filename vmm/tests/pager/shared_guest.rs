@@ -1,34 +1,14 @@
 //! `vmm --guest stress --memory-backend shared` on real KVM: guest RAM is a shared memfd (shmem
 //! at 4 KiB, a hugetlbfs memfd at 2 MiB) paged through userfaultfd MISSING + MINOR and stage2.
 
-use crate::guest_util::{hugetlb_or_skip, kvm_or_skip, serial, vmm_guest, Run};
+use crate::guest_util::{run_guest, Run};
 
-const GIB: u64 = 1 << 30;
 const SZ_2M: u64 = 2 << 20;
 const PAGE: u64 = 4096;
 
 fn stress_shared(test: &str, hugepages: &str, backing: &str) -> Option<Run> {
-    if !kvm_or_skip(test) || (hugepages == "2M" && !hugetlb_or_skip(test, GIB)) {
-        return None;
-    }
-    let _one = serial();
-    let run = vmm_guest(
-        test,
-        &[
-            "--guest",
-            "stress",
-            "--mem",
-            "1G",
-            "--cpus",
-            "2",
-            "--memory-backend",
-            "shared",
-            "--hugepages",
-            hugepages,
-        ],
-    );
-    run.assert_pass();
-    run.assert_backing(backing);
+    let shared = ["--memory-backend", "shared"];
+    let run = run_guest(test, "stress", 1, 2, hugepages, backing, &shared)?;
     assert_eq!(
         run.stats()["demand_paging"]["paging"]["memory"],
         "shared",

@@ -3,13 +3,11 @@
 //! reclaims on shared memfd memory without demand paging (hole punch); a reclaim under a real
 //! KVM dirty tracker is in its next harvest.
 
-mod guest_util;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use guest_util::{hugetlb_or_skip, kvm_or_skip, serial, vmm_guest};
+use crate::util::{hugetlb_or_skip, kvm_or_skip, run_guest, serial, vmm_guest};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::dirty::{DirtyMode, DirtyTracker, HostChanges};
@@ -24,29 +22,10 @@ const SZ_2M: u64 = 2 << 20;
 #[test]
 fn reclaim_storm_of_1g_ranges_on_hugetlb_2m_passes_with_zaps_and_refaults() {
     let test = "reclaim_storm_on_hugetlb_2m";
-    if !kvm_or_skip(test) || !hugetlb_or_skip(test, 4 * GIB) {
+    let storm = ["--generations", "15", "--reclaim-storm", "6"];
+    let Some(run) = run_guest(test, "stress", 4, 4, "2M", "2M hugetlbfs", &storm) else {
         return;
-    }
-    let _one = serial();
-    let run = vmm_guest(
-        test,
-        &[
-            "--guest",
-            "stress",
-            "--mem",
-            "4G",
-            "--cpus",
-            "4",
-            "--hugepages",
-            "2M",
-            "--generations",
-            "15",
-            "--reclaim-storm",
-            "6",
-        ],
-    );
-    run.assert_pass();
-    run.assert_backing("2M hugetlbfs");
+    };
     let touched_2m = run.stats()["slice_bytes"].as_u64().unwrap() * 4 / SZ_2M;
     let reclaims = run.counter("paging", "reclaims");
     assert!(
@@ -72,29 +51,10 @@ fn reclaim_storm_of_1g_ranges_on_hugetlb_2m_passes_with_zaps_and_refaults() {
 #[test]
 fn reclaim_storm_on_4k_pages_passes_with_zaps_and_refaults() {
     let test = "reclaim_storm_on_4k_pages";
-    if !kvm_or_skip(test) {
+    let storm = ["--generations", "6", "--reclaim-storm", "3"];
+    let Some(run) = run_guest(test, "stress", 1, 4, "none", "4K pages", &storm) else {
         return;
-    }
-    let _one = serial();
-    let run = vmm_guest(
-        test,
-        &[
-            "--guest",
-            "stress",
-            "--mem",
-            "1G",
-            "--cpus",
-            "4",
-            "--hugepages",
-            "none",
-            "--generations",
-            "6",
-            "--reclaim-storm",
-            "3",
-        ],
-    );
-    run.assert_pass();
-    run.assert_backing("4K pages");
+    };
     let touched = run.stats()["slice_bytes"].as_u64().unwrap() * 4 / 4096;
     assert!(run.counter("paging", "reclaims") >= 1);
     assert!(run.counter("paging", "zapped") > 0);

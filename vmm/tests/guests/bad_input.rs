@@ -1,9 +1,7 @@
 //! `vmm --guest` refuses bad input with one clear line and exit code 1 (no KVM needed: the
 //! checks run before any VM is made).
 
-mod guest_util;
-
-use guest_util::{vmm_plain, Run};
+use crate::util::{vmm_plain, Run};
 
 fn assert_error(run: &Run, needle: &str) {
     assert_eq!(run.code, 1, "stderr: {}", run.stderr);

@@ -1,11 +1,8 @@
 //! `vmm --guest stress|touch|dirty` on real KVM: every mode on 4 KiB, THP and 2 MiB hugetlbfs
 //! backing, with exact stage2 install counts where the backing makes them exact.
 
-mod guest_util;
+use crate::util::{self, kvm_or_skip, run_guest, serial, vmm_guest, Run};
 
-use guest_util::{hugetlb_or_skip, kvm_or_skip, serial, vmm_guest, Run};
-
-const GIB: u64 = 1 << 30;
 const SZ_2M: u64 = 2 << 20;
 const PAGE: u64 = 4096;
 
@@ -14,26 +11,11 @@ fn slice_bytes(run: &Run, cpus: u64) -> u64 {
     run.stats()["slice_bytes"].as_u64().expect("slice_bytes") * cpus
 }
 
+/// `--hugepages` values with the backing each must report: the every-backing tests' loop.
+const BACKINGS: [(&str, &str); 3] = [("none", "4K pages"), ("thp", "THP"), ("2M", "2M hugetlbfs")];
+
 fn stress_4x1g(test: &str, hugepages: &str, backing: &str) -> Option<Run> {
-    if !kvm_or_skip(test) || (hugepages == "2M" && !hugetlb_or_skip(test, 4 * GIB)) {
-        return None;
-    }
-    let _one = serial();
-    let run = vmm_guest(
-        test,
-        &[
-            "--guest",
-            "stress",
-            "--mem",
-            "4G",
-            "--cpus",
-            "4",
-            "--hugepages",
-            hugepages,
-        ],
-    );
-    run.assert_pass();
-    run.assert_backing(backing);
+    let run = run_guest(test, "stress", 4, 4, hugepages, backing, &[])?;
     // Both generations verified every page of every slice.
     let pages = slice_bytes(&run, 4) / PAGE;
     assert!(pages >= 4 * 1000 * 256, "slices of ~1 GiB: {pages} pages");
@@ -78,31 +60,10 @@ fn stress_sequential_4x1g_on_hugetlb_2m_installs_each_touched_2m_page_once() {
 #[test]
 fn stress_random_on_every_backing() {
     let test = "stress_random_on_every_backing";
-    if !kvm_or_skip(test) {
-        return;
-    }
-    for (hp, backing) in [("none", "4K pages"), ("thp", "THP"), ("2M", "2M hugetlbfs")] {
-        if hp == "2M" && !hugetlb_or_skip(test, GIB) {
+    for (hp, backing) in BACKINGS {
+        let Some(run) = run_guest(test, "stress", 1, 4, hp, backing, &["--mode", "random"]) else {
             continue;
-        }
-        let _one = serial();
-        let run = vmm_guest(
-            test,
-            &[
-                "--guest",
-                "stress",
-                "--mode",
-                "random",
-                "--mem",
-                "1G",
-                "--cpus",
-                "4",
-                "--hugepages",
-                hp,
-            ],
-        );
-        run.assert_pass();
-        run.assert_backing(backing);
+        };
         // Random mode makes as many steps per generation as the slice has pages.
         assert_eq!(run.vcpu_sum("pages"), 2 * slice_bytes(&run, 4) / PAGE);
         if hp == "2M" {
@@ -118,33 +79,11 @@ fn stress_random_on_every_backing() {
 #[test]
 fn stress_shared_hot_on_every_backing_one_install_for_the_hot_page() {
     let test = "stress_shared_hot_on_every_backing";
-    if !kvm_or_skip(test) {
-        return;
-    }
-    for (hp, backing) in [("none", "4K pages"), ("thp", "THP"), ("2M", "2M hugetlbfs")] {
-        if hp == "2M" && !hugetlb_or_skip(test, GIB) {
+    for (hp, backing) in BACKINGS {
+        let extra = ["--mode", "shared-hot", "--generations", "50"];
+        let Some(run) = run_guest(test, "stress", 1, 4, hp, backing, &extra) else {
             continue;
-        }
-        let _one = serial();
-        let run = vmm_guest(
-            test,
-            &[
-                "--guest",
-                "stress",
-                "--mode",
-                "shared-hot",
-                "--mem",
-                "1G",
-                "--cpus",
-                "4",
-                "--hugepages",
-                hp,
-                "--generations",
-                "50",
-            ],
-        );
-        run.assert_pass();
-        run.assert_backing(backing);
+        };
         // Writers (vCPUs 0, 2) verify their half of the hot page each generation, readers
         // (1, 3) all 512 pages of it.
         assert_eq!(run.vcpu_sum("pages"), 50 * (256 + 512 + 256 + 512));
@@ -170,7 +109,7 @@ fn touch_and_dirty_on_4_vcpus() {
     if !kvm_or_skip(test) {
         return;
     }
-    let hp = if guest_util::free_2m_pages() >= 512 {
+    let hp = if util::free_2m_pages() >= 512 {
         "2M"
     } else {
         "thp"
@@ -223,7 +162,7 @@ fn stress_on_hugetlb_1g_installs_one_block_per_touched_gib() {
     if !kvm_or_skip(test) {
         return;
     }
-    let free = guest_util::free_huge_pages("hugepages-1048576kB");
+    let free = util::free_huge_pages("hugepages-1048576kB");
     if free < 2 {
         eprintln!("{test}: skipped: the 1 GiB hugetlb pool has {free} free pages, 2 needed");
         return;

@@ -2,8 +2,6 @@
 //! the destination verifies every page; a cut connection leaves the source running and
 //! passing; a corrupted stream makes the destination stop with a checksum error and exit 1.
 
-mod migrate_util;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command};
@@ -11,8 +9,8 @@ use std::time::Duration;
 
 use vmm::migrate::{Chunk, StreamReader, StreamWriter};
 
-use migrate_util::{
-    api_guest, assert_guest_passed, finish, kvm_or_skip, lines, listening, migrate_json_path,
+use crate::util::{
+    self, api_guest, assert_guest_passed, finish, kvm_or_skip, lines, listening, migrate_json_path,
     read_migrate_json, run_to_end, serial,
 };
 
@@ -21,7 +19,7 @@ use migrate_util::{
 fn vmm(extra: &[&str]) -> Child {
     let mut args = vec!["--no-demand-paging"];
     args.extend_from_slice(extra);
-    migrate_util::vmm(&args)
+    util::vmm(&args)
 }
 
 #[test]
@@ -376,7 +374,7 @@ fn paused_vm_stays_paused_through_its_migrations_and_refuses_reclaims() {
         got
     });
     // Demand paging on (the suite's default is off): reclaims need the pager.
-    let (src, src_rx) = api_guest(migrate_util::vmm, &sock, &[]);
+    let (src, src_rx) = api_guest(util::vmm, &sock, &[]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(req(serde_json::json!({"cmd": "pause"}))["ok"], true);
     let sock2 = sock.clone();

@@ -156,6 +156,41 @@ pub fn vmm_guest(tag: &str, args: &[&str]) -> Run {
     run
 }
 
+/// Runs `vmm --guest guest --mem {gib}G --cpus cpus --hugepages hugepages` and `extra`
+/// flags (as [`vmm_guest`] does) holding [`serial`] for the run, and checks that it passed on
+/// `backing` (see [`Run::assert_backing`]). None, with the reason printed, without KVM or
+/// when `hugepages` is `2M` and the pool cannot back the RAM.
+pub fn run_guest(
+    test: &str,
+    guest: &str,
+    gib: u64,
+    cpus: u32,
+    hugepages: &str,
+    backing: &str,
+    extra: &[&str],
+) -> Option<Run> {
+    if !kvm_or_skip(test) || (hugepages == "2M" && !hugetlb_or_skip(test, gib << 30)) {
+        return None;
+    }
+    let (mem, cpus) = (format!("{gib}G"), cpus.to_string());
+    let mut args = vec![
+        "--guest",
+        guest,
+        "--mem",
+        &mem,
+        "--cpus",
+        &cpus,
+        "--hugepages",
+        hugepages,
+    ];
+    args.extend_from_slice(extra);
+    let _one = serial();
+    let run = vmm_guest(test, &args);
+    run.assert_pass();
+    run.assert_backing(backing);
+    Some(run)
+}
+
 /// Runs `vmm` with exactly `args` (no extra options).
 pub fn vmm_plain(args: &[&str]) -> Run {
     let t = Instant::now();

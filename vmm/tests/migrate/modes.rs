@@ -5,17 +5,30 @@
 //! pause leaves the source's guest running; a postcopy request to a destination without
 //! demand paging is refused and the source's guest goes on and passes.
 
-mod migrate_util;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use migrate_util::{
+use crate::util::{
     api_guest, assert_guest_passed, finish, free_2m_pages_or_skip, guest_on, kvm_or_skip, lines,
     listening, migrate_json_path, read_migrate_json, run_to_end, serial, vmm, vmm_on,
 };
+
+/// The source's flags of a migration to `addr` of at most 4 rounds, starting `delay_ms` after
+/// the guest, its figures written to `json`.
+fn migrate_to<'a>(addr: &'a str, json: &'a std::path::Path, delay_ms: &'a str) -> Vec<&'a str> {
+    vec![
+        "--migrate-to",
+        addr,
+        "--migrate-json",
+        json.to_str().unwrap(),
+        "--max-rounds",
+        "4",
+        "--migrate-delay-ms",
+        delay_ms,
+    ]
+}
 
 /// Migrates a writing `dirty` guest with `src_flags`; the destination stops the guest as
 /// soon as it runs (`--run-for 0`), so most pages still hold what the source wrote and a lost
@@ -40,17 +53,8 @@ fn migrate_and_verify_on(
     }
     let json = migrate_json_path(test);
     let dst = listening(|a| vmm_on(backing, a), &["--run-for", "0"]);
-    let mut args = vec![
-        "--migrate-to",
-        &dst.addr,
-        "--migrate-json",
-        json.to_str().unwrap(),
-        "--max-rounds",
-        "4",
-        // The guest writes for a while first: there are dirty pages to move.
-        "--migrate-delay-ms",
-        "300",
-    ];
+    // The guest writes for a while first: there are dirty pages to move.
+    let mut args = migrate_to(&dst.addr, &json, "300");
     args.extend_from_slice(src_flags);
     let (scode, sout, serr) = run_to_end(vmm_on(backing, &args));
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
@@ -125,56 +129,41 @@ fn postcopy_on_2m_huge_pages_passes() {
     }
 }
 
-#[test]
-fn precopy_kvm_bitmap_passes() {
-    if let Some(doc) = migrate_and_verify("precopy_kvm_bitmap_passes", &[]) {
-        check_precopy(&doc, "kvm-bitmap");
+/// Migrates with dirty mode `mode` (the default, kvm-bitmap, without the flag), in precopy or
+/// postcopy after 2 rounds, and checks the source's summary.
+fn passes_in(test: &str, mode: &str, postcopy: bool) {
+    let mut flags = Vec::new();
+    if mode != "kvm-bitmap" {
+        flags.extend(["--dirty-mode", mode]);
+    }
+    if postcopy {
+        flags.extend(["--postcopy-after", "2"]);
+    }
+    if let Some(doc) = migrate_and_verify(test, &flags) {
+        match postcopy {
+            false => check_precopy(&doc, mode),
+            true => check_postcopy(&doc, mode),
+        }
     }
 }
 
-#[test]
-fn precopy_kvm_ring_passes() {
-    if let Some(doc) = migrate_and_verify("precopy_kvm_ring_passes", &["--dirty-mode", "kvm-ring"])
-    {
-        check_precopy(&doc, "kvm-ring");
-    }
+/// One test per (name, dirty mode, postcopy) row, each running [`passes_in`].
+macro_rules! mode_tests {
+    ($($name:ident: $mode:literal, $postcopy:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            passes_in(stringify!($name), $mode, $postcopy);
+        }
+    )*};
 }
 
-#[test]
-fn precopy_stage2_wp_passes() {
-    if let Some(doc) =
-        migrate_and_verify("precopy_stage2_wp_passes", &["--dirty-mode", "stage2-wp"])
-    {
-        check_precopy(&doc, "stage2-wp");
-    }
-}
-
-#[test]
-fn postcopy_kvm_bitmap_passes() {
-    if let Some(doc) = migrate_and_verify("postcopy_kvm_bitmap_passes", &["--postcopy-after", "2"])
-    {
-        check_postcopy(&doc, "kvm-bitmap");
-    }
-}
-
-#[test]
-fn postcopy_kvm_ring_passes() {
-    if let Some(doc) = migrate_and_verify(
-        "postcopy_kvm_ring_passes",
-        &["--dirty-mode", "kvm-ring", "--postcopy-after", "2"],
-    ) {
-        check_postcopy(&doc, "kvm-ring");
-    }
-}
-
-#[test]
-fn postcopy_stage2_wp_passes() {
-    if let Some(doc) = migrate_and_verify(
-        "postcopy_stage2_wp_passes",
-        &["--dirty-mode", "stage2-wp", "--postcopy-after", "2"],
-    ) {
-        check_postcopy(&doc, "stage2-wp");
-    }
+mode_tests! {
+    precopy_kvm_bitmap_passes: "kvm-bitmap", false;
+    precopy_kvm_ring_passes: "kvm-ring", false;
+    precopy_stage2_wp_passes: "stage2-wp", false;
+    postcopy_kvm_bitmap_passes: "kvm-bitmap", true;
+    postcopy_kvm_ring_passes: "kvm-ring", true;
+    postcopy_stage2_wp_passes: "stage2-wp", true;
 }
 
 /// Chunk kind of page data on the wire (stream.rs `kind::PAGES`).
@@ -472,22 +461,16 @@ fn stress_migration_under_a_reclaim_storm(test: &str, dirty_mode: &str) {
         guest_on("stress", "none", &args)
     };
     let dst = listening(stress, &[]);
-    let (scode, sout, serr) = run_to_end(stress(&[
+    let mut args = vec![
         "--generations",
         STORM_GENERATIONS,
         "--reclaim-storm",
         "1000",
         "--dirty-mode",
         dirty_mode,
-        "--migrate-to",
-        &dst.addr,
-        "--migrate-json",
-        json.to_str().unwrap(),
-        "--max-rounds",
-        "4",
-        "--migrate-delay-ms",
-        "500",
-    ]));
+    ];
+    args.extend(migrate_to(&dst.addr, &json, "500"));
+    let (scode, sout, serr) = run_to_end(stress(&args));
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
     assert!(sout.contains("complete"), "{sout}");
     let storm = serr.matches("reclaim storm: dropped").count();

@@ -1,0 +1,334 @@
+//! The destination of a live migration: accept a source, receive its rounds into guest RAM
+//! (through the pager when demand paging is on) and its state, restore the state, and say
+//! the guest runs here; after a postcopy switch the rest comes through [`postcopy`].
+
+pub mod postcopy;
+
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use log::info;
+use vm_memory::GuestMemoryMmap;
+
+use crate::devices::i8042::I8042State;
+use crate::devices::serial::SerialDevice;
+use crate::memory::RamRegion;
+use crate::migrate::error::MigrateError;
+use crate::migrate::page_set::PageSet;
+use crate::migrate::priority::MigrationPriority;
+use crate::migrate::ram::{RamError, RamPager, RamReceiver, ResidencyCursor};
+use crate::migrate::state::{
+    restore_vcpu, restore_vm, SerialRegs, StateError, VcpuCaps, VcpuState, VmState, DEVICE_I8042,
+    DEVICE_KVM_VM, DEVICE_SERIAL,
+};
+use crate::migrate::stream::{
+    chunk_name, discard_runs, Chunk, Layout, Received, StreamError, StreamReader, StreamWriter,
+    DEST_DEMAND_PAGING, PAGE_SIZE,
+};
+use crate::migrate::transport::{Connection, Listener};
+
+/// What the destination did at the postcopy switch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SwitchFigures {
+    /// Runs of stale host pages dropped at the switch (after the last round).
+    pub drop_calls: u64,
+    /// Time spent dropping them: part of the downtime.
+    pub drop_time: Duration,
+    /// Runs dropped by discard rounds, while the guest still ran on the source.
+    pub early_drop_calls: u64,
+    /// Time spent dropping those.
+    pub early_drop_time: Duration,
+}
+
+/// The postcopy phase still to come on the destination.
+pub struct PostcopyIncoming {
+    /// The rest of the stream (the owed pages, then `End`).
+    pub reader: StreamReader<std::io::BufReader<Connection>>,
+    /// Host pages the source owes (dropped here at the switch).
+    pub owed: PageSet,
+    /// The switch's drops.
+    pub switch: SwitchFigures,
+}
+
+impl std::fmt::Debug for PostcopyIncoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostcopyIncoming")
+            .field("owed", &self.owed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the destination received, ready to restore.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Per vCPU, in id order.
+    pub vcpus: Vec<VcpuState>,
+    /// The VM-wide state.
+    pub vm: VmState,
+    /// COM1's registers, when the source had one.
+    pub serial: Option<SerialRegs>,
+    /// The i8042's registers, when the source had one.
+    pub i8042: Option<I8042State>,
+    /// Rounds seen.
+    pub rounds: u32,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Host pages placed whole through the pager while receiving.
+    pub placed: u64,
+    /// The connection, for the acknowledgement.
+    pub conn: Connection,
+    /// `Some` when the source switched to postcopy: the guest must run with the owed pages
+    /// coming from [`postcopy::PostcopyTarget`].
+    pub postcopy: Option<PostcopyIncoming>,
+}
+
+/// Socket read buffer of the destination: small chunks (zero runs, single pages) come many
+/// to a read; page data larger than it bypasses it.
+const RECEIVE_BUFFER: usize = 256 << 10;
+
+/// A source that connected and sent its header: the destination builds its VM from
+/// [`layout`](Self::layout) (its spec), then [`receive`]s the rest.
+pub struct Pending {
+    conn: Connection,
+    reader: StreamReader<std::io::BufReader<Connection>>,
+    layout: Layout,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pending {
+    /// The source's layout and machine spec.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+}
+
+/// Accepts one source on `listener` and reads its header.
+pub fn accept(listener: &Listener) -> Result<Pending, MigrateError> {
+    let conn = listener.accept()?;
+    let input = conn
+        .try_clone()
+        .map_err(|source| StreamError::Io { offset: 0, source })?;
+    let (reader, layout) =
+        StreamReader::open(std::io::BufReader::with_capacity(RECEIVE_BUFFER, input))?;
+    Ok(Pending {
+        conn,
+        reader,
+        layout,
+    })
+}
+
+/// Receives from a source accepted with [`accept`]: says what this destination can receive,
+/// checks the source's layout against this VM, and receives RAM into `mem` (through `pager`
+/// when demand paging is on) and the state, until `End` or the postcopy switch. A checksum,
+/// truncation or layout error stops here with that error.
+pub fn receive(
+    pending: Pending,
+    mem: &GuestMemoryMmap,
+    vcpus: usize,
+    regions: &[RamRegion],
+    pager: Option<&dyn RamPager>,
+) -> Result<Incoming, MigrateError> {
+    let Pending {
+        conn,
+        reader: mut r,
+        layout,
+    } = pending;
+    let _boost = MigrationPriority::raise();
+    let mut reply = StreamWriter::headless(
+        conn.try_clone()
+            .map_err(|source| StreamError::Io { offset: 0, source })?,
+    );
+    let (host_page, flags) = match pager {
+        Some(p) => (p.host_page(), DEST_DEMAND_PAGING),
+        None => (PAGE_SIZE as u64, 0),
+    };
+    reply.dest_info(host_page, flags)?;
+    Layout::new(vcpus as u32, regions.iter().map(|r| (r.gpa, r.len))).accept(&layout)?;
+    let mut states: Vec<Option<VcpuState>> = (0..vcpus).map(|_| None).collect();
+    let mut vm = None;
+    let mut serial = None;
+    let mut i8042 = None;
+    let mut rounds = 0;
+    // This destination's RAM is new: nothing but this stream writes it before the guest runs.
+    let mut ram = RamReceiver::new(mem, pager).fresh();
+    let ram_regions: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
+    let mut owed: Option<PageSet> = None;
+    let mut switch = SwitchFigures::default();
+    let switched = loop {
+        let (offset, chunk) = r.position();
+        let c = match r.next_chunk_into(&mut ram)? {
+            Received::PagesInPlace { .. } => continue,
+            Received::Chunk(c) => c,
+        };
+        if ram.apply(&c)? {
+            continue;
+        }
+        match c {
+            Chunk::Round { round, dirty_pages } => {
+                rounds = round + 1;
+                info!("incoming round {round}: {dirty_pages} pages");
+                // Drops so far came with a round (a discard round), not with the switch.
+                switch.early_drop_calls += std::mem::take(&mut switch.drop_calls);
+                switch.early_drop_time += std::mem::take(&mut switch.drop_time);
+                reply.round_applied(round)?;
+            }
+            Chunk::Vcpu { id, blob } => {
+                let st = VcpuState::decode(blob)?;
+                match states.get_mut(id as usize) {
+                    Some(slot) => *slot = Some(st),
+                    None => return Err(MigrateError::Missing(format!("a vCPU {id} here"))),
+                }
+            }
+            Chunk::Device { name, blob } if name == DEVICE_KVM_VM => {
+                vm = Some(VmState::decode(blob)?);
+            }
+            Chunk::Device { name, blob } if name == DEVICE_SERIAL => {
+                serial = Some(SerialRegs::decode(blob)?);
+            }
+            Chunk::Device { name, blob } if name == DEVICE_I8042 => {
+                i8042 = Some(
+                    postcard::from_bytes(blob).map_err(|source| StateError::Decode {
+                        what: "i8042",
+                        source,
+                    })?,
+                );
+            }
+            Chunk::Device { name, .. } => info!("ignoring state of unknown device {name:?}"),
+            Chunk::Discard { runs } => {
+                let Some(p) = pager else {
+                    return Err(MigrateError::Refused(
+                        "the source switched to postcopy, which needs demand paging here: \
+                         this destination runs with --no-demand-paging"
+                            .into(),
+                    ));
+                };
+                let set = owed.get_or_insert_with(|| PageSet::new(&ram_regions, p.host_page()));
+                let t = Instant::now();
+                let mut drops = Vec::new();
+                let mut res = ResidencyCursor::new(mem);
+                for (gpa, count) in discard_runs(runs) {
+                    stale_runs(p.host_page(), &mut res, set, gpa, count, &mut drops)?;
+                }
+                switch.drop_calls += drops.len() as u64;
+                // Nothing runs on this side yet: the pager may drop them all without an
+                // event per run.
+                p.discard_all(&drops)
+                    .map_err(|e| RamError::Pager(format!("dropping stale copies: {e}")))?;
+                switch.drop_time += t.elapsed();
+            }
+            Chunk::Postcopy => break true,
+            Chunk::End => break false,
+            other => {
+                return Err(StreamError::Unexpected {
+                    chunk,
+                    offset,
+                    found: chunk_name(&other),
+                    expected: "a migration chunk of the source",
+                }
+                .into())
+            }
+        }
+    };
+    let vcpus = states
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| s.ok_or_else(|| MigrateError::Missing(format!("the state of vCPU {i}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let placed = ram.placed;
+    let bytes = r.bytes_read();
+    let postcopy = match (switched, pager) {
+        (false, _) => None,
+        (true, Some(p)) => Some(PostcopyIncoming {
+            reader: r,
+            owed: owed.unwrap_or_else(|| PageSet::new(&ram_regions, p.host_page())),
+            switch,
+        }),
+        (true, None) => {
+            return Err(MigrateError::Refused(
+                "the source switched to postcopy, which needs demand paging here: this \
+                 destination runs with --no-demand-paging"
+                    .into(),
+            ))
+        }
+    };
+    Ok(Incoming {
+        vcpus,
+        vm: vm.ok_or_else(|| MigrateError::Missing("the VM state (irqchip, PIT, clock)".into()))?,
+        serial,
+        i8042,
+        rounds,
+        bytes,
+        placed,
+        conn,
+        postcopy,
+    })
+}
+
+/// Postcopy switch on the destination: the pages of `[gpa, gpa + count pages)` are stale
+/// here; their host pages join `owed`, and the runs of them that have a copy here are added
+/// to `drops` (consecutive ones as one run; a run never spans two RAM regions: the source
+/// splits runs at region ends). `res` tells which host pages have a copy here.
+fn stale_runs(
+    host: u64,
+    res: &mut ResidencyCursor,
+    owed: &mut PageSet,
+    gpa: u64,
+    count: u32,
+    drops: &mut Vec<(u64, u64)>,
+) -> Result<(), MigrateError> {
+    let end = gpa
+        .checked_add(u64::from(count) * PAGE_SIZE as u64)
+        .ok_or(RamError::OutOfRange {
+            gpa,
+            len: u64::from(count),
+        })?;
+    let mut at = gpa / host * host;
+    while at < end {
+        owed.insert(at);
+        if res.populated(at)? {
+            match drops.last_mut() {
+                Some((s, len)) if *s + *len == at => *len += host,
+                _ => drops.push((at, host)),
+            }
+        }
+        at += host;
+    }
+    Ok(())
+}
+
+/// Restores the received state into a fresh VM and its (not yet running) vCPUs.
+pub fn restore(
+    inc: &Incoming,
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    caps: &VcpuCaps,
+    serial: Option<&SerialDevice>,
+) -> Result<(), MigrateError> {
+    restore_vm(vm, &inc.vm)?;
+    for (fd, st) in vcpus.iter().zip(&inc.vcpus) {
+        restore_vcpu(fd, st, caps)?;
+    }
+    match (&inc.serial, serial) {
+        (Some(regs), Some(dev)) => dev
+            .restore(&regs.into())
+            .map_err(|e| MigrateError::State(StateError::Serial(e)))?,
+        (Some(_), None) => info!("the source's COM1 state is dropped: this VM has no COM1"),
+        (None, _) => {}
+    }
+    Ok(())
+}
+
+/// Tells the source the guest runs here.
+pub fn acknowledge(conn: Connection) -> Result<(), MigrateError> {
+    let mut w = StreamWriter::headless(conn);
+    w.guest_running()?;
+    w.flush()?;
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! The errors of a migration, at either end: what failed, and whether the guest survives it.
+
+use super::ram::RamError;
+use super::state::StateError;
+use super::stream::StreamError;
+use super::transport::AddressError;
+use crate::dirty::DirtyError;
+use crate::vcpu::VcpuError;
+
+/// Errors of a migration; each says what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Connecting or listening failed.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The stream failed (I/O, checksum, truncation, layout mismatch).
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// Moving RAM failed.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// Saving or restoring KVM state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Dirty tracking failed.
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    /// vCPU control failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The stream is complete but lacks something the VM needs.
+    #[error("migration stream ended without {0}: the source sent an incomplete VM")]
+    Missing(String),
+    /// The two ends cannot do what was asked.
+    #[error("{0}")]
+    Refused(String),
+    /// The migration failed after the postcopy switch: the destination has (or may have)
+    /// started the guest, so the source must not resume it; no copy of the guest is whole.
+    #[error("the migration failed during postcopy ({0}): the guest's state moved to the destination but part of its memory did not; the guest is lost, this VM stays paused and exits")]
+    PostcopyLost(String),
+}

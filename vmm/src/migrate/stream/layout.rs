@@ -1,0 +1,119 @@
+//! The stream's header: the guest layout both ends must agree on, and the machine spec.
+
+use super::chunk::Cursor;
+use super::error::StreamError;
+use super::format::{MAX_REGIONS, MAX_SPEC, PAGE_SIZE};
+
+/// What both ends must agree on before any page moves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Page size of page chunks (always [`PAGE_SIZE`] for this version).
+    pub page_size: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM regions as (gpa, len), in guest-physical order.
+    pub regions: Vec<(u64, u64)>,
+    /// What the destination builds before it receives: the machine spec as JSON
+    /// (`crate::machine::spec`), empty when the sender has none. Not compared by
+    /// [`accept`](Layout::accept).
+    pub spec: Vec<u8>,
+}
+
+impl Layout {
+    /// The layout of a VM with `vcpus` vCPUs over `regions`.
+    pub fn new(vcpus: u32, regions: impl IntoIterator<Item = (u64, u64)>) -> Layout {
+        Layout {
+            page_size: PAGE_SIZE as u32,
+            vcpus,
+            regions: regions.into_iter().collect(),
+            spec: Vec::new(),
+        }
+    }
+
+    /// This layout with `spec` as its machine spec.
+    pub fn with_spec(mut self, spec: Vec<u8>) -> Layout {
+        self.spec = spec;
+        self
+    }
+
+    /// Total RAM bytes.
+    pub fn ram_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.1).sum()
+    }
+
+    /// Checks that a stream from `source` can be received by a VM with this layout.
+    pub fn accept(&self, source: &Layout) -> Result<(), StreamError> {
+        if source.page_size != self.page_size {
+            return Err(StreamError::PageSizeMismatch {
+                source_page: source.page_size,
+                here: self.page_size,
+            });
+        }
+        if source.regions != self.regions {
+            let regions = |l: &Layout| {
+                l.regions
+                    .iter()
+                    .map(|(g, n)| format!("{g:#x}+{n:#x}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(StreamError::RamMismatch {
+                source_ram: crate::memory::human(source.ram_bytes()),
+                source_regions: regions(source),
+                here_ram: crate::memory::human(self.ram_bytes()),
+                here_regions: regions(self),
+            });
+        }
+        if source.vcpus != self.vcpus {
+            return Err(StreamError::VcpuMismatch {
+                source_vcpus: source.vcpus,
+                here: self.vcpus,
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(12 + 16 * self.regions.len());
+        out.extend_from_slice(&self.page_size.to_le_bytes());
+        out.extend_from_slice(&self.vcpus.to_le_bytes());
+        out.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
+        for (gpa, len) in &self.regions {
+            out.extend_from_slice(&gpa.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.spec.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.spec);
+        out
+    }
+
+    pub(super) fn decode(p: &[u8]) -> Result<Layout, String> {
+        let mut c = Cursor(p);
+        let page_size = c.u32()?;
+        let vcpus = c.u32()?;
+        let n = c.u32()? as usize;
+        if n > MAX_REGIONS {
+            return Err(format!(
+                "header lists {n} RAM regions (at most {MAX_REGIONS})"
+            ));
+        }
+        let mut regions = Vec::with_capacity(n);
+        for _ in 0..n {
+            regions.push((c.u64()?, c.u64()?));
+        }
+        let spec_len = c.u32()? as usize;
+        if spec_len > MAX_SPEC {
+            return Err(format!(
+                "header carries a {spec_len}-byte machine spec (at most {MAX_SPEC})"
+            ));
+        }
+        let spec = c.take(spec_len)?.to_vec();
+        c.finish()?;
+        Ok(Layout {
+            page_size,
+            vcpus,
+            regions,
+            spec,
+        })
+    }
+}

@@ -1,0 +1,9 @@
+//! The migration suites, one test binary: the wire format over real sockets (stream), vCPU and
+//! VM state on real KVM (state), precopy between two `vmm` processes (precopy), and every
+//! dirty-tracking mode with precopy and postcopy (modes).
+
+mod modes;
+mod precopy;
+mod state;
+mod stream;
+mod util;
