@@ -4,6 +4,7 @@
 //! `shutdown` stops a guest without a power button with 4; a failed `--migrate-to` turns the
 //! guest's later pass into 6.
 
+#[path = "migrate/util.rs"]
 mod migrate_util;
 
 use std::path::{Path, PathBuf};

@@ -343,7 +343,9 @@ fn migrate_mid_boot(test: &str, postcopy_after: Option<u32>) {
         "both sides printed part of the boot"
     );
     assert!(
-        whole.lines().any(|l| l.trim_end() == "MARKER kernel-machine"),
+        whole
+            .lines()
+            .any(|l| l.trim_end() == "MARKER kernel-machine"),
         "the same end as an unmigrated boot: /init's marker, then its poweroff:\n{}",
         &whole[whole.len().saturating_sub(2000)..]
     );
