@@ -136,7 +136,7 @@ fn vcpus_run_in_long_mode_and_pause_resume_stop() {
 }
 
 #[test]
-fn i8042_reset_ends_the_vm_with_zero() {
+fn i8042_reset_ends_the_vm_with_the_reboot_code() {
     if !kvm_available() {
         return;
     }
@@ -147,6 +147,10 @@ fn i8042_reset_ends_the_vm_with_zero() {
     bus.register(0x60..=0x64, Arc::new(I8042::new(exit.clone())))
         .unwrap();
     let (_ram, _vm, mut ctl) = start_vm(&code, 1, bus, exit.clone());
-    assert_eq!(exit.wait_timeout(Duration::from_secs(30)), Some(0));
+    assert_eq!(
+        exit.wait_timeout(Duration::from_secs(30)),
+        Some(vmm::vcpu::EXIT_REBOOT),
+        "a pulse-reset is a reboot (exit code 3), not a poweroff"
+    );
     ctl.stop_all();
 }
