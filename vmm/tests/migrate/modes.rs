@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::util::{
-    api_guest, assert_guest_passed, finish, free_2m_pages_or_skip, guest_on, kvm_or_skip, lines,
-    listening, migrate_json_path, read_migrate_json, run_to_end, serial, vmm, vmm_on,
+    api_guest, assert_guest_passed, assert_source_passed_after_failed_migration, finish,
+    free_2m_pages_or_skip, guest_on, kvm_or_skip, lines, listening, migrate_json_path,
+    read_migrate_json, run_to_end, serial, vmm, vmm_on,
 };
 
 /// The source's flags of a migration to `addr` of at most 4 rounds, starting `delay_ms` after
@@ -344,7 +345,7 @@ fn connection_cut_in_the_discard_round_leaves_the_source_running_and_passing() {
         "the source says its guest stays: {}",
         src.2
     );
-    assert_guest_passed("the source's guest", &src);
+    assert_source_passed_after_failed_migration("the source's guest", &src);
 }
 
 #[test]
@@ -431,7 +432,11 @@ fn postcopy_to_a_destination_without_demand_paging_is_refused_and_the_source_run
         "{serr}"
     );
     assert!(serr.contains("keeps running here"), "{serr}");
-    assert_eq!(scode, 0, "the source's guest passes: {sout}\n{serr}");
+    assert_eq!(
+        scode,
+        vmm::vcpu::EXIT_MIGRATE_FAILED,
+        "the source's guest passes, the failed --migrate-to says so: {sout}\n{serr}"
+    );
     assert!(sout.contains("PASS"), "{sout}");
     let (dcode, dout, derr) = dst.finish();
     assert_eq!(dcode, 1, "{dout}\n{derr}");
