@@ -10,164 +10,39 @@
 //! through the VMM's syscall relay, its console output through COM1's interrupt, which the DSDT
 //! describes) and powers off (ACPI S5): that is "the end" on both sides of a migration.
 
+mod kernel_util;
 #[path = "migrate/util.rs"]
 mod migrate_util;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use kernel_util::{
+    request, spawn, stamp, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT, SMALL,
+};
 
 use migrate_util::{free_port, serial, LISTENING};
 use serde_json::{json, Value};
 use vmm::vcpu::{EXIT_IDLE, EXIT_REBOOT, EXIT_SHUTDOWN_FORCED};
 
-const VMM: &str = env!("CARGO_BIN_EXE_vmm");
-/// One boot to /init takes 50-60 s here with the host idle; twice that when it is busy.
-const BOOT_LIMIT: Duration = Duration::from_secs(400);
 /// Where the unmigrated and the migrated boot both get to on this host.
 const LAST_LINE: &str = "Run /init as init process";
 const CMDLINE: &str = "console=ttyS0 noxsave panic=-1 marker=kernel-machine";
 
-/// The test kernel and initramfs, or `None` with the reason printed.
-fn test_kernel(test: &str) -> Option<(PathBuf, PathBuf)> {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("{test}: skipped: /dev/kvm is absent");
-        return None;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let build = |tool: &str| -> Option<PathBuf> {
-        let out = Command::new(root.join("tools").join(tool))
-            .stderr(Stdio::inherit())
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let path = PathBuf::from(text.lines().last()?.trim());
-        (out.status.success() && path.exists()).then_some(path)
-    };
-    match (build("build-test-kernel"), build("build-test-initramfs")) {
-        (Some(k), Some(i)) => Some((k, i)),
-        _ => {
-            eprintln!(
-                "{test}: skipped: tools/build-test-kernel or tools/build-test-initramfs \
-                 failed (run tools/setup-host as root)"
-            );
-            None
-        }
-    }
+/// The test kernel with `initrd` and [`CMDLINE`] on the small machine.
+fn boot(kernel: &Path, initrd: &Path, name: &str, extra: &[&str]) -> KernelVm {
+    KernelVm::boot(kernel, initrd, name, CMDLINE, SMALL, extra)
 }
 
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("kernel-machine-{}-{name}", std::process::id()))
-}
-
-fn spawn(args: &[&str]) -> Child {
-    Command::new(VMM)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm")
-}
-
-/// A kernel VM's process with its console in a file.
-struct KernelVm {
-    child: Child,
-    console: PathBuf,
-}
-
-impl KernelVm {
-    fn boot(kernel: &Path, initrd: &Path, name: &str, extra: &[&str]) -> KernelVm {
-        KernelVm::boot_with(kernel, Some(initrd), CMDLINE, name, extra)
-    }
-
-    fn boot_with(
-        kernel: &Path,
-        initrd: Option<&Path>,
-        cmdline: &str,
-        name: &str,
-        extra: &[&str],
-    ) -> KernelVm {
-        let console = tmp(&format!("{name}.console"));
-        let serial = format!("file:{}", console.display());
-        let mut args = vec![
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--mem",
-            "256M",
-            "--cpus",
-            "1",
-            "--hugepages",
-            "none",
-            "--cmdline",
-            cmdline,
-            "--serial",
-            &serial,
-        ];
-        if let Some(i) = initrd {
-            args.extend(["--initrd", i.to_str().unwrap()]);
-        }
-        args.extend_from_slice(extra);
-        KernelVm {
-            child: spawn(&args),
-            console,
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
-    }
-
-    /// Waits until the console has `needle` (or the VM ended, or the limit passed).
-    fn wait_for(&mut self, needle: &str, limit: Duration) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < limit {
-            if self.text().contains(needle) {
-                return true;
-            }
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return self.text().contains(needle);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        false
-    }
-
-    /// Waits for the process to end by itself; (exit code, stderr, console).
-    fn wait_end(mut self, limit: Duration) -> (Option<i32>, String, String) {
-        let t = Instant::now();
-        let code = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st.code();
-            }
-            if t.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        let text = self.text();
-        let _ = std::fs::remove_file(&self.console);
-        (code, err, text)
-    }
-}
-
-fn request(sock: &Path, req: Value) -> Value {
-    let v = vmm::api::request(sock, &req).expect("control socket answers");
-    assert_eq!(v["ok"], true, "{req} -> {v}");
-    v
-}
-
-fn wait_for_path(p: &Path) {
-    let t = Instant::now();
-    while !p.exists() && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The test kernel with any initrd and command line on the small machine.
+fn boot_with(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    name: &str,
+    extra: &[&str],
+) -> KernelVm {
+    KernelVm::boot_with(kernel, initrd, name, cmdline, SMALL, extra)
 }
 
 /// A kernel VM is a machine like a test guest: demand paging through stage2 by default, and
@@ -183,7 +58,7 @@ fn kernel_vm_pages_on_demand_and_answers_info_stats_and_shutdown() {
     let _g = serial();
     let sock = tmp("info.sock");
     let stats = tmp("info.json");
-    let mut vm = KernelVm::boot(
+    let mut vm = boot(
         &k,
         &i,
         "info",
@@ -254,13 +129,6 @@ fn kernel_vm_pages_on_demand_and_answers_info_stats_and_shutdown() {
     );
 }
 
-/// The kernel's timestamp of a console line (`[   12.345678] ...`).
-fn stamp(line: &str) -> Option<f64> {
-    let rest = line.trim_start().strip_prefix('[')?;
-    let (num, _) = rest.split_once(']')?;
-    num.trim().parse().ok()
-}
-
 /// Migrates a booting kernel once its console has `at`, to a destination given only
 /// `--incoming`, and checks the two consoles together.
 fn migrate_mid_boot(test: &str, postcopy_after: Option<u32>) {
@@ -269,7 +137,7 @@ fn migrate_mid_boot(test: &str, postcopy_after: Option<u32>) {
     };
     let _g = serial();
     let sock = tmp(&format!("{test}.sock"));
-    let mut src = KernelVm::boot(
+    let mut src = boot(
         &k,
         &i,
         &format!("{test}-src"),
@@ -376,7 +244,7 @@ fn a_kernel_panic_reboots_through_the_acpi_reset_register() {
     let _g = serial();
     let t = Instant::now();
     let sock = tmp("reboot.sock");
-    let mut vm = KernelVm::boot_with(
+    let mut vm = boot_with(
         &k,
         None,
         "console=ttyS0 noxsave panic=5 reboot=acpi",
@@ -424,7 +292,7 @@ fn a_halted_kernel_ends_as_idle() {
     };
     let _g = serial();
     let t = Instant::now();
-    let vm = KernelVm::boot_with(
+    let vm = boot_with(
         &k,
         Some(&i),
         "console=ttyS0 noxsave acpi=off",

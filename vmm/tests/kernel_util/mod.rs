@@ -76,18 +76,31 @@ impl KernelVm {
         machine: &[&str],
         extra: &[&str],
     ) -> KernelVm {
+        KernelVm::boot_with(kernel, Some(initrd), name, cmdline, machine, extra)
+    }
+
+    /// [`KernelVm::boot`] with the initrd optional.
+    pub fn boot_with(
+        kernel: &Path,
+        initrd: Option<&Path>,
+        name: &str,
+        cmdline: &str,
+        machine: &[&str],
+        extra: &[&str],
+    ) -> KernelVm {
         let console = tmp(&format!("{name}.console"));
         let serial = format!("file:{}", console.display());
         let mut args = vec![
             "--kernel",
             kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
             "--cmdline",
             cmdline,
             "--serial",
             &serial,
         ];
+        if let Some(i) = initrd {
+            args.extend(["--initrd", i.to_str().unwrap()]);
+        }
         args.extend_from_slice(machine);
         args.extend_from_slice(extra);
         KernelVm {
