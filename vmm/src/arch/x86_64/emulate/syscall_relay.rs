@@ -36,7 +36,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 use log::{debug, info, warn};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 /// `IA32_STAR` (Intel SDM Vol. 4 §2.1, Table 2-2): bits 47:32 are the kernel CS selector
 /// `syscall` loads (SS is that + 8).
@@ -143,13 +143,11 @@ pub enum RelayError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("guest address {gva:#x} ({what}) is not mapped")]
-    Unmapped { what: &'static str, gva: u64 },
-    #[error("reading {what} at guest physical {gpa:#x}: {source}")]
-    Memory {
+    #[error("reading {what} at guest address {gva:#x}: {source}")]
+    Read {
         what: &'static str,
-        gpa: u64,
-        source: vm_memory::GuestMemoryError,
+        gva: u64,
+        source: super::exec::EmulateError,
     },
 }
 
@@ -333,33 +331,18 @@ impl SyscallRelay {
     }
 }
 
-/// Reads a `T` at guest virtual `gva` through the vCPU's page tables (KVM_TRANSLATE), page by
-/// page so an object crossing a page boundary is read right.
+/// Reads a `T` at guest virtual `gva` through the vCPU's page tables, with the emulation
+/// fallback's page-by-page reader (KVM_TRANSLATE per page).
 fn read_virt<T: vm_memory::ByteValued + Default>(
     fd: &VcpuFd,
     mem: &GuestMemoryMmap,
     gva: u64,
     what: &'static str,
 ) -> Result<T, RelayError> {
+    let read = |source| RelayError::Read { what, gva, source };
     let mut out = T::default();
-    let buf = out.as_mut_slice();
-    let mut done = 0usize;
-    while done < buf.len() {
-        let at = gva + done as u64;
-        let t = fd.translate_gva(at).map_err(kvm("KVM_TRANSLATE"))?;
-        if t.valid == 0 {
-            return Err(RelayError::Unmapped { what, gva: at });
-        }
-        let in_page = (0x1000 - (at & 0xfff)) as usize;
-        let n = in_page.min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + n], GuestAddress(t.physical_address))
-            .map_err(|source| RelayError::Memory {
-                what,
-                gpa: t.physical_address,
-                source,
-            })?;
-        done += n;
-    }
+    let mut ctx = super::kvm::KvmContext::new(fd, mem, None).map_err(read)?;
+    super::exec::read_virt(&mut ctx, gva, out.as_mut_slice()).map_err(read)?;
     Ok(out)
 }
 
