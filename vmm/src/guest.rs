@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
 use crate::cli::MachineArgs;
 use crate::devices::PioBus;
+use crate::hypervisor::VcpuOps;
 use crate::machine::reclaim::{Handshake, Storm};
 use crate::machine::session::{exit_code_after, Session, SessionConfig, Waited};
 use crate::machine::spec::{GuestSpec, MachineSpec, Payload};
@@ -55,7 +56,7 @@ fn paced_writes_per_gen(rate_mb_s: u64, cpus: u8) -> u64 {
 /// in guest memory (after `load`: the frequency comes from a vCPU, KVM_GET_TSC_KHZ).
 fn write_pacing(
     mem: &GuestMemoryMmap,
-    fd: &kvm_ioctls::VcpuFd,
+    fd: &dyn VcpuOps,
     rate_mb_s: u64,
     cpus: u8,
 ) -> anyhow::Result<()> {
@@ -326,7 +327,7 @@ fn make_tables_user(mem: &GuestMemoryMmap, identity_bytes: u64) -> anyhow::Resul
 /// instruction) but runs ring-3 code natively, so the test guests, which need no
 /// privileged instruction, run in ring 3; IOPL 3 lets them use the test port. The
 /// segment caches are set directly (KVM_SET_SREGS); the guests never reload a segment.
-fn enter_ring3(fd: &kvm_ioctls::VcpuFd, id: u8) -> anyhow::Result<()> {
+fn enter_ring3(fd: &dyn VcpuOps, id: u8) -> anyhow::Result<()> {
     let mut sregs = fd
         .get_sregs()
         .with_context(|| format!("vCPU {id}: KVM_GET_SREGS"))?;

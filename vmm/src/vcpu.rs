@@ -12,8 +12,6 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::kvm_run;
-use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, error, info, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -24,6 +22,7 @@ use crate::arch::x86_64::emulate::syscall_relay::{Outcome, SyscallRelay};
 use crate::arch::x86_64::emulate::EmulationStats;
 use crate::devices::PioBus;
 use crate::dirty::HostChanges;
+use crate::hypervisor::{Vcpu, VcpuOps, VmExit};
 
 // The process exit codes of a VM. README.md "Exit codes" has the table; every code is defined
 // here, except `machine::EXIT_HOST_FAILED` (1).
@@ -63,10 +62,6 @@ const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
-/// `KVM_EXIT_DIRTY_RING_FULL` (include/uapi/linux/kvm.h; api.rst §8.29): this vCPU's dirty
-/// ring is (soft-)full. kvm-ioctls 0.25 has no variant for it and returns
-/// `VcpuExit::Unsupported(31)`.
-pub const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 /// Longest x86 instruction (Intel SDM Vol. 2 §2.3.11).
 const MAX_INSN_LEN: usize = 15;
 /// How long pause/resume wait for every vCPU to acknowledge.
@@ -102,7 +97,7 @@ pub enum VcpuError {
 }
 
 /// Work run on a paused vCPU's own thread ([`VmControl::with_paused_vcpu`]).
-type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+type VcpuJob = Box<dyn FnOnce(&mut Vcpu) + Send>;
 
 /// The answer to `KVM_EXIT_DIRTY_RING_FULL`, called on the vCPU's own thread with its index
 /// (e.g. `DirtyTracker::ring_full_hook`: collect that vCPU's ring, reset the rings). `Ok`: the
@@ -138,7 +133,7 @@ pub struct EmulationHooks {
     pub host_changes: Option<Arc<HostChanges>>,
     /// Complete guest user syscalls that KVM leaves at CPL 3 (the syscall relay, for a
     /// software KVM such as `kvm_pvm`; the VM must have its LSTAR writes filtered to
-    /// userspace, [`crate::vm::Vm::filter_syscall_msrs`]).
+    /// userspace, [`crate::hypervisor::Vm::filter_syscall_msrs`]).
     pub syscall_relay: bool,
     /// Where each vCPU records its RIP when a profiler kick interrupts it
     /// ([`VmControl::start_profiler`]).
@@ -319,21 +314,24 @@ pub enum ExitAction {
     WroteMsr { index: u32, data: u64 },
     /// `KVM_EXIT_DEBUG` at `pc`: the syscall relay's breakpoint or step.
     Debug { pc: u64 },
+    /// KVM could not emulate an instruction (`KVM_EXIT_INTERNAL_ERROR`, suberror 1; the exit's
+    /// data words): the emulation fallback tries it, else the vCPU fails.
+    EmulationFailed(Vec<u64>),
 }
 
 /// Decides what an exit means. Pure apart from the device calls, so unit tests drive it with
 /// a dummy bus and hand-made exits, no KVM needed.
-pub fn handle_exit(vcpu: usize, exit: VcpuExit<'_>, bus: &PioBus) -> ExitAction {
+pub fn handle_exit(vcpu: usize, exit: VmExit<'_>, bus: &PioBus) -> ExitAction {
     match exit {
-        VcpuExit::IoIn(port, data) => {
+        VmExit::IoIn(port, data) => {
             bus.read(vcpu, port, data);
             ExitAction::Continue
         }
-        VcpuExit::IoOut(port, data) => {
+        VmExit::IoOut(port, data) => {
             bus.write(vcpu, port, data);
             ExitAction::Continue
         }
-        VcpuExit::MmioRead(addr, data) => {
+        VmExit::MmioRead(addr, data) => {
             debug!(
                 "vcpu{vcpu}: MMIO read of {} bytes at {addr:#x}: no device, all ones",
                 data.len()
@@ -341,18 +339,18 @@ pub fn handle_exit(vcpu: usize, exit: VcpuExit<'_>, bus: &PioBus) -> ExitAction 
             data.fill(0xff);
             ExitAction::Continue
         }
-        VcpuExit::MmioWrite(addr, data) => {
+        VmExit::MmioWrite(addr, data) => {
             debug!("vcpu{vcpu}: MMIO write {data:x?} at {addr:#x}: no device, ignored");
             ExitAction::Continue
         }
-        VcpuExit::Hlt => ExitAction::Halt,
+        VmExit::Hlt => ExitAction::Halt,
         // A triple fault is how an x86 guest resets itself when nothing else works (Linux's
         // reboot=t does it on purpose).
-        VcpuExit::Shutdown => ExitAction::Stop(
+        VmExit::Shutdown => ExitAction::Stop(
             EXIT_REBOOT,
             format!("vCPU {vcpu}: triple fault (the guest reset itself)"),
         ),
-        VcpuExit::SystemEvent(kind, _) => match kind {
+        VmExit::SystemEvent(kind, _) => match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => {
                 ExitAction::Stop(EXIT_OK, format!("vCPU {vcpu}: guest powered off"))
             }
@@ -364,31 +362,37 @@ pub fn handle_exit(vcpu: usize, exit: VcpuExit<'_>, bus: &PioBus) -> ExitAction 
             }
             other => ExitAction::Fault(format!("unknown KVM system event {other}")),
         },
-        VcpuExit::InternalError => ExitAction::Fault("KVM_EXIT_INTERNAL_ERROR".into()),
-        VcpuExit::FailEntry(reason, cpu) => ExitAction::Fault(format!(
+        VmExit::InternalError {
+            suberror: KVM_INTERNAL_ERROR_EMULATION,
+            data,
+        } => ExitAction::EmulationFailed(data),
+        VmExit::InternalError { suberror, data } => ExitAction::Fault(format!(
+            "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}, data {data:x?})"
+        )),
+        VmExit::FailEntry(reason, cpu) => ExitAction::Fault(format!(
             "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
         )),
-        VcpuExit::MemoryFault { flags, gpa, size } => ExitAction::Fault(format!(
+        VmExit::MemoryFault { flags, gpa, size } => ExitAction::Fault(format!(
             "KVM_EXIT_MEMORY_FAULT at gpa {gpa:#x} size {size:#x} flags {flags:#x}"
         )),
-        VcpuExit::IrqWindowOpen | VcpuExit::Intr => ExitAction::Continue,
-        VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => ExitAction::DirtyRingFull,
-        VcpuExit::X86Wrmsr(w) => {
+        VmExit::Interrupted => ExitAction::Continue,
+        VmExit::DirtyRingFull => ExitAction::DirtyRingFull,
+        VmExit::MsrWrite(mut w) => {
             // Not a failed write: the relay writes the MSR itself before the guest runs on.
-            *w.error = 0;
+            w.accept();
             ExitAction::WroteMsr {
                 index: w.index,
                 data: w.data,
             }
         }
-        VcpuExit::Debug(d) => ExitAction::Debug { pc: d.pc },
-        other => ExitAction::Fault(format!("unexpected KVM exit {other:?}")),
+        VmExit::Debug { pc } => ExitAction::Debug { pc },
+        VmExit::Other(what) => ExitAction::Fault(format!("unexpected KVM exit {what}")),
     }
 }
 
 thread_local! {
-    /// This thread's `kvm_run`, for the kick signal handler.
-    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -398,11 +402,11 @@ pub fn kick_signal() -> i32 {
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Only async-signal-safe work here: a thread-local read and one volatile store.
-    let ptr = KVM_RUN_PTR.with(|p| p.get());
+    let ptr = IMMEDIATE_EXIT.with(|p| p.get());
     if !ptr.is_null() {
-        // SAFETY: `ptr` is this thread's kvm_run mapping, set by the vCPU thread before its
-        // first KVM_RUN and cleared before the VcpuFd (and so the mapping) is dropped.
-        unsafe { std::ptr::addr_of_mut!((*ptr).immediate_exit).write_volatile(1) };
+        // SAFETY: `ptr` is this thread's kvm_run.immediate_exit, set by the vCPU thread before
+        // its first KVM_RUN and cleared before the Vcpu (and so the mapping) is dropped.
+        unsafe { ptr.write_volatile(1) };
     }
 }
 
@@ -417,28 +421,8 @@ fn register_kick_handler() -> Result<(), String> {
 }
 
 /// Describes a failed vCPU: the reason, registers, and the instruction bytes at RIP.
-pub fn fault_report(id: usize, vcpu: &mut VcpuFd, mem: &GuestMemoryMmap, reason: &str) -> String {
+pub fn fault_report(id: usize, vcpu: &dyn VcpuOps, mem: &GuestMemoryMmap, reason: &str) -> String {
     let mut out = format!("vCPU {id} stopped: {reason}");
-    if reason.starts_with("KVM_EXIT_INTERNAL_ERROR") {
-        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union field.
-        let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
-        let n = (internal.ndata as usize).min(internal.data.len());
-        let _ = write!(
-            out,
-            " (suberror {}, data {:x?})",
-            internal.suberror,
-            &internal.data[..n]
-        );
-        if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
-            out.push_str(
-                "\nKVM could not emulate the instruction at RIP. This host's KVM (software, no EPT) \
-                 cannot emulate some instructions in guest kernel mode; the VMM emulates int3, \
-                 fwait, popcnt, clac, stac, cmpxchg16b, ldmxcsr and stmxcsr itself, not this \
-                 one (xrstor: boot the kernel with noxsave). On hardware KVM this guest would \
-                 run on.",
-            );
-        }
-    }
     match (vcpu.get_regs(), vcpu.get_sregs()) {
         (Ok(r), Ok(s)) => {
             let _ = write!(
@@ -491,7 +475,7 @@ pub fn fault_report(id: usize, vcpu: &mut VcpuFd, mem: &GuestMemoryMmap, reason:
 /// What a vCPU thread needs.
 struct VcpuThread {
     id: usize,
-    fd: VcpuFd,
+    fd: Vcpu,
     bus: Arc<PioBus>,
     mem: GuestMemoryMmap,
     exit: ExitRequest,
@@ -506,8 +490,8 @@ struct VcpuThread {
 
 impl VcpuThread {
     fn run(mut self) {
-        let ptr: *mut kvm_run = self.fd.get_kvm_run();
-        KVM_RUN_PTR.with(|p| p.set(ptr));
+        let flag = self.fd.immediate_exit_flag();
+        IMMEDIATE_EXIT.with(|p| p.set(flag));
         if let Some(relay) = &mut self.relay {
             // A vCPU restored from a migration has its syscall entry already: arm now.
             if let Err(e) = relay.arm_from_state(&self.fd, &self.mem) {
@@ -525,7 +509,7 @@ impl VcpuThread {
                 RunState::Stopped => RunState::Stopped,
             };
         }
-        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
         debug!("vcpu{} thread ends", self.id);
     }
 
@@ -565,7 +549,7 @@ impl VcpuThread {
     fn step(&mut self) -> RunState {
         // Clear the kick before looking at commands: a kick that lands after this is either for a
         // command we are about to read, or makes the next KVM_RUN return at once.
-        self.fd.set_kvm_immediate_exit(0);
+        self.fd.set_immediate_exit(false);
         let mut state = RunState::Running;
         while let Ok(cmd) = self.commands.try_recv() {
             state = self.apply(state, cmd);
@@ -573,12 +557,8 @@ impl VcpuThread {
         if state != RunState::Running {
             return state;
         }
-        let mut internal_error = false;
         let action = match self.fd.run() {
-            Ok(exit) => {
-                internal_error = matches!(exit, VcpuExit::InternalError);
-                handle_exit(self.id, exit, &self.bus)
-            }
+            Ok(exit) => handle_exit(self.id, exit, &self.bus),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 if let Some(profile) = &self.emulation.profile {
                     if let Ok(regs) = self.fd.get_regs() {
@@ -591,7 +571,7 @@ impl VcpuThread {
         };
         let action = match action {
             ExitAction::DirtyRingFull => self.on_dirty_ring_full(),
-            ExitAction::Fault(reason) if internal_error => self.on_internal_error(reason),
+            ExitAction::EmulationFailed(data) => self.on_emulation_failure(&data),
             ExitAction::WroteMsr { index, data } => {
                 self.on_relay(|r, fd, mem| r.on_wrmsr(fd, mem, index, data))
             }
@@ -602,7 +582,8 @@ impl VcpuThread {
             ExitAction::Continue
             | ExitAction::DirtyRingFull
             | ExitAction::WroteMsr { .. }
-            | ExitAction::Debug { .. } => RunState::Running,
+            | ExitAction::Debug { .. }
+            | ExitAction::EmulationFailed(_) => RunState::Running,
             ExitAction::Halt => {
                 debug!("vcpu{} halted", self.id);
                 RunState::Halted
@@ -612,7 +593,7 @@ impl VcpuThread {
                 RunState::Halted
             }
             ExitAction::Fault(reason) => {
-                let report = fault_report(self.id, &mut self.fd, &self.mem, &reason);
+                let report = fault_report(self.id, &self.fd, &self.mem, &reason);
                 error!("{report}");
                 self.exit
                     .request(EXIT_VCPU_FAILED, &format!("vCPU {} failed", self.id));
@@ -629,7 +610,7 @@ impl VcpuThread {
         &mut self,
         f: impl FnOnce(
             &mut SyscallRelay,
-            &VcpuFd,
+            &dyn VcpuOps,
             &GuestMemoryMmap,
         )
             -> Result<Outcome, crate::arch::x86_64::emulate::syscall_relay::RelayError>,
@@ -659,17 +640,11 @@ impl VcpuThread {
         }
     }
 
-    /// KVM_EXIT_INTERNAL_ERROR: an emulation failure (suberror 1) on an instruction the
-    /// fallback handles is carried out here and the guest runs on; anything else stays a
-    /// fault, reported with the exit data as before.
-    fn on_internal_error(&mut self, reason: String) -> ExitAction {
-        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union field.
-        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
-        if internal.suberror != KVM_INTERNAL_ERROR_EMULATION {
-            return ExitAction::Fault(reason);
-        }
-        let n = (internal.ndata as usize).min(internal.data.len());
-        let bytes = exit_insn_bytes(internal.ndata, &internal.data[..n]);
+    /// KVM_EXIT_INTERNAL_ERROR with an emulation failure: an instruction the fallback
+    /// handles is carried out here and the guest runs on; anything else is a fault that says
+    /// what the VMM emulates and what it does not.
+    fn on_emulation_failure(&mut self, data: &[u64]) -> ExitAction {
+        let bytes = exit_insn_bytes(data.len() as u32, data);
         match emulate_failed_insn(
             self.id,
             &self.fd,
@@ -679,7 +654,14 @@ impl VcpuThread {
             &self.emulation.stats,
         ) {
             Ok(_) => ExitAction::Continue,
-            Err(e) => ExitAction::Fault(format!("{reason} (emulation fallback: {e})")),
+            Err(e) => ExitAction::Fault(format!(
+                "KVM_EXIT_INTERNAL_ERROR (suberror {KVM_INTERNAL_ERROR_EMULATION}, data \
+                 {data:x?}) (emulation fallback: {e})\nKVM could not emulate the instruction \
+                 at RIP. This host's KVM (software, no EPT) cannot emulate some instructions in \
+                 guest kernel mode; the VMM emulates int3, fwait, popcnt, clac, stac, \
+                 cmpxchg16b, ldmxcsr and stmxcsr itself, not this one (xrstor: boot the kernel \
+                 with noxsave). On hardware KVM this guest would run on."
+            )),
         }
     }
 
@@ -766,7 +748,7 @@ impl std::fmt::Debug for VmControl {
 impl VmControl {
     /// Starts one thread per configured vCPU (index = vCPU id), each entering the guest at once.
     pub fn start(
-        vcpus: Vec<VcpuFd>,
+        vcpus: Vec<Vcpu>,
         bus: Arc<PioBus>,
         mem: GuestMemoryMmap,
         exit: ExitRequest,
@@ -777,7 +759,7 @@ impl VmControl {
     /// Like [`start`](Self::start), with `hooks` called from the run loop (every vCPU thread
     /// gets a clone).
     pub fn start_with_hooks(
-        vcpus: Vec<VcpuFd>,
+        vcpus: Vec<Vcpu>,
         bus: Arc<PioBus>,
         mem: GuestMemoryMmap,
         exit: ExitRequest,
@@ -789,7 +771,7 @@ impl VmControl {
     /// Like [`start_with_hooks`](Self::start_with_hooks), with the emulation fallback's shared
     /// counters and host-write gate given by the caller.
     pub fn start_with_emulation(
-        vcpus: Vec<VcpuFd>,
+        vcpus: Vec<Vcpu>,
         bus: Arc<PioBus>,
         mem: GuestMemoryMmap,
         exit: ExitRequest,
@@ -908,11 +890,11 @@ impl VmControl {
 
     /// Runs `f` on vCPU `index`'s own thread with its fd, while that vCPU is paused (or
     /// halted), and returns its result. A running vCPU refuses: [`VcpuError::NotPaused`].
-    /// Saving state for migration uses this, since a `VcpuFd` lives on its thread.
+    /// Saving state for migration uses this, since a vCPU's state is read and written on its own thread.
     pub fn with_paused_vcpu<R, F>(&self, index: usize, f: F) -> Result<R, VcpuError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut VcpuFd) -> R + Send + 'static,
+        F: FnOnce(&mut Vcpu) -> R + Send + 'static,
     {
         let v = self.vcpus.get(index).ok_or(VcpuError::NoAck {
             id: index,
@@ -945,7 +927,7 @@ impl VmControl {
     pub fn probe_vcpu<R, F>(&self, index: usize, f: F) -> Result<(RunState, R), VcpuError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut VcpuFd) -> R + Send + 'static,
+        F: FnOnce(&mut Vcpu) -> R + Send + 'static,
     {
         let gone = |why| VcpuError::NoAck {
             id: index,
@@ -1041,18 +1023,18 @@ mod tests {
     fn io_exits_reach_the_bus() {
         let (bus, rec) = bus_with_recorder();
         assert_eq!(
-            handle_exit(1, VcpuExit::IoOut(0x3f8, b"x"), &bus),
+            handle_exit(1, VmExit::IoOut(0x3f8, b"x"), &bus),
             ExitAction::Continue
         );
         let mut d = [0u8; 1];
         assert_eq!(
-            handle_exit(0, VcpuExit::IoIn(0x3fd, &mut d), &bus),
+            handle_exit(0, VmExit::IoIn(0x3fd, &mut d), &bus),
             ExitAction::Continue
         );
         assert_eq!(d, [0xfd]);
         let mut d = [0u8; 4];
         assert_eq!(
-            handle_exit(0, VcpuExit::IoIn(0x80, &mut d), &bus),
+            handle_exit(0, VmExit::IoIn(0x80, &mut d), &bus),
             ExitAction::Continue
         );
         assert_eq!(d, [0xff; 4]);
@@ -1064,12 +1046,12 @@ mod tests {
         let (bus, _) = bus_with_recorder();
         let mut d = [0u8; 4];
         assert_eq!(
-            handle_exit(0, VcpuExit::MmioRead(0xfee0_0000, &mut d), &bus),
+            handle_exit(0, VmExit::MmioRead(0xfee0_0000, &mut d), &bus),
             ExitAction::Continue
         );
         assert_eq!(d, [0xff; 4]);
         assert_eq!(
-            handle_exit(0, VcpuExit::MmioWrite(0xfee0_0000, &[1]), &bus),
+            handle_exit(0, VmExit::MmioWrite(0xfee0_0000, &[1]), &bus),
             ExitAction::Continue
         );
     }
@@ -1078,32 +1060,37 @@ mod tests {
     fn ending_exits_stop_or_fault() {
         let (bus, _) = bus_with_recorder();
         assert!(matches!(
-            handle_exit(0, VcpuExit::Shutdown, &bus),
+            handle_exit(0, VmExit::Shutdown, &bus),
             ExitAction::Stop(EXIT_REBOOT, _)
         ));
         assert!(matches!(
-            handle_exit(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &bus),
+            handle_exit(0, VmExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &bus),
             ExitAction::Stop(EXIT_REBOOT, _)
         ));
         assert!(matches!(
-            handle_exit(
-                0,
-                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]),
-                &bus
-            ),
+            handle_exit(0, VmExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]), &bus),
             ExitAction::Stop(EXIT_OK, _)
         ));
         assert!(matches!(
-            handle_exit(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[]), &bus),
+            handle_exit(0, VmExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[]), &bus),
             ExitAction::Fault(_)
         ));
-        match handle_exit(2, VcpuExit::InternalError, &bus) {
-            ExitAction::Fault(r) => assert!(r.contains("INTERNAL_ERROR")),
+        let internal = |suberror| VmExit::InternalError {
+            suberror,
+            data: vec![1, 2],
+        };
+        match handle_exit(2, internal(3), &bus) {
+            ExitAction::Fault(r) => assert!(r.contains("INTERNAL_ERROR (suberror 3"), "{r}"),
             a => panic!("{a:?}"),
         }
-        assert_eq!(handle_exit(0, VcpuExit::Hlt, &bus), ExitAction::Halt);
+        assert_eq!(
+            handle_exit(2, internal(KVM_INTERNAL_ERROR_EMULATION), &bus),
+            ExitAction::EmulationFailed(vec![1, 2]),
+            "an emulation failure goes to the fallback with its data"
+        );
+        assert_eq!(handle_exit(0, VmExit::Hlt, &bus), ExitAction::Halt);
         assert!(matches!(
-            handle_exit(0, VcpuExit::FailEntry(0x21, 1), &bus),
+            handle_exit(0, VmExit::FailEntry(0x21, 1), &bus),
             ExitAction::Fault(_)
         ));
     }
@@ -1112,11 +1099,11 @@ mod tests {
     fn dirty_ring_full_is_its_own_action() {
         let (bus, _) = bus_with_recorder();
         assert_eq!(
-            handle_exit(0, VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL), &bus),
+            handle_exit(0, VmExit::DirtyRingFull, &bus),
             ExitAction::DirtyRingFull
         );
         assert!(matches!(
-            handle_exit(0, VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL + 1), &bus),
+            handle_exit(0, VmExit::Other("Unsupported(32)".into()), &bus),
             ExitAction::Fault(_)
         ));
     }
@@ -1146,7 +1133,7 @@ mod tests {
         const CODE: [u8; 4] = [0xe6, 0x80, 0xeb, 0xfc];
         const CODE_GPA: u64 = 0x1000;
         let ram = crate::memory::GuestRam::new(2 << 20, crate::memory::BackingKind::Small).unwrap();
-        let vm = crate::vm::Vm::new(&ram, 1).unwrap();
+        let vm = crate::hypervisor::Vm::new(&ram, 1).unwrap();
         let mem = ram.memory().clone();
         mem.write_slice(&CODE, GuestAddress(CODE_GPA)).unwrap();
         let fd = vm.create_vcpu(0).unwrap();

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::{configure_vcpu, long_mode};
 use vmm::devices::{i8042::I8042, PioBus, PioDevice};
+use vmm::hypervisor::Vm;
 use vmm::memory::{BackingKind, GuestRam};
 use vmm::vcpu::{ExitRequest, VmControl};
-use vmm::vm::Vm;
 
 const CODE_GPA: u64 = 0x10_0000;
 const PML4_GPA: u64 = 0x1000;

@@ -15,15 +15,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::{configure_vcpu, long_mode};
 use vmm::devices::PioBus;
 use vmm::dirty::{DirtyBitmap, DirtyMode, DirtyTracker};
+use vmm::hypervisor::Vm;
+use vmm::hypervisor::{Vcpu, VcpuOps};
 use vmm::memory::{BackingKind, GuestRam};
 use vmm::pager::{Pager, PagerConfig};
 use vmm::vcpu::{ExitRequest, VcpuHooks, VmControl, EXIT_VCPU_FAILED};
-use vmm::vm::Vm;
 
 const MEM: u64 = 64 << 20;
 const GDT_GPA: u64 = 0x500;
@@ -129,7 +129,7 @@ fn guest_ram() -> GuestRam {
     ram
 }
 
-fn make_vcpu(vm: &Vm, mem: &GuestMemoryMmap, id: u8) -> VcpuFd {
+fn make_vcpu(vm: &Vm, mem: &GuestMemoryMmap, id: u8) -> Vcpu {
     let fd = vm.create_vcpu(id).unwrap();
     configure_vcpu(vm, &fd, id).unwrap();
     long_mode::setup(
@@ -189,7 +189,7 @@ fn make_tables_user(mem: &GuestMemoryMmap, preset_ad: bool) {
 /// Starts `fds` on the VMM's own run loop with `tracker`'s ring-full hook; returns their
 /// control and the exit latch a failing vCPU sets.
 fn run_vcpus(
-    fds: Vec<VcpuFd>,
+    fds: Vec<Vcpu>,
     ram: &GuestRam,
     tracker: &Arc<DirtyTracker>,
 ) -> (VmControl, ExitRequest) {
@@ -252,9 +252,9 @@ fn run_once(mode: DirtyMode, rounds: usize, pause: Duration) -> Result<Outcome, 
     // wrote the vCPUs' tables (those pages are present and never fault).
     let kvm_tracker = match mode {
         DirtyMode::Stage2Wp => None,
-        _ => Some(DirtyTracker::new_kvm(vm.fd(), &regions, mode).unwrap()),
+        _ => Some(DirtyTracker::new_kvm(&vm, &regions, mode).unwrap()),
     };
-    let fds: Vec<VcpuFd> = (0..VCPUS)
+    let fds: Vec<Vcpu> = (0..VCPUS)
         .map(|id| make_vcpu(&vm, ram.memory(), id))
         .collect();
     make_tables_user(ram.memory(), mode == DirtyMode::Stage2Wp);
@@ -438,8 +438,8 @@ fn rings_log_only_between_the_first_harvest_and_stop() {
     let ram = guest_ram();
     let vm = Vm::new(&ram, VCPUS).unwrap();
     let regions: Vec<_> = ram.regions().collect();
-    let tracker = Arc::new(DirtyTracker::new_kvm(vm.fd(), &regions, SMALL_RING).unwrap());
-    let fds: Vec<VcpuFd> = (0..VCPUS)
+    let tracker = Arc::new(DirtyTracker::new_kvm(&vm, &regions, SMALL_RING).unwrap());
+    let fds: Vec<Vcpu> = (0..VCPUS)
         .map(|id| make_vcpu(&vm, ram.memory(), id))
         .collect();
     make_tables_user(ram.memory(), false);
@@ -492,7 +492,7 @@ fn ring_after_vcpus_is_refused_with_a_clear_error() {
     let vm = Vm::new(&ram, 1).unwrap();
     let _fd = vm.create_vcpu(0).unwrap();
     let regions: Vec<_> = ram.regions().collect();
-    let err = DirtyTracker::new_kvm(vm.fd(), &regions, SMALL_RING).unwrap_err();
+    let err = DirtyTracker::new_kvm(&vm, &regions, SMALL_RING).unwrap_err();
     assert!(err.to_string().contains("before any vCPU"), "{err}");
 }
 
@@ -507,7 +507,7 @@ fn ring_full_without_a_hook_stops_the_vm() {
     let ram = guest_ram();
     let vm = Vm::new(&ram, 1).unwrap();
     let regions: Vec<_> = ram.regions().collect();
-    let tracker = DirtyTracker::new_kvm(vm.fd(), &regions, SMALL_RING).unwrap();
+    let tracker = DirtyTracker::new_kvm(&vm, &regions, SMALL_RING).unwrap();
     let fd = make_vcpu(&vm, ram.memory(), 0);
     make_tables_user(ram.memory(), false);
     tracker.attach_vcpu(0, &fd).unwrap();

@@ -68,7 +68,7 @@ fn stats_doc(path: &std::path::Path) -> Value {
 
 /// On a software KVM the boot needs the fallback and the relay; the counters show them.
 fn check_emulation_counters(doc: &Value) {
-    if vmm::vm::software_kvm().is_none() {
+    if vmm::hypervisor::software_kvm().is_none() {
         return;
     }
     let e = &doc["emulation"];

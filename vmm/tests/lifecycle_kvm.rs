@@ -15,6 +15,7 @@ use vmm::devices::acpi::{
 };
 use vmm::devices::{PioBus, PioDevice};
 use vmm::dirty::DirtyMode;
+use vmm::hypervisor::VcpuOps;
 use vmm::machine::session::{Session, SessionConfig, Waited};
 use vmm::machine::{Machine, MachineConfig, MigrationPlan};
 use vmm::memory::BackingKind;

@@ -14,9 +14,10 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::{configure_vcpu, gdt, long_mode};
 use vmm::devices::{PioBus, PioDevice};
+use vmm::hypervisor::VcpuOps;
+use vmm::hypervisor::Vm;
 use vmm::memory::{BackingKind, GuestRam};
 use vmm::vcpu::{EmulationHooks, ExitRequest, VcpuHooks, VmControl};
-use vmm::vm::Vm;
 
 const KERNEL_GPA: u64 = 0x10_0000;
 const DATA_GPA: u64 = 0x20_0000;
@@ -338,7 +339,7 @@ fn user_syscalls_reach_the_kernel_at_cpl0_and_page_faults_stay_the_guests() {
     assert_eq!(d(0x50), UNMAPPED, "CR2");
     assert_eq!(d(0x58), USER_GPA + USER_FAULT_RIP, "the user fault's RIP");
     assert_eq!(d(0x60), USER_CS, "the user fault came from ring 3");
-    if vmm::vm::software_kvm().is_some() {
+    if vmm::hypervisor::software_kvm().is_some() {
         // Measured on kvm_pvm: KVM leaves each of the three user syscalls at CPL 3.
         assert_eq!(
             r.syscalls_relayed, 3,
@@ -360,7 +361,7 @@ fn without_the_relay_a_software_kvm_faults_at_the_syscall_entry() {
     if !kvm_available() {
         return;
     }
-    if vmm::vm::software_kvm().is_none() {
+    if vmm::hypervisor::software_kvm().is_none() {
         eprintln!("skipped: KVM here completes syscall itself");
         return;
     }

@@ -26,12 +26,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::{configure_vcpu, long_mode};
 use vmm::dirty::{DirtyMode, DirtyTracker};
+use vmm::hypervisor::Vm;
+use vmm::hypervisor::{VcpuOps, VmExit};
 use vmm::memory::{BackingKind, GuestRam};
-use vmm::vm::Vm;
 
 const GDT_GPA: u64 = 0x500;
 const PML4_GPA: u64 = 0x1000;
@@ -349,7 +349,7 @@ fn ours(run: &OurRun) -> Result<(Figures, u64)> {
             let mut seen = 0;
             loop {
                 match fd.run() {
-                    Ok(VcpuExit::IoOut(SYNC_PORT, _)) => {
+                    Ok(VmExit::IoOut(SYNC_PORT, _)) => {
                         seen += 1;
                         let (lock, cv) = &*released;
                         let mut g = lock.lock().unwrap();
@@ -360,7 +360,7 @@ fn ours(run: &OurRun) -> Result<(Figures, u64)> {
                             return Ok(());
                         }
                     }
-                    Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
+                    Ok(VmExit::Interrupted) => {}
                     Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                     other => bail!("vCPU {i}: unexpected exit {other:?}"),
                 }
@@ -389,7 +389,7 @@ fn ours(run: &OurRun) -> Result<(Figures, u64)> {
     println!("ours ({guest}): populate {:.3} s", populate.as_secs_f64());
     let regions: Vec<_> = ram.regions().collect();
     let t0 = Instant::now();
-    let tracker = DirtyTracker::new_kvm(vm.fd(), &regions, DirtyMode::KvmBitmap)?;
+    let tracker = DirtyTracker::new_kvm(&vm, &regions, DirtyMode::KvmBitmap)?;
     if let Some(c) = clear_chunk {
         tracker.set_clear_chunk_pages(c);
     }
@@ -397,7 +397,7 @@ fn ours(run: &OurRun) -> Result<(Figures, u64)> {
         "ours: enabling dirty logging {:.6} s",
         t0.elapsed().as_secs_f64()
     );
-    let stats = || kvm_stats(std::process::id(), vm.fd().as_raw_fd());
+    let stats = || kvm_stats(std::process::id(), vm.as_raw_fd());
     let mut figures = Vec::new();
     for it in 1..=u64::from(iterations) {
         let d = pass(it + 1)?;

@@ -10,7 +10,7 @@ use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kvm_ioctls::VcpuFd;
+use crate::hypervisor::VcpuOps;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use log::{debug, info, warn};
@@ -560,7 +560,7 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<LoadedKernel, BootErr
 /// Puts the boot CPU in 64-bit mode at the kernel entry with RSI = the zero page.
 pub fn setup_boot_cpu(
     mem: &GuestMemoryMmap,
-    vcpu: &VcpuFd,
+    vcpu: &dyn VcpuOps,
     loaded: &LoadedKernel,
 ) -> Result<(), BootError> {
     long_mode::setup(

@@ -10,7 +10,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VcpuFd;
+use crate::hypervisor::VcpuOps;
 
 use crate::vcpu::{RunState, VmControl};
 
@@ -43,7 +43,7 @@ pub struct VcpuSample {
 
 impl VcpuSample {
     /// Reads a vCPU's sample on its own thread; `state` is filled in by the caller.
-    fn read(fd: &VcpuFd) -> Result<VcpuSample, String> {
+    fn read(fd: &dyn VcpuOps) -> Result<VcpuSample, String> {
         let mp = fd
             .get_mp_state()
             .map_err(|e| format!("KVM_GET_MP_STATE: {e}"))?;

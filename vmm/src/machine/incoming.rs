@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::hypervisor::Vcpu;
 use anyhow::Context;
-use kvm_ioctls::VcpuFd;
 
 use super::{Machine, EXIT_HOST_FAILED};
 use crate::memory::human;
@@ -78,8 +78,8 @@ impl Machine {
 
     /// Restores the received VM state, vCPUs and COM1 into this machine's (not yet running)
     /// `vcpus`.
-    pub fn restore(&self, inc: &Incoming, vcpus: &[VcpuFd]) -> anyhow::Result<()> {
-        destination::restore(inc, self.vm().fd(), vcpus, self.caps(), Some(self.serial()))
+    pub fn restore(&self, inc: &Incoming, vcpus: &[Vcpu]) -> anyhow::Result<()> {
+        destination::restore(inc, self.vm(), vcpus, self.caps(), Some(self.serial()))
             .context("restoring the migrated state")
     }
 

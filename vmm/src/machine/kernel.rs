@@ -22,10 +22,10 @@ use crate::cli::{Cli, SerialTarget};
 use crate::devices::acpi::{AcpiPm, ACPI_PM_PORTS};
 use crate::devices::i8042::{I8042, I8042_COMMAND, I8042_DATA};
 use crate::devices::PioBus;
+use crate::hypervisor;
 use crate::memory::{human, BackingKind};
 use crate::migrate::destination::Pending;
 use crate::vcpu::EXIT_OK;
-use crate::vm;
 
 /// Logs (at debug level) how long after `main` started each start-up step ended, so the host's
 /// share of the time to the guest's first instruction can be read from `--log-level debug`.
@@ -100,10 +100,9 @@ pub fn quirk_cmdline(cmdline: &str, software_kvm: bool) -> (String, Vec<String>)
 
 /// Refuses more vCPUs than KVM allows.
 fn check_cpus(cpus: u8) -> Result<()> {
-    let kvm = vm::open_kvm()?;
-    let max = vm::max_vcpus(&kvm);
+    let max = hypervisor::max_vcpus()?;
     if u32::from(cpus) > max {
-        return Err(vm::VmError::TooManyCpus {
+        return Err(hypervisor::VmError::TooManyCpus {
             asked: cpus.into(),
             max,
         }
@@ -159,7 +158,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
     clock.mark("machine created");
     let mem = machine.mem().clone();
-    let software_kvm = crate::vm::software_kvm().filter(|_| !cli.machine.no_host_quirks);
+    let software_kvm = hypervisor::software_kvm().filter(|_| !cli.machine.no_host_quirks);
     let (cmdline, appended) = quirk_cmdline(&cli.cmdline, software_kvm.is_some());
     if !appended.is_empty() {
         info!(
@@ -248,7 +247,7 @@ pub fn run_incoming(
 fn serve(
     cli: &Cli,
     mut machine: Machine,
-    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    vcpus: Vec<crate::hypervisor::Vcpu>,
     i8042: Arc<I8042>,
     plan: &MigrationPlan,
     postcopy: Option<PostcopyRx>,

@@ -18,12 +18,10 @@ pub mod signals;
 pub mod spec;
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::configure_vcpu;
@@ -32,6 +30,7 @@ use crate::devices::acpi::{PowerButton, GED_GSI};
 use crate::devices::serial::{SerialDevice, COM1_IRQ};
 use crate::devices::PioBus;
 use crate::dirty::{DirtyMode, DirtySource, DirtyTracker, HostChanges};
+use crate::hypervisor::{Vcpu, Vm, VmHandle, VmOps};
 use crate::memory::{human, BackingKind, GuestRam, RamRegion};
 use crate::migrate::ram::RamPager;
 use crate::migrate::source::{self, MigrateConfig};
@@ -39,7 +38,6 @@ use crate::migrate::state::VcpuCaps;
 use crate::migrate::Address;
 use crate::pager::{Pager, PagerConfig};
 use crate::vcpu::{EmulationHooks, ExitRequest, VcpuHooks, VmControl};
-use crate::vm::Vm;
 
 use reclaim::{DropFn, Handshake, Reclaimer};
 
@@ -125,13 +123,13 @@ impl Machine {
             );
         }
         let vm = Vm::new(&ram, cfg.cpus)?;
-        let syscall_relay = cfg.host_quirks && crate::vm::software_kvm().is_some();
+        let syscall_relay = cfg.host_quirks && crate::hypervisor::software_kvm().is_some();
         if syscall_relay {
             vm.filter_syscall_msrs()
                 .context("setting up the syscall relay (--no-host-quirks turns it off)")?;
         }
         let regions: Vec<RamRegion> = ram.regions().collect();
-        let caps = Arc::new(VcpuCaps::probe(vm.kvm()).context("probing KVM for migration")?);
+        let caps = Arc::new(VcpuCaps::probe(&vm).context("probing KVM for migration")?);
         let exit = ExitRequest::new().context("creating the exit event")?;
         // From here SIGINT/SIGTERM stop this VM through its exit request (see `signals`).
         signals::attach(&exit);
@@ -139,15 +137,14 @@ impl Machine {
         // with --dirty-mode kvm-ring logs into them from the start.
         let ring = match cfg.dirty_mode {
             DirtyMode::KvmRing { .. } if cfg.migrates => Some(Arc::new(
-                DirtyTracker::new_kvm(vm.fd(), &regions, cfg.dirty_mode)
+                DirtyTracker::new_kvm(&vm, &regions, cfg.dirty_mode)
                     .context("--dirty-mode kvm-ring")?,
             )),
             _ => None,
         };
         let (serial, serial_irq) = SerialDevice::with_new_irq(cfg.serial_out)
             .context("cannot create the serial IRQ event fd")?;
-        vm.fd()
-            .register_irqfd(&serial_irq, COM1_IRQ)
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
             .context("KVM_IRQFD for the serial IRQ failed")?;
         Ok(Machine {
             ram,
@@ -193,7 +190,7 @@ impl Machine {
 
     /// Creates every vCPU with its CPUID, MSRs and LAPIC set up (and its dirty ring attached),
     /// not yet running.
-    pub fn create_vcpus(&self) -> anyhow::Result<Vec<VcpuFd>> {
+    pub fn create_vcpus(&self) -> anyhow::Result<Vec<Vcpu>> {
         let mut vcpus = Vec::with_capacity(self.vm.cpus().into());
         for id in 0..self.vm.cpus() {
             let fd = self.vm.create_vcpu(id)?;
@@ -221,7 +218,6 @@ impl Machine {
         let (button, irqfd) =
             PowerButton::new().context("cannot create the power button's event fd")?;
         self.vm
-            .fd()
             .register_irqfd(&irqfd, GED_GSI)
             .context("KVM_IRQFD for the power button (GED) failed")?;
         Ok(button)
@@ -232,21 +228,14 @@ impl Machine {
     /// interrupt (Linux: `drivers/acpi/evged.c`). Works on its own handle of the VM, so it can
     /// be called from any thread while the VM runs.
     pub fn ged_listening(&self) -> anyhow::Result<GedListening> {
-        // SAFETY: dup of the VM's own descriptor; the new descriptor is owned by the VmFd below.
-        let raw = unsafe { libc::dup(self.vm.fd().as_raw_fd()) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("dup of the VM fd");
-        }
-        // SAFETY: `raw` is a fresh descriptor of this KVM VM, owned by nothing else.
-        let vm = unsafe { self.vm.kvm().create_vmfd_from_rawfd(raw) }
-            .context("a second handle on the VM")?;
+        let vm = self.vm.handle().context("a second handle on the VM")?;
         Ok(GedListening { vm })
     }
 
     /// Starts one thread per vCPU on `bus` (COM1 is added here).
     pub fn start(
         &self,
-        vcpus: Vec<VcpuFd>,
+        vcpus: Vec<Vcpu>,
         mut bus: PioBus,
     ) -> anyhow::Result<Arc<Mutex<VmControl>>> {
         use crate::devices::serial::{COM1_BASE, COM1_LAST};
@@ -347,7 +336,7 @@ impl Machine {
         dirty: &'a DirtySource,
     ) -> source::Source<'a> {
         source::Source {
-            vm: self.vm.fd(),
+            vm: &self.vm,
             regions: &self.regions,
             mem: self.ram.memory(),
             control,
@@ -422,7 +411,7 @@ impl Machine {
 
 /// Reads whether the guest unmasked the GED's IOAPIC input ([`Machine::ged_listening`]).
 pub struct GedListening {
-    vm: kvm_ioctls::VmFd,
+    vm: VmHandle,
 }
 
 /// Redirection entry bit 16: interrupt mask (82093AA I/O APIC datasheet §3.2.4).

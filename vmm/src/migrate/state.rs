@@ -33,8 +33,9 @@ use kvm_bindings::{
     CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+
+use crate::hypervisor::{Vcpu, VcpuOps, Vm, VmOps};
 
 /// Device-state chunk name of the VM-wide KVM state ([`VmState`]).
 pub const DEVICE_KVM_VM: &str = "kvm-vm";
@@ -66,7 +67,7 @@ pub enum StateError {
         /// The call (and vCPU).
         what: String,
         /// errno.
-        source: kvm_ioctls::Error,
+        source: crate::hypervisor::Error,
     },
     /// KVM accepted or returned only part of an MSR list.
     #[error("vCPU {vcpu}: KVM_SET_MSRS accepted {done} of {total} MSRs and refused MSR {msr:#x}: the destination's KVM lacks a feature the source used; migrate between hosts with the same CPU and kernel")]
@@ -111,7 +112,7 @@ pub enum StateError {
     Serial(String),
 }
 
-fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+fn kvm(what: impl Into<String>) -> impl FnOnce(crate::hypervisor::Error) -> StateError {
     let what = what.into();
     move |source| StateError::Kvm { what, source }
 }
@@ -239,14 +240,12 @@ pub struct VcpuCaps {
 
 impl VcpuCaps {
     /// Reads KVM_GET_MSR_INDEX_LIST and the XCRS capability.
-    pub fn probe(kvm_sys: &Kvm) -> Result<VcpuCaps, StateError> {
-        let list = kvm_sys
-            .get_msr_index_list()
-            .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
+    pub fn probe(vm: &Vm) -> Result<VcpuCaps, StateError> {
+        let list = vm.msr_index_list().map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
         Ok(VcpuCaps {
-            xcrs: kvm_sys.check_extension(Cap::Xcrs),
-            xsave: kvm_sys.check_extension(Cap::Xsave),
-            msr_indices: order_msrs(list.as_slice()),
+            xcrs: vm.has_xcrs(),
+            xsave: vm.has_xsave(),
+            msr_indices: order_msrs(&list),
         })
     }
 }
@@ -277,7 +276,11 @@ fn msr_table(entries: &[kvm_msr_entry]) -> Result<Msrs, StateError> {
 
 /// Reads `indices`; an MSR KVM will not read (KVM_GET_MSRS stops at it) is skipped and logged,
 /// which is how the index list is filtered down to what this vCPU really has.
-fn read_msrs(vcpu: &VcpuFd, id: u32, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
+fn read_msrs(
+    vcpu: &dyn VcpuOps,
+    id: u32,
+    indices: &[u32],
+) -> Result<Vec<kvm_msr_entry>, StateError> {
     let mut out = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
@@ -306,25 +309,17 @@ fn read_msrs(vcpu: &VcpuFd, id: u32, indices: &[u32]) -> Result<Vec<kvm_msr_entr
 
 /// Completes an I/O or MMIO exit the vCPU has not re-entered for: one KVM_RUN with
 /// `immediate_exit` set (it returns EINTR at once after finishing the instruction).
-pub fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), StateError> {
-    vcpu.set_kvm_immediate_exit(1);
-    let res = vcpu.run().map(|_| ());
-    vcpu.set_kvm_immediate_exit(0);
-    match res {
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
-        Err(e) => Err(StateError::Kvm {
+pub fn complete_pending_io(vcpu: &mut Vcpu) -> Result<(), StateError> {
+    vcpu.complete_pending_io()
+        .map_err(|source| StateError::Kvm {
             what: "KVM_RUN (immediate exit, to complete pending I/O)".into(),
-            source: e,
-        }),
-        // An exit other than EINTR means KVM had work to finish and exited for it; the state
-        // is still consistent as of that exit (the caller's loop would handle it on resume).
-        Ok(()) => Ok(()),
-    }
+            source,
+        })
 }
 
 /// Captures vCPU `id`. The vCPU must be out of KVM_RUN (paused) and its last I/O exit
 /// completed ([`complete_pending_io`]).
-pub fn save_vcpu(vcpu: &VcpuFd, id: u32, caps: &VcpuCaps) -> Result<VcpuState, StateError> {
+pub fn save_vcpu(vcpu: &dyn VcpuOps, id: u32, caps: &VcpuCaps) -> Result<VcpuState, StateError> {
     let w = |call: &str| format!("vCPU {id}: {call}");
     let cpuid = vcpu
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
@@ -378,7 +373,7 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u32, caps: &VcpuCaps) -> Result<VcpuState, S
 }
 
 /// Restores a vCPU of a fresh VM in the order the module documentation gives.
-pub fn restore_vcpu(vcpu: &VcpuFd, st: &VcpuState, caps: &VcpuCaps) -> Result<(), StateError> {
+pub fn restore_vcpu(vcpu: &dyn VcpuOps, st: &VcpuState, caps: &VcpuCaps) -> Result<(), StateError> {
     let id = st.id;
     let w = |call: &str| format!("vCPU {id}: {call}");
     let cpuid = CpuId::from_entries(&st.cpuid).map_err(|e| StateError::Table {
@@ -488,7 +483,7 @@ impl VmState {
     }
 }
 
-fn get_chip(vm: &VmFd, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, StateError> {
+fn get_chip(vm: &dyn VmOps, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, StateError> {
     let mut chip = kvm_irqchip {
         chip_id,
         ..Default::default()
@@ -499,7 +494,7 @@ fn get_chip(vm: &VmFd, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, 
 }
 
 /// Captures the VM's irqchip, PIT and clock. The vCPUs should be paused.
-pub fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
+pub fn save_vm(vm: &dyn VmOps) -> Result<VmState, StateError> {
     let mut clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
     // The flags describe how the value was read (TSC-stable, realtime); KVM_SET_CLOCK takes
     // only the value: with KVM_CLOCK_REALTIME it would add the wall-clock time in between.
@@ -514,7 +509,7 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
 }
 
 /// Restores VM state into a VM created with its irqchip and PIT, before any vCPU runs.
-pub fn restore_vm(vm: &VmFd, st: &VmState) -> Result<(), StateError> {
+pub fn restore_vm(vm: &dyn VmOps, st: &VmState) -> Result<(), StateError> {
     vm.set_irqchip(&st.pic_master)
         .map_err(kvm("KVM_SET_IRQCHIP (PIC master)"))?;
     vm.set_irqchip(&st.pic_slave)

@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::dirty::{DirtyMode, DirtyTracker, HostChanges};
 use vmm::guest::layout::LOW_RESERVED;
+use vmm::hypervisor::Vm;
 use vmm::machine::reclaim::{madvise_dontneed, Handshake, ReclaimError, Reclaimer};
 use vmm::memory::{BackingKind, GuestRam};
-use vmm::vm::Vm;
 
 const GIB: u64 = 1 << 30;
 const SZ_2M: u64 = 2 << 20;
@@ -236,7 +236,7 @@ fn a_reclaim_under_a_kvm_bitmap_tracker_is_in_the_next_harvest() {
     let vm = Vm::new(&ram, 1).expect("VM");
     let regions: Vec<_> = ram.regions().collect();
     let mem = ram.memory().clone();
-    let tracker = DirtyTracker::new_kvm(vm.fd(), &regions, DirtyMode::KvmBitmap).expect("tracker");
+    let tracker = DirtyTracker::new_kvm(&vm, &regions, DirtyMode::KvmBitmap).expect("tracker");
     let host = std::sync::Arc::new(HostChanges::new());
     let ram_map: Vec<(u64, u64, u64)> = regions
         .iter()

@@ -8,16 +8,16 @@ use std::thread;
 use kvm_bindings::{
     kvm_mp_state, kvm_msr_entry, Msrs, KVM_MP_STATE_HALTED, KVM_VCPUEVENT_VALID_NMI_PENDING,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::{configure_vcpu, long_mode};
+use vmm::hypervisor::Vm;
+use vmm::hypervisor::{Vcpu, VcpuOps, VmExit, VmOps};
 use vmm::memory::{BackingKind, GuestRam};
 use vmm::migrate::ram::{apply_chunk, RamSender};
 use vmm::migrate::state::{
     complete_pending_io, restore_vcpu, restore_vm, save_vcpu, save_vm, VcpuCaps, VcpuState, VmState,
 };
 use vmm::migrate::{Chunk, Layout, StreamReader, StreamWriter, DEVICE_KVM_VM};
-use vmm::vm::Vm;
 
 const RAM: u64 = 64 << 20;
 const CODE_GPA: u64 = 0x10_0000;
@@ -49,7 +49,7 @@ fn kvm_available() -> bool {
 }
 
 /// A 1-vCPU VM over fresh RAM with `code` at CODE_GPA, in 64-bit mode at its entry.
-fn vm_with_code(code: &[u8]) -> (GuestRam, Vm, VcpuFd) {
+fn vm_with_code(code: &[u8]) -> (GuestRam, Vm, Vcpu) {
     let ram = GuestRam::new(RAM, BackingKind::Small).unwrap();
     ram.memory()
         .write_slice(code, GuestAddress(CODE_GPA))
@@ -75,7 +75,7 @@ fn vm_with_code(code: &[u8]) -> (GuestRam, Vm, VcpuFd) {
 }
 
 /// An empty VM with one vCPU that only KVM_CREATE_VCPU touched.
-fn fresh_vm() -> (GuestRam, Vm, VcpuFd) {
+fn fresh_vm() -> (GuestRam, Vm, Vcpu) {
     let ram = GuestRam::new(RAM, BackingKind::Small).unwrap();
     let vm = Vm::new(&ram, 1).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
@@ -151,18 +151,18 @@ fn distinctive_state_survives_capture_encode_restore_into_a_fresh_vm() {
             mp_state: KVM_MP_STATE_HALTED,
         })
         .unwrap();
-    let mut pit = vm_a.fd().get_pit2().unwrap();
+    let mut pit = vm_a.get_pit2().unwrap();
     pit.channels[2].count = 0x1234;
-    vm_a.fd().set_pit2(&pit).unwrap();
+    vm_a.set_pit2(&pit).unwrap();
 
-    let caps = VcpuCaps::probe(vm_a.kvm()).unwrap();
+    let caps = VcpuCaps::probe(&vm_a).unwrap();
     println!(
         "KVM here: XCRS {}, {} MSRs in the save list",
         caps.xcrs,
         caps.msr_indices.len()
     );
     let saved = save_vcpu(&vcpu_a, 0, &caps).unwrap();
-    let vm_saved = save_vm(vm_a.fd()).unwrap();
+    let vm_saved = save_vm(&vm_a).unwrap();
     println!("XCRs saved: {}", saved.xcrs.is_some());
     for (index, data) in msrs {
         assert_eq!(saved.msr(index), Some(data), "MSR {index:#x} captured");
@@ -196,10 +196,10 @@ fn distinctive_state_survives_capture_encode_restore_into_a_fresh_vm() {
     assert!(VcpuState::decode(&bytes[20..60]).is_err());
 
     let (_ram_b, vm_b, vcpu_b) = fresh_vm();
-    restore_vm(vm_b.fd(), &vm_back).unwrap();
+    restore_vm(&vm_b, &vm_back).unwrap();
     restore_vcpu(&vcpu_b, &back, &caps).unwrap();
     let again = save_vcpu(&vcpu_b, 0, &caps).unwrap();
-    let vm_again = save_vm(vm_b.fd()).unwrap();
+    let vm_again = save_vm(&vm_b).unwrap();
 
     assert_eq!(again.regs, saved.regs);
     assert_eq!(again.sregs, saved.sregs);
@@ -265,11 +265,11 @@ fn counting_guest() -> Vec<u8> {
 }
 
 /// Runs until `n` outs to PORT; returns their values.
-fn run_outs(vcpu: &mut VcpuFd, n: usize) -> Vec<u32> {
+fn run_outs(vcpu: &mut Vcpu, n: usize) -> Vec<u32> {
     let mut seen = Vec::with_capacity(n);
     while seen.len() < n {
         match vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut(port, data) => {
+            VmExit::IoOut(port, data) => {
                 assert_eq!(port, PORT);
                 seen.push(u32::from_le_bytes(data.try_into().unwrap()));
             }
@@ -298,9 +298,9 @@ fn a_running_guest_moves_to_a_fresh_vm_and_keeps_counting() {
 
     // Pause point: out of KVM_RUN after an I/O exit; finish it before reading state.
     complete_pending_io(&mut vcpu_a).unwrap();
-    let caps = VcpuCaps::probe(vm_a.kvm()).unwrap();
+    let caps = VcpuCaps::probe(&vm_a).unwrap();
     let vstate = save_vcpu(&vcpu_a, 0, &caps).unwrap();
-    let vmstate = save_vm(vm_a.fd()).unwrap();
+    let vmstate = save_vm(&vm_a).unwrap();
     let counter_a: u64 = ram_a.memory().read_obj(GuestAddress(COUNTER_GPA)).unwrap();
     assert_eq!(counter_a, 5050);
 
@@ -326,8 +326,8 @@ fn a_running_guest_moves_to_a_fresh_vm_and_keeps_counting() {
                 c => panic!("unexpected {c:?}"),
             }
         }
-        let caps = VcpuCaps::probe(vm_b.kvm()).unwrap();
-        restore_vm(vm_b.fd(), &vm_blob.unwrap()).unwrap();
+        let caps = VcpuCaps::probe(&vm_b).unwrap();
+        restore_vm(&vm_b, &vm_blob.unwrap()).unwrap();
         restore_vcpu(&vcpu_b, &vcpu_blob.unwrap(), &caps).unwrap();
         (ram_b, vm_b, vcpu_b, r.bytes_read())
     });

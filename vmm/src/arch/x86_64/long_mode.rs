@@ -1,8 +1,8 @@
 //! Starting a vCPU directly in 64-bit mode: GDT, identity page tables with 2 MiB pages (this
 //! host's KVM offers no 1 GiB guest pages), control registers, EFER and segment registers.
 
+use crate::hypervisor::VcpuOps;
 use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE};
-use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::gdt::{self, BOOT_CS, BOOT_DS, BOOT_TSS};
@@ -113,7 +113,11 @@ pub fn write_gdt(mem: &GuestMemoryMmap, gdt_gpa: u64) -> Result<(), ArchError> {
 /// Puts `vcpu` in 64-bit mode at `cfg.entry`: writes the GDT and identity tables (the same bytes
 /// for every vCPU, so calling it per vCPU is fine), sets segments, CR0/CR3/CR4/EFER, the general
 /// registers, and marks the vCPU runnable (an AP would otherwise wait for INIT/SIPI).
-pub fn setup(mem: &GuestMemoryMmap, vcpu: &VcpuFd, cfg: LongModeConfig) -> Result<(), ArchError> {
+pub fn setup(
+    mem: &GuestMemoryMmap,
+    vcpu: &dyn VcpuOps,
+    cfg: LongModeConfig,
+) -> Result<(), ArchError> {
     let id = (cfg.rdi & 0xff) as u8;
     let kvm = |what: &'static str| {
         move |source| ArchError::Kvm {

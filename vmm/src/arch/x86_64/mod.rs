@@ -11,9 +11,9 @@ pub mod mptable;
 pub mod msrs;
 pub mod regs;
 
-use kvm_ioctls::VcpuFd;
+use crate::hypervisor::VcpuOps;
 
-use crate::vm::Vm;
+use crate::hypervisor::Vm;
 
 /// Errors configuring a vCPU or writing platform tables.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +26,7 @@ pub enum ArchError {
         /// The call.
         what: &'static str,
         /// errno.
-        source: kvm_ioctls::Error,
+        source: crate::hypervisor::Error,
     },
     /// KVM refused one of the boot MSRs.
     #[error("vCPU {vcpu}: KVM accepted {set} of {total} boot MSRs (refused MSR {msr:#x})")]
@@ -69,7 +69,7 @@ pub enum ArchError {
 /// Gives vCPU `id` of `vm` its CPUID (filtered for the VM's vCPU count), boot MSRs, FPU state and
 /// local APIC LINT0/LINT1 wiring. Both the Linux boot and the test-guest runner call this before
 /// setting registers.
-pub fn configure_vcpu(vm: &Vm, vcpu: &VcpuFd, id: u8) -> Result<(), ArchError> {
+pub fn configure_vcpu(vm: &Vm, vcpu: &dyn VcpuOps, id: u8) -> Result<(), ArchError> {
     let cpuid = cpuid::filter(vm.supported_cpuid(), id, vm.cpus())
         .map_err(|what| ArchError::Cpuid { vcpu: id, what })?;
     vcpu.set_cpuid2(&cpuid).map_err(|source| ArchError::Kvm {

@@ -1,7 +1,7 @@
 //! The model-specific registers a vCPU gets before its first instruction.
 
+use crate::hypervisor::VcpuOps;
 use kvm_bindings::{kvm_msr_entry, Msrs};
-use kvm_ioctls::VcpuFd;
 
 use super::ArchError;
 
@@ -50,7 +50,7 @@ pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
 }
 
 /// Sets the boot MSRs; an MSR KVM refuses is an error naming it.
-pub fn set_boot_msrs(vcpu: &VcpuFd, id: u8) -> Result<(), ArchError> {
+pub fn set_boot_msrs(vcpu: &dyn VcpuOps, id: u8) -> Result<(), ArchError> {
     let entries = boot_msr_entries();
     let msrs = Msrs::from_entries(&entries).map_err(|e| ArchError::Cpuid {
         vcpu: id,

@@ -1,7 +1,7 @@
 //! x86-64 register bits and the FPU / local APIC set-up of a fresh vCPU.
 
+use crate::hypervisor::VcpuOps;
 use kvm_bindings::kvm_fpu;
-use kvm_ioctls::VcpuFd;
 
 use super::ArchError;
 
@@ -42,7 +42,7 @@ const APIC_MODE_NMI: u32 = 0x4 << 8;
 const APIC_MODE_EXTINT: u32 = 0x7 << 8;
 
 /// Sets the x87/SSE state a CPU has after FNINIT.
-pub fn set_fpu(vcpu: &VcpuFd, id: u8) -> Result<(), ArchError> {
+pub fn set_fpu(vcpu: &dyn VcpuOps, id: u8) -> Result<(), ArchError> {
     let fpu = kvm_fpu {
         fcw: FPU_FCW_DEFAULT,
         mxcsr: MXCSR_DEFAULT,
@@ -67,7 +67,7 @@ fn set_apic_reg(regs: &mut [std::os::raw::c_char], off: usize, val: u32) {
 }
 
 /// Wires LINT0 as ExtINT (the 8259 PIC) and LINT1 as NMI, as a PC's BIOS leaves them.
-pub fn set_lint(vcpu: &VcpuFd, id: u8) -> Result<(), ArchError> {
+pub fn set_lint(vcpu: &dyn VcpuOps, id: u8) -> Result<(), ArchError> {
     let mut lapic = vcpu.get_lapic().map_err(|source| ArchError::Kvm {
         vcpu: id,
         what: "KVM_GET_LAPIC",

@@ -6,12 +6,12 @@ pub mod postcopy;
 
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{VcpuFd, VmFd};
 use log::info;
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialDevice;
+use crate::hypervisor::{Vcpu, VmOps};
 use crate::memory::RamRegion;
 use crate::migrate::error::MigrateError;
 use crate::migrate::page_set::PageSet;
@@ -306,8 +306,8 @@ fn stale_runs(
 /// Restores the received state into a fresh VM and its (not yet running) vCPUs.
 pub fn restore(
     inc: &Incoming,
-    vm: &VmFd,
-    vcpus: &[VcpuFd],
+    vm: &dyn VmOps,
+    vcpus: &[Vcpu],
     caps: &VcpuCaps,
     serial: Option<&SerialDevice>,
 ) -> Result<(), MigrateError> {

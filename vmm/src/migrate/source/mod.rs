@@ -8,13 +8,13 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
 use self::postcopy::DestInfo;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
 use crate::dirty::{DirtyBitmap, DirtySource, DirtyTracker, HostChangeRefused, HostChanges};
+use crate::hypervisor::{Vcpu, Vm};
 use crate::memory::RamRegion;
 use crate::migrate::error::MigrateError;
 use crate::migrate::page_set::PageSet;
@@ -54,7 +54,7 @@ pub struct MigrateConfig {
 /// What the source needs from the running VM.
 pub struct Source<'a> {
     /// The VM fd (dirty log, VM state).
-    pub vm: &'a VmFd,
+    pub vm: &'a Vm,
     /// Guest RAM regions (slot i = region i).
     pub regions: &'a [RamRegion],
     /// Guest memory.
@@ -327,7 +327,7 @@ fn rounds<W: Write>(
     let mut blobs = Vec::with_capacity(control.len());
     for i in 0..control.len() {
         let caps = src.caps.clone();
-        let st = control.with_paused_vcpu(i, move |fd: &mut VcpuFd| {
+        let st = control.with_paused_vcpu(i, move |fd: &mut Vcpu| {
             complete_pending_io(fd)?;
             save_vcpu(fd, i as u32, &caps)
         })??;

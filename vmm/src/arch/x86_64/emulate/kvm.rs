@@ -2,8 +2,8 @@
 //! exit (or guest memory at RIP), an [`EmulationContext`] over a stopped `VcpuFd`, and
 //! [`emulate_failed_insn`] that ties decode, execute, commit and counting together.
 
+use crate::hypervisor::VcpuOps;
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use kvm_ioctls::VcpuFd;
 use log::{debug, info};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -48,7 +48,7 @@ pub fn exit_insn_bytes(ndata: u32, data: &[u64]) -> Option<Vec<u8>> {
 /// An [`EmulationContext`] over a vCPU stopped after an exit. Register changes, MXCSR and the
 /// exception are kept until [`commit`](Self::commit), so a failed emulation changes nothing.
 pub struct KvmContext<'a> {
-    fd: &'a VcpuFd,
+    fd: &'a dyn VcpuOps,
     mem: &'a GuestMemoryMmap,
     host_changes: Option<&'a HostChanges>,
     regs: kvm_regs,
@@ -58,7 +58,7 @@ pub struct KvmContext<'a> {
     exception: Option<Exception>,
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> EmulateError {
+fn kvm_err(what: &'static str) -> impl FnOnce(crate::hypervisor::Error) -> EmulateError {
     move |e| EmulateError::Kvm {
         what,
         why: e.to_string(),
@@ -69,7 +69,7 @@ impl<'a> KvmContext<'a> {
     /// Reads the vCPU's registers. Guest RAM writes (cmpxchg16b) go through `host_changes`, so
     /// a running migration sees them as dirty; without it they are not recorded.
     pub fn new(
-        fd: &'a VcpuFd,
+        fd: &'a dyn VcpuOps,
         mem: &'a GuestMemoryMmap,
         host_changes: Option<&'a HostChanges>,
     ) -> Result<KvmContext<'a>, EmulateError> {
@@ -354,7 +354,7 @@ impl EmulationContext for KvmContext<'_> {
 /// carries it out; writes the result back; counts and (once per kind) logs it.
 pub fn emulate_failed_insn(
     vcpu: usize,
-    fd: &VcpuFd,
+    fd: &dyn VcpuOps,
     mem: &GuestMemoryMmap,
     host_changes: Option<&HostChanges>,
     exit_bytes: Option<&[u8]>,

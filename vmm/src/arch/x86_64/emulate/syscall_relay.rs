@@ -28,13 +28,13 @@
 //!
 //! The decision ([`decide`]) is pure and unit-tested; [`SyscallRelay`] does the KVM calls for
 //! one vCPU. The relay is on only where the host quirks say KVM needs it
-//! (`crate::vm::HostQuirks`); hardware KVM completes `syscall` itself.
+//! (`--no-host-quirks` turns it off); hardware KVM completes `syscall` itself.
 
+use crate::hypervisor::VcpuOps;
 use kvm_bindings::{
     kvm_guest_debug, kvm_msr_entry, kvm_segment, Msrs, KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
-use kvm_ioctls::VcpuFd;
 use log::{debug, info, warn};
 use vm_memory::GuestMemoryMmap;
 
@@ -141,7 +141,7 @@ pub enum RelayError {
     #[error("{what} failed: {source}")]
     Kvm {
         what: &'static str,
-        source: kvm_ioctls::Error,
+        source: crate::hypervisor::Error,
     },
     #[error("reading {what} at guest address {gva:#x}: {source}")]
     Read {
@@ -151,7 +151,7 @@ pub enum RelayError {
     },
 }
 
-fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RelayError {
+fn kvm(what: &'static str) -> impl FnOnce(crate::hypervisor::Error) -> RelayError {
     move |source| RelayError::Kvm { what, source }
 }
 
@@ -196,7 +196,11 @@ impl SyscallRelay {
     /// Arms from the vCPU's current state when the guest already set up its syscall entry
     /// (a vCPU restored from a migration): reads `IA32_LSTAR`/`IA32_STAR` and the IDT. Does
     /// nothing while LSTAR is 0 (a fresh boot arms at the guest's LSTAR write).
-    pub fn arm_from_state(&mut self, fd: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), RelayError> {
+    pub fn arm_from_state(
+        &mut self,
+        fd: &dyn VcpuOps,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), RelayError> {
         let mut msrs = Msrs::from_entries(&[
             kvm_msr_entry {
                 index: MSR_LSTAR,
@@ -222,7 +226,7 @@ impl SyscallRelay {
     /// for LSTAR, arms the breakpoint on the #PF handler of the IDT the guest has loaded.
     pub fn on_wrmsr(
         &mut self,
-        fd: &VcpuFd,
+        fd: &dyn VcpuOps,
         mem: &GuestMemoryMmap,
         index: u32,
         data: u64,
@@ -241,7 +245,7 @@ impl SyscallRelay {
         Ok(Outcome::Armed)
     }
 
-    fn arm(&mut self, fd: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), RelayError> {
+    fn arm(&mut self, fd: &dyn VcpuOps, mem: &GuestMemoryMmap) -> Result<(), RelayError> {
         let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         if u64::from(sregs.idt.limit) < PF_VECTOR * 16 + 15 {
             warn!("syscall relay: the guest's IDT has no #PF gate yet; not armed");
@@ -280,7 +284,7 @@ impl SyscallRelay {
     /// A KVM_EXIT_DEBUG at `pc`.
     pub fn on_debug(
         &mut self,
-        fd: &VcpuFd,
+        fd: &dyn VcpuOps,
         mem: &GuestMemoryMmap,
         pc: u64,
     ) -> Result<Outcome, RelayError> {
@@ -334,7 +338,7 @@ impl SyscallRelay {
 /// Reads a `T` at guest virtual `gva` through the vCPU's page tables, with the emulation
 /// fallback's page-by-page reader (KVM_TRANSLATE per page).
 fn read_virt<T: vm_memory::ByteValued + Default>(
-    fd: &VcpuFd,
+    fd: &dyn VcpuOps,
     mem: &GuestMemoryMmap,
     gva: u64,
     what: &'static str,
