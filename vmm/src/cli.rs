@@ -16,6 +16,9 @@ pub const DEFAULT_MEM: &str = "1G";
 pub const MIN_MEM: u64 = 2 << 20;
 /// Default of `--shutdown-timeout`: seconds a guest gets to power off after the power button.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
+/// Default of `--idle-timeout`: seconds every vCPU may sit in HLT with interrupts on and
+/// nothing to wake it before the VM is ended as idle.
+pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 30;
 /// The MP table and xAPIC ids allow at most this many vCPUs.
 pub const MAX_CPUS: u32 = 254;
 
@@ -166,7 +169,8 @@ Exit codes:
     2  a vCPU failed
     3  the guest rebooted (ACPI reset register, i8042 reset, triple fault)
     4  `shutdown` stopped the VM without the guest powering off
-    5  every vCPU halted with interrupts off: idle for good
+    5  idle: every vCPU halted with interrupts off, or with interrupts on and nothing
+       to wake it for --idle-timeout seconds
     6  --migrate-to failed and the VM then ended normally here
   130  stopped by SIGINT
   143  stopped by SIGTERM";
@@ -311,12 +315,25 @@ pub struct MachineArgs {
     /// guest has no power button: `shutdown` stops it at once.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_S)]
     pub shutdown_timeout: u64,
+    /// End the VM (exit code 5) once every vCPU has sat in HLT with interrupts on and nothing
+    /// to wake it (no LAPIC timer or PIT counting, no interrupt pending, console input closed,
+    /// no --api-socket) for this long; 0 never ends such a VM. Every vCPU in HLT with
+    /// interrupts off ends the VM after about 2 s whatever this says: nothing can wake it.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
+    pub idle_timeout: u64,
     /// Precopy stops iterating when the estimated downtime is at most this.
     #[arg(long, value_name = "MS", default_value_t = source::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
     /// Precopy stops iterating after this many rounds.
     #[arg(long, value_name = "N", default_value_t = source::DEFAULT_MAX_ROUNDS)]
     pub max_rounds: u32,
+}
+
+impl MachineArgs {
+    /// `--idle-timeout` as a limit (`None`: 0, never end a VM asleep with interrupts on).
+    pub fn idle_limit(&self) -> Option<std::time::Duration> {
+        (self.idle_timeout > 0).then(|| std::time::Duration::from_secs(self.idle_timeout))
+    }
 }
 
 /// Flags only the built-in test guests have (clap ids).

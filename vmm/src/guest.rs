@@ -541,6 +541,7 @@ pub fn run_on(
             i8042: None,
             power_button: None,
             shutdown_timeout: Duration::ZERO,
+            idle_timeout: m.idle_limit(),
             payload: format!("guest {}", plan.kind.name()),
         },
     )?;

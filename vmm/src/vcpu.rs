@@ -39,8 +39,9 @@ pub const EXIT_REBOOT: i32 = 3;
 /// off: the guest did not answer the power button in time, has no power button (a test guest),
 /// or was paused.
 pub const EXIT_SHUTDOWN_FORCED: i32 = 4;
-/// Exit code of a VM whose every vCPU halted with interrupts off and nothing pending: nothing
-/// but an NMI or INIT could wake it, and nothing in this VMM sends one.
+/// Exit code of a VM that nothing can wake: every vCPU halted with interrupts off and nothing
+/// pending (only an NMI or INIT could wake it, and nothing in this VMM sends one), or halted
+/// with interrupts on and nothing to raise one for `--idle-timeout` (see `machine::idle`).
 pub const EXIT_IDLE: i32 = 5;
 /// Exit code of a VM whose `--migrate-to` failed (it ran on here) and that then ended with
 /// [`EXIT_OK`]: the migration a script asked for did not happen.

@@ -1,9 +1,10 @@
 //! Real-KVM tests of the life cycle on the real machine path ([`Machine`], its port bus and
 //! vCPU threads): hand-assembled ring-0 guests power off through the ACPI sleep control
 //! register (exit 0), reset through the ACPI reset register (exit 3), answer the power button
-//! (the GED's GSI through the in-kernel IOAPIC) by powering off, and halt with interrupts off.
+//! (the GED's GSI through the in-kernel IOAPIC) by powering off, halt with interrupts off, and
+//! halt with interrupts on with and without a LAPIC timer that will wake them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,8 @@ const GDT_GPA: u64 = 0x500;
 /// The guests write [`READY`] here when set up.
 const READY_PORT: u16 = 0x510;
 const READY: u8 = b'R';
+/// The timer guests' interrupt handler writes this to [`READY_PORT`].
+const FIRED: u8 = b'T';
 /// IDT gate type: present, DPL 0, 64-bit interrupt gate (Intel SDM Vol. 3A §6.14.1).
 const GATE_INTERRUPT_PRESENT: u8 = 0x8e;
 
@@ -44,17 +47,21 @@ fn kvm_available() -> bool {
     true
 }
 
-/// Records that the guest reached its ready point.
+/// Records that the guest reached its ready point (and how often its timer fired).
 #[derive(Default)]
-struct ReadyPort(AtomicBool);
+struct ReadyPort(AtomicBool, AtomicU32);
 
 impl PioDevice for ReadyPort {
     fn read(&self, _vcpu: usize, _port: u16, data: &mut [u8]) {
         data.fill(0);
     }
     fn write(&self, _vcpu: usize, _port: u16, data: &[u8]) {
-        if data[0] == READY {
-            self.0.store(true, Ordering::SeqCst);
+        match data[0] {
+            READY => self.0.store(true, Ordering::SeqCst),
+            FIRED => {
+                self.1.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
         }
     }
 }
@@ -208,7 +215,56 @@ const BUTTON: &[u8] = &[
 const BUTTON_VECTOR: u8 = 0x40;
 const BUTTON_HANDLER: u64 = 0x35;
 
-fn session<'m>(r: &'m Running) -> Session<'m> {
+/// Says ready and waits in `sti; hlt` with nothing set up that could interrupt it (the LAPIC
+/// stays software-disabled, the PIT unprogrammed).
+#[rustfmt::skip]
+const ASLEEP: &[u8] = &[
+    0x66, 0xba, 0x10, 0x05, // mov dx, 0x510
+    0xb0, READY,            // mov al, 'R'
+    0xee,                   // out dx, al
+    0xfb,                   // sti
+    0xf4,                   // 0x08: hlt
+    0xeb, 0xfd,             // jmp 0x08
+];
+
+/// Enables its LAPIC, programs its timer (LVT timer entry `lvt`, divide by 1, initial count
+/// `count`), says ready and waits in `sti; hlt`; the handler writes [`FIRED`] to the ready
+/// port and sends the EOI. Assembled with GNU as (`.intel_syntax noprefix`), bytes from
+/// `objdump -d`.
+#[rustfmt::skip]
+fn lapic_timer(lvt: u32, count: u32) -> Vec<u8> {
+    let l = lvt.to_le_bytes();
+    let c = count.to_le_bytes();
+    vec![
+        0xb8, 0xf0, 0x00, 0xe0, 0xfe,       // 0x00: mov eax, 0xfee000f0 (SVR)
+        0xc7, 0x00, 0xff, 0x01, 0x00, 0x00, // 0x05: mov dword [rax], 0x1ff (enable)
+        0xb8, 0xe0, 0x03, 0xe0, 0xfe,       // 0x0b: mov eax, 0xfee003e0 (divide config)
+        0xc7, 0x00, 0x0b, 0x00, 0x00, 0x00, // 0x10: mov dword [rax], 0xb (by 1)
+        0xb8, 0x20, 0x03, 0xe0, 0xfe,       // 0x16: mov eax, 0xfee00320 (LVT timer)
+        0xc7, 0x00, l[0], l[1], l[2], l[3], // 0x1b: mov dword [rax], lvt
+        0xb8, 0x80, 0x03, 0xe0, 0xfe,       // 0x21: mov eax, 0xfee00380 (initial count)
+        0xc7, 0x00, c[0], c[1], c[2], c[3], // 0x26: mov dword [rax], count
+        0x66, 0xba, 0x10, 0x05,             // 0x2c: mov dx, 0x510
+        0xb0, READY,                        // 0x30: mov al, 'R'
+        0xee,                               // 0x32: out dx, al
+        0xfb,                               // 0x33: sti
+        0xf4,                               // 0x34: hlt
+        0xeb, 0xfd,                         // 0x35: jmp 0x34
+        // handler:
+        0x66, 0xba, 0x10, 0x05,             // 0x37: mov dx, 0x510
+        0xb0, FIRED,                        // 0x3b: mov al, 'T'
+        0xee,                               // 0x3d: out dx, al
+        0xb8, 0xb0, 0x00, 0xe0, 0xfe,       // 0x3e: mov eax, 0xfee000b0 (EOI)
+        0xc7, 0x00, 0x00, 0x00, 0x00, 0x00, // 0x43: mov dword [rax], 0
+        0x48, 0xcf,                         // 0x49: iretq
+    ]
+}
+const TIMER_VECTOR: u8 = 0x41;
+const TIMER_HANDLER: u64 = 0x37;
+/// LVT timer mode bits (Intel SDM Vol. 3A §11.5.4).
+const LVT_PERIODIC: u32 = 1 << 17;
+
+fn session<'m>(r: &'m Running, idle_timeout: Option<Duration>) -> Session<'m> {
     Session::new(
         &r.machine,
         r.control.clone(),
@@ -221,6 +277,7 @@ fn session<'m>(r: &'m Running) -> Session<'m> {
             i8042: None,
             power_button: None,
             shutdown_timeout: Duration::ZERO,
+            idle_timeout,
             payload: "lifecycle test".into(),
         },
     )
@@ -272,7 +329,7 @@ fn the_power_button_interrupts_the_guest_which_powers_off() {
         Some(true),
         "the guest unmasked IOAPIC pin 23"
     );
-    let s = session(&r);
+    let s = session(&r, None);
     assert_eq!(
         s.wait(Some(Duration::from_millis(3500))),
         Waited::Timeout,
@@ -305,7 +362,8 @@ fn a_halt_with_interrupts_off_ends_the_vm_as_idle() {
         "a guest that never programmed the IOAPIC does not listen to the power button"
     );
     let t = Instant::now();
-    let s = session(&r);
+    // Whatever --idle-timeout says: nothing can wake this one.
+    let s = session(&r, None);
     let waited = s.wait(Some(Duration::from_secs(30)));
     eprintln!("idle found after {:?}", t.elapsed());
     assert_eq!(waited, Waited::Exit(EXIT_IDLE));
@@ -320,6 +378,99 @@ fn a_halt_with_interrupts_off_ends_the_vm_as_idle() {
         .unwrap();
     assert_eq!((mp, rflags & (1 << 9)), (3, 0), "HALTED, IF clear");
     drop(c);
+    drop(s);
+    r.stop();
+}
+
+/// `sti; hlt` with no LAPIC timer, PIT, console input or control socket: left alone while
+/// `--idle-timeout` is off, ended as idle once it is on and the limit has passed.
+#[test]
+fn a_halt_with_interrupts_on_and_nothing_to_wake_it_ends_after_the_idle_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    let r = Running::start(ASLEEP, &[]);
+    assert!(r.wait_ready(Duration::from_secs(60)));
+    let s = session(&r, None);
+    assert_eq!(
+        s.wait(Some(Duration::from_millis(3500))),
+        Waited::Timeout,
+        "--idle-timeout 0: never ended for sleeping with interrupts on"
+    );
+    drop(s);
+    let limit = Duration::from_secs(2);
+    let t = Instant::now();
+    let s = session(&r, Some(limit));
+    let waited = s.wait(Some(Duration::from_secs(60)));
+    eprintln!("idle found after {:?}", t.elapsed());
+    assert_eq!(waited, Waited::Exit(EXIT_IDLE));
+    assert!(
+        t.elapsed() >= limit,
+        "not before the limit: {:?}",
+        t.elapsed()
+    );
+    let c = r.control.lock().unwrap();
+    let (_, (mp, rflags)) = c
+        .probe_vcpu(0, |fd| {
+            (
+                fd.get_mp_state().unwrap().mp_state,
+                fd.get_regs().unwrap().rflags,
+            )
+        })
+        .unwrap();
+    assert_eq!((mp, rflags & (1 << 9)), (3, 1 << 9), "HALTED, IF set");
+    drop(c);
+    drop(s);
+    r.stop();
+}
+
+/// A periodic LAPIC timer (every 10 ms) wakes the guest for ever: with a 1 s idle timeout the
+/// VM still runs 4 s later, and the timer did fire.
+#[test]
+fn a_periodic_lapic_timer_keeps_a_halted_guest_alive() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    let code = lapic_timer(LVT_PERIODIC | u32::from(TIMER_VECTOR), 10_000_000);
+    assert_eq!(code[TIMER_HANDLER as usize], 0x66, "listing offsets");
+    let r = Running::start(&code, &[(TIMER_VECTOR, TIMER_HANDLER)]);
+    assert!(r.wait_ready(Duration::from_secs(60)));
+    let s = session(&r, Some(Duration::from_secs(1)));
+    assert_eq!(
+        s.wait(Some(Duration::from_secs(4))),
+        Waited::Timeout,
+        "a counting periodic timer is something to wake for"
+    );
+    let fired = r.ready.1.load(Ordering::SeqCst);
+    assert!(fired > 10, "the timer fired {fired} times");
+    drop(s);
+    r.stop();
+}
+
+/// A one-shot LAPIC timer of 2^32 - 1 APIC bus cycles (KVM's bus cycle is 1 ns: about 4.3 s)
+/// keeps the guest alive while it counts (KVM reports its current count in the saved LAPIC
+/// page); once it has fired nothing is left and the VM ends as idle after the 1 s limit.
+#[test]
+fn a_one_shot_lapic_timer_keeps_a_halted_guest_alive_until_it_fires() {
+    if !kvm_available() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    let code = lapic_timer(u32::from(TIMER_VECTOR), u32::MAX);
+    let r = Running::start(&code, &[(TIMER_VECTOR, TIMER_HANDLER)]);
+    assert!(r.wait_ready(Duration::from_secs(60)));
+    let t = Instant::now();
+    let s = session(&r, Some(Duration::from_secs(1)));
+    let waited = s.wait(Some(Duration::from_secs(60)));
+    let fired = r.ready.1.load(Ordering::SeqCst);
+    eprintln!(
+        "idle found after {:?}, timer fired {fired} times",
+        t.elapsed()
+    );
+    assert_eq!(waited, Waited::Exit(EXIT_IDLE));
+    assert_eq!(fired, 1, "ended only after the one-shot fired, once");
     drop(s);
     r.stop();
 }

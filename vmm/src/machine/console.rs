@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -75,6 +76,22 @@ struct Control {
 
 const STDIN: RawFd = libc::STDIN_FILENO;
 
+/// Whether the console feeds stdin to the guest's serial port and stdin has not ended: then
+/// someone can still type, and the guest is not idle while it waits for that.
+static INPUT_OPEN: AtomicBool = AtomicBool::new(false);
+
+/// Whether console input can still reach the guest (see [`INPUT_OPEN`]).
+pub fn input_open() -> bool {
+    INPUT_OPEN.load(Ordering::Relaxed)
+}
+
+impl Control {
+    fn set_stdin_open(&mut self, open: bool) {
+        self.stdin_open = open;
+        INPUT_OPEN.store(open, Ordering::Relaxed);
+    }
+}
+
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(self.exit.eventfd(), EventSet::IN)) {
@@ -82,7 +99,7 @@ impl MutEventSubscriber for Control {
         }
         if self.serial.is_some() {
             match ops.add(Events::new_raw(STDIN, EventSet::IN)) {
-                Ok(()) => self.stdin_open = true,
+                Ok(()) => self.set_stdin_open(true),
                 Err(e) => debug!("stdin is not pollable ({e:?}); no serial input"),
             }
         }
@@ -105,7 +122,7 @@ impl MutEventSubscriber for Control {
                 Ok(0) | Err(_) => {
                     debug!("stdin closed; no more serial input");
                     let _ = ops.remove(events);
-                    self.stdin_open = false;
+                    self.set_stdin_open(false);
                 }
                 Ok(n) => {
                     serial.enqueue_input(&buf[..n]);
@@ -141,6 +158,7 @@ fn event_loop(exit: &ExitRequest, serial: Option<Arc<SerialDevice>>) -> Result<i
     em.add_subscriber(control);
     loop {
         if let Some(code) = exit.code() {
+            INPUT_OPEN.store(false, Ordering::Relaxed);
             return Ok(code);
         }
         if let Err(e) = em.run_with_timeout(200) {

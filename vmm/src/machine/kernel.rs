@@ -296,6 +296,7 @@ fn serve(
                 listening: Box::new(move || ged.listening()),
             }),
             shutdown_timeout: Duration::from_secs(cli.machine.shutdown_timeout),
+            idle_timeout: cli.machine.idle_limit(),
             payload: "kernel".into(),
         },
     )?;

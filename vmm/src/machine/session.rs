@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::console;
 use super::idle::IdleWatch;
 use super::reclaim::Reclaimer;
 use super::Machine;
@@ -64,6 +65,9 @@ pub struct SessionConfig {
     pub shutdown_timeout: Duration,
     /// Names the payload in `info` (`kernel`, `guest stress`, ...).
     pub payload: String,
+    /// `--idle-timeout`: how long every vCPU may sit in HLT with interrupts on and nothing to
+    /// wake it before the VM is ended as idle (`None`: never; see [`super::idle`]).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// What the control socket does with a payload's power button.
@@ -115,6 +119,19 @@ impl<'m> Session<'m> {
         cfg: SessionConfig,
     ) -> anyhow::Result<Session<'m>> {
         let (migrate_tx, migrate_rx) = channel::<MigrateRequest>();
+        let serves_socket = cfg.api_socket.is_some();
+        let idle = IdleWatch::new(
+            cfg.idle_timeout,
+            Box::new(move || {
+                if serves_socket {
+                    Some("the control socket")
+                } else if console::input_open() {
+                    Some("console input")
+                } else {
+                    None
+                }
+            }),
+        );
         let api = match &cfg.api_socket {
             Some(path) => {
                 let power_button = cfg.power_button.map(Arc::new);
@@ -157,7 +174,7 @@ impl<'m> Session<'m> {
             migrate_rx: Some(migrate_rx),
             api,
             migrate_to_failed: std::cell::Cell::new(false),
-            idle: std::cell::RefCell::new(IdleWatch::default()),
+            idle: std::cell::RefCell::new(idle),
         })
     }
 
@@ -184,7 +201,11 @@ impl<'m> Session<'m> {
             if let Some(code) = exit.wait_timeout(slice) {
                 return Waited::Exit(code);
             }
-            if let Some(why) = self.idle.borrow_mut().poll(&self.control) {
+            if let Some(why) = self
+                .idle
+                .borrow_mut()
+                .poll(&self.control, self.machine.vm())
+            {
                 exit.request(EXIT_IDLE, &why);
                 continue;
             }
