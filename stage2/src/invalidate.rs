@@ -81,8 +81,14 @@ impl<F: Format, T: Tlb> Drop for Invalidation<'_, F, T> {
 
 /// Round a byte range out to 4 KiB pages, clamped to the input address space.
 pub(crate) fn page_range(r: &Range<u64>) -> Range<u64> {
-    let start = (r.start & !0xfff).min(GPA_LIMIT);
-    let end = r.end.saturating_add(0xfff).min(GPA_LIMIT) & !0xfff;
+    page_range_of(r, 12)
+}
+
+/// `r` rounded out to whole pages of `1 << shift` bytes, within the guest-physical space.
+pub(crate) fn page_range_of(r: &Range<u64>, shift: u32) -> Range<u64> {
+    let mask = (1u64 << shift) - 1;
+    let start = (r.start & !mask).min(GPA_LIMIT);
+    let end = r.end.saturating_add(mask).min(GPA_LIMIT) & !mask;
     start..end.max(start)
 }
 

@@ -272,3 +272,22 @@ pub fn feature_names(bits: u64) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_header() {
+        // Values of the _IOWR/_IOR expansions on x86-64, computed from the header by hand.
+        assert_eq!(UFFDIO_API(), 0xc018_aa3f);
+        assert_eq!(UFFDIO_REGISTER(), 0xc020_aa00);
+        assert_eq!(UFFDIO_UNREGISTER(), 0x8010_aa01);
+        assert_eq!(UFFDIO_WAKE(), 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY(), 0xc028_aa03);
+        assert_eq!(UFFDIO_ZEROPAGE(), 0xc020_aa04);
+        assert_eq!(UFFDIO_WRITEPROTECT(), 0xc018_aa06);
+        assert_eq!(UFFDIO_CONTINUE(), 0xc020_aa07);
+        assert_eq!(USERFAULTFD_IOC_NEW(), 0xaa00);
+    }
+}
