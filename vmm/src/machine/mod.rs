@@ -276,7 +276,7 @@ impl Machine {
         if !self.ram.shared_regions().is_empty() {
             // MADV_DONTNEED would only unmap the file's pages, which the next access maps
             // again unchanged; punch them out of the memfd (file offset = gpa - region
-            // start, as memory.rs lays the files out).
+            // start, as memory/mmap.rs lays the files out).
             let files: Vec<(u64, u64, Arc<std::fs::File>)> = self
                 .ram
                 .shared_regions()
