@@ -174,16 +174,20 @@ fn write_port(port: u16, value: u8) -> Vec<u8> {
     ]
 }
 
-/// `cli; hlt` after saying ready.
+/// Says ready, then `cli; hlt` (`interrupts_on` false) or `sti; hlt` (true) for ever. With
+/// `sti` nothing is set up that could interrupt it: the LAPIC stays software-disabled, the PIT
+/// unprogrammed.
 #[rustfmt::skip]
-const DEAD_HALT: &[u8] = &[
-    0x66, 0xba, 0x10, 0x05, // mov dx, 0x510
-    0xb0, READY,            // mov al, 'R'
-    0xee,                   // out dx, al
-    0xfa,                   // cli
-    0xf4,                   // 0x08: hlt
-    0xeb, 0xfd,             // jmp 0x08
-];
+fn ready_then_halt(interrupts_on: bool) -> Vec<u8> {
+    vec![
+        0x66, 0xba, 0x10, 0x05,                        // mov dx, 0x510
+        0xb0, READY,                                   // mov al, 'R'
+        0xee,                                          // out dx, al
+        if interrupts_on { 0xfb } else { 0xfa },       // sti / cli
+        0xf4,                                          // 0x08: hlt
+        0xeb, 0xfd,                                    // jmp 0x08
+    ]
+}
 
 /// Enables its local APIC, routes IOAPIC pin [`GED_GSI`] (23: redirection entry 0x3e/0x3f) to
 /// vector 0x40 (fixed, edge, active high, APIC 0), says ready and waits in `sti; hlt`; the
@@ -214,18 +218,6 @@ const BUTTON: &[u8] = &[
 ];
 const BUTTON_VECTOR: u8 = 0x40;
 const BUTTON_HANDLER: u64 = 0x35;
-
-/// Says ready and waits in `sti; hlt` with nothing set up that could interrupt it (the LAPIC
-/// stays software-disabled, the PIT unprogrammed).
-#[rustfmt::skip]
-const ASLEEP: &[u8] = &[
-    0x66, 0xba, 0x10, 0x05, // mov dx, 0x510
-    0xb0, READY,            // mov al, 'R'
-    0xee,                   // out dx, al
-    0xfb,                   // sti
-    0xf4,                   // 0x08: hlt
-    0xeb, 0xfd,             // jmp 0x08
-];
 
 /// Enables its LAPIC, programs its timer (LVT timer entry `lvt`, divide by 1, initial count
 /// `count`), says ready and waits in `sti; hlt`; the handler writes [`FIRED`] to the ready
@@ -354,7 +346,7 @@ fn a_halt_with_interrupts_off_ends_the_vm_as_idle() {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
-    let r = Running::start(DEAD_HALT, &[]);
+    let r = Running::start(&ready_then_halt(false), &[]);
     assert!(r.wait_ready(Duration::from_secs(60)));
     assert_eq!(
         r.machine.ged_listening().unwrap().listening(),
@@ -390,7 +382,7 @@ fn a_halt_with_interrupts_on_and_nothing_to_wake_it_ends_after_the_idle_timeout(
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
-    let r = Running::start(ASLEEP, &[]);
+    let r = Running::start(&ready_then_halt(true), &[]);
     assert!(r.wait_ready(Duration::from_secs(60)));
     let s = session(&r, None);
     assert_eq!(

@@ -71,7 +71,6 @@ impl Drop for TtyGuard {
 struct Control {
     exit: ExitRequest,
     serial: Option<Arc<SerialDevice>>,
-    stdin_open: bool,
 }
 
 const STDIN: RawFd = libc::STDIN_FILENO;
@@ -85,13 +84,6 @@ pub fn input_open() -> bool {
     INPUT_OPEN.load(Ordering::Relaxed)
 }
 
-impl Control {
-    fn set_stdin_open(&mut self, open: bool) {
-        self.stdin_open = open;
-        INPUT_OPEN.store(open, Ordering::Relaxed);
-    }
-}
-
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(self.exit.eventfd(), EventSet::IN)) {
@@ -99,7 +91,7 @@ impl MutEventSubscriber for Control {
         }
         if self.serial.is_some() {
             match ops.add(Events::new_raw(STDIN, EventSet::IN)) {
-                Ok(()) => self.set_stdin_open(true),
+                Ok(()) => INPUT_OPEN.store(true, Ordering::Relaxed),
                 Err(e) => debug!("stdin is not pollable ({e:?}); no serial input"),
             }
         }
@@ -122,7 +114,7 @@ impl MutEventSubscriber for Control {
                 Ok(0) | Err(_) => {
                     debug!("stdin closed; no more serial input");
                     let _ = ops.remove(events);
-                    self.set_stdin_open(false);
+                    INPUT_OPEN.store(false, Ordering::Relaxed);
                 }
                 Ok(n) => {
                     serial.enqueue_input(&buf[..n]);
@@ -153,7 +145,6 @@ fn event_loop(exit: &ExitRequest, serial: Option<Arc<SerialDevice>>) -> Result<i
     let control = Arc::new(Mutex::new(Control {
         exit: exit.clone(),
         serial,
-        stdin_open: false,
     }));
     em.add_subscriber(control);
     loop {

@@ -224,11 +224,6 @@ pub fn judge(samples: &[VcpuSample], pit: bool) -> Verdict {
     }
 }
 
-/// Whether a VM whose vCPUs were sampled as `samples` can never run again (see [`judge`]).
-pub fn halted_for_good(samples: &[VcpuSample]) -> bool {
-    judge(samples, false) == Verdict::HaltedForGood
-}
-
 /// Names a source outside the guest that can still interrupt it (`None`: there is none).
 pub type OutsideWake = Box<dyn Fn() -> Option<&'static str>>;
 
@@ -401,6 +396,10 @@ mod tests {
     }
     const RUNNABLE: u32 = 0;
     const IF: u64 = 0x202;
+
+    fn halted_for_good(samples: &[VcpuSample]) -> bool {
+        judge(samples, false) == Verdict::HaltedForGood
+    }
 
     #[test]
     fn only_a_halt_with_interrupts_off_and_no_nmi_is_for_good() {
