@@ -1,14 +1,8 @@
-//! How guest RAM is backed on the host: the backing kinds and the hugetlb pool checks.
-//!
-//! Kinds: anonymous 4 KiB, THP, hugetlbfs 2 MiB / 1 GiB, shared memfd (4 KiB, 2 MiB, 1 GiB).
+//! The kinds of host backing of guest RAM: anonymous 4 KiB, THP, hugetlbfs 2 MiB / 1 GiB,
+//! shared memfd (4 KiB, 2 MiB, 1 GiB), and what each is (page size, pool, name).
 
+use super::size::{SZ_1G, SZ_2M, SZ_4K};
 use std::fmt;
-use std::path::Path;
-
-use log::info;
-
-use super::error::MemoryError;
-use super::size::{human, SZ_1G, SZ_2M, SZ_4K};
 
 /// Whether guest RAM is private anonymous memory or a shared memfd (`--memory-backend`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -80,23 +74,7 @@ impl BackingKind {
         )
     }
 
-    /// This page-size choice on `backend`: the private kinds map to their shared twins (THP,
-    /// which is for private anonymous memory only, is refused for shared memory).
-    pub fn on_backend(self, backend: MemoryBackend) -> Result<BackingKind, MemoryError> {
-        if backend == MemoryBackend::Private || self.is_shared() {
-            return Ok(self);
-        }
-        Ok(match self {
-            BackingKind::Auto => BackingKind::SharedAuto,
-            BackingKind::Small => BackingKind::Shared4K,
-            BackingKind::Hugetlb2M => BackingKind::Shared2M,
-            BackingKind::Hugetlb1G => BackingKind::Shared1G,
-            BackingKind::Thp => return Err(MemoryError::ThpShared),
-            shared => shared,
-        })
-    }
-
-    fn sysfs_dir(self) -> Option<&'static str> {
+    pub(super) fn sysfs_dir(self) -> Option<&'static str> {
         match self {
             BackingKind::Hugetlb2M | BackingKind::Shared2M => {
                 Some("/sys/kernel/mm/hugepages/hugepages-2048kB")
@@ -133,65 +111,4 @@ impl fmt::Display for BackingKind {
             BackingKind::Shared1G => "shared memfd, 1G hugetlbfs",
         })
     }
-}
-
-fn read_sysfs_u64(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// Free, unreserved pages in a hugetlb pool, or `None` when the pool does not exist.
-pub(super) fn pool_available(backing: BackingKind) -> Option<u64> {
-    let dir = Path::new(backing.sysfs_dir()?);
-    let free = read_sysfs_u64(&dir.join("free_hugepages"))?;
-    let resv = read_sysfs_u64(&dir.join("resv_hugepages")).unwrap_or(0);
-    Some(free.saturating_sub(resv))
-}
-
-pub(super) fn check_pool(backing: BackingKind, size: u64) -> Result<(), MemoryError> {
-    let dir = backing.sysfs_dir().expect("hugetlb backing");
-    let Some(free) = pool_available(backing) else {
-        return Err(MemoryError::NoPool {
-            backing,
-            dir: dir.into(),
-        });
-    };
-    let needed = size / backing.page_size();
-    if free < needed {
-        let total = read_sysfs_u64(&Path::new(dir).join("nr_hugepages")).unwrap_or(0);
-        return Err(MemoryError::PoolTooSmall {
-            backing,
-            needed,
-            free,
-            short: needed - free,
-            want: total + (needed - free),
-            knob: backing.pool_knob(),
-            alternative: if backing.is_shared() {
-                "--hugepages none (4 KiB shared memory)"
-            } else {
-                "--hugepages thp"
-            },
-        });
-    }
-    Ok(())
-}
-
-/// `--hugepages auto`: `huge` (2 MiB hugetlbfs) when `size` is a whole number of 2 MiB pages
-/// and the free pool covers it, else `fallback`; says which, naming `what` is backed.
-pub(super) fn resolve_auto(
-    size: u64,
-    huge: BackingKind,
-    fallback: BackingKind,
-    what: &str,
-) -> BackingKind {
-    let resolved =
-        if size.is_multiple_of(SZ_2M) && pool_available(huge).unwrap_or(0) >= size / SZ_2M {
-            huge
-        } else {
-            fallback
-        };
-    info!(
-        "--hugepages auto: backing {} of {what} with {resolved}",
-        human(size)
-    );
-    resolved
 }

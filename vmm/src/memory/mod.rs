@@ -1,9 +1,10 @@
 //! Guest RAM: `GuestRam`, which maps the layout on its backing and answers for it.
 //!
 //! Regions, address translation both ways, prefault, the shared memfds and the e820 map; the
-//! parts live in `backing` (kinds, pools), `layout`, `mmap`, `error` and `size`.
+//! parts live in `backing` (kinds), `choose` (pools, auto), `layout`, `mmap`, `error` and `size`.
 
 mod backing;
+mod choose;
 mod error;
 mod layout;
 mod mmap;
@@ -23,7 +24,7 @@ pub use layout::{
 };
 pub use size::human;
 
-use backing::{check_pool, resolve_auto};
+use choose::{check_pool, resolve_auto};
 use layout::e820_for;
 use mmap::{map_backing, map_shared, HostView};
 use size::SZ_4K;
@@ -246,7 +247,7 @@ impl GuestRam {
 
 #[cfg(test)]
 mod tests {
-    use super::backing::pool_available;
+    use super::choose::pool_available;
     use super::size::SZ_2M;
     use super::*;
     use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
