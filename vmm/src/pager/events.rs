@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use log::{debug, error, warn};
 use stage2::Access;
 
-use super::fill::Fill;
 use super::stats::inc;
 use super::{Pager, PagingError, Shared, SZ_4K};
 use crate::uffd::{Event, Uffd, UffdError};
@@ -333,7 +332,7 @@ impl Handler {
     }
 
     /// Keeps a fault for later; it counts as held (see `Shared::faults_held`) until finished.
-    fn push_deferred(&mut self, d: Deferred) {
+    pub(super) fn push_deferred(&mut self, d: Deferred) {
         self.sh.faults_held.fetch_add(1, Ordering::SeqCst);
         self.deferred.push(d);
     }
@@ -371,39 +370,7 @@ impl Handler {
                 }
                 continue;
             }
-            let Some(_shared) = sh.dirty_shared() else {
-                self.push_deferred(d);
-                continue;
-            };
-            let seq = sh.s2.invalidate_seq();
-            let filled = if d.needs_fill {
-                match self.resolve(d.gpa, d.access == Access::Write, d.minor) {
-                    Fill::Pending => {
-                        self.push_deferred(d);
-                        continue;
-                    }
-                    Fill::Failed => continue,
-                    Fill::Gone => {
-                        sh.wake_block(d.gpa);
-                        continue;
-                    }
-                    Fill::Present => 0,
-                    Fill::Filled { bytes } => bytes,
-                }
-            } else if sh.host_present(d.gpa) {
-                // KVM's order: the host page is resolved after the sequence is read, and the
-                // install checks the sequence.
-                0
-            } else {
-                // Dropped again since: woken, its next access faults and is handled afresh.
-                inc(&sh.counters.deferred_dropped);
-                sh.wake_block(d.gpa);
-                continue;
-            };
-            if !self.install(d.gpa, d.access, d.vcpu, seq, filled) {
-                d.needs_fill = false;
-                self.push_deferred(d);
-            }
+            self.serve_deferred(d);
         }
     }
 }

@@ -7,7 +7,7 @@ use std::io;
 
 use stage2::{Access, PageSize};
 
-use super::events::Handler;
+use super::events::{Deferred, Handler};
 use super::postcopy::Claim;
 use super::stats::{add, inc, Counters};
 use super::SZ_4K;
@@ -28,6 +28,16 @@ pub(super) enum Fill {
     Failed,
     /// A MINOR fault's page left the file (hole punched): wake the vCPU, it faults again.
     Gone,
+}
+
+/// Where a fault stands after [`Handler::serve`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Served {
+    /// Finished: installed, woken, or given up (the VM stops, or the vCPU faults again).
+    Done,
+    /// Not finished now (a pending REMOVE, an invalidation, a harvest holding the dirty lock):
+    /// defer it and serve it again; `needs_fill` false once its host page is in place.
+    Retry { needs_fill: bool },
 }
 
 /// Sorts the result of a fill ioctl (COPY, ZEROPAGE, CONTINUE of the faulting block) into the
@@ -122,29 +132,64 @@ impl Handler {
     /// fault (shared backing: map the file's page with UFFDIO_CONTINUE), then record it in
     /// stage2.
     pub(super) fn on_missing(&mut self, gpa: u64, access: Access, vcpu: usize, minor: bool) {
+        if let Served::Retry { needs_fill } = self.serve(gpa, access, vcpu, minor, true) {
+            self.defer(gpa, access, vcpu, needs_fill, minor);
+        }
+    }
+
+    /// Serves a deferred fault again; defers it once more if it still cannot finish.
+    pub(super) fn serve_deferred(&mut self, mut d: Deferred) {
+        if let Served::Retry { needs_fill } =
+            self.serve(d.gpa, d.access, d.vcpu, d.minor, d.needs_fill)
+        {
+            d.needs_fill = needs_fill;
+            self.push_deferred(d);
+        }
+    }
+
+    /// Serves a fault, a new one or a deferred one: resolves its host page (when
+    /// `needs_fill`), then installs it in stage2. [`Served::Retry`] says the fault could not
+    /// finish now and what is still to do.
+    fn serve(
+        &mut self,
+        gpa: u64,
+        access: Access,
+        vcpu: usize,
+        minor: bool,
+        needs_fill: bool,
+    ) -> Served {
         let sh = self.sh.clone();
         // A write fill is writable at once and recorded dirty by its install: no harvest may
         // run between the two (see `tracking`).
         let Some(_shared) = sh.dirty_shared() else {
-            self.defer(gpa, access, vcpu, true, minor);
-            return;
+            return Served::Retry { needs_fill };
         };
         let seq = sh.s2.invalidate_seq();
-        let filled = match self.resolve(gpa, access == Access::Write, minor) {
-            Fill::Pending => {
-                self.defer(gpa, access, vcpu, true, minor);
-                return;
+        let filled = if needs_fill {
+            match self.resolve(gpa, access == Access::Write, minor) {
+                Fill::Pending => return Served::Retry { needs_fill: true },
+                Fill::Failed => return Served::Done,
+                Fill::Gone => {
+                    sh.wake_block(gpa);
+                    return Served::Done;
+                }
+                Fill::Present => 0,
+                Fill::Filled { bytes } => bytes,
             }
-            Fill::Failed => return,
-            Fill::Gone => {
-                sh.wake_block(gpa);
-                return;
-            }
-            Fill::Present => 0,
-            Fill::Filled { bytes } => bytes,
+        } else if sh.host_present(gpa) {
+            // A deferred fault whose page was filled before: KVM's order, the host page is
+            // resolved after the sequence is read, and the install checks the sequence.
+            0
+        } else {
+            // Dropped again since: woken, its next access faults and is handled afresh.
+            inc(&sh.counters.deferred_dropped);
+            sh.wake_block(gpa);
+            return Served::Done;
         };
-        if !self.install(gpa, access, vcpu, seq, filled) {
-            self.defer(gpa, access, vcpu, false, minor);
+        if self.install(gpa, access, vcpu, seq, filled) {
+            Served::Done
+        } else {
+            Served::Retry { needs_fill: false }
         }
     }
 
