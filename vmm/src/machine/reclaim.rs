@@ -15,7 +15,6 @@
 //! copy arriving after the drop would undo it); see [`Reclaimer::refuse_owed`].
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -231,55 +230,20 @@ impl Reclaimer {
     }
 }
 
-/// `madvise(MADV_DONTNEED)` over the host mapping of a guest range: the next guest access
-/// gets a fresh zero page (private anonymous and hugetlb mappings alike); KVM's mmu
-/// notifier drops its own mappings of the range.
+/// Drops a guest range from its private host mapping ([`crate::uffd::drop_pages`]), for a
+/// VM without demand paging; the JSON says what was dropped.
 pub fn madvise_dontneed(host_addr: u64, len: u64) -> anyhow::Result<serde_json::Value> {
-    // SAFETY: the caller passes a range inside guest RAM's own mapping; MADV_DONTNEED
-    // only replaces its contents with zero pages, which is what a reclaim means, and
-    // no Rust reference into guest RAM is held across the call.
-    let rc = unsafe {
-        libc::madvise(
-            host_addr as *mut libc::c_void,
-            len as usize,
-            libc::MADV_DONTNEED,
-        )
-    };
-    if rc != 0 {
-        anyhow::bail!(
-            "madvise(MADV_DONTNEED): {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    crate::uffd::drop_pages(host_addr, len)
+        .map_err(|e| anyhow::anyhow!("madvise(MADV_DONTNEED): {e}"))?;
     Ok(serde_json::json!({ "dropped_bytes": len }))
 }
 
-/// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)` over `[offset, offset + len)` of
-/// a shared memfd behind guest RAM: the file's pages are freed, so every mapping of it (the
-/// guest's, the host view) reads zeroes next, and KVM's mmu notifier drops its own mappings.
-/// `MADV_DONTNEED` would not do: on a `MAP_SHARED` file mapping it only unmaps, and the next
-/// access maps the file's unchanged page again.
+/// Frees a guest range of a shared memfd ([`crate::uffd::punch_hole`]), for a VM without
+/// demand paging; the JSON says what was dropped.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> anyhow::Result<serde_json::Value> {
-    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        anyhow::bail!("hole punch {offset:#x}+{len:#x} beyond the file offsets of this host");
-    };
-    // SAFETY: fallocate on a memfd the caller owns; it only frees file pages, which every
-    // mapping then reads as zeroes (what a reclaim means), and no Rust reference into guest
-    // RAM is held across the call.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off,
-            n,
-        )
-    };
-    if rc != 0 {
-        anyhow::bail!(
-            "fallocate(PUNCH_HOLE) of {offset:#x}+{len:#x} on the guest's memfd: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    crate::uffd::punch_hole(file, offset, len).map_err(|e| {
+        anyhow::anyhow!("fallocate(PUNCH_HOLE) of {offset:#x}+{len:#x} on the guest's memfd: {e}")
+    })?;
     Ok(serde_json::json!({ "dropped_bytes": len, "hole_punched": true }))
 }
 

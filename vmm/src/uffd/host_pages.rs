@@ -154,20 +154,7 @@ impl HostPages for Uffd {
     }
 
     fn drop_pages(&self, start: u64, len: u64) -> io::Result<()> {
-        // SAFETY: the pager names a range of guest RAM it owns and wants dropped; no Rust
-        // reference into guest RAM exists (it is accessed with volatile copies), and the guest
-        // sees zeroes (or a MISSING fault) at its next touch.
-        let ret = unsafe {
-            libc::madvise(
-                start as *mut libc::c_void,
-                len as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if ret != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        drop_pages(start, len)
     }
 
     /// One `process_madvise` call on this process where the kernel takes it (6.13 and later;
@@ -188,20 +175,55 @@ impl HostPages for Uffd {
     }
 
     fn punch_hole(&self, file: &File, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: fallocate on a memfd of guest RAM that the caller names; no Rust reference
-        // into the range exists (guest RAM is accessed with volatile copies), and the guest
-        // sees zeroes after.
-        let ret = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if ret != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        punch_hole(file, offset, len)
     }
+}
+
+/// `madvise(MADV_DONTNEED)` of `[start, start+len)` of guest RAM's host mapping: the next
+/// guest access gets a fresh zero page (or a MISSING fault under userfaultfd), for private
+/// anonymous and hugetlb mappings alike; KVM's mmu notifier drops its own mappings.
+pub fn drop_pages(start: u64, len: u64) -> io::Result<()> {
+    // SAFETY: the caller names a range of guest RAM it owns and wants dropped; no Rust
+    // reference into guest RAM exists (it is accessed with volatile copies), and the guest
+    // sees zeroes (or a MISSING fault) at its next touch.
+    let ret = unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            len as usize,
+            libc::MADV_DONTNEED,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)` over `[offset, offset + len)` of a
+/// shared memfd behind guest RAM: the file's pages are freed, so every mapping of it (the
+/// guest's, the host view) reads zeroes next, and KVM's mmu notifier drops its own mappings.
+/// (`MADV_DONTNEED` would not do: on a `MAP_SHARED` file mapping it only unmaps, and the next
+/// access maps the file's unchanged page again.)
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("hole punch {offset:#x}+{len:#x} beyond the file offsets of this host"),
+        ));
+    };
+    // SAFETY: fallocate on a memfd of guest RAM that the caller names; it only frees file
+    // pages, which every mapping then reads as zeroes, and no Rust reference into the range
+    // exists (guest RAM is accessed with volatile copies).
+    let ret = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -32,4 +32,4 @@ pub use abi::*;
 pub use error::UffdError;
 pub use event::Event;
 pub use fd::{RangeIoctls, Uffd};
-pub use host_pages::HostPages;
+pub use host_pages::{drop_pages, punch_hole, HostPages};
