@@ -14,10 +14,11 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::{configure_vcpu, gdt, long_mode};
 use vmm::devices::{PioBus, PioDevice};
+use vmm::exit::ExitRequest;
 use vmm::hypervisor::VcpuOps;
 use vmm::hypervisor::Vm;
 use vmm::memory::{BackingKind, GuestRam};
-use vmm::vcpu::{EmulationHooks, ExitRequest, VcpuHooks, VmControl};
+use vmm::vcpu::{EmulationHooks, VcpuHooks, VmControl};
 
 const KERNEL_GPA: u64 = 0x10_0000;
 const DATA_GPA: u64 = 0x20_0000;
@@ -214,7 +215,8 @@ fn run(relay: bool) -> Run {
     }
     let vm = Vm::new(&ram, 1).unwrap();
     if relay {
-        vm.filter_syscall_msrs().unwrap();
+        vm.filter_msr_writes(vmm::arch::x86_64::msrs::MSR_LSTAR)
+            .unwrap();
     }
     let fd = vm.create_vcpu(0).unwrap();
     configure_vcpu(&vm, &fd, 0).unwrap();

@@ -239,11 +239,10 @@ impl Vm {
         &self.supported_cpuid
     }
 
-    /// Makes the guest's writes to `IA32_LSTAR` exit to userspace (`KVM_CAP_X86_USER_SPACE_MSR`
-    /// with an MSR filter), for the syscall relay: the vCPU thread carries each write out and
-    /// arms the relay. Every other MSR stays with KVM.
-    pub fn filter_syscall_msrs(&self) -> std::result::Result<(), VmError> {
-        use crate::arch::x86_64::emulate::syscall_relay::MSR_LSTAR;
+    /// Makes the guest's writes to the MSR `index` exit to userspace (`KVM_CAP_X86_USER_SPACE_MSR`
+    /// with an MSR filter; the syscall relay filters `IA32_LSTAR` so that the vCPU thread
+    /// carries each write out and arms the relay). Every other MSR stays with KVM.
+    pub fn filter_msr_writes(&self, index: u32) -> std::result::Result<(), VmError> {
         use kvm_bindings::{
             kvm_enable_cap, KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER,
         };
@@ -263,7 +262,7 @@ impl Vm {
                 MsrFilterDefaultAction::ALLOW,
                 &[MsrFilterRange {
                     flags: MsrFilterRangeFlags::WRITE,
-                    base: MSR_LSTAR,
+                    base: index,
                     msr_count: 1,
                     bitmap: &deny,
                 }],

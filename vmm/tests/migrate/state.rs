@@ -29,7 +29,7 @@ const PORT: u16 = 0x510;
 // MSR indices (Intel SDM Vol. 4 Table 2-2) and LAPIC register offsets (SDM Vol. 3A Table 11-1).
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-const MSR_LSTAR: u32 = 0xc000_0082;
+use vmm::arch::x86_64::msrs::MSR_LSTAR;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const APIC_TPR: usize = 0x80;
 const APIC_LVT_TIMER: usize = 0x320;

@@ -12,8 +12,11 @@ const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
+/// `IA32_STAR` (Intel SDM Vol. 4 §2.1, Table 2-2): bits 47:32 are the kernel CS selector
+/// `syscall` loads (SS is that + 8).
+pub const MSR_STAR: u32 = 0xc000_0081;
+/// `IA32_LSTAR`: the 64-bit `syscall` entry point.
+pub const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;

@@ -30,6 +30,7 @@
 //! one vCPU. The relay is on only where the host quirks say KVM needs it
 //! (`--no-host-quirks` turns it off); hardware KVM completes `syscall` itself.
 
+use crate::arch::x86_64::msrs::{MSR_LSTAR, MSR_STAR};
 use crate::hypervisor::VcpuOps;
 use kvm_bindings::{
     kvm_guest_debug, kvm_msr_entry, kvm_segment, Msrs, KVM_GUESTDBG_ENABLE,
@@ -37,12 +38,6 @@ use kvm_bindings::{
 };
 use log::{debug, info, warn};
 use vm_memory::GuestMemoryMmap;
-
-/// `IA32_STAR` (Intel SDM Vol. 4 §2.1, Table 2-2): bits 47:32 are the kernel CS selector
-/// `syscall` loads (SS is that + 8).
-pub const MSR_STAR: u32 = 0xc000_0081;
-/// `IA32_LSTAR`: the 64-bit `syscall` entry point.
-pub const MSR_LSTAR: u32 = 0xc000_0082;
 
 /// The #PF vector (Intel SDM Vol. 3A §6.15).
 const PF_VECTOR: u64 = 14;
