@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cli;
 pub mod devices;
 pub mod dirty;
+pub mod exit;
 pub mod guest;
 pub mod hypervisor;
 pub mod machine;

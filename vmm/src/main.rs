@@ -98,7 +98,7 @@ fn run_incoming(cli: &Cli, addr: &vmm::migrate::Address) -> Result<i32> {
     match &spec.payload {
         Payload::Kernel => kernel::run_incoming(cli, &spec, backing, pending),
         Payload::Guest(g) => {
-            let args = cli.guest_args.from_spec(g)?;
+            let args = g.to_args(&cli.guest_args)?;
             vmm::guest::run_on(
                 &args,
                 &cli.machine,

@@ -367,7 +367,7 @@ fn sigterm_stops_the_vm_with_143_and_removes_the_socket() {
         if let Some(status) = child.try_wait().unwrap() {
             assert_eq!(
                 status.code(),
-                Some(vmm::vcpu::EXIT_SIGTERM),
+                Some(vmm::exit::EXIT_SIGTERM),
                 "SIGTERM ends the VM with 143"
             );
             break;
@@ -413,7 +413,7 @@ fn kernel_runs_to_its_end_without_hanging() {
                 );
             }
         }
-        Some(vmm::vcpu::EXIT_REBOOT) => assert!(
+        Some(vmm::exit::EXIT_REBOOT) => assert!(
             has(&run.serial, "Kernel panic") || has(&run.serial, "reboot"),
             "{}",
             run.serial.join("\n")

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::{configure_vcpu, long_mode};
 use vmm::devices::{i8042::I8042, PioBus, PioDevice};
+use vmm::exit::ExitRequest;
 use vmm::hypervisor::Vm;
 use vmm::memory::{BackingKind, GuestRam};
-use vmm::vcpu::{ExitRequest, VmControl};
+use vmm::vcpu::VmControl;
 
 const CODE_GPA: u64 = 0x10_0000;
 const PML4_GPA: u64 = 0x1000;
@@ -149,7 +150,7 @@ fn i8042_reset_ends_the_vm_with_the_reboot_code() {
     let (_ram, _vm, mut ctl) = start_vm(&code, 1, bus, exit.clone());
     assert_eq!(
         exit.wait_timeout(Duration::from_secs(30)),
-        Some(vmm::vcpu::EXIT_REBOOT),
+        Some(vmm::exit::EXIT_REBOOT),
         "a pulse-reset is a reboot (exit code 3), not a poweroff"
     );
     ctl.stop_all();

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vmm::vcpu::{EXIT_MIGRATE_FAILED, EXIT_SHUTDOWN_FORCED, EXIT_SIGINT, EXIT_SIGTERM};
+use vmm::exit::{EXIT_MIGRATE_FAILED, EXIT_SHUTDOWN_FORCED, EXIT_SIGINT, EXIT_SIGTERM};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 

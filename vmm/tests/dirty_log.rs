@@ -19,11 +19,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::{configure_vcpu, long_mode};
 use vmm::devices::PioBus;
 use vmm::dirty::{DirtyBitmap, DirtyMode, DirtyTracker};
+use vmm::exit::{ExitRequest, EXIT_VCPU_FAILED};
 use vmm::hypervisor::Vm;
 use vmm::hypervisor::{Vcpu, VcpuOps};
 use vmm::memory::{BackingKind, GuestRam};
 use vmm::pager::{Pager, PagerConfig};
-use vmm::vcpu::{ExitRequest, VcpuHooks, VmControl, EXIT_VCPU_FAILED};
+use vmm::vcpu::{VcpuHooks, VmControl};
 
 const MEM: u64 = 64 << 20;
 const GDT_GPA: u64 = 0x500;

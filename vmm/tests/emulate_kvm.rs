@@ -14,10 +14,11 @@ use vmm::arch::x86_64::emulate::{EmulationStats, Kind};
 use vmm::arch::x86_64::{configure_vcpu, gdt, long_mode};
 use vmm::devices::{PioBus, PioDevice};
 use vmm::dirty::{DirtyBitmap, HostChanges, SlotInfo, VmmDirty};
+use vmm::exit::ExitRequest;
 use vmm::hypervisor::VcpuOps;
 use vmm::hypervisor::Vm;
 use vmm::memory::{BackingKind, GuestRam};
-use vmm::vcpu::{EmulationHooks, ExitRequest, VcpuHooks, VmControl};
+use vmm::vcpu::{EmulationHooks, VcpuHooks, VmControl};
 
 const CODE_GPA: u64 = 0x10_0000;
 const DATA_GPA: u64 = 0x20_0000;

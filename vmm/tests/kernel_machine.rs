@@ -23,7 +23,7 @@ use kernel_util::{
 
 use migrate_util::{free_port, serial, LISTENING};
 use serde_json::{json, Value};
-use vmm::vcpu::{EXIT_IDLE, EXIT_REBOOT, EXIT_SHUTDOWN_FORCED};
+use vmm::exit::{EXIT_IDLE, EXIT_REBOOT, EXIT_SHUTDOWN_FORCED};
 
 /// Where the unmigrated and the migrated boot both get to on this host.
 const LAST_LINE: &str = "Run /init as init process";

@@ -16,11 +16,12 @@ use vmm::devices::acpi::{
 };
 use vmm::devices::{PioBus, PioDevice};
 use vmm::dirty::DirtyMode;
+use vmm::exit::{EXIT_IDLE, EXIT_OK, EXIT_REBOOT};
 use vmm::hypervisor::VcpuOps;
 use vmm::machine::session::{Session, SessionConfig, Waited};
 use vmm::machine::{Machine, MachineConfig, MigrationPlan};
 use vmm::memory::BackingKind;
-use vmm::vcpu::{VmControl, EXIT_IDLE, EXIT_OK, EXIT_REBOOT};
+use vmm::vcpu::VmControl;
 
 const CODE_GPA: u64 = 0x10_0000;
 const IDT_GPA: u64 = 0x8000;

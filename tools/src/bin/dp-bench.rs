@@ -163,7 +163,7 @@ fn child_run_touch(a: &[String]) -> Result<i32> {
         "2M" => BackingKind::Hugetlb2M,
         other => bail!("{CHILD_ARG}: unknown backing {other}"),
     };
-    let args = vmm::guest::GuestArgs {
+    let args = vmm::cli::GuestArgs {
         guest: Some("touch".into()),
         seed: 1,
         guest_timeout: Some(600),

@@ -10,7 +10,7 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::PioDevice;
-use crate::vcpu::{ExitRequest, EXIT_OK, EXIT_REBOOT};
+use crate::exit::{ExitRequest, EXIT_OK, EXIT_REBOOT};
 
 /// SLEEP_CONTROL_REG (ACPI 6.5 §4.8.3.7), one byte.
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use log::debug;
 
 use super::PioDevice;
-use crate::vcpu::{ExitRequest, EXIT_REBOOT};
+use crate::exit::{ExitRequest, EXIT_REBOOT};
 
 /// Data port.
 pub const I8042_DATA: u16 = 0x60;

@@ -29,5 +29,5 @@ pub use host_changes::{HostChangeRefused, HostChanges};
 pub use log::{DirtyLog, HarvestStats};
 pub use mode::{DirtyMode, DEFAULT_RING_BYTES};
 pub use pages::{DirtyBitmap, SlotBitmap, SlotInfo, VmmDirty, PAGE_SHIFT, PAGE_SIZE};
-pub use tracker::{DirtySource, DirtyTracker};
+pub use tracker::{DirtyRingFullHook, DirtySource, DirtyTracker};
 pub use wp::SETTLE_TIMEOUT;

@@ -17,6 +17,11 @@ use super::wp::Stage2WpLog;
 use crate::memory::RamRegion;
 use crate::pager::Pager;
 
+/// The answer to `KVM_EXIT_DIRTY_RING_FULL`, called on the vCPU's own thread with its index
+/// (e.g. [`DirtyTracker::ring_full_hook`]: collect that vCPU's ring, reset the rings). `Ok`: the
+/// thread re-enters the guest; `Err(reason)`: the vCPU fails and the VM stops with the reason.
+pub type DirtyRingFullHook = Arc<dyn Fn(usize) -> Result<(), String> + Send + Sync>;
+
 /// Dirty-page tracking over one [`DirtyLog`], merged with the VMM's own writes.
 ///
 /// `harvest` may run on any thread while vCPUs run; `on_ring_full` runs on a vCPU thread. Both
@@ -178,7 +183,7 @@ impl DirtyTracker {
     /// The vCPU loop's hook for `KVM_EXIT_DIRTY_RING_FULL`: give it to
     /// `VmControl::start_with_hooks` in `VcpuHooks::dirty_ring_full`. It calls
     /// [`DirtyTracker::on_ring_full`] on the vCPU's thread; an error stops the VM.
-    pub fn ring_full_hook(self: &Arc<Self>) -> crate::vcpu::DirtyRingFullHook {
+    pub fn ring_full_hook(self: &Arc<Self>) -> DirtyRingFullHook {
         let me = self.clone();
         Arc::new(move |vcpu| me.on_ring_full(vcpu).map(|_| ()).map_err(|e| e.to_string()))
     }

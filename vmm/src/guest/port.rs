@@ -12,7 +12,7 @@ use log::{debug, error, info};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::PioDevice;
-use crate::vcpu::ExitRequest;
+use crate::exit::ExitRequest;
 
 /// Exit code the device requests when every vCPU passed.
 pub const EXIT_PASS: i32 = 0;

@@ -14,7 +14,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use log::{debug, warn};
 
 use crate::devices::serial::SerialDevice;
-use crate::vcpu::ExitRequest;
+use crate::exit::ExitRequest;
 
 /// Stdout that flushes every write, so a prompt without a newline shows at once.
 pub struct FlushingStdout;

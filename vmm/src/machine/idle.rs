@@ -1,5 +1,5 @@
 //! Idle detection: ends a VM that nothing can wake. The session's wait loop samples the vCPUs
-//! with [`IdleWatch`] and ends the VM with [`EXIT_IDLE`](crate::vcpu::EXIT_IDLE) instead of
+//! with [`IdleWatch`] and ends the VM with [`EXIT_IDLE`](crate::exit::EXIT_IDLE) instead of
 //! keeping the process alive forever, in two cases:
 //!
 //! - **Halted for good**: every started vCPU sits in HLT with interrupts off and no NMI

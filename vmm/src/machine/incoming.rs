@@ -9,7 +9,8 @@ use std::time::Instant;
 use crate::hypervisor::Vcpu;
 use anyhow::Context;
 
-use super::{Machine, EXIT_HOST_FAILED};
+use super::Machine;
+use crate::exit::EXIT_HOST_FAILED;
 use crate::memory::human;
 use crate::migrate::destination::postcopy::{PostcopyTarget, TargetFigures};
 use crate::migrate::destination::{self, Incoming, Pending};

@@ -22,10 +22,10 @@ use crate::cli::{Cli, SerialTarget};
 use crate::devices::acpi::{AcpiPm, ACPI_PM_PORTS};
 use crate::devices::i8042::{I8042, I8042_COMMAND, I8042_DATA};
 use crate::devices::PioBus;
+use crate::exit::EXIT_OK;
 use crate::hypervisor;
 use crate::memory::{human, BackingKind};
 use crate::migrate::destination::Pending;
-use crate::vcpu::EXIT_OK;
 
 /// Logs (at debug level) how long after `main` started each start-up step ended, so the host's
 /// share of the time to the guest's first instruction can be read from `--log-level debug`.
@@ -316,10 +316,10 @@ fn serve(
         }
         Waited::Lost | Waited::Timeout => {
             machine.exit().request(
-                super::EXIT_HOST_FAILED,
+                crate::exit::EXIT_HOST_FAILED,
                 "the VM was lost in a postcopy migration",
             );
-            super::EXIT_HOST_FAILED
+            crate::exit::EXIT_HOST_FAILED
         }
     };
     let code = super::session::exit_code_after(code, session.migrate_to_failed());
@@ -338,7 +338,7 @@ fn serve(
     if let Some(pc) = postcopy {
         if let Err(why) = pc.finish(&machine) {
             eprintln!("error: postcopy failed: {why}; the guest's memory here is incomplete");
-            code = super::EXIT_HOST_FAILED;
+            code = crate::exit::EXIT_HOST_FAILED;
         }
     }
     let paging = machine.pager().map(|p| p.stats());

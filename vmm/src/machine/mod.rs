@@ -30,6 +30,7 @@ use crate::devices::acpi::{PowerButton, GED_GSI};
 use crate::devices::serial::{SerialDevice, COM1_IRQ};
 use crate::devices::PioBus;
 use crate::dirty::{DirtyMode, DirtySource, DirtyTracker, HostChanges};
+use crate::exit::{ExitRequest, EXIT_HOST_FAILED};
 use crate::hypervisor::{Vcpu, Vm, VmHandle, VmOps};
 use crate::memory::{human, BackingKind, GuestRam, RamRegion};
 use crate::migrate::ram::RamPager;
@@ -37,13 +38,9 @@ use crate::migrate::source::{self, MigrateConfig};
 use crate::migrate::state::VcpuCaps;
 use crate::migrate::Address;
 use crate::pager::{Pager, PagerConfig};
-use crate::vcpu::{EmulationHooks, ExitRequest, VcpuHooks, VmControl};
+use crate::vcpu::{EmulationHooks, VcpuHooks, VmControl};
 
 use reclaim::{DropFn, Handshake, Reclaimer};
-
-/// Exit code of a VM stopped because the pager could not provide a page (or another failure
-/// of the host side that leaves the guest unable to go on).
-pub const EXIT_HOST_FAILED: i32 = 1;
 
 /// How often the guest profiler samples each vCPU's RIP.
 const PROFILE_INTERVAL: Duration = Duration::from_millis(5);
@@ -125,7 +122,7 @@ impl Machine {
         let vm = Vm::new(&ram, cfg.cpus)?;
         let syscall_relay = cfg.host_quirks && crate::hypervisor::software_kvm().is_some();
         if syscall_relay {
-            vm.filter_syscall_msrs()
+            vm.filter_msr_writes(crate::arch::x86_64::msrs::MSR_LSTAR)
                 .context("setting up the syscall relay (--no-host-quirks turns it off)")?;
         }
         let regions: Vec<RamRegion> = ram.regions().collect();

@@ -17,13 +17,12 @@ use crate::api::{self, ApiServer, ApiTarget};
 use crate::devices::i8042::I8042;
 use crate::dirty::DirtySource;
 use crate::dirty::HostChangeRefused;
+use crate::exit::{ExitRequest, EXIT_IDLE, EXIT_MIGRATE_FAILED, EXIT_OK, EXIT_SHUTDOWN_FORCED};
 use crate::migrate::source::{self, MigrateConfig};
 use crate::migrate::Address;
 use crate::migrate::MigrateError;
 use crate::pager::Pager;
-use crate::vcpu::{
-    ExitRequest, VmControl, EXIT_IDLE, EXIT_MIGRATE_FAILED, EXIT_OK, EXIT_SHUTDOWN_FORCED,
-};
+use crate::vcpu::VmControl;
 
 /// How often the main thread looks for a control-socket `migrate` request.
 const MIGRATE_POLL: Duration = Duration::from_millis(100);

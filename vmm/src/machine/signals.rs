@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use anyhow::Context;
 use log::warn;
 
-use crate::vcpu::{ExitRequest, EXIT_SIGINT, EXIT_SIGTERM};
+use crate::exit::{ExitRequest, EXIT_SIGINT, EXIT_SIGTERM};
 
 /// The VM a signal stops, once there is one.
 static TARGET: Mutex<Option<ExitRequest>> = Mutex::new(None);

@@ -6,7 +6,7 @@
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{flag_name, Cli, Hugepages, MemoryBackendArg, GUEST_FLAGS};
+use crate::cli::{flag_name, Cli, GuestArgs, Hugepages, MemoryBackendArg, ModeArg, GUEST_FLAGS};
 use crate::memory::{human, BackingKind};
 
 /// A VM as the migration source describes it.
@@ -51,6 +51,44 @@ pub struct GuestSpec {
     pub dirty_rate: u64,
     /// `--expect-reclaim` (or a `--reclaim-storm` on the source).
     pub expect_reclaim: bool,
+}
+
+impl GuestSpec {
+    /// What a migration destination needs to run and verify this guest.
+    pub fn of(args: &GuestArgs) -> GuestSpec {
+        GuestSpec {
+            name: args.guest.clone().unwrap_or_default(),
+            mode: args.mode_name(),
+            generations: args.generations,
+            writes_per_gen: args.writes_per_gen,
+            seed: args.seed,
+            dirty_rate: args.dirty_rate,
+            expect_reclaim: args.expect_reclaim || args.reclaim_storm.is_some(),
+        }
+    }
+
+    /// The guest a migration source described, with this destination's own options
+    /// (`--guest-timeout`, `--run-for`, from `local`) kept.
+    pub fn to_args(&self, local: &GuestArgs) -> anyhow::Result<GuestArgs> {
+        let mode = ModeArg::from_str(&self.mode, true).map_err(|_| {
+            anyhow::anyhow!(
+                "the source's guest mode {:?} is unknown here: run the same vmm build on both sides",
+                self.mode
+            )
+        })?;
+        Ok(GuestArgs {
+            guest: Some(self.name.clone()),
+            mode,
+            generations: self.generations,
+            writes_per_gen: self.writes_per_gen,
+            seed: self.seed,
+            dirty_rate: self.dirty_rate,
+            expect_reclaim: self.expect_reclaim,
+            reclaim_storm: None,
+            guest_timeout: local.guest_timeout,
+            run_for: local.run_for,
+        })
+    }
 }
 
 impl MachineSpec {

@@ -434,7 +434,7 @@ fn postcopy_to_a_destination_without_demand_paging_is_refused_and_the_source_run
     assert!(serr.contains("keeps running here"), "{serr}");
     assert_eq!(
         scode,
-        vmm::vcpu::EXIT_MIGRATE_FAILED,
+        vmm::exit::EXIT_MIGRATE_FAILED,
         "the source's guest passes, the failed --migrate-to says so: {sout}\n{serr}"
     );
     assert!(sout.contains("PASS"), "{sout}");

@@ -150,7 +150,7 @@ fn corrupted_stream_stops_the_destination_with_exit_1() {
     // The source notices and keeps its guest, which still passes.
     let (scode, sout, serr) = finish(src, src_rx);
     assert!(serr.contains("keeps running here"), "{serr}");
-    assert_eq!(scode, vmm::vcpu::EXIT_MIGRATE_FAILED, "{sout}\n{serr}");
+    assert_eq!(scode, vmm::exit::EXIT_MIGRATE_FAILED, "{sout}\n{serr}");
     assert!(sout.contains("PASS"), "{sout}");
 }
 

@@ -266,7 +266,7 @@ pub fn assert_source_passed_after_failed_migration(
     who: &str,
     (code, out, err): &(i32, String, String),
 ) {
-    assert_eq!(*code, vmm::vcpu::EXIT_MIGRATE_FAILED, "{who}: {out}\n{err}");
+    assert_eq!(*code, vmm::exit::EXIT_MIGRATE_FAILED, "{who}: {out}\n{err}");
     assert!(err.contains("--migrate-to failed"), "{who}: {err}");
     assert_guest_output_passed(who, out, err);
 }

@@ -1,14 +1,17 @@
 //! The `vmm` command line: flags, their defaults, and parsing of sizes, vCPU counts, huge-page
 //! backings and serial targets into one-line errors that name the fix.
 
+mod guest_args;
+
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
 use crate::boot::DEFAULT_CMDLINE;
-use crate::guest::GuestArgs;
 use crate::memory::{BackingKind, MemoryBackend, MemoryError};
 use crate::migrate::source;
+
+pub use guest_args::{GuestArgs, ModeArg};
 
 /// Default guest RAM.
 pub const DEFAULT_MEM: &str = "1G";
@@ -655,8 +658,7 @@ mod tests {
 
     #[test]
     fn help_lists_every_exit_code_with_its_constant_value() {
-        use crate::machine::EXIT_HOST_FAILED;
-        use crate::vcpu::*;
+        use crate::exit::*;
         let (help, _) = parse(&["--help"]).unwrap_err();
         assert!(help.contains("Exit codes:"), "{help}");
         for (code, words) in [
