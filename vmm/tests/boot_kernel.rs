@@ -4,11 +4,12 @@
 //! On this machine's software KVM a stock kernel then stops with an emulation failure, which must
 //! be reported (registers, instruction bytes) with a non-zero exit, never a hang.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, RecvTimeoutError};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
@@ -20,8 +21,6 @@ const MEM: u64 = 4 << 30;
 const LEGACY_RESERVED: u64 = 0x10_0000 - 0x9_fc00;
 
 /// One VM at a time: two boots at once on a 2-core host double each other's time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
 fn kernel_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/kernel")
 }
@@ -36,16 +35,7 @@ fn kernel(name: &str) -> Option<PathBuf> {
         );
         return None;
     }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("skipped: /dev/kvm is not available");
-        return None;
-    }
-    Some(p)
+    common::kvm_or_skip(name).then_some(p)
 }
 
 struct Run {
@@ -67,7 +57,7 @@ fn spawn(args: &[String]) -> Child {
 
 /// Runs the VM until `done(serial lines)` holds (then kills it), the VM exits, or the timeout.
 fn boot_until(args: &[String], done: impl Fn(&[String]) -> bool) -> Run {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::serial();
     let mut child = spawn(args);
     let stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
@@ -342,7 +332,7 @@ fn bzimage_with_initrd_in_guest_decompressor() {
 #[test]
 fn sigterm_stops_the_vm_with_143_and_removes_the_socket() {
     let Some(k) = kernel("vmlinuz") else { return };
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::serial();
     let sock =
         std::env::temp_dir().join(format!("boot-kernel-{}-sigterm.sock", std::process::id()));
     let mut child = spawn(&args(

@@ -1,6 +1,8 @@
 //! Real-KVM tests of the vCPU machinery: 64-bit entry through `long_mode::setup`, port I/O
 //! routing, pause / resume / stop of running vCPUs, and the i8042 reset ending the VM with 0.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,19 +19,6 @@ const CODE_GPA: u64 = 0x10_0000;
 const PML4_GPA: u64 = 0x1000;
 const GDT_GPA: u64 = 0x500;
 const TEST_PORT: u16 = 0x510;
-
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("skipped: /dev/kvm is not available");
-        return false;
-    }
-    true
-}
 
 /// Counts `out`s per vCPU and remembers the last byte.
 #[derive(Default)]
@@ -94,7 +83,7 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn vcpus_run_in_long_mode_and_pause_resume_stop() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("vcpus_run_in_long_mode_and_pause_resume_stop") {
         return;
     }
     // mov dx, TEST_PORT; mov eax, edi; loop: out dx, al; pause; jmp loop
@@ -138,7 +127,7 @@ fn vcpus_run_in_long_mode_and_pause_resume_stop() {
 
 #[test]
 fn i8042_reset_ends_the_vm_with_the_reboot_code() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("i8042_reset_ends_the_vm_with_the_reboot_code") {
         return;
     }
     // mov al, 0xfe; out 0x64, al; hlt

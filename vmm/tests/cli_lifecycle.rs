@@ -4,6 +4,7 @@
 //! `shutdown` stops a guest without a power button with 4; a failed `--migrate-to` turns the
 //! guest's later pass into 6.
 
+mod common;
 #[path = "migrate/util.rs"]
 mod migrate_util;
 
@@ -15,18 +16,6 @@ use serde_json::json;
 use vmm::exit::{EXIT_MIGRATE_FAILED, EXIT_SHUTDOWN_FORCED, EXIT_SIGINT, EXIT_SIGTERM};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
-
-fn kvm_usable(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("{test}: skipped: /dev/kvm is not usable");
-    }
-    ok
-}
 
 fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vmm-lifecycle-{}-{name}", std::process::id()))
@@ -89,7 +78,7 @@ fn wait_end(mut child: Child, limit: Duration) -> (Option<i32>, String) {
 }
 
 fn signal_stops_cleanly(test: &str, sig: i32, want: i32, name: &str) {
-    if !kvm_usable(test) {
+    if !common::kvm_or_skip(test) {
         return;
     }
     let sock = tmp(&format!("{test}.sock"));
@@ -134,7 +123,7 @@ fn sigint_stops_a_guest_with_130_and_removes_its_socket() {
 /// A test guest has no power button: `shutdown` stops it at once, with the "forced" code.
 #[test]
 fn shutdown_of_a_guest_without_a_power_button_stops_it_with_4() {
-    if !kvm_usable("shutdown_of_a_guest_without_a_power_button_stops_it_with_4") {
+    if !common::kvm_or_skip("shutdown_of_a_guest_without_a_power_button_stops_it_with_4") {
         return;
     }
     let sock = tmp("shutdown.sock");
@@ -156,7 +145,7 @@ fn shutdown_of_a_guest_without_a_power_button_stops_it_with_4() {
 /// passes, and the exit code still says the migration did not happen.
 #[test]
 fn a_failed_migrate_to_exits_non_zero_although_the_guest_passes() {
-    if !kvm_usable("a_failed_migrate_to_exits_non_zero_although_the_guest_passes") {
+    if !common::kvm_or_skip("a_failed_migrate_to_exits_non_zero_although_the_guest_passes") {
         return;
     }
     let port = migrate_util::free_port();

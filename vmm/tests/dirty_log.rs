@@ -12,6 +12,8 @@
 //! `8 * vcpu` of pages picked by a per-vCPU xorshift PRNG in a test area, until the host raises
 //! a stop flag. The host harvests and snapshots the area while it runs.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,19 +104,6 @@ fn guest_code() -> &'static [u8] {
         let end = std::ptr::addr_of!(dirty_test_guest_end);
         std::slice::from_raw_parts(start, end as usize - start as usize)
     }
-}
-
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("skipped: /dev/kvm is not available");
-        return false;
-    }
-    true
 }
 
 /// Guest RAM with code, parameters and ring-3 identity paging written.
@@ -352,7 +341,7 @@ fn run_once(mode: DirtyMode, rounds: usize, pause: Duration) -> Result<Outcome, 
 }
 
 fn run_many(mode: DirtyMode, runs: usize) {
-    if !kvm_available() {
+    if !common::kvm_or_skip("run_many") {
         return;
     }
     let mut passed = 0;
@@ -398,7 +387,7 @@ fn dirty_log_rule_kvm_ring() {
 /// tracker's hook (`VcpuHooks::dirty_ring_full`), and every entry they move reaches a harvest.
 #[test]
 fn dirty_log_rule_kvm_ring_full_exits() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("dirty_log_rule_kvm_ring_full_exits") {
         return;
     }
     let mut exits = 0;
@@ -432,7 +421,7 @@ fn dirty_log_rule_100_runs_each_mode() {
 /// ends it (no more ring-full exits), and a later harvest starts it again.
 #[test]
 fn rings_log_only_between_the_first_harvest_and_stop() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("rings_log_only_between_the_first_harvest_and_stop") {
         return;
     }
     const WATCH: Duration = Duration::from_millis(150);
@@ -486,7 +475,7 @@ fn rings_log_only_between_the_first_harvest_and_stop() {
 
 #[test]
 fn ring_after_vcpus_is_refused_with_a_clear_error() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("ring_after_vcpus_is_refused_with_a_clear_error") {
         return;
     }
     let ram = guest_ram();
@@ -502,7 +491,7 @@ fn ring_after_vcpus_is_refused_with_a_clear_error() {
 /// exit or dropping entries).
 #[test]
 fn ring_full_without_a_hook_stops_the_vm() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("ring_full_without_a_hook_stops_the_vm") {
         return;
     }
     let ram = guest_ram();

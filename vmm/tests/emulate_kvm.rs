@@ -5,6 +5,8 @@
 //! and reports on an I/O port. Whatever this KVM emulates itself or leaves to the VMM, the
 //! results must be the architectural ones; the counters show which instructions exited.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,19 +154,6 @@ const CODE: &[u8] = &[
     0x48, 0xcf, // 0x132: iretq
 ];
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("skipped: /dev/kvm is not available");
-        return false;
-    }
-    true
-}
-
 /// Ends the VM when every vCPU has reported `DONE` on the port (code 0), or at once on any
 /// other byte (code 1).
 struct DonePort {
@@ -305,7 +294,7 @@ fn run_on(
 
 #[test]
 fn emulated_instructions_give_architectural_results() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("emulated_instructions_give_architectural_results") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -397,7 +386,7 @@ fn emulated_instructions_give_architectural_results() {
 /// measured) still fails the vCPU with exit code 2, as before the fallback existed.
 #[test]
 fn unhandled_instruction_still_fails_the_vcpu() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("unhandled_instruction_still_fails_the_vcpu") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -423,7 +412,7 @@ fn unhandled_instruction_still_fails_the_vcpu() {
 /// once, so a lost update or a torn half would show in the final value.
 #[test]
 fn cmpxchg16b_is_atomic_across_vcpus() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("cmpxchg16b_is_atomic_across_vcpus") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -470,7 +459,7 @@ fn cmpxchg16b_is_atomic_across_vcpus() {
 /// nothing else is: the guest's own writes are KVM's dirty log's business.
 #[test]
 fn emulated_writes_are_marked_for_a_tracking_migration() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("emulated_writes_are_marked_for_a_tracking_migration") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();

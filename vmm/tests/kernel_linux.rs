@@ -9,14 +9,16 @@
 //! repeated and its checksum intact, and the memory program passing while the host reclaims
 //! guest memory the kernel does not use.
 
+mod common;
 mod kernel_util;
 #[path = "migrate/util.rs"]
 mod migrate_util;
 
+use crate::common::serial;
 use std::time::Duration;
 
 use kernel_util::{request, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT, SMALL};
-use migrate_util::{free_port, serial, LISTENING};
+use migrate_util::{free_port, LISTENING};
 use serde_json::{json, Value};
 
 /// The FNV-1a chain the guest's counter prints (tools/test-initramfs/counter.c): each value
@@ -239,7 +241,7 @@ fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>) {
 fn counter_migrates_live_precopy_on_two_vcpus_and_2m_hugetlbfs() {
     let test = "counter_migrates_live_precopy_on_two_vcpus_and_2m_hugetlbfs";
     // Source and destination: 128 pages each.
-    if !migrate_util::free_2m_pages_or_skip(test, 256) {
+    if !crate::common::free_2m_pages_or_skip(test, 256) {
         return;
     }
     migrate_counter(

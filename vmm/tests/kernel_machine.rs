@@ -10,10 +10,12 @@
 //! through the VMM's syscall relay, its console output through COM1's interrupt, which the DSDT
 //! describes) and powers off (ACPI S5): that is "the end" on both sides of a migration.
 
+mod common;
 mod kernel_util;
 #[path = "migrate/util.rs"]
 mod migrate_util;
 
+use crate::common::serial;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -21,7 +23,7 @@ use kernel_util::{
     request, spawn, stamp, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT, SMALL,
 };
 
-use migrate_util::{free_port, serial, LISTENING};
+use migrate_util::{free_port, LISTENING};
 use serde_json::{json, Value};
 use vmm::exit::{EXIT_IDLE, EXIT_REBOOT, EXIT_SHUTDOWN_FORCED};
 

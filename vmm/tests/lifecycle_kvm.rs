@@ -4,6 +4,8 @@
 //! (the GED's GSI through the in-kernel IOAPIC) by powering off, halt with interrupts off, and
 //! halt with interrupts on with and without a LAPIC timer that will wake them.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,19 +36,6 @@ const READY: u8 = b'R';
 const FIRED: u8 = b'T';
 /// IDT gate type: present, DPL 0, 64-bit interrupt gate (Intel SDM Vol. 3A §6.14.1).
 const GATE_INTERRUPT_PRESENT: u8 = 0x8e;
-
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("skipped: /dev/kvm is not available");
-        return false;
-    }
-    true
-}
 
 /// Records that the guest reached its ready point (and how often its timer fired).
 #[derive(Default)]
@@ -279,7 +268,7 @@ fn session<'m>(r: &'m Running, idle_timeout: Option<Duration>) -> Session<'m> {
 
 #[test]
 fn s5_through_the_sleep_control_register_ends_with_exit_zero() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("s5_through_the_sleep_control_register_ends_with_exit_zero") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -293,7 +282,7 @@ fn s5_through_the_sleep_control_register_ends_with_exit_zero() {
 
 #[test]
 fn the_acpi_reset_register_ends_with_the_reboot_code() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("the_acpi_reset_register_ends_with_the_reboot_code") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -308,7 +297,7 @@ fn the_acpi_reset_register_ends_with_the_reboot_code() {
 /// until it is pressed the guest sits in `sti; hlt`, which is not idle for good.
 #[test]
 fn the_power_button_interrupts_the_guest_which_powers_off() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("the_power_button_interrupts_the_guest_which_powers_off") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -343,7 +332,7 @@ fn the_power_button_interrupts_the_guest_which_powers_off() {
 /// session's idle watch sees that and ends the VM with EXIT_IDLE.
 #[test]
 fn a_halt_with_interrupts_off_ends_the_vm_as_idle() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("a_halt_with_interrupts_off_ends_the_vm_as_idle") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -379,7 +368,9 @@ fn a_halt_with_interrupts_off_ends_the_vm_as_idle() {
 /// `--idle-timeout` is off, ended as idle once it is on and the limit has passed.
 #[test]
 fn a_halt_with_interrupts_on_and_nothing_to_wake_it_ends_after_the_idle_timeout() {
-    if !kvm_available() {
+    if !common::kvm_or_skip(
+        "a_halt_with_interrupts_on_and_nothing_to_wake_it_ends_after_the_idle_timeout",
+    ) {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -422,7 +413,7 @@ fn a_halt_with_interrupts_on_and_nothing_to_wake_it_ends_after_the_idle_timeout(
 /// VM still runs 4 s later, and the timer did fire.
 #[test]
 fn a_periodic_lapic_timer_keeps_a_halted_guest_alive() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("a_periodic_lapic_timer_keeps_a_halted_guest_alive") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -447,7 +438,7 @@ fn a_periodic_lapic_timer_keeps_a_halted_guest_alive() {
 /// page); once it has fired nothing is left and the VM ends as idle after the 1 s limit.
 #[test]
 fn a_one_shot_lapic_timer_keeps_a_halted_guest_alive_until_it_fires() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("a_one_shot_lapic_timer_keeps_a_halted_guest_alive_until_it_fires") {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();

@@ -7,6 +7,8 @@
 //! own page faults must still reach the guest's #PF handler. On a KVM that completes
 //! `syscall` itself the relay never acts and the same results hold.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,19 +151,6 @@ const USER: &[u8] = &[
     0x0f, 0x05, // 0x02b: syscall
     0xeb, 0xfe, // 0x02d: jmp 2d <user+0x2d>
 ];
-
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("skipped: /dev/kvm is not available");
-        return false;
-    }
-    true
-}
 
 /// Ends the VM with 0 on DONE, with the byte otherwise (0x0d: the #GP handler ran; 0x0e: a
 /// third page fault, more than the program makes).
@@ -309,7 +298,9 @@ fn data(ram: &GuestRam, off: u64) -> u64 {
 
 #[test]
 fn user_syscalls_reach_the_kernel_at_cpl0_and_page_faults_stay_the_guests() {
-    if !kvm_available() {
+    if !common::kvm_or_skip(
+        "user_syscalls_reach_the_kernel_at_cpl0_and_page_faults_stay_the_guests",
+    ) {
         return;
     }
     let _ = env_logger::builder().is_test(true).try_init();
@@ -360,7 +351,7 @@ fn user_syscalls_reach_the_kernel_at_cpl0_and_page_faults_stay_the_guests() {
 /// relay exists for (on hardware KVM the program passes without it).
 #[test]
 fn without_the_relay_a_software_kvm_faults_at_the_syscall_entry() {
-    if !kvm_available() {
+    if !common::kvm_or_skip("without_the_relay_a_software_kvm_faults_at_the_syscall_entry") {
         return;
     }
     if vmm::hypervisor::software_kvm().is_none() {

@@ -3,11 +3,12 @@
 //! passes its replay check, a slow paced guest sleeps in the host instead of spinning its
 //! vCPU threads, and a paced guest migrates and passes on the destination.
 
+use crate::common::{kvm_or_skip, serial};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::migrate_util::{listening, run_to_end, vmm, LIMIT};
-use crate::util::{kvm_or_skip, serial, vmm_guest, Run};
+use crate::util::{vmm_guest, Run};
 use guest_tests::params::dirty_rate_mb_s;
 
 /// Small guest: the rate, not the size, is under test.

@@ -2,6 +2,8 @@
 //! (stress), reclaims while they run, a paced dirty rate, and bad input refused.
 
 mod bad_input;
+#[path = "../common/mod.rs"]
+mod common;
 mod dirty_rate;
 mod reclaim;
 mod stress;

@@ -3,11 +3,12 @@
 //! reclaims on shared memfd memory without demand paging (hole punch); a reclaim under a real
 //! KVM dirty tracker is in its next harvest.
 
+use crate::common::{hugetlb_or_skip, kvm_or_skip, serial};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{hugetlb_or_skip, kvm_or_skip, run_guest, serial, vmm_guest};
+use crate::util::{run_guest, vmm_guest};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::dirty::{DirtyMode, DirtyTracker, HostChanges};

@@ -1,7 +1,8 @@
 //! `vmm --guest stress|touch|dirty` on real KVM: every mode on 4 KiB, THP and 2 MiB hugetlbfs
 //! backing, with exact stage2 install counts where the backing makes them exact.
 
-use crate::util::{self, kvm_or_skip, run_guest, serial, vmm_guest, Run};
+use crate::common::{kvm_or_skip, serial};
+use crate::util::{run_guest, vmm_guest, Run};
 
 const SZ_2M: u64 = 2 << 20;
 const PAGE: u64 = 4096;
@@ -109,7 +110,7 @@ fn touch_and_dirty_on_4_vcpus() {
     if !kvm_or_skip(test) {
         return;
     }
-    let hp = if util::free_2m_pages() >= 512 {
+    let hp = if crate::common::free_2m_pages() >= 512 {
         "2M"
     } else {
         "thp"
@@ -162,7 +163,7 @@ fn stress_on_hugetlb_1g_installs_one_block_per_touched_gib() {
     if !kvm_or_skip(test) {
         return;
     }
-    let free = util::free_huge_pages("hugepages-1048576kB");
+    let free = crate::common::free_huge_pages("hugepages-1048576kB");
     if free < 2 {
         eprintln!("{test}: skipped: the 1 GiB hugetlb pool has {free} free pages, 2 needed");
         return;

@@ -3,56 +3,13 @@
 
 #![allow(dead_code)] // each suite uses part of the helpers
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// One guest at a time per suite: the machine has 2 cores and the hugetlb pool is shared.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Holds the suite's run lock.
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// True when /dev/kvm is there; prints why a test is skipped otherwise.
-pub fn kvm_or_skip(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("{test}: skipped: /dev/kvm is absent");
-    false
-}
-
-/// Free, unreserved 2 MiB hugetlb pages.
-pub fn free_2m_pages() -> u64 {
-    free_huge_pages("hugepages-2048kB")
-}
-
-/// Free (not reserved) pages of the huge page pool `pool` (a folder of /sys/kernel/mm/hugepages).
-pub fn free_huge_pages(pool: &str) -> u64 {
-    let read = |f: &str| -> u64 {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/{pool}/{f}"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    read("free_hugepages").saturating_sub(read("resv_hugepages"))
-}
-
-/// True when the 2 MiB pool can back `bytes`; prints why a test is skipped otherwise.
-pub fn hugetlb_or_skip(test: &str, bytes: u64) -> bool {
-    let need = bytes / (2 << 20);
-    let free = free_2m_pages();
-    if free >= need {
-        return true;
-    }
-    eprintln!("{test}: skipped: the 2 MiB hugetlb pool has {free} free pages, {need} needed");
-    false
-}
+use crate::common::{hugetlb_or_skip, kvm_or_skip, serial};
 
 /// What one `vmm --guest` run gave.
 #[derive(Debug)]

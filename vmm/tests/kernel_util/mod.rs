@@ -18,8 +18,7 @@ pub const SMALL: &[&str] = &["--mem", "256M", "--cpus", "1", "--hugepages", "non
 
 /// The test kernel and initramfs, or `None` with the reason printed.
 pub fn test_kernel(test: &str) -> Option<(PathBuf, PathBuf)> {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("{test}: skipped: /dev/kvm is absent");
+    if !crate::common::kvm_or_skip(test) {
         return None;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -2,6 +2,8 @@
 //! VM state on real KVM (state), precopy between two `vmm` processes (precopy), and every
 //! dirty-tracking mode with precopy and postcopy (modes).
 
+#[path = "../common/mod.rs"]
+mod common;
 mod modes;
 mod precopy;
 mod state;

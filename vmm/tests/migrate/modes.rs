@@ -5,15 +5,15 @@
 //! pause leaves the source's guest running; a postcopy request to a destination without
 //! demand paging is refused and the source's guest goes on and passes.
 
+use crate::common::{free_2m_pages_or_skip, kvm_or_skip, serial};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::util::{
-    api_guest, assert_guest_passed, assert_source_passed_after_failed_migration, finish,
-    free_2m_pages_or_skip, guest_on, kvm_or_skip, lines, listening, migrate_json_path,
-    read_migrate_json, run_to_end, serial, vmm, vmm_on,
+    api_guest, assert_guest_passed, assert_source_passed_after_failed_migration, finish, guest_on,
+    lines, listening, migrate_json_path, read_migrate_json, run_to_end, vmm, vmm_on,
 };
 
 /// The source's flags of a migration to `addr` of at most 4 rounds, starting `delay_ms` after

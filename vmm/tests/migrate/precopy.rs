@@ -2,6 +2,7 @@
 //! the destination verifies every page; a cut connection leaves the source running and
 //! passing; a corrupted stream makes the destination stop with a checksum error and exit 1.
 
+use crate::common::{kvm_or_skip, serial};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command};
@@ -11,7 +12,7 @@ use vmm::migrate::{Chunk, StreamReader, StreamWriter};
 
 use crate::util::{
     self, api_guest, assert_guest_passed, assert_source_passed_after_failed_migration, finish,
-    kvm_or_skip, lines, listening, migrate_json_path, read_migrate_json, run_to_end, serial,
+    lines, listening, migrate_json_path, read_migrate_json, run_to_end,
 };
 
 /// The precopy suite runs without demand paging (KVM populates RAM), as it was first built;

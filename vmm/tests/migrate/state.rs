@@ -35,19 +35,6 @@ const APIC_TPR: usize = 0x80;
 const APIC_LVT_TIMER: usize = 0x320;
 const APIC_TIMER_ICR: usize = 0x380;
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("skipped: /dev/kvm is not available");
-        return false;
-    }
-    true
-}
-
 /// A 1-vCPU VM over fresh RAM with `code` at CODE_GPA, in 64-bit mode at its entry.
 fn vm_with_code(code: &[u8]) -> (GuestRam, Vm, Vcpu) {
     let ram = GuestRam::new(RAM, BackingKind::Small).unwrap();
@@ -95,7 +82,9 @@ fn set_lapic_reg(l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32) {
 
 #[test]
 fn distinctive_state_survives_capture_encode_restore_into_a_fresh_vm() {
-    if !kvm_available() {
+    if !crate::common::kvm_or_skip(
+        "distinctive_state_survives_capture_encode_restore_into_a_fresh_vm",
+    ) {
         return;
     }
     let (_ram_a, vm_a, vcpu_a) = vm_with_code(&[0xf4]);
@@ -281,7 +270,7 @@ fn run_outs(vcpu: &mut Vcpu, n: usize) -> Vec<u32> {
 
 #[test]
 fn a_running_guest_moves_to_a_fresh_vm_and_keeps_counting() {
-    if !kvm_available() {
+    if !crate::common::kvm_or_skip("a_running_guest_moves_to_a_fresh_vm_and_keeps_counting") {
         return;
     }
     let (ram_a, vm_a, mut vcpu_a) = vm_with_code(&counting_guest());

@@ -8,11 +8,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// One migration at a time: the machine has 2 cores.
-pub static SERIAL: Mutex<()> = Mutex::new(());
 /// Guest RAM of every migration test (small: the suite stays fast).
 pub const MEM: &str = "512M";
 /// vCPUs of every migration test.
@@ -21,37 +18,6 @@ pub const CPUS: &str = "2";
 pub const LIMIT: Duration = Duration::from_secs(90);
 /// What a destination prints once it listens for its source.
 pub const LISTENING: &str = "waiting for the migration source";
-
-/// Holds [`SERIAL`] (a test that panicked holding it does not stop the others).
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// False (with the reason printed) when this machine has no KVM.
-pub fn kvm_or_skip(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("{test}: skipped: /dev/kvm is absent");
-    false
-}
-
-/// True when the 2 MiB hugetlb pool has `pages` free (not reserved) pages; prints why a test
-/// is skipped otherwise (other suites share the pool: run again when it is free).
-pub fn free_2m_pages_or_skip(test: &str, pages: u64) -> bool {
-    let read = |f: &str| -> u64 {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let free = read("free_hugepages").saturating_sub(read("resv_hugepages"));
-    if free >= pages {
-        return true;
-    }
-    eprintln!("{test}: skipped: the 2 MiB hugetlb pool has {free} free pages, {pages} needed");
-    false
-}
 
 /// A TCP port nobody listens on right now.
 pub fn free_port() -> u16 {

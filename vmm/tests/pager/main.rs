@@ -3,6 +3,8 @@
 //! on real KVM through `vmm --guest` with shared memory.
 
 mod api;
+#[path = "../common/mod.rs"]
+mod common;
 mod dirty;
 mod real;
 mod settle;

@@ -3,11 +3,10 @@
 //! the source, pages placed into the memfd (and fetched on demand in postcopy) on the
 //! destination, whose replay of every write must PASS. 4 KiB shmem and 2 MiB hugetlbfs memfd.
 
+use crate::common::{free_2m_pages_or_skip, kvm_or_skip, serial};
 use std::process::Child;
 
-use crate::migrate_util::{
-    free_2m_pages_or_skip, kvm_or_skip, listening_at, run_to_end, serial, vmm_on,
-};
+use crate::migrate_util::{listening_at, run_to_end, vmm_on};
 
 /// A `dirty` guest on shared memfd RAM backed by `--hugepages hugepages`, with `extra` flags.
 fn vmm(hugepages: &str, extra: &[&str]) -> Child {
