@@ -52,6 +52,7 @@ mod postcopy;
 mod reclaim;
 mod stats;
 mod tracking;
+mod zero;
 
 use std::fmt;
 use std::fs::File;
@@ -82,8 +83,8 @@ pub use reclaim::ReclaimReport;
 pub use stats::PagingStats;
 
 use events::EventLoop;
-use fill::ZeroSource;
 use stats::Counters;
+use zero::ZeroSource;
 
 /// The stage2 engine as the VMM instantiates it: x86 EPT format; KVM owns the real TLB.
 pub type VmStage2 = Stage2<Ept, NoopTlb>;

@@ -7,8 +7,8 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::aml::{self, Trigger};
+use super::error::ArchError;
 use super::mptable::{APIC_DEFAULT_BASE, IOAPIC_DEFAULT_BASE};
-use super::ArchError;
 use crate::devices::acpi::{
     GED_GSI, POWER_BUTTON_NOTIFY, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT,
     SLEEP_STATUS_PORT,

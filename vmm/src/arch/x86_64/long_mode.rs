@@ -5,9 +5,9 @@ use crate::hypervisor::VcpuOps;
 use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::error::ArchError;
 use super::gdt::{self, BOOT_CS, BOOT_DS, BOOT_TSS};
 use super::regs::*;
-use super::ArchError;
 
 /// Page-table entry bits (Intel SDM Vol. 3A §4.5, Tables 4-15..4-18).
 const PTE_PRESENT: u64 = 1 << 0;

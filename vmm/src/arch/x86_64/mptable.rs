@@ -3,7 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::ArchError;
+use super::error::ArchError;
 
 /// Where the MP floating pointer goes: the start of the EBDA, which Linux scans (MP spec §4).
 pub const MPTABLE_START: u64 = 0x9_fc00;

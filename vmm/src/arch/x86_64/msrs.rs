@@ -3,7 +3,7 @@
 use crate::hypervisor::VcpuOps;
 use kvm_bindings::{kvm_msr_entry, Msrs};
 
-use super::ArchError;
+use super::error::ArchError;
 
 // MSR indices: Intel SDM Vol. 4, Table 2-2 "IA-32 Architectural MSRs".
 const MSR_IA32_TSC: u32 = 0x10;

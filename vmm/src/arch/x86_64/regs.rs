@@ -3,7 +3,7 @@
 use crate::hypervisor::VcpuOps;
 use kvm_bindings::kvm_fpu;
 
-use super::ArchError;
+use super::error::ArchError;
 
 /// CR0.PE, protection enable (Intel SDM Vol. 3A §2.5).
 pub const X86_CR0_PE: u64 = 1 << 0;
