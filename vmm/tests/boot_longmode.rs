@@ -3,12 +3,13 @@
 
 mod common;
 
+use common::vm::long_mode_vcpu;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::arch::x86_64::{configure_vcpu, long_mode};
 use vmm::devices::{i8042::I8042, PioBus, PioDevice};
 use vmm::exit::ExitRequest;
 use vmm::hypervisor::Vm;
@@ -16,8 +17,6 @@ use vmm::memory::{BackingKind, GuestRam};
 use vmm::vcpu::VmControl;
 
 const CODE_GPA: u64 = 0x10_0000;
-const PML4_GPA: u64 = 0x1000;
-const GDT_GPA: u64 = 0x500;
 const TEST_PORT: u16 = 0x510;
 
 /// Counts `out`s per vCPU and remembers the last byte.
@@ -50,22 +49,9 @@ fn start_vm(code: &[u8], cpus: u8, bus: PioBus, exit: ExitRequest) -> (GuestRam,
         .write_slice(code, GuestAddress(CODE_GPA))
         .unwrap();
     let vm = Vm::new(&ram, cpus).unwrap();
-    let mut fds = Vec::new();
-    for id in 0..cpus {
-        let fd = vm.create_vcpu(id).unwrap();
-        configure_vcpu(&vm, &fd, id).unwrap();
-        let cfg = long_mode::LongModeConfig {
-            pml4_gpa: PML4_GPA,
-            identity_map_bytes: ram.size(),
-            gdt_gpa: GDT_GPA,
-            entry: CODE_GPA,
-            rsp: 0x8_0000 - u64::from(id) * 0x1000,
-            rsi: 0,
-            rdi: u64::from(id),
-        };
-        long_mode::setup(ram.memory(), &fd, cfg).unwrap();
-        fds.push(fd);
-    }
+    let fds = (0..cpus)
+        .map(|id| long_mode_vcpu(&vm, ram.memory(), ram.size(), id, CODE_GPA, 0))
+        .collect();
     let ctl = VmControl::start(fds, Arc::new(bus), ram.memory().clone(), exit).unwrap();
     (ram, vm, ctl)
 }

@@ -14,11 +14,13 @@
 
 mod common;
 
+use common::vm::{long_mode_vcpu, PML4_GPA};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::arch::x86_64::{configure_vcpu, long_mode};
+use vmm::arch::x86_64::long_mode;
 use vmm::devices::PioBus;
 use vmm::dirty::{DirtyBitmap, DirtyMode, DirtyTracker};
 use vmm::exit::{ExitRequest, EXIT_VCPU_FAILED};
@@ -29,8 +31,6 @@ use vmm::pager::{Pager, PagerConfig};
 use vmm::vcpu::{VcpuHooks, VmControl};
 
 const MEM: u64 = 64 << 20;
-const GDT_GPA: u64 = 0x500;
-const PML4_GPA: u64 = 0x1000;
 const CODE_GPA: u64 = 0x10_0000;
 const PARAMS_GPA: u64 = 0x20_0000;
 const AREA_GPA: u64 = 0x40_0000;
@@ -120,22 +120,7 @@ fn guest_ram() -> GuestRam {
 }
 
 fn make_vcpu(vm: &Vm, mem: &GuestMemoryMmap, id: u8) -> Vcpu {
-    let fd = vm.create_vcpu(id).unwrap();
-    configure_vcpu(vm, &fd, id).unwrap();
-    long_mode::setup(
-        mem,
-        &fd,
-        long_mode::LongModeConfig {
-            pml4_gpa: PML4_GPA,
-            identity_map_bytes: MEM,
-            gdt_gpa: GDT_GPA,
-            entry: CODE_GPA,
-            rsp: 0x8_0000 - u64::from(id) * 0x1000,
-            rsi: PARAMS_GPA,
-            rdi: u64::from(id),
-        },
-    )
-    .unwrap();
+    let fd = long_mode_vcpu(vm, mem, MEM, id, CODE_GPA, PARAMS_GPA);
     // Ring 3 with IOPL 3: this KVM runs ring-3 guest code natively (ring 0 is interpreted).
     let mut sregs = fd.get_sregs().unwrap();
     for seg in [

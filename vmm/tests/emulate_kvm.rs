@@ -7,13 +7,14 @@
 
 mod common;
 
+use common::vm::{idt_gate, long_mode_vcpu, IDT_GPA};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm::arch::x86_64::emulate::{EmulationStats, Kind};
-use vmm::arch::x86_64::{configure_vcpu, gdt, long_mode};
 use vmm::devices::{PioBus, PioDevice};
 use vmm::dirty::{DirtyBitmap, HostChanges, SlotInfo, VmmDirty};
 use vmm::exit::ExitRequest;
@@ -24,9 +25,6 @@ use vmm::vcpu::{EmulationHooks, VcpuHooks, VmControl};
 
 const CODE_GPA: u64 = 0x10_0000;
 const DATA_GPA: u64 = 0x20_0000;
-const IDT_GPA: u64 = 0x8000;
-const PML4_GPA: u64 = 0x1000;
-const GDT_GPA: u64 = 0x500;
 const DONE_PORT: u16 = 0x510;
 /// The byte the program writes to `DONE_PORT` when it has run to its end.
 const DONE: u8 = 0x42;
@@ -45,9 +43,6 @@ const ZF: u64 = 1 << 6;
 const SF: u64 = 1 << 7;
 const OF: u64 = 1 << 11;
 const AC: u64 = 1 << 18;
-
-/// IDT gate type: present, DPL 0, 64-bit interrupt gate (Intel SDM Vol. 3A §6.14.1).
-const GATE_INTERRUPT_PRESENT: u8 = 0x8e;
 
 /// Initial 16 bytes at DATA+0x200, compared by the first cmpxchg16b.
 const CAS_INITIAL: u128 = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210;
@@ -175,17 +170,6 @@ impl PioDevice for DonePort {
     }
 }
 
-/// A 16-byte 64-bit interrupt gate to `handler` through the boot code segment.
-fn idt_gate(handler: u64) -> [u8; 16] {
-    let mut g = [0u8; 16];
-    g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    g[2..4].copy_from_slice(&gdt::BOOT_CS.to_le_bytes());
-    g[5] = GATE_INTERRUPT_PRESENT;
-    g[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    g[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    g
-}
-
 fn data_u64(mem: &GuestMemoryMmap, off: u64) -> u64 {
     mem.read_obj(GuestAddress(DATA_GPA + off)).unwrap()
 }
@@ -241,18 +225,7 @@ fn run_on(
     let vm = Vm::new(&ram, cpus).unwrap();
     let mut fds = Vec::new();
     for id in 0..cpus {
-        let fd = vm.create_vcpu(id).unwrap();
-        configure_vcpu(&vm, &fd, id).unwrap();
-        let cfg = long_mode::LongModeConfig {
-            pml4_gpa: PML4_GPA,
-            identity_map_bytes: ram.size(),
-            gdt_gpa: GDT_GPA,
-            entry: CODE_GPA,
-            rsp: 0x8_0000 - u64::from(id) * 0x1000,
-            rsi: 0,
-            rdi: u64::from(id),
-        };
-        long_mode::setup(mem, &fd, cfg).unwrap();
+        let fd = long_mode_vcpu(&vm, mem, ram.size(), id, CODE_GPA, 0);
         let mut sregs = fd.get_sregs().unwrap();
         sregs.idt.base = IDT_GPA;
         sregs.idt.limit = 256 * 16 - 1;

@@ -6,12 +6,14 @@
 
 mod common;
 
+use common::vm::{idt_gate, GDT_GPA, IDT_GPA, PML4_GPA};
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::arch::x86_64::{gdt, long_mode};
+use vmm::arch::x86_64::long_mode;
 use vmm::cli::MachineArgs;
 use vmm::devices::acpi::{
     sleep, AcpiPm, ACPI_PM_PORTS, GED_GSI, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT,
@@ -26,16 +28,11 @@ use vmm::memory::BackingKind;
 use vmm::vcpu::VmControl;
 
 const CODE_GPA: u64 = 0x10_0000;
-const IDT_GPA: u64 = 0x8000;
-const PML4_GPA: u64 = 0x1000;
-const GDT_GPA: u64 = 0x500;
 /// The guests write [`READY`] here when set up.
 const READY_PORT: u16 = 0x510;
 const READY: u8 = b'R';
 /// The timer guests' interrupt handler writes this to [`READY_PORT`].
 const FIRED: u8 = b'T';
-/// IDT gate type: present, DPL 0, 64-bit interrupt gate (Intel SDM Vol. 3A §6.14.1).
-const GATE_INTERRUPT_PRESENT: u8 = 0x8e;
 
 /// Records that the guest reached its ready point (and how often its timer fired).
 #[derive(Default)]
@@ -54,17 +51,6 @@ impl PioDevice for ReadyPort {
             _ => {}
         }
     }
-}
-
-/// A 16-byte 64-bit interrupt gate to `handler` through the boot code segment.
-fn idt_gate(handler: u64) -> [u8; 16] {
-    let mut g = [0u8; 16];
-    g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    g[2..4].copy_from_slice(&gdt::BOOT_CS.to_le_bytes());
-    g[5] = GATE_INTERRUPT_PRESENT;
-    g[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    g[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    g
 }
 
 /// A running one-vCPU machine with the ACPI registers and a ready port on its bus.

@@ -9,12 +9,14 @@
 
 mod common;
 
+use common::vm::{idt_gate, long_mode_vcpu, GDT_GPA, IDT_GPA, PML4_GPA};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::arch::x86_64::{configure_vcpu, gdt, long_mode};
+use vmm::arch::x86_64::gdt;
 use vmm::devices::{PioBus, PioDevice};
 use vmm::exit::ExitRequest;
 use vmm::hypervisor::VcpuOps;
@@ -29,9 +31,6 @@ const USER_GPA: u64 = 0x40_0000;
 const USER_RSP: u64 = 0x5f_0000;
 /// The kernel stack for events from ring 3 (TSS.RSP0).
 const RSP0: u64 = 0x9_0000;
-const IDT_GPA: u64 = 0x8000;
-const PML4_GPA: u64 = 0x1000;
-const GDT_GPA: u64 = 0x500;
 const TSS_GPA: u64 = 0x9000;
 /// Not mapped by the guest's page tables: both the kernel and the user program fault on it.
 const UNMAPPED: u64 = 0x800_0000;
@@ -172,17 +171,6 @@ impl PioDevice for DonePort {
     }
 }
 
-/// A 64-bit interrupt gate (type 0x8e: present, DPL 0) to `handler` in the kernel CS.
-fn idt_gate(handler: u64) -> [u8; 16] {
-    let mut g = [0u8; 16];
-    g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    g[2..4].copy_from_slice(&(KERNEL_CS as u16).to_le_bytes());
-    g[5] = 0x8e;
-    g[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    g[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    g
-}
-
 struct Run {
     ram: GuestRam,
     code: Option<i32>,
@@ -207,22 +195,7 @@ fn run(relay: bool) -> Run {
         vm.filter_msr_writes(vmm::arch::x86_64::msrs::MSR_LSTAR)
             .unwrap();
     }
-    let fd = vm.create_vcpu(0).unwrap();
-    configure_vcpu(&vm, &fd, 0).unwrap();
-    long_mode::setup(
-        mem,
-        &fd,
-        long_mode::LongModeConfig {
-            pml4_gpa: PML4_GPA,
-            identity_map_bytes: ram.size(),
-            gdt_gpa: GDT_GPA,
-            entry: KERNEL_GPA,
-            rsp: 0x8_0000,
-            rsi: 0,
-            rdi: 0,
-        },
-    )
-    .unwrap();
+    let fd = long_mode_vcpu(&vm, mem, ram.size(), 0, KERNEL_GPA, 0);
     // User access (bit 2) on the walk to the data and user 2 MiB pages only: the kernel's
     // page (and so the syscall entry) stays supervisor-only, as in Linux.
     for entry in [

@@ -1,21 +1,59 @@
-//! Shared by every test binary of `vmm/tests`: the binary's one run lock, and the checks that
-//! skip a test, with the reason printed, where /dev/kvm or free huge pages are missing.
+//! Shared by every test binary of `vmm/tests`: the host's cores shared out between a binary's
+//! tests ([`cores`], [`serial`]), and the checks that skip a test, with the reason printed,
+//! where /dev/kvm or free huge pages are missing.
 //!
 //! Each binary declares this module once at its root (`mod common;`, or with `#[path]` from a
 //! folder), and the helpers shared between suites (`migrate/util.rs`, `guests/util.rs`) use it
-//! from there, so a binary holds exactly one [`SERIAL`] however many helper files it loads.
+//! from there, so a binary has exactly one count of taken cores however many helper files it
+//! loads.
 
 #![allow(dead_code)] // each binary uses part of the helpers
 
+pub mod vm;
+
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 
-/// One VM at a time per test binary: the machine has 2 cores and the hugetlb pool is shared.
-pub static SERIAL: Mutex<()> = Mutex::new(());
+/// The cores this binary's running tests have taken ([`cores`]).
+static TAKEN: Mutex<usize> = Mutex::new(0);
+/// Signalled whenever cores are given back.
+static GIVEN_BACK: Condvar = Condvar::new();
 
-/// Holds [`SERIAL`] (a test that panicked holding it does not stop the others).
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// The host's cores a test binary shares out: this machine has 2, and a VM's vCPU keeps one
+/// busy (on this host's software KVM the guest's ring 0 runs in the vCPU thread).
+pub fn host_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `n` of the host's cores, held by a test until the guard drops ([`cores`]).
+#[must_use = "the cores are given back when the guard drops"]
+pub struct Cores(usize);
+
+impl Drop for Cores {
+    fn drop(&mut self) {
+        let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+        *taken -= self.0;
+        GIVEN_BACK.notify_all();
+    }
+}
+
+/// Waits until `n` of the host's cores are free and takes them (at most all of them): a test
+/// whose one VM has one vCPU takes 1, so two such tests run side by side on this 2-core host;
+/// a test with more vCPUs or several VMs takes [`serial`]. A test that panicked holding cores
+/// gives them back as it unwinds.
+pub fn cores(n: usize) -> Cores {
+    let n = n.clamp(1, host_cores());
+    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    while *taken + n > host_cores() {
+        taken = GIVEN_BACK.wait(taken).unwrap_or_else(|p| p.into_inner());
+    }
+    *taken += n;
+    Cores(n)
+}
+
+/// Every core of the host: one VM at a time in this binary (the hugetlb pool is shared too).
+pub fn serial() -> Cores {
+    cores(host_cores())
 }
 
 /// False, with the reason printed, when this machine has no /dev/kvm. Where /dev/kvm is there
