@@ -20,7 +20,6 @@ const MEM: u64 = 4 << 30;
 /// Bytes of RAM the e820 map marks reserved below 1 MiB (0x9fc00..0x100000, the legacy area).
 const LEGACY_RESERVED: u64 = 0x10_0000 - 0x9_fc00;
 
-/// One VM at a time: two boots at once on a 2-core host double each other's time.
 fn kernel_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/kernel")
 }
@@ -57,6 +56,8 @@ fn spawn(args: &[String]) -> Child {
 
 /// Runs the VM until `done(serial lines)` holds (then kills it), the VM exits, or the timeout.
 fn boot_until(args: &[String], done: impl Fn(&[String]) -> bool) -> Run {
+    // One VM at a time: these boot with two vCPUs, and two such VMs at once on a 2-core
+    // host double each other's time.
     let _one = common::serial();
     let mut child = spawn(args);
     let stdout = child.stdout.take().unwrap();
@@ -375,7 +376,7 @@ fn sigterm_stops_the_vm_with_143_and_removes_the_socket() {
 /// early lines (`xrstor`, which `noxsave` would avoid); on hardware KVM it panics for want of a
 /// root file system and reboots through the i8042 (reboot=k), which ends the VM with the reboot
 /// code (3). Either way vmm must end by itself and say why. (With the host quirks this kernel
-/// runs on for about ten minutes here: kernel_linux's ignored stock-kernel test.)
+/// runs on for about ten minutes here: the kernel suite's ignored stock-kernel test.)
 #[test]
 fn kernel_runs_to_its_end_without_hanging() {
     let Some(k) = kernel("vmlinuz") else { return };

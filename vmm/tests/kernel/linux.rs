@@ -9,16 +9,11 @@
 //! repeated and its checksum intact, and the memory program passing while the host reclaims
 //! guest memory the kernel does not use.
 
-mod common;
-mod kernel_util;
-#[path = "migrate/util.rs"]
-mod migrate_util;
-
-use crate::common::serial;
+use crate::common::{cores, serial};
 use std::time::Duration;
 
-use kernel_util::{request, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT, SMALL};
-use migrate_util::{free_port, LISTENING};
+use crate::migrate_util::{free_port, LISTENING};
+use crate::util::{request, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT, SMALL};
 use serde_json::{json, Value};
 
 /// The FNV-1a chain the guest's counter prints (tools/test-initramfs/counter.c): each value
@@ -88,7 +83,8 @@ fn marker_and_poweroff(test: &str, machine: &[&str]) {
     let Some((k, i)) = test_kernel(test) else {
         return;
     };
-    let _g = serial();
+    // One VM with one vCPU: it shares the host's cores with another such test.
+    let _g = cores(1);
     let stats = tmp(&format!("{test}.json"));
     let vm = KernelVm::boot(
         &k,
@@ -134,7 +130,8 @@ fn shutdown_powers_off_through_the_guests_power_button_on_thp() {
     let Some((k, i)) = test_kernel(test) else {
         return;
     };
-    let _g = serial();
+    // One VM with one vCPU: it shares the host's cores with another such test.
+    let _g = cores(1);
     let sock = tmp(&format!("{test}.sock"));
     let mut vm = KernelVm::boot(
         &k,
@@ -193,9 +190,9 @@ fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>) {
     let addr = format!("tcp:127.0.0.1:{}", free_port());
     let dst_console = tmp(&format!("{test}-dst.console"));
     let dst_serial = format!("file:{}", dst_console.display());
-    let mut dst = kernel_util::spawn(&["--incoming", &addr, "--serial", &dst_serial]);
-    let rx = migrate_util::lines(&mut dst);
-    migrate_util::wait_for(&rx, LISTENING);
+    let mut dst = crate::util::spawn(&["--incoming", &addr, "--serial", &dst_serial]);
+    let rx = crate::migrate_util::lines(&mut dst);
+    crate::migrate_util::wait_for(&rx, LISTENING);
 
     let mut req = json!({"cmd": "migrate", "to": addr});
     if let Some(n) = postcopy_after {
@@ -269,7 +266,8 @@ fn memtest_passes_while_the_host_reclaims_unused_guest_memory() {
     let Some((k, i)) = test_kernel(test) else {
         return;
     };
-    let _g = serial();
+    // One VM with one vCPU: it shares the host's cores with another such test.
+    let _g = cores(1);
     let sock = tmp(&format!("{test}.sock"));
     let mut vm = KernelVm::boot(
         &k,

@@ -10,20 +10,15 @@
 //! through the VMM's syscall relay, its console output through COM1's interrupt, which the DSDT
 //! describes) and powers off (ACPI S5): that is "the end" on both sides of a migration.
 
-mod common;
-mod kernel_util;
-#[path = "migrate/util.rs"]
-mod migrate_util;
-
-use crate::common::serial;
+use crate::common::{cores, serial};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kernel_util::{
+use crate::util::{
     request, spawn, stamp, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT, SMALL,
 };
 
-use migrate_util::{free_port, LISTENING};
+use crate::migrate_util::{free_port, LISTENING};
 use serde_json::{json, Value};
 use vmm::exit::{EXIT_IDLE, EXIT_REBOOT, EXIT_SHUTDOWN_FORCED};
 
@@ -57,7 +52,8 @@ fn kernel_vm_pages_on_demand_and_answers_info_stats_and_shutdown() {
     else {
         return;
     };
-    let _g = serial();
+    // One VM with one vCPU: it shares the host's cores with another such test.
+    let _g = cores(1);
     let sock = tmp("info.sock");
     let stats = tmp("info.json");
     let mut vm = boot(
@@ -157,8 +153,8 @@ fn migrate_mid_boot(test: &str, postcopy_after: Option<u32>) {
     let dst_console = tmp(&format!("{test}-dst.console"));
     let dst_serial = format!("file:{}", dst_console.display());
     let mut dst = spawn(&["--incoming", &addr, "--serial", &dst_serial]);
-    let rx = migrate_util::lines(&mut dst);
-    migrate_util::wait_for(&rx, LISTENING);
+    let rx = crate::migrate_util::lines(&mut dst);
+    crate::migrate_util::wait_for(&rx, LISTENING);
 
     let mut req = json!({"cmd": "migrate", "to": addr});
     if let Some(n) = postcopy_after {
@@ -243,7 +239,8 @@ fn a_kernel_panic_reboots_through_the_acpi_reset_register() {
     let Some((k, _)) = test_kernel("a_kernel_panic_reboots_through_the_acpi_reset_register") else {
         return;
     };
-    let _g = serial();
+    // One VM with one vCPU: it shares the host's cores with another such test.
+    let _g = cores(1);
     let t = Instant::now();
     let sock = tmp("reboot.sock");
     let mut vm = boot_with(
@@ -292,7 +289,8 @@ fn a_halted_kernel_ends_as_idle() {
     let Some((k, i)) = test_kernel("a_halted_kernel_ends_as_idle") else {
         return;
     };
-    let _g = serial();
+    // One VM with one vCPU: it shares the host's cores with another such test.
+    let _g = cores(1);
     let t = Instant::now();
     let vm = boot_with(
         &k,
