@@ -13,20 +13,22 @@
 //! `migration.json` (the source's `--migrate-json`), `source.log`, `destination.log`.
 //! Exits 0 only when the destination printed PASS.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use plotters::prelude::*;
 use serde_json::{json, Value};
+
+mod plot;
+mod vmm;
+
+use plot::{plot, rounds_of, MB, PAGE_BYTES};
+use vmm::{probe, Vmm, VmmFeatures};
 
 /// The migration demo: a writing `dirty` guest moves between two vmm processes and is
 /// verified page by page on arrival.
@@ -129,39 +131,9 @@ const LISTENING: &str = "waiting for the migration source";
 const GUEST_STARTED: &str = "guest dirty on";
 /// The line a `vmm --run-for` logs when it sets the guest's stop flag.
 const STOP_FLAG_SET: &str = "setting the guest's stop flag";
-/// Lines of a failed process shown in the error.
-const LAST_LINES: usize = 15;
 /// How long a vmm may take to reach a line it prints at start (allocating a large guest
 /// and, on the destination, binding the port).
 const START_LIMIT: Duration = Duration::from_secs(120);
-
-/// What the vmm binary supports, read from its `--help`.
-#[derive(Debug, Clone, Copy)]
-struct VmmFeatures {
-    migrate_json: bool,
-    postcopy: bool,
-    dirty_mode: bool,
-    dirty_rate: bool,
-    /// Migration still needs `--no-demand-paging` on both sides (older vmm).
-    migration_needs_no_demand_paging: bool,
-    prefault: bool,
-}
-
-fn probe(vmm: &Path) -> Result<VmmFeatures> {
-    let out = Command::new(vmm)
-        .arg("--help")
-        .output()
-        .with_context(|| format!("running {} --help", vmm.display()))?;
-    let help = String::from_utf8_lossy(&out.stdout);
-    Ok(VmmFeatures {
-        migrate_json: help.contains("--migrate-json"),
-        postcopy: help.contains("--postcopy-after"),
-        dirty_mode: help.contains("--dirty-mode"),
-        dirty_rate: help.contains("--dirty-rate"),
-        migration_needs_no_demand_paging: help.contains("needs --no-demand-paging"),
-        prefault: help.contains("--prefault"),
-    })
-}
 
 /// The vmm binary: `--vmm`, else `vmm` next to this program.
 fn vmm_path(cli: &Cli) -> Result<PathBuf> {
@@ -180,154 +152,6 @@ fn vmm_path(cli: &Cli) -> Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-/// A running vmm whose output is echoed with a prefix, kept, and logged.
-struct Vmm {
-    name: &'static str,
-    child: Child,
-    /// Every line (stdout and stderr) with the time it arrived.
-    lines: Arc<Mutex<Vec<(Instant, String)>>>,
-    rx: Receiver<String>,
-}
-
-impl Vmm {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path, echo: bool) -> Result<Vmm> {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting the {name} vmm"))?;
-        let log = Arc::new(Mutex::new(
-            File::create(log).with_context(|| format!("creating {}", log.display()))?,
-        ));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = channel();
-        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("piped"));
-        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("piped"));
-        for stream in [out, err] {
-            let (lines, log, tx): (_, _, Sender<String>) = (lines.clone(), log.clone(), tx.clone());
-            std::thread::spawn(move || {
-                for l in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if echo {
-                        println!("[{name}] {l}");
-                    }
-                    let _ = writeln!(log.lock().unwrap_or_else(|p| p.into_inner()), "{l}");
-                    lines
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((Instant::now(), l.clone()));
-                    let _ = tx.send(l);
-                }
-            });
-        }
-        Ok(Vmm {
-            name,
-            child,
-            lines,
-            rx,
-        })
-    }
-
-    /// "source" or "destination", for messages.
-    fn role(&self) -> &'static str {
-        if self.name == "dst" {
-            "destination"
-        } else {
-            "source"
-        }
-    }
-
-    fn last_lines(&self) -> String {
-        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        let from = lines.len().saturating_sub(LAST_LINES);
-        lines[from..]
-            .iter()
-            .map(|(_, l)| format!("  [{}] {l}", self.name))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn has_line(&self, pred: impl Fn(&str) -> bool) -> bool {
-        self.line_time(pred).is_some()
-    }
-
-    /// When the first line matching `pred` arrived.
-    fn line_time(&self, pred: impl Fn(&str) -> bool) -> Option<Instant> {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|(_, l)| pred(l))
-            .map(|(t, _)| *t)
-    }
-
-    /// Waits for a line containing `needle`; fails with the last lines if the process ends
-    /// first or `limit` passes.
-    fn wait_line(&mut self, needle: &str, limit: Duration) -> Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok(l) if l.contains(needle) => return Ok(()),
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) if left.is_zero() => bail!(
-                    "the {} vmm did not print {needle:?} within {limit:?}; its last lines:\n{}",
-                    self.role(),
-                    self.last_lines()
-                ),
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Some(st) = self.child.try_wait()? {
-                        // Let the readers drain what the process printed last.
-                        std::thread::sleep(Duration::from_millis(100));
-                        bail!(
-                            "the {} vmm exited ({st}) before printing {needle:?}; its last lines:\n{}",
-                            self.role(),
-                            self.last_lines()
-                        );
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let st = self.child.wait()?;
-                    bail!(
-                        "the {} vmm exited ({st}) before printing {needle:?}; its last lines:\n{}",
-                        self.role(),
-                        self.last_lines()
-                    );
-                }
-            }
-        }
-    }
-
-    /// Waits for the process to exit, killing it after `limit`. Returns its exit code
-    /// (-1 for a signal), or None if it had to be killed.
-    fn wait_exit(&mut self, limit: Duration) -> Result<Option<i32>> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                std::thread::sleep(Duration::from_millis(100));
-                return Ok(Some(st.code().unwrap_or(-1)));
-            }
-            if Instant::now() >= deadline {
-                self.kill();
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A free loopback port, or `--port` if it is free.
@@ -658,132 +482,6 @@ fn args_of(cmd: &Command) -> String {
         .join(" ")
 }
 
-/// One round of the plot.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Round {
-    round: u64,
-    dirty_pages: u64,
-    bytes: u64,
-    ms: f64,
-}
-
-fn rounds_of(figures: &Value) -> Vec<Round> {
-    figures["rounds"]
-        .as_array()
-        .map(|rs| {
-            rs.iter()
-                .map(|r| Round {
-                    round: r["round"].as_u64().unwrap_or(0),
-                    dirty_pages: r["dirty_pages"].as_u64().unwrap_or(0),
-                    bytes: r["bytes"].as_u64().unwrap_or(0),
-                    ms: r["ms"].as_f64().unwrap_or(0.0),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Bytes in the MB of the plot and the summary (decimal, like the vmm's progress lines).
-const MB: f64 = 1e6;
-/// Bytes one guest page write dirties (a 4 KiB page).
-const PAGE_BYTES: f64 = 4096.0;
-/// Smallest MB value the log-scale plot shows (a round of nothing but framing).
-const MIN_MB: f64 = 1e-3;
-
-/// Draws dirty pages per round (line with a point per round) above MB sent per round
-/// (bars) into an SVG file; both on log scales, since round 0 sends all of RAM and the last
-/// rounds a few pages.
-fn plot(path: &Path, title: &str, rounds: &[Round]) -> Result<()> {
-    let root = SVGBackend::new(path, (960, 720)).into_drawing_area();
-    let draw = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing {}: {e:?}", path.display());
-    root.fill(&WHITE).map_err(draw)?;
-    let root = root.titled(title, ("sans-serif", 20)).map_err(draw)?;
-    let (top, bottom) = root.split_vertically(340);
-    let n = rounds.len().max(1) as f64;
-    let x = -0.5..n - 0.5;
-    let page_vals: Vec<f64> = rounds
-        .iter()
-        .map(|r| (r.dirty_pages as f64).max(1.0))
-        .collect();
-    let mb_vals: Vec<f64> = rounds
-        .iter()
-        .map(|r| (r.bytes as f64 / MB).max(MIN_MB))
-        .collect();
-    let pages_y = log_span(&page_vals, 1.0);
-    let mb_y = log_span(&mb_vals, MIN_MB);
-    let mb_floor = mb_y.start;
-
-    let mut pages = ChartBuilder::on(&top)
-        .caption("dirty pages sent per round", ("sans-serif", 16))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x.clone(), pages_y.log_scale())
-        .map_err(draw)?;
-    pages
-        .configure_mesh()
-        .x_desc("round")
-        .y_desc("pages (4 KiB)")
-        .x_labels(rounds.len().clamp(2, 16))
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .draw()
-        .map_err(draw)?;
-    let pts: Vec<(f64, f64)> = page_vals
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| (i as f64, v))
-        .collect();
-    pages
-        .draw_series(LineSeries::new(pts.iter().copied(), BLUE.stroke_width(2)))
-        .map_err(draw)?;
-    pages
-        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))
-        .map_err(draw)?;
-
-    let mut sent = ChartBuilder::on(&bottom)
-        .caption("MB sent per round", ("sans-serif", 16))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x, mb_y.log_scale())
-        .map_err(draw)?;
-    sent.configure_mesh()
-        .x_desc("round")
-        .y_desc("MB (10^6 bytes)")
-        .x_labels(rounds.len().clamp(2, 16))
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| {
-            if *v >= 1.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v}")
-            }
-        })
-        .draw()
-        .map_err(draw)?;
-    sent.draw_series(mb_vals.iter().enumerate().map(|(i, &mb)| {
-        Rectangle::new(
-            [(i as f64 - 0.3, mb_floor), (i as f64 + 0.3, mb)],
-            GREEN.mix(0.7).filled(),
-        )
-    }))
-    .map_err(draw)?;
-    root.present().map_err(draw)?;
-    Ok(())
-}
-
-/// A log-scale axis range around `values` (none below `floor`), a factor 3 of room each side.
-fn log_span(values: &[f64], floor: f64) -> std::ops::Range<f64> {
-    let lo = values
-        .iter()
-        .copied()
-        .fold(f64::INFINITY, f64::min)
-        .max(floor);
-    let hi = values.iter().copied().fold(floor, f64::max);
-    (lo / 3.0)..(hi * 3.0)
-}
-
 /// The summary document (`summary.json`).
 fn summary(cli: &Cli, out: &Outcome) -> Value {
     let f = out.figures.clone().unwrap_or(Value::Null);
@@ -913,56 +611,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rounds(n: u64) -> Vec<Round> {
-        (0..n)
-            .map(|i| Round {
-                round: i,
-                dirty_pages: 1 << (20 - 3 * i.min(6)),
-                bytes: (1 << (32 - 3 * i.min(6))) + 4096,
-                ms: 10.0,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn plot_is_svg_with_a_point_per_round() {
-        let dir = std::env::temp_dir().join(format!("migrate-demo-plot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for n in [1, 5] {
-            let path = dir.join(format!("r{n}.svg"));
-            plot(&path, "title", &rounds(n)).unwrap();
-            let text = std::fs::read_to_string(&path).unwrap();
-            let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
-            assert_eq!(doc.root_element().tag_name().name(), "svg");
-            let circles = doc
-                .descendants()
-                .filter(|e| e.tag_name().name() == "circle")
-                .count();
-            assert_eq!(circles, n as usize, "{text}");
-            assert!(text.contains("dirty pages sent per round"));
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn rounds_are_read_from_the_migrate_json_format() {
-        let v = json!({"mode": "precopy", "dirty_mode": "kvm-bitmap", "total_ms": 1.0,
-            "downtime_ms": 0.5, "bytes_sent": 10, "ram_bytes": 4096, "vcpus": 1,
-            "postcopy": null,
-            "rounds": [{"round": 0, "dirty_pages": 3, "bytes": 7, "ms": 1.5, "rate_mb_s": 1.0,
-                        "est_downtime_ms": 0.1}]});
-        assert_eq!(
-            rounds_of(&v),
-            [Round {
-                round: 0,
-                dirty_pages: 3,
-                bytes: 7,
-                ms: 1.5
-            }]
-        );
-        assert!(rounds_of(&Value::Null).is_empty());
-    }
 
     #[test]
     fn a_busy_port_is_named() {
