@@ -14,16 +14,21 @@
 //!
 //! `gpa` and `len` are JSON numbers or strings (`"0x40000000"`, `"512M"`, `"1G"`). A bad request
 //! gets an error response; the connection, the server and the VM go on.
+//!
+//! Only the VMM's own user (and root) may drive the VM: the socket is created mode 0600, and
+//! each connection's peer credentials (`SO_PEERCRED`) are checked before a request is read. A
+//! client that sends no complete line for the client timeout (`--api-timeout`), or a line
+//! longer than [`MAX_REQUEST_BYTES`], gets an error response and is disconnected.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use serde_json::{json, Map, Value};
@@ -31,6 +36,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Longest request line accepted; a longer one is refused and the connection closed.
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// How long a client may go without sending a complete request line by default
+/// (`--api-timeout`).
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a connection thread looks at the stop flag while its client is idle.
 const IDLE_CHECK: Duration = Duration::from_millis(200);
 
@@ -162,9 +170,19 @@ impl Drop for ApiServer {
     }
 }
 
-/// Listens on `path` and serves requests for `target` on a thread of its own. A stale socket
-/// left by a dead VMM is replaced; a live one is not.
+/// Listens on `path` and serves requests for `target` on a thread of its own, with the default
+/// client timeout. A stale socket left by a dead VMM is replaced; a live one is not.
 pub fn serve(path: &Path, target: Arc<dyn ApiTarget>) -> Result<ApiServer, ApiError> {
+    serve_with(path, target, DEFAULT_CLIENT_TIMEOUT)
+}
+
+/// Like [`serve`], disconnecting a client that sends no complete request line for
+/// `client_timeout`.
+pub fn serve_with(
+    path: &Path,
+    target: Arc<dyn ApiTarget>,
+    client_timeout: Duration,
+) -> Result<ApiServer, ApiError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ApiError::NotASocket(path.to_path_buf()));
@@ -178,13 +196,21 @@ pub fn serve(path: &Path, target: Arc<dyn ApiTarget>) -> Result<ApiServer, ApiEr
         path: path.to_path_buf(),
         source,
     })?;
+    // Owner only: connecting needs write permission on the socket. SO_PEERCRED is checked
+    // on every connection as well (a client may connect between bind and this chmod).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ApiError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
     listener.set_nonblocking(true).map_err(ApiError::Spawn)?;
     let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ApiError::Spawn)?);
     let stopping = Arc::new(AtomicBool::new(false));
     let (st, sp) = (stop.clone(), stopping.clone());
     let thread = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || accept_loop(listener, st, sp, target))
+        .spawn(move || accept_loop(listener, st, sp, target, client_timeout))
         .map_err(ApiError::Spawn)?;
     info!("control socket listening on {}", path.display());
     Ok(ApiServer {
@@ -200,6 +226,7 @@ fn accept_loop(
     stop: Arc<EventFd>,
     stopping: Arc<AtomicBool>,
     target: Arc<dyn ApiTarget>,
+    client_timeout: Duration,
 ) {
     let conns: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
     loop {
@@ -233,7 +260,7 @@ fn accept_loop(
                 let (t, sp) = (target.clone(), stopping.clone());
                 match std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_connection(stream, t.as_ref(), &sp))
+                    .spawn(move || serve_connection(stream, t.as_ref(), &sp, client_timeout))
                 {
                     Ok(h) => {
                         let mut c = conns.lock().unwrap();
@@ -252,12 +279,45 @@ fn accept_loop(
     }
 }
 
-/// Serves one client until it closes, a line is too long, or the server stops.
-fn serve_connection(stream: UnixStream, target: &dyn ApiTarget, stopping: &AtomicBool) {
-    if let Err(e) = stream.set_read_timeout(Some(IDLE_CHECK)) {
-        warn!("API connection: {e}");
-        return;
+/// The user ids that may drive the VM: the VMM's effective user and root.
+fn peer_allowed(uid: libc::uid_t) -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
+/// The user id of the process at the other end of `stream` (`SO_PEERCRED`, taken at connect).
+fn peer_uid(stream: &UnixStream) -> io::Result<libc::uid_t> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which lives for the call, and
+    // `len` says its size.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(cred.uid)
+}
+
+/// Serves one client until it closes, a line is too long, it sends no complete line for
+/// `client_timeout`, or the server stops. A peer of another user is refused at once.
+fn serve_connection(
+    stream: UnixStream,
+    target: &dyn ApiTarget,
+    stopping: &AtomicBool,
+    client_timeout: Duration,
+) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -265,12 +325,41 @@ fn serve_connection(stream: UnixStream, target: &dyn ApiTarget, stopping: &Atomi
             return;
         }
     };
+    match peer_uid(&stream) {
+        Ok(uid) if peer_allowed(uid) => {}
+        Ok(uid) => {
+            // SAFETY: geteuid has no preconditions.
+            let own = unsafe { libc::geteuid() };
+            warn!(
+                "API connection from uid {uid} refused: only uid {own} and root may drive the VM"
+            );
+            let _ = write_response(
+                &mut writer,
+                &error(format!(
+                    "uid {uid} may not drive this VM: the control socket serves only uid {own} \
+                     (the VMM's user) and root"
+                )),
+            );
+            return;
+        }
+        Err(e) => {
+            warn!("API connection refused: cannot read its credentials (SO_PEERCRED): {e}");
+            return;
+        }
+    }
+    if let Err(e) = stream.set_read_timeout(Some(IDLE_CHECK)) {
+        warn!("API connection: {e}");
+        return;
+    }
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
+    // The last time the client sent a byte or got an answer.
+    let mut last_progress = Instant::now();
     loop {
         if stopping.load(Ordering::SeqCst) {
             return;
         }
+        let before = line.len();
         // Read up to and including '\n', never more than the limit (+1 to detect overflow).
         let room = (MAX_REQUEST_BYTES + 1).saturating_sub(line.len()) as u64;
         match (&mut reader).take(room).read_until(b'\n', &mut line) {
@@ -281,7 +370,7 @@ fn serve_connection(stream: UnixStream, target: &dyn ApiTarget, stopping: &Atomi
                 }
                 return;
             }
-            Ok(_) => {}
+            Ok(_) => last_progress = Instant::now(),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -290,6 +379,26 @@ fn serve_connection(stream: UnixStream, target: &dyn ApiTarget, stopping: &Atomi
                         | io::ErrorKind::Interrupted
                 ) =>
             {
+                // Bytes read before the timeout stay in `line`.
+                if line.len() > before {
+                    last_progress = Instant::now();
+                } else if last_progress.elapsed() >= client_timeout {
+                    let what = if line.is_empty() {
+                        "no request"
+                    } else {
+                        "an unfinished request line"
+                    };
+                    debug!("API connection: {what} for {client_timeout:?}; closing it");
+                    let _ = write_response(
+                        &mut writer,
+                        &error(format!(
+                            "{what} for {} s: closing the connection; send one JSON object \
+                             per line, ending with a newline",
+                            client_timeout.as_secs_f64()
+                        )),
+                    );
+                    return;
+                }
                 continue;
             }
             Err(e) => {
@@ -314,6 +423,7 @@ fn serve_connection(stream: UnixStream, target: &dyn ApiTarget, stopping: &Atomi
             debug!("API connection: write failed: {e}");
             return;
         }
+        last_progress = Instant::now();
     }
 }
 

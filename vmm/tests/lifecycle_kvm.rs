@@ -246,6 +246,7 @@ fn session<'m>(r: &'m Running, idle_timeout: Option<Duration>) -> Session<'m> {
             power_button: None,
             shutdown_timeout: Duration::ZERO,
             idle_timeout,
+            api_timeout: Duration::from_secs(30),
             payload: "lifecycle test".into(),
         },
     )

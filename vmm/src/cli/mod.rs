@@ -22,6 +22,8 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
 /// Default of `--idle-timeout`: seconds every vCPU may sit in HLT with interrupts on and
 /// nothing to wake it before the VM is ended as idle.
 pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 30;
+/// `--api-timeout` when not given, seconds.
+pub const DEFAULT_API_TIMEOUT_S: u64 = 30;
 /// The MP table and xAPIC ids allow at most this many vCPUs.
 pub const MAX_CPUS: u32 = 254;
 
@@ -270,9 +272,14 @@ pub struct MachineArgs {
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
     /// Serve the control socket (JSON lines: stats, info, reclaim, pause, resume, migrate,
-    /// shutdown) at this path while the VM runs.
+    /// shutdown) at this path while the VM runs. The socket is mode 0600 and serves only the
+    /// VMM's own user and root.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Disconnect a control-socket client that sends no complete request line for this long
+    /// (it gets an error response first).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_API_TIMEOUT_S, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_timeout: u64,
     /// Live-migrate the running guest to a `vmm --incoming` destination (tcp:HOST:PORT or
     /// unix:PATH): precopy rounds over --dirty-mode, then the last round with the guest
     /// paused (or postcopy, see --postcopy-after). The source exits 0 once the destination

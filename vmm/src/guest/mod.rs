@@ -200,6 +200,7 @@ pub fn run_on(
             power_button: None,
             shutdown_timeout: Duration::ZERO,
             idle_timeout: m.idle_limit(),
+            api_timeout: Duration::from_secs(m.api_timeout),
             payload: format!("guest {}", plan.kind.name()),
         },
     )?;

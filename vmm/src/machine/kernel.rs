@@ -297,6 +297,7 @@ fn serve(
             }),
             shutdown_timeout: Duration::from_secs(cli.machine.shutdown_timeout),
             idle_timeout: cli.machine.idle_limit(),
+            api_timeout: Duration::from_secs(cli.machine.api_timeout),
             payload: "kernel".into(),
         },
     )?;

@@ -67,6 +67,9 @@ pub struct SessionConfig {
     /// `--idle-timeout`: how long every vCPU may sit in HLT with interrupts on and nothing to
     /// wake it before the VM is ended as idle (`None`: never; see [`super::idle`]).
     pub idle_timeout: Option<Duration>,
+    /// How long a control-socket client may go without a complete request line
+    /// (`--api-timeout`).
+    pub api_timeout: Duration,
 }
 
 /// What the control socket does with a payload's power button.
@@ -145,7 +148,7 @@ impl<'m> Session<'m> {
                     payload: cfg.payload.clone(),
                     power_button: power_button.clone(),
                 };
-                Some(api::serve(
+                Some(api::serve_with(
                     path,
                     Arc::new(MachineApi {
                         pager: machine.pager().cloned(),
@@ -158,6 +161,7 @@ impl<'m> Session<'m> {
                         power_button,
                         shutdown_timeout: cfg.shutdown_timeout,
                     }),
+                    cfg.api_timeout,
                 )?)
             }
             None => None,
