@@ -81,7 +81,7 @@ fn run_incoming(cli: &Cli, addr: &vmm::migrate::Address) -> Result<i32> {
         // What this destination was told must make sense before it listens.
         vmm::guest::check(&cli.guest_args, cli.mem, cli.cpus)?;
     }
-    let pending = incoming::accept(addr)?;
+    let pending = incoming::accept(addr, cli.machine.migrate_idle_limit())?;
     let spec = match MachineSpec::from_bytes(&pending.layout().spec)? {
         Some(s) => s,
         None => anyhow::bail!(

@@ -22,6 +22,8 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
 /// Default of `--idle-timeout`: seconds every vCPU may sit in HLT with interrupts on and
 /// nothing to wake it before the VM is ended as idle.
 pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 30;
+/// `--migrate-timeout` when not given, seconds.
+pub const DEFAULT_MIGRATE_TIMEOUT_S: u64 = 30;
 /// `--api-timeout` when not given, seconds.
 pub const DEFAULT_API_TIMEOUT_S: u64 = 30;
 /// The MP table and xAPIC ids allow at most this many vCPUs.
@@ -331,6 +333,12 @@ pub struct MachineArgs {
     /// interrupts off ends the VM after about 2 s whatever this says: nothing can wake it.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
     pub idle_timeout: u64,
+    /// Fail a migration whose peer makes no progress for this long: a destination's source
+    /// that connects and sends nothing or stops mid-stream, a source's destination that stops
+    /// taking the stream or acknowledging rounds (the VM then runs on at the source); 0 waits
+    /// for ever.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_MIGRATE_TIMEOUT_S)]
+    pub migrate_timeout: u64,
     /// Precopy stops iterating when the estimated downtime is at most this.
     #[arg(long, value_name = "MS", default_value_t = source::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
@@ -340,6 +348,11 @@ pub struct MachineArgs {
 }
 
 impl MachineArgs {
+    /// `--migrate-timeout` as a limit (`None`: 0, wait for ever).
+    pub fn migrate_idle_limit(&self) -> Option<std::time::Duration> {
+        (self.migrate_timeout > 0).then(|| std::time::Duration::from_secs(self.migrate_timeout))
+    }
+
     /// `--idle-timeout` as a limit (`None`: 0, never end a VM asleep with interrupts on).
     pub fn idle_limit(&self) -> Option<std::time::Duration> {
         (self.idle_timeout > 0).then(|| std::time::Duration::from_secs(self.idle_timeout))

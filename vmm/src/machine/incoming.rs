@@ -20,15 +20,16 @@ use crate::migrate::MigrateError;
 use crate::pager::PageSource;
 
 /// Listens at `addr`, says so on stdout (`waiting for the migration source at ADDR`: tests and
-/// scripts wait for this line), and accepts one source's header.
-pub fn accept(addr: &Address) -> anyhow::Result<Pending> {
+/// scripts wait for this line), and accepts one source's header; the source must make progress
+/// at least every `idle` (`--migrate-timeout`) from its connection on.
+pub fn accept(addr: &Address, idle: Option<std::time::Duration>) -> anyhow::Result<Pending> {
     let listener = addr.listen()?;
     if let Address::Unix(path) = addr {
         // A signal while this waits ends the process before the listener's drop removes it.
         super::signals::remove_on_early_exit(path.clone());
     }
     println!("waiting for the migration source at {}", listener.address());
-    destination::accept(&listener).context("incoming migration failed; nothing runs here")
+    destination::accept(&listener, idle).context("incoming migration failed; nothing runs here")
 }
 
 impl Machine {

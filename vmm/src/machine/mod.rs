@@ -525,6 +525,7 @@ impl MigrationPlan {
             downtime: Duration::from_millis(args.downtime_ms),
             max_rounds: args.max_rounds.max(1),
             postcopy_after: None,
+            idle_timeout: args.migrate_idle_limit(),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// Errors parsing an address or opening its socket; each names the address and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +224,25 @@ impl Connection {
         })
     }
 
+    /// Fails a read or a write on this socket (every handle of it) that makes no progress for
+    /// `limit` (`None`: waits for ever), with an error that names the limit.
+    pub fn set_idle_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_idle_timeout(limit)?;
+        match self {
+            Connection::Tcp(s) => s.set_write_timeout(limit),
+            Connection::Unix(s) => s.set_write_timeout(limit),
+        }
+    }
+
+    /// Like [`set_idle_timeout`](Self::set_idle_timeout) for reads only (a postcopy source's
+    /// back channel may rightly stay quiet while it pushes pages).
+    pub fn set_read_idle_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_read_timeout(limit),
+            Connection::Unix(s) => s.set_read_timeout(limit),
+        }
+    }
+
     /// Closes the sending direction (the peer reads end-of-file).
     pub fn shutdown_write(&self) -> io::Result<()> {
         match self {
@@ -232,11 +252,35 @@ impl Connection {
     }
 }
 
+/// The error of a read or write that hit the socket's timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO`
+/// report EAGAIN): says which way the peer stalled and for how long.
+fn stalled(e: io::Error, reading: bool, limit: Option<Duration>) -> io::Error {
+    if !matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        return e;
+    }
+    let secs = limit.map_or(0.0, |l| l.as_secs_f64());
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        if reading {
+            format!("the peer sent nothing for {secs} s (--migrate-timeout)")
+        } else {
+            format!("the peer took nothing for {secs} s (--migrate-timeout)")
+        },
+    )
+}
+
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Connection::Tcp(s) => s.read(buf),
-            Connection::Unix(s) => s.read(buf),
+            Connection::Tcp(s) => s
+                .read(buf)
+                .map_err(|e| stalled(e, true, s.read_timeout().ok().flatten())),
+            Connection::Unix(s) => s
+                .read(buf)
+                .map_err(|e| stalled(e, true, s.read_timeout().ok().flatten())),
         }
     }
 }
@@ -244,8 +288,12 @@ impl Read for Connection {
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Connection::Tcp(s) => s.write(buf),
-            Connection::Unix(s) => s.write(buf),
+            Connection::Tcp(s) => s
+                .write(buf)
+                .map_err(|e| stalled(e, false, s.write_timeout().ok().flatten())),
+            Connection::Unix(s) => s
+                .write(buf)
+                .map_err(|e| stalled(e, false, s.write_timeout().ok().flatten())),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -109,9 +109,12 @@ impl Pending {
     }
 }
 
-/// Accepts one source on `listener` and reads its header.
-pub fn accept(listener: &Listener) -> Result<Pending, MigrateError> {
+/// Accepts one source on `listener` and reads its header. Every later read and write on the
+/// connection fails once the source makes no progress for `idle` (`--migrate-timeout`).
+pub fn accept(listener: &Listener, idle: Option<Duration>) -> Result<Pending, MigrateError> {
     let conn = listener.accept()?;
+    conn.set_idle_timeout(idle)
+        .map_err(|source| StreamError::Io { offset: 0, source })?;
     let input = conn
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;

@@ -49,6 +49,9 @@ pub struct MigrateConfig {
     /// Switch to postcopy after this many rounds (at least 1: the full pass) instead of
     /// iterating until the downtime fits.
     pub postcopy_after: Option<u32>,
+    /// Fail the migration (the VM runs on here) once the destination makes no progress for
+    /// this long (`--migrate-timeout`); `None` waits for ever.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// What the source needs from the running VM.
@@ -128,6 +131,8 @@ pub fn send(
         ));
     }
     let conn = to.connect()?;
+    conn.set_idle_timeout(cfg.idle_timeout)
+        .map_err(|source| StreamError::Io { offset: 0, source })?;
     let back = conn
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;
@@ -393,6 +398,12 @@ fn rounds<W: Write>(
             "switching to postcopy after round {}: {final_pages} pages written since, owed to the destination too",
             round - 1
         );
+        // The destination's back channel now carries only page requests, which may rightly
+        // stop while it runs without faults; a stalled destination still fails the push's
+        // writes after --migrate-timeout.
+        back.get_ref()
+            .set_read_idle_timeout(None)
+            .map_err(|source| StreamError::Io { offset: 0, source })?;
         let out = postcopy::push(
             w,
             back,

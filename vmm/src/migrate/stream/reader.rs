@@ -90,6 +90,11 @@ impl<R: Read> StreamReader<R> {
         Ok((r, layout))
     }
 
+    /// The input the chunks are read from.
+    pub fn get_ref(&self) -> &R {
+        &self.input
+    }
+
     /// A reader of bare chunks (the source reading the destination's acknowledgement).
     pub fn headless(input: R) -> StreamReader<R> {
         StreamReader {
