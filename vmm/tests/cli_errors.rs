@@ -2,7 +2,8 @@
 //! fix, exit code 1, no panic and no backtrace.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
@@ -19,6 +20,45 @@ fn run(args: &[&str]) -> Output {
         .env("RUST_BACKTRACE", "1")
         .output()
         .expect("run vmm")
+}
+
+/// How long refusing a bad kernel or initrd may take (README "Bad kernels and initrds").
+const REFUSED_WITHIN: Duration = Duration::from_secs(1);
+/// A run still going after this is killed, so a hang fails the test instead of stalling it.
+const HANG: Duration = Duration::from_secs(20);
+
+/// Runs `vmm args` (killed after [`HANG`]) and returns its output and how long it ran.
+fn run_timed(args: &[&str]) -> (Output, Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(VMM)
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vmm");
+    while child.try_wait().expect("wait for vmm").is_none() {
+        if started.elapsed() > HANG {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = started.elapsed();
+    (child.wait_with_output().expect("vmm output"), elapsed)
+}
+
+/// Runs `vmm args`, asserts it failed as [`expect_error`] checks within [`REFUSED_WITHIN`], and
+/// returns the message.
+fn expect_refused_fast(args: &[&str], fragments: &[&str]) -> String {
+    let (out, elapsed) = run_timed(args);
+    assert!(
+        elapsed < REFUSED_WITHIN,
+        "vmm {args:?} took {elapsed:.2?}; stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    expect_error(&out, fragments)
 }
 
 /// Asserts the failure shape and that the message contains every fragment; returns the message.
@@ -114,11 +154,136 @@ fn missing_kernel_file() {
     );
 }
 
+/// `path` (not a regular file, `kind` in words) is refused fast as a kernel and as an initrd,
+/// without being read or opened for long.
+fn assert_not_regular_refused(path: &str, kind: &str) {
+    let d = tmpdir("kernel-for-initrd");
+    let k = write(&d, "vmlinux", &elf());
+    expect_refused_fast(
+        &["--kernel", path],
+        &[
+            "cannot read kernel",
+            path,
+            kind,
+            "not a regular file",
+            "give --kernel",
+        ],
+    );
+    expect_refused_fast(
+        &["--kernel", &k, "--initrd", path, "--mem", "64M"],
+        &[
+            "cannot read initrd",
+            path,
+            kind,
+            "not a regular file",
+            "give --initrd",
+        ],
+    );
+}
+
 #[test]
-fn unreadable_kernel() {
-    let d = tmpdir("unreadable");
-    let out = run(&["--kernel", d.to_str().unwrap()]);
-    expect_error(&out, &["cannot read kernel", "--kernel"]);
+fn directory_as_kernel_or_initrd() {
+    let d = tmpdir("dir");
+    assert_not_regular_refused(d.to_str().unwrap(), "a directory");
+}
+
+/// /dev/zero never ends: read whole, it would take all memory.
+#[test]
+fn character_device_as_kernel_or_initrd() {
+    assert_not_regular_refused("/dev/zero", "a character device");
+}
+
+#[test]
+fn block_device_as_kernel_or_initrd() {
+    let found = std::fs::read_dir("/dev").unwrap().flatten().find(|e| {
+        e.file_type()
+            .is_ok_and(|t| std::os::unix::fs::FileTypeExt::is_block_device(&t))
+    });
+    let Some(dev) = found else {
+        eprintln!("skipped: no block device in /dev here");
+        return;
+    };
+    assert_not_regular_refused(dev.path().to_str().unwrap(), "a block device");
+}
+
+/// Opening a FIFO for reading waits for a writer; reading it waits for data.
+#[test]
+fn fifo_as_kernel_or_initrd() {
+    let d = tmpdir("fifo");
+    let fifo = d.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert_not_regular_refused(fifo.to_str().unwrap(), "a FIFO");
+}
+
+#[test]
+fn socket_as_kernel_or_initrd() {
+    let d = tmpdir("socket");
+    let sock = d.join("sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    assert_not_regular_refused(sock.to_str().unwrap(), "a socket");
+}
+
+/// A kernel file over 1 GiB is refused from its size, before a byte is read.
+#[test]
+fn kernel_larger_than_any_kernel() {
+    let d = tmpdir("hugekernel");
+    let k = d.join("vmlinuz");
+    std::fs::File::create(&k)
+        .unwrap()
+        .set_len((1 << 30) + 1)
+        .unwrap();
+    expect_refused_fast(
+        &["--kernel", k.to_str().unwrap()],
+        &[
+            "1073741825 bytes",
+            "more than the 1G accepted",
+            "give --kernel",
+        ],
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// An initrd that no --mem could place (it must end below 2 GiB for this kernel) is refused
+/// from its size, before a byte is read.
+#[test]
+fn initrd_larger_than_any_guest() {
+    let d = tmpdir("hugeinitrd");
+    let k = write(&d, "vmlinux", &elf());
+    let initrd = d.join("initrd");
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    expect_refused_fast(
+        &[
+            "--kernel",
+            &k,
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--mem",
+            "4G",
+        ],
+        &[
+            "more than any guest can hold",
+            "whatever --mem is",
+            "0x80000000",
+            "give --initrd a smaller initramfs",
+        ],
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn empty_initrd() {
+    let d = tmpdir("emptyinitrd");
+    let k = write(&d, "vmlinux", &elf());
+    let initrd = write(&d, "initrd", b"");
+    expect_refused_fast(
+        &["--kernel", &k, "--initrd", &initrd, "--mem", "64M"],
+        &["initrd", "is empty", "--initrd"],
+    );
 }
 
 #[test]
@@ -182,15 +347,17 @@ fn initrd_does_not_fit_in_mem() {
         .unwrap()
         .set_len(40 << 20)
         .unwrap();
-    let out = run(&[
-        "--kernel",
-        &k,
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--mem",
-        "32M",
-    ]);
-    expect_error(&out, &["initrd", "does not fit", "--mem"]);
+    expect_refused_fast(
+        &[
+            "--kernel",
+            &k,
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--mem",
+            "32M",
+        ],
+        &["initrd", "does not fit", "--mem"],
+    );
 }
 
 #[test]

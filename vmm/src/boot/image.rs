@@ -1,12 +1,10 @@
 //! A kernel file read and validated as a bzImage or a vmlinux ELF, not yet loaded: its kind, the
 //! guest memory it needs, and whether an initrd fits beside it.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::{
-    bzimage, decompress, elf, place_initrd, BootError, BZIMAGE_LOAD_GPA, ELF_INITRD_ADDR_MAX,
-};
+use super::input::{self, Input, InputError, InputFile};
+use super::{bzimage, elf, place_initrd, BootError, BZIMAGE_LOAD_GPA, ELF_INITRD_ADDR_MAX};
 use crate::memory::MMIO_HOLE_START;
 
 /// What kind of kernel the file is.
@@ -29,21 +27,7 @@ pub struct KernelImage {
 impl KernelImage {
     /// Reads and validates `path`.
     pub fn from_file(path: &Path) -> Result<KernelImage, BootError> {
-        let read = || -> std::io::Result<Vec<u8>> {
-            let mut file = std::fs::File::open(path)?;
-            let len = file.metadata()?.len();
-            // A kernel is tens of MiB: a buffer hinted to huge pages takes it without a page
-            // fault per 4 KiB (see `advise_huge_pages`).
-            let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-            let spare = bytes.spare_capacity_mut();
-            decompress::advise_huge_pages(spare.as_ptr().cast(), spare.len());
-            file.read_to_end(&mut bytes)?;
-            Ok(bytes)
-        };
-        let bytes = read().map_err(|source| BootError::ReadKernel {
-            path: path.into(),
-            source,
-        })?;
+        let bytes = input::read_kernel(path)?;
         KernelImage::parse(path, bytes)
     }
 
@@ -101,25 +85,63 @@ impl KernelImage {
         match self.kind {
             KernelKind::BzImage(s) => {
                 let in_place = BZIMAGE_LOAD_GPA + (self.bytes.len() - s.setup_bytes) as u64;
-                in_place.max(s.pref_address.max(BZIMAGE_LOAD_GPA) + u64::from(s.init_size))
+                // Saturating: a corrupt pref_address must not wrap to a small end.
+                in_place.max(
+                    s.pref_address
+                        .max(BZIMAGE_LOAD_GPA)
+                        .saturating_add(u64::from(s.init_size)),
+                )
             }
             KernelKind::Elf(e) => e.end,
         }
     }
 
-    /// Checks, before any memory is mapped, that an initrd of `size` bytes fits beside the kernel.
-    pub fn check_initrd_fits(&self, mem_bytes: u64, size: u64) -> Result<(), BootError> {
-        let max = match self.kind {
+    /// The kernel's `initrd_addr_max` (a vmlinux has none: what 64-bit kernels declare).
+    fn initrd_addr_max(&self) -> u32 {
+        match self.kind {
             KernelKind::BzImage(s) => s.initrd_addr_max,
             KernelKind::Elf(_) => ELF_INITRD_ADDR_MAX,
-        };
-        place_initrd(max, mem_bytes, self.required_end(), size).map(|_| ())
+        }
+    }
+
+    /// Checks, before any memory is mapped, that an initrd of `size` bytes fits beside the kernel.
+    pub fn check_initrd_fits(&self, mem_bytes: u64, size: u64) -> Result<(), BootError> {
+        place_initrd(self.initrd_addr_max(), mem_bytes, self.required_end(), size).map(|_| ())
+    }
+
+    /// Reads the initrd at `path` for a guest of `mem_bytes`: a regular, non-empty file that fits
+    /// beside this kernel, judged by its `fstat` size before a byte of it is read.
+    pub fn read_initrd(&self, path: &Path, mem_bytes: u64) -> Result<Vec<u8>, BootError> {
+        let file = InputFile::open(Input::Initrd, path)?;
+        if file.is_empty() {
+            return Err(InputError::EmptyInitrd(path.into()).into());
+        }
+        let size = file.len();
+        // The largest guest has all of low RAM: if the initrd does not fit there, no --mem helps.
+        if let Err(BootError::InitrdTooBig { kend, limit, .. }) =
+            place_initrd(self.initrd_addr_max(), u64::MAX, self.required_end(), size)
+        {
+            return Err(BootError::InitrdBeyondAnyGuest {
+                path: path.into(),
+                size,
+                kend,
+                limit,
+            });
+        }
+        self.check_initrd_fits(mem_bytes, size)?;
+        Ok(file.read_all()?)
     }
 
     /// Checks that the kernel fits in `mem_bytes` of RAM (laid out as `GuestRam` does).
     pub fn check_fits(&self, mem_bytes: u64) -> Result<(), BootError> {
         let have = mem_bytes.min(MMIO_HOLE_START);
         let need = self.required_end();
+        if need > MMIO_HOLE_START {
+            return Err(BootError::KernelBeyondLowRam {
+                path: self.path.clone(),
+                need,
+            });
+        }
         if need > have {
             return Err(BootError::KernelTooBig { need, have });
         }

@@ -6,6 +6,7 @@ pub mod bzimage;
 pub mod decompress;
 pub mod elf;
 mod image;
+pub mod input;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -59,22 +60,9 @@ const PAGE: u64 = 0x1000;
 /// Errors loading the kernel; each names the file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// The kernel file cannot be read.
-    #[error("cannot read kernel {path}: {source}; check the --kernel path")]
-    ReadKernel {
-        /// Path given.
-        path: PathBuf,
-        /// OS error.
-        source: std::io::Error,
-    },
-    /// The initrd cannot be read.
-    #[error("cannot read initrd {path}: {source}; check the --initrd path")]
-    ReadInitrd {
-        /// Path given.
-        path: PathBuf,
-        /// OS error.
-        source: std::io::Error,
-    },
+    /// The kernel or initrd file is not a regular file of a sane size, or cannot be read.
+    #[error(transparent)]
+    Input(#[from] input::InputError),
     /// The kernel file is empty.
     #[error("kernel {0} is empty: give --kernel a bzImage or a vmlinux ELF")]
     Empty(PathBuf),
@@ -132,6 +120,26 @@ pub enum BootError {
         need: u64,
         /// Low RAM available.
         have: u64,
+    },
+    /// The kernel asks for memory beyond what any guest has below the PCI hole.
+    #[error("kernel {path} needs guest RAM up to {need:#x}, beyond the 3 GiB below the PCI hole that a kernel must fit in whatever --mem is: its setup header (pref_address, init_size) or its ELF segments are corrupt; give --kernel another kernel")]
+    KernelBeyondLowRam {
+        /// Path.
+        path: PathBuf,
+        /// Guest-physical end it needs.
+        need: u64,
+    },
+    /// The initrd is too large for any guest.
+    #[error("initrd {path} is {size} bytes, more than any guest can hold beside this kernel whatever --mem is: an initrd must lie between the kernel's end ({kend:#x}) and {limit:#x} (the lower of the kernel's initrd_addr_max and the PCI hole at 3 GiB); give --initrd a smaller initramfs")]
+    InitrdBeyondAnyGuest {
+        /// Path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// End of the kernel, page aligned.
+        kend: u64,
+        /// Highest end an initrd may have.
+        limit: u64,
     },
     /// The initrd does not fit.
     #[error("the initrd ({size_h}) does not fit between the kernel's end ({kend:#x}) and the highest address it may use ({limit:#x}): use --mem {min_h} or more", size_h = human_up(*size), min_h = human_up(*kend + *size + PAGE))]

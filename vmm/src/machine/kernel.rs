@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,10 +148,10 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
     let kernel = KernelImage::from_file(kernel_path)?;
     kernel.check_fits(cli.mem)?;
     clock.mark("kernel file read");
-    let initrd = read_initrd(cli.initrd.as_deref())?;
-    if let Some(data) = &initrd {
-        kernel.check_initrd_fits(cli.mem, data.len() as u64)?;
-    }
+    let initrd = match cli.initrd.as_deref() {
+        Some(path) => Some(kernel.read_initrd(path, cli.mem)?),
+        None => None,
+    };
     check_cpus(cli.cpus)?;
 
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
@@ -203,18 +202,6 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
     clock.mark("vCPUs configured");
     let i8042 = Arc::new(I8042::new(machine.exit().clone()));
     serve(cli, machine, vcpus, i8042, &plan, None)
-}
-
-fn read_initrd(path: Option<&Path>) -> Result<Option<Vec<u8>>> {
-    match path {
-        Some(p) => Ok(Some(std::fs::read(p).map_err(|source| {
-            boot::BootError::ReadInitrd {
-                path: p.to_path_buf(),
-                source,
-            }
-        })?)),
-        None => Ok(None),
-    }
 }
 
 /// Receives a kernel VM from `pending` (its spec already checked against the flags) and runs
