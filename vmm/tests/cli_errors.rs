@@ -82,7 +82,7 @@ fn expect_error(out: &Output, fragments: &[&str]) -> String {
 const SECTOR: usize = 512;
 
 /// A bzImage-shaped file: protocol 2.15, 64-bit, 1 setup sector, `syssize` paragraphs promised,
-/// `pref_address` 16 MiB and `init_size` 32 MiB.
+/// an 8-byte payload at the start of the code, `pref_address` 16 MiB and `init_size` 32 MiB.
 fn bzimage(syssize: u32, body: usize) -> Vec<u8> {
     let mut b = vec![0u8; 2 * SECTOR + body];
     b[0x1f1] = 1;
@@ -95,7 +95,19 @@ fn bzimage(syssize: u32, body: usize) -> Vec<u8> {
     b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
     b[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
     b[0x260..0x264].copy_from_slice(&0x200_0000u32.to_le_bytes());
+    set_u32(&mut b, PAYLOAD_LENGTH, 8);
     b
+}
+
+/// Setup-header fields the header tests change (boot.rst, "The Real-Mode Kernel Header").
+const SETUP_SECTS: usize = 0x1f1;
+const PAYLOAD_OFFSET: usize = 0x248;
+const PAYLOAD_LENGTH: usize = 0x24c;
+const PREF_ADDRESS: usize = 0x258;
+const INIT_SIZE: usize = 0x260;
+
+fn set_u32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
 }
 
 /// A minimal x86-64 ELF executable: one 16-byte segment at 16 MiB.
@@ -306,6 +318,83 @@ fn truncated_bzimage() {
     expect_error(&run(&["--kernel", &k]), &["truncated", "promises"]);
     let short = write(&d, "short", &bzimage(1, 0)[..0x210]);
     expect_error(&run(&["--kernel", &short]), &["truncated"]);
+}
+
+/// `setup_sects` says the kernel code starts beyond the end of the file.
+#[test]
+fn setup_sects_beyond_the_file() {
+    let d = tmpdir("sects");
+    let mut b = bzimage(1, 16);
+    b[SETUP_SECTS] = 200;
+    let k = write(&d, "bz", &b);
+    expect_refused_fast(&["--kernel", &k], &["truncated", "promises 102928"]);
+}
+
+#[test]
+fn payload_length_zero() {
+    let d = tmpdir("nopayload");
+    let mut b = bzimage(1, 16);
+    set_u32(&mut b, PAYLOAD_LENGTH, 0);
+    let k = write(&d, "bz", &b);
+    expect_refused_fast(
+        &["--kernel", &k],
+        &[
+            "not a usable bzImage",
+            "payload_length is 0",
+            "copy or build it again",
+        ],
+    );
+}
+
+/// `payload_offset`/`payload_length` point past the code (and the file).
+#[test]
+fn payload_beyond_the_file() {
+    let d = tmpdir("farpayload");
+    let mut b = bzimage(1, 16);
+    set_u32(&mut b, PAYLOAD_OFFSET, 0x10_0000);
+    let k = write(&d, "bz", &b);
+    expect_refused_fast(
+        &["--kernel", &k],
+        &[
+            "payload_offset 0x100000",
+            "beyond the kernel code",
+            "copy or build it again",
+        ],
+    );
+    let mut b = bzimage(1, 16);
+    set_u32(&mut b, PAYLOAD_LENGTH, u32::MAX);
+    let k = write(&d, "bz2", &b);
+    expect_refused_fast(&["--kernel", &k], &["payload_length 0xffffffff"]);
+}
+
+#[test]
+fn init_size_smaller_than_the_code() {
+    let d = tmpdir("initsize");
+    let mut b = bzimage(1, 16);
+    set_u32(&mut b, INIT_SIZE, 4);
+    let k = write(&d, "bz", &b);
+    expect_refused_fast(
+        &["--kernel", &k],
+        &["init_size", "less than its own 0x10 bytes"],
+    );
+}
+
+/// A `pref_address` no guest has RAM at: no --mem is suggested, since none would do.
+#[test]
+fn kernel_beyond_any_guest_ram() {
+    let d = tmpdir("prefaddr");
+    let mut b = bzimage(1, 16);
+    b[PREF_ADDRESS..PREF_ADDRESS + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let k = write(&d, "bz", &b);
+    let msg = expect_refused_fast(
+        &["--kernel", &k, "--mem", "4G"],
+        &[
+            "beyond the 3 GiB below the PCI hole",
+            "pref_address",
+            "give --kernel",
+        ],
+    );
+    assert!(!msg.contains("use --mem"), "{msg}");
 }
 
 #[test]

@@ -62,6 +62,7 @@ impl KernelImage {
                     return Err(BootError::OldProtocol { path, version })
                 }
                 Err(P::Not64Bit) => return Err(BootError::Not64Bit(path)),
+                Err(problem) => return Err(BootError::Header { path, problem }),
             }
         } else {
             let head = bytes

@@ -97,6 +97,14 @@ pub enum BootError {
         "kernel {0} has no 64-bit entry point (XLF_KERNEL_64 is clear): build an x86_64 kernel"
     )]
     Not64Bit(PathBuf),
+    /// Setup-header sizes or offsets that disagree with the file.
+    #[error("kernel {path} is not a usable bzImage: its setup header {problem}; the file is corrupt: copy or build it again")]
+    Header {
+        /// Path.
+        path: PathBuf,
+        /// Which fields disagree.
+        problem: bzimage::HeaderProblem,
+    },
     /// Neither bzImage nor ELF.
     #[error("kernel {path} is neither a bzImage nor an ELF file (it starts with {head}): give --kernel a bzImage (arch/x86/boot/bzImage, /boot/vmlinuz-*) or a vmlinux ELF")]
     UnknownFormat {
