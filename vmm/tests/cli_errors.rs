@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use vmm::boot::decompress::Compression;
+
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -82,7 +84,8 @@ fn expect_error(out: &Output, fragments: &[&str]) -> String {
 const SECTOR: usize = 512;
 
 /// A bzImage-shaped file: protocol 2.15, 64-bit, 1 setup sector, `syssize` paragraphs promised,
-/// an 8-byte payload at the start of the code, `pref_address` 16 MiB and `init_size` 32 MiB.
+/// loaded high at 1 MiB, an 8-byte payload at the start of the code, `pref_address` 16 MiB and
+/// `init_size` 32 MiB.
 fn bzimage(syssize: u32, body: usize) -> Vec<u8> {
     let mut b = vec![0u8; 2 * SECTOR + body];
     b[0x1f1] = 1;
@@ -95,6 +98,8 @@ fn bzimage(syssize: u32, body: usize) -> Vec<u8> {
     b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
     b[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
     b[0x260..0x264].copy_from_slice(&0x200_0000u32.to_le_bytes());
+    b[0x211] = 1; // loadflags: LOADED_HIGH
+    set_u32(&mut b, 0x214, 0x10_0000); // code32_start
     set_u32(&mut b, PAYLOAD_LENGTH, 8);
     b
 }
@@ -108,6 +113,15 @@ const INIT_SIZE: usize = 0x260;
 
 fn set_u32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// [`bzimage`] whose code is exactly `payload` (padded to a 16-byte paragraph).
+fn bzimage_with_payload(payload: &[u8]) -> Vec<u8> {
+    let mut b = bzimage(payload.len().div_ceil(16) as u32, 0);
+    b.extend_from_slice(payload);
+    b.resize(2 * SECTOR + payload.len().next_multiple_of(16), 0);
+    set_u32(&mut b, PAYLOAD_LENGTH, payload.len() as u32);
+    b
 }
 
 /// A minimal x86-64 ELF executable: one 16-byte segment at 16 MiB.
@@ -395,6 +409,53 @@ fn kernel_beyond_any_guest_ram() {
         ],
     );
     assert!(!msg.contains("use --mem"), "{msg}");
+}
+
+/// A payload that opens with the magic of a compression the host knows but does not decompress
+/// is an error before any VM exists, for every such compression (it used to boot through the
+/// in-guest decompressor, which prints "Decoding failed -- System halted" and stops).
+#[test]
+fn known_compression_that_does_not_decompress() {
+    let d = tmpdir("corrupt");
+    for c in Compression::ALL {
+        // The magic, 256 pseudo-random bytes, a 4 KiB size trailer.
+        let mut payload = c.magic().to_vec();
+        let mut x = 0x1234_5678u32;
+        for _ in 0..256 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            payload.push((x >> 16) as u8);
+        }
+        payload.extend_from_slice(&4096u32.to_le_bytes());
+        let k = write(&d, c.name(), &bzimage_with_payload(&payload));
+        expect_refused_fast(
+            &["--kernel", &k, "--mem", "64M"],
+            &[
+                &format!("kernel {k}: the bzImage's {c} payload is corrupt"),
+                "fetch the kernel again",
+            ],
+        );
+    }
+}
+
+/// A real gzip stream of a vmlinux, cut in the middle.
+#[test]
+fn truncated_gzip_payload() {
+    use std::io::Write;
+    let d = tmpdir("cutgzip");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let mut vmlinux = elf();
+    vmlinux.resize(64 << 10, 0x90);
+    gz.write_all(&vmlinux).unwrap();
+    let payload = gz.finish().unwrap();
+    let k = write(
+        &d,
+        "bz",
+        &bzimage_with_payload(&payload[..payload.len() / 2]),
+    );
+    expect_refused_fast(
+        &["--kernel", &k, "--mem", "64M"],
+        &["gzip payload is corrupt", "fetch the kernel again"],
+    );
 }
 
 #[test]

@@ -11,6 +11,8 @@ const OFF_SYSSIZE: usize = 0x1f4;
 const OFF_BOOT_FLAG: usize = 0x1fe;
 const OFF_HEADER: usize = 0x202;
 const OFF_VERSION: usize = 0x206;
+const OFF_LOADFLAGS: usize = 0x211;
+const OFF_CODE32_START: usize = 0x214;
 const OFF_INITRD_ADDR_MAX: usize = 0x22c;
 const OFF_XLOADFLAGS: usize = 0x236;
 const OFF_CMDLINE_SIZE: usize = 0x238;
@@ -29,6 +31,10 @@ pub const HDRS_MAGIC: u32 = 0x5372_6448;
 pub const MIN_PROTOCOL_64BIT: u16 = 0x020c;
 /// xloadflags bit 0: the kernel has the legacy 64-bit entry point at 0x200.
 pub const XLF_KERNEL_64: u16 = 1 << 0;
+/// loadflags bit 0: the protected-mode code is loaded at 0x100000 (a bzImage, not a zImage).
+pub const LOADED_HIGH: u8 = 1 << 0;
+/// Where a bzImage's protected-mode code goes: `code32_start` is never lower (boot.rst).
+const HIGH_LOAD_ADDRESS: u32 = 0x10_0000;
 /// Offset of `startup_64` from the start of the protected-mode code.
 pub const STARTUP_64_OFFSET: u64 = 0x200;
 /// A sector, the unit of `setup_sects`.
@@ -92,6 +98,12 @@ pub enum HeaderProblem {
         /// End of the protected-mode code in the file.
         code_end: usize,
     },
+    /// A zImage: its code loads at 0x10000.
+    #[error("has LOADED_HIGH clear in loadflags (a zImage, whose code loads below 1 MiB)")]
+    NotLoadedHigh,
+    /// `code32_start` below 1 MiB.
+    #[error("puts the kernel code at {0:#x} (code32_start), below 1 MiB")]
+    LowCode32Start(u32),
     /// `init_size` cannot even hold the kernel code.
     #[error("says the kernel needs {init_size:#x} bytes to run (init_size), less than its own {code:#x} bytes of code")]
     InitSizeTooSmall {
@@ -150,6 +162,14 @@ pub fn parse(b: &[u8]) -> Result<SetupInfo, HeaderProblem> {
     }
     if u16_at(b, OFF_XLOADFLAGS) & XLF_KERNEL_64 == 0 {
         return Err(HeaderProblem::Not64Bit);
+    }
+    // What linux-loader's BzImage::load requires of the in-guest path.
+    if b[OFF_LOADFLAGS] & LOADED_HIGH == 0 {
+        return Err(HeaderProblem::NotLoadedHigh);
+    }
+    let code32_start = u32_at(b, OFF_CODE32_START);
+    if code32_start < HIGH_LOAD_ADDRESS {
+        return Err(HeaderProblem::LowCode32Start(code32_start));
     }
     let sects = match b[OFF_SETUP_SECTS] as usize {
         0 => DEFAULT_SETUP_SECTS,
@@ -223,8 +243,27 @@ pub(crate) mod tests {
         b[OFF_CMDLINE_SIZE..OFF_CMDLINE_SIZE + 4].copy_from_slice(&2047u32.to_le_bytes());
         b[OFF_PREF_ADDRESS..OFF_PREF_ADDRESS + 8].copy_from_slice(&0x100_0000u64.to_le_bytes());
         b[OFF_INIT_SIZE..OFF_INIT_SIZE + 4].copy_from_slice(&0x200_0000u32.to_le_bytes());
+        b[OFF_LOADFLAGS] = LOADED_HIGH;
+        set_u32(&mut b, OFF_CODE32_START, HIGH_LOAD_ADDRESS);
         set_u32(&mut b, OFF_PAYLOAD_OFFSET, 8);
         set_u32(&mut b, OFF_PAYLOAD_LENGTH, 16);
+        b
+    }
+
+    /// [`fake_bzimage`] whose protected-mode code is exactly `payload` (padded to a paragraph),
+    /// pointed at by `payload_offset` 0 and `payload_length`.
+    pub(crate) fn fake_bzimage_with(payload: &[u8]) -> Vec<u8> {
+        let mut b = fake_bzimage();
+        b.truncate(2 * SECTOR);
+        b.extend_from_slice(payload);
+        b.resize(2 * SECTOR + payload.len().next_multiple_of(PARAGRAPH), 0);
+        set_u32(
+            &mut b,
+            OFF_SYSSIZE,
+            payload.len().div_ceil(PARAGRAPH) as u32,
+        );
+        set_u32(&mut b, OFF_PAYLOAD_OFFSET, 0);
+        set_u32(&mut b, OFF_PAYLOAD_LENGTH, payload.len() as u32);
         b
     }
 
@@ -313,6 +352,12 @@ pub(crate) mod tests {
                 code: 32
             })
         );
+        let mut zimage = b.clone();
+        zimage[OFF_LOADFLAGS] = 0;
+        assert_eq!(parse(&zimage), Err(HeaderProblem::NotLoadedHigh));
+        let mut low = b.clone();
+        set_u32(&mut low, OFF_CODE32_START, 0x1_0000);
+        assert_eq!(parse(&low), Err(HeaderProblem::LowCode32Start(0x1_0000)));
         // setup_sects beyond the file: 255 sectors of setup promise 128 KiB.
         let mut sects = b;
         sects[OFF_SETUP_SECTS] = 255;

@@ -303,7 +303,7 @@ pub fn decompress_payload(
     payload: &[u8],
 ) -> Result<Option<(Compression, Vec<u8>)>, DecompressError> {
     let Some(format) = Compression::detect(payload) else {
-        log::info!(
+        log::debug!(
             "bzImage payload starts with {:02x?}: no host-side decompressor for it",
             &payload[..payload.len().min(8)]
         );

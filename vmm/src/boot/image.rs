@@ -1,11 +1,15 @@
 //! A kernel file read and validated as a bzImage or a vmlinux ELF, not yet loaded: its kind, the
-//! guest memory it needs, and whether an initrd fits beside it.
+//! guest memory it needs, whether an initrd fits beside it, and its payload decompressed on the host.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
+use log::{info, warn};
+
+use super::decompress::{self, Compression};
 use super::input::{self, Input, InputError, InputFile};
 use super::{bzimage, elf, place_initrd, BootError, BZIMAGE_LOAD_GPA, ELF_INITRD_ADDR_MAX};
-use crate::memory::MMIO_HOLE_START;
+use crate::memory::{human, MMIO_HOLE_START};
 
 /// What kind of kernel the file is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,12 +20,25 @@ pub enum KernelKind {
     Elf(elf::ElfInfo),
 }
 
+/// What the host made of a bzImage's payload.
+#[derive(Debug)]
+pub(super) enum HostPayload {
+    /// Not tried: a vmlinux, or `--no-fast-boot`.
+    NotTried,
+    /// Decompressed into a vmlinux ELF the loader enters directly.
+    Vmlinux(Compression, Vec<u8>),
+    /// A compression the host does not know, or a vmlinux the loader cannot enter: the
+    /// in-guest decompressor runs.
+    InGuest,
+}
+
 /// A kernel file read and validated, not yet loaded.
 #[derive(Debug)]
 pub struct KernelImage {
     pub(super) path: PathBuf,
     pub(super) bytes: Vec<u8>,
     pub(super) kind: KernelKind,
+    pub(super) host: HostPayload,
 }
 
 impl KernelImage {
@@ -73,7 +90,64 @@ impl KernelImage {
                 .join(" ");
             return Err(BootError::UnknownFormat { path, head });
         };
-        Ok(KernelImage { path, bytes, kind })
+        Ok(KernelImage {
+            path,
+            bytes,
+            kind,
+            host: HostPayload::NotTried,
+        })
+    }
+
+    /// Decompresses a bzImage's payload on the host (the fast boot path); nothing for a vmlinux.
+    ///
+    /// A payload in a compression the host knows must decompress to what its size trailer says:
+    /// one that does not is an error here, before any VM exists (the in-guest decompressor would
+    /// only print "Decoding failed -- System halted"). A compression the host does not know is
+    /// left to the in-guest decompressor, with a warning naming its first bytes.
+    pub fn decompress_on_host(&mut self) -> Result<(), BootError> {
+        if !matches!(self.kind, KernelKind::BzImage(_)) {
+            return Ok(());
+        }
+        let path = self.path.display();
+        let started = Instant::now();
+        self.host = match decompress::decompress_bzimage(&self.bytes) {
+            Ok(Some((c, vmlinux))) => {
+                info!(
+                    "decompressed the {c} payload on the host in {:.2?} ({})",
+                    started.elapsed(),
+                    human(vmlinux.len() as u64)
+                );
+                match elf::parse(&vmlinux) {
+                    Ok(_) => HostPayload::Vmlinux(c, vmlinux),
+                    Err(why) => {
+                        warn!(
+                            "kernel {path}: its {c} payload decompressed to a vmlinux this \
+                             loader cannot enter ({why}); booting it through the in-guest \
+                             decompressor"
+                        );
+                        HostPayload::InGuest
+                    }
+                }
+            }
+            Ok(None) => {
+                let payload = decompress::bzimage_payload(&self.bytes).unwrap_or_default();
+                warn!(
+                    "kernel {path}: its bzImage payload is in a format the host does not \
+                     decompress (it starts with {:02x?}; the host knows {}): booting it through \
+                     the in-guest decompressor, which is slower",
+                    &payload[..payload.len().min(8)],
+                    Compression::ALL.map(Compression::name).join(", ")
+                );
+                HostPayload::InGuest
+            }
+            Err(source) => {
+                return Err(BootError::Payload {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        Ok(())
     }
 
     /// The kind of kernel.
@@ -153,6 +227,8 @@ impl KernelImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::{load, BootPath, BootSpec, LoadedKernel};
+    use crate::memory::{BackingKind, GuestRam};
 
     #[test]
     fn format_detection_errors() {
@@ -187,5 +263,74 @@ mod tests {
         img.check_fits(64 << 20).unwrap();
         let e = img.check_fits(32 << 20).unwrap_err();
         assert!(e.to_string().contains("--mem 48M"), "{e}");
+    }
+
+    fn bz_with(payload: &[u8]) -> KernelImage {
+        KernelImage::parse(Path::new("bz"), bzimage::tests::fake_bzimage_with(payload)).unwrap()
+    }
+
+    fn load_into_64m(img: &KernelImage) -> LoadedKernel {
+        let ram = GuestRam::new(64 << 20, BackingKind::Small).unwrap();
+        let spec = BootSpec {
+            kernel: img,
+            initrd: None,
+            cmdline: "console=ttyS0",
+            acpi_rsdp: None,
+        };
+        load(&ram, &spec).unwrap()
+    }
+
+    /// A compression's magic, 256 pseudo-random bytes and a 4 KiB size trailer.
+    fn garbage_payload(c: Compression) -> Vec<u8> {
+        let mut p = c.magic().to_vec();
+        let mut x = 0x1234_5678u32;
+        for _ in 0..256 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            p.push((x >> 16) as u8);
+        }
+        p.extend_from_slice(&4096u32.to_le_bytes());
+        p
+    }
+
+    #[test]
+    fn a_known_compression_that_does_not_decompress_is_an_error() {
+        for c in Compression::ALL {
+            let mut img = bz_with(&garbage_payload(c));
+            let e = img.decompress_on_host().unwrap_err();
+            assert!(
+                matches!(&e, BootError::Payload { source, .. } if source.to_string().contains(c.name())),
+                "{c}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_compression_boots_through_the_in_guest_decompressor() {
+        let mut img = bz_with(b"\x01\x02\x03\x04 no compression the host knows");
+        img.decompress_on_host().unwrap();
+        assert!(matches!(img.host, HostPayload::InGuest));
+        let l = load_into_64m(&img);
+        assert_eq!(l.path, BootPath::InGuestDecompressor);
+        assert_eq!(l.entry, BZIMAGE_LOAD_GPA + bzimage::STARTUP_64_OFFSET);
+    }
+
+    #[test]
+    fn a_gzip_payload_is_entered_as_its_vmlinux_and_a_cut_one_is_an_error() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&elf::tests::fake_elf()).unwrap();
+        let payload = gz.finish().unwrap();
+        let mut img = bz_with(&payload);
+        img.decompress_on_host().unwrap();
+        assert!(matches!(
+            img.host,
+            HostPayload::Vmlinux(Compression::Gzip, _)
+        ));
+        let l = load_into_64m(&img);
+        assert_eq!(l.path, BootPath::HostDecompressed(Compression::Gzip));
+        assert_eq!(l.entry, 0x100_0000);
+        let mut cut = bz_with(&payload[..payload.len() / 2]);
+        let e = cut.decompress_on_host().unwrap_err();
+        assert!(matches!(e, BootError::Payload { .. }), "{e}");
     }
 }

@@ -15,13 +15,14 @@ use std::time::Instant;
 use crate::hypervisor::VcpuOps;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use log::{debug, info, warn};
+use log::{debug, info};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
 use crate::arch::x86_64::ArchError;
 use crate::memory::{human, GuestRam, MMIO_HOLE_START};
 use decompress::Compression;
+use image::HostPayload;
 pub use image::{KernelImage, KernelKind};
 
 /// The default kernel command line: console on COM1 (and the early console, so the first lines
@@ -120,6 +121,14 @@ pub enum BootError {
         path: PathBuf,
         /// What is wrong.
         why: String,
+    },
+    /// A payload in a compression the host knows that does not decompress to a vmlinux.
+    #[error("kernel {path}: {source}")]
+    Payload {
+        /// Path.
+        path: PathBuf,
+        /// What the decompressor found.
+        source: decompress::DecompressError,
     },
     /// The kernel does not fit in RAM.
     #[error("the kernel needs guest RAM up to {need_h} but --mem gives {have_h} below the PCI hole: use --mem {min_h} or more", need_h = human_up(*need), have_h = human_up(*have), min_h = human_up(*need))]
@@ -258,14 +267,13 @@ pub fn place_initrd(
 /// Everything the loader needs.
 #[derive(Debug)]
 pub struct BootSpec<'a> {
-    /// The validated kernel.
+    /// The validated kernel; a bzImage whose payload [`KernelImage::decompress_on_host`] turned
+    /// into a vmlinux is entered directly, any other goes through its in-guest decompressor.
     pub kernel: &'a KernelImage,
     /// Initrd bytes.
     pub initrd: Option<&'a [u8]>,
     /// Command line.
     pub cmdline: &'a str,
-    /// Try host-side decompression of a bzImage first.
-    pub fast_boot: bool,
     /// ACPI RSDP address to hand to the kernel, if tables were written.
     pub acpi_rsdp: Option<u64>,
 }
@@ -318,42 +326,11 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<LoadedKernel, BootErr
         }
         KernelKind::BzImage(_) => {
             let hdr = bzimage::setup_header_of(&k.bytes);
-            let started = Instant::now();
-            let fast = if spec.fast_boot {
-                match decompress::decompress_bzimage(&k.bytes) {
-                    Ok(Some((c, vmlinux))) => {
-                        info!(
-                            "decompressed the {c:?} payload on the host in {:.2?} ({})",
-                            started.elapsed(),
-                            human(vmlinux.len() as u64)
-                        );
-                        match elf::parse(&vmlinux) {
-                            Ok(_) => Some((c, vmlinux)),
-                            Err(why) => {
-                                warn!("the decompressed payload is not a usable ELF ({why}); using the in-guest decompressor");
-                                None
-                            }
-                        }
-                    }
-                    Ok(None) => {
-                        info!("bzImage payload compression not recognised on the host; using the in-guest decompressor");
-                        None
-                    }
-                    Err(e) => {
-                        warn!(
-                            "host-side decompression failed ({e}); using the in-guest decompressor"
-                        );
-                        None
-                    }
-                }
-            } else {
-                None
-            };
             let reserve_end = k.required_end();
-            match fast {
-                Some((c, vmlinux)) => {
+            match &k.host {
+                HostPayload::Vmlinux(c, vmlinux) => {
                     let copy_started = Instant::now();
-                    let (entry, end) = load_elf(mem, &k.path, &vmlinux)?;
+                    let (entry, end) = load_elf(mem, &k.path, vmlinux)?;
                     debug!(
                         "vmlinux segments copied into guest RAM in {:.2?}",
                         copy_started.elapsed()
@@ -362,10 +339,10 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<LoadedKernel, BootErr
                         hdr,
                         entry,
                         end.max(reserve_end),
-                        BootPath::HostDecompressed(c),
+                        BootPath::HostDecompressed(*c),
                     )
                 }
-                None => {
+                HostPayload::NotTried | HostPayload::InGuest => {
                     let res = BzImage::load(
                         mem,
                         Some(GuestAddress(BZIMAGE_LOAD_GPA)),
@@ -493,7 +470,6 @@ mod tests {
             kernel: &img,
             initrd: Some(&initrd),
             cmdline: "console=ttyS0 x=1",
-            fast_boot: true,
             acpi_rsdp: None,
         };
         let l = load(&ram, &spec).unwrap();

@@ -145,13 +145,18 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
         bail!("no kernel given: pass --kernel PATH (a bzImage or vmlinux) or --guest NAME");
     };
     check_host_memory(cli.mem)?;
-    let kernel = KernelImage::from_file(kernel_path)?;
+    let mut kernel = KernelImage::from_file(kernel_path)?;
     kernel.check_fits(cli.mem)?;
     clock.mark("kernel file read");
     let initrd = match cli.initrd.as_deref() {
         Some(path) => Some(kernel.read_initrd(path, cli.mem)?),
         None => None,
     };
+    // Before any VM exists: a payload that does not decompress ends the run here.
+    if !cli.no_fast_boot {
+        kernel.decompress_on_host()?;
+        clock.mark("kernel payload decompressed");
+    }
     check_cpus(cli.cpus)?;
 
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
@@ -175,7 +180,6 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
             kernel: &kernel,
             initrd: initrd.as_deref(),
             cmdline: &cmdline,
-            fast_boot: !cli.no_fast_boot,
             acpi_rsdp: Some(rsdp),
         },
     )?;
