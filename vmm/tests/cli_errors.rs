@@ -458,6 +458,30 @@ fn truncated_gzip_payload() {
     );
 }
 
+/// A vmlinux whose program headers or segment lie beyond the file.
+#[test]
+fn elf_offsets_beyond_the_file() {
+    let d = tmpdir("badelf");
+    let mut b = elf();
+    b[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes()); // e_phoff
+    let k = write(&d, "phoff", &b);
+    expect_refused_fast(
+        &["--kernel", &k],
+        &[
+            "not a bootable x86-64 vmlinux",
+            "program headers run past the end",
+            "give --kernel",
+        ],
+    );
+    let mut b = elf();
+    b[0x40 + 0x20..0x40 + 0x28].copy_from_slice(&(1u64 << 20).to_le_bytes()); // p_filesz
+    let k = write(&d, "filesz", &b);
+    expect_refused_fast(
+        &["--kernel", &k],
+        &["segment 0 ends at file offset", "beyond the file"],
+    );
+}
+
 #[test]
 fn wrong_boot_protocol_magic() {
     let d = tmpdir("magic");

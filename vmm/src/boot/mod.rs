@@ -115,7 +115,7 @@ pub enum BootError {
         head: String,
     },
     /// An ELF that cannot be booted.
-    #[error("kernel {path} is not a bootable x86-64 vmlinux: {why}")]
+    #[error("kernel {path} is not a bootable x86-64 vmlinux: {why}; give --kernel an intact x86-64 vmlinux or bzImage")]
     BadElf {
         /// Path.
         path: PathBuf,
