@@ -393,6 +393,29 @@ fn init_size_smaller_than_the_code() {
     );
 }
 
+/// What the in-guest path's loader needs: a bzImage (not a zImage) whose code goes at 1 MiB or
+/// above, with a 64-bit entry (protocol 2.12+, XLF_KERNEL_64).
+#[test]
+fn zimage_low_code32_start_or_no_64bit_entry() {
+    let d = tmpdir("zimage");
+    let mut b = bzimage(1, 16);
+    b[0x211] = 0;
+    let k = write(&d, "zimage", &b);
+    expect_refused_fast(&["--kernel", &k], &["LOADED_HIGH clear", "zImage"]);
+    let mut b = bzimage(1, 16);
+    set_u32(&mut b, 0x214, 0x1_0000);
+    let k = write(&d, "low", &b);
+    expect_refused_fast(&["--kernel", &k], &["at 0x10000 (code32_start)"]);
+    let mut b = bzimage(1, 16);
+    b[0x206..0x208].copy_from_slice(&0x0206u16.to_le_bytes());
+    let k = write(&d, "old", &b);
+    expect_refused_fast(&["--kernel", &k], &["boot protocol 2.06", "2.12 or later"]);
+    let mut b = bzimage(1, 16);
+    b[0x236] = 0;
+    let k = write(&d, "32bit", &b);
+    expect_refused_fast(&["--kernel", &k], &["XLF_KERNEL_64 is clear"]);
+}
+
 /// A `pref_address` no guest has RAM at: no --mem is suggested, since none would do.
 #[test]
 fn kernel_beyond_any_guest_ram() {
@@ -479,6 +502,23 @@ fn elf_offsets_beyond_the_file() {
     expect_refused_fast(
         &["--kernel", &k],
         &["segment 0 ends at file offset", "beyond the file"],
+    );
+}
+
+/// A gzip payload that decompresses, but not to an ELF file.
+#[test]
+fn payload_that_is_not_a_vmlinux() {
+    use std::io::Write;
+    let d = tmpdir("notelf");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&b"not a kernel\n".repeat(100)).unwrap();
+    let k = write(&d, "bz", &bzimage_with_payload(&gz.finish().unwrap()));
+    expect_refused_fast(
+        &["--kernel", &k, "--mem", "64M"],
+        &[
+            "gzip payload decompressed to data that is not an ELF file",
+            "build or fetch",
+        ],
     );
 }
 
