@@ -200,7 +200,8 @@ pub enum DecompressError {
     /// The output is not an ELF file.
     #[error(
         "the bzImage's {format} payload decompressed to data that is not an ELF file (it starts \
-         with {head:02x?}): boot it with --no-fast-boot"
+         with {head:02x?}), which the kernel's own decompressor refuses too: build or fetch the \
+         kernel again"
     )]
     NotElf {
         /// Compression of the payload.
@@ -303,7 +304,7 @@ pub fn decompress_payload(
     payload: &[u8],
 ) -> Result<Option<(Compression, Vec<u8>)>, DecompressError> {
     let Some(format) = Compression::detect(payload) else {
-        log::info!(
+        log::debug!(
             "bzImage payload starts with {:02x?}: no host-side decompressor for it",
             &payload[..payload.len().min(8)]
         );

@@ -42,7 +42,7 @@ pub fn is_elf(b: &[u8]) -> bool {
 }
 
 fn rd<const N: usize>(b: &[u8], off: usize) -> Option<[u8; N]> {
-    b.get(off..off + N)?.try_into().ok()
+    b.get(off..off.checked_add(N)?)?.try_into().ok()
 }
 
 /// Validates an x86-64 ELF kernel; the error says what is wrong.
@@ -69,7 +69,7 @@ pub fn parse(b: &[u8]) -> Result<ElfInfo, String> {
         ));
     }
     let entry = u64::from_le_bytes(rd(b, OFF_E_ENTRY).expect("in header"));
-    let phoff = u64::from_le_bytes(rd(b, OFF_E_PHOFF).expect("in header")) as usize;
+    let phoff = u64::from_le_bytes(rd(b, OFF_E_PHOFF).expect("in header"));
     let phentsize = u16::from_le_bytes(rd(b, OFF_E_PHENTSIZE).expect("in header")) as usize;
     let phnum = u16::from_le_bytes(rd(b, OFF_E_PHNUM).expect("in header")) as usize;
     if phentsize < PHDR_SIZE {
@@ -77,7 +77,11 @@ pub fn parse(b: &[u8]) -> Result<ElfInfo, String> {
     }
     let (mut start, mut end) = (u64::MAX, 0u64);
     for i in 0..phnum {
-        let ph = phoff + i * phentsize;
+        // At most 65535 * 65535 past phoff; a phoff beyond the file is caught by the read.
+        let ph = usize::try_from(phoff)
+            .ok()
+            .and_then(|o| o.checked_add(i * phentsize))
+            .unwrap_or(usize::MAX);
         let Some(p_type) = rd::<4>(b, ph).map(u32::from_le_bytes) else {
             return Err("its program headers run past the end of the file (truncated?)".into());
         };
@@ -85,7 +89,7 @@ pub fn parse(b: &[u8]) -> Result<ElfInfo, String> {
             continue;
         }
         let field = |off| {
-            rd::<8>(b, ph + off)
+            rd::<8>(b, ph.saturating_add(off))
                 .map(u64::from_le_bytes)
                 .ok_or("truncated program header")
         };
@@ -170,5 +174,23 @@ pub(crate) mod tests {
         let mut c = b;
         c[EI_CLASS] = 1;
         assert!(parse(&c).unwrap_err().contains("ELF64"));
+    }
+
+    /// Offsets near the top of the address space are refused, not wrapped (no panic in a debug
+    /// build either).
+    #[test]
+    fn offsets_that_overflow_are_refused() {
+        let b = fake_elf();
+        let mut far = b.clone();
+        far[OFF_E_PHOFF..OFF_E_PHOFF + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(parse(&far).unwrap_err().contains("past the end"));
+        let mut near = b.clone();
+        near[OFF_E_PHOFF..OFF_E_PHOFF + 8].copy_from_slice(&(u64::MAX - 2).to_le_bytes());
+        near[OFF_E_PHNUM..OFF_E_PHNUM + 2].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(parse(&near).unwrap_err().contains("past the end"));
+        let mut seg = b;
+        let ph = ELF64_HEADER_SIZE;
+        seg[ph + PHDR_P_OFFSET..ph + PHDR_P_OFFSET + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(parse(&seg).unwrap_err().contains("beyond the file"));
     }
 }

@@ -5,21 +5,25 @@
 pub mod bzimage;
 pub mod decompress;
 pub mod elf;
+mod image;
+pub mod input;
 
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::hypervisor::VcpuOps;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use log::{debug, info, warn};
+use log::{debug, info};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
 use crate::arch::x86_64::ArchError;
 use crate::memory::{human, GuestRam, MMIO_HOLE_START};
 use decompress::Compression;
+use image::HostPayload;
+pub use image::{KernelImage, KernelKind};
 
 /// The default kernel command line: console on COM1 (and the early console, so the first lines
 /// show before the 8250 driver loads), reboot through the keyboard controller
@@ -57,22 +61,9 @@ const PAGE: u64 = 0x1000;
 /// Errors loading the kernel; each names the file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// The kernel file cannot be read.
-    #[error("cannot read kernel {path}: {source}; check the --kernel path")]
-    ReadKernel {
-        /// Path given.
-        path: PathBuf,
-        /// OS error.
-        source: std::io::Error,
-    },
-    /// The initrd cannot be read.
-    #[error("cannot read initrd {path}: {source}; check the --initrd path")]
-    ReadInitrd {
-        /// Path given.
-        path: PathBuf,
-        /// OS error.
-        source: std::io::Error,
-    },
+    /// The kernel or initrd file is not a regular file of a sane size, or cannot be read.
+    #[error(transparent)]
+    Input(#[from] input::InputError),
     /// The kernel file is empty.
     #[error("kernel {0} is empty: give --kernel a bzImage or a vmlinux ELF")]
     Empty(PathBuf),
@@ -107,6 +98,14 @@ pub enum BootError {
         "kernel {0} has no 64-bit entry point (XLF_KERNEL_64 is clear): build an x86_64 kernel"
     )]
     Not64Bit(PathBuf),
+    /// Setup-header sizes or offsets that disagree with the file.
+    #[error("kernel {path} is not a usable bzImage: its setup header {problem}; the file is corrupt: copy or build it again")]
+    Header {
+        /// Path.
+        path: PathBuf,
+        /// Which fields disagree.
+        problem: bzimage::HeaderProblem,
+    },
     /// Neither bzImage nor ELF.
     #[error("kernel {path} is neither a bzImage nor an ELF file (it starts with {head}): give --kernel a bzImage (arch/x86/boot/bzImage, /boot/vmlinuz-*) or a vmlinux ELF")]
     UnknownFormat {
@@ -116,12 +115,20 @@ pub enum BootError {
         head: String,
     },
     /// An ELF that cannot be booted.
-    #[error("kernel {path} is not a bootable x86-64 vmlinux: {why}")]
+    #[error("kernel {path} is not a bootable x86-64 vmlinux: {why}; give --kernel an intact x86-64 vmlinux or bzImage")]
     BadElf {
         /// Path.
         path: PathBuf,
         /// What is wrong.
         why: String,
+    },
+    /// A payload in a compression the host knows that does not decompress to a vmlinux.
+    #[error("kernel {path}: {source}")]
+    Payload {
+        /// Path.
+        path: PathBuf,
+        /// What the decompressor found.
+        source: decompress::DecompressError,
     },
     /// The kernel does not fit in RAM.
     #[error("the kernel needs guest RAM up to {need_h} but --mem gives {have_h} below the PCI hole: use --mem {min_h} or more", need_h = human_up(*need), have_h = human_up(*have), min_h = human_up(*need))]
@@ -130,6 +137,26 @@ pub enum BootError {
         need: u64,
         /// Low RAM available.
         have: u64,
+    },
+    /// The kernel asks for memory beyond what any guest has below the PCI hole.
+    #[error("kernel {path} needs guest RAM up to {need:#x}, beyond the 3 GiB below the PCI hole that a kernel must fit in whatever --mem is: its setup header (pref_address, init_size) or its ELF segments are corrupt; give --kernel another kernel")]
+    KernelBeyondLowRam {
+        /// Path.
+        path: PathBuf,
+        /// Guest-physical end it needs.
+        need: u64,
+    },
+    /// The initrd is too large for any guest.
+    #[error("initrd {path} is {size} bytes, more than any guest can hold beside this kernel whatever --mem is: an initrd must lie between the kernel's end ({kend:#x}) and {limit:#x} (the lower of the kernel's initrd_addr_max and the PCI hole at 3 GiB); give --initrd a smaller initramfs")]
+    InitrdBeyondAnyGuest {
+        /// Path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// End of the kernel, page aligned.
+        kend: u64,
+        /// Highest end an initrd may have.
+        limit: u64,
     },
     /// The initrd does not fit.
     #[error("the initrd ({size_h}) does not fit between the kernel's end ({kend:#x}) and the highest address it may use ({limit:#x}): use --mem {min_h} or more", size_h = human_up(*size), min_h = human_up(*kend + *size + PAGE))]
@@ -180,23 +207,6 @@ fn human_up(bytes: u64) -> String {
     human(bytes.div_ceil(1 << 20) << 20)
 }
 
-/// What kind of kernel the file is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KernelKind {
-    /// A bzImage with its setup header facts.
-    BzImage(bzimage::SetupInfo),
-    /// A vmlinux ELF.
-    Elf(elf::ElfInfo),
-}
-
-/// A kernel file read and validated, not yet loaded.
-#[derive(Debug)]
-pub struct KernelImage {
-    path: PathBuf,
-    bytes: Vec<u8>,
-    kind: KernelKind,
-}
-
 /// How the kernel was started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootPath {
@@ -238,107 +248,6 @@ pub struct LoadedKernel {
     pub initrd: Option<(u64, u64)>,
 }
 
-impl KernelImage {
-    /// Reads and validates `path`.
-    pub fn from_file(path: &Path) -> Result<KernelImage, BootError> {
-        let read = || -> std::io::Result<Vec<u8>> {
-            let mut file = std::fs::File::open(path)?;
-            let len = file.metadata()?.len();
-            // A kernel is tens of MiB: a buffer hinted to huge pages takes it without a page
-            // fault per 4 KiB (see `advise_huge_pages`).
-            let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-            let spare = bytes.spare_capacity_mut();
-            decompress::advise_huge_pages(spare.as_ptr().cast(), spare.len());
-            file.read_to_end(&mut bytes)?;
-            Ok(bytes)
-        };
-        let bytes = read().map_err(|source| BootError::ReadKernel {
-            path: path.into(),
-            source,
-        })?;
-        KernelImage::parse(path, bytes)
-    }
-
-    /// Validates kernel bytes (`path` is for messages).
-    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<KernelImage, BootError> {
-        let path = path.to_path_buf();
-        if bytes.is_empty() {
-            return Err(BootError::Empty(path));
-        }
-        let kind = if elf::is_elf(&bytes) {
-            let info = elf::parse(&bytes).map_err(|why| BootError::BadElf {
-                path: path.clone(),
-                why,
-            })?;
-            KernelKind::Elf(info)
-        } else if bzimage::looks_like_bzimage(&bytes) {
-            use bzimage::HeaderProblem as P;
-            match bzimage::parse(&bytes) {
-                Ok(info) => KernelKind::BzImage(info),
-                Err(P::TooShort { len }) => {
-                    return Err(BootError::Truncated {
-                        path,
-                        len,
-                        need: bzimage::SETUP_HEADER_OFFSET + 0x77,
-                    })
-                }
-                Err(P::Truncated { len, need }) => {
-                    return Err(BootError::Truncated { path, len, need })
-                }
-                Err(P::BadMagic { found }) => return Err(BootError::BadMagic { path, found }),
-                Err(P::OldProtocol { version }) => {
-                    return Err(BootError::OldProtocol { path, version })
-                }
-                Err(P::Not64Bit) => return Err(BootError::Not64Bit(path)),
-            }
-        } else {
-            let head = bytes
-                .iter()
-                .take(8)
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            return Err(BootError::UnknownFormat { path, head });
-        };
-        Ok(KernelImage { path, bytes, kind })
-    }
-
-    /// The kind of kernel.
-    pub fn kind(&self) -> KernelKind {
-        self.kind
-    }
-
-    /// Guest-physical end of the memory the kernel needs (it must be RAM below the PCI hole).
-    pub fn required_end(&self) -> u64 {
-        match self.kind {
-            KernelKind::BzImage(s) => {
-                let in_place = BZIMAGE_LOAD_GPA + (self.bytes.len() - s.setup_bytes) as u64;
-                in_place.max(s.pref_address.max(BZIMAGE_LOAD_GPA) + u64::from(s.init_size))
-            }
-            KernelKind::Elf(e) => e.end,
-        }
-    }
-
-    /// Checks, before any memory is mapped, that an initrd of `size` bytes fits beside the kernel.
-    pub fn check_initrd_fits(&self, mem_bytes: u64, size: u64) -> Result<(), BootError> {
-        let max = match self.kind {
-            KernelKind::BzImage(s) => s.initrd_addr_max,
-            KernelKind::Elf(_) => ELF_INITRD_ADDR_MAX,
-        };
-        place_initrd(max, mem_bytes, self.required_end(), size).map(|_| ())
-    }
-
-    /// Checks that the kernel fits in `mem_bytes` of RAM (laid out as `GuestRam` does).
-    pub fn check_fits(&self, mem_bytes: u64) -> Result<(), BootError> {
-        let have = mem_bytes.min(MMIO_HOLE_START);
-        let need = self.required_end();
-        if need > have {
-            return Err(BootError::KernelTooBig { need, have });
-        }
-        Ok(())
-    }
-}
-
 /// Where an initrd of `size` bytes goes: the highest page-aligned address below both the kernel's
 /// `initrd_addr_max` and the end of low RAM, above the kernel's end.
 pub fn place_initrd(
@@ -358,14 +267,13 @@ pub fn place_initrd(
 /// Everything the loader needs.
 #[derive(Debug)]
 pub struct BootSpec<'a> {
-    /// The validated kernel.
+    /// The validated kernel; a bzImage whose payload [`KernelImage::decompress_on_host`] turned
+    /// into a vmlinux is entered directly, any other goes through its in-guest decompressor.
     pub kernel: &'a KernelImage,
     /// Initrd bytes.
     pub initrd: Option<&'a [u8]>,
     /// Command line.
     pub cmdline: &'a str,
-    /// Try host-side decompression of a bzImage first.
-    pub fast_boot: bool,
     /// ACPI RSDP address to hand to the kernel, if tables were written.
     pub acpi_rsdp: Option<u64>,
 }
@@ -418,42 +326,11 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<LoadedKernel, BootErr
         }
         KernelKind::BzImage(_) => {
             let hdr = bzimage::setup_header_of(&k.bytes);
-            let started = Instant::now();
-            let fast = if spec.fast_boot {
-                match decompress::decompress_bzimage(&k.bytes) {
-                    Ok(Some((c, vmlinux))) => {
-                        info!(
-                            "decompressed the {c:?} payload on the host in {:.2?} ({})",
-                            started.elapsed(),
-                            human(vmlinux.len() as u64)
-                        );
-                        match elf::parse(&vmlinux) {
-                            Ok(_) => Some((c, vmlinux)),
-                            Err(why) => {
-                                warn!("the decompressed payload is not a usable ELF ({why}); using the in-guest decompressor");
-                                None
-                            }
-                        }
-                    }
-                    Ok(None) => {
-                        info!("bzImage payload compression not recognised on the host; using the in-guest decompressor");
-                        None
-                    }
-                    Err(e) => {
-                        warn!(
-                            "host-side decompression failed ({e}); using the in-guest decompressor"
-                        );
-                        None
-                    }
-                }
-            } else {
-                None
-            };
             let reserve_end = k.required_end();
-            match fast {
-                Some((c, vmlinux)) => {
+            match &k.host {
+                HostPayload::Vmlinux(c, vmlinux) => {
                     let copy_started = Instant::now();
-                    let (entry, end) = load_elf(mem, &k.path, &vmlinux)?;
+                    let (entry, end) = load_elf(mem, &k.path, vmlinux)?;
                     debug!(
                         "vmlinux segments copied into guest RAM in {:.2?}",
                         copy_started.elapsed()
@@ -462,10 +339,10 @@ pub fn load(ram: &GuestRam, spec: &BootSpec<'_>) -> Result<LoadedKernel, BootErr
                         hdr,
                         entry,
                         end.max(reserve_end),
-                        BootPath::HostDecompressed(c),
+                        BootPath::HostDecompressed(*c),
                     )
                 }
-                None => {
+                HostPayload::NotTried | HostPayload::InGuest => {
                     let res = BzImage::load(
                         mem,
                         Some(GuestAddress(BZIMAGE_LOAD_GPA)),
@@ -585,41 +462,6 @@ mod tests {
     use crate::memory::BackingKind;
 
     #[test]
-    fn format_detection_errors() {
-        let p = Path::new("k");
-        assert!(matches!(
-            KernelImage::parse(p, vec![]),
-            Err(BootError::Empty(_))
-        ));
-        assert!(matches!(
-            KernelImage::parse(p, b"#!/bin/sh\necho".to_vec()),
-            Err(BootError::UnknownFormat { .. })
-        ));
-        let bz = bzimage::tests::fake_bzimage();
-        assert!(matches!(
-            KernelImage::parse(p, bz[..bz.len() - 4].to_vec()),
-            Err(BootError::Truncated { .. })
-        ));
-        let mut bad = bz.clone();
-        bad[0x202] = 0;
-        let e = KernelImage::parse(p, bad).unwrap_err();
-        assert!(matches!(e, BootError::BadMagic { .. }), "{e}");
-        assert!(matches!(
-            KernelImage::parse(p, bz).unwrap().kind(),
-            KernelKind::BzImage(_)
-        ));
-    }
-
-    #[test]
-    fn fit_checks_name_the_needed_size() {
-        let img = KernelImage::parse(Path::new("k"), bzimage::tests::fake_bzimage()).unwrap();
-        assert_eq!(img.required_end(), 0x300_0000);
-        img.check_fits(64 << 20).unwrap();
-        let e = img.check_fits(32 << 20).unwrap_err();
-        assert!(e.to_string().contains("--mem 48M"), "{e}");
-    }
-
-    #[test]
     fn elf_load_writes_zero_page_cmdline_and_initrd() {
         let ram = GuestRam::new(64 << 20, BackingKind::Small).unwrap();
         let img = KernelImage::parse(Path::new("vmlinux"), elf::tests::fake_elf()).unwrap();
@@ -628,7 +470,6 @@ mod tests {
             kernel: &img,
             initrd: Some(&initrd),
             cmdline: "console=ttyS0 x=1",
-            fast_boot: true,
             acpi_rsdp: None,
         };
         let l = load(&ram, &spec).unwrap();

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,12 +145,17 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
         bail!("no kernel given: pass --kernel PATH (a bzImage or vmlinux) or --guest NAME");
     };
     check_host_memory(cli.mem)?;
-    let kernel = KernelImage::from_file(kernel_path)?;
+    let mut kernel = KernelImage::from_file(kernel_path)?;
     kernel.check_fits(cli.mem)?;
     clock.mark("kernel file read");
-    let initrd = read_initrd(cli.initrd.as_deref())?;
-    if let Some(data) = &initrd {
-        kernel.check_initrd_fits(cli.mem, data.len() as u64)?;
+    let initrd = match cli.initrd.as_deref() {
+        Some(path) => Some(kernel.read_initrd(path, cli.mem)?),
+        None => None,
+    };
+    // Before any VM exists: a payload that does not decompress ends the run here.
+    if !cli.no_fast_boot {
+        kernel.decompress_on_host()?;
+        clock.mark("kernel payload decompressed");
     }
     check_cpus(cli.cpus)?;
 
@@ -176,7 +180,6 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
             kernel: &kernel,
             initrd: initrd.as_deref(),
             cmdline: &cmdline,
-            fast_boot: !cli.no_fast_boot,
             acpi_rsdp: Some(rsdp),
         },
     )?;
@@ -203,18 +206,6 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
     clock.mark("vCPUs configured");
     let i8042 = Arc::new(I8042::new(machine.exit().clone()));
     serve(cli, machine, vcpus, i8042, &plan, None)
-}
-
-fn read_initrd(path: Option<&Path>) -> Result<Option<Vec<u8>>> {
-    match path {
-        Some(p) => Ok(Some(std::fs::read(p).map_err(|source| {
-            boot::BootError::ReadInitrd {
-                path: p.to_path_buf(),
-                source,
-            }
-        })?)),
-        None => Ok(None),
-    }
 }
 
 /// Receives a kernel VM from `pending` (its spec already checked against the flags) and runs
