@@ -226,6 +226,8 @@ fn level_mask(level: usize) -> u64 {
 }
 
 impl Format for Arm64 {
+    const DIRTY_WP: u64 = SW_DIRTY_WP;
+
     const NAME: &'static str = "arm64";
 
     #[inline]
@@ -336,20 +338,6 @@ impl Format for Arm64 {
     #[inline]
     fn with_perms(&self, d: u64, perms: Perms) -> u64 {
         (d & !(S2AP_READ | S2AP_WRITE | XN_MASK)) | perm_bits(perms, el0_exec(d))
-    }
-
-    #[inline]
-    fn is_dirty_wp(&self, d: u64) -> bool {
-        d & SW_DIRTY_WP != 0
-    }
-
-    #[inline]
-    fn with_dirty_wp(&self, d: u64, on: bool) -> u64 {
-        if on {
-            d | SW_DIRTY_WP
-        } else {
-            d & !SW_DIRTY_WP
-        }
     }
 
     #[inline]

@@ -124,6 +124,8 @@ fn level_mask(level: usize) -> u64 {
 }
 
 impl Format for Ept {
+    const DIRTY_WP: u64 = SW_DIRTY_WP;
+
     const NAME: &'static str = "ept";
 
     #[inline]
@@ -211,20 +213,6 @@ impl Format for Ept {
     #[inline]
     fn with_perms(&self, d: u64, perms: Perms) -> u64 {
         (d & !RWX_MASK) | perms_bits(perms)
-    }
-
-    #[inline]
-    fn is_dirty_wp(&self, d: u64) -> bool {
-        d & SW_DIRTY_WP != 0
-    }
-
-    #[inline]
-    fn with_dirty_wp(&self, d: u64, on: bool) -> u64 {
-        if on {
-            d | SW_DIRTY_WP
-        } else {
-            d & !SW_DIRTY_WP
-        }
     }
 
     #[inline]

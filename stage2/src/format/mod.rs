@@ -70,11 +70,25 @@ pub trait Format: Send + Sync + 'static {
     /// `d` with its hardware permissions replaced by `perms` (everything else kept).
     fn with_perms(&self, d: u64, perms: Perms) -> u64;
 
+    /// The software-available descriptor bit that marks a leaf "write-protected for dirty
+    /// logging" (a bit the hardware ignores in a leaf).
+    const DIRTY_WP: u64;
+
     /// Whether leaf `d` carries the software "write-protected for dirty logging" mark.
-    fn is_dirty_wp(&self, d: u64) -> bool;
+    #[inline]
+    fn is_dirty_wp(&self, d: u64) -> bool {
+        d & Self::DIRTY_WP != 0
+    }
 
     /// `d` with the "write-protected for dirty logging" mark set or cleared.
-    fn with_dirty_wp(&self, d: u64, on: bool) -> u64;
+    #[inline]
+    fn with_dirty_wp(&self, d: u64, on: bool) -> u64 {
+        if on {
+            d | Self::DIRTY_WP
+        } else {
+            d & !Self::DIRTY_WP
+        }
+    }
 
     /// Memory-attribute bits of a leaf (everything that must be equal for two leaves to merge into
     /// one block, besides output address and permissions).

@@ -1,7 +1,8 @@
-//! The suites that boot the project's test kernel, one test binary so that their one-vCPU
-//! boots share the host's two cores ([`common::cores`]): a real Linux to userspace and its
-//! programs ([`linux`]), and the booted kernel driven as a machine: control socket, migration
-//! in the middle of its boot, panic and idle ([`machine`]).
+//! The suites that boot real kernels, one test binary so that their one-vCPU boots share the
+//! host's two cores ([`common::cores`]): the project's test kernel to userspace and its programs
+//! ([`linux`]), that kernel driven as a machine: control socket, migration in the middle of its
+//! boot, panic and idle ([`machine`]), and Debian's stock cloud kernel's early boot on every
+//! load path ([`stock`]).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -9,4 +10,5 @@ mod linux;
 mod machine;
 #[path = "../migrate/util.rs"]
 mod migrate_util;
+mod stock;
 mod util;

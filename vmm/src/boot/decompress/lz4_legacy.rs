@@ -106,7 +106,7 @@ fn blocks(stream: &[u8]) -> Result<Vec<Block>, Lz4LegacyError> {
 pub fn decompress(stream: &[u8], size: usize) -> Result<Vec<u8>, Lz4LegacyError> {
     let blocks = blocks(stream)?;
     let mut out = vec![0u8; size];
-    super::advise_huge_pages(out.as_ptr(), out.len());
+    super::buffer::advise_huge_pages(out.as_ptr(), out.len());
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(blocks.len());

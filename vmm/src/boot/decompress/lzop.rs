@@ -203,7 +203,7 @@ pub fn decompress(stream: &[u8], size: usize) -> Result<Vec<u8>, LzopError> {
         }
     }
 
-    let mut out = super::output_buffer(size);
+    let mut out = super::buffer::output_buffer(size);
     for index in 0.. {
         let dst_len = r.u32("block list")? as usize;
         if dst_len == 0 {

@@ -4,13 +4,13 @@
 //! On this machine's software KVM a stock kernel then stops with an emulation failure, which must
 //! be reported (registers, instruction bytes) with a non-zero exit, never a hang.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::time::{Duration, Instant};
+
+use crate::common::cores;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 /// Generous: the in-guest decompressor takes ~50 s here on an idle host, and several times that
@@ -34,7 +34,7 @@ fn kernel(name: &str) -> Option<PathBuf> {
         );
         return None;
     }
-    common::kvm_or_skip(name).then_some(p)
+    crate::common::kvm_or_skip(name).then_some(p)
 }
 
 struct Run {
@@ -56,9 +56,9 @@ fn spawn(args: &[String]) -> Child {
 
 /// Runs the VM until `done(serial lines)` holds (then kills it), the VM exits, or the timeout.
 fn boot_until(args: &[String], done: impl Fn(&[String]) -> bool) -> Run {
-    // One VM at a time: these boot with two vCPUs, and two such VMs at once on a 2-core
-    // host double each other's time.
-    let _one = common::serial();
+    // Until its early lines (and, here, until its end, which comes before SMP bring-up) only
+    // the boot vCPU runs: one of the host's cores, beside another one-vCPU test.
+    let _one = cores(1);
     let mut child = spawn(args);
     let stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
@@ -200,40 +200,6 @@ fn args(kernel: &Path, cmdline: &str, extra: &[&str]) -> Vec<String> {
 const CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 vmm.test=boot_kernel";
 
 #[test]
-fn bzimage_fast_path_prints_banner_cmdline_and_e820() {
-    let Some(k) = kernel("vmlinuz") else { return };
-    let early = early_lines_done(CMDLINE);
-    let run = boot_until(&args(&k, CMDLINE, &[]), |l| {
-        early(l) && has(l, "smpboot: Allowing")
-    });
-    check_early_lines(&run, CMDLINE);
-    assert!(
-        run.stderr.contains("fast path"),
-        "the log names the boot path:\n{}",
-        run.stderr
-    );
-    assert!(
-        has(&run.serial, "smpboot: Allowing 2 CPUs"),
-        "the kernel found both vCPUs (ACPI MADT)"
-    );
-}
-
-#[test]
-fn bzimage_in_guest_decompressor_prints_banner_cmdline_and_e820() {
-    let Some(k) = kernel("vmlinuz") else { return };
-    let run = boot_until(
-        &args(&k, CMDLINE, &["--no-fast-boot"]),
-        early_lines_done(CMDLINE),
-    );
-    check_early_lines(&run, CMDLINE);
-    assert!(
-        run.stderr.contains("in-guest decompressor"),
-        "{}",
-        run.stderr
-    );
-}
-
-#[test]
 fn vmlinux_elf_prints_banner_cmdline_and_e820() {
     let Some(k) = kernel("vmlinux") else { return };
     let run = boot_until(&args(&k, CMDLINE, &[]), early_lines_done(CMDLINE));
@@ -301,13 +267,16 @@ fn ramdisk_size(lines: &[String]) -> Option<u64> {
     Some(p(b)? - p(a)? + 1)
 }
 
-fn initrd_test(extra: &[&str]) {
-    let Some(k) = kernel("vmlinuz") else { return };
+/// Boots the bzImage with `extra` flags and an initrd until the early lines, the initrd's
+/// reservation and whatever `more` waits for are seen; checks the early lines and that the
+/// kernel reserved the whole initrd.
+fn initrd_test(extra: &[&str], more: impl Fn(&[String]) -> bool) -> Option<Run> {
+    let k = kernel("vmlinuz")?;
     let (initrd, size) = write_initrd(if extra.is_empty() { "fast" } else { "slow" });
     let mut a = args(&k, CMDLINE, extra);
     a.extend(["--initrd".to_string(), initrd.to_str().unwrap().to_string()]);
     let early = early_lines_done(CMDLINE);
-    let run = boot_until(&a, |l| early(l) && ramdisk_size(l).is_some());
+    let run = boot_until(&a, |l| early(l) && ramdisk_size(l).is_some() && more(l));
     check_early_lines(&run, CMDLINE);
     let seen = ramdisk_size(&run.serial).unwrap();
     assert_eq!(
@@ -316,16 +285,38 @@ fn initrd_test(extra: &[&str]) {
         "the kernel reserved the whole initrd"
     );
     let _ = std::fs::remove_file(initrd);
+    Some(run)
 }
 
+/// The bzImage through the host's decompressor (the fast path) with an initrd: the banner, the
+/// command line, the e820 map, both vCPUs found (ACPI MADT), the whole initrd reserved.
 #[test]
-fn bzimage_with_initrd_fast_path() {
-    initrd_test(&[]);
+fn bzimage_fast_path_with_initrd_prints_banner_cmdline_e820_and_ramdisk() {
+    let Some(run) = initrd_test(&[], |l| has(l, "smpboot: Allowing")) else {
+        return;
+    };
+    assert!(
+        run.stderr.contains("fast path"),
+        "the log names the boot path:\n{}",
+        run.stderr
+    );
+    assert!(
+        has(&run.serial, "smpboot: Allowing 2 CPUs"),
+        "the kernel found both vCPUs (ACPI MADT)"
+    );
 }
 
+/// The same through the kernel's own decompressor (`--no-fast-boot`).
 #[test]
-fn bzimage_with_initrd_in_guest_decompressor() {
-    initrd_test(&["--no-fast-boot"]);
+fn bzimage_in_guest_decompressor_with_initrd_prints_banner_cmdline_e820_and_ramdisk() {
+    let Some(run) = initrd_test(&["--no-fast-boot"], |_| true) else {
+        return;
+    };
+    assert!(
+        run.stderr.contains("in-guest decompressor"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// SIGTERM during a boot stops the kernel VM cleanly: exit code 143 (128 + SIGTERM, "stopped",
@@ -333,7 +324,8 @@ fn bzimage_with_initrd_in_guest_decompressor() {
 #[test]
 fn sigterm_stops_the_vm_with_143_and_removes_the_socket() {
     let Some(k) = kernel("vmlinuz") else { return };
-    let _one = common::serial();
+    // One running vCPU until SIGTERM (see `boot_until`).
+    let _one = cores(1);
     let sock =
         std::env::temp_dir().join(format!("boot-kernel-{}-sigterm.sock", std::process::id()));
     let mut child = spawn(&args(
