@@ -6,13 +6,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use crate::common::cores;
 
-const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 /// Generous: the in-guest decompressor takes ~50 s here on an idle host, and several times that
 /// when the host's two cores are busy.
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -44,14 +43,10 @@ struct Run {
     satisfied: bool,
 }
 
+/// `vmm` with `args` (owned strings) through the suite's [`crate::util::spawn`].
 fn spawn(args: &[String]) -> Child {
-    Command::new(VMM)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm")
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crate::util::spawn(&args)
 }
 
 /// Runs the VM until `done(serial lines)` holds (then kills it), the VM exits, or the timeout.
