@@ -210,7 +210,11 @@ pub fn serve_with(
     let (st, sp) = (stop.clone(), stopping.clone());
     let thread = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || accept_loop(listener, st, sp, target, client_timeout))
+        .spawn(move || {
+            // The connection threads it starts run under the same filter.
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
+            accept_loop(listener, st, sp, target, client_timeout)
+        })
         .map_err(ApiError::Spawn)?;
     info!("control socket listening on {}", path.display());
     Ok(ApiServer {

@@ -37,6 +37,9 @@ pub const EXIT_MIGRATE_FAILED: i32 = 6;
 pub const EXIT_SIGINT: i32 = 128 + libc::SIGINT;
 /// Exit code of a VM stopped by SIGTERM (128 + signal number).
 pub const EXIT_SIGTERM: i32 = 128 + libc::SIGTERM;
+/// Exit code of a `vmm` one of whose threads made a system call its seccomp filter does not
+/// allow (`--seccomp kill`): 128 + SIGSYS, the signal the kernel raises for it.
+pub const EXIT_SECCOMP: i32 = 128 + libc::SIGSYS;
 
 /// Whether `code` says the VM was stopped from outside (a signal, or `shutdown` without a
 /// power-off) rather than ended by its guest: a test guest's own verdict does not replace it.

@@ -17,5 +17,6 @@ pub mod machine;
 pub mod memory;
 pub mod migrate;
 pub mod pager;
+pub mod seccomp;
 pub mod uffd;
 pub mod vcpu;

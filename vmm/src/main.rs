@@ -26,6 +26,11 @@ fn main() {
         .filter_level(cli.log_level)
         .format_timestamp_millis()
         .init();
+    // Compiled before any thread exists; each thread installs its kind's filter itself.
+    if let Err(e) = vmm::seccomp::configure(cli.seccomp) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     // Before any other thread exists: every thread then has SIGINT/SIGTERM blocked and they
     // stop the VM cleanly (exit code 130/143) instead of killing the process.
     if let Err(e) = vmm::machine::signals::start() {

@@ -180,7 +180,8 @@ Exit codes:
        to wake it for --idle-timeout seconds
     6  --migrate-to failed and the VM then ended normally here
   130  stopped by SIGINT
-  143  stopped by SIGTERM";
+  143  stopped by SIGTERM
+  159  a thread made a system call its seccomp filter does not allow (--seccomp kill)";
 
 /// Boot a Linux kernel (bzImage or vmlinux ELF) on huge-page-backed memory with KVM, or run a
 /// built-in test guest.
@@ -235,6 +236,14 @@ pub struct Cli {
     /// tools/guest-profile).
     #[arg(long, value_name = "PATH")]
     pub guest_profile: Option<PathBuf>,
+
+    /// seccomp filters, one per kind of thread (vCPU, userfaultfd handler, migration sender
+    /// and receiver, control socket, console, main), installed once each thread's set-up is
+    /// done. kill: a system call outside a thread's list ends the process with exit code 159,
+    /// naming the thread kind and the call; log: the call goes through and the kernel logs it
+    /// (dmesg, type=1326); none: no filters.
+    #[arg(long, value_name = "MODE", value_enum, default_value = "kill")]
+    pub seccomp: crate::seccomp::SeccompMode,
 
     /// What every VM has: demand paging, the control socket, statistics, migration.
     #[command(flatten)]
@@ -691,6 +700,7 @@ mod tests {
             (EXIT_MIGRATE_FAILED, "--migrate-to failed"),
             (EXIT_SIGINT, "SIGINT"),
             (EXIT_SIGTERM, "SIGTERM"),
+            (EXIT_SECCOMP, "seccomp filter"),
         ] {
             let line = help
                 .lines()

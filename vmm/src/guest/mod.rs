@@ -69,6 +69,9 @@ pub fn run_on(
         serial_out: Box::new(std::io::stdout()),
         host_quirks: !m.no_host_quirks,
     })?;
+    // Set-up is done: from here this thread only loads or receives the guest, starts the
+    // other threads, runs the VM and tears it down (seccomp's `main` list).
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
     let mem = machine.mem().clone();
     let end_gpa = machine.ram().end_gpa();
 

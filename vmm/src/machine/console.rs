@@ -131,6 +131,7 @@ pub fn spawn(exit: &ExitRequest, serial: Option<Arc<SerialDevice>>) -> Result<Jo
     std::thread::Builder::new()
         .name("console".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Console);
             if let Err(e) = event_loop(&exit, serial) {
                 warn!("console: {e:#}; no more console input");
             }

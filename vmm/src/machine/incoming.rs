@@ -113,7 +113,10 @@ impl Machine {
         let reader = pc.reader;
         let rx = std::thread::Builder::new()
             .name("postcopy-rx".into())
-            .spawn(move || rx_target.receive(reader))
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::MigrationReceiver);
+                rx_target.receive(reader)
+            })
             .context("starting the postcopy receiver")?;
         // The source never resumes its copy once told; the vCPUs start right after.
         target

@@ -160,6 +160,9 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
     check_cpus(cli.cpus)?;
 
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
+    // Set-up is done: from here this thread only loads or receives the guest, starts the
+    // other threads, runs the VM and tears it down (seccomp's `main` list).
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
     clock.mark("machine created");
     let mem = machine.mem().clone();
     let software_kvm = hypervisor::software_kvm().filter(|_| !cli.machine.no_host_quirks);
@@ -222,6 +225,9 @@ pub fn run_incoming(
     cfg.mem = spec.mem;
     cfg.cpus = spec.cpus;
     let mut machine = Machine::new(cfg)?;
+    // Set-up is done: from here this thread only loads or receives the guest, starts the
+    // other threads, runs the VM and tears it down (seccomp's `main` list).
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
     let inc = machine.receive(pending)?;
     let vcpus = machine.create_vcpus()?;
     machine.restore(&inc, &vcpus)?;

@@ -267,6 +267,7 @@ impl Storm {
         let thread = std::thread::Builder::new()
             .name("reclaim-storm".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Reclaim);
                 let mut done = 0;
                 for &(gpa, len) in ranges.iter().cycle() {
                     if done >= count || flag.load(Ordering::Relaxed) {

@@ -27,13 +27,16 @@ pub fn start() -> anyhow::Result<()> {
     let fd = block_and_open().context("cannot set up SIGINT/SIGTERM handling")?;
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            match read_signal(&fd) {
-                Ok(sig) => on_signal(sig),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    warn!("reading SIGINT/SIGTERM failed ({e}); they are ignored from now on");
-                    return;
+        .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Signals);
+            loop {
+                match read_signal(&fd) {
+                    Ok(sig) => on_signal(sig),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        warn!("reading SIGINT/SIGTERM failed ({e}); they are ignored from now on");
+                        return;
+                    }
                 }
             }
         })

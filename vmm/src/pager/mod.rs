@@ -439,7 +439,10 @@ impl Pager {
                 EventLoop::new(shared.clone(), uffd.clone()).map_err(PagingError::Spawn)?;
             let h = std::thread::Builder::new()
                 .name(format!("uffd-{i}"))
-                .spawn(move || event_loop.run())
+                .spawn(move || {
+                    crate::seccomp::enter(crate::seccomp::ThreadKind::Pager);
+                    event_loop.run()
+                })
                 .map_err(PagingError::Spawn)?;
             handlers.push(h);
         }

@@ -214,6 +214,7 @@ impl VmControl {
         let join = std::thread::Builder::new()
             .name("guest-profiler".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Profiler);
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(interval);
                     for t in &threads {

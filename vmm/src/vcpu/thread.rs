@@ -98,6 +98,7 @@ pub(super) struct VcpuThread {
 
 impl VcpuThread {
     pub(super) fn run(mut self) {
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
         let flag = self.fd.immediate_exit_flag();
         IMMEDIATE_EXIT.with(|p| p.set(flag));
         if let Some(relay) = &mut self.relay {

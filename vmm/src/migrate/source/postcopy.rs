@@ -127,7 +127,10 @@ fn push_owed<W: Write>(
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("postcopy-back".into())
-        .spawn(move || read_back(back, tx))
+        .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::MigrationSender);
+            read_back(back, tx)
+        })
         .map_err(|e| StreamError::Io {
             offset: 0,
             source: e,
