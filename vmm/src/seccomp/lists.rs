@@ -5,7 +5,7 @@
 //! `ioctl` is allowed by request type only: KVM's (0xAE) on the threads that drive the VM,
 //! userfaultfd's (0xAA) on the threads that place or drop pages, and a few terminal requests
 //! by number (never `TIOCSTI`). `tgkill` may only signal this process's own threads, `prctl`
-//! may only name a thread or set no-new-privs, and `seccomp` may only add a filter (a thread
+//! may only name a thread or set no-new-privs, `pidfd_open` only opens this process, and `seccomp` may only add a filter (a thread
 //! spawned under its parent's filter installs its own on top).
 
 use std::collections::BTreeMap;
@@ -63,7 +63,13 @@ const SOCKET_IO: &[i64] = &[
 ];
 
 /// Dropping guest pages: MADV_DONTNEED (in BASE), hole punching, the residency check.
-const DROP_PAGES: &[i64] = &[libc::SYS_fallocate, libc::SYS_mincore];
+/// A batch of runs goes in one process_madvise on a pidfd of this process (`uffd::host_pages`).
+const DROP_PAGES: &[i64] = &[
+    libc::SYS_fallocate,
+    libc::SYS_mincore,
+    libc::SYS_pidfd_open,
+    libc::SYS_process_madvise,
+];
 
 /// What only the main thread does after set-up: create vCPUs and the pager, listen on the
 /// control socket, connect to a migration destination, write the output files, tear down.
@@ -230,6 +236,12 @@ pub(super) fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>,
     // SAFETY: getpid has no arguments and cannot fail.
     let pid = unsafe { libc::getpid() } as u64;
     map.insert(libc::SYS_tgkill, vec![one(cond(0, SeccompCmpOp::Eq, pid)?)?]);
+    if map.contains_key(&libc::SYS_pidfd_open) {
+        map.insert(
+            libc::SYS_pidfd_open,
+            vec![one(cond(0, SeccompCmpOp::Eq, pid)?)?],
+        );
+    }
     map.insert(
         libc::SYS_prctl,
         vec![
