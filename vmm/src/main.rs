@@ -64,7 +64,7 @@ fn run(cli: &Cli, started: Instant) -> Result<i32> {
     let plan = MigrationPlan::from_args(&cli.machine)?;
     vmm::machine::check_output_paths(cli)?;
     if let Some(addr) = &plan.incoming {
-        return run_incoming(cli, addr);
+        return run_incoming(cli, addr, plan.secret.as_deref());
     }
     if cli.guest_args.guest.is_some() {
         return vmm::guest::run_on(
@@ -81,12 +81,16 @@ fn run(cli: &Cli, started: Instant) -> Result<i32> {
 
 /// `--incoming`: the VM (a kernel or a test guest, its memory size, vCPUs and backing) comes
 /// from the source's header; flags given here must agree with it.
-fn run_incoming(cli: &Cli, addr: &vmm::migrate::Address) -> Result<i32> {
+fn run_incoming(
+    cli: &Cli,
+    addr: &vmm::migrate::Address,
+    secret: Option<&vmm::migrate::auth::Secret>,
+) -> Result<i32> {
     if cli.guest_args.guest.is_some() {
         // What this destination was told must make sense before it listens.
         vmm::guest::check(&cli.guest_args, cli.mem, cli.cpus)?;
     }
-    let pending = incoming::accept(addr, cli.machine.migrate_idle_limit())?;
+    let pending = incoming::accept(addr, cli.machine.migrate_idle_limit(), secret)?;
     let spec = match MachineSpec::from_bytes(&pending.layout().spec)? {
         Some(s) => s,
         None => anyhow::bail!(

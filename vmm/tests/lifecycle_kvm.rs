@@ -239,7 +239,10 @@ fn session<'m>(r: &'m Running, idle_timeout: Option<Duration>) -> Session<'m> {
         Arc::new(r.machine.reclaimer(None)),
         SessionConfig {
             api_socket: None,
-            migrate: MigrationPlan::config(&MachineArgs::default()),
+            migrate: {
+                let args = MachineArgs::default();
+                MigrationPlan::from_args(&args).unwrap().config(&args)
+            },
             migrate_json: None,
             spec: Vec::new(),
             i8042: None,

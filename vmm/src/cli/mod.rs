@@ -348,6 +348,15 @@ pub struct MachineArgs {
     /// for ever.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_MIGRATE_TIMEOUT_S)]
     pub migrate_timeout: u64,
+    /// Authenticate the migration peer with the shared secret in FILE (a file only its owner
+    /// can read, at least 16 bytes; e.g. `head -c 32 /dev/urandom | base64 > FILE; chmod 600
+    /// FILE`): give the same file to both ends. Each end proves it holds the secret
+    /// (HMAC-SHA256 over the other's random challenge) before any guest memory moves; a
+    /// destination with a secret refuses a source without it or with another, and a source
+    /// with one refuses such a destination (its VM runs on). The stream itself is not
+    /// encrypted.
+    #[arg(long, value_name = "FILE")]
+    pub migrate_secret: Option<PathBuf>,
     /// Precopy stops iterating when the estimated downtime is at most this.
     #[arg(long, value_name = "MS", default_value_t = source::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,

@@ -196,7 +196,7 @@ pub fn run_on(
         reclaimer.clone(),
         SessionConfig {
             api_socket: m.api_socket.clone(),
-            migrate: MigrationPlan::config(m),
+            migrate: mig.config(m),
             migrate_json: m.migrate_json.clone(),
             spec: spec.to_bytes(),
             i8042: None,

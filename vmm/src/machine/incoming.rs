@@ -15,6 +15,7 @@ use crate::memory::human;
 use crate::migrate::destination::postcopy::{PostcopyTarget, TargetFigures};
 use crate::migrate::destination::{self, Incoming, Pending};
 use crate::migrate::ram::RamPager;
+use crate::migrate::auth::Secret;
 use crate::migrate::Address;
 use crate::migrate::MigrateError;
 use crate::pager::PageSource;
@@ -22,14 +23,18 @@ use crate::pager::PageSource;
 /// Listens at `addr`, says so on stdout (`waiting for the migration source at ADDR`: tests and
 /// scripts wait for this line), and accepts one source's header; the source must make progress
 /// at least every `idle` (`--migrate-timeout`) from its connection on.
-pub fn accept(addr: &Address, idle: Option<std::time::Duration>) -> anyhow::Result<Pending> {
+pub fn accept(
+    addr: &Address,
+    idle: Option<std::time::Duration>,
+    secret: Option<&Secret>,
+) -> anyhow::Result<Pending> {
     let listener = addr.listen()?;
     if let Address::Unix(path) = addr {
         // A signal while this waits ends the process before the listener's drop removes it.
         super::signals::remove_on_early_exit(path.clone());
     }
     println!("waiting for the migration source at {}", listener.address());
-    destination::accept(&listener, idle).context("incoming migration failed; nothing runs here")
+    destination::accept(&listener, idle, secret).context("incoming migration failed; nothing runs here")
 }
 
 impl Machine {

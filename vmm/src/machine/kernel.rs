@@ -274,7 +274,7 @@ fn serve(
         Arc::new(reclaimer),
         SessionConfig {
             api_socket: cli.machine.api_socket.clone(),
-            migrate: MigrationPlan::config(&cli.machine),
+            migrate: plan.config(&cli.machine),
             migrate_json: cli.machine.migrate_json.clone(),
             spec: MachineSpec::new(
                 machine.ram().size(),

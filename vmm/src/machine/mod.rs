@@ -36,6 +36,7 @@ use crate::memory::{human, BackingKind, GuestRam, RamRegion};
 use crate::migrate::ram::RamPager;
 use crate::migrate::source::{self, MigrateConfig};
 use crate::migrate::state::VcpuCaps;
+use crate::migrate::auth::Secret;
 use crate::migrate::Address;
 use crate::pager::{Pager, PagerConfig};
 use crate::vcpu::{EmulationHooks, VcpuHooks, VmControl};
@@ -443,6 +444,8 @@ pub struct MigrationPlan {
     pub dirty_mode: DirtyMode,
     /// Whether this VM may migrate (a `--migrate-to` or a control socket).
     pub migrates: bool,
+    /// `--migrate-secret`, read and checked.
+    pub secret: Option<Arc<Secret>>,
 }
 
 impl MigrationPlan {
@@ -511,21 +514,31 @@ impl MigrationPlan {
             );
         }
         let migrates = migrate_to.is_some() || args.api_socket.is_some();
+        let secret = match &args.migrate_secret {
+            Some(_) if !migrates && incoming.is_none() => bail!(
+                "--migrate-secret without --migrate-to, --incoming or --api-socket: this VM \
+                 never migrates; drop it"
+            ),
+            Some(path) => Some(Arc::new(Secret::from_file(path)?)),
+            None => None,
+        };
         Ok(MigrationPlan {
             migrate_to,
             incoming,
             dirty_mode,
             migrates,
+            secret,
         })
     }
 
-    /// The precopy knobs of `args`.
-    pub fn config(args: &MachineArgs) -> MigrateConfig {
+    /// The precopy knobs of `args`, with this plan's secret.
+    pub fn config(&self, args: &MachineArgs) -> MigrateConfig {
         MigrateConfig {
             downtime: Duration::from_millis(args.downtime_ms),
             max_rounds: args.max_rounds.max(1),
             postcopy_after: None,
             idle_timeout: args.migrate_idle_limit(),
+            secret: self.secret.clone(),
         }
     }
 }

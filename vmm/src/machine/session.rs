@@ -265,7 +265,7 @@ impl<'m> Session<'m> {
     ) -> (Result<Value, String>, Option<Waited>) {
         let cfg = MigrateConfig {
             postcopy_after,
-            ..self.cfg
+            ..self.cfg.clone()
         };
         let mut src = self.machine.source(&self.control, &self.dirty);
         src.spec = &self.spec;

@@ -1,5 +1,6 @@
 //! The errors of a migration, at either end: what failed, and whether the guest survives it.
 
+use super::auth::AuthError;
 use super::ram::RamError;
 use super::state::StateError;
 use super::stream::StreamError;
@@ -16,6 +17,9 @@ pub enum MigrateError {
     /// The stream failed (I/O, checksum, truncation, layout mismatch).
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// The peer did not prove the migration secret, or the exchange failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// Moving RAM failed.
     #[error(transparent)]
     Ram(#[from] RamError),

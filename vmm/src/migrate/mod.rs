@@ -1,4 +1,4 @@
-//! Live migration: the wire format ([`stream`]), the sockets it travels over ([`transport`]),
+//! Live migration: the peers' proof of a shared secret ([`auth`]), the wire format ([`stream`]), the sockets it travels over ([`transport`]),
 //! the vCPU/VM/device state it carries ([`state`]), moving guest RAM through it ([`ram`],
 //! [`pager`], [`page_set`]), the two ends ([`source`], [`destination`]), their errors
 //! ([`error`]) and the figures ([`summary`]).
@@ -6,6 +6,7 @@
 //! Dependencies run one way: the ends use everything else, nothing else uses an end, and
 //! neither end uses the other.
 
+pub mod auth;
 pub mod destination;
 pub mod error;
 pub mod page_set;

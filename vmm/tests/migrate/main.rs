@@ -1,9 +1,13 @@
 //! The migration suites, one test binary: the wire format over real sockets (stream), vCPU and
 //! VM state on real KVM (state), precopy between two `vmm` processes (precopy), and every
-//! dirty-tracking mode with precopy and postcopy (modes), and peers that stall (timeouts).
+//! dirty-tracking mode with precopy and postcopy (modes), peers that stall (timeouts),
+//! peers that must prove a shared secret (auth), and two test hosts in network namespaces
+//! (hosts) that the mode and auth migrations also run between.
 
 #[path = "../common/mod.rs"]
 mod common;
+mod auth;
+mod hosts;
 mod modes;
 mod precopy;
 mod state;

@@ -11,9 +11,11 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::hosts::TwoHosts;
 use crate::util::{
     api_guest, assert_guest_passed, assert_source_passed_after_failed_migration, finish, guest_on,
-    lines, listening, migrate_json_path, read_migrate_json, run_to_end, vmm, vmm_on,
+    lines, listening, listening_at, migrate_json_path, read_migrate_json, run_to_end, vmm, vmm_on,
+    vmm_on_host,
 };
 
 /// The source's flags of a migration to `addr` of at most 4 rounds, starting `delay_ms` after
@@ -33,9 +35,14 @@ fn migrate_to<'a>(addr: &'a str, json: &'a std::path::Path, delay_ms: &'a str) -
 
 /// Migrates a writing `dirty` guest with `src_flags`; the destination stops the guest as
 /// soon as it runs (`--run-for 0`), so most pages still hold what the source wrote and a lost
-/// page fails the replay. Returns the source's `--migrate-json` document.
-fn migrate_and_verify(test: &str, src_flags: &[&str]) -> Option<serde_json::Value> {
-    migrate_and_verify_on(test, "none", src_flags)
+/// page fails the replay. Between two network namespaces ([`TwoHosts`]) when `between_hosts`,
+/// else over loopback. Returns the source's `--migrate-json` document.
+fn migrate_and_verify(
+    test: &str,
+    src_flags: &[&str],
+    between_hosts: bool,
+) -> Option<serde_json::Value> {
+    migrate_and_verify_on(test, "none", src_flags, between_hosts)
 }
 
 /// [`migrate_and_verify`] with both ends on `--hugepages backing`.
@@ -43,6 +50,7 @@ fn migrate_and_verify_on(
     test: &str,
     backing: &str,
     src_flags: &[&str],
+    between_hosts: bool,
 ) -> Option<serde_json::Value> {
     if !kvm_or_skip(test) {
         return None;
@@ -52,12 +60,24 @@ fn migrate_and_verify_on(
     if backing == "2M" && !free_2m_pages_or_skip(test, 2 * 256) {
         return None;
     }
+    let hosts = match between_hosts {
+        true => Some(TwoHosts::new(test)?),
+        false => None,
+    };
     let json = migrate_json_path(test);
-    let dst = listening(|a| vmm_on(backing, a), &["--run-for", "0"]);
+    let dst = match &hosts {
+        Some(h) => listening_at(
+            h.dst_addr(),
+            |a| vmm_on_host(Some(&h.dst), backing, a),
+            &["--run-for", "0"],
+        ),
+        None => listening(|a| vmm_on(backing, a), &["--run-for", "0"]),
+    };
     // The guest writes for a while first: there are dirty pages to move.
     let mut args = migrate_to(&dst.addr, &json, "300");
     args.extend_from_slice(src_flags);
-    let (scode, sout, serr) = run_to_end(vmm_on(backing, &args));
+    let src_ns = hosts.as_ref().map(|h| h.src.as_str());
+    let (scode, sout, serr) = run_to_end(vmm_on_host(src_ns, backing, &args));
     assert_eq!(scode, 0, "source: {sout}\n{serr}");
     assert!(
         sout.contains("round 0:"),
@@ -121,6 +141,7 @@ fn postcopy_on_2m_huge_pages_passes() {
         "postcopy_on_2m_huge_pages_passes",
         "2M",
         &["--postcopy-after", "2"],
+        false,
     ) {
         check_postcopy(&doc, "kvm-bitmap");
         // Everything after the switch moves in whole 2 MiB pages.
@@ -131,8 +152,9 @@ fn postcopy_on_2m_huge_pages_passes() {
 }
 
 /// Migrates with dirty mode `mode` (the default, kvm-bitmap, without the flag), in precopy or
-/// postcopy after 2 rounds, and checks the source's summary.
-fn passes_in(test: &str, mode: &str, postcopy: bool) {
+/// postcopy after 2 rounds, over loopback or between two hosts, and checks the source's
+/// summary.
+fn passes_in(test: &str, mode: &str, postcopy: bool, between_hosts: bool) {
     let mut flags = Vec::new();
     if mode != "kvm-bitmap" {
         flags.extend(["--dirty-mode", mode]);
@@ -140,7 +162,7 @@ fn passes_in(test: &str, mode: &str, postcopy: bool) {
     if postcopy {
         flags.extend(["--postcopy-after", "2"]);
     }
-    if let Some(doc) = migrate_and_verify(test, &flags) {
+    if let Some(doc) = migrate_and_verify(test, &flags, between_hosts) {
         match postcopy {
             false => check_precopy(&doc, mode),
             true => check_postcopy(&doc, mode),
@@ -148,23 +170,28 @@ fn passes_in(test: &str, mode: &str, postcopy: bool) {
     }
 }
 
-/// One test per (name, dirty mode, postcopy) row, each running [`passes_in`].
+/// Two tests per (name, dirty mode, postcopy) row, each running [`passes_in`]: one over
+/// loopback, one between two network namespaces (`NAME_between_hosts`).
 macro_rules! mode_tests {
-    ($($name:ident: $mode:literal, $postcopy:literal;)*) => {$(
+    ($($name:ident, $hosts:ident: $mode:literal, $postcopy:literal;)*) => {$(
         #[test]
         fn $name() {
-            passes_in(stringify!($name), $mode, $postcopy);
+            passes_in(stringify!($name), $mode, $postcopy, false);
+        }
+        #[test]
+        fn $hosts() {
+            passes_in(stringify!($hosts), $mode, $postcopy, true);
         }
     )*};
 }
 
 mode_tests! {
-    precopy_kvm_bitmap_passes: "kvm-bitmap", false;
-    precopy_kvm_ring_passes: "kvm-ring", false;
-    precopy_stage2_wp_passes: "stage2-wp", false;
-    postcopy_kvm_bitmap_passes: "kvm-bitmap", true;
-    postcopy_kvm_ring_passes: "kvm-ring", true;
-    postcopy_stage2_wp_passes: "stage2-wp", true;
+    precopy_kvm_bitmap_passes, precopy_kvm_bitmap_passes_between_hosts: "kvm-bitmap", false;
+    precopy_kvm_ring_passes, precopy_kvm_ring_passes_between_hosts: "kvm-ring", false;
+    precopy_stage2_wp_passes, precopy_stage2_wp_passes_between_hosts: "stage2-wp", false;
+    postcopy_kvm_bitmap_passes, postcopy_kvm_bitmap_passes_between_hosts: "kvm-bitmap", true;
+    postcopy_kvm_ring_passes, postcopy_kvm_ring_passes_between_hosts: "kvm-ring", true;
+    postcopy_stage2_wp_passes, postcopy_stage2_wp_passes_between_hosts: "stage2-wp", true;
 }
 
 /// Chunk kind of page data on the wire (stream.rs `kind::PAGES`).

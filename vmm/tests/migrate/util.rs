@@ -35,16 +35,28 @@ pub fn vmm(extra: &[&str]) -> Child {
 
 /// A `dirty` guest that writes until stopped, on `--hugepages backing`, with `extra` flags.
 pub fn vmm_on(backing: &str, extra: &[&str]) -> Child {
+    vmm_on_host(None, backing, extra)
+}
+
+/// [`vmm_on`] in network namespace `ns` (a [`crate::hosts::TwoHosts`] host) when given.
+pub fn vmm_on_host(ns: Option<&str>, backing: &str, extra: &[&str]) -> Child {
     let mut args = vec!["--generations", "0"];
     args.extend_from_slice(extra);
-    guest_on("dirty", backing, &args)
+    let cmd = match ns {
+        Some(ns) => crate::hosts::TwoHosts::vmm_in(ns),
+        None => Command::new(env!("CARGO_BIN_EXE_vmm")),
+    };
+    guest_with(cmd, "dirty", backing, &args)
 }
 
 /// The built-in `guest` on [`MEM`] and [`CPUS`], on `--hugepages backing`, with `extra`
 /// flags; stdout and stderr piped.
 pub fn guest_on(guest: &str, backing: &str, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args([
+    guest_with(Command::new(env!("CARGO_BIN_EXE_vmm")), guest, backing, extra)
+}
+
+fn guest_with(mut cmd: Command, guest: &str, backing: &str, extra: &[&str]) -> Child {
+    cmd.args([
             "--guest",
             guest,
             "--mem",

@@ -13,6 +13,7 @@ use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialDevice;
 use crate::hypervisor::{Vcpu, VmOps};
 use crate::memory::RamRegion;
+use crate::migrate::auth::{self, Secret};
 use crate::migrate::error::MigrateError;
 use crate::migrate::page_set::PageSet;
 use crate::migrate::priority::MigrationPriority;
@@ -110,11 +111,20 @@ impl Pending {
 }
 
 /// Accepts one source on `listener` and reads its header. Every later read and write on the
-/// connection fails once the source makes no progress for `idle` (`--migrate-timeout`).
-pub fn accept(listener: &Listener, idle: Option<Duration>) -> Result<Pending, MigrateError> {
-    let conn = listener.accept()?;
+/// connection fails once the source makes no progress for `idle` (`--migrate-timeout`). With
+/// a `secret` the source must prove it first ([`auth::check_source`]): a source that does not
+/// is refused before anything of its stream is read.
+pub fn accept(
+    listener: &Listener,
+    idle: Option<Duration>,
+    secret: Option<&Secret>,
+) -> Result<Pending, MigrateError> {
+    let mut conn = listener.accept()?;
     conn.set_idle_timeout(idle)
         .map_err(|source| StreamError::Io { offset: 0, source })?;
+    if let Some(secret) = secret {
+        auth::check_source(&mut conn, secret)?;
+    }
     let input = conn
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;

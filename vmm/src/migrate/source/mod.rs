@@ -16,6 +16,7 @@ use crate::devices::serial::SerialDevice;
 use crate::dirty::{DirtyBitmap, DirtySource, DirtyTracker, HostChangeRefused, HostChanges};
 use crate::hypervisor::{Vcpu, Vm};
 use crate::memory::RamRegion;
+use crate::migrate::auth::{self, Secret};
 use crate::migrate::error::MigrateError;
 use crate::migrate::page_set::PageSet;
 use crate::migrate::priority::MigrationPriority;
@@ -40,7 +41,7 @@ const FULL_PASS_STEP: u64 = 64 << 20;
 const MB: f64 = 1_000_000.0;
 
 /// Knobs of the source.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct MigrateConfig {
     /// Stop iterating when the estimated downtime is at most this.
     pub downtime: Duration,
@@ -52,6 +53,9 @@ pub struct MigrateConfig {
     /// Fail the migration (the VM runs on here) once the destination makes no progress for
     /// this long (`--migrate-timeout`); `None` waits for ever.
     pub idle_timeout: Option<Duration>,
+    /// `--migrate-secret`: the destination must prove it, and this source proves it, before
+    /// anything of the guest is sent.
+    pub secret: Option<Arc<Secret>>,
 }
 
 /// What the source needs from the running VM.
@@ -130,9 +134,12 @@ pub fn send(
             "postcopy after 0 rounds: give at least 1 (round 0 is the full pass)".into(),
         ));
     }
-    let conn = to.connect()?;
+    let mut conn = to.connect()?;
     conn.set_idle_timeout(cfg.idle_timeout)
         .map_err(|source| StreamError::Io { offset: 0, source })?;
+    if let Some(secret) = &cfg.secret {
+        auth::prove_source(&mut conn, secret, &to.to_string())?;
+    }
     let back = conn
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;

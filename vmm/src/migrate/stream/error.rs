@@ -32,6 +32,9 @@ pub enum StreamError {
         /// The first bytes read.
         found: [u8; 8],
     },
+    /// The source opened with an authentication this destination was not told to expect.
+    #[error("the migration source authenticates with a shared secret (--migrate-secret): start this destination with the same --migrate-secret FILE")]
+    AuthWanted,
     /// Another format version.
     #[error("migration stream version {found}, this vmm reads version {VERSION}: run the same vmm build on both sides")]
     Version {

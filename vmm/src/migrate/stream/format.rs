@@ -30,6 +30,9 @@
 
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
+/// What a source that authenticates (`--migrate-secret`, see `migrate::auth`) sends instead of
+/// [`MAGIC`] first.
+pub const AUTH_MAGIC: [u8; 8] = *b"VMMAUTH\0";
 /// The format version this code writes and reads (2: postcopy chunks; 3: the destination
 /// acknowledges each precopy round once it has applied it; 4: the header carries the machine
 /// spec, so a destination needs nothing but its address; 5: a vCPU's state carries its XSAVE

@@ -15,7 +15,7 @@ mod writer;
 pub use chunk::{chunk_name, discard_runs, Chunk};
 pub use error::StreamError;
 pub use format::{
-    DEST_DEMAND_PAGING, FRAME_OVERHEAD, MAGIC, MAX_DISCARD_RUNS, MAX_PAGES_PER_CHUNK, MAX_PAYLOAD,
+    AUTH_MAGIC, DEST_DEMAND_PAGING, FRAME_OVERHEAD, MAGIC, MAX_DISCARD_RUNS, MAX_PAGES_PER_CHUNK, MAX_PAYLOAD,
     MAX_SPEC, PAGE_SIZE, VERSION,
 };
 pub use layout::Layout;

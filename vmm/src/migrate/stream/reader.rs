@@ -5,7 +5,7 @@ use std::io::{self, Read};
 
 use super::chunk::{chunk_name, parse_payload, Chunk};
 use super::error::StreamError;
-use super::format::{kind, kind_name, MAGIC, MAX_PAYLOAD, PAGE_SIZE, VERSION};
+use super::format::{kind, kind_name, AUTH_MAGIC, MAGIC, MAX_PAYLOAD, PAGE_SIZE, VERSION};
 use super::layout::Layout;
 
 /// Where [`StreamReader::next_chunk_into`] may put the data of a `Pages` chunk.
@@ -64,6 +64,9 @@ impl<R: Read> StreamReader<R> {
         let mut start = [0u8; 12];
         r.fill(&mut start, "magic and version")?;
         let magic: [u8; 8] = start[..8].try_into().unwrap();
+        if magic == AUTH_MAGIC {
+            return Err(StreamError::AuthWanted);
+        }
         if magic != MAGIC {
             return Err(StreamError::BadMagic { found: magic });
         }
