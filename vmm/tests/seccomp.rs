@@ -155,7 +155,10 @@ fn allowed_calls_go_through_and_log_mode_lets_refused_ones_through() {
 /// Seccomp_filters of every thread of `pid`: (thread name, filters).
 fn filters_per_thread(pid: u32) -> Vec<(String, u32)> {
     let mut v = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let p = t.path();
         let Ok(status) = std::fs::read_to_string(p.join("status")) else {
             continue;
@@ -182,10 +185,8 @@ fn every_thread_of_a_running_vmm_is_filtered() {
     }
     let _cores = common::serial();
     for mode in ["kill", "none"] {
-        let sock = std::env::temp_dir().join(format!(
-            "vmm-seccomp-{}-{mode}.sock",
-            std::process::id()
-        ));
+        let sock =
+            std::env::temp_dir().join(format!("vmm-seccomp-{}-{mode}.sock", std::process::id()));
         let mut child = Command::new(VMM)
             .args(["--guest", "dirty", "--generations", "0", "--mem", "256M"])
             .args(["--cpus", "2", "--hugepages", "none", "--dirty-rate", "20"])
@@ -203,7 +204,10 @@ fn every_thread_of_a_running_vmm_is_filtered() {
         let threads = filters_per_thread(child.id());
         let out = {
             let stdout = child.stdout.take().unwrap();
-            let lines: Vec<String> = BufReader::new(stdout).lines().map_while(Result::ok).collect();
+            let lines: Vec<String> = BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect();
             let status = child.wait().unwrap();
             (status, lines.join("\n"))
         };
@@ -226,7 +230,11 @@ fn every_thread_of_a_running_vmm_is_filtered() {
 fn wait_for(p: &Path) {
     let t = Instant::now();
     while !p.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "{} never appeared", p.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(100));

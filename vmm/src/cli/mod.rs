@@ -709,7 +709,7 @@ mod tests {
             (EXIT_MIGRATE_FAILED, "--migrate-to failed"),
             (EXIT_SIGINT, "SIGINT"),
             (EXIT_SIGTERM, "SIGTERM"),
-            (EXIT_SECCOMP, "seccomp filter"),
+            (EXIT_SECCOMP, "its seccomp filter does not allow"),
         ] {
             let line = help
                 .lines()

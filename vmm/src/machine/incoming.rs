@@ -12,10 +12,10 @@ use anyhow::Context;
 use super::Machine;
 use crate::exit::EXIT_HOST_FAILED;
 use crate::memory::human;
+use crate::migrate::auth::Secret;
 use crate::migrate::destination::postcopy::{PostcopyTarget, TargetFigures};
 use crate::migrate::destination::{self, Incoming, Pending};
 use crate::migrate::ram::RamPager;
-use crate::migrate::auth::Secret;
 use crate::migrate::Address;
 use crate::migrate::MigrateError;
 use crate::pager::PageSource;
@@ -34,7 +34,8 @@ pub fn accept(
         super::signals::remove_on_early_exit(path.clone());
     }
     println!("waiting for the migration source at {}", listener.address());
-    destination::accept(&listener, idle, secret).context("incoming migration failed; nothing runs here")
+    destination::accept(&listener, idle, secret)
+        .context("incoming migration failed; nothing runs here")
 }
 
 impl Machine {

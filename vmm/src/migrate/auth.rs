@@ -213,13 +213,17 @@ pub fn check_source<C: Read + Write>(conn: &mut C, secret: &Secret) -> Result<()
                 .into(),
         ));
     }
-    conn.read_exact(&mut hello[8..]).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => eof("during authentication"),
-        _ => AuthError::Io(e),
-    })?;
+    conn.read_exact(&mut hello[8..])
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => eof("during authentication"),
+            _ => AuthError::Io(e),
+        })?;
     let theirs = &hello[8..];
     let ours = nonce()?;
-    let proof = secret.mac(b"destination", theirs, &ours).finalize().into_bytes();
+    let proof = secret
+        .mac(b"destination", theirs, &ours)
+        .finalize()
+        .into_bytes();
     let mut answer = [0u8; NONCE + MAC];
     answer[..NONCE].copy_from_slice(&ours);
     answer[NONCE..].copy_from_slice(&proof);
@@ -266,7 +270,8 @@ mod tests {
         });
         let s = match src {
             Some(k) => {
-                let r = prove_source(&mut a, &Secret::from_bytes(k), "test").map_err(|e| e.to_string());
+                let r =
+                    prove_source(&mut a, &Secret::from_bytes(k), "test").map_err(|e| e.to_string());
                 drop(a);
                 r
             }
@@ -325,7 +330,9 @@ mod tests {
         std::fs::write(&p, "short\n").unwrap();
         let e = Secret::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("at least 16"), "{e}");
-        let e = Secret::from_file(&dir.join("missing")).unwrap_err().to_string();
+        let e = Secret::from_file(&dir.join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--migrate-secret"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -116,12 +116,7 @@ const UFFDIO: u64 = 0xAA;
 
 /// Terminal requests a thread may make: read the terminal's mode and size, set its mode (the
 /// console's raw mode), non-blocking and close-on-exec.
-const TTY_READ: &[u64] = &[
-    libc::TCGETS,
-    libc::TIOCGWINSZ,
-    libc::FIONBIO,
-    libc::FIOCLEX,
-];
+const TTY_READ: &[u64] = &[libc::TCGETS, libc::TIOCGWINSZ, libc::FIONBIO, libc::FIOCLEX];
 const TTY_SET: &[u64] = &[libc::TCSETS, libc::TCSETSW, libc::TCSETSF];
 
 /// Which ioctls a kind may make.
@@ -145,17 +140,15 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::MigrationReceiver => &[SOCKET_IO, DROP_PAGES, PRIORITY],
         ThreadKind::MigrationSender => &[SOCKET_IO],
         ThreadKind::Api => &[SPAWN, SOCKET_IO, DROP_PAGES, &[libc::SYS_accept4]],
-        ThreadKind::Console => &[
-            &[
-                libc::SYS_epoll_create1,
-                libc::SYS_epoll_ctl,
-                libc::SYS_epoll_wait,
-                libc::SYS_epoll_pwait,
-                libc::SYS_poll,
-                libc::SYS_ppoll,
-                libc::SYS_fcntl,
-            ],
-        ],
+        ThreadKind::Console => &[&[
+            libc::SYS_epoll_create1,
+            libc::SYS_epoll_ctl,
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_fcntl,
+        ]],
         ThreadKind::Signals => &[&[libc::SYS_unlink, libc::SYS_unlinkat]],
         ThreadKind::Reclaim => &[DROP_PAGES],
         ThreadKind::Profiler => &[],
@@ -206,7 +199,11 @@ fn ioctls(kind: ThreadKind) -> Ioctls {
     }
 }
 
-fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, seccompiler::BackendError> {
+fn cond(
+    arg: u8,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, seccompiler::BackendError> {
     SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
 }
 
@@ -215,14 +212,13 @@ fn one(c: SeccompCondition) -> Result<SeccompRule, seccompiler::BackendError> {
 }
 
 /// The rules of `kind`'s filter: an empty rule list allows the call whatever its arguments.
-pub(super) fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
-    let mut map: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
-        .into_iter()
-        .map(|n| (n, Vec::new()))
-        .collect();
+pub(super) fn rules(
+    kind: ThreadKind,
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> =
+        allowed(kind).into_iter().map(|n| (n, Vec::new())).collect();
     let io = ioctls(kind);
-    if map.contains_key(&libc::SYS_ioctl) {
-        let mut r = Vec::new();
+    if let Some(r) = map.get_mut(&libc::SYS_ioctl) {
         for &t in io.types {
             r.push(one(cond(1, SeccompCmpOp::MaskedEq(0xff00), t << 8)?)?);
         }
@@ -231,16 +227,15 @@ pub(super) fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>,
                 r.push(one(cond(1, SeccompCmpOp::Eq, n)?)?);
             }
         }
-        map.insert(libc::SYS_ioctl, r);
     }
     // SAFETY: getpid has no arguments and cannot fail.
     let pid = unsafe { libc::getpid() } as u64;
-    map.insert(libc::SYS_tgkill, vec![one(cond(0, SeccompCmpOp::Eq, pid)?)?]);
-    if map.contains_key(&libc::SYS_pidfd_open) {
-        map.insert(
-            libc::SYS_pidfd_open,
-            vec![one(cond(0, SeccompCmpOp::Eq, pid)?)?],
-        );
+    map.insert(
+        libc::SYS_tgkill,
+        vec![one(cond(0, SeccompCmpOp::Eq, pid)?)?],
+    );
+    if let Some(r) = map.get_mut(&libc::SYS_pidfd_open) {
+        r.push(one(cond(0, SeccompCmpOp::Eq, pid)?)?);
     }
     map.insert(
         libc::SYS_prctl,

@@ -188,9 +188,8 @@ pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
         return Ok(());
     }
     let program = compile(kind, mode)?;
-    seccompiler::apply_filter(&program).map_err(|e| {
-        SeccompError::Unsupported(std::io::Error::other(e.to_string()))
-    })?;
+    seccompiler::apply_filter(&program)
+        .map_err(|e| SeccompError::Unsupported(std::io::Error::other(e.to_string())))?;
     KIND.with(|k| k.set(kind.name()));
     Ok(())
 }
@@ -295,7 +294,11 @@ mod tests {
         for kind in ThreadKind::ALL {
             for mode in [SeccompMode::Log, SeccompMode::Kill] {
                 let p = compile(kind, mode).unwrap();
-                assert!(!p.is_empty() && p.len() < 4096, "{kind:?}: {} insns", p.len());
+                assert!(
+                    !p.is_empty() && p.len() < 4096,
+                    "{kind:?}: {} insns",
+                    p.len()
+                );
             }
         }
     }

@@ -50,7 +50,12 @@ fn migrate_with(
         ),
         None => listening(vmm, &dst_extra),
     };
-    let mut src_args = vec!["--migrate-to", dst.addr.as_str(), "--migrate-delay-ms", "200"];
+    let mut src_args = vec![
+        "--migrate-to",
+        dst.addr.as_str(),
+        "--migrate-delay-ms",
+        "200",
+    ];
     // A refused migration leaves the source's guest running: it stops after 2 s and passes.
     let refused = src_key != dst_key;
     if refused {
@@ -186,7 +191,10 @@ fn unfit_secret_files_are_refused_at_start() {
             file.to_str().unwrap(),
         ]));
         assert_eq!(code, 1, "{out}\n{err}");
-        assert!(err.contains("--migrate-secret") && err.contains(why), "{err}");
+        assert!(
+            err.contains("--migrate-secret") && err.contains(why),
+            "{err}"
+        );
         assert!(!out.contains("waiting for"), "it listened anyway: {out}");
     }
     let _ = std::fs::remove_file(open);

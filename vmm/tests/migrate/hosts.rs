@@ -1,8 +1,9 @@
 //! Two test hosts on this machine: a pair of network namespaces of the test's own, joined by
 //! a veth pair with addresses of their own, made by the test and removed when it ends. The
 //! destination runs in one and the source in the other (`ip netns exec`), so a migration
-//! crosses a real network link instead of loopback. Needs root and iproute2
-//! (`tools/setup-host` installs it); elsewhere the tests that use it skip with the reason.
+//! crosses a real network link instead of loopback (`util::vmm_on_host` starts a `vmm` on a
+//! host). Needs root and iproute2 (`tools/setup-host` installs it); elsewhere the tests that
+//! use it skip with the reason.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -65,8 +66,24 @@ impl TwoHosts {
                 "link", "add", &vs, "netns", &hosts.src, "type", "veth", "peer", "name", &vd,
                 "netns", &hosts.dst,
             ])?;
-            ip(&["-n", &hosts.src, "addr", "add", &format!("{src_ip}/24"), "dev", &vs])?;
-            ip(&["-n", &hosts.dst, "addr", "add", &format!("{}/24", hosts.dst_ip), "dev", &vd])?;
+            ip(&[
+                "-n",
+                &hosts.src,
+                "addr",
+                "add",
+                &format!("{src_ip}/24"),
+                "dev",
+                &vs,
+            ])?;
+            ip(&[
+                "-n",
+                &hosts.dst,
+                "addr",
+                "add",
+                &format!("{}/24", hosts.dst_ip),
+                "dev",
+                &vd,
+            ])?;
             for (ns, dev) in [(&hosts.src, &vs), (&hosts.dst, &vd)] {
                 ip(&["-n", ns, "link", "set", dev, "up"])?;
                 ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -87,13 +104,6 @@ impl TwoHosts {
     /// The destination's `--incoming` (and the source's `--migrate-to`) address.
     pub fn dst_addr(&self) -> String {
         format!("tcp:{}:{PORT}", self.dst_ip)
-    }
-
-    /// `ip netns exec NS vmm ARGS`: a command that runs `vmm` on host `ns`.
-    pub fn vmm_in(ns: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_vmm")]);
-        c
     }
 }
 

@@ -4,9 +4,9 @@
 //! peers that must prove a shared secret (auth), and two test hosts in network namespaces
 //! (hosts) that the mode and auth migrations also run between.
 
+mod auth;
 #[path = "../common/mod.rs"]
 mod common;
-mod auth;
 mod hosts;
 mod modes;
 mod precopy;

@@ -38,12 +38,17 @@ pub fn vmm_on(backing: &str, extra: &[&str]) -> Child {
     vmm_on_host(None, backing, extra)
 }
 
-/// [`vmm_on`] in network namespace `ns` (a [`crate::hosts::TwoHosts`] host) when given.
+/// [`vmm_on`] in network namespace `ns` (a test host of `migrate/hosts.rs`) when given:
+/// `ip netns exec NS vmm ...`, which runs `vmm` itself in that namespace (same process).
 pub fn vmm_on_host(ns: Option<&str>, backing: &str, extra: &[&str]) -> Child {
     let mut args = vec!["--generations", "0"];
     args.extend_from_slice(extra);
     let cmd = match ns {
-        Some(ns) => crate::hosts::TwoHosts::vmm_in(ns),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_vmm")]);
+            c
+        }
         None => Command::new(env!("CARGO_BIN_EXE_vmm")),
     };
     guest_with(cmd, "dirty", backing, &args)
@@ -52,25 +57,30 @@ pub fn vmm_on_host(ns: Option<&str>, backing: &str, extra: &[&str]) -> Child {
 /// The built-in `guest` on [`MEM`] and [`CPUS`], on `--hugepages backing`, with `extra`
 /// flags; stdout and stderr piped.
 pub fn guest_on(guest: &str, backing: &str, extra: &[&str]) -> Child {
-    guest_with(Command::new(env!("CARGO_BIN_EXE_vmm")), guest, backing, extra)
+    guest_with(
+        Command::new(env!("CARGO_BIN_EXE_vmm")),
+        guest,
+        backing,
+        extra,
+    )
 }
 
 fn guest_with(mut cmd: Command, guest: &str, backing: &str, extra: &[&str]) -> Child {
     cmd.args([
-            "--guest",
-            guest,
-            "--mem",
-            MEM,
-            "--cpus",
-            CPUS,
-            "--hugepages",
-            backing,
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm")
+        "--guest",
+        guest,
+        "--mem",
+        MEM,
+        "--cpus",
+        CPUS,
+        "--hugepages",
+        backing,
+    ])
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn vmm")
 }
 
 /// A destination `vmm --incoming ADDR` that has said it listens ([`LISTENING`]).
