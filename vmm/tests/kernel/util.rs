@@ -159,6 +159,17 @@ impl KernelVm {
     }
 }
 
+/// A test that fails (panics) before it waited for its VM ends the VM here, so that it does
+/// not go on loading the host under the tests that follow.
+impl Drop for KernelVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Sends `req` to the control socket and checks it succeeded.
 pub fn request(sock: &Path, req: Value) -> Value {
     let v = vmm::api::request(sock, &req).expect("control socket answers");

@@ -223,7 +223,13 @@ enum Step {
     Pass,
     /// Forward it, then cut both directions.
     Cut,
+    /// Forward it, then pass nothing more from the source while holding both connections
+    /// open (a source that stops answering) for [`HANG`].
+    Hang,
 }
+
+/// How long a [`Step::Hang`] proxy holds the connections open.
+const HANG: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// A proxy between a source and the destination at `dst_addr` that passes the stream chunk by
 /// chunk, calling `step(kind, frame, n)` on each chunk from the source (n = chunks since the
@@ -274,8 +280,13 @@ fn chunk_proxy(
             if kind == KIND_POSTCOPY {
                 after_switch = Some(0u32);
             }
-            if let Step::Cut = what {
-                break;
+            match what {
+                Step::Pass => {}
+                Step::Cut => break,
+                Step::Hang => {
+                    std::thread::sleep(HANG);
+                    break;
+                }
             }
         }
         let _ = to_dst.shutdown(Shutdown::Both);
@@ -336,6 +347,48 @@ fn connection_cut_during_postcopy_stops_both_ends_with_exit_1() {
     assert!(
         serr.contains("during postcopy"),
         "the source says why: {serr}"
+    );
+}
+
+/// A postcopy source that stops answering the destination's page requests and pushing pages,
+/// without closing the connection (a proxy holds it open and passes nothing more): the
+/// destination does not wait for ever. Its read of the owed pages fails after
+/// `--migrate-timeout` and it stops with exit code 1 naming the limit; the source, whose
+/// pushes nobody takes, stops the same way.
+#[test]
+fn unanswered_postcopy_page_requests_time_out() {
+    if !kvm_or_skip("unanswered_postcopy_page_requests_time_out") {
+        return;
+    }
+    let _g = serial();
+    let dst = listening(vmm, &["--run-for", "0", "--migrate-timeout", "2"]);
+    let (src_addr, proxy) = chunk_proxy(dst.host_port(), |_, _, n, back| match n {
+        Some(n) if n >= 64 && back >= 2 => Step::Hang,
+        _ => Step::Pass,
+    });
+    let (src, src_rx) = postcopy_source(&src_addr, "2", &["--migrate-timeout", "2"]);
+    let t = std::time::Instant::now();
+    let (dcode, dout, derr) = dst.finish();
+    let took = t.elapsed();
+    assert_eq!(dcode, 1, "destination: {dout}\n{derr}");
+    assert!(
+        derr.contains("sent nothing for 2 s (--migrate-timeout)"),
+        "the destination names the limit: {derr}"
+    );
+    assert!(!dout.contains("\nPASS"), "{dout}");
+    assert!(
+        took < HANG,
+        "the destination waited {took:?}, as long as the proxy hung"
+    );
+    let (scode, sout, serr) = finish(src, src_rx);
+    assert_eq!(scode, 1, "source: {sout}\n{serr}");
+    assert!(
+        serr.contains("during postcopy"),
+        "the source says why: {serr}"
+    );
+    assert!(
+        proxy.join().unwrap(),
+        "the stream reached the postcopy switch"
     );
 }
 
