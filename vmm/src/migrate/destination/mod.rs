@@ -228,7 +228,8 @@ pub fn receive_stream<R: Read, W: Write>(
         }
         match c {
             Chunk::Round { round, dirty_pages } => {
-                rounds = round + 1;
+                // Saturating: the last round a corrupt stream can name is u32::MAX.
+                rounds = round.saturating_add(1);
                 info!("incoming round {round}: {dirty_pages} pages");
                 // Drops so far came with a round (a discard round), not with the switch.
                 switch.early_drop_calls += std::mem::take(&mut switch.drop_calls);
@@ -492,6 +493,28 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("vCPU"), "{e}");
+
+        // The last round number there is (found by the migration_stream fuzz target: counting
+        // the rounds overflowed).
+        let mut w = StreamWriter::new(Vec::new(), &layout).unwrap();
+        w.round(u32::MAX, 0).unwrap();
+        w.vcpu(0, &vcpu_state(0).encode().unwrap()).unwrap();
+        w.device(DEVICE_KVM_VM, &vm_state().encode().unwrap())
+            .unwrap();
+        w.end().unwrap();
+        let last = w.into_inner().unwrap();
+        let (mut r, got_layout) = StreamReader::open(&last[..]).unwrap();
+        let got = receive_stream(
+            &mut r,
+            &mut StreamWriter::headless(std::io::sink()),
+            &got_layout,
+            &mem(),
+            1,
+            &REGIONS,
+            None,
+        )
+        .unwrap();
+        assert_eq!(got.rounds, u32::MAX);
 
         // A postcopy switch needs demand paging here.
         let mut w = StreamWriter::headless(Vec::new());
