@@ -1,6 +1,8 @@
-//! Replays every committed corpus file through its target's body (no AFL needed: plain
-//! `cargo test`), and checks that the seeds are the valid inputs they claim to be, so the
-//! fuzzer starts from the parsers' success paths.
+//! Replays every committed corpus file, and every input under `regressions/` (what the
+//! fuzzer once found: crashes since fixed in vmm, and stage2_ops inputs that once took the
+//! target most of a second), through its target's body (no AFL needed: plain `cargo test`);
+//! and checks that the seeds are the valid inputs they claim to be, so the fuzzer starts from
+//! the parsers' success paths.
 
 use std::path::{Path, PathBuf};
 
@@ -12,9 +14,11 @@ use vmm::migrate::{StreamReader, StreamWriter};
 use vmm_fuzz::migration_stream::{guest_memory, FakePager, REGIONS};
 
 fn files(target: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("corpus")
-        .join(target);
+    files_in("corpus", target)
+}
+
+fn files_in(top: &str, target: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(top).join(target);
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -33,11 +37,31 @@ fn seed(target: &str, name: &str) -> Vec<u8> {
 }
 
 fn replay(target: &str, run: fn(&[u8])) {
-    for f in files(target) {
+    replay_files(files(target), run);
+}
+
+fn replay_files(files: Vec<PathBuf>, run: fn(&[u8])) {
+    for f in files {
         let data = std::fs::read(&f).unwrap();
         eprintln!("{}", f.display());
         run(&data);
     }
+}
+
+#[test]
+fn regressions_replay() {
+    replay_files(
+        files_in("regressions", "kernel_image"),
+        vmm_fuzz::kernel_image::run,
+    );
+    replay_files(
+        files_in("regressions", "migration_stream"),
+        vmm_fuzz::migration_stream::run,
+    );
+    replay_files(
+        files_in("regressions", "stage2_ops"),
+        vmm_fuzz::stage2_ops::run,
+    );
 }
 
 #[test]
