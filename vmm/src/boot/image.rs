@@ -265,6 +265,26 @@ mod tests {
         assert!(e.to_string().contains("--mem 48M"), "{e}");
     }
 
+    /// A setup header whose `pref_address` + `init_size` passes 2^64 (found by the
+    /// `kernel_image` fuzz target): the end saturates, and the initrd check refuses the
+    /// initrd instead of overflowing while it rounds that end up to a page.
+    #[test]
+    fn an_initrd_beside_a_kernel_ending_at_2_64_is_refused() {
+        let mut bz = bzimage::tests::fake_bzimage();
+        bz[0x258..0x260].copy_from_slice(&u64::MAX.to_le_bytes());
+        let img = KernelImage::parse(Path::new("k"), bz).unwrap();
+        assert_eq!(img.required_end(), u64::MAX);
+        assert!(matches!(
+            img.check_fits(64 << 20),
+            Err(BootError::KernelBeyondLowRam { .. })
+        ));
+        for (mem, size) in [(64 << 20, 1), (u64::MAX, 1 << 20), (1 << 40, u64::MAX)] {
+            let e = img.check_initrd_fits(mem, size).unwrap_err();
+            assert!(matches!(e, BootError::InitrdTooBig { .. }), "{e}");
+            assert!(e.to_string().contains("use --mem"), "{e}");
+        }
+    }
+
     fn bz_with(payload: &[u8]) -> KernelImage {
         KernelImage::parse(Path::new("bz"), bzimage::tests::fake_bzimage_with(payload)).unwrap()
     }

@@ -159,7 +159,7 @@ pub enum BootError {
         limit: u64,
     },
     /// The initrd does not fit.
-    #[error("the initrd ({size_h}) does not fit between the kernel's end ({kend:#x}) and the highest address it may use ({limit:#x}): use --mem {min_h} or more", size_h = human_up(*size), min_h = human_up(*kend + *size + PAGE))]
+    #[error("the initrd ({size_h}) does not fit between the kernel's end ({kend:#x}) and the highest address it may use ({limit:#x}): use --mem {min_h} or more", size_h = human_up(*size), min_h = human_up(kend.saturating_add(*size).saturating_add(PAGE)))]
     InitrdTooBig {
         /// Initrd size.
         size: u64,
@@ -204,7 +204,7 @@ pub enum BootError {
 
 /// Rounds up to a whole MiB and formats it for a `--mem` suggestion.
 fn human_up(bytes: u64) -> String {
-    human(bytes.div_ceil(1 << 20) << 20)
+    human(bytes.div_ceil(1 << 20).saturating_mul(1 << 20))
 }
 
 /// How the kernel was started.
@@ -257,7 +257,11 @@ pub fn place_initrd(
     size: u64,
 ) -> Result<u64, BootError> {
     let limit = (u64::from(initrd_addr_max) + 1).min(mem_bytes.min(MMIO_HOLE_START));
-    let kend = kernel_end.next_multiple_of(PAGE);
+    // A corrupt setup header can put the kernel's end within a page of 2^64 (`required_end`
+    // saturates): nothing fits above it, and rounding it up must not overflow.
+    let kend = kernel_end
+        .checked_next_multiple_of(PAGE)
+        .unwrap_or(u64::MAX);
     match limit.checked_sub(size).map(|a| a & !(PAGE - 1)) {
         Some(addr) if addr >= kend => Ok(addr),
         _ => Err(BootError::InitrdTooBig { size, kend, limit }),

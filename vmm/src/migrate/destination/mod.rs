@@ -4,6 +4,7 @@
 
 pub mod postcopy;
 
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use log::info;
@@ -158,12 +159,65 @@ pub fn receive(
         conn.try_clone()
             .map_err(|source| StreamError::Io { offset: 0, source })?,
     );
+    let ram_regions: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
+    let got = receive_stream(&mut r, &mut reply, &layout, mem, vcpus, &ram_regions, pager)?;
+    let bytes = r.bytes_read();
+    let postcopy = got.postcopy.map(|(owed, switch)| PostcopyIncoming {
+        reader: r,
+        owed,
+        switch,
+    });
+    Ok(Incoming {
+        vcpus: got.vcpus,
+        vm: got.vm,
+        serial: got.serial,
+        i8042: got.i8042,
+        rounds: got.rounds,
+        bytes,
+        placed: got.placed,
+        conn,
+        postcopy,
+    })
+}
+
+/// What [`receive_stream`] took off a stream: the state to restore and the RAM figures.
+#[derive(Debug)]
+pub struct ReceivedStream {
+    /// Per vCPU, in id order.
+    pub vcpus: Vec<VcpuState>,
+    /// The VM-wide state.
+    pub vm: VmState,
+    /// COM1's registers, when the source had one.
+    pub serial: Option<SerialRegs>,
+    /// The i8042's registers, when the source had one.
+    pub i8042: Option<I8042State>,
+    /// Rounds seen.
+    pub rounds: u32,
+    /// Host pages placed whole through the pager.
+    pub placed: u64,
+    /// `Some` when the source switched to postcopy: the host pages it owes, and the drops.
+    pub postcopy: Option<(PageSet, SwitchFigures)>,
+}
+
+/// The body of [`receive`] over any reader and reply writer (no socket: the fuzz target and
+/// tests drive it from a byte slice). `layout` is the header [`StreamReader::open`] returned;
+/// `regions` are this VM's RAM regions as (gpa, len). Sends the destination-info, checks the
+/// layout, and reads chunks into `mem` (through `pager` when given) until `End` or `Postcopy`.
+pub fn receive_stream<R: Read, W: Write>(
+    r: &mut StreamReader<R>,
+    reply: &mut StreamWriter<W>,
+    layout: &Layout,
+    mem: &GuestMemoryMmap,
+    vcpus: usize,
+    ram_regions: &[(u64, u64)],
+    pager: Option<&dyn RamPager>,
+) -> Result<ReceivedStream, MigrateError> {
     let (host_page, flags) = match pager {
         Some(p) => (p.host_page(), DEST_DEMAND_PAGING),
         None => (PAGE_SIZE as u64, 0),
     };
     reply.dest_info(host_page, flags)?;
-    Layout::new(vcpus as u32, regions.iter().map(|r| (r.gpa, r.len))).accept(&layout)?;
+    Layout::new(vcpus as u32, ram_regions.iter().copied()).accept(layout)?;
     let mut states: Vec<Option<VcpuState>> = (0..vcpus).map(|_| None).collect();
     let mut vm = None;
     let mut serial = None;
@@ -171,7 +225,6 @@ pub fn receive(
     let mut rounds = 0;
     // This destination's RAM is new: nothing but this stream writes it before the guest runs.
     let mut ram = RamReceiver::new(mem, pager).fresh();
-    let ram_regions: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
     let mut owed: Option<PageSet> = None;
     let mut switch = SwitchFigures::default();
     let switched = loop {
@@ -185,7 +238,8 @@ pub fn receive(
         }
         match c {
             Chunk::Round { round, dirty_pages } => {
-                rounds = round + 1;
+                // Saturating: the last round a corrupt stream can name is u32::MAX.
+                rounds = round.saturating_add(1);
                 info!("incoming round {round}: {dirty_pages} pages");
                 // Drops so far came with a round (a discard round), not with the switch.
                 switch.early_drop_calls += std::mem::take(&mut switch.drop_calls);
@@ -222,7 +276,7 @@ pub fn receive(
                             .into(),
                     ));
                 };
-                let set = owed.get_or_insert_with(|| PageSet::new(&ram_regions, p.host_page()));
+                let set = owed.get_or_insert_with(|| PageSet::new(ram_regions, p.host_page()));
                 let t = Instant::now();
                 let mut drops = Vec::new();
                 let mut res = ResidencyCursor::new(mem);
@@ -254,15 +308,12 @@ pub fn receive(
         .enumerate()
         .map(|(i, s)| s.ok_or_else(|| MigrateError::Missing(format!("the state of vCPU {i}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let placed = ram.placed;
-    let bytes = r.bytes_read();
     let postcopy = match (switched, pager) {
         (false, _) => None,
-        (true, Some(p)) => Some(PostcopyIncoming {
-            reader: r,
-            owed: owed.unwrap_or_else(|| PageSet::new(&ram_regions, p.host_page())),
+        (true, Some(p)) => Some((
+            owed.unwrap_or_else(|| PageSet::new(ram_regions, p.host_page())),
             switch,
-        }),
+        )),
         (true, None) => {
             return Err(MigrateError::Refused(
                 "the source switched to postcopy, which needs demand paging here: this \
@@ -271,15 +322,13 @@ pub fn receive(
             ))
         }
     };
-    Ok(Incoming {
+    Ok(ReceivedStream {
         vcpus,
         vm: vm.ok_or_else(|| MigrateError::Missing("the VM state (irqchip, PIT, clock)".into()))?,
         serial,
         i8042,
         rounds,
-        bytes,
-        placed,
-        conn,
+        placed: ram.placed,
         postcopy,
     })
 }
@@ -344,4 +393,154 @@ pub fn acknowledge(conn: Connection) -> Result<(), MigrateError> {
     w.guest_running()?;
     w.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::state::SerialRegs;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const REGIONS: [(u64, u64); 2] = [(0, 64 << 10), (1 << 20, 16 << 10)];
+
+    fn mem() -> GuestMemoryMmap {
+        let ranges: Vec<(GuestAddress, usize)> = REGIONS
+            .iter()
+            .map(|&(g, n)| (GuestAddress(g), n as usize))
+            .collect();
+        GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap()
+    }
+
+    fn vcpu_state(id: u32) -> VcpuState {
+        VcpuState {
+            id,
+            cpuid: Vec::new(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            fpu: Default::default(),
+            xsave: None,
+            xcrs: None,
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            msrs: Vec::new(),
+            events: Default::default(),
+            mp_state: Default::default(),
+        }
+    }
+
+    fn vm_state() -> VmState {
+        VmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        }
+    }
+
+    /// A whole stream from a byte slice: pages and zero runs land in memory, the state is
+    /// decoded, each round is acknowledged; a postcopy switch without a pager is refused.
+    #[test]
+    fn receive_stream_reads_a_stream_from_bytes() {
+        let layout = Layout::new(1, REGIONS);
+        let mut w = StreamWriter::new(Vec::new(), &layout).unwrap();
+        w.pages(0x1000, &[0xab; PAGE_SIZE]).unwrap();
+        w.pages(0x2000, &[0xcd; PAGE_SIZE]).unwrap();
+        w.pages((1 << 20) + 0x1000, &[0xef; PAGE_SIZE]).unwrap();
+        w.round(0, 3).unwrap();
+        w.zero_pages(0x2000, 1).unwrap();
+        w.round(1, 1).unwrap();
+        w.vcpu(0, &vcpu_state(0).encode().unwrap()).unwrap();
+        w.device(DEVICE_KVM_VM, &vm_state().encode().unwrap())
+            .unwrap();
+        let serial = SerialRegs {
+            scratch: 7,
+            ..Default::default()
+        };
+        w.device(DEVICE_SERIAL, &serial.encode().unwrap()).unwrap();
+        w.device("no-such-device", b"ignored").unwrap();
+        let mut before_end = w.into_inner().unwrap();
+        let mut w = StreamWriter::headless(Vec::new());
+        w.end().unwrap();
+        let end = w.into_inner().unwrap();
+        let mut stream = before_end.clone();
+        stream.extend_from_slice(&end);
+
+        let m = mem();
+        let (mut r, got_layout) = StreamReader::open(&stream[..]).unwrap();
+        let mut reply = StreamWriter::headless(Vec::new());
+        let got = receive_stream(&mut r, &mut reply, &got_layout, &m, 1, &REGIONS, None).unwrap();
+        assert_eq!(got.rounds, 2);
+        assert_eq!(got.vcpus, vec![vcpu_state(0)]);
+        assert_eq!(got.serial, Some(serial));
+        assert!(got.postcopy.is_none());
+        assert_eq!(r.bytes_read(), stream.len() as u64);
+        let byte = |gpa| m.read_obj::<u8>(GuestAddress(gpa)).unwrap();
+        assert_eq!(
+            (byte(0x1000), byte(0x2000), byte((1 << 20) + 0x1fff)),
+            (0xab, 0, 0xef)
+        );
+        // The replies: destination-info, then one acknowledgement per round.
+        let replies = reply.into_inner().unwrap();
+        let mut back = StreamReader::headless(&replies[..]);
+        assert!(matches!(
+            back.next_chunk().unwrap(),
+            Chunk::DestInfo { flags: 0, .. }
+        ));
+        back.expect_round_applied(0).unwrap();
+        back.expect_round_applied(1).unwrap();
+
+        // Another layout here: refused before any chunk is read.
+        let (mut r, got_layout) = StreamReader::open(&stream[..]).unwrap();
+        let e = receive_stream(
+            &mut r,
+            &mut StreamWriter::headless(std::io::sink()),
+            &got_layout,
+            &mem(),
+            2,
+            &REGIONS,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("vCPU"), "{e}");
+
+        // The last round number there is (found by the migration_stream fuzz target: counting
+        // the rounds overflowed).
+        let mut w = StreamWriter::new(Vec::new(), &layout).unwrap();
+        w.round(u32::MAX, 0).unwrap();
+        w.vcpu(0, &vcpu_state(0).encode().unwrap()).unwrap();
+        w.device(DEVICE_KVM_VM, &vm_state().encode().unwrap())
+            .unwrap();
+        w.end().unwrap();
+        let last = w.into_inner().unwrap();
+        let (mut r, got_layout) = StreamReader::open(&last[..]).unwrap();
+        let got = receive_stream(
+            &mut r,
+            &mut StreamWriter::headless(std::io::sink()),
+            &got_layout,
+            &mem(),
+            1,
+            &REGIONS,
+            None,
+        )
+        .unwrap();
+        assert_eq!(got.rounds, u32::MAX);
+
+        // A postcopy switch needs demand paging here.
+        let mut w = StreamWriter::headless(Vec::new());
+        w.postcopy().unwrap();
+        before_end.extend_from_slice(&w.into_inner().unwrap());
+        let (mut r, got_layout) = StreamReader::open(&before_end[..]).unwrap();
+        let e = receive_stream(
+            &mut r,
+            &mut StreamWriter::headless(std::io::sink()),
+            &got_layout,
+            &mem(),
+            1,
+            &REGIONS,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(e, MigrateError::Refused(_)), "{e}");
+    }
 }

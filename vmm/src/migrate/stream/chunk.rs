@@ -130,12 +130,22 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// `gpa` if it is page aligned, as every writer puts it (a reader refuses what no writer
+/// sends: an unaligned address would reach guest memory or the pager as a partial page).
+fn page_aligned(gpa: u64, what: &str) -> Result<u64, String> {
+    if gpa.is_multiple_of(PAGE_SIZE as u64) {
+        Ok(gpa)
+    } else {
+        Err(format!("{what} chunk at unaligned address {gpa:#x}"))
+    }
+}
+
 /// Parses the payload of a chunk of kind `k` (never `HEADER`, which only the start may carry).
 pub(super) fn parse_payload(k: u32, payload: &[u8]) -> Result<Chunk<'_>, String> {
     let mut c = Cursor(payload);
     Ok(match k {
         kind::PAGES => {
-            let gpa = c.u64()?;
+            let gpa = page_aligned(c.u64()?, "pages")?;
             let data = c.rest();
             if data.is_empty() || !data.len().is_multiple_of(PAGE_SIZE) {
                 return Err(format!(
@@ -146,7 +156,7 @@ pub(super) fn parse_payload(k: u32, payload: &[u8]) -> Result<Chunk<'_>, String>
             Chunk::Pages { gpa, data }
         }
         kind::ZERO_PAGES => {
-            let gpa = c.u64()?;
+            let gpa = page_aligned(c.u64()?, "zero-pages")?;
             let count = c.u64()?;
             c.finish()?;
             Chunk::ZeroPages { gpa, count }
@@ -179,9 +189,12 @@ pub(super) fn parse_payload(k: u32, payload: &[u8]) -> Result<Chunk<'_>, String>
             Chunk::GuestRunning
         }
         kind::PAGE_REQUEST => {
-            let gpa = c.u64()?;
+            let gpa = page_aligned(c.u64()?, "page-request")?;
             let count = c.u32()?;
             c.finish()?;
+            if count == 0 {
+                return Err("page-request chunk asks for 0 pages".into());
+            }
             Chunk::PageRequest { gpa, count }
         }
         kind::DEST_INFO => {
@@ -202,6 +215,12 @@ pub(super) fn parse_payload(k: u32, payload: &[u8]) -> Result<Chunk<'_>, String>
                     "discard chunk of {} bytes is not whole {DISCARD_RUN_BYTES}-byte runs",
                     runs.len()
                 ));
+            }
+            for (gpa, count) in discard_runs(runs) {
+                page_aligned(gpa, "discard")?;
+                if count == 0 {
+                    return Err(format!("discard chunk has a run of 0 pages at {gpa:#x}"));
+                }
             }
             Chunk::Discard { runs }
         }

@@ -36,9 +36,11 @@ impl Layout {
         self
     }
 
-    /// Total RAM bytes.
+    /// Total RAM bytes (saturating: a corrupt header's lengths may add up past 2^64).
     pub fn ram_bytes(&self) -> u64 {
-        self.regions.iter().map(|r| r.1).sum()
+        self.regions
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r.1))
     }
 
     /// Checks that a stream from `source` can be received by a VM with this layout.
@@ -115,5 +117,22 @@ impl Layout {
             regions,
             spec,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Region lengths from a corrupt header that add up past 2^64 (found by the
+    /// `migration_stream` fuzz target: the mismatch message overflowed summing them).
+    #[test]
+    fn ram_bytes_saturates() {
+        let source = Layout::new(1, [(0, u64::MAX), (1 << 40, 2)]);
+        assert_eq!(source.ram_bytes(), u64::MAX);
+        let here = Layout::new(1, [(0, 64 << 20)]);
+        let e = here.accept(&source).unwrap_err();
+        assert!(matches!(e, StreamError::RamMismatch { .. }), "{e}");
+        let _ = e.to_string();
     }
 }

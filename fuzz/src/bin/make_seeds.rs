@@ -1,0 +1,302 @@
+//! Writes the seed corpora under `corpus/<target>/` (run from `fuzz/`): valid inputs of every
+//! kind each target reads, made by this crate's image builders, vmm's own stream writer and
+//! the compressors the kernel's Makefile uses (gzip, bzip2, lzma, xz, lzop, lz4, zstd; a
+//! missing tool's seeds are skipped with a note).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use vmm::migrate::state::{SerialRegs, VcpuState, VmState};
+use vmm::migrate::{Layout, StreamWriter, DEVICE_I8042, DEVICE_KVM_VM, DEVICE_SERIAL};
+use vmm_fuzz::images::{fake_bzimage, fake_elf};
+use vmm_fuzz::migration_stream::REGIONS;
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new("corpus").join(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn with_flag(flag: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut v = vec![flag];
+    v.extend_from_slice(bytes);
+    v
+}
+
+/// `tool args` over `input`, or `None` when the tool is not installed.
+fn run_tool(tool: &str, args: &[&str], input: &[u8]) -> Option<Vec<u8>> {
+    let mut child = match Command::new(tool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(_) => {
+            eprintln!("skipping the {tool} seeds: {tool} is not installed");
+            return None;
+        }
+    };
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{tool} failed");
+    Some(out.stdout)
+}
+
+fn kernel_seeds() {
+    let vmlinux = fake_elf(&[0x90; 64]);
+    write("kernel_image", "elf", &with_flag(0, &vmlinux));
+    write(
+        "kernel_image",
+        "bzimage-unknown-payload",
+        &with_flag(0, &fake_bzimage(b"\x01\x02\x03\x04 not compressed")),
+    );
+    write(
+        "kernel_image",
+        "initrd",
+        &with_flag(2, b"070701000000000000000000TRAILER!!!"),
+    );
+    let tools: [(&str, &str, &[&str]); 7] = [
+        ("gzip", "gzip", &["-n", "-9", "-c"]),
+        ("bzip2", "bzip2", &["-9", "-c"]),
+        ("lzma", "lzma", &["-9", "-c"]),
+        (
+            "xz",
+            "xz",
+            &["--check=crc32", "--x86", "--lzma2=dict=1MiB", "-c"],
+        ),
+        ("lzo", "lzop", &["-9", "-c"]),
+        ("lz4", "lz4", &["-l", "-9", "-c"]),
+        ("zstd", "zstd", &["-19", "-c", "-q"]),
+    ];
+    for (name, tool, args) in tools {
+        let Some(mut payload) = run_tool(tool, args, &vmlinux) else {
+            continue;
+        };
+        // scripts/Makefile.lib appends the size to every payload but gzip's (gzip's own
+        // trailer ends with it).
+        if name != "gzip" {
+            payload.extend_from_slice(&(vmlinux.len() as u32).to_le_bytes());
+        }
+        write(
+            "kernel_image",
+            &format!("bzimage-{name}"),
+            &with_flag(1, &fake_bzimage(&payload)),
+        );
+        write(
+            "kernel_image",
+            &format!("payload-{name}"),
+            &with_flag(3, &payload),
+        );
+    }
+}
+
+fn vcpu_state(id: u32) -> VcpuState {
+    VcpuState {
+        id,
+        cpuid: vec![Default::default()],
+        regs: Default::default(),
+        sregs: Default::default(),
+        fpu: Default::default(),
+        xsave: Some(vec![0; 4]),
+        xcrs: Some(Default::default()),
+        debugregs: Default::default(),
+        lapic: Default::default(),
+        msrs: vec![kvm_bindings::kvm_msr_entry {
+            index: 0x10,
+            data: 1,
+            ..Default::default()
+        }],
+        events: Default::default(),
+        mp_state: Default::default(),
+    }
+}
+
+fn vm_state() -> VmState {
+    VmState {
+        pic_master: Default::default(),
+        pic_slave: Default::default(),
+        ioapic: Default::default(),
+        pit: Default::default(),
+        clock: Default::default(),
+    }
+}
+
+/// A source's stream: header, RAM rounds, the state of `vcpus` vCPUs and the devices, then
+/// `End` or (with `postcopy`) a discard round, the switch and one owed page.
+fn stream(vcpus: u32, postcopy: bool) -> Vec<u8> {
+    stream_with(vcpus, postcopy, true)
+}
+
+/// [`stream`], with page data (`data`) or zero runs only.
+fn stream_with(vcpus: u32, postcopy: bool, data: bool) -> Vec<u8> {
+    let layout = Layout::new(vcpus, REGIONS).with_spec(br#"{"mem":"320K","vcpus":1}"#.to_vec());
+    let mut w = StreamWriter::new(Vec::new(), &layout).unwrap();
+    let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    if data {
+        w.pages(0x1000, &page).unwrap();
+        w.ram(0x4000, &[page.as_slice(), &[0; 4096], &page].concat())
+            .unwrap();
+    }
+    w.zero_pages(0x10000, 4).unwrap();
+    if data {
+        w.pages((1 << 20) + 0x2000, &page).unwrap();
+    }
+    w.round(0, 5).unwrap();
+    if data {
+        w.pages(0x1000, &[7; 4096]).unwrap();
+    }
+    w.zero_pages(0x4000, 1).unwrap();
+    w.round(1, 2).unwrap();
+    if postcopy {
+        w.discard(&[(0x1000, 1), (0x4000, 2)]).unwrap();
+        w.round(2, 0).unwrap();
+    }
+    for id in 0..vcpus {
+        w.vcpu(id, &vcpu_state(id).encode().unwrap()).unwrap();
+    }
+    w.device(DEVICE_KVM_VM, &vm_state().encode().unwrap())
+        .unwrap();
+    let serial = SerialRegs {
+        line_control: 3,
+        in_buffer: b"ab".to_vec(),
+        ..Default::default()
+    };
+    w.device(DEVICE_SERIAL, &serial.encode().unwrap()).unwrap();
+    // I8042State in postcard: ctr, output Some((0xfa, false)), last_read, pending None,
+    // last_write_command false.
+    w.device(DEVICE_I8042, &[0x47, 1, 0xfa, 0, 0, 0, 0])
+        .unwrap();
+    w.device("virtio-something", b"unknown state").unwrap();
+    if postcopy {
+        w.discard(&[(0x8000, 1)]).unwrap();
+        w.postcopy().unwrap();
+        w.pages(0x8000, &page).unwrap();
+    }
+    w.end().unwrap();
+    w.into_inner().unwrap()
+}
+
+fn migration_seeds() {
+    write(
+        "migration_stream",
+        "precopy",
+        &with_flag(0, &stream(1, false)),
+    );
+    write(
+        "migration_stream",
+        "small",
+        &with_flag(0, &stream_with(1, false, false)),
+    );
+    write(
+        "migration_stream",
+        "precopy-2vcpus",
+        &with_flag(4, &stream(2, false)),
+    );
+    write(
+        "migration_stream",
+        "precopy-pager",
+        &with_flag(2, &stream(1, false)),
+    );
+    write(
+        "migration_stream",
+        "postcopy-pager",
+        &with_flag(3, &stream(1, true)),
+    );
+    let mut w = StreamWriter::headless(Vec::new());
+    w.dest_info(4096, 1).unwrap();
+    w.round_applied(0).unwrap();
+    w.page_request(0x3000, 2).unwrap();
+    w.all_received().unwrap();
+    w.guest_running().unwrap();
+    write(
+        "migration_stream",
+        "replies",
+        &with_flag(8, &w.into_inner().unwrap()),
+    );
+}
+
+fn control_seeds() {
+    let lines: [(&str, &str); 14] = [
+        ("stats", r#"{"cmd":"stats"}"#),
+        ("info", r#"{"cmd":"info"}"#),
+        ("pause", r#"{"cmd":"pause"}"#),
+        ("resume", "{\"cmd\":\"resume\"}\n"),
+        ("shutdown", r#"{"cmd":"shutdown"}"#),
+        (
+            "reclaim-strings",
+            r#"{"cmd":"reclaim","gpa":"1G","len":"0x40000000"}"#,
+        ),
+        (
+            "reclaim-numbers",
+            r#"{"cmd":"reclaim","gpa":1073741824,"len":4096}"#,
+        ),
+        (
+            "reclaim-suffixes",
+            r#"{"cmd":"reclaim","gpa":"512M","len":"4k"}"#,
+        ),
+        ("migrate", r#"{"cmd":"migrate","to":"tcp:127.0.0.1:4444"}"#),
+        (
+            "migrate-postcopy",
+            r#"{"cmd":"migrate","to":"unix:/tmp/m.sock","postcopy_after":2}"#,
+        ),
+        (
+            "unknown",
+            r#"{"cmd":"frobnicate","x":[1,2.5,null,true,{"y":"\u00e9"}]}"#,
+        ),
+        ("size-hex", "0xfffffffffffff"),
+        ("size-tera", "16T"),
+        ("not-object", "[\"cmd\",\"stats\"]"),
+    ];
+    for (name, line) in lines {
+        write("control_socket", name, line.as_bytes());
+    }
+}
+
+fn stage2_seeds() {
+    // Format byte, then (opcode, operands) as `stage2_ops::decode` reads them.
+    let seqs: [(&str, Vec<u8>); 5] = [
+        // Faults (read, write, exec) across the four regions.
+        (
+            "faults-ept",
+            vec![0, 3, 0, 0, 4, 40, 1, 5, 70, 2, 6, 100, 1, 7, 1, 1],
+        ),
+        // Map 4K/2M/1G with both output addresses, then fault and invalidate.
+        (
+            "map-invalidate-arm64",
+            vec![
+                1, 0, 3, 0x08, 1, 40, 0x0d, 2, 70, 0x26, 3, 3, 1, 11, 0, 0x40, 0, 12, 64, 1, 0,
+            ],
+        ),
+        // Dirty logging: enable eager, write faults, harvest, disable.
+        (
+            "dirty-eager-ept",
+            vec![
+                0, 4, 40, 1, 5, 64, 1, 15, 1, 6, 41, 1, 7, 65, 1, 17, 1, 18, 2, 16, 3, 40, 1,
+            ],
+        ),
+        // Lazy dirty logging over 2M leaves, split, collapse.
+        (
+            "dirty-lazy-split-collapse-bbm2",
+            vec![
+                2, 4, 33, 1, 15, 0, 5, 34, 1, 17, 1, 16, 13, 36, 0, 14, 1, 3, 33, 0,
+            ],
+        ),
+        // Absent maps over present leaves.
+        (
+            "map-absent-ept",
+            vec![0, 0, 5, 0x28, 0, 5, 0x28, 1, 6, 0x29, 3, 5, 1],
+        ),
+    ];
+    for (name, bytes) in seqs {
+        write("stage2_ops", name, &bytes);
+    }
+}
+
+fn main() {
+    kernel_seeds();
+    migration_seeds();
+    control_seeds();
+    stage2_seeds();
+}

@@ -1,0 +1,169 @@
+//! Replays every committed corpus file, and every input under `regressions/` (what the
+//! fuzzer once found: crashes since fixed in vmm, and stage2_ops inputs that once took the
+//! target most of a second), through its target's body (no AFL needed: plain `cargo test`);
+//! and checks that the seeds are the valid inputs they claim to be, so the fuzzer starts from
+//! the parsers' success paths.
+
+use std::path::{Path, PathBuf};
+
+use vmm::boot::{self, BootPath, KernelImage};
+use vmm::memory::{BackingKind, GuestRam};
+use vmm::migrate::destination::receive_stream;
+use vmm::migrate::ram::RamPager;
+use vmm::migrate::{StreamReader, StreamWriter};
+use vmm_fuzz::migration_stream::{guest_memory, FakePager, REGIONS};
+
+fn files(target: &str) -> Vec<PathBuf> {
+    files_in("corpus", target)
+}
+
+fn files_in(top: &str, target: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(top).join(target);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no seeds in {}", dir.display());
+    v
+}
+
+fn seed(target: &str, name: &str) -> Vec<u8> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target)
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn replay(target: &str, run: fn(&[u8])) {
+    replay_files(files(target), run);
+}
+
+fn replay_files(files: Vec<PathBuf>, run: fn(&[u8])) {
+    for f in files {
+        let data = std::fs::read(&f).unwrap();
+        eprintln!("{}", f.display());
+        run(&data);
+    }
+}
+
+#[test]
+fn regressions_replay() {
+    replay_files(
+        files_in("regressions", "kernel_image"),
+        vmm_fuzz::kernel_image::run,
+    );
+    replay_files(
+        files_in("regressions", "migration_stream"),
+        vmm_fuzz::migration_stream::run,
+    );
+    replay_files(
+        files_in("regressions", "stage2_ops"),
+        vmm_fuzz::stage2_ops::run,
+    );
+}
+
+#[test]
+fn corpus_kernel_image() {
+    replay("kernel_image", vmm_fuzz::kernel_image::run);
+}
+
+#[test]
+fn corpus_migration_stream() {
+    replay("migration_stream", vmm_fuzz::migration_stream::run);
+}
+
+#[test]
+fn corpus_control_socket() {
+    replay("control_socket", vmm_fuzz::control_socket::run);
+}
+
+#[test]
+fn corpus_stage2_ops() {
+    replay("stage2_ops", vmm_fuzz::stage2_ops::run);
+}
+
+/// Each compressed bzImage seed takes the fast path: its payload decompresses on the host
+/// and the vmlinux inside is entered directly.
+#[test]
+fn kernel_seeds_load() {
+    let ram = GuestRam::new(64 << 20, BackingKind::Small).unwrap();
+    let mut fast = 0;
+    for f in files("kernel_image") {
+        let name = f.file_name().unwrap().to_str().unwrap().to_owned();
+        let data = std::fs::read(&f).unwrap();
+        if !(name.starts_with("bzimage") || name == "elf") {
+            continue;
+        }
+        let mut img = KernelImage::parse(&f, data[1..].to_vec()).unwrap();
+        img.decompress_on_host().unwrap();
+        let spec = boot::BootSpec {
+            kernel: &img,
+            initrd: None,
+            cmdline: "console=ttyS0",
+            acpi_rsdp: None,
+        };
+        let l = boot::load(&ram, &spec).unwrap();
+        match name.as_str() {
+            "elf" => assert_eq!(l.path, BootPath::Elf),
+            "bzimage-unknown-payload" => assert_eq!(l.path, BootPath::InGuestDecompressor),
+            _ => {
+                assert!(matches!(l.path, BootPath::HostDecompressed(_)), "{name}");
+                fast += 1;
+            }
+        }
+    }
+    assert_eq!(fast, 7, "one seed per compression");
+}
+
+/// The stream seeds are whole migrations a destination accepts.
+#[test]
+fn migration_seeds_are_received() {
+    for (name, vcpus, pager, postcopy) in [
+        ("precopy", 1, false, false),
+        ("precopy-2vcpus", 2, false, false),
+        ("precopy-pager", 1, true, false),
+        ("postcopy-pager", 1, true, true),
+        ("small", 1, false, false),
+    ] {
+        let data = seed("migration_stream", name);
+        let mem = guest_memory();
+        let fake = FakePager::new(&mem);
+        let pager = pager.then_some(&fake as &dyn RamPager);
+        let (mut r, layout) = StreamReader::open(&data[1..]).unwrap();
+        let got = receive_stream(
+            &mut r,
+            &mut StreamWriter::headless(std::io::sink()),
+            &layout,
+            &mem,
+            vcpus,
+            &REGIONS,
+            pager,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(got.vcpus.len(), vcpus);
+        assert_eq!(got.postcopy.is_some(), postcopy);
+        assert!(got.serial.is_some() && got.i8042.is_some(), "{name}");
+    }
+}
+
+/// The control-socket seeds that are requests succeed against the do-nothing VM.
+#[test]
+fn control_seeds_succeed() {
+    use vmm::api::handle_line;
+    use vmm_fuzz::control_socket::NullVm;
+    for name in [
+        "stats",
+        "info",
+        "pause",
+        "reclaim-strings",
+        "reclaim-numbers",
+        "reclaim-suffixes",
+        "migrate",
+        "migrate-postcopy",
+    ] {
+        let v = handle_line(&seed("control_socket", name), &NullVm);
+        assert_eq!(v["ok"], true, "{name}: {v}");
+    }
+}
