@@ -51,13 +51,14 @@ impl TwoHosts {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let tag = format!("{}{n}", pid % 100_000);
+        // 10.X.Y.0/24, distinct per process and test: the source is .1, the destination .2.
+        let net = format!("10.{}.{}", 100 + n % 100, pid % 250);
         let hosts = TwoHosts {
             src: format!("vmmt-{tag}-src"),
             dst: format!("vmmt-{tag}-dst"),
-            // 10.X.Y.0/24, distinct per process and test.
-            dst_ip: format!("10.{}.{}.2", 100 + n % 100, pid % 250),
+            dst_ip: format!("{net}.2"),
         };
-        let src_ip = hosts.dst_ip.replace(".2", ".1");
+        let src_ip = format!("{net}.1");
         let (vs, vd) = (format!("vs{tag}"), format!("vd{tag}"));
         let made = (|| {
             ip(&["netns", "add", &hosts.src])?;
