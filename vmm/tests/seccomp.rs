@@ -48,7 +48,10 @@ fn seccomp_child() {
         "log" => SeccompMode::Log,
         m => panic!("mode {m}"),
     };
-    if mode == SeccompMode::Kill {
+    if call == "panic" {
+        // As `vmm` does: the SIGSYS handler and the panic hook of filtered threads.
+        seccomp::configure(mode).unwrap();
+    } else if mode == SeccompMode::Kill {
         seccomp::install_sigsys_handler().unwrap();
     }
     let t = std::thread::spawn(move || {
@@ -73,6 +76,7 @@ fn seccomp_child() {
             "tgkill-other" => unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) },
             // SAFETY: getpid has no arguments.
             "getpid" => unsafe { libc::getpid() }.into(),
+            "panic" => panic!("a deliberate panic on a filtered thread"),
             c => panic!("call {c}"),
         };
         println!("RESULT {ret} {}", std::io::Error::last_os_error());
@@ -150,6 +154,27 @@ fn allowed_calls_go_through_and_log_mode_lets_refused_ones_through() {
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no result: {text}"));
     assert!(ret >= 0, "socket() under --seccomp log failed: {text}");
+}
+
+/// A panic on a filtered thread, with RUST_BACKTRACE=1, is reported (message and thread kind)
+/// without the backtrace, whose file access the filter would refuse: the process is not
+/// killed by seccomp for it.
+#[test]
+fn a_panic_on_a_filtered_thread_is_reported_not_killed() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "seccomp_child", "--ignored", "--nocapture"])
+        .env(CHILD_ENV, "Pager kill panic")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(EXIT_SECCOMP), "{err}");
+    assert!(
+        err.contains("(userfaultfd handler)") && err.contains("a deliberate panic"),
+        "{err}"
+    );
+    assert!(err.contains("no backtrace under seccomp"), "{err}");
+    assert!(!err.contains("vmm: seccomp:"), "{err}");
 }
 
 /// Seccomp_filters of every thread of `pid`: (thread name, filters).

@@ -553,7 +553,14 @@ impl Pager {
         if let Err(e) = self.shared.stop.write(1) {
             error!("cannot signal the fault handlers to stop: {e}");
         }
+        // The last reference may go on one of the handlers themselves (a postcopy page source
+        // it held, dropped there): that one is not joined (a thread cannot join itself); it
+        // sees `stopping` and ends once it returns to its loop.
+        let me = std::thread::current().id();
         for h in self.handlers.drain(..) {
+            if h.thread().id() == me {
+                continue;
+            }
             if h.join().is_err() {
                 error!("a fault-handler thread panicked");
             }

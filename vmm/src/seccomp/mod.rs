@@ -149,10 +149,30 @@ pub fn configure(mode: SeccompMode) -> Result<(), SeccompError> {
         if mode == SeccompMode::Kill {
             install_sigsys_handler()?;
         }
+        install_panic_hook();
     }
     FILTERS
         .set(Filters { mode, programs })
         .map_err(|_| SeccompError::Twice)
+}
+
+/// A panic on a filtered thread is reported without a backtrace: resolving one needs calls
+/// (getcwd, opening the binary) that the filters refuse, and `kill` would end the process
+/// for them, losing what the panic meant to say. Unfiltered threads keep std's report.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let kind = KIND.with(|k| k.get());
+        if kind == "unfiltered" {
+            return default(info);
+        }
+        let thread = std::thread::current();
+        eprintln!(
+            "thread '{}' ({kind}) {info}\n(no backtrace under seccomp filters: run with \
+             --seccomp none for one)",
+            thread.name().unwrap_or("<unnamed>")
+        );
+    }));
 }
 
 /// The mode [`configure`] set, if it was called.
