@@ -62,10 +62,10 @@ impl Machine {
         })?;
         println!(
             "received {} rounds, {:.1} MB in {:.3} s ({} host pages placed through the pager){}",
-            inc.rounds,
+            inc.received.rounds,
             inc.bytes as f64 / 1e6,
             t.elapsed().as_secs_f64(),
-            inc.placed,
+            inc.received.placed,
             match &inc.postcopy {
                 Some(pc) => format!(
                     "; postcopy: {} host pages of {} still on the source; stale copies \

@@ -231,7 +231,7 @@ pub fn run_incoming(
     let inc = machine.receive(pending)?;
     let vcpus = machine.create_vcpus()?;
     machine.restore(&inc, &vcpus)?;
-    let i8042 = Arc::new(match inc.i8042 {
+    let i8042 = Arc::new(match inc.received.i8042 {
         Some(st) => I8042::from_state(machine.exit().clone(), st),
         None => I8042::new(machine.exit().clone()),
     });

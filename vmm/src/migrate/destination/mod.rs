@@ -63,20 +63,11 @@ impl std::fmt::Debug for PostcopyIncoming {
 /// What the destination received, ready to restore.
 #[derive(Debug)]
 pub struct Incoming {
-    /// Per vCPU, in id order.
-    pub vcpus: Vec<VcpuState>,
-    /// The VM-wide state.
-    pub vm: VmState,
-    /// COM1's registers, when the source had one.
-    pub serial: Option<SerialRegs>,
-    /// The i8042's registers, when the source had one.
-    pub i8042: Option<I8042State>,
-    /// Rounds seen.
-    pub rounds: u32,
+    /// The state and figures taken off the stream (its `postcopy` is moved into
+    /// [`postcopy`](Self::postcopy), with the rest of the stream).
+    pub received: ReceivedStream,
     /// Bytes read.
     pub bytes: u64,
-    /// Host pages placed whole through the pager while receiving.
-    pub placed: u64,
     /// The connection, for the acknowledgement.
     pub conn: Connection,
     /// `Some` when the source switched to postcopy: the guest must run with the owed pages
@@ -160,21 +151,20 @@ pub fn receive(
             .map_err(|source| StreamError::Io { offset: 0, source })?,
     );
     let ram_regions: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
-    let got = receive_stream(&mut r, &mut reply, &layout, mem, vcpus, &ram_regions, pager)?;
+    let mut received =
+        receive_stream(&mut r, &mut reply, &layout, mem, vcpus, &ram_regions, pager)?;
     let bytes = r.bytes_read();
-    let postcopy = got.postcopy.map(|(owed, switch)| PostcopyIncoming {
-        reader: r,
-        owed,
-        switch,
-    });
+    let postcopy = received
+        .postcopy
+        .take()
+        .map(|(owed, switch)| PostcopyIncoming {
+            reader: r,
+            owed,
+            switch,
+        });
     Ok(Incoming {
-        vcpus: got.vcpus,
-        vm: got.vm,
-        serial: got.serial,
-        i8042: got.i8042,
-        rounds: got.rounds,
+        received,
         bytes,
-        placed: got.placed,
         conn,
         postcopy,
     })
@@ -373,11 +363,12 @@ pub fn restore(
     caps: &VcpuCaps,
     serial: Option<&SerialDevice>,
 ) -> Result<(), MigrateError> {
-    restore_vm(vm, &inc.vm)?;
-    for (fd, st) in vcpus.iter().zip(&inc.vcpus) {
+    let got = &inc.received;
+    restore_vm(vm, &got.vm)?;
+    for (fd, st) in vcpus.iter().zip(&got.vcpus) {
         restore_vcpu(fd, st, caps)?;
     }
-    match (&inc.serial, serial) {
+    match (&got.serial, serial) {
         (Some(regs), Some(dev)) => dev
             .restore(&regs.into())
             .map_err(|e| MigrateError::State(StateError::Serial(e)))?,
