@@ -429,6 +429,14 @@ mod tests {
         }
     }
 
+    /// [`receive_stream`] of a whole stream in `bytes` into a fresh memory, the replies
+    /// dropped, for a VM of `vcpus`.
+    fn receive_bytes(bytes: &[u8], vcpus: usize) -> Result<ReceivedStream, MigrateError> {
+        let (mut r, layout) = StreamReader::open(bytes)?;
+        let mut replies = StreamWriter::headless(std::io::sink());
+        receive_stream(&mut r, &mut replies, &layout, &mem(), vcpus, &REGIONS, None)
+    }
+
     /// A whole stream from a byte slice: pages and zero runs land in memory, the state is
     /// decoded, each round is acknowledged; a postcopy switch without a pager is refused.
     #[test]
@@ -482,17 +490,7 @@ mod tests {
         back.expect_round_applied(1).unwrap();
 
         // Another layout here: refused before any chunk is read.
-        let (mut r, got_layout) = StreamReader::open(&stream[..]).unwrap();
-        let e = receive_stream(
-            &mut r,
-            &mut StreamWriter::headless(std::io::sink()),
-            &got_layout,
-            &mem(),
-            2,
-            &REGIONS,
-            None,
-        )
-        .unwrap_err();
+        let e = receive_bytes(&stream, 2).unwrap_err();
         assert!(e.to_string().contains("vCPU"), "{e}");
 
         // The last round number there is (found by the migration_stream fuzz target: counting
@@ -504,34 +502,14 @@ mod tests {
             .unwrap();
         w.end().unwrap();
         let last = w.into_inner().unwrap();
-        let (mut r, got_layout) = StreamReader::open(&last[..]).unwrap();
-        let got = receive_stream(
-            &mut r,
-            &mut StreamWriter::headless(std::io::sink()),
-            &got_layout,
-            &mem(),
-            1,
-            &REGIONS,
-            None,
-        )
-        .unwrap();
+        let got = receive_bytes(&last, 1).unwrap();
         assert_eq!(got.rounds, u32::MAX);
 
         // A postcopy switch needs demand paging here.
         let mut w = StreamWriter::headless(Vec::new());
         w.postcopy().unwrap();
         before_end.extend_from_slice(&w.into_inner().unwrap());
-        let (mut r, got_layout) = StreamReader::open(&before_end[..]).unwrap();
-        let e = receive_stream(
-            &mut r,
-            &mut StreamWriter::headless(std::io::sink()),
-            &got_layout,
-            &mem(),
-            1,
-            &REGIONS,
-            None,
-        )
-        .unwrap_err();
+        let e = receive_bytes(&before_end, 1).unwrap_err();
         assert!(matches!(e, MigrateError::Refused(_)), "{e}");
     }
 }
