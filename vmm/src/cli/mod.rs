@@ -357,6 +357,13 @@ pub struct MachineArgs {
     /// encrypted.
     #[arg(long, value_name = "FILE")]
     pub migrate_secret: Option<PathBuf>,
+    /// Spread each precopy round over N connections to the destination (default 1), each
+    /// carrying the pages of one address range from a thread of its own, so that a host with
+    /// more cores and a faster link than one stream fills can use them (as QEMU's multifd).
+    /// The destination learns N from the stream; with --migrate-secret every connection
+    /// authenticates. The state and postcopy use the first connection only.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=crate::migrate::stream::MAX_CONNECTIONS as i64))]
+    pub migrate_connections: Option<u32>,
     /// Precopy stops iterating when the estimated downtime is at most this.
     #[arg(long, value_name = "MS", default_value_t = source::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,

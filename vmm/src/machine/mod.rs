@@ -480,6 +480,7 @@ impl MigrationPlan {
             ("--dirty-mode", args.dirty_mode.is_some()),
             ("--postcopy-after", args.postcopy_after.is_some()),
             ("--migrate-json", args.migrate_json.is_some()),
+            ("--migrate-connections", args.migrate_connections.is_some()),
         ];
         if incoming.is_some() {
             if let Some((flag, _)) = source_flags.iter().find(|(_, given)| *given) {
@@ -539,6 +540,7 @@ impl MigrationPlan {
             postcopy_after: None,
             idle_timeout: args.migrate_idle_limit(),
             secret: self.secret.clone(),
+            connections: args.migrate_connections.unwrap_or(1),
         }
     }
 }

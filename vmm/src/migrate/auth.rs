@@ -133,11 +133,16 @@ impl Secret {
 }
 
 fn nonce() -> std::io::Result<[u8; NONCE]> {
-    let mut n = [0u8; NONCE];
+    random()
+}
+
+/// `N` bytes from the kernel's random source (getrandom(2)).
+pub(crate) fn random<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut n = [0u8; N];
     let mut got = 0;
-    while got < NONCE {
-        // SAFETY: writes at most NONCE - got bytes into `n[got..]`.
-        let r = unsafe { libc::getrandom(n[got..].as_mut_ptr().cast(), NONCE - got, 0) };
+    while got < N {
+        // SAFETY: writes at most N - got bytes into `n[got..]`.
+        let r = unsafe { libc::getrandom(n[got..].as_mut_ptr().cast(), N - got, 0) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {

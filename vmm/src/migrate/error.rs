@@ -35,6 +35,14 @@ pub enum MigrateError {
     /// The stream is complete but lacks something the VM needs.
     #[error("migration stream ended without {0}: the source sent an incomplete VM")]
     Missing(String),
+    /// One of a migration's further connections (`--migrate-connections`) failed.
+    #[error("migration lane {index} (connection {index} after the main one): {source}")]
+    Lane {
+        /// The lane (1 to connections - 1).
+        index: u32,
+        /// What failed on it.
+        source: Box<MigrateError>,
+    },
     /// The two ends cannot do what was asked.
     #[error("{0}")]
     Refused(String),

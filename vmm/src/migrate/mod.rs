@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod destination;
 pub mod error;
+pub mod lanes;
 pub mod page_set;
 pub mod pager;
 mod priority;

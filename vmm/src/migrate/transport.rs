@@ -198,6 +198,53 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// Like [`accept`](Self::accept), but gives up with `Ok(None)` once `limit` has passed
+    /// without a connection (`None`: waits for ever).
+    pub fn accept_within(
+        &self,
+        limit: Option<Duration>,
+    ) -> Result<Option<Connection>, AddressError> {
+        use std::os::fd::AsRawFd;
+        let Some(limit) = limit else {
+            return self.accept().map(Some);
+        };
+        let fd = match &self.inner {
+            ListenerInner::Tcp(l) => l.as_raw_fd(),
+            ListenerInner::Unix(l) => l.as_raw_fd(),
+        };
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+            // SAFETY: one valid pollfd on the stack for the call; `fd` is the listener's,
+            // open while `self` lives.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(AddressError::Accept {
+                    addr: self.addr.to_string(),
+                    source: e,
+                });
+            }
+            if n > 0 {
+                return self.accept().map(Some);
+            }
+        }
+    }
+}
+
 impl Drop for Listener {
     fn drop(&mut self) {
         if let (ListenerInner::Unix(_), Address::Unix(p)) = (&self.inner, &self.addr) {
@@ -240,6 +287,14 @@ impl Connection {
         match self {
             Connection::Tcp(s) => s.set_read_timeout(limit),
             Connection::Unix(s) => s.set_read_timeout(limit),
+        }
+    }
+
+    /// Closes both directions: a thread blocked reading it returns (end-of-file).
+    pub fn shutdown_both(&self) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Connection::Unix(s) => s.shutdown(std::net::Shutdown::Both),
         }
     }
 

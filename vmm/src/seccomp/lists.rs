@@ -139,6 +139,8 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ],
         ThreadKind::MigrationReceiver => &[SOCKET_IO, DROP_PAGES, PRIORITY],
         ThreadKind::MigrationSender => &[SOCKET_IO],
+        // Residency of guest RAM: mincore, or pread of /proc/self/pagemap (opened by main).
+        ThreadKind::MigrationLane => &[SOCKET_IO, DROP_PAGES, &[libc::SYS_pread64]],
         ThreadKind::Api => &[SPAWN, SOCKET_IO, DROP_PAGES, &[libc::SYS_accept4]],
         ThreadKind::Console => &[&[
             libc::SYS_epoll_create1,
@@ -180,7 +182,10 @@ fn ioctls(kind: ThreadKind) -> Ioctls {
             types: &[KVMIO],
             numbers: &[],
         },
-        ThreadKind::Pager | ThreadKind::MigrationReceiver | ThreadKind::Reclaim => Ioctls {
+        ThreadKind::Pager
+        | ThreadKind::MigrationReceiver
+        | ThreadKind::MigrationLane
+        | ThreadKind::Reclaim => Ioctls {
             types: &[UFFDIO],
             numbers: &[],
         },

@@ -50,6 +50,9 @@ pub enum ThreadKind {
     MigrationReceiver,
     /// The reader of a postcopy source's back channel (`postcopy-back`).
     MigrationSender,
+    /// A further connection of a migration (`--migrate-connections`), on either end
+    /// (`migrate-lane-N`): sends or receives its share of each precopy round.
+    MigrationLane,
     /// The control socket (`api` and its `api-conn` threads).
     Api,
     /// The console thread (stdin to COM1).
@@ -64,12 +67,13 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 11] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Pager,
         ThreadKind::MigrationReceiver,
         ThreadKind::MigrationSender,
+        ThreadKind::MigrationLane,
         ThreadKind::Api,
         ThreadKind::Console,
         ThreadKind::Signals,
@@ -85,6 +89,7 @@ impl ThreadKind {
             ThreadKind::Pager => "userfaultfd handler",
             ThreadKind::MigrationReceiver => "migration receiver",
             ThreadKind::MigrationSender => "migration sender",
+            ThreadKind::MigrationLane => "migration lane",
             ThreadKind::Api => "control socket",
             ThreadKind::Console => "console",
             ThreadKind::Signals => "signals",

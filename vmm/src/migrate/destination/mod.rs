@@ -16,6 +16,7 @@ use crate::hypervisor::{Vcpu, VmOps};
 use crate::memory::RamRegion;
 use crate::migrate::auth::{self, Secret};
 use crate::migrate::error::MigrateError;
+use crate::migrate::lanes::destination::{accept_lanes, receive_with_lanes, LaneIn};
 use crate::migrate::page_set::PageSet;
 use crate::migrate::priority::MigrationPriority;
 use crate::migrate::ram::{RamError, RamPager, RamReceiver, ResidencyCursor};
@@ -85,6 +86,7 @@ pub struct Pending {
     conn: Connection,
     reader: StreamReader<std::io::BufReader<Connection>>,
     layout: Layout,
+    lanes: Vec<LaneIn>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -102,10 +104,11 @@ impl Pending {
     }
 }
 
-/// Accepts one source on `listener` and reads its header. Every later read and write on the
-/// connection fails once the source makes no progress for `idle` (`--migrate-timeout`). With
-/// a `secret` the source must prove it first ([`auth::check_source`]): a source that does not
-/// is refused before anything of its stream is read.
+/// Accepts one source on `listener` and reads its header, then accepts the lanes the header
+/// announces ([`accept_lanes`]). Every later read and write on the connections fails once the
+/// source makes no progress for `idle` (`--migrate-timeout`). With a `secret` the source must
+/// prove it first on each connection ([`auth::check_source`]): a source that does not is
+/// refused before anything of its stream is read.
 pub fn accept(
     listener: &Listener,
     idle: Option<Duration>,
@@ -122,10 +125,12 @@ pub fn accept(
         .map_err(|source| StreamError::Io { offset: 0, source })?;
     let (reader, layout) =
         StreamReader::open(std::io::BufReader::with_capacity(RECEIVE_BUFFER, input))?;
+    let lanes = accept_lanes(listener, &layout, idle, secret, RECEIVE_BUFFER)?;
     Ok(Pending {
         conn,
         reader,
         layout,
+        lanes,
     })
 }
 
@@ -144,6 +149,7 @@ pub fn receive(
         conn,
         reader: mut r,
         layout,
+        lanes,
     } = pending;
     let _boost = MigrationPriority::raise();
     let mut reply = StreamWriter::headless(
@@ -151,9 +157,21 @@ pub fn receive(
             .map_err(|source| StreamError::Io { offset: 0, source })?,
     );
     let ram_regions: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
-    let mut received =
-        receive_stream(&mut r, &mut reply, &layout, mem, vcpus, &ram_regions, pager)?;
-    let bytes = r.bytes_read();
+    // This destination's RAM is new: nothing but this stream writes it before the guest runs.
+    let mut ram = RamReceiver::new(mem, pager).fresh();
+    let (mut received, lane_figures) = receive_with_lanes(lanes, &mut ram, |ram, round_done| {
+        receive_chunks(
+            &mut r,
+            &mut reply,
+            &layout,
+            ram,
+            vcpus,
+            &ram_regions,
+            round_done,
+        )
+    })?;
+    received.placed += lane_figures.placed;
+    let bytes = r.bytes_read() + lane_figures.bytes;
     let postcopy = received
         .postcopy
         .take()
@@ -202,6 +220,24 @@ pub fn receive_stream<R: Read, W: Write>(
     ram_regions: &[(u64, u64)],
     pager: Option<&dyn RamPager>,
 ) -> Result<ReceivedStream, MigrateError> {
+    let mut ram = RamReceiver::new(mem, pager).fresh();
+    receive_chunks(r, reply, layout, &mut ram, vcpus, ram_regions, &mut |_| {
+        Ok(())
+    })
+}
+
+/// [`receive_stream`] into `ram` (fresh), calling `round_done` at the end of each round
+/// before acknowledging it (with lanes: it waits for their share of the round).
+fn receive_chunks<R: Read, W: Write>(
+    r: &mut StreamReader<R>,
+    reply: &mut StreamWriter<W>,
+    layout: &Layout,
+    ram: &mut RamReceiver<'_>,
+    vcpus: usize,
+    ram_regions: &[(u64, u64)],
+    round_done: &mut dyn FnMut(u32) -> Result<(), MigrateError>,
+) -> Result<ReceivedStream, MigrateError> {
+    let (mem, pager) = (ram.mem(), ram.pager());
     let (host_page, flags) = match pager {
         Some(p) => (p.host_page(), DEST_DEMAND_PAGING),
         None => (PAGE_SIZE as u64, 0),
@@ -213,13 +249,11 @@ pub fn receive_stream<R: Read, W: Write>(
     let mut serial = None;
     let mut i8042 = None;
     let mut rounds = 0;
-    // This destination's RAM is new: nothing but this stream writes it before the guest runs.
-    let mut ram = RamReceiver::new(mem, pager).fresh();
     let mut owed: Option<PageSet> = None;
     let mut switch = SwitchFigures::default();
     let switched = loop {
         let (offset, chunk) = r.position();
-        let c = match r.next_chunk_into(&mut ram)? {
+        let c = match r.next_chunk_into(ram)? {
             Received::PagesInPlace { .. } => continue,
             Received::Chunk(c) => c,
         };
@@ -234,6 +268,7 @@ pub fn receive_stream<R: Read, W: Write>(
                 // Drops so far came with a round (a discard round), not with the switch.
                 switch.early_drop_calls += std::mem::take(&mut switch.drop_calls);
                 switch.early_drop_time += std::mem::take(&mut switch.drop_time);
+                round_done(round)?;
                 reply.round_applied(round)?;
             }
             Chunk::Vcpu { id, blob } => {
@@ -511,5 +546,131 @@ mod tests {
         before_end.extend_from_slice(&w.into_inner().unwrap());
         let e = receive_bytes(&before_end, 1).unwrap_err();
         assert!(matches!(e, MigrateError::Refused(_)), "{e}");
+    }
+
+    /// A stream spread over three connections (`--migrate-connections 3`), end to end over
+    /// unix sockets: the lanes join, each round's shares land in memory, and a page one
+    /// lane wrote in the full pass and the main connection zeroes in the next round reads
+    /// zero (the connections' receivers share what was written).
+    #[test]
+    fn rounds_over_three_connections_land_whole() {
+        use crate::dirty::{DirtyBitmap, SlotInfo};
+        use crate::migrate::lanes::source::{RoundWork, SourceLanes};
+        use crate::migrate::ram::RamSender;
+        use crate::migrate::transport::Address;
+
+        const RAM: [(u64, u64); 2] = [(0, 8 << 20), (16 << 20, 4 << 20)];
+        let ranges: Vec<(GuestAddress, usize)> = RAM
+            .iter()
+            .map(|&(g, n)| (GuestAddress(g), n as usize))
+            .collect();
+        let src = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+        let dst = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+        // Data in every share of the full pass ([0, 4M), [4M, 16M), [16M, 20M)).
+        let page = PAGE_SIZE as u64;
+        let written = [
+            0x1000u64,
+            (4 << 20) + page,
+            (16 << 20) + 3 * page,
+            (19 << 20) + page,
+        ];
+        for (i, &gpa) in written.iter().enumerate() {
+            src.write_slice(&[i as u8 + 1; PAGE_SIZE], GuestAddress(gpa))
+                .unwrap();
+        }
+        // Sent by lane 1 in the full pass, zeroed by the main connection in round 1.
+        let moved = (5 << 20) + page;
+        src.write_slice(&[0x5a; PAGE_SIZE], GuestAddress(moved))
+            .unwrap();
+
+        let dir = std::env::temp_dir().join(format!("vmm-lanes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = Address::Unix(dir.join("mig.sock"));
+        let listener = addr.listen().unwrap();
+        let idle = Some(Duration::from_secs(10));
+        let source = std::thread::scope(|s| {
+            let source = s.spawn(|| {
+                let token = crate::migrate::lanes::token().unwrap();
+                let conn = addr.connect().unwrap();
+                let mut back = StreamReader::headless(conn.try_clone().unwrap());
+                let layout = Layout::new(1, RAM).with_lanes(3, token);
+                let mut w = StreamWriter::new(conn, &layout).unwrap();
+                let mut lanes = SourceLanes::open(&addr, 3, &token, idle, None).unwrap();
+                let mut sender = RamSender::new();
+                lanes
+                    .send_round(
+                        &mut w,
+                        &mut sender,
+                        &src,
+                        None,
+                        RoundWork::Full(&RAM),
+                        0,
+                        true,
+                    )
+                    .unwrap();
+                w.round(0, 5 << 8).unwrap();
+                w.flush().unwrap();
+                back.expect_round_applied(0).unwrap();
+                src.write_slice(&[0; PAGE_SIZE], GuestAddress(moved))
+                    .unwrap();
+                let slots: Vec<SlotInfo> = RAM
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(gpa, len))| SlotInfo {
+                        slot: i as u32,
+                        gpa,
+                        len,
+                        host_addr: 0,
+                    })
+                    .collect();
+                let mut bm = DirtyBitmap::empty(&slots);
+                bm.set(moved);
+                lanes
+                    .send_round(
+                        &mut w,
+                        &mut sender,
+                        &src,
+                        None,
+                        RoundWork::Dirty(&bm),
+                        1,
+                        true,
+                    )
+                    .unwrap();
+                lanes.finish().unwrap();
+                w.round(1, 1).unwrap();
+                w.vcpu(0, &vcpu_state(0).encode().unwrap()).unwrap();
+                w.device(DEVICE_KVM_VM, &vm_state().encode().unwrap())
+                    .unwrap();
+                w.end().unwrap();
+                // As a source does, keep the connection until the destination has it all.
+                back.expect_round_applied(1).unwrap();
+                w.bytes_written() + lanes.bytes_written()
+            });
+            let pending = accept(&listener, idle, None).unwrap();
+            assert_eq!(pending.lanes.len(), 2);
+            let regions: Vec<RamRegion> = RAM
+                .iter()
+                .map(|&(gpa, len)| RamRegion {
+                    gpa,
+                    len,
+                    host_addr: 0,
+                })
+                .collect();
+            let got = receive(pending, &dst, 1, &regions, None).unwrap();
+            assert_eq!(got.received.rounds, 2);
+            let sent = source.join().unwrap();
+            assert_eq!(got.bytes, sent, "every connection's bytes are counted");
+            sent
+        });
+        assert!(source > 0);
+        for &(gpa, len) in &RAM {
+            let (mut a, mut b) = (vec![0u8; len as usize], vec![0u8; len as usize]);
+            src.read_slice(&mut a, GuestAddress(gpa)).unwrap();
+            dst.read_slice(&mut b, GuestAddress(gpa)).unwrap();
+            assert!(a == b, "region {gpa:#x} differs");
+        }
+        assert_eq!(dst.read_obj::<u8>(GuestAddress(moved)).unwrap(), 0);
+        assert_eq!(dst.read_obj::<u8>(GuestAddress(written[3])).unwrap(), 4);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

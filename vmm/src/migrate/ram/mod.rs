@@ -15,5 +15,6 @@ pub use super::pager::RamPager;
 pub use apply::{apply_chunk, receive_ram};
 pub use range::{check_range, RamError};
 pub use receive::RamReceiver;
+pub(crate) use residency::open_pagemap;
 pub use residency::ResidencyCursor;
 pub use send::RamSender;

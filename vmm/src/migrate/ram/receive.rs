@@ -1,6 +1,9 @@
 //! Receiving guest RAM: [`RamReceiver`] writes page and zero-run chunks into the
 //! destination's memory, or places missing host pages whole through the pager.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::apply::apply_chunk;
@@ -22,8 +25,10 @@ pub struct RamReceiver<'a> {
     /// Bytes written into present memory.
     pub written: u64,
     /// With [`Self::fresh`]: one bit per 4 KiB page of guest-physical space, set while the
-    /// page may hold data this receiver wrote (a zero run clears it again).
-    dirty: Option<Vec<u64>>,
+    /// page may hold data this receiver or a [`sibling`](Self::sibling) wrote (a zero run
+    /// clears it again). Atomic: siblings on other threads write other pages, whose bits may
+    /// share a word.
+    dirty: Option<Arc<[AtomicU64]>>,
 }
 
 impl<'a> RamReceiver<'a> {
@@ -48,16 +53,42 @@ impl<'a> RamReceiver<'a> {
         use vm_memory::GuestMemoryBackend;
         if self.pager.is_none() {
             let pages = self.mem.last_addr().0 / PAGE_BYTES + 1;
-            self.dirty = Some(vec![0; pages.div_ceil(64) as usize]);
+            self.dirty = Some((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect());
         }
         self
     }
 
+    /// Another receiver into the same memory, through the same pager, and fresh when this one
+    /// is (sharing what was written), for another connection of the same migration. The two
+    /// may run on two threads as long as they write different pages at a time; the source
+    /// sends each page on one connection per round, and a round ends on every connection
+    /// before the next begins.
+    pub fn sibling(&self) -> RamReceiver<'a> {
+        RamReceiver {
+            mem: self.mem,
+            pager: self.pager,
+            page: Vec::new(),
+            placed: 0,
+            written: 0,
+            dirty: self.dirty.clone(),
+        }
+    }
+
+    /// The memory this receiver writes.
+    pub fn mem(&self) -> &'a GuestMemoryMmap {
+        self.mem
+    }
+
+    /// The pager it places pages through, when demand paging is on.
+    pub fn pager(&self) -> Option<&'a dyn RamPager> {
+        self.pager
+    }
+
     /// Notes that `[gpa, gpa+len)` (page aligned) now holds received data.
     fn mark_written(&mut self, gpa: u64, len: u64) {
-        if let Some(bits) = self.dirty.as_mut() {
+        if let Some(bits) = self.dirty.as_ref() {
             for page in gpa / PAGE_BYTES..(gpa + len) / PAGE_BYTES {
-                bits[(page / 64) as usize] |= 1 << (page % 64);
+                bits[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
             }
         }
     }
@@ -65,13 +96,12 @@ impl<'a> RamReceiver<'a> {
     /// Zeroes the pages of `[gpa, gpa+len)` (checked guest RAM) that this receiver wrote
     /// before; the others read zero already.
     fn zero_written(&mut self, gpa: u64, len: u64) -> Result<(), RamError> {
-        let Some(bits) = self.dirty.as_mut() else {
+        let Some(bits) = self.dirty.as_ref() else {
             unreachable!("only for fresh receivers");
         };
         for page in gpa / PAGE_BYTES..(gpa + len) / PAGE_BYTES {
             let (word, bit) = ((page / 64) as usize, 1u64 << (page % 64));
-            if bits[word] & bit != 0 {
-                bits[word] &= !bit;
+            if bits[word].fetch_and(!bit, Ordering::Relaxed) & bit != 0 {
                 let at = page * PAGE_BYTES;
                 self.mem
                     .write_slice(&ZERO_PAGE, GuestAddress(at))
@@ -235,9 +265,10 @@ impl PageSink for RamReceiver<'_> {
         self.written += len as u64;
         self.mark_written(gpa, len as u64);
         // SAFETY: `[host, host+len)` is guest RAM inside one region (checked above), mapped
-        // for the VM's life. The receiver owns the destination's RAM while the stream comes
-        // in (no vCPU runs, no other thread writes it), and the slice lives only as long as
-        // this `&mut self` borrow, for the one read of the chunk's data.
+        // for the VM's life. The receiver and its siblings own the destination's RAM while
+        // the stream comes in (no vCPU runs), siblings write other pages at a time (see
+        // `sibling`), and the slice lives only as long as this `&mut self` borrow, for the
+        // one read of the chunk's data.
         Some(unsafe { std::slice::from_raw_parts_mut(host, len) })
     }
 }

@@ -124,18 +124,29 @@ impl<'a> ResidencyCursor<'a> {
 }
 
 /// Sets `out[i]` to 1 when the 4 KiB page at `hva + i * 4 KiB` of this process is present or
+/// This process's `/proc/self/pagemap`, opened on the first call and kept.
+fn pagemap() -> std::io::Result<&'static std::fs::File> {
+    static PAGEMAP: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    match PAGEMAP.get() {
+        Some(f) => Ok(f),
+        None => {
+            let f = std::fs::File::open("/proc/self/pagemap")?;
+            Ok(PAGEMAP.get_or_init(|| f))
+        }
+    }
+}
+
+/// Opens what [`Residency::of`] reads, so that threads whose filter lets them read but not
+/// open files (a migration's lanes) can use it. Call on the main thread before they start.
+pub(crate) fn open_pagemap() -> std::io::Result<()> {
+    pagemap().map(|_| ())
+}
+
 /// swapped out, from `/proc/self/pagemap` (one 8-byte entry per page).
 fn pagemap_residency(hva: u64, out: &mut [u8]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     const ENTRY: usize = 8;
-    static PAGEMAP: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
-    let file = match PAGEMAP.get() {
-        Some(f) => f,
-        None => {
-            let f = std::fs::File::open("/proc/self/pagemap")?;
-            PAGEMAP.get_or_init(|| f)
-        }
-    };
+    let file = pagemap()?;
     let mut raw = vec![0u8; out.len() * ENTRY];
     file.read_exact_at(&mut raw, hva / PAGE_BYTES * ENTRY as u64)?;
     for (o, e) in out.iter_mut().zip(raw.chunks_exact(ENTRY)) {

@@ -18,6 +18,10 @@ use crate::hypervisor::{Vcpu, Vm};
 use crate::memory::RamRegion;
 use crate::migrate::auth::{self, Secret};
 use crate::migrate::error::MigrateError;
+use crate::migrate::lanes::{
+    self,
+    source::{RoundWork, SourceLanes},
+};
 use crate::migrate::page_set::PageSet;
 use crate::migrate::priority::MigrationPriority;
 use crate::migrate::ram::{RamPager, RamSender};
@@ -34,10 +38,6 @@ use crate::vcpu::VmControl;
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// Default round limit (`--max-rounds`).
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
-/// Pages coalesced into one `send_range` call at most (the sender's buffer splits further).
-const MAX_RUN_PAGES: u64 = 1024;
-/// Bytes of guest RAM per `send_range` call of the full pass.
-const FULL_PASS_STEP: u64 = 64 << 20;
 const MB: f64 = 1_000_000.0;
 
 /// Knobs of the source.
@@ -56,6 +56,9 @@ pub struct MigrateConfig {
     /// `--migrate-secret`: the destination must prove it, and this source proves it, before
     /// anything of the guest is sent.
     pub secret: Option<Arc<Secret>>,
+    /// `--migrate-connections`: connections the precopy rounds are spread over (1 to
+    /// [`MAX_CONNECTIONS`](crate::migrate::stream::MAX_CONNECTIONS)).
+    pub connections: u32,
 }
 
 /// What the source needs from the running VM.
@@ -91,6 +94,7 @@ fn layout_of(vcpus: usize, regions: &[RamRegion]) -> Layout {
 }
 
 /// Sends every page of `bm`, coalescing consecutive pages.
+#[cfg(test)]
 fn send_dirty<W: Write>(
     w: &mut StreamWriter<W>,
     sender: &mut RamSender,
@@ -98,24 +102,7 @@ fn send_dirty<W: Write>(
     bm: &DirtyBitmap,
     pager: Option<&dyn RamPager>,
 ) -> Result<(), MigrateError> {
-    let page = PAGE_SIZE as u64;
-    let mut run: Option<(u64, u64)> = None;
-    for gpa in bm.iter() {
-        run = match run {
-            Some((start, n)) if start + n * page == gpa && n < MAX_RUN_PAGES => {
-                Some((start, n + 1))
-            }
-            Some((start, n)) => {
-                sender.send_range(w, mem, start, n * page, pager)?;
-                Some((gpa, 1))
-            }
-            None => Some((gpa, 1)),
-        };
-    }
-    if let Some((start, n)) = run {
-        sender.send_range(w, mem, start, n * page, pager)?;
-    }
-    Ok(())
+    RoundWork::Dirty(bm).send_share(w, sender, mem, pager, 0, u64::MAX)
 }
 
 /// Runs a migration to `to`. On any error before the destination's guest runs, the VM is
@@ -144,9 +131,19 @@ pub fn send(
         .try_clone()
         .map_err(|source| StreamError::Io { offset: 0, source })?;
     let vcpus = src.control.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let token = lanes::token().map_err(|source| StreamError::Io { offset: 0, source })?;
     let mut w = StreamWriter::new(
         conn,
-        &layout_of(vcpus, src.regions).with_spec(src.spec.to_vec()),
+        &layout_of(vcpus, src.regions)
+            .with_spec(src.spec.to_vec())
+            .with_lanes(cfg.connections, token),
+    )?;
+    let lanes = SourceLanes::open(
+        to,
+        cfg.connections,
+        &token,
+        cfg.idle_timeout,
+        cfg.secret.as_deref(),
     )?;
     let mut back = StreamReader::headless(back);
     let dest = match cfg.postcopy_after {
@@ -188,6 +185,7 @@ pub fn send(
         cfg,
         &tracker,
         &mut w,
+        lanes,
         &mut paused,
         held,
         back,
@@ -216,31 +214,13 @@ pub fn send(
     res
 }
 
-/// Sends all of guest RAM (pages the pager never populated as zero runs, unread).
-fn full_pass<W: Write>(
-    src: &Source<'_>,
-    w: &mut StreamWriter<W>,
-    sender: &mut RamSender,
-) -> Result<u64, MigrateError> {
-    let mut pages = 0;
-    for r in src.regions {
-        let mut off = 0;
-        while off < r.len {
-            let n = FULL_PASS_STEP.min(r.len - off);
-            sender.send_range(w, src.mem, r.gpa + off, n, src.pager)?;
-            off += n;
-            pages += n / PAGE_SIZE as u64;
-        }
-    }
-    Ok(pages)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn rounds<W: Write>(
     src: &Source<'_>,
     cfg: MigrateConfig,
     tracker: &DirtyTracker,
     w: &mut StreamWriter<W>,
+    mut lanes: SourceLanes,
     paused: &mut bool,
     held: Option<MutexGuard<'_, VmControl>>,
     mut back: StreamReader<Connection>,
@@ -256,23 +236,33 @@ fn rounds<W: Write>(
     let mut pending: Option<DirtyBitmap> = None;
     let mut round = 0u32;
     let mut figures = Vec::new();
+    let regions: Vec<(u64, u64)> = src.regions.iter().map(|r| (r.gpa, r.len)).collect();
+    let sent = |w: &StreamWriter<W>, lanes: &SourceLanes| w.bytes_written() + lanes.bytes_written();
     loop {
         let t0 = Instant::now();
-        let b0 = w.bytes_written();
-        let pages = match &pending {
-            None => full_pass(src, w, &mut sender)?,
-            Some(bm) => {
-                send_dirty(w, &mut sender, src.mem, bm, src.pager)?;
-                bm.count()
-            }
+        let b0 = sent(w, &lanes);
+        let work = match &pending {
+            None => RoundWork::Full(&regions),
+            Some(bm) => RoundWork::Dirty(bm),
         };
+        let pages = work.pages();
+        let paused_before = sender.guest_paused;
+        lanes.send_round(
+            w,
+            &mut sender,
+            src.mem,
+            src.pager,
+            work,
+            round,
+            paused_before,
+        )?;
         w.round(round, pages)?;
         w.flush()?;
         // A round ends when the destination has applied it, not when the socket took the
         // bytes: the rate below (and so the downtime estimate) is end to end, and no
         // backlog on the destination is left to lengthen the pause.
         back.expect_round_applied(round)?;
-        let mut f = RoundFigures::new(round, pages, w.bytes_written() - b0, t0.elapsed());
+        let mut f = RoundFigures::new(round, pages, sent(w, &lanes) - b0, t0.elapsed());
         let bm = tracker.harvest()?;
         let next = bm.count();
         pending = Some(bm);
@@ -295,7 +285,6 @@ fn rounds<W: Write>(
             break;
         }
     }
-    let regions: Vec<(u64, u64)> = src.regions.iter().map(|r| (r.gpa, r.len)).collect();
     // Postcopy: one more round, with no page data. The destination drops its copies of the
     // pages written since the last round, which are owed from now on. Dropping costs it per
     // host page and per run (hundreds of ms for a few hundred thousand 4 KiB pages); done here,
@@ -303,6 +292,9 @@ fn rounds<W: Write>(
     // round to drop at the switch, inside the downtime.
     let mut discarded = None;
     if let Some(d) = dest {
+        // The rest goes on the main connection: lanes end before the discard (after it, no
+        // page of the discarded ones may arrive but the postcopy push's).
+        lanes.finish()?;
         let bm = pending.take().expect("a harvest follows every round");
         let t0 = Instant::now();
         let b0 = w.bytes_written();
@@ -411,6 +403,7 @@ fn rounds<W: Write>(
         back.get_ref()
             .set_read_idle_timeout(None)
             .map_err(|source| StreamError::Io { offset: 0, source })?;
+        let lane_bytes = lanes.bytes_written();
         let out = postcopy::push(
             w,
             back,
@@ -424,7 +417,7 @@ fn rounds<W: Write>(
         )?;
         let pc: PostcopyFigures = out.figures;
         let downtime = out.guest_running_at - pause_at;
-        let bytes = w.bytes_written();
+        let bytes = w.bytes_written() + lane_bytes;
         return Ok(summary(
             MigrationMode::Postcopy,
             figures,
@@ -434,22 +427,25 @@ fn rounds<W: Write>(
         ));
     }
     let t0 = Instant::now();
-    let b0 = w.bytes_written();
+    let b0 = sent(w, &lanes);
     // Paused since `pause_all`: no vCPU writes guest RAM, and reclaims were sealed above.
     sender.guest_paused = true;
-    send_dirty(w, &mut sender, src.mem, &last, src.pager)?;
+    let work = RoundWork::Dirty(&last);
+    lanes.send_round(w, &mut sender, src.mem, src.pager, work, round, true)?;
+    lanes.finish()?;
     w.round(round, final_pages)?;
     write_state(w)?;
     w.end()?;
     w.flush()?;
+    let total = sent(w, &lanes);
     println!(
         "round {round} (paused): {final_pages} dirty pages, {:.1} MB sent in all; waiting for the destination",
-        w.bytes_written() as f64 / MB
+        total as f64 / MB
     );
     figures.push(RoundFigures::new(
         round,
         final_pages,
-        w.bytes_written() - b0,
+        total - b0,
         t0.elapsed(),
     ));
     back.expect_guest_running()?;
@@ -458,7 +454,7 @@ fn rounds<W: Write>(
         figures,
         pause_at.elapsed(),
         None,
-        w.bytes_written(),
+        total,
     ))
 }
 

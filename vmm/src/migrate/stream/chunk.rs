@@ -79,6 +79,11 @@ pub enum Chunk<'a> {
         /// Round number.
         round: u32,
     },
+    /// On a lane: this lane's share of round `round` is sent.
+    LaneEnd {
+        /// Round number.
+        round: u32,
+    },
 }
 
 /// The (gpa, count) runs of a `Discard` chunk's payload.
@@ -237,6 +242,11 @@ pub(super) fn parse_payload(k: u32, payload: &[u8]) -> Result<Chunk<'_>, String>
             c.finish()?;
             Chunk::RoundApplied { round }
         }
+        kind::LANE_END => {
+            let round = c.u32()?;
+            c.finish()?;
+            Chunk::LaneEnd { round }
+        }
         _ => return Err(format!("{} chunk after the start", kind_name(k))),
     })
 }
@@ -257,5 +267,6 @@ pub fn chunk_name(c: &Chunk<'_>) -> &'static str {
         Chunk::Postcopy => "postcopy",
         Chunk::AllReceived => "all-received",
         Chunk::RoundApplied { .. } => "round-applied",
+        Chunk::LaneEnd { .. } => "lane-end",
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! stream := MAGIC (8 bytes) VERSION (u32 LE) header-chunk chunk* end-chunk
+//! lane   := LANE_MAGIC (8 bytes) VERSION (u32 LE) lane-chunk (page | zero-page | lane-end)* end-chunk
 //! chunk  := kind (u32 LE) len (u32 LE) payload (len bytes) crc (u32 LE)
 //!           crc = CRC-32 (IEEE, crc32fast) over kind, len and payload
 //! ```
@@ -10,7 +11,7 @@
 //!
 //! | kind | payload |
 //! |------|---------|
-//! | `HEADER` | page_size u32, vcpus u32, nr_regions u32, then (gpa u64, len u64) per region, then spec_len u32 and the machine spec (JSON: memory, vCPUs, backing, payload; empty when none) |
+//! | `HEADER` | page_size u32, vcpus u32, nr_regions u32, then (gpa u64, len u64) per region, then spec_len u32 and the machine spec (JSON: memory, vCPUs, backing, payload; empty when none), then connections u32 (1 to [`MAX_CONNECTIONS`]) and the lane token (16 bytes) |
 //! | `PAGES` | gpa u64, then a whole number of pages (at most [`MAX_PAGES_PER_CHUNK`]) |
 //! | `ZERO_PAGES` | gpa u64, count u64: `count` pages of zeros, no data |
 //! | `VCPU` | vcpu id u32, then the state blob |
@@ -24,20 +25,36 @@
 //! | `POSTCOPY` | empty: the guest may run; the discarded pages follow, then `END` |
 //! | `ALL_RECEIVED` | empty (destination to source: every postcopy page is in place) |
 //! | `ROUND_APPLIED` | round u32 (destination to source: that round is in guest RAM here; the source waits for it before it times the round and harvests again) |
+//! | `LANE` | the header's lane token (16 bytes), lane index u32 (1 to connections - 1): the first chunk of a lane |
+//! | `LANE_END` | round u32: this lane has sent its share of that round |
+//!
+//! A migration with `connections` > 1 (`--migrate-connections`) opens that many - 1 more
+//! connections, the lanes, after the header. In each precopy round every connection carries
+//! the pages of one address range (the main connection too, before its `ROUND`); a lane
+//! ends its share with `LANE_END`, and the destination acknowledges the round once the main
+//! connection's `ROUND` and every lane's `LANE_END` of it have come. Lanes end with `END`
+//! before the main connection's postcopy switch or last `ROUND`; the state, the discard and
+//! postcopy phases use the main connection only.
 //!
 //! [`super::Layout`] encodes the header, [`super::Chunk`] is a parsed chunk, and
 //! [`super::StreamWriter`] / [`super::StreamReader`] put them on and take them off the wire.
 
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
+/// First bytes of a lane (a migration's further connection, see above).
+pub const LANE_MAGIC: [u8; 8] = *b"VMMLANE\0";
+/// Most connections one migration may use.
+pub const MAX_CONNECTIONS: u32 = 16;
+/// Bytes of the lane token the header carries and each lane repeats.
+pub const LANE_TOKEN: usize = 16;
 /// What a source that authenticates (`--migrate-secret`, see `migrate::auth`) sends instead of
 /// [`MAGIC`] first.
 pub const AUTH_MAGIC: [u8; 8] = *b"VMMAUTH\0";
 /// The format version this code writes and reads (2: postcopy chunks; 3: the destination
 /// acknowledges each precopy round once it has applied it; 4: the header carries the machine
 /// spec, so a destination needs nothing but its address; 5: a vCPU's state carries its XSAVE
-/// image, which has MXCSR).
-pub const VERSION: u32 = 5;
+/// image, which has MXCSR; 6: several connections, the header says how many).
+pub const VERSION: u32 = 6;
 /// The page size of `PAGES` and `ZERO_PAGES` chunks.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages carried by one `PAGES` chunk (1 MiB of data).
@@ -67,8 +84,10 @@ pub(super) mod kind {
     pub const POSTCOPY: u32 = 12;
     pub const ALL_RECEIVED: u32 = 13;
     pub const ROUND_APPLIED: u32 = 14;
+    pub const LANE: u32 = 15;
+    pub const LANE_END: u32 = 16;
     /// The highest kind a reader accepts.
-    pub const LAST: u32 = ROUND_APPLIED;
+    pub const LAST: u32 = LANE_END;
 }
 
 /// `DEST_INFO` flag: the destination runs with demand paging (it can receive postcopy).
@@ -95,6 +114,8 @@ pub(super) fn kind_name(k: u32) -> &'static str {
         kind::POSTCOPY => "postcopy",
         kind::ALL_RECEIVED => "all-received",
         kind::ROUND_APPLIED => "round-applied",
+        kind::LANE => "lane",
+        kind::LANE_END => "lane-end",
         _ => "unknown",
     }
 }

@@ -2,7 +2,7 @@
 
 use super::chunk::Cursor;
 use super::error::StreamError;
-use super::format::{MAX_REGIONS, MAX_SPEC, PAGE_SIZE};
+use super::format::{LANE_TOKEN, MAX_CONNECTIONS, MAX_REGIONS, MAX_SPEC, PAGE_SIZE};
 
 /// What both ends must agree on before any page moves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,6 +17,11 @@ pub struct Layout {
     /// (`crate::machine::spec`), empty when the sender has none. Not compared by
     /// [`accept`](Layout::accept).
     pub spec: Vec<u8>,
+    /// Connections the migration uses (1 to [`MAX_CONNECTIONS`]): this one and
+    /// `connections - 1` lanes, which open after the header.
+    pub connections: u32,
+    /// What each lane sends first, so that the destination knows it for this migration's.
+    pub lane_token: [u8; LANE_TOKEN],
 }
 
 impl Layout {
@@ -27,7 +32,16 @@ impl Layout {
             vcpus,
             regions: regions.into_iter().collect(),
             spec: Vec::new(),
+            connections: 1,
+            lane_token: [0; LANE_TOKEN],
         }
+    }
+
+    /// This layout for a migration over `connections` connections whose lanes send `token`.
+    pub fn with_lanes(mut self, connections: u32, token: [u8; LANE_TOKEN]) -> Layout {
+        self.connections = connections;
+        self.lane_token = token;
+        self
     }
 
     /// This layout with `spec` as its machine spec.
@@ -86,6 +100,8 @@ impl Layout {
         }
         out.extend_from_slice(&(self.spec.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.spec);
+        out.extend_from_slice(&self.connections.to_le_bytes());
+        out.extend_from_slice(&self.lane_token);
         out
     }
 
@@ -110,12 +126,21 @@ impl Layout {
             ));
         }
         let spec = c.take(spec_len)?.to_vec();
+        let connections = c.u32()?;
+        if !(1..=MAX_CONNECTIONS).contains(&connections) {
+            return Err(format!(
+                "header asks for {connections} connections (1 to {MAX_CONNECTIONS})"
+            ));
+        }
+        let lane_token = c.take(LANE_TOKEN)?.try_into().expect("LANE_TOKEN bytes");
         c.finish()?;
         Ok(Layout {
             page_size,
             vcpus,
             regions,
             spec,
+            connections,
+            lane_token,
         })
     }
 }

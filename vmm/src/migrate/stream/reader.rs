@@ -3,9 +3,11 @@
 
 use std::io::{self, Read};
 
-use super::chunk::{chunk_name, parse_payload, Chunk};
+use super::chunk::{chunk_name, parse_payload, Chunk, Cursor};
 use super::error::StreamError;
-use super::format::{kind, kind_name, AUTH_MAGIC, MAGIC, MAX_PAYLOAD, PAGE_SIZE, VERSION};
+use super::format::{
+    kind, kind_name, AUTH_MAGIC, LANE_MAGIC, LANE_TOKEN, MAGIC, MAX_PAYLOAD, PAGE_SIZE, VERSION,
+};
 use super::layout::Layout;
 
 /// Where [`StreamReader::next_chunk_into`] may put the data of a `Pages` chunk.
@@ -61,19 +63,7 @@ impl<R: Read> StreamReader<R> {
     /// destination that builds its VM from the header's spec checks it afterwards).
     pub fn open(input: R) -> Result<(StreamReader<R>, Layout), StreamError> {
         let mut r = StreamReader::headless(input);
-        let mut start = [0u8; 12];
-        r.fill(&mut start, "magic and version")?;
-        let magic: [u8; 8] = start[..8].try_into().unwrap();
-        if magic == AUTH_MAGIC {
-            return Err(StreamError::AuthWanted);
-        }
-        if magic != MAGIC {
-            return Err(StreamError::BadMagic { found: magic });
-        }
-        let version = u32::from_le_bytes(start[8..].try_into().unwrap());
-        if version != VERSION {
-            return Err(StreamError::Version { found: version });
-        }
+        r.start(&MAGIC)?;
         let frame = r.offset;
         let (k, len) = r.frame()?;
         if k != kind::HEADER {
@@ -91,6 +81,55 @@ impl<R: Read> StreamReader<R> {
         })?;
         r.chunk = 1;
         Ok((r, layout))
+    }
+
+    /// Reads the start of a lane (lane magic, version, lane chunk) and returns the lane token
+    /// and index it names, unchecked.
+    pub fn open_lane(input: R) -> Result<(StreamReader<R>, [u8; LANE_TOKEN], u32), StreamError> {
+        let mut r = StreamReader::headless(input);
+        r.start(&LANE_MAGIC)?;
+        let frame = r.offset;
+        let (k, len) = r.frame()?;
+        if k != kind::LANE {
+            return Err(StreamError::Unexpected {
+                chunk: 0,
+                offset: frame,
+                found: kind_name(k),
+                expected: "lane",
+            });
+        }
+        let mut c = Cursor(&r.buf[..len]);
+        let parsed = (|| {
+            let token: [u8; LANE_TOKEN] = c.take(LANE_TOKEN)?.try_into().expect("token bytes");
+            let index = c.u32()?;
+            c.finish()?;
+            Ok::<_, String>((token, index))
+        })();
+        let (token, index) = parsed.map_err(|what| StreamError::Malformed {
+            chunk: 0,
+            offset: frame,
+            what,
+        })?;
+        r.chunk = 1;
+        Ok((r, token, index))
+    }
+
+    /// Reads and checks the magic (`want`) and the version.
+    fn start(&mut self, want: &[u8; 8]) -> Result<(), StreamError> {
+        let mut start = [0u8; 12];
+        self.fill(&mut start, "magic and version")?;
+        let magic: [u8; 8] = start[..8].try_into().unwrap();
+        if magic == AUTH_MAGIC {
+            return Err(StreamError::AuthWanted);
+        }
+        if magic != *want {
+            return Err(StreamError::BadMagic { found: magic });
+        }
+        let version = u32::from_le_bytes(start[8..].try_into().unwrap());
+        if version != VERSION {
+            return Err(StreamError::Version { found: version });
+        }
+        Ok(())
     }
 
     /// The input the chunks are read from.

@@ -4,8 +4,8 @@ use std::io::{BufWriter, Write};
 
 use super::error::StreamError;
 use super::format::{
-    kind, kind_name, DISCARD_RUN_BYTES, MAGIC, MAX_DISCARD_RUNS, MAX_PAGES_PER_CHUNK, MAX_PAYLOAD,
-    PAGE_SIZE, VERSION,
+    kind, kind_name, DISCARD_RUN_BYTES, LANE_MAGIC, LANE_TOKEN, MAGIC, MAX_DISCARD_RUNS,
+    MAX_PAGES_PER_CHUNK, MAX_PAYLOAD, PAGE_SIZE, VERSION,
 };
 use super::layout::Layout;
 
@@ -37,6 +37,23 @@ impl<W: Write> StreamWriter<W> {
         w.chunk(kind::HEADER, &[&layout.encode()])?;
         // The destination builds its machine from the header before it says what it can
         // receive, which a postcopy source waits for: the header must not sit in the buffer.
+        w.flush()?;
+        Ok(w)
+    }
+
+    /// Starts lane `index` of a migration whose header carried `token`: lane magic, version
+    /// and the lane chunk; flushes (the destination accepts lanes before the first round).
+    pub fn lane(
+        out: W,
+        token: &[u8; LANE_TOKEN],
+        index: u32,
+    ) -> Result<StreamWriter<W>, StreamError> {
+        let mut w = StreamWriter::headless(out);
+        let mut start = [0u8; 12];
+        start[..8].copy_from_slice(&LANE_MAGIC);
+        start[8..].copy_from_slice(&VERSION.to_le_bytes());
+        w.put(&start)?;
+        w.chunk(kind::LANE, &[token, &index.to_le_bytes()])?;
         w.flush()?;
         Ok(w)
     }
@@ -152,6 +169,12 @@ impl<W: Write> StreamWriter<W> {
             kind::ROUND,
             &[&round.to_le_bytes(), &dirty_pages.to_le_bytes()],
         )
+    }
+
+    /// On a lane: its share of round `round` is sent; flushes.
+    pub fn lane_end(&mut self, round: u32) -> Result<(), StreamError> {
+        self.chunk(kind::LANE_END, &[&round.to_le_bytes()])?;
+        self.flush()
     }
 
     /// End of stream; flushes.
