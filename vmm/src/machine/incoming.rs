@@ -61,9 +61,13 @@ impl Machine {
             }
         })?;
         println!(
-            "received {} rounds, {:.1} MB in {:.3} s ({} host pages placed through the pager){}",
+            "received {} rounds, {:.1} MB{} in {:.3} s ({} host pages placed through the pager){}",
             inc.received.rounds,
             inc.bytes as f64 / 1e6,
+            match inc.connections {
+                1 => String::new(),
+                n => format!(" over {n} connections"),
+            },
             t.elapsed().as_secs_f64(),
             inc.received.placed,
             match &inc.postcopy {

@@ -3,7 +3,7 @@
 //!
 //! ```json
 //! {"mode": "precopy", "dirty_mode": "kvm-bitmap", "total_ms": 812.4, "downtime_ms": 41.2,
-//!  "bytes_sent": 563872614, "ram_bytes": 536870912, "vcpus": 2,
+//!  "bytes_sent": 563872614, "connection_bytes": [563872614], "ram_bytes": 536870912, "vcpus": 2,
 //!  "rounds": [{"round": 0, "dirty_pages": 131072, "bytes": 537919488, "ms": 402.1,
 //!              "rate_mb_s": 1337.7, "est_downtime_ms": 12.3}],
 //!  "postcopy": null}
@@ -85,6 +85,10 @@ pub struct MigrationSummary {
     pub downtime_ms: f64,
     /// Bytes the source wrote to the stream.
     pub bytes_sent: u64,
+    /// Of those, per connection (`--migrate-connections`): the main one first, then each
+    /// lane's.
+    #[serde(default)]
+    pub connection_bytes: Vec<u64>,
     /// Per round, in order.
     pub rounds: Vec<RoundFigures>,
     /// The postcopy phase (null for precopy).
@@ -131,6 +135,7 @@ mod tests {
             total_ms: 1.5,
             downtime_ms: 0.5,
             bytes_sent: 7,
+            connection_bytes: vec![5, 2],
             rounds: vec![RoundFigures {
                 round: 0,
                 dirty_pages: 3,
@@ -154,6 +159,7 @@ mod tests {
             keys,
             [
                 "bytes_sent",
+                "connection_bytes",
                 "dirty_mode",
                 "downtime_ms",
                 "mode",

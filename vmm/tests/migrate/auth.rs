@@ -17,14 +17,14 @@ use crate::util::{
 };
 
 /// A secret file of `content`, mode 0600, unique to this process and `name`.
-fn secret(name: &str, content: &str) -> PathBuf {
+pub(crate) fn secret(name: &str, content: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("vmm-secret-{}-{name}", std::process::id()));
     std::fs::write(&p, content).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
-const KEY_A: &str = "correct horse battery staple\n";
+pub(crate) const KEY_A: &str = "correct horse battery staple\n";
 const KEY_B: &str = "a different secret of the same size\n";
 
 /// A migration whose ends have `src_key` and `dst_key` (`None`: no --migrate-secret), over

@@ -52,6 +52,17 @@ fn migrate_and_verify_on(
     src_flags: &[&str],
     between_hosts: bool,
 ) -> Option<serde_json::Value> {
+    migrate_and_verify_with(test, backing, src_flags, &[], between_hosts)
+}
+
+/// [`migrate_and_verify_on`] with `dst_flags` for the destination too.
+pub(crate) fn migrate_and_verify_with(
+    test: &str,
+    backing: &str,
+    src_flags: &[&str],
+    dst_flags: &[&str],
+    between_hosts: bool,
+) -> Option<serde_json::Value> {
     if !kvm_or_skip(test) {
         return None;
     }
@@ -65,13 +76,15 @@ fn migrate_and_verify_on(
         false => None,
     };
     let json = migrate_json_path(test);
+    let mut dst_args = vec!["--run-for", "0"];
+    dst_args.extend_from_slice(dst_flags);
     let dst = match &hosts {
         Some(h) => listening_at(
             h.dst_addr(),
             |a| vmm_on_host(Some(&h.dst), backing, a),
-            &["--run-for", "0"],
+            &dst_args,
         ),
-        None => listening(|a| vmm_on(backing, a), &["--run-for", "0"]),
+        None => listening(|a| vmm_on(backing, a), &dst_args),
     };
     // The guest writes for a while first: there are dirty pages to move.
     let mut args = migrate_to(&dst.addr, &json, "300");
@@ -108,14 +121,14 @@ fn migrate_and_verify_on(
     Some(doc)
 }
 
-fn check_precopy(doc: &serde_json::Value, mode: &str) {
+pub(crate) fn check_precopy(doc: &serde_json::Value, mode: &str) {
     assert_eq!(doc["mode"], "precopy", "{doc}");
     assert_eq!(doc["dirty_mode"], mode, "{doc}");
     assert!(doc["postcopy"].is_null(), "{doc}");
     assert!(doc["rounds"].as_array().unwrap().len() >= 2, "{doc}");
 }
 
-fn check_postcopy(doc: &serde_json::Value, mode: &str) {
+pub(crate) fn check_postcopy(doc: &serde_json::Value, mode: &str) {
     assert_eq!(doc["mode"], "postcopy", "{doc}");
     assert_eq!(doc["dirty_mode"], mode, "{doc}");
     // --postcopy-after 2: the full pass and one dirty round, then the discard round (no page

@@ -67,8 +67,10 @@ pub struct Incoming {
     /// The state and figures taken off the stream (its `postcopy` is moved into
     /// [`postcopy`](Self::postcopy), with the rest of the stream).
     pub received: ReceivedStream,
-    /// Bytes read.
+    /// Bytes read, on every connection.
     pub bytes: u64,
+    /// Connections the source used (`--migrate-connections`).
+    pub connections: u32,
     /// The connection, for the acknowledgement.
     pub conn: Connection,
     /// `Some` when the source switched to postcopy: the guest must run with the owed pages
@@ -183,6 +185,7 @@ pub fn receive(
     Ok(Incoming {
         received,
         bytes,
+        connections: layout.connections,
         conn,
         postcopy,
     })

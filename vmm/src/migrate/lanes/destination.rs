@@ -121,8 +121,9 @@ pub struct LaneFigures {
     pub placed: u64,
 }
 
-/// What a lane thread tells the main one: it ended a round, or failed.
-type LaneEvent = (u32, Result<u32, MigrateError>);
+/// What a lane thread tells the main one: it ended a round (`Some`), or its stream
+/// (`None`: the rounds after it use the main connection only), or failed.
+type LaneEvent = (u32, Result<Option<u32>, MigrateError>);
 
 /// Runs `main` (the main connection's receive into `ram`) while each of `lanes` is received
 /// on a thread of its own into a [`RamReceiver::sibling`] of `ram`. `main` calls the barrier it
@@ -170,18 +171,25 @@ pub fn receive_with_lanes<T>(
             }
         }
         drop(done_tx);
-        let mut ended: Vec<Option<u32>> = vec![None; n];
+        // Per lane: the last round it ended, or `Some(None)` once its stream ended.
+        let mut ended: Vec<Option<Option<u32>>> = vec![None; n];
         let mut barrier = |round: u32| -> Result<(), MigrateError> {
-            while ended.iter().any(|e| *e != Some(round)) {
+            while ended
+                .iter()
+                .any(|e| !matches!(e, Some(None)) && *e != Some(Some(round)))
+            {
                 match done_rx.recv() {
-                    Ok((index, Ok(r))) if r == round => ended[index as usize - 1] = Some(r),
+                    Ok((index, Ok(r))) if r.is_none_or(|r| r == round) => {
+                        ended[index as usize - 1] = Some(r)
+                    }
                     Ok((index, Ok(r))) => {
+                        let r = r.unwrap_or_default();
                         return Err(MigrateError::Lane {
                             index,
                             source: Box::new(MigrateError::Refused(format!(
                                 "it ended round {r} where the main connection ended round {round}"
                             ))),
-                        })
+                        });
                     }
                     Ok((index, Err(e))) => {
                         return Err(MigrateError::Lane {
@@ -262,16 +270,17 @@ fn run_lane(
         }
         match chunk {
             Chunk::LaneEnd { round } => {
-                if done.send((index, Ok(round))).is_err() || go.recv().is_err() {
+                if done.send((index, Ok(Some(round)))).is_err() || go.recv().is_err() {
                     // The main thread has stopped receiving.
                     return Err((index, MigrateError::Refused("the migration stopped".into())));
                 }
             }
             Chunk::End => {
+                let _ = done.send((index, Ok(None)));
                 return Ok(LaneFigures {
                     bytes: reader.bytes_read(),
                     placed: ram.placed,
-                })
+                });
             }
             other => {
                 let found = chunk_name(&other);
@@ -285,6 +294,114 @@ fn run_lane(
                     .into(),
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::stream::{StreamWriter, LANE_TOKEN};
+    use crate::migrate::transport::Address;
+    use std::io::Write;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    const TOKEN: [u8; LANE_TOKEN] = [7; LANE_TOKEN];
+
+    /// A listener on a fresh unix socket path, and the layout of a migration over
+    /// `connections` whose lanes send [`TOKEN`].
+    fn setup(test: &str, connections: u32) -> (Address, Listener, Layout, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("vmm-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = Address::Unix(dir.join("mig.sock"));
+        let listener = addr.listen().unwrap();
+        let layout = Layout::new(1, [(0, 1 << 20)]).with_lanes(connections, TOKEN);
+        (addr, listener, layout, dir)
+    }
+
+    fn open_lane(addr: &Address, token: &[u8; LANE_TOKEN], index: u32) -> StreamWriter<Connection> {
+        StreamWriter::lane(addr.connect().unwrap(), token, index).unwrap()
+    }
+
+    /// Another migration's lane, a connection that is no lane at all and a second lane 1 are
+    /// refused; the wait goes on and the real lanes join, in index order.
+    #[test]
+    fn strangers_are_refused_and_the_lanes_still_join() {
+        let (addr, listener, layout, dir) = setup("strangers", 3);
+        let idle = Some(Duration::from_secs(10));
+        let got = std::thread::scope(|s| {
+            let a = &addr;
+            let sources = s.spawn(move || {
+                let _other = open_lane(a, &[1; LANE_TOKEN], 1);
+                let mut junk = a.connect().unwrap();
+                junk.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+                let one = open_lane(a, &TOKEN, 1);
+                let again = open_lane(a, &TOKEN, 1);
+                let two = open_lane(a, &TOKEN, 2);
+                (one, again, two)
+            });
+            let got = accept_lanes(&listener, &layout, idle, None, 4096).unwrap();
+            drop(sources.join().unwrap());
+            got
+        });
+        let indices: Vec<u32> = got.iter().map(|l| l.index).collect();
+        assert_eq!(indices, vec![1, 2]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A source that opens fewer lanes than its header announced fails the wait after the
+    /// timeout, naming how many came.
+    #[test]
+    fn missing_lanes_fail_after_the_timeout() {
+        let (addr, listener, layout, dir) = setup("missing", 3);
+        let _one = open_lane(&addr, &TOKEN, 1);
+        let t0 = Instant::now();
+        let e = accept_lanes(
+            &listener,
+            &layout,
+            Some(Duration::from_millis(300)),
+            None,
+            4096,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("opened 1 of its 2 lanes"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A lane whose share is corrupted fails the round it belongs to, naming the lane; a lane
+    /// that ends another round than the main connection does too.
+    #[test]
+    fn a_bad_lane_fails_the_round() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        for (name, bad) in [("corrupt", true), ("round", false)] {
+            let (addr, listener, layout, dir) = setup(name, 2);
+            let mut w = open_lane(&addr, &TOKEN, 1);
+            let lanes = accept_lanes(&listener, &layout, None, None, 4096).unwrap();
+            if bad {
+                // A page chunk whose checksum does not match.
+                let mut raw = w.into_inner().unwrap();
+                let mut frame = Vec::new();
+                frame.extend_from_slice(&2u32.to_le_bytes());
+                frame.extend_from_slice(&(8 + 4096u32).to_le_bytes());
+                frame.extend_from_slice(&0u64.to_le_bytes());
+                frame.extend_from_slice(&[1; 4096]);
+                frame.extend_from_slice(&0u32.to_le_bytes());
+                raw.write_all(&frame).unwrap();
+                w = StreamWriter::headless(raw);
+            } else {
+                w.lane_end(5).unwrap();
+            }
+            let mut ram = RamReceiver::new(&mem, None).fresh();
+            let e = receive_with_lanes(lanes, &mut ram, |_, round_done| round_done(0))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("migration lane 1"), "{e}");
+            let want = if bad { "checksum" } else { "ended round 5" };
+            assert!(e.contains(want), "{e}");
+            drop(w);
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

@@ -103,8 +103,8 @@ struct LaneOut {
 #[derive(Default)]
 pub struct SourceLanes {
     lanes: Vec<LaneOut>,
-    /// Bytes written on lanes already finished.
-    finished_bytes: u64,
+    /// Bytes written on each lane, once they are finished.
+    finished: Vec<u64>,
 }
 
 impl std::fmt::Debug for SourceLanes {
@@ -144,7 +144,7 @@ impl SourceLanes {
         }
         Ok(SourceLanes {
             lanes,
-            finished_bytes: 0,
+            finished: Vec::new(),
         })
     }
 
@@ -155,7 +155,13 @@ impl SourceLanes {
 
     /// Bytes written on the lanes.
     pub fn bytes_written(&self) -> u64 {
-        self.finished_bytes + self.lanes.iter().map(|l| l.w.bytes_written()).sum::<u64>()
+        self.lane_bytes().iter().sum()
+    }
+
+    /// Bytes written on each lane, in lane order.
+    pub fn lane_bytes(&self) -> Vec<u64> {
+        let live = self.lanes.iter().map(|l| l.w.bytes_written());
+        self.finished.iter().copied().chain(live).collect()
     }
 
     /// Sends round `round`'s `work`: the main connection's share on `w` with `sender` from
@@ -219,7 +225,7 @@ impl SourceLanes {
                 index: i as u32 + 1,
                 source: Box::new(e.into()),
             })?;
-            self.finished_bytes += w.bytes_written();
+            self.finished.push(w.bytes_written());
             let conn = w.into_inner()?;
             let _ = conn.shutdown_write();
         }

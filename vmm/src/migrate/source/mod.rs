@@ -145,6 +145,12 @@ pub fn send(
         cfg.idle_timeout,
         cfg.secret.as_deref(),
     )?;
+    if cfg.connections > 1 {
+        println!(
+            "migrating over {} connections to {to}: each round is cut into as many address ranges",
+            cfg.connections
+        );
+    }
     let mut back = StreamReader::headless(back);
     let dest = match cfg.postcopy_after {
         Some(_) => {
@@ -381,16 +387,22 @@ fn rounds<W: Write>(
     }
     let final_pages = last.count();
     let ram_bytes = src.regions.iter().map(|r| r.len).sum();
-    let summary = |mode, figures, downtime: Duration, postcopy, bytes_sent| MigrationSummary {
-        mode,
-        dirty_mode: tracker.mode().name().into(),
-        total_ms: ms(started.elapsed()),
-        downtime_ms: ms(downtime),
-        bytes_sent,
-        rounds: figures,
-        postcopy,
-        ram_bytes,
-        vcpus,
+    let summary = |mode, figures, downtime: Duration, postcopy, main_bytes, lanes: &SourceLanes| {
+        let connection_bytes: Vec<u64> = std::iter::once(main_bytes)
+            .chain(lanes.lane_bytes())
+            .collect();
+        MigrationSummary {
+            mode,
+            dirty_mode: tracker.mode().name().into(),
+            total_ms: ms(started.elapsed()),
+            downtime_ms: ms(downtime),
+            bytes_sent: connection_bytes.iter().sum(),
+            connection_bytes,
+            rounds: figures,
+            postcopy,
+            ram_bytes,
+            vcpus,
+        }
     };
     if let Some(dest) = dest {
         println!(
@@ -403,7 +415,6 @@ fn rounds<W: Write>(
         back.get_ref()
             .set_read_idle_timeout(None)
             .map_err(|source| StreamError::Io { offset: 0, source })?;
-        let lane_bytes = lanes.bytes_written();
         let out = postcopy::push(
             w,
             back,
@@ -417,13 +428,13 @@ fn rounds<W: Write>(
         )?;
         let pc: PostcopyFigures = out.figures;
         let downtime = out.guest_running_at - pause_at;
-        let bytes = w.bytes_written() + lane_bytes;
         return Ok(summary(
             MigrationMode::Postcopy,
             figures,
             downtime,
             Some(pc),
-            bytes,
+            w.bytes_written(),
+            &lanes,
         ));
     }
     let t0 = Instant::now();
@@ -454,7 +465,8 @@ fn rounds<W: Write>(
         figures,
         pause_at.elapsed(),
         None,
-        total,
+        w.bytes_written(),
+        &lanes,
     ))
 }
 
