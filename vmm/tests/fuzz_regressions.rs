@@ -1,6 +1,8 @@
 //! Inputs that the fuzz targets under `fuzz/` found to crash vmm, kept as files under
-//! `tests/data/fuzz/` (named `<target>-<what>`, byte for byte what the fuzzer saved) and fed
-//! through the calls that target makes: each must now be refused cleanly.
+//! `tests/data/fuzz/` (named `<target>-<what>`, byte for byte what the fuzzer saved, except
+//! that `migration_stream` inputs were moved to each new stream version by
+//! `fuzz/upgrade-stream-inputs`) and fed through the calls that target makes: each must now
+//! be refused cleanly.
 
 use std::path::Path;
 use std::sync::Mutex;
