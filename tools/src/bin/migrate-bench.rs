@@ -3,12 +3,17 @@
 //! (precopy at an idle, a 1/8-bandwidth and a 1/4-bandwidth dirty rate, precopy of a paused
 //! guest, which measures the stream alone, and postcopy unpaced, also on 4 KiB pages and THP)
 //! and prints, per run, downtime, total time, bytes sent, the bound bytes / bandwidth, the
-//! ratio total / bound and whether the issue's goals hold.
+//! ratio total / bound and whether the issue's goals hold. The paused run is repeated over
+//! 2 and 4 connections (`--connections`, vmm --migrate-connections); a second table gives
+//! their stream rates side by side and a model of a bigger host (`--model-cores`,
+//! `--model-link-gbit`): the one-connection rate, measured with a core at each end, times
+//! the connections, capped by the link.
 //!
 //! ```text
 //! cargo build --release -p vmm -p tools
 //! target/release/migrate-bench            # 4 GiB, 4 vCPUs (what BENCHMARKS.md records)
 //! target/release/migrate-bench --quick    # 1 GiB, 2 vCPUs, for development
+//! target/release/migrate-bench --connections-only   # the connections table alone
 //! ```
 //!
 //! Goals (issue 5): downtime <= 300 ms for precopy whenever the guest dirties at most a
@@ -76,6 +81,24 @@ struct Cli {
     /// Directory for each run's summary, plot and logs.
     #[arg(long, default_value = "target/migrate-bench")]
     out: PathBuf,
+    /// Connection counts of the stream-alone run (vmm --migrate-connections), side by side:
+    /// the paused precopy runs once per count.
+    #[arg(
+        long,
+        value_name = "N,...",
+        value_delimiter = ',',
+        default_value = "1,2,4"
+    )]
+    connections: Vec<u32>,
+    /// Only the stream-alone runs over --connections (no dirty-rate or postcopy runs).
+    #[arg(long)]
+    connections_only: bool,
+    /// Cores of the host the connections model is for.
+    #[arg(long, default_value_t = 16)]
+    model_cores: u32,
+    /// Link of the host the connections model is for, Gbit/s.
+    #[arg(long, default_value_t = 25.0)]
+    model_link_gbit: f64,
 }
 
 /// The downtime goal of issue 5, milliseconds.
@@ -171,6 +194,8 @@ struct Case {
     paused: bool,
     /// Backing of guest RAM when not the one of --hugepages.
     backing: Option<String>,
+    /// Connections of the migration (migrate-demo --connections).
+    connections: u32,
 }
 
 /// What one migration gave.
@@ -206,6 +231,7 @@ fn run_case(cli: &Cli, demo: &Path, vmm: &Path, mem: &str, cpus: u8, c: Case) ->
     .arg("--vmm")
     .arg(vmm)
     .args(c.paused.then_some("--pause-first"))
+    .args(["--connections", &c.connections.to_string()])
     .stdout(Stdio::inherit())
     .stderr(Stdio::inherit());
     println!("\n== {} ({}, {})", c.name, c.mode, c.rate_label);
@@ -280,6 +306,7 @@ fn run() -> Result<bool> {
             downtime_goal: true,
             paused: false,
             backing: None,
+            connections: 1,
         },
         Case {
             name: "precopy-eighth".into(),
@@ -289,6 +316,7 @@ fn run() -> Result<bool> {
             downtime_goal: true,
             paused: false,
             backing: None,
+            connections: 1,
         },
         Case {
             name: "precopy-quarter".into(),
@@ -298,6 +326,7 @@ fn run() -> Result<bool> {
             downtime_goal: true,
             paused: false,
             backing: None,
+            connections: 1,
         },
         // The stream alone: the guest writes unpaced through the warm-up (most of RAM is
         // data), then is paused, so the migration has both cores and one round.
@@ -309,10 +338,27 @@ fn run() -> Result<bool> {
             downtime_goal: false,
             paused: true,
             backing: None,
+            connections: 1,
         },
     ];
+    if cli.connections_only {
+        cases.retain(|c| c.paused);
+    }
+    // The stream alone over more connections, right after the one-connection run.
+    for &n in cli.connections.iter().filter(|&&n| n > 1) {
+        cases.push(Case {
+            name: format!("precopy-paused-c{n}"),
+            mode: "precopy",
+            rate_mb_s: 0,
+            rate_label: format!("paused, {n} connections"),
+            downtime_goal: false,
+            paused: true,
+            backing: None,
+            connections: n,
+        });
+    }
     let mut skipped = Vec::new();
-    if has_postcopy {
+    if has_postcopy && !cli.connections_only {
         cases.push(Case {
             name: "postcopy-unlimited".into(),
             mode: "postcopy",
@@ -321,6 +367,7 @@ fn run() -> Result<bool> {
             downtime_goal: true,
             paused: false,
             backing: None,
+            connections: 1,
         });
         for kind in cli
             .postcopy_also
@@ -335,9 +382,10 @@ fn run() -> Result<bool> {
                 downtime_goal: true,
                 paused: false,
                 backing: Some(kind.clone()),
+                connections: 1,
             });
         }
-    } else {
+    } else if !has_postcopy {
         skipped.push(format!(
             "postcopy skipped: {} has no --postcopy-after yet",
             vmm.display()
@@ -401,6 +449,7 @@ fn run() -> Result<bool> {
             goals.join(", ")
         ));
     }
+    table.extend(connections_table(&cli, &results, best));
     for s in &skipped {
         table.push(String::new());
         table.push(s.clone());
@@ -414,6 +463,76 @@ fn run() -> Result<bool> {
     Ok(all_ok)
 }
 
+/// Stream rate of a run: bytes sent over its total time, MB/s.
+fn stream_rate(s: &Value) -> Option<f64> {
+    let ms = s["total_ms"].as_f64()?;
+    Some(s["bytes_sent"].as_f64()? / (ms / 1e3) / MB)
+}
+
+/// What `n` connections give on a host of `cores` cores and a `link_mb_s` link, when one
+/// connection moves `per_core` MB/s with a core at each end: one core per connection at each
+/// end, the link the cap.
+fn model_rate(per_core: f64, n: u32, cores: u32, link_mb_s: f64) -> f64 {
+    (per_core * n.min(cores) as f64).min(link_mb_s)
+}
+
+/// The stream-alone runs by connection count (ratio to one connection, side by side in this
+/// run), and the model of a bigger host built from the one-connection rate.
+fn connections_table(cli: &Cli, results: &[Result1], loopback: f64) -> Vec<String> {
+    // A run whose guest had not written most of its RAM by the pause sends zero runs only:
+    // no measure of the stream.
+    let paused: Vec<(u32, f64)> = results
+        .iter()
+        .filter(|r| r.case.paused && r.passed)
+        .filter_map(|r| {
+            let s = r.summary.as_ref()?;
+            let full = s["bytes_sent"].as_f64()? >= s["ram_bytes"].as_f64()? / 2.0;
+            Some((r.case.connections, stream_rate(s).filter(|_| full)?))
+        })
+        .collect();
+    let Some(&(_, one)) = paused.iter().find(|(n, _)| *n == 1) else {
+        return Vec::new();
+    };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut t = vec![
+        String::new(),
+        format!(
+            "Stream alone (guest paused) by connection count, on this host ({cores} cores, \
+             both ends on it; loopback {:.0} MB/s):",
+            loopback / MB
+        ),
+        String::new(),
+        "| connections | stream rate | vs 1 connection |".into(),
+        "|---|---|---|".into(),
+    ];
+    for &(n, rate) in &paused {
+        t.push(format!("| {n} | {rate:.0} MB/s | {:.2} |", rate / one));
+    }
+    let link = cli.model_link_gbit * 1e9 / 8.0 / MB;
+    t.push(String::new());
+    t.push(format!(
+        "Model for a host pair of {} cores and a {} Gbit/s ({link:.0} MB/s) link: one \
+         connection moves {one:.0} MB/s with a core at each end (measured above: here the \
+         sender and receiver threads of one connection have a core each), N connections N \
+         times that, capped by the link:",
+        cli.model_cores, cli.model_link_gbit
+    ));
+    t.push(String::new());
+    t.push("| connections | expected rate | 4 GiB full pass |".into());
+    t.push("|---|---|---|".into());
+    let mut n = 1;
+    while n <= cli.model_cores {
+        let r = model_rate(one, n, cli.model_cores, link);
+        t.push(format!(
+            "| {n} | {r:.0} MB/s{} | {:.2} s |",
+            if r >= link { " (link)" } else { "" },
+            (4u64 << 30) as f64 / (r * MB)
+        ));
+        n *= 2;
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +544,14 @@ mod tests {
         assert_eq!(parse_size("64k").unwrap(), 64 << 10);
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn the_model_scales_by_connection_until_the_link() {
+        assert_eq!(model_rate(1000.0, 1, 16, 3125.0), 1000.0);
+        assert_eq!(model_rate(1000.0, 2, 16, 3125.0), 2000.0);
+        assert_eq!(model_rate(1000.0, 4, 16, 3125.0), 3125.0);
+        assert_eq!(model_rate(100.0, 32, 16, 3125.0), 1600.0);
     }
 
     #[test]

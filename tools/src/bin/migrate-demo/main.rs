@@ -91,6 +91,10 @@ struct Cli {
     /// instead of populating it (vmm --prefault) before it listens.
     #[arg(long)]
     no_prefault: bool,
+    /// Connections the migration spreads its precopy rounds over (vmm
+    /// --migrate-connections).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    connections: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -436,6 +440,9 @@ fn start_source(
     if !demand_paging {
         src_cmd.arg("--no-demand-paging");
     }
+    if cli.connections > 1 {
+        src_cmd.args(["--migrate-connections", &cli.connections.to_string()]);
+    }
     println!(
         "migrate-demo: source: {} {}",
         vmm.display(),
@@ -499,6 +506,8 @@ fn summary(cli: &Cli, out: &Outcome) -> Value {
         "total_ms": f["total_ms"],
         "downtime_ms": f["downtime_ms"],
         "bytes_sent": f["bytes_sent"],
+        "connections": cli.connections,
+        "connection_bytes": f["connection_bytes"],
         "rounds": rounds.len(),
         "per_round": rounds.iter().map(|r| json!({
             "round": r.round, "dirty_pages": r.dirty_pages, "bytes": r.bytes, "ms": r.ms,
