@@ -364,6 +364,13 @@ pub struct MachineArgs {
     /// authenticates. The state and postcopy use the first connection only.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=crate::migrate::stream::MAX_CONNECTIONS as i64))]
     pub migrate_connections: Option<u32>,
+    /// Have the destination check every page: with the guest paused, the source takes a
+    /// CRC-32 of each 4 KiB page of guest RAM and sends them with the state; the destination
+    /// compares its RAM with them before its guest runs (postcopy: the pages still owed as
+    /// they arrive) and refuses a migration that lost a page. Costs a read of guest RAM on
+    /// each side, in the downtime.
+    #[arg(long)]
+    pub migrate_verify: bool,
     /// Precopy stops iterating when the estimated downtime is at most this.
     #[arg(long, value_name = "MS", default_value_t = source::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,

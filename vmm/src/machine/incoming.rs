@@ -85,6 +85,16 @@ impl Machine {
                 None => String::new(),
             }
         );
+        if let Some(c) = &inc.verified {
+            println!(
+                "verified {} pages against the source's digest before the guest runs: none differ{}",
+                c.verified,
+                match &inc.postcopy {
+                    Some(_) => " (the owed ones are checked as they arrive)",
+                    None => "",
+                }
+            );
+        }
         Ok(inc)
     }
 
@@ -117,6 +127,7 @@ impl Machine {
                 eprintln!("{why}");
                 fail_exit.request(EXIT_HOST_FAILED, why);
             },
+            pc.digest,
         ));
         pager.set_page_source(Some(target.clone() as Arc<dyn PageSource>));
         let rx_target = target.clone();
@@ -165,7 +176,20 @@ impl PostcopyRx {
                     f.faults,
                     f.all_present.as_secs_f64()
                 );
-                Ok(())
+                if f.verified > 0 {
+                    println!(
+                        "verified {} owed pages on arrival against the source's digest: {} differ",
+                        f.verified, f.differ
+                    );
+                }
+                match f.differ {
+                    0 => Ok(()),
+                    n => Err(format!(
+                        "{n} of the {} pages that arrived after the switch differ from the \
+                         source's digest: the migration damaged guest memory",
+                        f.verified
+                    )),
+                }
             }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the postcopy receiver panicked".into()),

@@ -481,6 +481,7 @@ impl MigrationPlan {
             ("--postcopy-after", args.postcopy_after.is_some()),
             ("--migrate-json", args.migrate_json.is_some()),
             ("--migrate-connections", args.migrate_connections.is_some()),
+            ("--migrate-verify", args.migrate_verify),
         ];
         if incoming.is_some() {
             if let Some((flag, _)) = source_flags.iter().find(|(_, given)| *given) {
@@ -541,6 +542,7 @@ impl MigrationPlan {
             idle_timeout: args.migrate_idle_limit(),
             secret: self.secret.clone(),
             connections: args.migrate_connections.unwrap_or(1),
+            verify: args.migrate_verify,
         }
     }
 }

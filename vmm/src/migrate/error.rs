@@ -43,6 +43,16 @@ pub enum MigrateError {
         /// What failed on it.
         source: Box<MigrateError>,
     },
+    /// `--migrate-verify`: the RAM received differs from the source's digest.
+    #[error("{differ} of {verified} pages received differ from the source's digest (the first at {first:#x}): the migration lost or damaged guest memory")]
+    Verify {
+        /// Pages compared.
+        verified: u64,
+        /// Pages that differ.
+        differ: u64,
+        /// The first of them.
+        first: u64,
+    },
     /// The two ends cannot do what was asked.
     #[error("{0}")]
     Refused(String),

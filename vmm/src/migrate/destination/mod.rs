@@ -19,14 +19,16 @@ use crate::migrate::error::MigrateError;
 use crate::migrate::lanes::destination::{accept_lanes, receive_with_lanes, LaneIn};
 use crate::migrate::page_set::PageSet;
 use crate::migrate::priority::MigrationPriority;
-use crate::migrate::ram::{RamError, RamPager, RamReceiver, ResidencyCursor};
+use crate::migrate::ram::{
+    DigestCheck, RamDigest, RamError, RamPager, RamReceiver, ResidencyCursor,
+};
 use crate::migrate::state::{
     restore_vcpu, restore_vm, SerialRegs, StateError, VcpuCaps, VcpuState, VmState, DEVICE_I8042,
     DEVICE_KVM_VM, DEVICE_SERIAL,
 };
 use crate::migrate::stream::{
-    chunk_name, discard_runs, Chunk, Layout, Received, StreamError, StreamReader, StreamWriter,
-    DEST_DEMAND_PAGING, PAGE_SIZE,
+    chunk_name, digest_crcs, discard_runs, Chunk, Layout, Received, StreamError, StreamReader,
+    StreamWriter, DEST_DEMAND_PAGING, PAGE_SIZE,
 };
 use crate::migrate::transport::{Connection, Listener};
 
@@ -51,6 +53,8 @@ pub struct PostcopyIncoming {
     pub owed: PageSet,
     /// The switch's drops.
     pub switch: SwitchFigures,
+    /// The source's digest (`--migrate-verify`): the owed pages are checked on arrival.
+    pub digest: Option<RamDigest>,
 }
 
 impl std::fmt::Debug for PostcopyIncoming {
@@ -71,6 +75,9 @@ pub struct Incoming {
     pub bytes: u64,
     /// Connections the source used (`--migrate-connections`).
     pub connections: u32,
+    /// What `--migrate-verify` compared before the guest runs (every page but the ones a
+    /// postcopy still owes); all of them matched.
+    pub verified: Option<DigestCheck>,
     /// The connection, for the acknowledgement.
     pub conn: Connection,
     /// `Some` when the source switched to postcopy: the guest must run with the owed pages
@@ -174,6 +181,27 @@ pub fn receive(
     })?;
     received.placed += lane_figures.placed;
     let bytes = r.bytes_read() + lane_figures.bytes;
+    // `--migrate-verify`: every page here must be what the source had at the pause, but the
+    // ones a postcopy still owes (checked as they arrive).
+    let verified = match &received.digest {
+        Some(d) => {
+            let here = RamDigest::of(mem, &ram_regions, pager)?;
+            let owed = received.postcopy.as_ref().map(|(o, _)| o);
+            let c = d.compare(&here, |gpa| {
+                owed.is_some_and(|o| o.contains(gpa / o.host_page() * o.host_page()))
+            });
+            if let Some(first) = c.first {
+                return Err(MigrateError::Verify {
+                    verified: c.verified,
+                    differ: c.differ,
+                    first,
+                });
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    let digest = received.digest.take();
     let postcopy = received
         .postcopy
         .take()
@@ -181,10 +209,12 @@ pub fn receive(
             reader: r,
             owed,
             switch,
+            digest,
         });
     Ok(Incoming {
         received,
         bytes,
+        verified,
         connections: layout.connections,
         conn,
         postcopy,
@@ -208,6 +238,8 @@ pub struct ReceivedStream {
     pub placed: u64,
     /// `Some` when the source switched to postcopy: the host pages it owes, and the drops.
     pub postcopy: Option<(PageSet, SwitchFigures)>,
+    /// The source's digest of its RAM at the pause (`--migrate-verify`), complete.
+    pub digest: Option<RamDigest>,
 }
 
 /// The body of [`receive`] over any reader and reply writer (no socket: the fuzz target and
@@ -253,6 +285,7 @@ fn receive_chunks<R: Read, W: Write>(
     let mut i8042 = None;
     let mut rounds = 0;
     let mut owed: Option<PageSet> = None;
+    let mut digest: Option<RamDigest> = None;
     let mut switch = SwitchFigures::default();
     let switched = loop {
         let (offset, chunk) = r.position();
@@ -318,6 +351,14 @@ fn receive_chunks<R: Read, W: Write>(
                     .map_err(|e| RamError::Pager(format!("dropping stale copies: {e}")))?;
                 switch.drop_time += t.elapsed();
             }
+            Chunk::Digest { gpa, crcs } => digest
+                .get_or_insert_with(|| RamDigest::empty(ram_regions))
+                .set(gpa, digest_crcs(crcs))
+                .map_err(|what| StreamError::Malformed {
+                    chunk,
+                    offset,
+                    what,
+                })?,
             Chunk::Postcopy => break true,
             Chunk::End => break false,
             other => {
@@ -350,7 +391,13 @@ fn receive_chunks<R: Read, W: Write>(
             ))
         }
     };
+    if digest.as_ref().is_some_and(|d| !d.complete()) {
+        return Err(MigrateError::Missing(
+            "part of the source's digest of its RAM".into(),
+        ));
+    }
     Ok(ReceivedStream {
+        digest,
         vcpus,
         vm: vm.ok_or_else(|| MigrateError::Missing("the VM state (irqchip, PIT, clock)".into()))?,
         serial,

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::migrate::error::MigrateError;
 use crate::migrate::page_set::PageSet;
 use crate::migrate::priority::MigrationPriority;
-use crate::migrate::ram::{check_range, RamError, RamPager};
+use crate::migrate::ram::{check_range, page_crc, RamDigest, RamError, RamPager};
 use crate::migrate::stream::{
     chunk_name, Chunk, StreamError, StreamReader, StreamWriter, PAGE_SIZE,
 };
@@ -38,6 +38,8 @@ pub struct PostcopyTarget {
     started: Instant,
     /// Told once why the postcopy failed (stops the VM).
     on_fail: Box<dyn Fn(&str) + Send + Sync>,
+    /// The source's digest (`--migrate-verify`): each owed page is checked as it arrives.
+    digest: Option<RamDigest>,
 }
 
 /// The destination's reply direction and what it has said on it.
@@ -60,6 +62,9 @@ struct TargetState {
     failed: Option<String>,
     /// Faults that had to wait for the source.
     faults: u64,
+    /// Owed 4 KiB pages checked against the digest, and how many differed.
+    verified: u64,
+    differ: u64,
 }
 
 /// The destination's figures of the postcopy phase.
@@ -73,6 +78,10 @@ pub struct TargetFigures {
     pub received: u64,
     /// From the switch until every page was present.
     pub all_present: Duration,
+    /// 4 KiB pages checked on arrival against the source's digest (`--migrate-verify`).
+    pub verified: u64,
+    /// Of those, pages that differed.
+    pub differ: u64,
 }
 
 impl std::fmt::Debug for PostcopyTarget {
@@ -93,6 +102,7 @@ impl PostcopyTarget {
         owed: PageSet,
         back: Connection,
         on_fail: impl Fn(&str) + Send + Sync + 'static,
+        digest: Option<RamDigest>,
     ) -> PostcopyTarget {
         PostcopyTarget {
             mem,
@@ -103,6 +113,8 @@ impl PostcopyTarget {
                 requested: HashSet::new(),
                 failed: None,
                 faults: 0,
+                verified: 0,
+                differ: 0,
             }),
             arrived: Condvar::new(),
             back: Mutex::new(Reply {
@@ -112,6 +124,7 @@ impl PostcopyTarget {
             }),
             started: Instant::now(),
             on_fail: Box::new(on_fail),
+            digest,
         }
     }
 
@@ -199,6 +212,8 @@ impl PostcopyTarget {
             faults: st.faults,
             received: owed_at_start,
             all_present: self.started.elapsed(),
+            verified: st.verified,
+            differ: st.differ,
         })
     }
 
@@ -274,11 +289,24 @@ impl PostcopyTarget {
 
     /// A whole owed host page arrived: place it and wake whoever waits for it.
     fn arrive(&self, base: u64, data: &[u8]) -> Result<(), MigrateError> {
+        let (mut verified, mut differ) = (0, 0);
+        if let Some(d) = &self.digest {
+            for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                verified += 1;
+                let gpa = base + i as u64 * PAGE;
+                if d.expected(gpa) != Some(page_crc(page)) {
+                    differ += 1;
+                    log::error!("postcopy: the page at {gpa:#x} differs from the source's digest");
+                }
+            }
+        }
         // Only this thread places owed pages, and each once: no lock needed around place.
         self.pager
             .place(base, data)
             .map_err(|e| RamError::Pager(format!("placing {base:#x}: {e}")))?;
         let mut st = self.lock();
+        st.verified += verified;
+        st.differ += differ;
         st.owed.remove(base);
         st.requested.remove(&base);
         drop(st);
@@ -393,6 +421,7 @@ mod tests {
             PageSet::new(&regions, PAGE),
             Connection::Unix(back),
             |why: &str| panic!("postcopy failed: {why}"),
+            None,
         );
         // The source's push ends at once: every owed page (none) is in before the
         // destination's guest was said to run.

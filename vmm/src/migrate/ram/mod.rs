@@ -4,6 +4,7 @@
 //! pages are placed whole through the pager instead of faulting them in).
 
 mod apply;
+mod digest;
 mod range;
 mod receive;
 mod residency;
@@ -13,6 +14,7 @@ mod tests;
 
 pub use super::pager::RamPager;
 pub use apply::{apply_chunk, receive_ram};
+pub use digest::{page_crc, DigestCheck, RamDigest};
 pub use range::{check_range, RamError};
 pub use receive::RamReceiver;
 pub(crate) use residency::open_pagemap;

@@ -7,7 +7,7 @@ use super::range::{check_range, RamError, PAGE_BYTES};
 
 /// Whether the RAM region holding `gpa` is private anonymous memory (no file behind it):
 /// there a page the host never populated and never swapped reads as zero.
-pub(super) fn is_private(mem: &GuestMemoryMmap, gpa: u64) -> bool {
+pub(crate) fn is_private(mem: &GuestMemoryMmap, gpa: u64) -> bool {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     mem.find_region(GuestAddress(gpa))
         .is_some_and(|r| r.file_offset().is_none())

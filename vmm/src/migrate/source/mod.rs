@@ -24,12 +24,14 @@ use crate::migrate::lanes::{
 };
 use crate::migrate::page_set::PageSet;
 use crate::migrate::priority::MigrationPriority;
-use crate::migrate::ram::{RamPager, RamSender};
+use crate::migrate::ram::{RamDigest, RamPager, RamSender};
 use crate::migrate::state::{
     complete_pending_io, save_vcpu, save_vm, SerialRegs, StateError, VcpuCaps, DEVICE_I8042,
     DEVICE_KVM_VM, DEVICE_SERIAL,
 };
-use crate::migrate::stream::{Layout, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
+use crate::migrate::stream::{
+    Layout, StreamError, StreamReader, StreamWriter, MAX_DIGEST_PAGES, PAGE_SIZE,
+};
 use crate::migrate::summary::{ms, MigrationMode, MigrationSummary, PostcopyFigures, RoundFigures};
 use crate::migrate::transport::{Address, Connection};
 use crate::vcpu::VmControl;
@@ -59,6 +61,9 @@ pub struct MigrateConfig {
     /// `--migrate-connections`: connections the precopy rounds are spread over (1 to
     /// [`MAX_CONNECTIONS`](crate::migrate::stream::MAX_CONNECTIONS)).
     pub connections: u32,
+    /// `--migrate-verify`: send a digest of guest RAM taken at the pause, which the
+    /// destination checks page by page.
+    pub verify: bool,
 }
 
 /// What the source needs from the running VM.
@@ -358,9 +363,24 @@ fn rounds<W: Write>(
         ),
         None => None,
     };
+    let verify = cfg.verify;
     let write_state = |w: &mut StreamWriter<W>| -> Result<(), MigrateError> {
         for (i, b) in blobs.iter().enumerate() {
             w.vcpu(i as u32, b)?;
+        }
+        if verify {
+            // The guest is paused and reclaims are sealed: RAM is what the destination must
+            // end up with, sent in the last round or owed by postcopy.
+            let t = Instant::now();
+            let digest = RamDigest::of(src.mem, &regions, src.pager)?;
+            for (gpa, crcs) in digest.runs(MAX_DIGEST_PAGES) {
+                w.digest(gpa, crcs)?;
+            }
+            println!(
+                "digest of {} pages taken in {:.0} ms, sent for the destination to verify",
+                digest.pages(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
         }
         w.device(DEVICE_KVM_VM, &vm_state)?;
         if let Some(s) = &serial {

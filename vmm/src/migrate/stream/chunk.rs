@@ -79,6 +79,13 @@ pub enum Chunk<'a> {
         /// Round number.
         round: u32,
     },
+    /// The CRC-32 of each page from `gpa` on, as the source's RAM was at the pause.
+    Digest {
+        /// Guest-physical address of the first page.
+        gpa: u64,
+        /// Raw little-endian u32s, one per page; iterate with [`digest_crcs`].
+        crcs: &'a [u8],
+    },
     /// On a lane: this lane's share of round `round` is sent.
     LaneEnd {
         /// Round number.
@@ -94,6 +101,12 @@ pub fn discard_runs(runs: &[u8]) -> impl Iterator<Item = (u64, u32)> + '_ {
             u32::from_le_bytes(r[8..].try_into().unwrap()),
         )
     })
+}
+
+/// The CRCs of a `Digest` chunk's payload.
+pub fn digest_crcs(crcs: &[u8]) -> impl ExactSizeIterator<Item = u32> + '_ {
+    crcs.chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
 }
 
 /// A little-endian reader over a payload with errors naming what was short.
@@ -242,6 +255,17 @@ pub(super) fn parse_payload(k: u32, payload: &[u8]) -> Result<Chunk<'_>, String>
             c.finish()?;
             Chunk::RoundApplied { round }
         }
+        kind::DIGEST => {
+            let gpa = page_aligned(c.u64()?, "digest")?;
+            let crcs = c.rest();
+            if crcs.is_empty() || !crcs.len().is_multiple_of(4) {
+                return Err(format!(
+                    "digest chunk of {} bytes is not whole 4-byte CRCs",
+                    crcs.len()
+                ));
+            }
+            Chunk::Digest { gpa, crcs }
+        }
         kind::LANE_END => {
             let round = c.u32()?;
             c.finish()?;
@@ -268,5 +292,6 @@ pub fn chunk_name(c: &Chunk<'_>) -> &'static str {
         Chunk::AllReceived => "all-received",
         Chunk::RoundApplied { .. } => "round-applied",
         Chunk::LaneEnd { .. } => "lane-end",
+        Chunk::Digest { .. } => "digest",
     }
 }

@@ -27,6 +27,7 @@
 //! | `ROUND_APPLIED` | round u32 (destination to source: that round is in guest RAM here; the source waits for it before it times the round and harvests again) |
 //! | `LANE` | the header's lane token (16 bytes), lane index u32 (1 to connections - 1): the first chunk of a lane |
 //! | `LANE_END` | round u32: this lane has sent its share of that round |
+//! | `DIGEST` | gpa u64, then one CRC-32 (u32) per 4 KiB page from there (`--migrate-verify`: the source's RAM at the pause, sent with the state) |
 //!
 //! A migration with `connections` > 1 (`--migrate-connections`) opens that many - 1 more
 //! connections, the lanes, after the header. In each precopy round every connection carries
@@ -86,14 +87,17 @@ pub(super) mod kind {
     pub const ROUND_APPLIED: u32 = 14;
     pub const LANE: u32 = 15;
     pub const LANE_END: u32 = 16;
+    pub const DIGEST: u32 = 17;
     /// The highest kind a reader accepts.
-    pub const LAST: u32 = LANE_END;
+    pub const LAST: u32 = DIGEST;
 }
 
 /// `DEST_INFO` flag: the destination runs with demand paging (it can receive postcopy).
 pub const DEST_DEMAND_PAGING: u32 = 1 << 0;
 /// Bytes of one `DISCARD` run on the wire (gpa u64, count u32).
 pub(super) const DISCARD_RUN_BYTES: usize = 12;
+/// Most page CRCs one `DIGEST` chunk carries.
+pub const MAX_DIGEST_PAGES: usize = (MAX_PAYLOAD - 8) / 4;
 /// Most runs one `DISCARD` chunk carries.
 pub const MAX_DISCARD_RUNS: usize = (MAX_PAYLOAD - 8) / DISCARD_RUN_BYTES;
 
@@ -116,6 +120,7 @@ pub(super) fn kind_name(k: u32) -> &'static str {
         kind::ROUND_APPLIED => "round-applied",
         kind::LANE => "lane",
         kind::LANE_END => "lane-end",
+        kind::DIGEST => "digest",
         _ => "unknown",
     }
 }

@@ -12,11 +12,12 @@ mod layout;
 mod reader;
 mod writer;
 
-pub use chunk::{chunk_name, discard_runs, Chunk};
+pub use chunk::{chunk_name, digest_crcs, discard_runs, Chunk};
 pub use error::StreamError;
 pub use format::{
     AUTH_MAGIC, DEST_DEMAND_PAGING, FRAME_OVERHEAD, LANE_MAGIC, LANE_TOKEN, MAGIC, MAX_CONNECTIONS,
-    MAX_DISCARD_RUNS, MAX_PAGES_PER_CHUNK, MAX_PAYLOAD, MAX_SPEC, PAGE_SIZE, VERSION,
+    MAX_DIGEST_PAGES, MAX_DISCARD_RUNS, MAX_PAGES_PER_CHUNK, MAX_PAYLOAD, MAX_SPEC, PAGE_SIZE,
+    VERSION,
 };
 pub use layout::Layout;
 pub use reader::{PageSink, Received, StreamReader};

@@ -4,8 +4,8 @@ use std::io::{BufWriter, Write};
 
 use super::error::StreamError;
 use super::format::{
-    kind, kind_name, DISCARD_RUN_BYTES, LANE_MAGIC, LANE_TOKEN, MAGIC, MAX_DISCARD_RUNS,
-    MAX_PAGES_PER_CHUNK, MAX_PAYLOAD, PAGE_SIZE, VERSION,
+    kind, kind_name, DISCARD_RUN_BYTES, LANE_MAGIC, LANE_TOKEN, MAGIC, MAX_DIGEST_PAGES,
+    MAX_DISCARD_RUNS, MAX_PAGES_PER_CHUNK, MAX_PAYLOAD, PAGE_SIZE, VERSION,
 };
 use super::layout::Layout;
 
@@ -169,6 +169,22 @@ impl<W: Write> StreamWriter<W> {
             kind::ROUND,
             &[&round.to_le_bytes(), &dirty_pages.to_le_bytes()],
         )
+    }
+
+    /// The CRCs of the pages from `gpa` on (`--migrate-verify`), as many chunks as needed.
+    pub fn digest(&mut self, gpa: u64, crcs: &[u32]) -> Result<(), StreamError> {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) || crcs.is_empty() {
+            return Err(StreamError::InvalidArgument(format!(
+                "digest of {} pages at {gpa:#x}",
+                crcs.len()
+            )));
+        }
+        for (k, part) in crcs.chunks(MAX_DIGEST_PAGES).enumerate() {
+            let at = gpa + (k * MAX_DIGEST_PAGES * PAGE_SIZE) as u64;
+            let bytes: Vec<u8> = part.iter().flat_map(|c| c.to_le_bytes()).collect();
+            self.chunk(kind::DIGEST, &[&at.to_le_bytes(), &bytes])?;
+        }
+        Ok(())
     }
 
     /// On a lane: its share of round `round` is sent; flushes.
