@@ -251,6 +251,7 @@ fn session<'m>(r: &'m Running, idle_timeout: Option<Duration>) -> Session<'m> {
             idle_timeout,
             api_timeout: Duration::from_secs(30),
             payload: "lifecycle test".into(),
+            guest_report: None,
         },
     )
     .unwrap()

@@ -205,6 +205,7 @@ pub fn run_on(
             idle_timeout: m.idle_limit(),
             api_timeout: Duration::from_secs(m.api_timeout),
             payload: format!("guest {}", plan.kind.name()),
+            guest_report: Some(report.clone()),
         },
     )?;
     let mut storm = match args.reclaim_storm {

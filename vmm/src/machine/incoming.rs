@@ -176,12 +176,6 @@ impl PostcopyRx {
                     f.faults,
                     f.all_present.as_secs_f64()
                 );
-                if f.verified > 0 {
-                    println!(
-                        "verified {} owed pages on arrival against the source's digest: {} differ",
-                        f.verified, f.differ
-                    );
-                }
                 match f.differ {
                     0 => Ok(()),
                     n => Err(format!(

@@ -296,6 +296,7 @@ fn serve(
             idle_timeout: cli.machine.idle_limit(),
             api_timeout: Duration::from_secs(cli.machine.api_timeout),
             payload: "kernel".into(),
+            guest_report: None,
         },
     )?;
     let mut waited = session.migrate_to(

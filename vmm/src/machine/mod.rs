@@ -483,14 +483,18 @@ impl MigrationPlan {
             ("--migrate-connections", args.migrate_connections.is_some()),
             ("--migrate-verify", args.migrate_verify),
         ];
-        if incoming.is_some() {
+        if incoming.is_some() && args.api_socket.is_none() {
             if let Some((flag, _)) = source_flags.iter().find(|(_, given)| *given) {
                 bail!(
                     "{flag} is a migration source option: the source chooses how to migrate \
                      and the --incoming destination follows; give {flag} to the vmm with \
-                     --migrate-to and drop it here"
+                     --migrate-to (or to a destination with --api-socket, for when it \
+                     migrates on with vmmctl migrate) and drop it here"
                 );
             }
+        } else if incoming.is_some() {
+            // A destination with a control socket may migrate on: its source options are for
+            // that migration.
         } else if migrate_to.is_none() && args.api_socket.is_none() {
             if let Some((flag, _)) = source_flags.iter().find(|(_, given)| *given) {
                 bail!(

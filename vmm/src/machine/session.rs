@@ -70,6 +70,9 @@ pub struct SessionConfig {
     /// How long a control-socket client may go without a complete request line
     /// (`--api-timeout`).
     pub api_timeout: Duration,
+    /// A test guest's report, which `stats` shows (`guest`: per vCPU its state, generation,
+    /// pages verified, writes and pages re-initialised after reclaims).
+    pub guest_report: Option<Arc<Mutex<guest_tests::Report>>>,
 }
 
 /// What the control socket does with a payload's power button.
@@ -160,6 +163,7 @@ impl<'m> Session<'m> {
                         info,
                         power_button,
                         shutdown_timeout: cfg.shutdown_timeout,
+                        guest: cfg.guest_report.clone(),
                     }),
                     cfg.api_timeout,
                 )?)
@@ -391,6 +395,7 @@ struct MachineApi {
     info: Info,
     power_button: Option<Arc<PowerButtonHooks>>,
     shutdown_timeout: Duration,
+    guest: Option<Arc<Mutex<guest_tests::Report>>>,
 }
 
 impl ApiTarget for MachineApi {
@@ -406,6 +411,24 @@ impl ApiTarget for MachineApi {
             .emulation_stats()
             .to_json();
         v["emulation"] = emulation;
+        if let Some(r) = &self.guest {
+            let r = r.lock().unwrap_or_else(|p| p.into_inner());
+            let vcpus: Vec<Value> = r
+                .vcpus()
+                .iter()
+                .map(|c| {
+                    json!({
+                        "state": format!("{:?}", c.state).to_lowercase(),
+                        "generation": c.generation,
+                        "pages": c.pages,
+                        "writes": c.writes,
+                        "reinit": c.reinit,
+                        "failure": c.failure,
+                    })
+                })
+                .collect();
+            v["guest"] = json!({ "failed": r.any_failed(), "vcpus": vcpus });
+        }
         v
     }
     fn reclaim(&self, gpa: u64, len: u64) -> Result<Value, String> {

@@ -68,8 +68,17 @@ impl GuestSpec {
     }
 
     /// The guest a migration source described, with this destination's own options
-    /// (`--guest-timeout`, `--run-for`, from `local`) kept.
+    /// (`--guest-timeout`, `--run-for`, `--reclaim-storm`, from `local`) kept. A storm
+    /// needs a guest that expects reclaims (its parameter block came from the source).
     pub fn to_args(&self, local: &GuestArgs) -> anyhow::Result<GuestArgs> {
+        if local.reclaim_storm.is_some() && !self.expect_reclaim {
+            anyhow::bail!(
+                "--reclaim-storm here, but the migrating guest does not expect reclaims (its \
+                 source ran without --expect-reclaim or --reclaim-storm): it would fail on the \
+                 first page a reclaim zeroes; drop --reclaim-storm, or start the source with \
+                 --expect-reclaim"
+            );
+        }
         let mode = ModeArg::from_str(&self.mode, true).map_err(|_| {
             anyhow::anyhow!(
                 "the source's guest mode {:?} is unknown here: run the same vmm build on both sides",
@@ -84,7 +93,7 @@ impl GuestSpec {
             seed: self.seed,
             dirty_rate: self.dirty_rate,
             expect_reclaim: self.expect_reclaim,
-            reclaim_storm: None,
+            reclaim_storm: local.reclaim_storm,
             guest_timeout: local.guest_timeout,
             run_for: local.run_for,
         })
