@@ -252,6 +252,7 @@ fn session<'m>(r: &'m Running, idle_timeout: Option<Duration>) -> Session<'m> {
             api_timeout: Duration::from_secs(30),
             payload: "lifecycle test".into(),
             guest_report: None,
+            harvest_every: None,
         },
     )
     .unwrap()

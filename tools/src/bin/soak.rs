@@ -60,6 +60,10 @@ struct Cli {
     /// Directory for the vmm processes' logs and control sockets.
     #[arg(long, default_value = "target/soak")]
     out: PathBuf,
+    /// Dirty harvests outside the migrations, every this many ms (vmm --dirty-harvest-ms);
+    /// 0 for none.
+    #[arg(long, value_name = "MS", default_value_t = 10)]
+    harvest_ms: u64,
     /// Give up on one move (migration, checks, the guest's generation) after this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     move_timeout: u64,
@@ -164,6 +168,18 @@ impl Vm {
         serde_json::from_str(&line).with_context(|| format!("{}: answer {line:?}", self.name))
     }
 
+    /// The periodic dirty harvests so far, and the pages they found.
+    fn harvests(&self) -> (u64, u64) {
+        let Ok(v) = self.ask(&json!({"cmd": "stats"}), Duration::from_secs(10)) else {
+            return (0, 0);
+        };
+        let h = &v["stats"]["dirty_harvests"];
+        (
+            h["harvests"].as_u64().unwrap_or(0),
+            h["pages"].as_u64().unwrap_or(0),
+        )
+    }
+
     /// Each vCPU's guest generation, and whether the guest failed.
     fn generations(&self) -> Result<(Vec<u64>, bool)> {
         let v = self.ask(&json!({"cmd": "stats"}), Duration::from_secs(10))?;
@@ -253,6 +269,8 @@ struct Totals {
     verified: u64,
     mismatches: u64,
     lost: u64,
+    harvests: u64,
+    harvested: u64,
 }
 
 fn main() -> ExitCode {
@@ -302,6 +320,9 @@ fn run() -> Result<bool> {
         cli.connections.to_string(),
     ];
     migrate.extend(storm.iter().cloned());
+    if cli.harvest_ms > 0 {
+        migrate.extend(["--dirty-harvest-ms".into(), cli.harvest_ms.to_string()]);
+    }
     let mut guest: Vec<String> = [
         "--guest",
         "stress",
@@ -363,6 +384,8 @@ fn run() -> Result<bool> {
         rss_first.get_or_insert(rss);
         rss_last = rss;
         let (gens_before, _) = running.generations()?;
+        // Its harvests are over once it migrates (a migration stops them).
+        let (h, p) = running.harvests();
         let mut req = json!({"cmd": "migrate", "to": addr});
         if postcopy {
             req["postcopy_after"] = json!(1);
@@ -411,6 +434,8 @@ fn run() -> Result<bool> {
             tot.mismatches += 1;
             ok = false;
         }
+        tot.harvests += h;
+        tot.harvested += p;
         tot.moves += 1;
         if postcopy {
             tot.postcopy += 1;
@@ -430,6 +455,9 @@ fn run() -> Result<bool> {
         }
     }
     let (gens, failed) = running.generations().unwrap_or_default();
+    let (h, p) = running.harvests();
+    tot.harvests += h;
+    tot.harvested += p;
     if failed {
         ok = false;
     }
@@ -441,6 +469,12 @@ fn run() -> Result<bool> {
         started.elapsed().as_secs_f64(),
         gens.iter().min().copied().unwrap_or(0)
     );
+    if cli.harvest_ms > 0 {
+        println!(
+            "soak: {} dirty harvests every {} ms outside the migrations, {} dirty pages in them",
+            tot.harvests, cli.harvest_ms, tot.harvested
+        );
+    }
     println!(
         "soak: RSS of the running VM: {} at the first move, {} at the last",
         mib(first_vm),

@@ -371,6 +371,11 @@ pub struct MachineArgs {
     /// each side, in the downtime.
     #[arg(long)]
     pub migrate_verify: bool,
+    /// Keep dirty logging on while no migration runs and harvest it every MS milliseconds (a
+    /// stress of dirty tracking beside faults and reclaims, and a measure of its cost; `stats`
+    /// shows the harvests and the pages they found). A migration stops it and takes its own.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub dirty_harvest_ms: Option<u64>,
     /// Precopy stops iterating when the estimated downtime is at most this.
     #[arg(long, value_name = "MS", default_value_t = source::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
@@ -383,6 +388,11 @@ impl MachineArgs {
     /// `--migrate-timeout` as a limit (`None`: 0, wait for ever).
     pub fn migrate_idle_limit(&self) -> Option<std::time::Duration> {
         (self.migrate_timeout > 0).then(|| std::time::Duration::from_secs(self.migrate_timeout))
+    }
+
+    /// `--dirty-harvest-ms` as an interval.
+    pub fn dirty_harvest_every(&self) -> Option<std::time::Duration> {
+        self.dirty_harvest_ms.map(std::time::Duration::from_millis)
     }
 
     /// `--idle-timeout` as a limit (`None`: 0, never end a VM asleep with interrupts on).

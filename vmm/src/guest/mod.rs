@@ -206,6 +206,7 @@ pub fn run_on(
             api_timeout: Duration::from_secs(m.api_timeout),
             payload: format!("guest {}", plan.kind.name()),
             guest_report: Some(report.clone()),
+            harvest_every: m.dirty_harvest_every(),
         },
     )?;
     let mut storm = match args.reclaim_storm {

@@ -297,6 +297,7 @@ fn serve(
             api_timeout: Duration::from_secs(cli.machine.api_timeout),
             payload: "kernel".into(),
             guest_report: None,
+            harvest_every: cli.machine.dirty_harvest_every(),
         },
     )?;
     let mut waited = session.migrate_to(

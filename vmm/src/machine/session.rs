@@ -3,6 +3,7 @@
 //! migrations, the same for a booted kernel and a test guest.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,8 +16,8 @@ use super::reclaim::Reclaimer;
 use super::Machine;
 use crate::api::{self, ApiServer, ApiTarget};
 use crate::devices::i8042::I8042;
-use crate::dirty::DirtySource;
 use crate::dirty::HostChangeRefused;
+use crate::dirty::{DirtySource, DirtyTracker};
 use crate::exit::{ExitRequest, EXIT_IDLE, EXIT_MIGRATE_FAILED, EXIT_OK, EXIT_SHUTDOWN_FORCED};
 use crate::migrate::source::{self, MigrateConfig};
 use crate::migrate::Address;
@@ -73,6 +74,28 @@ pub struct SessionConfig {
     /// A test guest's report, which `stats` shows (`guest`: per vCPU its state, generation,
     /// pages verified, writes and pages re-initialised after reclaims).
     pub guest_report: Option<Arc<Mutex<guest_tests::Report>>>,
+    /// `--dirty-harvest-ms`: dirty logging on while no migration runs, harvested this often.
+    pub harvest_every: Option<Duration>,
+}
+
+/// What the periodic harvests (`--dirty-harvest-ms`) did, for `stats`.
+#[derive(Debug, Default)]
+pub struct HarvestCounts {
+    /// Harvests taken.
+    pub harvests: AtomicU64,
+    /// Dirty pages they returned.
+    pub pages: AtomicU64,
+}
+
+/// `--dirty-harvest-ms`: a dirty tracker kept on while no migration runs and harvested every
+/// `every` by the main thread (a stress of dirty logging beside faults and reclaims, and its
+/// cost). A migration stops it first and takes its own; it starts again after a migration
+/// that left the VM here.
+struct Harvester {
+    every: Duration,
+    tracker: Option<Arc<DirtyTracker>>,
+    next: Instant,
+    counts: Arc<HarvestCounts>,
 }
 
 /// What the control socket does with a payload's power button.
@@ -97,6 +120,7 @@ pub struct Session<'m> {
     api: Option<ApiServer>,
     migrate_to_failed: std::cell::Cell<bool>,
     idle: std::cell::RefCell<IdleWatch>,
+    harvester: std::cell::RefCell<Option<Harvester>>,
 }
 
 /// The process exit code of a VM that ended with `code`: [`EXIT_MIGRATE_FAILED`] instead of
@@ -137,6 +161,7 @@ impl<'m> Session<'m> {
                 }
             }),
         );
+        let harvest_counts = Arc::new(HarvestCounts::default());
         let api = match &cfg.api_socket {
             Some(path) => {
                 let power_button = cfg.power_button.map(Arc::new);
@@ -164,6 +189,7 @@ impl<'m> Session<'m> {
                         power_button,
                         shutdown_timeout: cfg.shutdown_timeout,
                         guest: cfg.guest_report.clone(),
+                        harvests: cfg.harvest_every.map(|e| (e, harvest_counts.clone())),
                     }),
                     cfg.api_timeout,
                 )?)
@@ -182,6 +208,12 @@ impl<'m> Session<'m> {
             api,
             migrate_to_failed: std::cell::Cell::new(false),
             idle: std::cell::RefCell::new(idle),
+            harvester: std::cell::RefCell::new(cfg.harvest_every.map(|every| Harvester {
+                every,
+                tracker: None,
+                next: Instant::now(),
+                counts: harvest_counts,
+            })),
         })
     }
 
@@ -198,6 +230,9 @@ impl<'m> Session<'m> {
         let exit = self.machine.exit();
         loop {
             let mut slice = MIGRATE_POLL;
+            if let Some(h) = self.harvester.borrow().as_ref() {
+                slice = slice.min(h.next.saturating_duration_since(Instant::now()));
+            }
             if let Some(d) = deadline {
                 let now = Instant::now();
                 if now >= d {
@@ -216,6 +251,7 @@ impl<'m> Session<'m> {
                 exit.request(EXIT_IDLE, &why);
                 continue;
             }
+            self.harvest_if_due();
             let Some(rx) = &self.migrate_rx else { continue };
             while let Ok((addr, postcopy_after, reply)) = rx.try_recv() {
                 let (res, waited) = self.migrate(&addr, postcopy_after);
@@ -258,6 +294,52 @@ impl<'m> Session<'m> {
         self.migrate_to_failed.get()
     }
 
+    /// `--dirty-harvest-ms`: starts logging on the first call, then harvests whenever the
+    /// interval has passed. A failure turns the harvests off with a warning; the VM runs on.
+    fn harvest_if_due(&self) {
+        let mut slot = self.harvester.borrow_mut();
+        let Some(h) = slot.as_mut() else { return };
+        let now = Instant::now();
+        if now < h.next {
+            return;
+        }
+        h.next = now + h.every;
+        let res = match &h.tracker {
+            Some(t) => t.harvest().map(|bm| {
+                h.counts.harvests.fetch_add(1, Ordering::Relaxed);
+                h.counts.pages.fetch_add(bm.count(), Ordering::Relaxed);
+            }),
+            None => self
+                .dirty
+                .tracker(self.machine.vm(), self.machine.regions())
+                .and_then(|t| {
+                    // What logged before this tracker is not a harvest of it.
+                    t.harvest()?;
+                    h.tracker = Some(t);
+                    Ok(())
+                }),
+        };
+        if let Err(e) = res {
+            log::warn!("--dirty-harvest-ms: harvesting failed ({e}); periodic harvests stop");
+            if let Some(t) = h.tracker.take() {
+                let _ = t.stop();
+            }
+            *slot = None;
+        }
+    }
+
+    /// Stops the periodic harvests' logging (a migration takes its own tracker); the next
+    /// wait starts it again.
+    fn pause_harvests(&self) {
+        if let Some(h) = self.harvester.borrow_mut().as_mut() {
+            if let Some(t) = h.tracker.take() {
+                if let Err(e) = t.stop() {
+                    log::warn!("--dirty-harvest-ms: stopping dirty logging: {e}");
+                }
+            }
+        }
+    }
+
     /// Migrates to `addr`, printing the outcome and writing `--migrate-json` when asked.
     /// Returns the answer for the control socket and, when the guest no longer runs here, how
     /// the wait ends: `Migrated`, or `Lost` when a postcopy failed after the destination took
@@ -271,6 +353,7 @@ impl<'m> Session<'m> {
             postcopy_after,
             ..self.cfg.clone()
         };
+        self.pause_harvests();
         let mut src = self.machine.source(&self.control, &self.dirty);
         src.spec = &self.spec;
         src.i8042 = self.i8042.as_deref();
@@ -396,6 +479,7 @@ struct MachineApi {
     power_button: Option<Arc<PowerButtonHooks>>,
     shutdown_timeout: Duration,
     guest: Option<Arc<Mutex<guest_tests::Report>>>,
+    harvests: Option<(Duration, Arc<HarvestCounts>)>,
 }
 
 impl ApiTarget for MachineApi {
@@ -428,6 +512,13 @@ impl ApiTarget for MachineApi {
                 })
                 .collect();
             v["guest"] = json!({ "failed": r.any_failed(), "vcpus": vcpus });
+        }
+        if let Some((every, c)) = &self.harvests {
+            v["dirty_harvests"] = json!({
+                "every_ms": every.as_millis() as u64,
+                "harvests": c.harvests.load(Ordering::Relaxed),
+                "pages": c.pages.load(Ordering::Relaxed),
+            });
         }
         v
     }

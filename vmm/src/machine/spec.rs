@@ -294,6 +294,32 @@ mod tests {
         assert_eq!(MachineSpec::from_bytes(text.as_bytes()).unwrap(), Some(k));
     }
 
+    /// A destination's own --reclaim-storm is kept for a guest that expects reclaims, and
+    /// refused for one that does not (it would fail on the first zeroed page).
+    #[test]
+    fn a_local_storm_needs_a_guest_that_expects_reclaims() {
+        let Payload::Guest(g) = guest_spec().payload else {
+            unreachable!()
+        };
+        let local = GuestArgs {
+            reclaim_storm: Some(5),
+            run_for: Some(3),
+            ..GuestArgs::default()
+        };
+        let a = g.to_args(&local).unwrap();
+        assert_eq!((a.reclaim_storm, a.run_for, a.seed), (Some(5), Some(3), 7));
+        let calm = GuestSpec {
+            expect_reclaim: false,
+            ..g
+        };
+        let e = calm.to_args(&local).unwrap_err().to_string();
+        assert!(e.contains("does not expect reclaims"), "{e}");
+        assert_eq!(
+            calm.to_args(&GuestArgs::default()).unwrap().reclaim_storm,
+            None
+        );
+    }
+
     #[test]
     fn backing_tokens_parse_back_to_the_same_backing() {
         use crate::memory::MemoryBackend;
