@@ -161,9 +161,10 @@ fn a_flipped_byte_anywhere_is_an_error_and_in_a_payload_a_checksum_error() {
         bad[at] ^= 0x10;
         assert!(read_stream(&bad).is_err(), "flip at {at} went unnoticed");
     }
-    // Byte 100 of the first page: after magic+version (12), the header chunk (8 + 48 + 4: two regions and an empty spec)
+    // Byte 100 of the first page: after magic+version (12), the header chunk (8 + 68 + 4: two
+    // regions, an empty spec, the connection count and the lane token)
     // and the pages chunk's frame head (8) and address (8).
-    let first_page = 12 + 8 + 48 + 4 + 8 + 8;
+    let first_page = 12 + 8 + 68 + 4 + 8 + 8;
     let mut bad = good.clone();
     bad[first_page + 100] ^= 1;
     match read_stream(&bad) {
@@ -171,7 +172,7 @@ fn a_flipped_byte_anywhere_is_an_error_and_in_a_payload_a_checksum_error() {
             let msg = e.to_string();
             assert!(msg.contains("chunk 1 (pages)"), "{msg}");
             assert!(
-                msg.contains(&format!("offset {}", 12 + 8 + 48 + 4)),
+                msg.contains(&format!("offset {}", 12 + 8 + 68 + 4)),
                 "{msg}"
             );
         }
@@ -229,7 +230,7 @@ fn mismatched_vcpus_ram_version_and_magic_are_refused_with_the_fix() {
 #[test]
 fn oversized_or_unknown_chunks_are_malformed_before_any_allocation() {
     let mut good = small_stream();
-    let second = 12 + 8 + 48 + 4;
+    let second = 12 + 8 + 68 + 4;
     good[second + 4..second + 8].copy_from_slice(&u32::MAX.to_le_bytes());
     let e = read_stream(&good).unwrap_err();
     assert!(
