@@ -64,16 +64,7 @@ impl<R: Read> StreamReader<R> {
     pub fn open(input: R) -> Result<(StreamReader<R>, Layout), StreamError> {
         let mut r = StreamReader::headless(input);
         r.start(&MAGIC)?;
-        let frame = r.offset;
-        let (k, len) = r.frame()?;
-        if k != kind::HEADER {
-            return Err(StreamError::Unexpected {
-                chunk: 0,
-                offset: frame,
-                found: kind_name(k),
-                expected: "header",
-            });
-        }
+        let (frame, len) = r.first_frame(kind::HEADER, "header")?;
         let layout = Layout::decode(&r.buf[..len]).map_err(|what| StreamError::Malformed {
             chunk: 0,
             offset: frame,
@@ -88,16 +79,7 @@ impl<R: Read> StreamReader<R> {
     pub fn open_lane(input: R) -> Result<(StreamReader<R>, [u8; LANE_TOKEN], u32), StreamError> {
         let mut r = StreamReader::headless(input);
         r.start(&LANE_MAGIC)?;
-        let frame = r.offset;
-        let (k, len) = r.frame()?;
-        if k != kind::LANE {
-            return Err(StreamError::Unexpected {
-                chunk: 0,
-                offset: frame,
-                found: kind_name(k),
-                expected: "lane",
-            });
-        }
+        let (frame, len) = r.first_frame(kind::LANE, "lane")?;
         let mut c = Cursor(&r.buf[..len]);
         let parsed = (|| {
             let token: [u8; LANE_TOKEN] = c.take(LANE_TOKEN)?.try_into().expect("token bytes");
@@ -112,6 +94,22 @@ impl<R: Read> StreamReader<R> {
         })?;
         r.chunk = 1;
         Ok((r, token, index))
+    }
+
+    /// The first frame after the start, which must be of kind `k` (`what`): its offset and
+    /// payload length.
+    fn first_frame(&mut self, k: u32, what: &'static str) -> Result<(u64, usize), StreamError> {
+        let frame = self.offset;
+        let (found, len) = self.frame()?;
+        if found != k {
+            return Err(StreamError::Unexpected {
+                chunk: 0,
+                offset: frame,
+                found: kind_name(found),
+                expected: what,
+            });
+        }
+        Ok((frame, len))
     }
 
     /// Reads and checks the magic (`want`) and the version.
