@@ -69,6 +69,18 @@ struct Cli {
     move_timeout: u64,
 }
 
+/// What `stats` says of a VM's guest.
+#[derive(Debug, Default)]
+struct GuestNow {
+    /// Each vCPU's generation.
+    generations: Vec<u64>,
+    /// Whether a vCPU failed (read back a wrong page).
+    failed: bool,
+    /// Periodic dirty harvests so far (`--dirty-harvest-ms`), and the pages they found.
+    harvests: u64,
+    harvested: u64,
+}
+
 /// A vmm process with its control socket and log.
 struct Vm {
     name: String,
@@ -168,29 +180,23 @@ impl Vm {
         serde_json::from_str(&line).with_context(|| format!("{}: answer {line:?}", self.name))
     }
 
-    /// The periodic dirty harvests so far, and the pages they found.
-    fn harvests(&self) -> (u64, u64) {
-        let Ok(v) = self.ask(&json!({"cmd": "stats"}), Duration::from_secs(10)) else {
-            return (0, 0);
-        };
-        let h = &v["stats"]["dirty_harvests"];
-        (
-            h["harvests"].as_u64().unwrap_or(0),
-            h["pages"].as_u64().unwrap_or(0),
-        )
-    }
-
-    /// Each vCPU's guest generation, and whether the guest failed.
-    fn generations(&self) -> Result<(Vec<u64>, bool)> {
+    /// The guest's state from one `stats` request.
+    fn guest(&self) -> Result<GuestNow> {
         let v = self.ask(&json!({"cmd": "stats"}), Duration::from_secs(10))?;
         let g = &v["stats"]["guest"];
-        let gens = g["vcpus"]
+        let generations = g["vcpus"]
             .as_array()
             .context("stats without the guest's report")?
             .iter()
             .map(|c| c["generation"].as_u64().unwrap_or(0))
             .collect();
-        Ok((gens, g["failed"].as_bool().unwrap_or(false)))
+        let h = &v["stats"]["dirty_harvests"];
+        Ok(GuestNow {
+            generations,
+            failed: g["failed"].as_bool().unwrap_or(false),
+            harvests: h["harvests"].as_u64().unwrap_or(0),
+            harvested: h["pages"].as_u64().unwrap_or(0),
+        })
     }
 
     fn rss_kib(&self) -> u64 {
@@ -233,7 +239,11 @@ fn number_after(out: &str, prefix: &str, needle: &str) -> Option<u64> {
 fn wait_generation(vm: &Vm, before: &[u64], limit: Duration, n: u64) -> Result<bool> {
     let t = Instant::now();
     loop {
-        let (gens, failed) = vm.generations()?;
+        let GuestNow {
+            generations: gens,
+            failed,
+            ..
+        } = vm.guest()?;
         if failed {
             println!(
                 "soak: move {n}: the guest found a page wrong:\n{}",
@@ -383,9 +393,9 @@ fn run() -> Result<bool> {
         let rss = (running.rss_kib(), dst.rss_kib());
         rss_first.get_or_insert(rss);
         rss_last = rss;
-        let (gens_before, _) = running.generations()?;
         // Its harvests are over once it migrates (a migration stops them).
-        let (h, p) = running.harvests();
+        let now = running.guest()?;
+        let gens_before = now.generations;
         let mut req = json!({"cmd": "migrate", "to": addr});
         if postcopy {
             req["postcopy_after"] = json!(1);
@@ -434,8 +444,8 @@ fn run() -> Result<bool> {
             tot.mismatches += 1;
             ok = false;
         }
-        tot.harvests += h;
-        tot.harvested += p;
+        tot.harvests += now.harvests;
+        tot.harvested += now.harvested;
         tot.moves += 1;
         if postcopy {
             tot.postcopy += 1;
@@ -454,10 +464,10 @@ fn run() -> Result<bool> {
             );
         }
     }
-    let (gens, failed) = running.generations().unwrap_or_default();
-    let (h, p) = running.harvests();
-    tot.harvests += h;
-    tot.harvested += p;
+    let last = running.guest().unwrap_or_default();
+    let (gens, failed) = (last.generations, last.failed);
+    tot.harvests += last.harvests;
+    tot.harvested += last.harvested;
     if failed {
         ok = false;
     }
