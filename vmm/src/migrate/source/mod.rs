@@ -98,18 +98,6 @@ fn layout_of(vcpus: usize, regions: &[RamRegion]) -> Layout {
     Layout::new(vcpus as u32, regions.iter().map(|r| (r.gpa, r.len)))
 }
 
-/// Sends every page of `bm`, coalescing consecutive pages.
-#[cfg(test)]
-fn send_dirty<W: Write>(
-    w: &mut StreamWriter<W>,
-    sender: &mut RamSender,
-    mem: &GuestMemoryMmap,
-    bm: &DirtyBitmap,
-    pager: Option<&dyn RamPager>,
-) -> Result<(), MigrateError> {
-    RoundWork::Dirty(bm).send_share(w, sender, mem, pager, 0, u64::MAX)
-}
-
 /// Runs a migration to `to`. On any error before the destination's guest runs, the VM is
 /// resumed if this migration paused it and keeps running here; the caller reports the error.
 /// A VM paused before stays paused through the migration (pause and resume requests wait for
@@ -517,7 +505,9 @@ mod tests {
         }
         let mut w = StreamWriter::headless(Vec::new());
         let mut sender = RamSender::new();
-        send_dirty(&mut w, &mut sender, &mem, &bm, None).unwrap();
+        RoundWork::Dirty(&bm)
+            .send_share(&mut w, &mut sender, &mem, None, 0, u64::MAX)
+            .unwrap();
         w.end().unwrap();
         let bytes = w.into_inner().unwrap();
         let mut r = StreamReader::headless(&bytes[..]);
