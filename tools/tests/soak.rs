@@ -1,7 +1,8 @@
 //! `soak --seconds 60` on real KVM, as the suite version: a 4-vCPU stress guest under
-//! a reclaim storm moves back and forth (precopy and postcopy alternating) between `vmm`
-//! processes for a minute; every move must check every page of its 1 GiB (the figures add up
-//! to 262144 pages a move), and nothing may differ or be lost.
+//! a reclaim storm moves back and forth (precopy and postcopy alternating) between two
+//! long-lived `vmm --stay` processes for a minute; every move must check every page of its
+//! 1 GiB (the figures add up to 262144 pages a move), nothing may differ or be lost, and
+//! neither process may keep more files or threads after its last move out than its first.
 //!
 //! The soak runs the `vmm` next to it (target/<profile>/vmm), which `cargo test --workspace`
 //! builds; with `cargo test -p tools` alone, build it first.
@@ -54,11 +55,29 @@ fn a_minute_of_moves_checks_every_page_and_loses_none() {
     // 1 GiB of 4 KiB pages, all of them checked on every move (before the guest runs, or as
     // postcopy brings them).
     assert_eq!(pages, moves * 262144, "{stdout}");
-    assert!(stdout.contains("soak: RSS of the running VM: "), "{stdout}");
-    assert!(
-        stdout.contains("soak: RSS of the waiting destination: "),
-        "{stdout}"
-    );
+    // Two processes carried the guest back and forth, each both running it and empty, and
+    // neither kept more files or threads after its last move out than after its first.
+    for name in ["vm-a", "vm-b"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("soak: {name} (pid ")))
+            .unwrap_or_else(|| panic!("no figures of {name}: {stdout}"));
+        assert!(
+            line.contains("running the guest: RSS ") && line.contains("; empty: RSS "),
+            "{line}"
+        );
+        let empty = line.split("; empty: ").nth(1).unwrap_or_default();
+        let nums: Vec<u64> = empty
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        assert_eq!(nums.len(), 6, "{line}");
+        assert!(
+            nums[3] <= nums[2] && nums[5] <= nums[4],
+            "{name} leaked: {line}"
+        );
+    }
+    assert!(!stdout.contains("leaked"), "{stdout}");
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 

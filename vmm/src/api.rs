@@ -9,6 +9,7 @@
 //! {"cmd":"pause"} / {"cmd":"resume"}           -> {"ok":true}
 //! {"cmd":"migrate","to":"tcp:HOST:PORT"}       -> {"ok":true,"migrate":{...}} once the destination runs the guest
 //! {"cmd":"migrate","to":ADDR,"postcopy_after":N} -> the same, switching to postcopy after N rounds
+//! {"cmd":"receive","from":"tcp:HOST:PORT"}     -> {"ok":true,"receive":{...}} once it listens (`vmm --stay` with no VM)
 //! anything wrong                               -> {"ok":false,"error":"what was wrong and what to send"}
 //! ```
 //!
@@ -67,6 +68,14 @@ pub trait ApiTarget: Send + Sync {
     /// after a timeout if it does not; returns how it ended.
     fn shutdown(&self) -> Result<Value, String> {
         Err("this VM cannot be shut down over the control socket".into())
+    }
+    /// Listens at `from` (`tcp:HOST:PORT` or `unix:PATH`) for the next VM's migration source
+    /// and answers once it listens: only a `vmm --stay` whose VM has left takes one in.
+    fn receive(&self, from: &str) -> Result<Value, String> {
+        Err(format!(
+            "a VM runs here, so this vmm cannot receive another at {from}: `receive` is for a \
+             vmm started with --stay whose VM has migrated out"
+        ))
     }
 }
 
@@ -441,7 +450,7 @@ fn error(msg: impl Into<String>) -> Value {
     json!({"ok": false, "error": msg.into()})
 }
 
-const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"}, {"cmd":"resume"}, {"cmd":"info"}, {"cmd":"shutdown"} or {"cmd":"migrate","to":"tcp:HOST:PORT"[,"postcopy_after":N]}"#;
+const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"}, {"cmd":"resume"}, {"cmd":"info"}, {"cmd":"shutdown"}, {"cmd":"migrate","to":"tcp:HOST:PORT"[,"postcopy_after":N]} or {"cmd":"receive","from":"tcp:HOST:PORT"}"#;
 
 /// Answers one request line (without or with its trailing newline).
 pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
@@ -490,6 +499,16 @@ pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
         "resume" => match target.resume() {
             Ok(()) => json!({"ok": true}),
             Err(e) => error(e),
+        },
+        "receive" => match obj.get("from").and_then(Value::as_str) {
+            Some(from) => match target.receive(from) {
+                Ok(how) => json!({"ok": true, "receive": how}),
+                Err(e) => error(e),
+            },
+            None => error(
+                "receive needs \"from\": the address to listen at for the migration source, \
+                 e.g. \"tcp:0.0.0.0:4444\"",
+            ),
         },
         "migrate" => match obj.get("to").and_then(Value::as_str) {
             Some(to) => {

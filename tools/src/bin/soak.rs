@@ -1,5 +1,5 @@
 //! `soak`: a 4-vCPU `stress` guest on the stage-2 path (demand paging through stage2) under a
-//! reclaim storm of 1 GiB ranges, moved back and forth between `vmm` processes for a given
+//! reclaim storm of 1 GiB ranges, moved back and forth between two `vmm` processes for a given
 //! time, precopy and postcopy alternating, every page checked after each move.
 //!
 //! ```text
@@ -7,20 +7,22 @@
 //! target/release/soak --seconds 600
 //! ```
 //!
-//! Each move starts a destination (`vmm --incoming`, with the storm and its control socket)
-//! and asks the running VM to migrate there over its control socket, with `--migrate-verify`:
-//! the source takes a CRC of every page with the guest paused and the destination compares its
-//! RAM with them before its guest runs (postcopy: the pages still owed as they arrive). Then
-//! the guest must finish the write-and-verify generation it was in at the move (it reads back
-//! every page of its slice, written on either side) before the next move. The source process
-//! ends with each move; the destination becomes the next source.
+//! Two processes live for the whole soak, both `vmm --stay` with a control socket: `vm-a`
+//! starts the guest, `vm-b` starts with `--incoming`. Each move tells the empty one to
+//! `receive` and the running one to `migrate` there, with `--migrate-verify`: the source takes
+//! a CRC of every page with the guest paused and the destination compares its RAM with them
+//! before its guest runs (postcopy: the pages still owed as they arrive). The source is then
+//! empty until the next move brings the guest back. Then the guest must finish the
+//! write-and-verify generation it was in at the move (it reads back every page of its slice,
+//! written on either side) before the next move.
 //!
 //! Figures: *pages verified* counts the pages the destinations compared with the source's
 //! digest; *lost dirty pages* the pages that differed before the guest ran (written on the
 //! source and never sent again); *mismatches* the owed pages that arrived different after a
-//! postcopy switch plus a guest that found a page wrong. One progress line a minute; the RSS of
-//! the running VM and of the waiting destination at the first and the last move; the last
-//! line: `soak: N moves, N pages verified, N mismatches, N lost dirty pages`.
+//! postcopy switch plus a guest that found a page wrong. One progress line a minute; for each
+//! process its RSS, open files and threads, running the guest and empty, at its first and its
+//! last move (a process whose empty figures grew fails the soak: it leaked); the last line:
+//! `soak: N moves, N pages verified, N mismatches, N lost dirty pages`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -124,6 +126,76 @@ impl Vm {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log from byte `from` on.
+    fn output_since(&self, from: usize) -> String {
+        let out = self.output();
+        out.get(from..).unwrap_or_default().to_string()
+    }
+
+    /// The log's length now: [`Vm::output_since`] it gives what comes after.
+    fn log_len(&self) -> usize {
+        self.output().len()
+    }
+
+    /// What `info` says of the process's state (`running`, `empty`, `receiving at ...`).
+    fn state(&self) -> Result<String> {
+        let v = self.ask(&json!({"cmd": "info"}), Duration::from_secs(10))?;
+        Ok(v["info"]["state"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Waits until `info` says `want` (the control socket may be between owners meanwhile).
+    fn wait_state(&mut self, want: &str, limit: Duration) -> Result<()> {
+        let t = Instant::now();
+        loop {
+            if let Ok(st) = self.state() {
+                if st == want {
+                    return Ok(());
+                }
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!("{} ended ({st}):\n{}", self.name, tail(&self.output()));
+            }
+            if t.elapsed() > limit {
+                bail!(
+                    "{} was not {want} within {} s:\n{}",
+                    self.name,
+                    limit.as_secs(),
+                    tail(&self.output())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// RSS, open files and threads of the process, each the least of a few looks 50 ms apart
+    /// (a control-socket connection thread may still be on its way out).
+    fn sample(&self) -> Sample {
+        let pid = self.child.id();
+        let count = |dir: &str| {
+            std::fs::read_dir(format!("/proc/{pid}/{dir}"))
+                .map(|d| d.count() as u64)
+                .unwrap_or(0)
+        };
+        let mut best: Option<Sample> = None;
+        for _ in 0..3 {
+            let now = Sample {
+                rss_kib: self.rss_kib(),
+                fds: count("fd"),
+                threads: count("task"),
+            };
+            best = Some(match best {
+                None => now,
+                Some(b) => Sample {
+                    rss_kib: b.rss_kib.min(now.rss_kib),
+                    fds: b.fds.min(now.fds),
+                    threads: b.threads.min(now.threads),
+                },
+            });
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        best.unwrap_or_default()
+    }
+
     /// Waits until `pred` holds for the log, or the process ends, or `limit` passes.
     fn wait_log(
         &mut self,
@@ -156,15 +228,6 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// Waits (at most `limit`) for the process to end; its log.
-    fn wait_exit(&mut self, limit: Duration) -> String {
-        let t = Instant::now();
-        while t.elapsed() < limit && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.output()
     }
 
     /// One request on the control socket.
@@ -208,6 +271,48 @@ impl Vm {
                     .and_then(|v| v.split_whitespace().next()?.parse().ok())
             })
             .unwrap_or(0)
+    }
+}
+
+/// A process's figures at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Sample {
+    rss_kib: u64,
+    fds: u64,
+    threads: u64,
+}
+
+/// The first and the last [`Sample`] of a process in one state.
+#[derive(Debug, Default, Clone, Copy)]
+struct Span {
+    first: Option<Sample>,
+    last: Sample,
+}
+
+impl Span {
+    fn add(&mut self, s: Sample) {
+        self.first.get_or_insert(s);
+        self.last = s;
+    }
+
+    fn describe(&self) -> String {
+        let f = self.first.unwrap_or_default();
+        let l = self.last;
+        format!(
+            "RSS {} -> {}, {} -> {} open files, {} -> {} threads",
+            mib(f.rss_kib),
+            mib(l.rss_kib),
+            f.fds,
+            l.fds,
+            f.threads,
+            l.threads
+        )
+    }
+
+    /// Whether the last sample has more files or threads than the first.
+    fn grew(&self) -> bool {
+        self.first
+            .is_some_and(|f| self.last.fds > f.fds || self.last.threads > f.threads)
     }
 }
 
@@ -318,20 +423,22 @@ fn run() -> Result<bool> {
     }
     std::fs::create_dir_all(&cli.out)?;
     let limit = Duration::from_secs(cli.move_timeout);
-    // The storm runs on every process that runs the guest, for as long as it runs.
-    let storm = ["--reclaim-storm".to_string(), "1000000000".into()];
-    // How every process migrates on (a destination with a control socket keeps them for its
-    // own migration out).
-    let mut migrate: Vec<String> = vec![
+    // What both processes run with: they stay for the next VM; the storm runs wherever the
+    // guest runs; how they migrate out.
+    let mut common: Vec<String> = vec![
+        "--stay".into(),
+        "--reclaim-storm".into(),
+        "1000000000".into(),
         "--dirty-mode".into(),
         cli.dirty_mode.clone(),
         "--migrate-verify".into(),
         "--migrate-connections".into(),
         cli.connections.to_string(),
+        "--migrate-timeout".into(),
+        "30".into(),
     ];
-    migrate.extend(storm.iter().cloned());
     if cli.harvest_ms > 0 {
-        migrate.extend(["--dirty-harvest-ms".into(), cli.harvest_ms.to_string()]);
+        common.extend(["--dirty-harvest-ms".into(), cli.harvest_ms.to_string()]);
     }
     let mut guest: Vec<String> = [
         "--guest",
@@ -350,60 +457,62 @@ fn run() -> Result<bool> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    guest.extend(migrate.iter().cloned());
+    guest.extend(common.iter().cloned());
     println!(
-        "soak: {} s of moves of a {}-vCPU stress guest ({} RAM, --hugepages {}, {}, {} connection(s)) under a reclaim storm; logs in {}",
+        "soak: {} s of moves of a {}-vCPU stress guest ({} RAM, --hugepages {}, {}, {} connection(s)) under a reclaim storm between two vmm processes; logs in {}",
         cli.seconds, cli.cpus, cli.mem, cli.hugepages, cli.dirty_mode, cli.connections, cli.out.display()
     );
-    let mut running = Vm::spawn(&vmm, &cli.out, "vm0".into(), &guest)?;
-    running.wait_log("its guest started", limit, |o| {
-        o.contains("guest stress on")
-    })?;
-    let t = Instant::now();
-    while !running.sock.exists() {
-        if t.elapsed() > limit {
-            bail!("vm0 never opened its control socket");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let first_addr = format!("tcp:127.0.0.1:{}", free_port()?);
+    let mut b_args = vec!["--incoming".to_string(), first_addr.clone()];
+    b_args.extend(common.iter().cloned());
+    let mut vms = [
+        Vm::spawn(&vmm, &cli.out, "vm-a".into(), &guest)?,
+        Vm::spawn(&vmm, &cli.out, "vm-b".into(), &b_args)?,
+    ];
+    vms[0].wait_state("running", limit)?;
+    vms[1].wait_state(&format!("receiving at {first_addr}"), limit)?;
     // The guest writes and verifies its slice once here before the first move.
-    wait_generation(&running, &vec![0; cli.cpus as usize], limit, 0)?;
+    wait_generation(&vms[0], &vec![0; cli.cpus as usize], limit, 0)?;
     let started = Instant::now();
     let mut next_progress = Duration::from_secs(60);
     let mut tot = Totals::default();
-    let mut rss_first: Option<(u64, u64)> = None;
-    let mut rss_last = (0, 0);
+    // Per process: running the guest, and empty.
+    let mut running_span = [Span::default(); 2];
+    let mut empty_span = [Span::default(); 2];
+    let mut src = 0;
     let mut ok = true;
     while started.elapsed() < Duration::from_secs(cli.seconds) {
         let n = tot.moves + 1;
+        let dst = 1 - src;
         let postcopy = n % 2 == 0;
-        let port = free_port()?;
-        let addr = format!("tcp:127.0.0.1:{port}");
-        let mut dst_args = vec![
-            "--incoming".to_string(),
-            addr.clone(),
-            "--migrate-timeout".into(),
-            "30".into(),
-        ];
-        dst_args.extend(migrate.iter().cloned());
-        let mut dst = Vm::spawn(&vmm, &cli.out, format!("vm{n}"), &dst_args)?;
-        dst.wait_log("listening", limit, |o| {
-            o.contains("waiting for the migration source")
-        })?;
-        let rss = (running.rss_kib(), dst.rss_kib());
-        rss_first.get_or_insert(rss);
-        rss_last = rss;
+        let addr = if n == 1 {
+            first_addr.clone()
+        } else {
+            let addr = format!("tcp:127.0.0.1:{}", free_port()?);
+            let answer = vms[dst].ask(&json!({"cmd": "receive", "from": addr}), limit)?;
+            if answer["ok"] != json!(true) {
+                bail!(
+                    "move {n}: {} refused to receive: {}",
+                    vms[dst].name,
+                    answer["error"]
+                );
+            }
+            addr
+        };
+        let from = vms[dst].log_len();
+        running_span[src].add(vms[src].sample());
         // Its harvests are over once it migrates (a migration stops them).
-        let now = running.guest()?;
+        let now = vms[src].guest()?;
         let gens_before = now.generations;
         let mut req = json!({"cmd": "migrate", "to": addr});
         if postcopy {
             req["postcopy_after"] = json!(1);
         }
-        let answer = running.ask(&req, limit)?;
+        let answer = vms[src].ask(&req, limit)?;
         if answer["ok"] != json!(true) {
             // The source runs on (its migration failed); what the destination said is why.
-            let out = dst.wait_exit(limit);
+            std::thread::sleep(Duration::from_secs(1));
+            let out = vms[dst].output_since(from);
             if let Some(differ) = number_after(
                 &out,
                 "failed; nothing runs here: ",
@@ -415,35 +524,29 @@ fn run() -> Result<bool> {
                 println!("soak: move {n} failed: {}\n{}", answer["error"], tail(&out));
             }
             ok = false;
-            drop(dst);
             break;
         }
-        // The source ends once the guest runs at the destination (postcopy: once every page
-        // is there).
-        let code = running.child.wait()?;
-        if !code.success() {
-            println!(
-                "soak: move {n}: the source ended with {code}:\n{}",
-                tail(&running.output())
-            );
-            ok = false;
-        }
-        let _ = std::fs::remove_file(&running.sock);
-        let out = dst.wait_log("the verification", limit, |o| {
+        let out = vms[dst].wait_log("the verification", limit, |o| {
+            let o = o.get(from..).unwrap_or_default();
             o.contains("against the source's digest before the guest runs")
                 && (!postcopy || o.contains("owed pages on arrival"))
         })?;
-        tot.verified += number_after(&out, "verified ", "before the guest runs").unwrap_or(0);
+        let out = out.get(from..).unwrap_or_default();
+        tot.verified += number_after(out, "verified ", "before the guest runs").unwrap_or(0);
         if postcopy {
-            tot.verified += number_after(&out, "verified ", "owed pages on arrival").unwrap_or(0);
-            tot.mismatches += number_after(&out, "digest: ", "owed pages on arrival").unwrap_or(0);
+            tot.verified += number_after(out, "verified ", "owed pages on arrival").unwrap_or(0);
+            tot.mismatches += number_after(out, "digest: ", "owed pages on arrival").unwrap_or(0);
         }
+        // The source is empty again once it tore its machine down.
+        vms[src].wait_state("empty", limit)?;
+        vms[dst].wait_state("running", limit)?;
         // The guest finishes the generation it was in at the move: it verifies every page of
         // its slice, written before the move or after.
-        if !wait_generation(&dst, &gens_before, limit, n)? {
+        if !wait_generation(&vms[dst], &gens_before, limit, n)? {
             tot.mismatches += 1;
             ok = false;
         }
+        empty_span[src].add(vms[src].sample());
         tot.harvests += now.harvests;
         tot.harvested += now.harvested;
         tot.moves += 1;
@@ -452,28 +555,29 @@ fn run() -> Result<bool> {
         } else {
             tot.precopy += 1;
         }
-        running = dst;
+        src = dst;
         if !ok {
             break;
         }
         if started.elapsed() >= next_progress {
             next_progress += Duration::from_secs(60);
             println!(
-                "soak: {:>4} s: {} moves ({} precopy, {} postcopy), {} pages verified, {} mismatches, {} lost dirty pages; RSS of the running VM {}",
-                started.elapsed().as_secs(), tot.moves, tot.precopy, tot.postcopy, tot.verified, tot.mismatches, tot.lost, mib(running.rss_kib())
+                "soak: {:>4} s: {} moves ({} precopy, {} postcopy), {} pages verified, {} mismatches, {} lost dirty pages; RSS {} running, {} empty",
+                started.elapsed().as_secs(), tot.moves, tot.precopy, tot.postcopy, tot.verified, tot.mismatches, tot.lost, mib(vms[src].rss_kib()), mib(vms[1 - src].rss_kib())
             );
         }
     }
-    let last = running.guest().unwrap_or_default();
+    let last = vms[src].guest().unwrap_or_default();
     let (gens, failed) = (last.generations, last.failed);
     tot.harvests += last.harvests;
     tot.harvested += last.harvested;
     if failed {
         ok = false;
     }
-    let _ = running.ask(&json!({"cmd": "shutdown"}), Duration::from_secs(10));
-    drop(running);
-    let (first_vm, first_dst) = rss_first.unwrap_or_default();
+    running_span[src].add(vms[src].sample());
+    for vm in &vms {
+        let _ = vm.ask(&json!({"cmd": "shutdown"}), Duration::from_secs(10));
+    }
     println!(
         "soak: {:.0} s, the guest at generation {} on its last host",
         started.elapsed().as_secs_f64(),
@@ -485,16 +589,24 @@ fn run() -> Result<bool> {
             tot.harvests, cli.harvest_ms, tot.harvested
         );
     }
-    println!(
-        "soak: RSS of the running VM: {} at the first move, {} at the last",
-        mib(first_vm),
-        mib(rss_last.0)
-    );
-    println!(
-        "soak: RSS of the waiting destination: {} at the first move, {} at the last",
-        mib(first_dst),
-        mib(rss_last.1)
-    );
+    for (i, vm) in vms.iter().enumerate() {
+        println!(
+            "soak: {} (pid {}), first -> last move: running the guest: {}; empty: {}",
+            vm.name,
+            vm.child.id(),
+            running_span[i].describe(),
+            empty_span[i].describe()
+        );
+        if empty_span[i].grew() {
+            println!(
+                "soak: {} leaked: with no VM it held more open files or threads at its last \
+                 move than at its first",
+                vm.name
+            );
+            ok = false;
+        }
+    }
+    drop(vms);
     println!(
         "soak: {} moves, {} pages verified, {} mismatches, {} lost dirty pages",
         tot.moves, tot.verified, tot.mismatches, tot.lost

@@ -8,6 +8,7 @@
 //! vmmctl --socket /run/vmm.sock shutdown           # ACPI power button, hard stop on timeout
 //! vmmctl --socket /run/vmm.sock migrate --to tcp:127.0.0.1:4444   # precopy live migration
 //! vmmctl --socket /run/vmm.sock migrate --to tcp:127.0.0.1:4444 --postcopy-after 2
+//! vmmctl --socket /run/vmm.sock receive --from tcp:0.0.0.0:4444   # a `vmm --stay` with no VM
 //! ```
 //!
 //! Prints the response (stats pretty-printed); exits 1 with the VMM's error text when the
@@ -70,6 +71,13 @@ enum Cmd {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         postcopy_after: Option<u32>,
     },
+    /// Make a `vmm --stay` whose VM has left listen for the next VM's migration source;
+    /// returns once it listens (then `vmmctl migrate --to` the same address on the source).
+    Receive {
+        /// Where to listen: tcp:HOST:PORT or unix:PATH.
+        #[arg(long, value_name = "ADDR")]
+        from: String,
+    },
 }
 
 /// Parses a size or address: decimal or `0x` hex, with an optional K/M/G/T (binary) suffix.
@@ -108,6 +116,7 @@ fn request_of(cmd: &Cmd) -> Value {
             to,
             postcopy_after: Some(n),
         } => json!({"cmd": "migrate", "to": to, "postcopy_after": n}),
+        Cmd::Receive { from } => json!({"cmd": "receive", "from": from}),
     }
 }
 
@@ -153,6 +162,7 @@ fn run(cli: &Cli) -> Result<bool> {
         Cmd::Pause => println!("paused"),
         Cmd::Resume => println!("resumed"),
         Cmd::Migrate { .. } => println!("{}", serde_json::to_string_pretty(&resp["migrate"])?),
+        Cmd::Receive { .. } => println!("{}", serde_json::to_string_pretty(&resp["receive"])?),
     }
     Ok(true)
 }

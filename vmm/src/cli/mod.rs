@@ -188,8 +188,13 @@ Exit codes:
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, about, long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
-    /// Kernel to boot: a bzImage (e.g. /boot/vmlinuz-*) or a vmlinux ELF. Required unless --guest.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["guest", "incoming"])]
+    /// Kernel to boot: a bzImage (e.g. /boot/vmlinuz-*) or a vmlinux ELF. Required unless
+    /// --guest, --incoming or --stay.
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present_any = ["guest", "incoming", "stay"]
+    )]
     pub kernel: Option<PathBuf>,
 
     /// Initial ramdisk, placed at the top of RAM below the kernel's limit.
@@ -305,6 +310,14 @@ pub struct MachineArgs {
     /// the source. Postcopy needs demand paging here (no --no-demand-paging).
     #[arg(long, value_name = "ADDR")]
     pub incoming: Option<String>,
+    /// Keep the process after its VM migrates out: it goes on serving --api-socket with no VM,
+    /// where `vmmctl receive --from ADDR` takes the next VM in (and `vmmctl shutdown` ends
+    /// the process, exit 0). A failed incoming migration leaves it waiting again; a VM that
+    /// ends here ends the process with its exit code. With neither --kernel, --guest nor
+    /// --incoming it starts with no VM. Needs --api-socket; migrations out are asked for over
+    /// it (not --migrate-to).
+    #[arg(long)]
+    pub stay: bool,
     /// How the migration source finds the pages written between rounds: kvm-bitmap (KVM's
     /// dirty bitmap, the default), kvm-ring (KVM's per-vCPU dirty rings, created when the VM
     /// starts, so give it at start also for `vmmctl migrate`; KVM logs into them only from

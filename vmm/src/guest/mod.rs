@@ -24,7 +24,7 @@ use crate::exit::is_stopped_from_outside;
 use crate::machine::reclaim::{Handshake, Storm};
 use crate::machine::session::{exit_code_after, Session, SessionConfig, Waited};
 use crate::machine::spec::{GuestSpec, MachineSpec, Payload};
-use crate::machine::{stop_pager, Machine, MachineConfig, MigrationPlan};
+use crate::machine::{stop_pager, Ended, Machine, MachineConfig, MigrationPlan};
 use crate::memory::{human, BackingKind};
 use crate::migrate::destination::Pending;
 use crate::pager::PagingStats;
@@ -55,6 +55,18 @@ pub fn run_on(
     backing: BackingKind,
     incoming: Option<Pending>,
 ) -> anyhow::Result<i32> {
+    run(args, m, mem_bytes, cpus, backing, incoming).map(|e| e.code)
+}
+
+/// [`run_on`], saying also whether the guest migrated out.
+pub fn run(
+    args: &GuestArgs,
+    m: &MachineArgs,
+    mem_bytes: u64,
+    cpus: u8,
+    backing: BackingKind,
+    incoming: Option<Pending>,
+) -> anyhow::Result<Ended> {
     let plan = plan(args, mem_bytes, cpus)?;
     let mig = MigrationPlan::from_args(m)?;
     let mut machine = Machine::new(MachineConfig {
@@ -71,7 +83,7 @@ pub fn run_on(
     })?;
     // Set-up is done: from here this thread only loads or receives the guest, starts the
     // other threads, runs the VM and tears it down (seccomp's `main` list).
-    crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
+    crate::seccomp::enter_main();
     let mem = machine.mem().clone();
     let end_gpa = machine.ram().end_gpa();
 
@@ -258,9 +270,23 @@ pub fn run_on(
                 s.stop();
             }
             session.stop();
+            // A guest that came in by postcopy had every page before it could leave; this
+            // joins its receiver and detaches it from the pager (which it holds, as the pager
+            // holds it), so that the machine is freed: a `--stay` vmm takes the next one in.
+            if let Some(why) = postcopy_rx.and_then(|pc| pc.finish(&machine).err()) {
+                eprintln!("error: postcopy into this VM had failed: {why}");
+            }
+            drop(storm);
+            drop(reclaimer);
+            if let Some(pager) = machine.take_pager() {
+                stop_pager(pager);
+            }
             return Ok(match waited {
-                Waited::Migrated => EXIT_PASS,
-                _ => EXIT_FAIL,
+                Waited::Migrated => Ended {
+                    code: EXIT_PASS,
+                    migrated: true,
+                },
+                _ => Ended::here(EXIT_FAIL),
             });
         }
     };
@@ -320,15 +346,15 @@ pub fn run_on(
     drop(machine);
     if let Some(why) = postcopy_failed {
         eprintln!("error: postcopy failed: {why}; the guest's memory here is incomplete");
-        return Ok(EXIT_FAIL);
+        return Ok(Ended::here(EXIT_FAIL));
     }
-    Ok(if vm_ended {
+    Ok(Ended::here(if vm_ended {
         code
     } else if report.passed() {
         exit_code_after(EXIT_PASS, migrate_to_failed)
     } else {
         EXIT_FAIL
-    })
+    }))
 }
 
 fn human_bytes(b: u64) -> String {

@@ -16,6 +16,7 @@ use crate::migrate::auth::Secret;
 use crate::migrate::destination::postcopy::{PostcopyTarget, TargetFigures};
 use crate::migrate::destination::{self, Incoming, Pending};
 use crate::migrate::ram::RamPager;
+use crate::migrate::transport::Listener;
 use crate::migrate::Address;
 use crate::migrate::MigrateError;
 use crate::pager::PageSource;
@@ -28,13 +29,27 @@ pub fn accept(
     idle: Option<std::time::Duration>,
     secret: Option<&Secret>,
 ) -> anyhow::Result<Pending> {
+    accept_on(&listen(addr)?, idle, secret)
+}
+
+/// Listens at `addr` for a migration source.
+pub fn listen(addr: &Address) -> anyhow::Result<Listener> {
     let listener = addr.listen()?;
     if let Address::Unix(path) = addr {
         // A signal while this waits ends the process before the listener's drop removes it.
         super::signals::remove_on_early_exit(path.clone());
     }
+    Ok(listener)
+}
+
+/// [`accept`] on a listener made already (by [`listen`]).
+pub fn accept_on(
+    listener: &Listener,
+    idle: Option<std::time::Duration>,
+    secret: Option<&Secret>,
+) -> anyhow::Result<Pending> {
     println!("waiting for the migration source at {}", listener.address());
-    destination::accept(&listener, idle, secret)
+    destination::accept(listener, idle, secret)
         .context("incoming migration failed; nothing runs here")
 }
 

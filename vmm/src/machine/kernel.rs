@@ -14,7 +14,7 @@ use super::console::{self, FlushingStdout};
 use super::incoming::PostcopyRx;
 use super::session::{PowerButtonHooks, Session, SessionConfig, Waited};
 use super::spec::{MachineSpec, Payload};
-use super::{Machine, MachineConfig, MigrationPlan};
+use super::{Ended, Machine, MachineConfig, MigrationPlan};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, BootSpec, KernelImage};
 use crate::cli::{Cli, SerialTarget};
@@ -111,14 +111,27 @@ fn check_cpus(cpus: u8) -> Result<()> {
 }
 
 fn serial_out(target: &SerialTarget) -> Result<Box<dyn Write + Send>> {
+    // The first VM of the process starts the file afresh; the next ones of a `--stay` vmm
+    // (the same guest coming back, or another) carry on after it.
+    static OPENED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     Ok(match target {
         SerialTarget::Stdio => Box::new(FlushingStdout),
-        SerialTarget::File(p) => Box::new(LineWriter::new(File::create(p).with_context(|| {
-            format!(
-                "cannot create serial output file {}: check --serial file:PATH",
-                p.display()
-            )
-        })?)),
+        SerialTarget::File(p) => {
+            let again = OPENED.swap(true, std::sync::atomic::Ordering::Relaxed);
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(again)
+                .truncate(!again)
+                .open(p)
+                .with_context(|| {
+                    format!(
+                        "cannot create serial output file {}: check --serial file:PATH",
+                        p.display()
+                    )
+                })?;
+            Box::new(LineWriter::new(file))
+        }
     })
 }
 
@@ -138,7 +151,7 @@ fn machine_config(cli: &Cli, backing: BackingKind, plan: &MigrationPlan) -> Resu
 
 /// Boots `--kernel` on a new machine and runs it until it ends (or moves away). Returns the
 /// process exit code.
-pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
+pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
     let clock = StartupClock(started);
     let plan = MigrationPlan::from_args(&cli.machine)?;
     let Some(kernel_path) = cli.kernel.as_deref() else {
@@ -162,7 +175,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<i32> {
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
     // Set-up is done: from here this thread only loads or receives the guest, starts the
     // other threads, runs the VM and tears it down (seccomp's `main` list).
-    crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
+    crate::seccomp::enter_main();
     clock.mark("machine created");
     let mem = machine.mem().clone();
     let software_kvm = hypervisor::software_kvm().filter(|_| !cli.machine.no_host_quirks);
@@ -218,7 +231,7 @@ pub fn run_incoming(
     spec: &MachineSpec,
     backing: BackingKind,
     pending: Pending,
-) -> Result<i32> {
+) -> Result<Ended> {
     let plan = MigrationPlan::from_args(&cli.machine)?;
     check_host_memory(spec.mem)?;
     let mut cfg = machine_config(cli, backing, &plan)?;
@@ -227,7 +240,7 @@ pub fn run_incoming(
     let mut machine = Machine::new(cfg)?;
     // Set-up is done: from here this thread only loads or receives the guest, starts the
     // other threads, runs the VM and tears it down (seccomp's `main` list).
-    crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
+    crate::seccomp::enter_main();
     let inc = machine.receive(pending)?;
     let vcpus = machine.create_vcpus()?;
     machine.restore(&inc, &vcpus)?;
@@ -248,7 +261,7 @@ fn serve(
     i8042: Arc<I8042>,
     plan: &MigrationPlan,
     postcopy: Option<PostcopyRx>,
-) -> Result<i32> {
+) -> Result<Ended> {
     let mut bus = PioBus::new();
     bus.register(I8042_DATA..=I8042_DATA, i8042.clone())?;
     bus.register(I8042_COMMAND..=I8042_COMMAND, i8042.clone())?;
@@ -371,8 +384,13 @@ fn serve(
     if let Some(p) = machine.take_pager() {
         super::stop_pager(p);
     }
-    info!("VM ended with exit code {code}");
-    Ok(code)
+    let migrated = waited == Waited::Migrated;
+    if migrated {
+        info!("the VM migrated out");
+    } else {
+        info!("VM ended with exit code {code}");
+    }
+    Ok(Ended { code, migrated })
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod reclaim;
 pub mod session;
 pub mod signals;
 pub mod spec;
+pub mod vacant;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,25 @@ pub struct MachineConfig {
     /// Help a software KVM where it needs it (`--no-host-quirks` turns it off): on `kvm_pvm`
     /// the syscall relay runs.
     pub host_quirks: bool,
+}
+
+/// How a VM left the process that ran it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// The process exit code the VM's end gives (README "Exit codes").
+    pub code: i32,
+    /// Whether it migrated out: it runs on at the destination.
+    pub migrated: bool,
+}
+
+impl Ended {
+    /// A VM that ended here with `code`.
+    pub fn here(code: i32) -> Ended {
+        Ended {
+            code,
+            migrated: false,
+        }
+    }
 }
 
 /// RAM, VM, COM1, pager and the migration gate of one VM.
@@ -458,6 +478,18 @@ impl MigrationPlan {
         };
         let migrate_to = parse_addr("--migrate-to", &args.migrate_to)?;
         let incoming = parse_addr("--incoming", &args.incoming)?;
+        if args.stay && args.api_socket.is_none() {
+            bail!(
+                "--stay keeps the process for the next VM, which it takes in when told over \
+                 its control socket: add --api-socket PATH"
+            );
+        }
+        if args.stay && migrate_to.is_some() {
+            bail!(
+                "--stay with --migrate-to: a staying vmm migrates its VMs when told over its \
+                 control socket (vmmctl migrate --to ADDR), every one of them; drop --migrate-to"
+            );
+        }
         if migrate_to.is_some() && incoming.is_some() {
             bail!(
                 "--migrate-to and --incoming together: a VM is either the source or the \

@@ -50,13 +50,19 @@ pub fn attach(exit: &ExitRequest) {
     *TARGET.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit.clone());
 }
 
+/// Makes SIGINT/SIGTERM end the process at once: its VM has gone (a `--stay` vmm between
+/// VMs).
+pub fn detach() {
+    *TARGET.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
 /// Registers a file (a Unix socket being listened on, ...) to remove if a signal ends the
 /// process before the VM's own tear-down can.
 pub fn remove_on_early_exit(path: PathBuf) {
-    EARLY_CLEANUP
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(path);
+    let mut paths = EARLY_CLEANUP.lock().unwrap_or_else(|p| p.into_inner());
+    if !paths.contains(&path) {
+        paths.push(path);
+    }
 }
 
 /// The exit code and name of a stop signal.
@@ -78,7 +84,7 @@ fn on_signal(sig: i32) {
         }
         eprintln!("{name} received again while the VM is stopping; exiting now");
     } else {
-        eprintln!("{name} received before a VM was running; exiting");
+        eprintln!("{name} received while no VM runs; exiting");
     }
     for p in EARLY_CLEANUP
         .lock()

@@ -107,6 +107,16 @@ const MAIN: &[i64] = &[
     libc::SYS_sched_setaffinity,
 ];
 
+/// What receiving the next VM takes beyond [`MAIN`]: the port a listener got
+/// (`getsockname`), guest RAM (a memfd, or a hugetlbfs file and its file system's page size);
+/// opening /dev/kvm is `openat`, in `MAIN`.
+const CREATE_MACHINE: &[i64] = &[
+    libc::SYS_getsockname,
+    libc::SYS_memfd_create,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
+];
+
 /// A postcopy receiver lowers its priority below the vCPUs' faults.
 const PRIORITY: &[i64] = &[libc::SYS_getpriority, libc::SYS_setpriority];
 
@@ -131,6 +141,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     let mut v: Vec<i64> = BASE.to_vec();
     let extra: &[&[i64]] = match kind {
         ThreadKind::Main => &[SPAWN, SOCKET_IO, DROP_PAGES, MAIN],
+        ThreadKind::Host => &[SPAWN, SOCKET_IO, DROP_PAGES, MAIN, CREATE_MACHINE],
         ThreadKind::Vcpu => &[],
         ThreadKind::Pager => &[
             DROP_PAGES,
@@ -174,7 +185,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
 
 fn ioctls(kind: ThreadKind) -> Ioctls {
     match kind {
-        ThreadKind::Main => Ioctls {
+        ThreadKind::Main | ThreadKind::Host => Ioctls {
             types: &[KVMIO, UFFDIO],
             numbers: &[TTY_READ],
         },
@@ -290,7 +301,8 @@ mod tests {
         for kind in ThreadKind::ALL {
             let a = allowed(kind);
             let opens = a.contains(&libc::SYS_openat) || a.contains(&libc::SYS_socket);
-            assert_eq!(opens, kind == ThreadKind::Main, "{kind:?}");
+            let main = matches!(kind, ThreadKind::Main | ThreadKind::Host);
+            assert_eq!(opens, main, "{kind:?}");
         }
     }
 

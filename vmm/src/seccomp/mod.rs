@@ -42,6 +42,9 @@ pub enum ThreadKind {
     /// The main thread once its machine exists: it starts the other threads, runs a migration
     /// (source, and a destination's precopy receive), and tears the VM down.
     Main,
+    /// The main thread of a `vmm --stay`: main's list and what creating the next machine
+    /// takes, for it receives one VM after another.
+    Host,
     /// A vCPU thread (`KVM_RUN` and its exits).
     Vcpu,
     /// A userfaultfd handler of the demand pager (`uffd-N`).
@@ -67,8 +70,9 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 11] = [
+    pub const ALL: [ThreadKind; 12] = [
         ThreadKind::Main,
+        ThreadKind::Host,
         ThreadKind::Vcpu,
         ThreadKind::Pager,
         ThreadKind::MigrationReceiver,
@@ -85,6 +89,7 @@ impl ThreadKind {
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Main => "main",
+            ThreadKind::Host => "main (--stay)",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Pager => "userfaultfd handler",
             ThreadKind::MigrationReceiver => "migration receiver",
@@ -132,9 +137,26 @@ struct Filters {
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
 
+/// The main thread's kind: [`ThreadKind::Host`] once [`main_creates_machines`] was called.
+static MAIN_KIND: OnceLock<ThreadKind> = OnceLock::new();
+
 thread_local! {
     /// The kind whose filter this thread installed last (for the SIGSYS message).
     static KIND: std::cell::Cell<&'static str> = const { std::cell::Cell::new("unfiltered") };
+    /// The kind whose filter [`enter`] installed on this thread, if any.
+    static ENTERED: std::cell::Cell<Option<ThreadKind>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes [`enter_main`] install [`ThreadKind::Host`]: this process's main thread creates one
+/// machine after another (`--stay`). Call it before the first machine exists.
+pub fn main_creates_machines() {
+    let _ = MAIN_KIND.set(ThreadKind::Host);
+}
+
+/// Installs the main thread's filter once its (first) machine exists: [`ThreadKind::Main`],
+/// or [`ThreadKind::Host`] after [`main_creates_machines`].
+pub fn enter_main() {
+    enter(MAIN_KIND.get().copied().unwrap_or(ThreadKind::Main));
 }
 
 /// Compiles every thread kind's filter for `mode` and remembers them for [`enter`]; with
@@ -189,8 +211,15 @@ pub fn mode() -> Option<SeccompMode> {
 /// or chose `none`). A filter that the kernel refuses ends the process: it compiled, so only
 /// a kernel without seccomp (which [`configure`] checked) or an exhausted filter budget can
 /// refuse it, and a thread must not run on unfiltered when filters were asked for.
+///
+/// A thread that already installed `kind`'s filter through this function is left as it is:
+/// the main thread of a `--stay` process enters for each machine, and stacking the same
+/// filter again would only use up the kernel's budget of filter instructions.
 pub fn enter(kind: ThreadKind) {
     let Some(filters) = FILTERS.get() else { return };
+    if ENTERED.with(|e| e.get()) == Some(kind) {
+        return;
+    }
     let Some(program) = filters.programs.get(&kind) else {
         return;
     };
@@ -203,6 +232,7 @@ pub fn enter(kind: ThreadKind) {
         std::process::exit(crate::exit::EXIT_HOST_FAILED);
     }
     KIND.with(|k| k.set(kind.name()));
+    ENTERED.with(|e| e.set(Some(kind)));
 }
 
 /// Installs `kind`'s filter for `mode` on the calling thread, without [`configure`]: for

@@ -163,8 +163,9 @@ fn shutdown_powers_off_through_the_guests_power_button_on_thp() {
 
 /// The guest's counter program migrated while it runs: the destination's console carries on
 /// with the next value, the checksum chain holds across the move, and the guest powers off
-/// on the destination.
-fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>) {
+/// on the destination. With `back`, both ends are `--stay` processes and the guest comes back
+/// (precopy) to the first one, where it powers off, and that process with it.
+fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>, back: bool) {
     let Some((k, i)) = test_kernel(test) else {
         return;
     };
@@ -173,16 +174,14 @@ fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>) {
     let one_vcpu = machine.windows(2).any(|w| w == ["--cpus", "1"]);
     let _g = if one_vcpu { cores(1) } else { serial() };
     let sock = tmp(&format!("{test}.sock"));
+    let dst_sock = tmp(&format!("{test}-dst.sock"));
+    let mut src_extra = vec!["--api-socket", sock.to_str().unwrap()];
+    if back {
+        src_extra.push("--stay");
+    }
     // 40 lines, 250 ms apart: about 10 s of guest time, the migration lands in the middle.
     let cmdline = "console=ttyS0 marker=counter run=counter,40,250";
-    let mut src = KernelVm::boot(
-        &k,
-        &i,
-        &format!("{test}-src"),
-        cmdline,
-        machine,
-        &["--api-socket", sock.to_str().unwrap()],
-    );
+    let mut src = KernelVm::boot(&k, &i, &format!("{test}-src"), cmdline, machine, &src_extra);
     assert!(
         src.wait_for("COUNTER 5 ", BOOT_LIMIT),
         "the counter started on the source:\n{}",
@@ -193,7 +192,11 @@ fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>) {
     let addr = format!("tcp:127.0.0.1:{}", free_port());
     let dst_console = tmp(&format!("{test}-dst.console"));
     let dst_serial = format!("file:{}", dst_console.display());
-    let mut dst = crate::util::spawn(&["--incoming", &addr, "--serial", &dst_serial]);
+    let mut dst_args = vec!["--incoming", &addr, "--serial", &dst_serial];
+    if back {
+        dst_args.extend(["--stay", "--api-socket", dst_sock.to_str().unwrap()]);
+    }
+    let mut dst = crate::util::spawn(&dst_args);
     let rx = crate::migrate_util::lines(&mut dst);
     crate::migrate_util::wait_for(&rx, LISTENING);
 
@@ -203,37 +206,72 @@ fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>) {
     }
     let figures = request(&sock, req)["migrate"].clone();
     eprintln!("{test}: {figures}");
-    let (src_code, src_err, src_text) = src.wait_end(Duration::from_secs(60));
-    assert_eq!(
-        src_code,
-        Some(0),
-        "the source ends once migrated: {src_err}"
-    );
-
-    let dst = KernelVm {
+    let mut dst = KernelVm {
         child: dst,
         console: dst_console,
     };
+    let (src_code, src_err, src_text) = if back {
+        // The source stays, with no VM, and takes the guest back a few lines later.
+        wait_for_state(&sock, "empty");
+        let before = src.text();
+        let back_addr = format!("tcp:127.0.0.1:{}", free_port());
+        let r = request(&sock, json!({"cmd": "receive", "from": back_addr}));
+        assert_eq!(r["ok"], true, "{r}");
+        assert!(
+            dst.wait_for("COUNTER 20 ", BOOT_LIMIT),
+            "the counter went on at the destination:\n{}",
+            dst.text()
+        );
+        let r = request(&dst_sock, json!({"cmd": "migrate", "to": back_addr}));
+        assert_eq!(r["migrate"]["mode"], "precopy", "{r}");
+        wait_for_state(&dst_sock, "empty");
+        let r = request(&dst_sock, json!({"cmd": "shutdown"}));
+        assert_eq!(r["ok"], true, "{r}");
+        // The guest ends on the first process now, and the process with it.
+        let (code, err, text) = src.wait_end(BOOT_LIMIT);
+        let after = text.get(before.len()..).unwrap_or_default().to_string();
+        (code, err, (before, after))
+    } else {
+        let (code, err, text) = src.wait_end(Duration::from_secs(60));
+        (code, err, (text, String::new()))
+    };
     let (dst_code, dst_err, dst_text) = dst.wait_end(BOOT_LIMIT);
+    assert_eq!(dst_code, Some(0), "the destination's end: {dst_err}");
     assert!(
         dst_text.contains("COUNTER "),
         "the destination went on counting:\n{dst_text}\n{dst_err}"
     );
-    // One console: a line the pause cut is finished on the destination.
-    let whole = format!("{src_text}{dst_text}");
+    // One console: a line the pause cut is finished on the next host.
+    let (src_before, src_after) = src_text;
+    let whole = format!("{src_before}{dst_text}{src_after}");
     assert!(whole.lines().any(|l| l.trim_end() == "MARKER counter"));
     let all = counter_lines(&whole);
     check_counter(&all);
     assert_eq!(all.last().unwrap().0, 40, "the counter ran to its end");
+    let last_host = if back { &src_after } else { &dst_text };
     assert!(
-        dst_text.contains("RUN-EXIT 0"),
-        "the counter exited 0 on the destination:\n{dst_text}"
+        last_host.contains("RUN-EXIT 0"),
+        "the counter exited 0 where it ended:\n{last_host}"
     );
     assert_eq!(
-        dst_code,
+        src_code,
         Some(0),
-        "the guest powered off on the destination:\n{dst_err}"
+        "the source ends once migrated (or, back, once the guest powered off): {src_err}"
     );
+}
+
+/// Waits until `info` on `sock` says `state`.
+fn wait_for_state(sock: &std::path::Path, state: &str) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < BOOT_LIMIT {
+        if let Ok(v) = vmm::api::request(sock, &json!({"cmd": "info"})) {
+            if v["info"]["state"] == state {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{} never said {state}", sock.display());
 }
 
 /// Precopy, on two vCPUs and 2 MiB hugetlbfs.
@@ -248,13 +286,20 @@ fn counter_migrates_live_precopy_on_two_vcpus_and_2m_hugetlbfs() {
         test,
         &["--mem", "256M", "--cpus", "2", "--hugepages", "2M"],
         None,
+        false,
     );
 }
 
-/// Postcopy after one round, on 4 KiB pages.
+/// Postcopy after one round, on 4 KiB pages, between two `--stay` processes, and back
+/// (precopy) to the first.
 #[test]
-fn counter_migrates_live_postcopy() {
-    migrate_counter("counter_migrates_live_postcopy", SMALL, Some(1));
+fn counter_migrates_live_postcopy_and_back_between_staying_vmms() {
+    migrate_counter(
+        "counter_migrates_live_postcopy_and_back_between_staying_vmms",
+        SMALL,
+        Some(1),
+        true,
+    );
 }
 
 /// The memory program writes and verifies a pattern over most of the guest's RAM on the

@@ -2,7 +2,8 @@
 //! VM state on real KVM (state), precopy between two `vmm` processes (precopy), and every
 //! dirty-tracking mode with precopy and postcopy (modes), peers that stall (timeouts),
 //! peers that must prove a shared secret (auth), migrations over several connections
-//! (connections), and two test hosts in network namespaces
+//! (connections), a guest going back and forth between two `vmm --stay` processes (stay),
+//! and two test hosts in network namespaces
 //! (hosts) that the mode and auth migrations also run between.
 
 mod auth;
@@ -13,6 +14,7 @@ mod hosts;
 mod modes;
 mod precopy;
 mod state;
+mod stay;
 mod stream;
 mod timeouts;
 mod util;

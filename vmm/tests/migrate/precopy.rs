@@ -288,6 +288,17 @@ fn migration_flag_misuse_is_refused_with_the_fix() {
             ][..],
             "either the source or the destination",
         ),
+        (&["--stay"][..], "add --api-socket PATH"),
+        (
+            &[
+                "--stay",
+                "--api-socket",
+                "/tmp/x.sock",
+                "--migrate-to",
+                "tcp:127.0.0.1:1",
+            ][..],
+            "drop --migrate-to",
+        ),
     ] {
         let (code, err) = run(args);
         assert_eq!(code, Some(1), "{args:?}: {err}");
