@@ -1,5 +1,6 @@
-//! The control socket: JSON lines on a unix socket (`--api-socket PATH`) with `stats`, `reclaim`,
-//! `pause`, `resume` and `migrate`, served on its own thread for an [`ApiTarget`] (the running VM).
+//! The control socket: JSON lines on a unix socket (`--api-socket PATH`) with `stats`, `info`,
+//! `reclaim`, `pause`, `resume`, `migrate`, `shutdown` and `receive`, served on its own thread
+//! for an [`ApiTarget`] (the running VM, or a `--stay` process with none).
 //!
 //! One request per line, one response per line:
 //!

@@ -20,3 +20,4 @@ pub mod pager;
 pub mod seccomp;
 pub mod uffd;
 pub mod vcpu;
+pub mod virtio;

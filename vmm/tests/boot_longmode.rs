@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::{i8042::I8042, PioBus, PioDevice};
+use vmm::devices::{i8042::I8042, IoBus, PioDevice};
 use vmm::exit::ExitRequest;
 use vmm::hypervisor::Vm;
 use vmm::memory::{BackingKind, GuestRam};
@@ -43,7 +43,7 @@ fn total(c: &Counter) -> u64 {
     c.per_vcpu.iter().map(|a| a.load(Ordering::SeqCst)).sum()
 }
 
-fn start_vm(code: &[u8], cpus: u8, bus: PioBus, exit: ExitRequest) -> (GuestRam, Vm, VmControl) {
+fn start_vm(code: &[u8], cpus: u8, bus: IoBus, exit: ExitRequest) -> (GuestRam, Vm, VmControl) {
     let ram = GuestRam::new(64 << 20, BackingKind::Small).unwrap();
     ram.memory()
         .write_slice(code, GuestAddress(CODE_GPA))
@@ -78,7 +78,7 @@ fn vcpus_run_in_long_mode_and_pause_resume_stop() {
         0x66, 0xba, port[0], port[1], 0x89, 0xf8, 0xee, 0xf3, 0x90, 0xeb, 0xfb,
     ];
     let counter = Arc::new(Counter::default());
-    let mut bus = PioBus::new();
+    let mut bus = IoBus::new();
     bus.register(TEST_PORT..=TEST_PORT, counter.clone())
         .unwrap();
     let exit = ExitRequest::new().unwrap();
@@ -119,7 +119,7 @@ fn i8042_reset_ends_the_vm_with_the_reboot_code() {
     // mov al, 0xfe; out 0x64, al; hlt
     let code = [0xb0, 0xfe, 0xe6, 0x64, 0xf4];
     let exit = ExitRequest::new().unwrap();
-    let mut bus = PioBus::new();
+    let mut bus = IoBus::new();
     bus.register(0x60..=0x64, Arc::new(I8042::new(exit.clone())))
         .unwrap();
     let (_ram, _vm, mut ctl) = start_vm(&code, 1, bus, exit.clone());

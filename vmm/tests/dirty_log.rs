@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::long_mode;
-use vmm::devices::PioBus;
+use vmm::devices::IoBus;
 use vmm::dirty::{DirtyBitmap, DirtyMode, DirtyTracker};
 use vmm::exit::{ExitRequest, EXIT_VCPU_FAILED};
 use vmm::hypervisor::Vm;
@@ -174,7 +174,7 @@ fn run_vcpus(
     };
     let ctl = VmControl::start_with_hooks(
         fds,
-        Arc::new(PioBus::new()),
+        Arc::new(IoBus::new()),
         ram.memory().clone(),
         exit.clone(),
         hooks,
@@ -491,7 +491,7 @@ fn ring_full_without_a_hook_stops_the_vm() {
     let exit = ExitRequest::new().unwrap();
     let mut ctl = VmControl::start(
         vec![fd],
-        Arc::new(PioBus::new()),
+        Arc::new(IoBus::new()),
         ram.memory().clone(),
         exit.clone(),
     )

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm::arch::x86_64::emulate::{EmulationStats, Kind};
-use vmm::devices::{PioBus, PioDevice};
+use vmm::devices::{IoBus, PioDevice};
 use vmm::dirty::{DirtyBitmap, HostChanges, SlotInfo, VmmDirty};
 use vmm::exit::ExitRequest;
 use vmm::hypervisor::VcpuOps;
@@ -234,7 +234,7 @@ fn run_on(
     }
 
     let exit = ExitRequest::new().unwrap();
-    let mut bus = PioBus::new();
+    let mut bus = IoBus::new();
     let done = DonePort {
         exit: exit.clone(),
         waiting: AtomicUsize::new(cpus.into()),

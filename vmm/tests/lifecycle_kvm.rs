@@ -18,7 +18,7 @@ use vmm::cli::MachineArgs;
 use vmm::devices::acpi::{
     sleep, AcpiPm, ACPI_PM_PORTS, GED_GSI, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT,
 };
-use vmm::devices::{PioBus, PioDevice};
+use vmm::devices::{IoBus, PioDevice};
 use vmm::dirty::DirtyMode;
 use vmm::exit::{EXIT_IDLE, EXIT_OK, EXIT_REBOOT};
 use vmm::hypervisor::VcpuOps;
@@ -101,7 +101,7 @@ impl Running {
         sregs.idt.base = IDT_GPA;
         sregs.idt.limit = 256 * 16 - 1;
         vcpus[0].set_sregs(&sregs).unwrap();
-        let mut bus = PioBus::new();
+        let mut bus = IoBus::new();
         bus.register(ACPI_PM_PORTS, Arc::new(AcpiPm::new(machine.exit().clone())))
             .unwrap();
         let ready = Arc::new(ReadyPort::default());
@@ -253,6 +253,7 @@ fn session<'m>(r: &'m Running, idle_timeout: Option<Duration>) -> Session<'m> {
             payload: "lifecycle test".into(),
             guest_report: None,
             harvest_every: None,
+            migration_blocker: None,
         },
     )
     .unwrap()

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::gdt;
-use vmm::devices::{PioBus, PioDevice};
+use vmm::devices::{IoBus, PioDevice};
 use vmm::exit::ExitRequest;
 use vmm::hypervisor::VcpuOps;
 use vmm::hypervisor::Vm;
@@ -235,7 +235,7 @@ fn run(relay: bool) -> Run {
     fd.set_sregs(&sregs).unwrap();
 
     let exit = ExitRequest::new().unwrap();
-    let mut bus = PioBus::new();
+    let mut bus = IoBus::new();
     bus.register(
         DONE_PORT..=DONE_PORT,
         Arc::new(DonePort(exit.clone(), AtomicUsize::new(0))),

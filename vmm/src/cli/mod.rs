@@ -228,6 +228,13 @@ pub struct Cli {
     #[arg(long, value_name = "TARGET", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialTarget,
 
+    /// A virtio-blk disk for the kernel, on a raw image: path=FILE, and readonly=on (the
+    /// guest may only read it) or direct=on (O_DIRECT, no host page cache). Give it again for
+    /// more disks (at most 6); the first is the guest's /dev/vda. A VM with disks does not
+    /// migrate yet.
+    #[arg(long, value_name = "path=FILE[,readonly=on][,direct=on]")]
+    pub disk: Vec<crate::virtio::block::DiskConfig>,
+
     /// Log level on stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -429,6 +436,7 @@ pub const GUEST_FLAGS: &[&str] = &[
 /// Flags only a booted kernel has (clap ids).
 pub const KERNEL_FLAGS: &[&str] = &[
     "kernel",
+    "disk",
     "initrd",
     "cmdline",
     "no_fast_boot",
@@ -462,6 +470,13 @@ impl Cli {
             );
         }
         if self.machine.incoming.is_some() {
+            if self.was_given("disk") {
+                return Err(
+                    "--disk with --incoming: a VM with virtio devices does not migrate yet, so \
+                     no source can send one; drop --disk"
+                        .into(),
+                );
+            }
             if let Some(f) = first(KERNEL_FLAGS) {
                 return Err(format!(
                     "{f} with --incoming: the destination receives the kernel, its command line \

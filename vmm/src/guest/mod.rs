@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::x86_64::long_mode::{self, LongModeConfig};
 use crate::cli::{GuestArgs, MachineArgs};
-use crate::devices::PioBus;
+use crate::devices::IoBus;
 use crate::exit::is_stopped_from_outside;
 use crate::machine::reclaim::{Handshake, Storm};
 use crate::machine::session::{exit_code_after, Session, SessionConfig, Waited};
@@ -153,7 +153,7 @@ pub fn run(
             r.record(vcpu, start, Instant::now());
         }
     }
-    let mut bus = PioBus::new();
+    let mut bus = IoBus::new();
     bus.register(
         TEST_PORT_RANGE,
         Arc::new(TestPort::new(
@@ -219,6 +219,7 @@ pub fn run(
             payload: format!("guest {}", plan.kind.name()),
             guest_report: Some(report.clone()),
             harvest_every: m.dirty_harvest_every(),
+            migration_blocker: None,
         },
     )?;
     let mut storm = match args.reclaim_storm {

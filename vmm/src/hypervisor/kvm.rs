@@ -214,6 +214,13 @@ impl Vm {
         self.fd.register_irqfd(event, gsi)
     }
 
+    /// Signals `event` when a vCPU writes the 4-byte value `datamatch` to guest-physical
+    /// `addr`, without an exit to the VMM (KVM_IOEVENTFD): a virtio queue's notification.
+    pub fn register_ioevent_mmio(&self, event: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
+        self.fd
+            .register_ioevent(event, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+    }
+
     /// The MSRs KVM can save and restore for a vCPU (KVM_GET_MSR_INDEX_LIST).
     pub fn msr_index_list(&self) -> Result<Vec<u32>> {
         Ok(self.kvm.get_msr_index_list()?.as_slice().to_vec())

@@ -20,11 +20,14 @@ use crate::boot::{self, BootSpec, KernelImage};
 use crate::cli::{Cli, SerialTarget};
 use crate::devices::acpi::{AcpiPm, ACPI_PM_PORTS};
 use crate::devices::i8042::{I8042, I8042_COMMAND, I8042_DATA};
-use crate::devices::PioBus;
+use crate::devices::IoBus;
 use crate::exit::EXIT_OK;
 use crate::hypervisor;
 use crate::memory::{human, BackingKind};
 use crate::migrate::destination::Pending;
+use crate::virtio::block::{Block, Disk};
+use crate::virtio::{mmio, MmioTransport};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Logs (at debug level) how long after `main` started each start-up step ended, so the host's
 /// share of the time to the guest's first instruction can be read from `--log-level debug`.
@@ -171,6 +174,25 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
         clock.mark("kernel payload decompressed");
     }
     check_cpus(cli.cpus)?;
+    if !cli.disk.is_empty() && plan.migrate_to.is_some() {
+        bail!(
+            "--disk with --migrate-to: a VM with virtio devices does not migrate yet; drop one \
+             of them"
+        );
+    }
+    if cli.disk.len() > VIRTIO_GSIS.len() {
+        bail!(
+            "{} disks: at most {} virtio devices fit this machine's interrupt lines",
+            cli.disk.len(),
+            VIRTIO_GSIS.len()
+        );
+    }
+    // Before any VM exists: a disk that cannot be used ends the run here.
+    let disks = cli
+        .disk
+        .iter()
+        .map(Disk::open)
+        .collect::<Result<Vec<_>, _>>()?;
 
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
     // Set-up is done: from here this thread only loads or receives the guest, starts the
@@ -180,6 +202,21 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
     let mem = machine.mem().clone();
     let software_kvm = hypervisor::software_kvm().filter(|_| !cli.machine.no_host_quirks);
     let (cmdline, appended) = quirk_cmdline(&cli.cmdline, software_kvm.is_some());
+    let mut mmio = Vec::new();
+    for (i, disk) in disks.into_iter().enumerate() {
+        let sectors = disk.sectors();
+        let block = Block::new(disk).context("starting the virtio-blk thread")?;
+        let dev = virtio_device(&machine, i, Box::new(block))?;
+        info!(
+            "virtio-blk {}: {} ({} sectors) at {:#x}, IRQ {}",
+            i,
+            cli.disk[i].path.display(),
+            sectors,
+            dev.window.start,
+            dev.gsi
+        );
+        mmio.push(dev);
+    }
     if !appended.is_empty() {
         info!(
             "this host's KVM is {} (software): appended `{}` to the kernel command line \
@@ -189,7 +226,16 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
         );
     }
     mptable::setup(&mem, cli.cpus)?;
-    let rsdp = acpi::setup(&mem, cli.cpus)?;
+    // The virtio devices are announced in the DSDT (see `acpi::VirtioMmio`).
+    let announced: Vec<acpi::VirtioMmio> = mmio
+        .iter()
+        .map(|d| acpi::VirtioMmio {
+            base: d.window.start as u32,
+            len: mmio::WINDOW as u32,
+            gsi: d.gsi,
+        })
+        .collect();
+    let rsdp = acpi::setup(&mem, cli.cpus, &announced)?;
     let loaded = boot::load(
         machine.ram(),
         &BootSpec {
@@ -221,7 +267,59 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
     );
     clock.mark("vCPUs configured");
     let i8042 = Arc::new(I8042::new(machine.exit().clone()));
-    serve(cli, machine, vcpus, i8042, &plan, None)
+    serve(cli, machine, vcpus, i8042, &plan, None, mmio)
+}
+
+/// Guest-physical base of the virtio-mmio windows, one [`mmio::WINDOW`] each, in the hole
+/// below 4 GiB (RAM above 3 GiB is placed above 4 GiB; the I/O APIC and local APICs are at
+/// 0xfec00000 and up).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The I/O APIC pins of the virtio devices, in order: ISA lines nothing else here uses (COM1
+/// has 4, the i8042's keyboard and mouse 1 and 12, the RTC's would be 8).
+pub const VIRTIO_GSIS: [u32; 6] = [5, 6, 7, 9, 10, 11];
+
+/// A virtio device on the machine.
+struct VirtioSlot {
+    window: std::ops::Range<u64>,
+    gsi: u32,
+    transport: Arc<MmioTransport>,
+}
+
+/// Puts `device` in virtio slot `index` of `machine`: its window, its interrupt (an irqfd)
+/// and its queues' notifications (ioeventfds, so a notification costs no exit to the VMM).
+fn virtio_device(
+    machine: &Machine,
+    index: usize,
+    device: Box<dyn crate::virtio::VirtioDevice>,
+) -> Result<VirtioSlot> {
+    let gsi = VIRTIO_GSIS[index];
+    let start = VIRTIO_MMIO_BASE + index as u64 * mmio::WINDOW;
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).context("creating a virtio interrupt event")?;
+    machine
+        .vm()
+        .register_irqfd(&irqfd, gsi)
+        .with_context(|| format!("KVM_IRQFD for the virtio device on IRQ {gsi}"))?;
+    let transport = Arc::new(
+        MmioTransport::new(device, machine.mem().clone(), irqfd)
+            .context("creating a virtio device's queues")?,
+    );
+    for (q, event) in (0u32..).zip(transport.queue_events()) {
+        if let Err(e) = machine
+            .vm()
+            .register_ioevent_mmio(event, start + mmio::QUEUE_NOTIFY, q)
+        {
+            // The transport signals the queue itself on the MMIO exit: slower, same result.
+            log::warn!(
+                "KVM_IOEVENTFD for virtio queue {q} at {start:#x} failed ({e}): its \
+                 notifications take an exit to the VMM"
+            );
+        }
+    }
+    Ok(VirtioSlot {
+        window: start..start + mmio::WINDOW,
+        gsi,
+        transport,
+    })
 }
 
 /// Receives a kernel VM from `pending` (its spec already checked against the flags) and runs
@@ -249,7 +347,7 @@ pub fn run_incoming(
         None => I8042::new(machine.exit().clone()),
     });
     let postcopy = machine.take_over(inc)?;
-    serve(cli, machine, vcpus, i8042, &plan, postcopy)
+    serve(cli, machine, vcpus, i8042, &plan, postcopy, Vec::new())
 }
 
 /// Runs a loaded (or received) kernel VM: i8042 on the port bus, the console thread, the
@@ -261,8 +359,14 @@ fn serve(
     i8042: Arc<I8042>,
     plan: &MigrationPlan,
     postcopy: Option<PostcopyRx>,
+    virtio: Vec<VirtioSlot>,
 ) -> Result<Ended> {
-    let mut bus = PioBus::new();
+    let mut bus = IoBus::new();
+    let migration_blocker = (!virtio.is_empty())
+        .then(|| "this VM has virtio devices, which do not migrate yet".to_string());
+    for dev in virtio {
+        bus.register_mmio(dev.window, dev.transport)?;
+    }
     bus.register(I8042_DATA..=I8042_DATA, i8042.clone())?;
     bus.register(I8042_COMMAND..=I8042_COMMAND, i8042.clone())?;
     // Power-off (S5) and reset through the FADT's registers; the power button through the GED.
@@ -311,6 +415,7 @@ fn serve(
             payload: "kernel".into(),
             guest_report: None,
             harvest_every: cli.machine.dirty_harvest_every(),
+            migration_blocker,
         },
     )?;
     let mut waited = session.migrate_to(

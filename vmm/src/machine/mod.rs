@@ -29,7 +29,7 @@ use crate::arch::x86_64::configure_vcpu;
 use crate::cli::MachineArgs;
 use crate::devices::acpi::{PowerButton, GED_GSI};
 use crate::devices::serial::{SerialDevice, COM1_IRQ};
-use crate::devices::PioBus;
+use crate::devices::IoBus;
 use crate::dirty::{DirtyMode, DirtySource, DirtyTracker, HostChanges};
 use crate::exit::{ExitRequest, EXIT_HOST_FAILED};
 use crate::hypervisor::{Vcpu, Vm, VmHandle, VmOps};
@@ -251,11 +251,7 @@ impl Machine {
     }
 
     /// Starts one thread per vCPU on `bus` (COM1 is added here).
-    pub fn start(
-        &self,
-        vcpus: Vec<Vcpu>,
-        mut bus: PioBus,
-    ) -> anyhow::Result<Arc<Mutex<VmControl>>> {
+    pub fn start(&self, vcpus: Vec<Vcpu>, mut bus: IoBus) -> anyhow::Result<Arc<Mutex<VmControl>>> {
         use crate::devices::serial::{COM1_BASE, COM1_LAST};
         bus.register(COM1_BASE..=COM1_LAST, self.serial.clone())?;
         let hooks = VcpuHooks {

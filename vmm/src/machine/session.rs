@@ -76,6 +76,8 @@ pub struct SessionConfig {
     pub guest_report: Option<Arc<Mutex<guest_tests::Report>>>,
     /// `--dirty-harvest-ms`: dirty logging on while no migration runs, harvested this often.
     pub harvest_every: Option<Duration>,
+    /// Why this VM cannot migrate, if it cannot (a `migrate` request gets it as the error).
+    pub migration_blocker: Option<String>,
 }
 
 /// What the periodic harvests (`--dirty-harvest-ms`) did, for `stats`.
@@ -119,6 +121,7 @@ pub struct Session<'m> {
     migrate_rx: Option<Receiver<MigrateRequest>>,
     api: Option<ApiServer>,
     migrate_to_failed: std::cell::Cell<bool>,
+    migration_blocker: Option<String>,
     idle: std::cell::RefCell<IdleWatch>,
     harvester: std::cell::RefCell<Option<Harvester>>,
 }
@@ -207,6 +210,7 @@ impl<'m> Session<'m> {
             migrate_rx: Some(migrate_rx),
             api,
             migrate_to_failed: std::cell::Cell::new(false),
+            migration_blocker: cfg.migration_blocker,
             idle: std::cell::RefCell::new(idle),
             harvester: std::cell::RefCell::new(cfg.harvest_every.map(|every| Harvester {
                 every,
@@ -349,6 +353,10 @@ impl<'m> Session<'m> {
         addr: &Address,
         postcopy_after: Option<u32>,
     ) -> (Result<Value, String>, Option<Waited>) {
+        if let Some(why) = &self.migration_blocker {
+            eprintln!("error: migration to {addr} refused: {why}");
+            return (Err(why.clone()), None);
+        }
         let cfg = MigrateConfig {
             postcopy_after,
             ..self.cfg.clone()

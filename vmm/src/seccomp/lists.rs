@@ -165,6 +165,16 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Signals => &[&[libc::SYS_unlink, libc::SYS_unlinkat]],
         ThreadKind::Reclaim => &[DROP_PAGES],
         ThreadKind::Profiler => &[],
+        // Its disk image (positioned I/O, flush), its queue's and stop events; guest pages it
+        // touches first are a userfaultfd fault another thread serves.
+        ThreadKind::Block => &[&[
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_fdatasync,
+            libc::SYS_fsync,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+        ]],
     };
     for list in extra {
         v.extend_from_slice(list);
@@ -208,7 +218,10 @@ fn ioctls(kind: ThreadKind) -> Ioctls {
             types: &[],
             numbers: &[TTY_READ, TTY_SET],
         },
-        ThreadKind::MigrationSender | ThreadKind::Signals | ThreadKind::Profiler => Ioctls {
+        ThreadKind::MigrationSender
+        | ThreadKind::Signals
+        | ThreadKind::Profiler
+        | ThreadKind::Block => Ioctls {
             types: &[],
             numbers: &[],
         },

@@ -66,11 +66,13 @@ pub enum ThreadKind {
     Reclaim,
     /// The guest profiler (`--guest-profile`): kicks the vCPUs.
     Profiler,
+    /// A virtio-blk device's thread (`virtio-blk`): reads and writes its disk image.
+    Block,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 12] = [
+    pub const ALL: [ThreadKind; 13] = [
         ThreadKind::Main,
         ThreadKind::Host,
         ThreadKind::Vcpu,
@@ -83,6 +85,7 @@ impl ThreadKind {
         ThreadKind::Signals,
         ThreadKind::Reclaim,
         ThreadKind::Profiler,
+        ThreadKind::Block,
     ];
 
     /// The kind's name in messages.
@@ -100,6 +103,7 @@ impl ThreadKind {
             ThreadKind::Signals => "signals",
             ThreadKind::Reclaim => "reclaim",
             ThreadKind::Profiler => "profiler",
+            ThreadKind::Block => "virtio-blk",
         }
     }
 }

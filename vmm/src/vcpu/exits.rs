@@ -3,10 +3,9 @@
 
 use std::fmt::Write as _;
 
-use log::debug;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::PioBus;
+use crate::devices::IoBus;
 use crate::exit::{EXIT_OK, EXIT_REBOOT};
 use crate::hypervisor::{VcpuOps, VmExit};
 
@@ -44,7 +43,7 @@ pub enum ExitAction {
 
 /// Decides what an exit means. Pure apart from the device calls, so unit tests drive it with
 /// a dummy bus and hand-made exits, no KVM needed.
-pub fn handle_exit(vcpu: usize, exit: VmExit<'_>, bus: &PioBus) -> ExitAction {
+pub fn handle_exit(vcpu: usize, exit: VmExit<'_>, bus: &IoBus) -> ExitAction {
     match exit {
         VmExit::IoIn(port, data) => {
             bus.read(vcpu, port, data);
@@ -55,15 +54,11 @@ pub fn handle_exit(vcpu: usize, exit: VmExit<'_>, bus: &PioBus) -> ExitAction {
             ExitAction::Continue
         }
         VmExit::MmioRead(addr, data) => {
-            debug!(
-                "vcpu{vcpu}: MMIO read of {} bytes at {addr:#x}: no device, all ones",
-                data.len()
-            );
-            data.fill(0xff);
+            bus.mmio_read(vcpu, addr, data);
             ExitAction::Continue
         }
         VmExit::MmioWrite(addr, data) => {
-            debug!("vcpu{vcpu}: MMIO write {data:x?} at {addr:#x}: no device, ignored");
+            bus.mmio_write(vcpu, addr, data);
             ExitAction::Continue
         }
         VmExit::Hlt => ExitAction::Halt,
@@ -172,8 +167,8 @@ pub(super) mod tests {
     use super::*;
     use crate::devices::tests::Recorder;
 
-    pub(in crate::vcpu) fn bus_with_recorder() -> (PioBus, Arc<Recorder>) {
-        let mut bus = PioBus::new();
+    pub(in crate::vcpu) fn bus_with_recorder() -> (IoBus, Arc<Recorder>) {
+        let mut bus = IoBus::new();
         let rec = Arc::new(Recorder::default());
         bus.register(0x3f8..=0x3ff, rec.clone()).unwrap();
         (bus, rec)

@@ -24,7 +24,7 @@ pub use thread::{kick_signal, Command, RunState};
 
 use crate::arch::x86_64::emulate::syscall_relay::SyscallRelay;
 use crate::arch::x86_64::emulate::EmulationStats;
-use crate::devices::PioBus;
+use crate::devices::IoBus;
 use crate::exit::ExitRequest;
 use crate::hypervisor::Vcpu;
 use thread::{register_kick_handler, VcpuJob, VcpuThread};
@@ -125,7 +125,7 @@ impl VmControl {
     /// Starts one thread per configured vCPU (index = vCPU id), each entering the guest at once.
     pub fn start(
         vcpus: Vec<Vcpu>,
-        bus: Arc<PioBus>,
+        bus: Arc<IoBus>,
         mem: GuestMemoryMmap,
         exit: ExitRequest,
     ) -> Result<VmControl, VcpuError> {
@@ -136,7 +136,7 @@ impl VmControl {
     /// gets a clone).
     pub fn start_with_hooks(
         vcpus: Vec<Vcpu>,
-        bus: Arc<PioBus>,
+        bus: Arc<IoBus>,
         mem: GuestMemoryMmap,
         exit: ExitRequest,
         hooks: VcpuHooks,
@@ -148,7 +148,7 @@ impl VmControl {
     /// counters and host-write gate given by the caller.
     pub fn start_with_emulation(
         vcpus: Vec<Vcpu>,
-        bus: Arc<PioBus>,
+        bus: Arc<IoBus>,
         mem: GuestMemoryMmap,
         exit: ExitRequest,
         hooks: VcpuHooks,

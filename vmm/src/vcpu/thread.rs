@@ -14,7 +14,7 @@ use super::exits::{fault_report, handle_exit, ExitAction, KVM_INTERNAL_ERROR_EMU
 use super::hooks::{EmulationHooks, VcpuHooks};
 use crate::arch::x86_64::emulate::kvm::{emulate_failed_insn, exit_insn_bytes};
 use crate::arch::x86_64::emulate::syscall_relay::{Outcome, SyscallRelay};
-use crate::devices::PioBus;
+use crate::devices::IoBus;
 use crate::exit::{ExitRequest, EXIT_VCPU_FAILED};
 use crate::hypervisor::{Vcpu, VcpuOps};
 
@@ -84,7 +84,7 @@ pub(super) fn register_kick_handler() -> Result<(), String> {
 pub(super) struct VcpuThread {
     pub(super) id: usize,
     pub(super) fd: Vcpu,
-    pub(super) bus: Arc<PioBus>,
+    pub(super) bus: Arc<IoBus>,
     pub(super) mem: GuestMemoryMmap,
     pub(super) exit: ExitRequest,
     pub(super) commands: Receiver<Command>,

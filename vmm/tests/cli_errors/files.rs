@@ -184,3 +184,58 @@ fn missing_initrd() {
         &["cannot read initrd", "--initrd"],
     );
 }
+
+/// `--disk`: an image that cannot be a disk is refused within a second, before any VM exists,
+/// with the fix; so are bad options and a disk where no kernel could use it.
+#[test]
+fn unusable_disks_are_refused_fast_with_the_fix() {
+    let dir = tmpdir("disks");
+    let kernel = write(&dir, "vmlinux", &elf());
+    let odd = write(&dir, "odd.img", &[0u8; 1000]);
+    let missing = dir.join("missing.img");
+    let missing = format!("path={}", missing.display());
+    for (disk, fragments) in [
+        (missing.as_str(), &["missing.img", "truncate -s"][..]),
+        (
+            "path=/dev/null",
+            &["not a regular file or block device"][..],
+        ),
+        (
+            &format!("path={odd}") as &str,
+            &["1000 bytes is not a whole number of 512-byte sectors"][..],
+        ),
+        ("path=/x.img,cache=none", &["not a disk option"][..]),
+        ("readonly=on", &["no path=FILE"][..]),
+    ] {
+        expect_refused_fast(&["--kernel", &kernel, "--disk", disk], fragments);
+    }
+    let img = write(&dir, "ok.img", &[0u8; 4096]);
+    let disk = format!("path={img}");
+    expect_refused_fast(
+        &["--guest", "stress", "--disk", &disk],
+        &["--disk is for booting a kernel"],
+    );
+    expect_refused_fast(
+        &["--incoming", "tcp:127.0.0.1:1", "--disk", &disk],
+        &["does not migrate yet", "drop --disk"],
+    );
+    expect_refused_fast(
+        &[
+            "--kernel",
+            &kernel,
+            "--disk",
+            &disk,
+            "--migrate-to",
+            "tcp:127.0.0.1:1",
+        ],
+        &["does not migrate yet"],
+    );
+    let seven: Vec<&str> = std::iter::repeat(["--disk", disk.as_str()])
+        .take(7)
+        .flatten()
+        .collect();
+    let mut args = vec!["--kernel", kernel.as_str()];
+    args.extend(seven);
+    expect_refused_fast(&args, &["7 disks", "at most 6"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

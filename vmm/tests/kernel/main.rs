@@ -2,7 +2,7 @@
 //! host's two cores ([`common::cores`]): the project's test kernel to userspace and its programs
 //! ([`linux`]), that kernel driven as a machine: control socket, migration in the middle of its
 //! boot, panic and idle ([`machine`]), and Debian's stock cloud kernel's early boot on every
-//! load path ([`stock`]).
+//! load path ([`stock`]), and virtio devices under the test kernel ([`virtio`]).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -12,3 +12,4 @@ mod machine;
 mod migrate_util;
 mod stock;
 mod util;
+mod virtio;

@@ -193,7 +193,7 @@ fn fadt(dsdt_gpa: u64) -> Vec<u8> {
 /// with the GSI when it fires; the button driver turns the notification into KEY_POWER. `\_S5`
 /// gives `acpi_power_off` the SLP_TYP it writes to the sleep control register (both values:
 /// SLP_TYPa and SLP_TYPb, the second unused without a PM1b block).
-fn dsdt_body() -> Vec<u8> {
+fn dsdt_body(virtio: &[VirtioMmio]) -> Vec<u8> {
     use aml::{
         arg, device, eisa_id, if_, integer, interrupt, lequal, method, name, notify, package,
         resource_template, scope, string,
@@ -225,7 +225,50 @@ fn dsdt_body() -> Vec<u8> {
         "\\_S5",
         &package(&[integer(s5), integer(s5), integer(0), integer(0)]),
     );
-    [sb, sleep_s5, legacy_devices()].concat()
+    [sb, sleep_s5, legacy_devices(), virtio_devices(virtio)].concat()
+}
+
+/// A virtio-mmio device for the DSDT: its window and its interrupt line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmio {
+    /// Guest-physical base of its register window.
+    pub base: u32,
+    /// The window's length.
+    pub len: u32,
+    /// Its GSI (an I/O APIC pin; edge-triggered, an irqfd).
+    pub gsi: u32,
+}
+
+/// `\_SB.VR00`, `VR01`, ...: one virtio-mmio device each, `_HID "LNRO0005"` (the id Linux's
+/// virtio_mmio driver matches, as Firecracker's and QEMU's ARM machines announce theirs), a
+/// fixed memory window and an interrupt. On a hardware-reduced ACPI machine this is how the
+/// kernel can take the interrupt: a line no table names has no mapping to request.
+fn virtio_devices(virtio: &[VirtioMmio]) -> Vec<u8> {
+    use aml::{device, integer, interrupt, memory32_fixed, name, resource_template, scope, string};
+    if virtio.is_empty() {
+        return Vec::new();
+    }
+    let devices: Vec<u8> = virtio
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let body = [
+                name("_HID", &string("LNRO0005")),
+                name("_UID", &integer(i as u64)),
+                name(
+                    "_CRS",
+                    &resource_template(&[
+                        memory32_fixed(v.base, v.len),
+                        interrupt(v.gsi, Trigger::Edge),
+                    ]),
+                ),
+            ]
+            .concat();
+            device(&format!("VR{i:02}"), &body)
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    scope("\\_SB", &devices)
 }
 
 /// `\_SB.COM1`, `\_SB.PS2K` and `\_SB.PS2M` (see [`dsdt_body`]).
@@ -293,10 +336,10 @@ fn rsdp(xsdt_gpa: u64) -> Vec<u8> {
 }
 
 /// All tables laid out from [`RSDP_GPA`]: (gpa, bytes) pairs.
-pub fn build(cpus: u8) -> Vec<(u64, Vec<u8>)> {
+pub fn build(cpus: u8, virtio: &[VirtioMmio]) -> Vec<(u64, Vec<u8>)> {
     let align = |x: u64| x.next_multiple_of(8);
     let dsdt_gpa = TABLES_GPA;
-    let dsdt = sdt(b"DSDT", DSDT_REVISION, &dsdt_body());
+    let dsdt = sdt(b"DSDT", DSDT_REVISION, &dsdt_body(virtio));
     let fadt_gpa = align(dsdt_gpa + dsdt.len() as u64);
     let fadt = fadt(dsdt_gpa);
     let madt_gpa = align(fadt_gpa + fadt.len() as u64);
@@ -316,12 +359,13 @@ pub fn build(cpus: u8) -> Vec<(u64, Vec<u8>)> {
     ]
 }
 
-/// Writes the tables for `cpus` vCPUs; returns the RSDP address for the zero page.
-pub fn setup(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, ArchError> {
+/// Writes the tables for `cpus` vCPUs and the `virtio` devices; returns the RSDP address for
+/// the zero page.
+pub fn setup(mem: &GuestMemoryMmap, cpus: u8, virtio: &[VirtioMmio]) -> Result<u64, ArchError> {
     if cpus == 0 || cpus > 254 {
         return Err(ArchError::TooManyCpus(cpus));
     }
-    for (gpa, bytes) in build(cpus) {
+    for (gpa, bytes) in build(cpus, virtio) {
         mem.write_slice(&bytes, GuestAddress(gpa))
             .map_err(|source| ArchError::GuestWrite {
                 what: "ACPI table",
@@ -342,7 +386,7 @@ mod tests {
 
     #[test]
     fn tables_are_checksummed_and_linked() {
-        let t = build(3);
+        let t = build(3, &[]);
         let (rsdp_gpa, rsdp) = &t[0];
         assert_eq!(*rsdp_gpa, RSDP_GPA);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -384,7 +428,7 @@ mod tests {
     }
 
     fn table(sig: &[u8; 4]) -> Vec<u8> {
-        build(1)
+        build(1, &[])
             .into_iter()
             .find(|(_, b)| &b[..4] == sig)
             .unwrap()

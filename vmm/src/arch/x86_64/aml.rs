@@ -39,6 +39,10 @@ mod res {
     /// I/O port information: the device decodes 16 address bits.
     pub const IO_DECODE_16: u8 = 1;
     pub const END_TAG: u8 = 0x79;
+    /// Large item 0x06 (32-bit fixed memory range).
+    pub const MEMORY32_FIXED: u8 = 0x86;
+    /// Memory range information: read/write.
+    pub const MEM_READ_WRITE: u8 = 1;
     pub const EXTENDED_INTERRUPT: u8 = 0x89;
     /// Extended interrupt flags: consumer, edge-triggered, active-low, shared.
     pub const INT_CONSUMER: u8 = 1 << 0;
@@ -278,6 +282,15 @@ pub fn interrupt(gsi: u32, trigger: Trigger) -> Vec<u8> {
 pub fn io_port(base: u16, len: u8) -> Vec<u8> {
     let [lo, hi] = base.to_le_bytes();
     vec![res::IO_PORT, res::IO_DECODE_16, lo, hi, lo, hi, 1, len]
+}
+
+/// A 32-Bit Fixed Memory Range Descriptor (§6.4.3.4): `len` bytes at `base`, read/write: ASL
+/// `Memory32Fixed (ReadWrite, base, len)`.
+pub fn memory32_fixed(base: u32, len: u32) -> Vec<u8> {
+    let mut d = vec![res::MEMORY32_FIXED, 9, 0, res::MEM_READ_WRITE];
+    d.extend_from_slice(&base.to_le_bytes());
+    d.extend_from_slice(&len.to_le_bytes());
+    d
 }
 
 /// `ResourceTemplate() { descriptors }`: a buffer of the descriptors and the End Tag (§6.4.2.9;

@@ -1,0 +1,118 @@
+//! Virtio devices on the virtio-mmio transport (virtio 1.2 §4.2), with rust-vmm's
+//! `virtio-queue` for the split virtqueues.
+//!
+//! Why MMIO and not PCI: a guest finds an MMIO device from one entry in the DSDT the VMM
+//! already builds (`_HID "LNRO0005"`, a memory window and an interrupt:
+//! [`crate::arch::x86_64::acpi::VirtioMmio`]), with no PCI host bridge, configuration space or
+//! MSI-X table to emulate. Firecracker made the same choice for the same reasons. Its cost is
+//! one interrupt line per device and no MSI; at a handful of devices that is fine. (The kernel's
+//! `virtio_mmio.device=` command-line form does not work on this machine: its ACPI is
+//! hardware-reduced, so no legacy PIC maps the ISA lines, and an interrupt no table names
+//! cannot be requested.)
+//!
+//! A device's queues are served on a thread of its own: the guest's write of a queue's index to
+//! `QueueNotify` reaches it through an ioeventfd (KVM signals the queue's event without an exit
+//! to the VMM; where no ioeventfd is registered, the transport signals it on the MMIO exit),
+//! and its "used buffer" interrupt goes to the guest through an irqfd.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::MmioTransport;
+
+/// `VIRTIO_F_VERSION_1`: a modern (virtio 1.x) device; the MMIO transport's version 2 needs it.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Device types (virtio 1.2 §5).
+pub const TYPE_NET: u32 = 1;
+/// A block device.
+pub const TYPE_BLOCK: u32 = 2;
+/// A memory balloon.
+pub const TYPE_BALLOON: u32 = 5;
+
+/// `InterruptStatus` bit: a queue has used buffers.
+pub const INT_VRING: u32 = 1;
+/// `InterruptStatus` bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// The device's interrupt line: the status bits the driver reads and acknowledges, and the
+/// irqfd that raises the line.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// A line raised through `irqfd` (registered with KVM on the device's GSI).
+    pub fn new(irqfd: EventFd) -> Interrupt {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Sets `bits` in `InterruptStatus` and raises the line.
+    pub fn raise(&self, bits: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bits, Ordering::AcqRel);
+        self.irqfd.write(1)
+    }
+
+    /// `InterruptStatus`.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// `InterruptACK`: clears `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// The irqfd, for registering with KVM.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// Why a device could not start serving its queues.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// A queue the driver set up is not valid in guest memory.
+    #[error("virtio queue {0} is not valid in guest memory (its rings lie outside RAM or are misaligned)")]
+    BadQueue(usize),
+    /// The device's thread could not start.
+    #[error("cannot start the device thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What the transport needs of a device.
+pub trait VirtioDevice: Send {
+    /// Its type (`TYPE_BLOCK`, ...).
+    fn device_type(&self) -> u32;
+    /// The largest size of each of its queues (their number is the slice's length).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits it offers.
+    fn features(&self) -> u64;
+    /// Reads its configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes its configuration space at `offset` (most devices ignore it).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving `queues` in `mem` once the driver is ready: `events[i]` is signalled when
+    /// the driver notifies queue `i`; `interrupt` tells the driver of used buffers.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        queues: Vec<virtio_queue::Queue>,
+        events: Vec<Arc<EventFd>>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError>;
+    /// Stops serving the queues (the driver reset the device); it can be activated again.
+    fn reset(&mut self);
+}
