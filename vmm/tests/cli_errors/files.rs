@@ -230,8 +230,7 @@ fn unusable_disks_are_refused_fast_with_the_fix() {
         ],
         &["does not migrate yet"],
     );
-    let seven: Vec<&str> = std::iter::repeat(["--disk", disk.as_str()])
-        .take(7)
+    let seven: Vec<&str> = std::iter::repeat_n(["--disk", disk.as_str()], 7)
         .flatten()
         .collect();
     let mut args = vec!["--kernel", kernel.as_str()];
