@@ -19,8 +19,11 @@ pub fn page_crc(page: &[u8]) -> u32 {
 pub struct RamDigest {
     regions: Vec<(u64, u64)>,
     crcs: Vec<u32>,
-    /// Which pages a received digest has had set (all of them for a taken one).
+    /// How many pages have their CRC (all of them for a taken digest).
     set: u64,
+    /// Which pages of a received digest have their CRC, one bit each: a source that sent a
+    /// page's twice is refused, so `set` counts distinct pages.
+    seen: Vec<u64>,
 }
 
 /// What comparing two digests found.
@@ -42,6 +45,7 @@ impl RamDigest {
             regions: regions.to_vec(),
             crcs: vec![0; pages],
             set: 0,
+            seen: vec![0; pages.div_ceil(64)],
         }
     }
 
@@ -96,6 +100,9 @@ impl RamDigest {
             }
         }
         d.set = d.crcs.len() as u64;
+        for i in 0..d.crcs.len() {
+            d.seen[i / 64] |= 1 << (i % 64);
+        }
         Ok(d)
     }
 
@@ -140,8 +147,15 @@ impl RamDigest {
                 "a digest of {n} pages at {gpa:#x} spans two RAM regions"
             ));
         }
-        for (slot, c) in self.crcs[first..=end].iter_mut().zip(crcs) {
-            *slot = c;
+        if let Some(twice) = (first..=end).find(|&i| self.seen[i / 64] & (1 << (i % 64)) != 0) {
+            return Err(format!(
+                "the digest of page {:#x} came twice",
+                gpa + (twice - first) as u64 * PAGE_BYTES
+            ));
+        }
+        for (i, c) in (first..=end).zip(crcs) {
+            self.crcs[i] = c;
+            self.seen[i / 64] |= 1 << (i % 64);
         }
         self.set += n;
         Ok(())
@@ -252,6 +266,12 @@ mod tests {
         assert_eq!(got, d);
         assert_eq!(got.expected(0x5000), Some(page_crc(&[3; 4096])));
         assert!(got.set(0x10000, [1u32].into_iter()).is_err());
+        // A range sent twice (and so another never) is refused by name, not miscounted.
+        let mut twice = RamDigest::empty(&[(0, 0x4000)]);
+        twice.set(0, [1u32, 2].into_iter()).unwrap();
+        let e = twice.set(0x1000, [3u32, 4].into_iter()).unwrap_err();
+        assert!(e.contains("page 0x1000 came twice"), "{e}");
+        assert!(!twice.complete());
         assert!(got.set(0xf000, [1u32, 2].into_iter()).is_err());
     }
 }
