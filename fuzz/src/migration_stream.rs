@@ -6,16 +6,18 @@
 //! The first byte holds flags: bit 0 rewrites every frame's CRC-32 before reading (so the
 //! fuzzer gets past the checksum to the payload parsers), bit 1 receives through a fake
 //! demand pager (postcopy discards need one), bit 2 expects two vCPUs instead of one, bit 3
-//! reads the bytes as the destination's replies instead.
+//! reads the bytes as the destination's replies instead, bit 4 as a further connection of a
+//! migration (`--migrate-connections`: its start, then its rounds' pages, as a lane thread
+//! receives them).
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::migrate::destination::receive_stream;
-use vmm::migrate::ram::RamPager;
-use vmm::migrate::stream::{FRAME_OVERHEAD, MAX_PAYLOAD, PAGE_SIZE};
-use vmm::migrate::{StreamReader, StreamWriter};
+use vmm::migrate::ram::{RamPager, RamReceiver};
+use vmm::migrate::stream::{Received, FRAME_OVERHEAD, MAX_PAYLOAD, PAGE_SIZE};
+use vmm::migrate::{Chunk, StreamReader, StreamWriter};
 
 /// The destination's RAM: 256 KiB at 0 and 64 KiB at 1 MiB (a hole between them).
 pub const REGIONS: [(u64, u64); 2] = [(0, 256 << 10), (1 << 20, 64 << 10)];
@@ -121,6 +123,10 @@ pub fn run(data: &[u8]) {
     let mem = guest_memory();
     let pager = FakePager::new(&mem);
     let pager = (flags & 2 != 0).then_some(&pager as &dyn RamPager);
+    if flags & 16 != 0 {
+        lane(&bytes, &mem, pager);
+        return;
+    }
     let vcpus = if flags & 4 != 0 { 2 } else { 1 };
     let (mut r, layout) = match StreamReader::open(&bytes[..]) {
         Ok(opened) => opened,
@@ -176,4 +182,36 @@ fn replies(bytes: &[u8]) {
     if let Err(e) = StreamReader::headless(bytes).expect_guest_running() {
         let _ = e.to_string();
     }
+}
+
+/// The bytes as a lane: lane magic, version and lane chunk (`StreamReader::open_lane`), then
+/// pages, zero pages, lane-ends and the end into `mem`, the way
+/// `migrate::lanes::destination` reads one (a `RamReceiver`, pages landing in place).
+fn lane(bytes: &[u8], mem: &GuestMemoryMmap, pager: Option<&dyn RamPager>) {
+    let (mut r, _token, _index) = match StreamReader::open_lane(bytes) {
+        Ok(opened) => opened,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+    let mut ram = RamReceiver::new(mem, pager);
+    for _ in 0..MAX_TRAILING_CHUNKS {
+        let chunk = match r.next_chunk_into(&mut ram) {
+            Ok(Received::PagesInPlace { .. }) => continue,
+            Ok(Received::Chunk(c)) => c,
+            Err(e) => {
+                let _ = e.to_string();
+                return;
+            }
+        };
+        if let Err(e) = ram.apply(&chunk) {
+            let _ = e.to_string();
+            return;
+        }
+        if chunk == Chunk::End {
+            return;
+        }
+    }
+    assert!(r.bytes_read() <= bytes.len() as u64);
 }

@@ -204,6 +204,19 @@ fn migration_seeds() {
         "postcopy-pager",
         &with_flag(3, &stream(1, true)),
     );
+    // A lane: its start, a round's pages and zero pages, the round's end, the end.
+    let mut w = StreamWriter::lane(Vec::new(), &[7; 16], 2).unwrap();
+    w.pages(0x2000, &[0x5a; 8192]).unwrap();
+    w.zero_pages(0x10_0000, 3).unwrap();
+    w.lane_end(0).unwrap();
+    w.pages(0x3000, &[0xa5; 4096]).unwrap();
+    w.lane_end(1).unwrap();
+    w.end().unwrap();
+    write(
+        "migration_stream",
+        "lane",
+        &with_flag(16, &w.into_inner().unwrap()),
+    );
     let mut w = StreamWriter::headless(Vec::new());
     w.dest_info(4096, 1).unwrap();
     w.round_applied(0).unwrap();
