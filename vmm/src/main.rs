@@ -90,7 +90,7 @@ fn run(cli: &Cli, started: Instant) -> Result<i32> {
                 }
                 _ => None,
             };
-            receive(cli, &l, secret, vacancy)
+            receive(cli, l, secret, vacancy)
         });
         match received {
             Ok(ended) => Some(ended),
@@ -151,7 +151,7 @@ fn stay(
             }
             vacant::Next::Receive(l) => l,
         };
-        last = match receive(cli, &listener, secret, Some(vacancy)) {
+        last = match receive(cli, listener, secret, Some(vacancy)) {
             Ok(ended) => Some(ended),
             Err(e) => {
                 let msg = one_line(&e);
@@ -168,12 +168,14 @@ fn stay(
 /// socket of a `--stay` vmm with no VM, serves until the source is accepted.
 fn receive(
     cli: &Cli,
-    listener: &vmm::migrate::Listener,
+    listener: vmm::migrate::Listener,
     secret: Option<&vmm::migrate::auth::Secret>,
     vacant: Option<vacant::Vacancy>,
 ) -> Result<Ended> {
-    let pending = incoming::accept_on(listener, cli.machine.migrate_idle_limit(), secret)?;
-    // The VM's own control socket takes the path over.
+    let pending = incoming::accept_on(&listener, cli.machine.migrate_idle_limit(), secret)?;
+    // Nobody else may connect while the VM runs (a unix socket's file goes with it), and the
+    // VM's own control socket takes the path over.
+    drop(listener);
     drop(vacant);
     let spec = match MachineSpec::from_bytes(&pending.layout().spec)? {
         Some(s) => s,

@@ -60,6 +60,19 @@ fn assert_no_vm_threads(who: &str, pid: u32) {
     }
 }
 
+/// Kills the processes it names when dropped: a test that fails half way leaves no `vmm
+/// --stay` waiting for ever (one that passed has seen them end; a pid is not reused that fast).
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: kill with a pid and a signal number has no memory effects.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 fn staying(extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vmm"))
         .arg("--stay")
@@ -90,6 +103,7 @@ fn a_guest_goes_to_a_staying_vmm_and_back_and_passes_where_it_started() {
         "--api-socket",
         b_sock.to_str().unwrap(),
     ]);
+    let _kill = KillOnDrop(vec![a.id(), b.id()]);
     let b_rx = lines(&mut b);
     wait_for(&b_rx, LISTENING);
     util::wait_for_socket(&b_sock);
@@ -136,6 +150,12 @@ fn a_guest_goes_to_a_staying_vmm_and_back_and_passes_where_it_started() {
     wait_state(&b_sock, "empty");
     assert_no_vm_threads("B", b.id());
 
+    // A took it in: its listener is closed (nobody else may connect), its file gone.
+    wait_state(&a_sock, "running");
+    assert!(
+        !a_mig.exists(),
+        "A still listens at {a_addr} while it runs the guest"
+    );
     // The guest ends on A and A with it: its code is the guest's.
     let a_end = finish(a, a_rx);
     assert_guest_passed("A", &a_end);
@@ -164,6 +184,7 @@ fn a_staying_vmm_outlives_a_failed_migration_in_and_a_signal_ends_it() {
         "--migrate-secret",
         secret.to_str().unwrap(),
     ]);
+    let _kill = KillOnDrop(vec![v.id()]);
     let rx = lines(&mut v);
     util::wait_for_socket(&sock);
     let info = wait_state(&sock, "empty");
