@@ -213,7 +213,7 @@ fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>, ba
     };
     let (src_code, src_err, src_text) = if back {
         // The source stays, with no VM, and takes the guest back a few lines later.
-        wait_for_state(&sock, "empty");
+        crate::migrate_util::wait_state(&sock, "empty");
         let before = src.text();
         let back_addr = format!("tcp:127.0.0.1:{}", free_port());
         let r = request(&sock, json!({"cmd": "receive", "from": back_addr}));
@@ -225,7 +225,7 @@ fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>, ba
         );
         let r = request(&dst_sock, json!({"cmd": "migrate", "to": back_addr}));
         assert_eq!(r["migrate"]["mode"], "precopy", "{r}");
-        wait_for_state(&dst_sock, "empty");
+        crate::migrate_util::wait_state(&dst_sock, "empty");
         let r = request(&dst_sock, json!({"cmd": "shutdown"}));
         assert_eq!(r["ok"], true, "{r}");
         // The guest ends on the first process now, and the process with it.
@@ -259,20 +259,6 @@ fn migrate_counter(test: &str, machine: &[&str], postcopy_after: Option<u32>, ba
         Some(0),
         "the source ends once migrated (or, back, once the guest powered off): {src_err}"
     );
-}
-
-/// Waits until `info` on `sock` says `state`.
-fn wait_for_state(sock: &std::path::Path, state: &str) {
-    let t = std::time::Instant::now();
-    while t.elapsed() < BOOT_LIMIT {
-        if let Ok(v) = vmm::api::request(sock, &json!({"cmd": "info"})) {
-            if v["info"]["state"] == state {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{} never said {state}", sock.display());
 }
 
 /// Precopy, on two vCPUs and 2 MiB hugetlbfs.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::{kvm_or_skip, serial};
-use crate::util::{self, api_guest, assert_guest_passed, finish, lines, wait_for, LISTENING};
+use crate::util::{
+    self, api_guest, assert_guest_passed, finish, lines, wait_for, wait_state, LISTENING,
+};
 
 fn path(test: &str, what: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{test}-{}.{what}", std::process::id()))
@@ -17,24 +19,6 @@ fn path(test: &str, what: &str) -> PathBuf {
 
 fn ask(sock: &Path, req: Value) -> Value {
     vmm::api::request(sock, &req).unwrap_or_else(|e| panic!("{req} to {}: {e}", sock.display()))
-}
-
-/// Waits until `info` on `sock` says `state`; the info.
-fn wait_state(sock: &Path, state: &str) -> Value {
-    let t = Instant::now();
-    loop {
-        if let Ok(v) = vmm::api::request(sock, &json!({"cmd": "info"})) {
-            if v["info"]["state"] == state {
-                return v["info"].clone();
-            }
-        }
-        assert!(
-            t.elapsed() < util::LIMIT,
-            "{} never said {state}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The names of the process's threads.

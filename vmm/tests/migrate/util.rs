@@ -268,3 +268,19 @@ fn assert_guest_output_passed(who: &str, out: &str, err: &str) {
         "{who}: each vCPU verified: {err}"
     );
 }
+
+/// Waits (up to [`LIMIT`]) until `info` on the control socket `sock` says `state` (`running`,
+/// `empty`, `receiving at ADDR`); returns the info. The socket may be between owners meanwhile
+/// (a `--stay` vmm's VM and its empty control socket).
+pub fn wait_state(sock: &Path, state: &str) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        if let Ok(v) = vmm::api::request(sock, &serde_json::json!({"cmd": "info"})) {
+            if v["info"]["state"] == state {
+                return v["info"].clone();
+            }
+        }
+        assert!(t.elapsed() < LIMIT, "{} never said {state}", sock.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
