@@ -160,3 +160,65 @@ fn migration_stream_round_count_overflow() {
         "{e}"
     );
 }
+
+/// `virtio_blk`: a ring whose available index is more than a ring ahead of the device. The
+/// queue refuses to pop from it while `enable_notification` keeps saying more is offered, and
+/// the request server looked at it again for ever: a guest could hold its device thread (and
+/// every reset or shutdown waiting on it) in a spin. Now the server gives up on the ring.
+/// Set up as the target does: byte 0 flags (all set here: a read-only disk, event index, ring
+/// addresses from the input), bytes 1-2 the queue size, bytes 3-14 the descriptor table,
+/// available and used ring addresses (0x2800, 0, 0x10: the used ring inside the available
+/// one), then guest memory from 0. Run on a thread so that a regression fails, not hangs.
+#[test]
+fn virtio_blk_available_index_past_the_ring() {
+    use virtio_queue::{Queue, QueueT};
+    use vmm::virtio::block::{Disk, DiskConfig, Server};
+    use vmm::virtio::Interrupt;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let data = input("virtio_blk-available-index-past-the-ring");
+    let (flags, size) = (data[0], u16::from_le_bytes([data[1], data[2]]));
+    assert_eq!(flags & 4, 4, "ring addresses in the input");
+    let addr = |i: usize| u32::from_le_bytes(data[3 + 4 * i..7 + 4 * i].try_into().unwrap());
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 0x1_0000),
+        (GuestAddress(0x2_0000), 0x1000),
+    ])
+    .unwrap();
+    let image = &data[15..];
+    mem.write_slice(&image[..image.len().min(0x1_0000)], GuestAddress(0))
+        .unwrap();
+    let disk_path = std::env::temp_dir().join(format!("fuzz-reg-vblk-{}.img", std::process::id()));
+    std::fs::File::create(&disk_path)
+        .unwrap()
+        .set_len(32 << 10)
+        .unwrap();
+    let mut server = Server::new(
+        Disk::open(&DiskConfig {
+            path: disk_path.clone(),
+            readonly: flags & 1 != 0,
+            direct: false,
+        })
+        .unwrap(),
+    );
+    let mut queue = Queue::new(256).unwrap();
+    queue.set_size(size);
+    queue.set_desc_table_address(Some(addr(0)), Some(0));
+    queue.set_avail_ring_address(Some(addr(1)), Some(0));
+    queue.set_used_ring_address(Some(addr(2)), Some(0));
+    queue.set_event_idx(flags & 2 != 0);
+    queue.set_ready(true);
+    assert!(
+        queue.is_valid(&mem),
+        "the transport would have taken this queue"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let irq = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let _ = tx.send(server.process_queue(&mem, &mut queue, &irq));
+    });
+    let res = rx.recv_timeout(std::time::Duration::from_secs(20));
+    let _ = std::fs::remove_file(&disk_path);
+    let (_done, more) = res.expect("the server still spins on the ring");
+    assert!(!more);
+}

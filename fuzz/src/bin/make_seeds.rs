@@ -307,9 +307,108 @@ fn stage2_seeds() {
     }
 }
 
+/// Requests of every type the device serves, several in one ring, and the bad chains it must
+/// answer with an error status: see `tests/replay.rs` for what each must give.
+fn virtio_blk_seeds() {
+    use vmm_fuzz::virtio_blk::{
+        Input, D_NEXT, D_WRITE, F_ADDRESSES, F_EVENT_IDX, F_READONLY, T_FLUSH, T_GET_ID, T_IN,
+        T_OUT,
+    };
+    // Past the rings of the largest queue (the used ring of 256 ends at 0x2006).
+    const HDR: u64 = 0x2800;
+    const STATUS: u64 = 0x2c00;
+    const DATA: u64 = 0x3000;
+    // header, one data buffer, status: a chain at descriptors 3i..3i+2.
+    fn request(inp: &mut Input, i: u16, kind: u32, sector: u64, len: u32, write: bool) {
+        let at = u64::from(i);
+        inp.header(HDR + 16 * at, kind, sector);
+        inp.desc(3 * i, HDR + 16 * at, 16, D_NEXT, 3 * i + 1);
+        let dflags = if write { D_WRITE } else { 0 };
+        inp.desc(
+            3 * i + 1,
+            DATA + 0x1000 * at,
+            len,
+            D_NEXT | dflags,
+            3 * i + 2,
+        );
+        inp.desc(3 * i + 2, STATUS + at, 1, D_WRITE, 0);
+        inp.put(STATUS + at, &[0xee]);
+    }
+    let mut read = Input::new(0, 16);
+    request(&mut read, 0, T_IN, 0, 512, true);
+    write("virtio_blk", "read", &read.offer(&[0]).bytes());
+
+    let mut w = Input::new(0, 16);
+    request(&mut w, 0, T_OUT, 1, 1024, false);
+    w.put(DATA, &[0x5a; 1024]);
+    write("virtio_blk", "write", &w.offer(&[0]).bytes());
+
+    let mut flush = Input::new(0, 16);
+    flush.header(HDR, T_FLUSH, 0);
+    flush.desc(0, HDR, 16, D_NEXT, 1);
+    flush.desc(1, STATUS, 1, D_WRITE, 0);
+    flush.put(STATUS, &[0xee]);
+    write("virtio_blk", "flush", &flush.offer(&[0]).bytes());
+
+    let mut id = Input::new(0, 16);
+    request(&mut id, 0, T_GET_ID, 0, 20, true);
+    write("virtio_blk", "get-id", &id.offer(&[0]).bytes());
+
+    // Write, read it back, flush; with event index on.
+    let mut three = Input::new(F_EVENT_IDX, 16);
+    request(&mut three, 0, T_OUT, 2, 512, false);
+    request(&mut three, 1, T_IN, 2, 512, true);
+    request(&mut three, 2, T_FLUSH, 0, 0, true);
+    three.put(DATA, &[0xa5; 512]);
+    write(
+        "virtio_blk",
+        "write-read-flush-event-idx",
+        &three.offer(&[0, 3, 6]).bytes(),
+    );
+
+    let mut ro = Input::new(F_READONLY, 16);
+    request(&mut ro, 0, T_OUT, 0, 512, false);
+    write("virtio_blk", "write-readonly", &ro.offer(&[0]).bytes());
+
+    // Past the disk's end (64 sectors).
+    let mut past = Input::new(0, 16);
+    request(&mut past, 0, T_IN, 63, 1024, true);
+    write("virtio_blk", "read-past-end", &past.offer(&[0]).bytes());
+
+    // Descriptor 1 leads back to 0: the chain ends at the queue's size.
+    let mut lp = Input::new(0, 4);
+    lp.header(HDR, T_IN, 0);
+    lp.desc(0, HDR, 16, D_NEXT, 1);
+    lp.desc(1, DATA, 512, D_NEXT | D_WRITE, 0);
+    write("virtio_blk", "loop", &lp.offer(&[0]).bytes());
+
+    // A data buffer in the hole between the regions, one straddling the end of the first.
+    let mut hole = Input::new(0, 16);
+    request(&mut hole, 0, T_IN, 0, 512, true);
+    request(&mut hole, 1, T_IN, 0, 1024, true);
+    hole.desc(1, 0x1_8000, 512, D_NEXT | D_WRITE, 2);
+    hole.desc(4, 0xfe00, 1024, D_NEXT | D_WRITE, 5);
+    write(
+        "virtio_blk",
+        "buffers-outside-ram",
+        &hole.offer(&[0, 3]).bytes(),
+    );
+
+    // The ring addresses from the input: the same read with the rings moved.
+    let mut moved = read.bytes();
+    moved[0] |= F_ADDRESSES;
+    let addrs: Vec<u8> = [0u32, 0x1000, 0x1800]
+        .iter()
+        .flat_map(|a| a.to_le_bytes())
+        .collect();
+    moved.splice(3..3, addrs);
+    write("virtio_blk", "read-addresses", &moved);
+}
+
 fn main() {
     kernel_seeds();
     migration_seeds();
     control_seeds();
     stage2_seeds();
+    virtio_blk_seeds();
 }
