@@ -12,6 +12,7 @@ pub mod kernel_image;
 pub mod migration_stream;
 pub mod stage2_model;
 pub mod stage2_ops;
+pub mod virtio_balloon;
 pub mod virtio_blk;
 
 /// Longest input any target looks at; the rest of a longer input is ignored.

@@ -128,6 +128,47 @@ fn virtio_blk_seeds_give_their_statuses() {
 }
 
 #[test]
+fn corpus_virtio_balloon() {
+    replay("virtio_balloon", vmm_fuzz::virtio_balloon::run);
+}
+
+/// Each virtio_balloon seed reaches the drop path as its name says (or, for deflate and the
+/// statistics, does not).
+#[test]
+fn virtio_balloon_seeds_drop_what_they_name() {
+    let drops = |name: &str| {
+        vmm_fuzz::virtio_balloon::serve(&seed("virtio_balloon", name))
+            .unwrap_or_else(|| panic!("{name}: the queue was refused"))
+    };
+    let (d, info) = drops("inflate");
+    assert_eq!(
+        d,
+        vec![
+            (0x10_0000, 0x3000),
+            (0x20_0000, 0x1000),
+            (0x500_0000, 0x1000),
+            (0xfff_ffff_f000, 0x1000)
+        ]
+    );
+    assert_eq!(info["inflated_pages"].as_u64(), Some(6), "{info}");
+    assert_eq!(drops("deflate").0, vec![]);
+    // 12 KiB and single pages hold no whole 2 MiB page.
+    assert_eq!(drops("inflate-huge").0, vec![]);
+    for name in ["report", "report-huge"] {
+        // The range ending at 2^64 is dropped by nobody.
+        assert_eq!(
+            drops(name).0,
+            vec![(0x20_0000, 2 << 20), (0x80_0000, 4 << 20)],
+            "{name}"
+        );
+    }
+    let (d, info) = drops("stats");
+    assert_eq!(d, vec![]);
+    assert_eq!(info["stats"]["free_memory"], 100u64 << 20, "{info}");
+    assert_eq!(info["stats"]["tag_99"], 1, "{info}");
+}
+
+#[test]
 fn corpus_stage2_ops() {
     replay("stage2_ops", vmm_fuzz::stage2_ops::run);
 }

@@ -1,6 +1,10 @@
 /* memtest: writes a pattern over most of the guest's RAM and verifies it, several passes.
- * Usage: memtest [SIZE [PASSES]]   SIZE in MiB ("64") or a percentage of MemAvailable ("80%");
- * default 80%, PASSES default 2. Each 8-byte word holds f(page address, word index, pass), so a
+ * Usage: memtest [SIZE [PASSES [FREE HOLD]]]   SIZE in MiB ("64") or a percentage of
+ * MemAvailable ("80%"); default 80%, PASSES default 2. With FREE (MiB) and HOLD (seconds): after
+ * the first pass's writes, touches FREE MiB more, prints "memtest: touched FREE MiB", frees them
+ * (munmap), prints "memtest: freed FREE MiB, holding HOLD s", and for HOLD seconds verifies its
+ * own pages once a second (a balloon's free page reporting hands the freed ones to the host
+ * meanwhile, and the host may inflate the balloon); then goes on with its passes. Each 8-byte word holds f(page address, word index, pass), so a
  * page that reads back zeroed, stale (an earlier pass) or another page's content fails.
  * Prints progress lines and ends with "memtest: PASS <pages> pages" (exit 0) or
  * "memtest: FAIL <reason>" (exit 1). */
@@ -10,6 +14,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #define PAGE 4096UL
 #define WORDS (PAGE / sizeof(uint64_t))
@@ -50,6 +55,8 @@ int main(int argc, char **argv)
 {
     const char *size_arg = argc > 1 ? argv[1] : "80%";
     unsigned long passes = argc > 2 ? strtoul(argv[2], NULL, 0) : 2;
+    unsigned long free_mib = argc > 3 ? strtoul(argv[3], NULL, 0) : 0;
+    unsigned long hold = argc > 4 ? strtoul(argv[4], NULL, 0) : 0;
     unsigned long avail = mem_available_kib();
     unsigned long mib;
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -82,6 +89,39 @@ int main(int argc, char **argv)
                 printf("memtest: pass %lu wrote %lu/%lu pages\n", pass, p + 1, pages);
         }
         double t1 = now();
+        if (pass == 1 && free_mib) {
+            size_t len = free_mib * 1024 * 1024;
+            char *extra = mmap(NULL, len, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+            if (extra == MAP_FAILED) {
+                printf("memtest: FAIL mmap of %lu MiB more failed\n", free_mib);
+                return 1;
+            }
+            for (size_t o = 0; o < len; o += PAGE)
+                extra[o] = 1;
+            printf("memtest: touched %lu MiB\n", free_mib);
+            munmap(extra, len);
+            printf("memtest: freed %lu MiB, holding %lu s\n", free_mib, hold);
+            /* Meanwhile its own pages are checked every second: whatever the host takes back
+             * (reported free pages, a balloon's), these must stay as written. */
+            double end = now() + hold;
+            unsigned long rounds = 0;
+            while (now() < end) {
+                for (unsigned long p = 0; p < pages; p++) {
+                    uint64_t *pg = mem + p * WORDS;
+                    for (unsigned long w = 0; w < WORDS; w++)
+                        if (pg[w] != pattern((uint64_t)(uintptr_t)pg, w, pass)) {
+                            printf("memtest: FAIL page %lu word %lu changed while holding\n", p, w);
+                            return 1;
+                        }
+                }
+                rounds++;
+                sleep(1);
+            }
+            printf("memtest: held %lu s, its %lu pages verified %lu times\n", hold, pages, rounds);
+            t0 += now() - t1; /* the pass's write time leaves the hold out */
+            t1 = now();
+        }
         unsigned long bad_pages = 0;
         for (unsigned long p = 0; p < pages; p++) {
             uint64_t *pg = mem + p * WORDS;

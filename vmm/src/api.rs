@@ -1,5 +1,5 @@
 //! The control socket: JSON lines on a unix socket (`--api-socket PATH`) with `stats`, `info`,
-//! `reclaim`, `pause`, `resume`, `migrate`, `shutdown` and `receive`, served on its own thread
+//! `reclaim`, `pause`, `resume`, `migrate`, `shutdown`, `balloon` and `receive`, served on its own thread
 //! for an [`ApiTarget`] (the running VM, or a `--stay` process with none).
 //!
 //! One request per line, one response per line:
@@ -10,11 +10,12 @@
 //! {"cmd":"pause"} / {"cmd":"resume"}           -> {"ok":true}
 //! {"cmd":"migrate","to":"tcp:HOST:PORT"}       -> {"ok":true,"migrate":{...}} once the destination runs the guest
 //! {"cmd":"migrate","to":ADDR,"postcopy_after":N} -> the same, switching to postcopy after N rounds
+//! {"cmd":"balloon","size":"512M"}              -> {"ok":true,"balloon":{...}}: the target set, the balloon's figures (`--balloon`)
 //! {"cmd":"receive","from":"tcp:HOST:PORT"}     -> {"ok":true,"receive":{...}} once it listens (`vmm --stay` with no VM)
 //! anything wrong                               -> {"ok":false,"error":"what was wrong and what to send"}
 //! ```
 //!
-//! `gpa` and `len` are JSON numbers or strings (`"0x40000000"`, `"512M"`, `"1G"`). A bad request
+//! `gpa`, `len` and `size` are JSON numbers or strings (`"0x40000000"`, `"512M"`, `"1G"`). A bad request
 //! gets an error response; the connection, the server and the VM go on.
 //!
 //! Only the VMM's own user (and root) may drive the VM: the socket is created mode 0600, and
@@ -69,6 +70,12 @@ pub trait ApiTarget: Send + Sync {
     /// after a timeout if it does not; returns how it ended.
     fn shutdown(&self) -> Result<Value, String> {
         Err("this VM cannot be shut down over the control socket".into())
+    }
+    /// The balloon's figures; with `size`, first sets its target to that many bytes (the
+    /// guest gives that much of its memory back). By default a VM has no balloon.
+    fn balloon(&self, size: Option<u64>) -> Result<Value, String> {
+        let _ = size;
+        Err("no VM with a balloon runs here: start one with --kernel ... --balloon".into())
     }
     /// Listens at `from` (`tcp:HOST:PORT` or `unix:PATH`) for the next VM's migration source
     /// and answers once it listens: only a `vmm --stay` whose VM has left takes one in.
@@ -451,7 +458,7 @@ fn error(msg: impl Into<String>) -> Value {
     json!({"ok": false, "error": msg.into()})
 }
 
-const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"}, {"cmd":"resume"}, {"cmd":"info"}, {"cmd":"shutdown"}, {"cmd":"migrate","to":"tcp:HOST:PORT"[,"postcopy_after":N]} or {"cmd":"receive","from":"tcp:HOST:PORT"}"#;
+const USAGE: &str = r#"send one JSON object per line: {"cmd":"stats"}, {"cmd":"reclaim","gpa":GPA,"len":LEN}, {"cmd":"pause"}, {"cmd":"resume"}, {"cmd":"info"}, {"cmd":"shutdown"}, {"cmd":"migrate","to":"tcp:HOST:PORT"[,"postcopy_after":N]}, {"cmd":"balloon"[,"size":SIZE]} or {"cmd":"receive","from":"tcp:HOST:PORT"}"#;
 
 /// Answers one request line (without or with its trailing newline).
 pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
@@ -490,6 +497,19 @@ pub fn handle_line(line: &[u8], target: &dyn ApiTarget) -> Value {
             };
             match target.reclaim(gpa, len) {
                 Ok(report) => json!({"ok": true, "reclaim": report}),
+                Err(e) => error(e),
+            }
+        }
+        "balloon" => {
+            let size = match obj.get("size") {
+                None | Some(Value::Null) => None,
+                Some(_) => match size_field(obj, "size") {
+                    Ok(v) => Some(v),
+                    Err(e) => return error(e),
+                },
+            };
+            match target.balloon(size) {
+                Ok(v) => json!({"ok": true, "balloon": v}),
                 Err(e) => error(e),
             }
         }

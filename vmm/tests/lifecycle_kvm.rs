@@ -254,6 +254,7 @@ fn session<'m>(r: &'m Running, idle_timeout: Option<Duration>) -> Session<'m> {
             guest_report: None,
             harvest_every: None,
             migration_blocker: None,
+            balloon: None,
         },
     )
     .unwrap()

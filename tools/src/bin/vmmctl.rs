@@ -9,6 +9,8 @@
 //! vmmctl --socket /run/vmm.sock migrate --to tcp:127.0.0.1:4444   # precopy live migration
 //! vmmctl --socket /run/vmm.sock migrate --to tcp:127.0.0.1:4444 --postcopy-after 2
 //! vmmctl --socket /run/vmm.sock receive --from tcp:0.0.0.0:4444   # a `vmm --stay` with no VM
+//! vmmctl --socket /run/vmm.sock balloon 512M       # ask the guest for 512M back (vmm --balloon)
+//! vmmctl --socket /run/vmm.sock balloon            # the balloon's figures and guest statistics
 //! ```
 //!
 //! Prints the response (stats pretty-printed); exits 1 with the VMM's error text when the
@@ -78,6 +80,14 @@ enum Cmd {
         #[arg(long, value_name = "ADDR")]
         from: String,
     },
+    /// Set the balloon's size (how much of its memory the guest gives back to the host;
+    /// `vmm --balloon`), then print its figures and the guest's memory statistics. Without
+    /// SIZE, only print them.
+    Balloon {
+        /// The balloon's size: 0 (give everything back to the guest), 512M, 1G.
+        #[arg(value_parser = parse_size)]
+        size: Option<u64>,
+    },
 }
 
 /// Parses a size or address: decimal or `0x` hex, with an optional K/M/G/T (binary) suffix.
@@ -117,6 +127,8 @@ fn request_of(cmd: &Cmd) -> Value {
             postcopy_after: Some(n),
         } => json!({"cmd": "migrate", "to": to, "postcopy_after": n}),
         Cmd::Receive { from } => json!({"cmd": "receive", "from": from}),
+        Cmd::Balloon { size: None } => json!({"cmd": "balloon"}),
+        Cmd::Balloon { size: Some(n) } => json!({"cmd": "balloon", "size": n}),
     }
 }
 
@@ -163,6 +175,7 @@ fn run(cli: &Cli) -> Result<bool> {
         Cmd::Resume => println!("resumed"),
         Cmd::Migrate { .. } => println!("{}", serde_json::to_string_pretty(&resp["migrate"])?),
         Cmd::Receive { .. } => println!("{}", serde_json::to_string_pretty(&resp["receive"])?),
+        Cmd::Balloon { .. } => println!("{}", serde_json::to_string_pretty(&resp["balloon"])?),
     }
     Ok(true)
 }

@@ -235,6 +235,13 @@ pub struct Cli {
     #[arg(long, value_name = "path=FILE[,readonly=on][,direct=on]")]
     pub disk: Vec<crate::virtio::block::DiskConfig>,
 
+    /// A virtio-balloon device for the kernel, with statistics, deflate-on-OOM and free page
+    /// reporting: `vmmctl balloon SIZE` asks the guest for SIZE of its memory, and the pages it
+    /// gives (or reports free) are dropped on the host through stage2. A VM with a balloon
+    /// does not migrate yet.
+    #[arg(long)]
+    pub balloon: bool,
+
     /// Log level on stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -437,6 +444,7 @@ pub const GUEST_FLAGS: &[&str] = &[
 pub const KERNEL_FLAGS: &[&str] = &[
     "kernel",
     "disk",
+    "balloon",
     "initrd",
     "cmdline",
     "no_fast_boot",
@@ -470,12 +478,13 @@ impl Cli {
             );
         }
         if self.machine.incoming.is_some() {
-            if self.was_given("disk") {
-                return Err(
-                    "--disk with --incoming: a VM with virtio devices does not migrate yet, so \
-                     no source can send one; drop --disk"
-                        .into(),
-                );
+            for (id, flag) in [("disk", "--disk"), ("balloon", "--balloon")] {
+                if self.was_given(id) {
+                    return Err(format!(
+                        "{flag} with --incoming: a VM with virtio devices does not migrate yet, \
+                         so no source can send one; drop {flag}"
+                    ));
+                }
             }
             if let Some(f) = first(KERNEL_FLAGS) {
                 return Err(format!(

@@ -220,6 +220,7 @@ pub fn run(
             guest_report: Some(report.clone()),
             harvest_every: m.dirty_harvest_every(),
             migration_blocker: None,
+            balloon: None,
         },
     )?;
     let mut storm = match args.reclaim_storm {

@@ -25,6 +25,7 @@ use crate::exit::EXIT_OK;
 use crate::hypervisor;
 use crate::memory::{human, BackingKind};
 use crate::migrate::destination::Pending;
+use crate::virtio::balloon::{Balloon, BalloonHandle};
 use crate::virtio::block::{Block, Disk};
 use crate::virtio::{mmio, MmioTransport};
 use vmm_sys_util::eventfd::EventFd;
@@ -174,16 +175,22 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
         clock.mark("kernel payload decompressed");
     }
     check_cpus(cli.cpus)?;
-    if !cli.disk.is_empty() && plan.migrate_to.is_some() {
-        bail!(
-            "--disk with --migrate-to: a VM with virtio devices does not migrate yet; drop one \
-             of them"
-        );
+    if plan.migrate_to.is_some() {
+        for (given, flag) in [(!cli.disk.is_empty(), "--disk"), (cli.balloon, "--balloon")] {
+            if given {
+                bail!(
+                    "{flag} with --migrate-to: a VM with virtio devices does not migrate yet; \
+                     drop one of them"
+                );
+            }
+        }
     }
-    if cli.disk.len() > VIRTIO_GSIS.len() {
+    let devices = cli.disk.len() + usize::from(cli.balloon);
+    if devices > VIRTIO_GSIS.len() {
         bail!(
-            "{} disks: at most {} virtio devices fit this machine's interrupt lines",
+            "{} disks{}: at most {} virtio devices fit this machine's interrupt lines",
             cli.disk.len(),
+            if cli.balloon { " and a balloon" } else { "" },
             VIRTIO_GSIS.len()
         );
     }
@@ -217,6 +224,18 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
         );
         mmio.push(dev);
     }
+    let balloon = if cli.balloon {
+        let (device, handle) = Balloon::new().context("starting the virtio-balloon thread")?;
+        let dev = virtio_device(&machine, mmio.len(), Box::new(device))?;
+        info!(
+            "virtio-balloon at {:#x}, IRQ {}: statistics, deflate-on-OOM, free page reporting",
+            dev.window.start, dev.gsi
+        );
+        mmio.push(dev);
+        Some(handle)
+    } else {
+        None
+    };
     if !appended.is_empty() {
         info!(
             "this host's KVM is {} (software): appended `{}` to the kernel command line \
@@ -267,7 +286,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
     );
     clock.mark("vCPUs configured");
     let i8042 = Arc::new(I8042::new(machine.exit().clone()));
-    serve(cli, machine, vcpus, i8042, &plan, None, mmio)
+    serve(cli, machine, vcpus, i8042, &plan, None, mmio, balloon)
 }
 
 /// Guest-physical base of the virtio-mmio windows, one [`mmio::WINDOW`] each, in the hole
@@ -347,11 +366,21 @@ pub fn run_incoming(
         None => I8042::new(machine.exit().clone()),
     });
     let postcopy = machine.take_over(inc)?;
-    serve(cli, machine, vcpus, i8042, &plan, postcopy, Vec::new())
+    serve(
+        cli,
+        machine,
+        vcpus,
+        i8042,
+        &plan,
+        postcopy,
+        Vec::new(),
+        None,
+    )
 }
 
 /// Runs a loaded (or received) kernel VM: i8042 on the port bus, the console thread, the
 /// session, `--migrate-to`, and `--stats-json` at the end.
+#[allow(clippy::too_many_arguments)]
 fn serve(
     cli: &Cli,
     mut machine: Machine,
@@ -360,6 +389,7 @@ fn serve(
     plan: &MigrationPlan,
     postcopy: Option<PostcopyRx>,
     virtio: Vec<VirtioSlot>,
+    balloon: Option<BalloonHandle>,
 ) -> Result<Ended> {
     let mut bus = IoBus::new();
     let migration_blocker = (!virtio.is_empty())
@@ -378,6 +408,16 @@ fn serve(
         let target = pc.target().clone();
         reclaimer = reclaimer.refuse_owed(Box::new(move |gpa, len| target.owes_any(gpa, len)));
     }
+    let reclaimer = Arc::new(reclaimer);
+    // The balloon gives pages back through the same gate as the control socket's `reclaim`:
+    // stage2 brackets the drop, a running migration hears of it.
+    if let Some(b) = &balloon {
+        let r = reclaimer.clone();
+        b.set_drop_range(
+            Arc::new(move |gpa, len| r.reclaim(gpa, len).map(|_| ()).map_err(|e| e.to_string())),
+            machine.ram().page_size(),
+        );
+    }
     let started = Instant::now();
     let profile = cli.guest_profile.as_ref().map(|_| machine.profile_guest());
     let control = machine.start(vcpus, bus)?;
@@ -388,7 +428,7 @@ fn serve(
     let mut session = Session::new(
         &machine,
         control,
-        Arc::new(reclaimer),
+        reclaimer,
         SessionConfig {
             api_socket: cli.machine.api_socket.clone(),
             migrate: plan.config(&cli.machine),
@@ -416,6 +456,7 @@ fn serve(
             guest_report: None,
             harvest_every: cli.machine.dirty_harvest_every(),
             migration_blocker,
+            balloon,
         },
     )?;
     let mut waited = session.migrate_to(

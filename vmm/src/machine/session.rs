@@ -24,6 +24,7 @@ use crate::migrate::Address;
 use crate::migrate::MigrateError;
 use crate::pager::Pager;
 use crate::vcpu::VmControl;
+use crate::virtio::balloon::BalloonHandle;
 
 /// How often the main thread looks for a control-socket `migrate` request.
 const MIGRATE_POLL: Duration = Duration::from_millis(100);
@@ -78,6 +79,9 @@ pub struct SessionConfig {
     pub harvest_every: Option<Duration>,
     /// Why this VM cannot migrate, if it cannot (a `migrate` request gets it as the error).
     pub migration_blocker: Option<String>,
+    /// The virtio-balloon's handle, when the VM has one (`balloon`, and `info` and `stats`
+    /// show its figures).
+    pub balloon: Option<BalloonHandle>,
 }
 
 /// What the periodic harvests (`--dirty-harvest-ms`) did, for `stats`.
@@ -178,6 +182,7 @@ impl<'m> Session<'m> {
                     started: Instant::now(),
                     payload: cfg.payload.clone(),
                     power_button: power_button.clone(),
+                    balloon: cfg.balloon.clone(),
                 };
                 Some(api::serve_with(
                     path,
@@ -193,6 +198,7 @@ impl<'m> Session<'m> {
                         shutdown_timeout: cfg.shutdown_timeout,
                         guest: cfg.guest_report.clone(),
                         harvests: cfg.harvest_every.map(|e| (e, harvest_counts.clone())),
+                        balloon: cfg.balloon.clone(),
                     }),
                     cfg.api_timeout,
                 )?)
@@ -451,6 +457,7 @@ struct Info {
     started: Instant,
     payload: String,
     power_button: Option<Arc<PowerButtonHooks>>,
+    balloon: Option<BalloonHandle>,
 }
 
 impl Info {
@@ -471,6 +478,7 @@ impl Info {
             "power_button": self.power_button.as_ref().map(|b| json!({
                 "guest_listening": (b.listening)(),
             })),
+            "balloon": self.balloon.as_ref().map(|b| b.info(None)),
         })
     }
 }
@@ -488,7 +496,11 @@ struct MachineApi {
     shutdown_timeout: Duration,
     guest: Option<Arc<Mutex<guest_tests::Report>>>,
     harvests: Option<(Duration, Arc<HarvestCounts>)>,
+    balloon: Option<BalloonHandle>,
 }
+
+/// How long `balloon` waits for the guest's fresh statistics.
+const BALLOON_STATS_WAIT: Duration = Duration::from_secs(1);
 
 impl ApiTarget for MachineApi {
     fn stats(&self) -> Value {
@@ -532,6 +544,20 @@ impl ApiTarget for MachineApi {
     }
     fn reclaim(&self, gpa: u64, len: u64) -> Result<Value, String> {
         self.reclaimer.reclaim(gpa, len).map_err(|e| e.to_string())
+    }
+    fn balloon(&self, size: Option<u64>) -> Result<Value, String> {
+        let Some(b) = &self.balloon else {
+            return Err("this VM has no balloon: start it with --balloon".into());
+        };
+        if self.host_changes.migrated() {
+            return Err(HostChangeRefused::Migrated.to_string());
+        }
+        let set = size.map(|bytes| b.set_target(bytes)).transpose()?;
+        let mut v = b.info(Some(BALLOON_STATS_WAIT));
+        if let Some(set) = set {
+            v["driver_told"] = set["driver_told"].clone();
+        }
+        Ok(v)
     }
     fn pause(&self) -> Result<(), String> {
         self.control

@@ -175,6 +175,9 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_poll,
             libc::SYS_ppoll,
         ]],
+        // Drops the pages the guest gives through the reclaim path (as the reclaim storm's
+        // thread does) and waits on its queues' events.
+        ThreadKind::Balloon => &[DROP_PAGES, &[libc::SYS_poll, libc::SYS_ppoll]],
     };
     for list in extra {
         v.extend_from_slice(list);
@@ -206,7 +209,8 @@ fn ioctls(kind: ThreadKind) -> Ioctls {
         ThreadKind::Pager
         | ThreadKind::MigrationReceiver
         | ThreadKind::MigrationLane
-        | ThreadKind::Reclaim => Ioctls {
+        | ThreadKind::Reclaim
+        | ThreadKind::Balloon => Ioctls {
             types: &[UFFDIO],
             numbers: &[],
         },

@@ -68,11 +68,13 @@ pub enum ThreadKind {
     Profiler,
     /// A virtio-blk device's thread (`virtio-blk`): reads and writes its disk image.
     Block,
+    /// The virtio-balloon's thread (`virtio-balloon`): drops the pages the guest gives.
+    Balloon,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 13] = [
+    pub const ALL: [ThreadKind; 14] = [
         ThreadKind::Main,
         ThreadKind::Host,
         ThreadKind::Vcpu,
@@ -86,6 +88,7 @@ impl ThreadKind {
         ThreadKind::Reclaim,
         ThreadKind::Profiler,
         ThreadKind::Block,
+        ThreadKind::Balloon,
     ];
 
     /// The kind's name in messages.
@@ -104,6 +107,7 @@ impl ThreadKind {
             ThreadKind::Reclaim => "reclaim",
             ThreadKind::Profiler => "profiler",
             ThreadKind::Block => "virtio-blk",
+            ThreadKind::Balloon => "virtio-balloon",
         }
     }
 }

@@ -15,6 +15,7 @@
 //! to the VMM; where no ioeventfd is registered, the transport signals it on the MMIO exit),
 //! and its "used buffer" interrupt goes to the guest through an irqfd.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 

@@ -1,9 +1,14 @@
 //! Virtio devices under the project's test kernel: a virtio-blk disk (`--disk`) written by one
-//! boot, read back by the next, and checked on the host.
+//! boot, read back by the next, and checked on the host; a virtio-balloon (`--balloon`) whose
+//! free page reports and inflations give guest memory back to the host.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 use crate::common::cores;
 use crate::linux::marker_and_poweroff;
-use crate::util::{test_kernel, tmp, KernelVm, BOOT_LIMIT, SMALL};
+use crate::util::{request, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT, SMALL};
 
 /// The pattern `disk write` puts at the start of the disk (tools/test-initramfs/disk.c): word
 /// i is splitmix64's finaliser of `seed ^ i`, little-endian.
@@ -94,4 +99,230 @@ fn test_kernel_powers_off_after_writing_its_disk_and_the_next_boot_reads_it_back
         "a read-only boot changed the image"
     );
     let _ = std::fs::remove_file(&img);
+}
+
+/// The resident memory of process `pid` (VmRSS), in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib << 10)
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Polls the balloon's figures until `done` holds of them, up to `limit`.
+fn balloon_until(sock: &std::path::Path, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let b = request(sock, json!({"cmd": "balloon"}))["balloon"].clone();
+        if done(&b) || t.elapsed() > limit {
+            return b;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// What a balloon run does: the machine, memtest's sizes, the inflation, and whether the host
+/// reclaims the RAM above the kernel's `mem=` meanwhile.
+struct BalloonRun {
+    /// `--mem` and the kernel's `mem=` (the RAM above it is the guest's but unused).
+    mem: &'static str,
+    kernel_mem: Option<&'static str>,
+    /// memtest's own MiB, the MiB it touches and frees, and how long it holds after.
+    own_mib: u64,
+    free_mib: u64,
+    hold_s: u64,
+    /// How much the balloon is inflated to during the hold, and the RSS fall asked of the
+    /// freed memory (most of it).
+    inflate_mib: u64,
+    fall_mib: u64,
+    /// Reclaim `[gpa, gpa + len)` every 500 ms from boot to the end.
+    reclaim_unused: Option<(u64, u64)>,
+}
+
+/// Boots the test kernel with `--balloon`, runs memtest as `run` says, checks that the RSS
+/// falls by `fall_mib` once memtest frees its extra memory (free page reports dropped through
+/// stage2), inflates and deflates the balloon during memtest's hold, and checks memtest passes.
+fn balloon_run(test: &str, run: BalloonRun) {
+    let Some((k, i)) = test_kernel(test) else {
+        return;
+    };
+    // One VM with one vCPU at a time: it shares the host's cores with another such test.
+    let _g = cores(1);
+    // A socket path must fit in 108 bytes: not the test's name.
+    let sock = tmp(&format!("balloon-{}.sock", run.free_mib));
+    let sock_arg = sock.display().to_string();
+    let cmdline = format!(
+        "console=ttyS0 {}run=memtest,{},2,{},{}",
+        run.kernel_mem
+            .map(|m| format!("mem={m} "))
+            .unwrap_or_default(),
+        run.own_mib,
+        run.free_mib,
+        run.hold_s
+    );
+    let mut vm = KernelVm::boot(
+        &k,
+        &i,
+        test,
+        &cmdline,
+        &["--mem", run.mem, "--cpus", "1", "--hugepages", "none"],
+        &["--balloon", "--api-socket", &sock_arg],
+    );
+    let pid = vm.child.id();
+    wait_for_path(&sock);
+    // Once memtest runs (before it, the kernel copies the initrd the VMM put at the top of RAM
+    // down below its `mem=`), the host drops the RAM the kernel was told it does not have,
+    // again and again, on a thread of its own until the VM ends.
+    assert!(
+        vm.wait_for("RUN memtest", BOOT_LIMIT),
+        "memtest started:\n{}",
+        vm.text()
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reclaimer = run.reclaim_unused.map(|(gpa, len)| {
+        let (sock, stop) = (sock.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut done = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match vmm::api::request(&sock, &json!({"cmd": "reclaim", "gpa": gpa, "len": len})) {
+                    Ok(v) if v["ok"] == true => done += 1,
+                    Ok(v) => panic!("reclaim refused: {v}"),
+                    Err(_) => break, // the VM ended
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            done
+        })
+    });
+    let touched = format!("memtest: touched {} MiB", run.free_mib);
+    assert!(
+        vm.wait_for(&touched, BOOT_LIMIT),
+        "{touched}:\n{}",
+        vm.text()
+    );
+    let high = rss(pid);
+    let freed = format!("memtest: freed {} MiB", run.free_mib);
+    assert!(
+        vm.wait_for(&freed, Duration::from_secs(300)),
+        "{freed}:\n{}",
+        vm.text()
+    );
+    let freed_at = Instant::now();
+    let mut low = high;
+    while freed_at.elapsed() < Duration::from_secs(30) {
+        low = low.min(rss(pid));
+        if high.saturating_sub(low) >= run.fall_mib * MIB {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = freed_at.elapsed();
+    let b = request(&sock, json!({"cmd": "balloon"}))["balloon"].clone();
+    eprintln!(
+        "{test}: RSS {} MiB with the {} MiB touched, {} MiB {:.1} s after memtest said it freed \
+         them; balloon {b}",
+        high / MIB,
+        run.free_mib,
+        low / MIB,
+        took.as_secs_f64()
+    );
+    assert!(
+        high.saturating_sub(low) >= run.fall_mib * MIB,
+        "the host's RSS fell by {} MiB of the {} freed (balloon: {b})",
+        high.saturating_sub(low) / MIB,
+        run.free_mib
+    );
+    assert!(
+        b["reported_bytes"].as_u64().unwrap() >= run.fall_mib * MIB,
+        "free page reports: {b}"
+    );
+    assert!(b["stats"]["total_memory"].as_u64().unwrap() > 0, "{b}");
+
+    // Inflate: the guest gives `inflate_mib`; deflate: it takes them back.
+    let want = run.inflate_mib * MIB;
+    let set = request(&sock, json!({"cmd": "balloon", "size": want}))["balloon"].clone();
+    assert_eq!(set["target_bytes"], want, "{set}");
+    assert_eq!(set["driver_told"], true, "{set}");
+    let b = balloon_until(&sock, Duration::from_secs(30), |b| {
+        b["actual_bytes"] == want
+    });
+    assert_eq!(b["actual_bytes"], want, "the guest inflated: {b}");
+    assert!(b["inflated_pages"].as_u64().unwrap() >= want / 4096, "{b}");
+    request(&sock, json!({"cmd": "balloon", "size": 0}));
+    let b = balloon_until(&sock, Duration::from_secs(30), |b| b["actual_bytes"] == 0);
+    assert_eq!(b["actual_bytes"], 0, "the guest deflated: {b}");
+    assert!(b["deflated_pages"].as_u64().unwrap() >= want / 4096, "{b}");
+
+    let (code, err, text) = vm.wait_end(BOOT_LIMIT);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(r) = reclaimer {
+        let reclaims = r.join().expect("the reclaim thread");
+        assert!(reclaims > 0, "the host reclaimed while memtest ran");
+    }
+    assert_eq!(code, Some(0), "the guest powered off:\n{text}\n{err}");
+    let passed = format!("memtest: PASS {} pages", run.own_mib * MIB / 4096);
+    assert!(
+        text.contains(&passed) && text.contains("RUN-EXIT 0"),
+        "{passed}:\n{text}"
+    );
+    assert!(text.contains("verified"), "{text}");
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// The memory program writes and verifies a pattern in RAM the guest owns, on the stage-2
+/// path, while the host takes memory back both ways a guest tolerates:
+/// - it reclaims, again and again, the RAM the kernel does not use (the VM has 384M, the
+///   kernel is told `mem=256M`, the host drops [256M, 384M)): a drop of memory the guest owns
+///   would lose its data (private memory comes back as zeroes);
+/// - memtest touches 32 MiB more and frees them, the guest's free page reporting hands them
+///   to the balloon, which drops them through stage2's reclaim path: the VMM's RSS falls by
+///   most of the 32 MiB; then `balloon 16M` inflates the balloon and `balloon 0` deflates it,
+///   while memtest checks its own pages once a second. (Linux reports free memory only while
+///   its zone keeps 64 MiB above the low watermark besides: with `mem=128M` it reported
+///   nothing.)
+///
+/// (The kernel's first touch of each page, zeroing it in ring 0, is what takes this test's
+/// time on a software KVM: about 0.75 s per MiB here, so the sizes are kept small; the 200 MiB
+/// of the issue are in the ignored test below.)
+#[test]
+fn memtest_passes_while_the_host_reclaims_unused_memory_and_the_balloon_takes_freed_memory() {
+    balloon_run(
+        "memtest_passes_while_the_host_reclaims_unused_memory_and_the_balloon_takes_freed_memory",
+        BalloonRun {
+            mem: "384M",
+            kernel_mem: Some("256M"),
+            own_mib: 24,
+            free_mib: 32,
+            hold_s: 30,
+            inflate_mib: 16,
+            fall_mib: 24,
+            reclaim_unused: Some((256 << 20, 128 << 20)),
+        },
+    );
+}
+
+/// The issue's figure: 200 MiB allocated and freed in a 384M guest, the RSS falls by at least
+/// 150 MiB; a 64 MiB inflation.
+#[test]
+#[ignore = "slow here: 5 minutes (306 s on 2026-12-07, the machine quiet): the guest kernel \
+            zeroes each page it hands memtest in interpreted ring 0 (about 3 ms a page) and \
+            frees them as slowly; the suite runs the same with 32 MiB"]
+fn freed_guest_memory_goes_back_to_the_host_through_the_balloon_and_memtest_still_passes() {
+    balloon_run(
+        "freed_guest_memory_goes_back_to_the_host_through_the_balloon_and_memtest_still_passes",
+        BalloonRun {
+            mem: "384M",
+            kernel_mem: None,
+            own_mib: 16,
+            free_mib: 200,
+            hold_s: 40,
+            inflate_mib: 64,
+            fall_mib: 150,
+            reclaim_unused: None,
+        },
+    );
 }

@@ -289,61 +289,6 @@ fn counter_migrates_live_postcopy_and_back_between_staying_vmms() {
     );
 }
 
-/// The memory program writes and verifies a pattern over most of the guest's RAM on the
-/// stage-2 path while the host reclaims guest memory the kernel does not use: the VM has
-/// 256M, the kernel is told `mem=128M`, and the host drops [128M, 256M) again and again. (The
-/// kernel's first touch of each page, zeroing it in ring 0, is what takes this test's time on
-/// a software KVM: about 0.75 s per MiB here, so the sizes are kept small.) A
-/// drop of memory the guest owns would lose its data (private memory comes back as zeroes),
-/// so this is the mode a guest tolerates; the balloon (issue 15) is how a guest hands over
-/// memory it owns.
-#[test]
-fn memtest_passes_while_the_host_reclaims_unused_guest_memory() {
-    let test = "memtest_passes_while_the_host_reclaims_unused_guest_memory";
-    let Some((k, i)) = test_kernel(test) else {
-        return;
-    };
-    // One VM with one vCPU: it shares the host's cores with another such test.
-    let _g = cores(1);
-    let sock = tmp(&format!("{test}.sock"));
-    let mut vm = KernelVm::boot(
-        &k,
-        &i,
-        test,
-        "console=ttyS0 mem=128M marker=memtest run=memtest,75%,2",
-        &["--mem", "256M", "--cpus", "1", "--hugepages", "none"],
-        &["--api-socket", sock.to_str().unwrap()],
-    );
-    assert!(
-        vm.wait_for("memtest: pass 1 wrote", BOOT_LIMIT),
-        "memtest started:\n{}",
-        vm.text()
-    );
-    wait_for_path(&sock);
-    let mut reclaims = 0;
-    while !vm.text().contains("memtest: PASS") && !vm.text().contains("memtest: FAIL") {
-        let v = vmm::api::request(
-            &sock,
-            &json!({"cmd": "reclaim", "gpa": 128u64 << 20, "len": 128u64 << 20}),
-        );
-        match v {
-            Ok(v) if v["ok"] == true => reclaims += 1,
-            Ok(v) => panic!("reclaim refused: {v}"),
-            Err(_) => break, // the VM ended
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let (code, err, text) = vm.wait_end(BOOT_LIMIT);
-    assert!(reclaims > 0, "the host reclaimed while memtest ran");
-    assert!(
-        text.contains("memtest: PASS"),
-        "memtest passed:\n{}\n{err}",
-        &text[text.len().saturating_sub(3000)..]
-    );
-    assert!(text.contains("RUN-EXIT 0"), "{text}");
-    assert_eq!(code, Some(0), "{err}");
-}
-
 /// Debian's stock cloud kernel (`tools/fetch-kernel`) to userspace with the test initramfs and
 /// no command line beyond the console and the marker: on this host the VMM adds what the
 /// software KVM needs (`noxsave clearcpuid=ssse3`), emulates what KVM cannot, relays the
