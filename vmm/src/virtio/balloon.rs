@@ -11,11 +11,11 @@
 //! when touched. `VIRTIO_BALLOON_F_DEFLATE_ON_OOM` lets the guest deflate by itself when it
 //! runs out of memory.
 //!
-//! A page is dropped only when the backing's whole page is given: on 2 MiB huge pages an
-//! inflate of scattered 4 KiB pages drops nothing (the guest's pages stay counted as given;
-//! the host gets them back when the driver gives the rest of the huge page). Free page
-//! reports come in blocks of the guest's `page_reporting_order` (2 MiB on x86), which suit
-//! huge pages.
+//! A page is dropped only when the backing's whole page is given within one buffer: on 2 MiB
+//! huge pages an inflate of scattered 4 KiB pages drops nothing (they stay the guest's gift,
+//! counted as kept; pieces of one huge page given in different buffers are not put together).
+//! Free page reports come in blocks of the guest's `page_reporting_order` (2 MiB on x86),
+//! which suit huge pages.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
