@@ -33,7 +33,7 @@ thread_local! {
     /// One balloon per fuzzing process (its device thread idles): the handle, the drops its
     /// server asked for, and the backing page size they were asked on.
     static BALLOON: (Balloon, BalloonHandle, DropLog) = {
-        let (dev, handle) = Balloon::new().expect("a balloon");
+        let (dev, handle) = Balloon::new(Default::default()).expect("a balloon");
         (dev, handle, Arc::new(Mutex::new(Vec::new())))
     };
 }

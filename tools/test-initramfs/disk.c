@@ -5,6 +5,11 @@
  *   disk verify DEV MIB SEED   reads them back (O_DIRECT: from the device, not the page cache)
  *                              and prints "DISK verify DEV MIB MiB seed SEED sum SUM ok", or
  *                              "DISK verify ... FAIL at byte N" and exits 1
+ *   disk cycle DEV MIB SEED N  N rounds of: write the pattern of SEED+r with O_DIRECT (every
+ *                              write is a request to the device), fsync, read it back with
+ *                              O_DIRECT and compare; prints "DISK round R seed S sum SUM ok"
+ *                              per round and "DISK cycle DEV MIB MiB N rounds ok" at the end
+ *                              (the disk is busy throughout: a migration lands mid-request)
  *
  * The pattern: little-endian 64-bit words, word i of the device = mix(SEED ^ i) (splitmix64's
  * finaliser), so every word differs and a misplaced block shows. SUM is the FNV-1a hash of the
@@ -45,10 +50,68 @@ static uint64_t fnv(uint64_t h, const uint8_t *p, size_t n)
     return h;
 }
 
+/* One round of `cycle`: 0, or 1 after printing why. */
+static int cycle_round(int fd, const char *dev, uint64_t mib, uint64_t seed, uint64_t round,
+                       uint8_t *want, uint8_t *got)
+{
+    uint64_t sum = 0xcbf29ce484222325ull;
+    for (uint64_t c = 0; c < mib; c++) {
+        fill(want, c * (CHUNK / 8), seed);
+        sum = fnv(sum, want, CHUNK);
+        if (pwrite(fd, want, CHUNK, (off_t)(c * CHUNK)) != (ssize_t)CHUNK) {
+            printf("DISK round %" PRIu64 " %s: short write at MiB %" PRIu64 ": %m\n", round, dev, c);
+            return 1;
+        }
+    }
+    if (fsync(fd) != 0) {
+        printf("DISK round %" PRIu64 " %s: fsync: %m\n", round, dev);
+        return 1;
+    }
+    for (uint64_t c = 0; c < mib; c++) {
+        fill(want, c * (CHUNK / 8), seed);
+        if (pread(fd, got, CHUNK, (off_t)(c * CHUNK)) != (ssize_t)CHUNK) {
+            printf("DISK round %" PRIu64 " %s: short read at MiB %" PRIu64 ": %m\n", round, dev, c);
+            return 1;
+        }
+        if (memcmp(got, want, CHUNK)) {
+            printf("DISK round %" PRIu64 " %s seed %" PRIu64 " FAIL in MiB %" PRIu64 "\n", round,
+                   dev, seed, c);
+            return 1;
+        }
+    }
+    printf("DISK round %" PRIu64 " seed %" PRIu64 " sum %016" PRIx64 " ok\n", round, seed, sum);
+    fflush(stdout);
+    return 0;
+}
+
+static int cycle(const char *dev, uint64_t mib, uint64_t seed, uint64_t rounds)
+{
+    int fd = open(dev, O_RDWR | O_DIRECT);
+    if (fd < 0) {
+        printf("DISK cycle %s: cannot open: %m\n", dev);
+        return 1;
+    }
+    uint8_t *want, *got;
+    if (posix_memalign((void **)&want, 4096, CHUNK) || posix_memalign((void **)&got, 4096, CHUNK)) {
+        printf("DISK out of memory\n");
+        return 1;
+    }
+    for (uint64_t r = 0; r < rounds; r++) {
+        if (cycle_round(fd, dev, mib, seed + r, r, want, got))
+            return 1;
+    }
+    printf("DISK cycle %s %" PRIu64 " MiB %" PRIu64 " rounds ok\n", dev, mib, rounds);
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 6 && !strcmp(argv[1], "cycle"))
+        return cycle(argv[2], strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0),
+                     strtoull(argv[5], NULL, 0));
     if (argc != 5 || (strcmp(argv[1], "write") && strcmp(argv[1], "verify"))) {
-        fprintf(stderr, "usage: disk write|verify DEV MIB SEED\n");
+        fprintf(stderr, "usage: disk write|verify DEV MIB SEED | disk cycle DEV MIB SEED ROUNDS\n");
         return 2;
     }
     int writing = !strcmp(argv[1], "write");

@@ -255,6 +255,7 @@ fn session<'m>(r: &'m Running, idle_timeout: Option<Duration>) -> Session<'m> {
             harvest_every: None,
             migration_blocker: None,
             balloon: None,
+            virtio: Vec::new(),
         },
     )
     .unwrap()

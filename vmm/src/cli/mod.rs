@@ -230,15 +230,15 @@ pub struct Cli {
 
     /// A virtio-blk disk for the kernel, on a raw image: path=FILE, and readonly=on (the
     /// guest may only read it) or direct=on (O_DIRECT, no host page cache). Give it again for
-    /// more disks (at most 6); the first is the guest's /dev/vda. A VM with disks does not
-    /// migrate yet.
+    /// more disks (at most 6); the first is the guest's /dev/vda. A migration's destination
+    /// opens the same path (shared storage, or one host); given there too, it must agree.
     #[arg(long, value_name = "path=FILE[,readonly=on][,direct=on]")]
     pub disk: Vec<crate::virtio::block::DiskConfig>,
 
     /// A virtio-balloon device for the kernel, with statistics, deflate-on-OOM and free page
     /// reporting: `vmmctl balloon SIZE` asks the guest for SIZE of its memory, and the pages it
-    /// gives (or reports free) are dropped on the host through stage2. A VM with a balloon
-    /// does not migrate yet.
+    /// gives (or reports free) are dropped on the host through stage2. Its state migrates;
+    /// the pages it holds go as zero runs, without data.
     #[arg(long)]
     pub balloon: bool,
 
@@ -478,15 +478,14 @@ impl Cli {
             );
         }
         if self.machine.incoming.is_some() {
-            for (id, flag) in [("disk", "--disk"), ("balloon", "--balloon")] {
-                if self.was_given(id) {
-                    return Err(format!(
-                        "{flag} with --incoming: a VM with virtio devices does not migrate yet, \
-                         so no source can send one; drop {flag}"
-                    ));
-                }
-            }
-            if let Some(f) = first(KERNEL_FLAGS) {
+            // --disk and --balloon may be given: they must agree with the source's devices
+            // (machine::spec::reconcile).
+            let payload_flags: Vec<&str> = KERNEL_FLAGS
+                .iter()
+                .copied()
+                .filter(|id| !matches!(*id, "disk" | "balloon"))
+                .collect();
+            if let Some(f) = first(&payload_flags) {
                 return Err(format!(
                     "{f} with --incoming: the destination receives the kernel, its command line \
                      and its initrd with the VM's memory from the source; drop {f}"

@@ -86,6 +86,25 @@ impl HostChanges {
         Ok(out)
     }
 
+    /// Records that a device wrote guest RAM in `ranges` (already written: a device cannot
+    /// wait or be refused). A migration pauses the devices before it refuses changes, so a
+    /// write here while refused is a bug in that order, logged.
+    pub fn record(&self, ranges: &[(u64, u64)]) {
+        match &*self.lock() {
+            HostChangeState::Idle => {}
+            HostChangeState::Tracking(log) => {
+                for &(gpa, len) in ranges {
+                    log.mark(gpa, len);
+                }
+            }
+            HostChangeState::Refused(why) => {
+                log::warn!(
+                    "a device wrote guest RAM while changes are refused ({why}): {ranges:x?}"
+                )
+            }
+        }
+    }
+
     /// A migration starts: record changes in `log` (call before the first harvest).
     pub fn track(&self, log: Arc<VmmDirty>) {
         *self.lock() = HostChangeState::Tracking(log);

@@ -151,7 +151,10 @@ impl DirtyBitmap {
 ///   must mark it (the dirty_log tests do, and check it is in the next harvest).
 /// - the migration receiver and postcopy's `Pager::place`: on the destination, which tracks
 ///   nothing.
-/// - devices (serial, i8042, the test port) only read guest RAM.
+/// - devices (serial, i8042, the test port) only read guest RAM; the virtio devices write it
+///   (a disk's read data and status bytes, every device's used rings) on their own threads,
+///   and record the ranges through [`super::HostChanges::record`] after writing. A migration
+///   pauses them (every request they took done) before it refuses host changes.
 /// - the emulation fallback (arch/x86_64/emulate) stores for the guest (`cmpxchg16b`,
 ///   `stmxcsr`) on vCPU threads while the VM runs: through [`super::HostChanges::change`] when the
 ///   VM's gate is given in `vcpu::EmulationHooks::host_changes`, unrecorded otherwise.

@@ -221,6 +221,7 @@ pub fn run(
             harvest_every: m.dirty_harvest_every(),
             migration_blocker: None,
             balloon: None,
+            virtio: Vec::new(),
         },
     )?;
     let mut storm = match args.reclaim_storm {

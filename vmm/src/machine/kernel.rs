@@ -13,7 +13,7 @@ use log::{debug, info};
 use super::console::{self, FlushingStdout};
 use super::incoming::PostcopyRx;
 use super::session::{PowerButtonHooks, Session, SessionConfig, Waited};
-use super::spec::{MachineSpec, Payload};
+use super::spec::{DeviceSpec, MachineSpec, Payload};
 use super::{Ended, Machine, MachineConfig, MigrationPlan};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, BootSpec, KernelImage};
@@ -26,8 +26,8 @@ use crate::hypervisor;
 use crate::memory::{human, BackingKind};
 use crate::migrate::destination::Pending;
 use crate::virtio::balloon::{Balloon, BalloonHandle};
-use crate::virtio::block::{Block, Disk};
-use crate::virtio::{mmio, MmioTransport};
+use crate::virtio::block::{Block, Disk, DiskConfig};
+use crate::virtio::{mmio, GuestWrites, MmioTransport, TransportState};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Logs (at debug level) how long after `main` started each start-up step ended, so the host's
@@ -175,31 +175,10 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
         clock.mark("kernel payload decompressed");
     }
     check_cpus(cli.cpus)?;
-    if plan.migrate_to.is_some() {
-        for (given, flag) in [(!cli.disk.is_empty(), "--disk"), (cli.balloon, "--balloon")] {
-            if given {
-                bail!(
-                    "{flag} with --migrate-to: a VM with virtio devices does not migrate yet; \
-                     drop one of them"
-                );
-            }
-        }
-    }
-    let devices = cli.disk.len() + usize::from(cli.balloon);
-    if devices > VIRTIO_GSIS.len() {
-        bail!(
-            "{} disks{}: at most {} virtio devices fit this machine's interrupt lines",
-            cli.disk.len(),
-            if cli.balloon { " and a balloon" } else { "" },
-            VIRTIO_GSIS.len()
-        );
-    }
     // Before any VM exists: a disk that cannot be used ends the run here.
-    let disks = cli
-        .disk
-        .iter()
-        .map(Disk::open)
-        .collect::<Result<Vec<_>, _>>()?;
+    let disks = open_disks(&cli.disk, cli.balloon)?;
+    // Paths made absolute now: the filters entered below refuse readlink.
+    let device_spec = DeviceSpec::of(&cli.disk, cli.balloon);
 
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
     // Set-up is done: from here this thread only loads or receives the guest, starts the
@@ -209,33 +188,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
     let mem = machine.mem().clone();
     let software_kvm = hypervisor::software_kvm().filter(|_| !cli.machine.no_host_quirks);
     let (cmdline, appended) = quirk_cmdline(&cli.cmdline, software_kvm.is_some());
-    let mut mmio = Vec::new();
-    for (i, disk) in disks.into_iter().enumerate() {
-        let sectors = disk.sectors();
-        let block = Block::new(disk).context("starting the virtio-blk thread")?;
-        let dev = virtio_device(&machine, i, Box::new(block))?;
-        info!(
-            "virtio-blk {}: {} ({} sectors) at {:#x}, IRQ {}",
-            i,
-            cli.disk[i].path.display(),
-            sectors,
-            dev.window.start,
-            dev.gsi
-        );
-        mmio.push(dev);
-    }
-    let balloon = if cli.balloon {
-        let (device, handle) = Balloon::new().context("starting the virtio-balloon thread")?;
-        let dev = virtio_device(&machine, mmio.len(), Box::new(device))?;
-        info!(
-            "virtio-balloon at {:#x}, IRQ {}: statistics, deflate-on-OOM, free page reporting",
-            dev.window.start, dev.gsi
-        );
-        mmio.push(dev);
-        Some(handle)
-    } else {
-        None
-    };
+    let devices = build_devices(&machine, disks, &cli.disk, device_spec)?;
     if !appended.is_empty() {
         info!(
             "this host's KVM is {} (software): appended `{}` to the kernel command line \
@@ -246,7 +199,8 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
     }
     mptable::setup(&mem, cli.cpus)?;
     // The virtio devices are announced in the DSDT (see `acpi::VirtioMmio`).
-    let announced: Vec<acpi::VirtioMmio> = mmio
+    let announced: Vec<acpi::VirtioMmio> = devices
+        .slots
         .iter()
         .map(|d| acpi::VirtioMmio {
             base: d.window.start as u32,
@@ -286,7 +240,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
     );
     clock.mark("vCPUs configured");
     let i8042 = Arc::new(I8042::new(machine.exit().clone()));
-    serve(cli, machine, vcpus, i8042, &plan, None, mmio, balloon)
+    serve(cli, machine, vcpus, i8042, &plan, None, devices)
 }
 
 /// Guest-physical base of the virtio-mmio windows, one [`mmio::WINDOW`] each, in the hole
@@ -296,6 +250,80 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// The I/O APIC pins of the virtio devices, in order: ISA lines nothing else here uses (COM1
 /// has 4, the i8042's keyboard and mouse 1 and 12, the RTC's would be 8).
 pub const VIRTIO_GSIS: [u32; 6] = [5, 6, 7, 9, 10, 11];
+
+/// Refuses more virtio devices than interrupt lines, and opens the disks (before any VM
+/// exists: a disk that cannot be used ends the run early).
+fn open_disks(disks: &[DiskConfig], balloon: bool) -> Result<Vec<Disk>> {
+    let devices = disks.len() + usize::from(balloon);
+    if devices > VIRTIO_GSIS.len() {
+        bail!(
+            "{} disks{}: at most {} virtio devices fit this machine's interrupt lines",
+            disks.len(),
+            if balloon { " and a balloon" } else { "" },
+            VIRTIO_GSIS.len()
+        );
+    }
+    Ok(disks
+        .iter()
+        .map(Disk::open)
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The virtio devices of `spec` in slot order: the `disks` (opened from `configs`), then a
+/// balloon when it has one. Their writes of guest RAM are recorded through the machine's
+/// gate.
+fn build_devices(
+    machine: &Machine,
+    disks: Vec<Disk>,
+    configs: &[DiskConfig],
+    spec: Vec<DeviceSpec>,
+) -> Result<Devices> {
+    let balloon = spec.contains(&DeviceSpec::Balloon);
+    let writes = || GuestWrites::new(machine.host_changes().clone());
+    let mut mmio = Vec::new();
+    for (i, disk) in disks.into_iter().enumerate() {
+        let sectors = disk.sectors();
+        let block = Block::new(disk, writes()).context("starting the virtio-blk thread")?;
+        let dev = virtio_device(machine, i, Box::new(block))?;
+        info!(
+            "virtio-blk {}: {} ({} sectors) at {:#x}, IRQ {}",
+            i,
+            configs[i].path.display(),
+            sectors,
+            dev.window.start,
+            dev.gsi
+        );
+        mmio.push(dev);
+    }
+    let handle = if balloon {
+        let (device, handle) =
+            Balloon::new(writes()).context("starting the virtio-balloon thread")?;
+        let dev = virtio_device(machine, mmio.len(), Box::new(device))?;
+        info!(
+            "virtio-balloon at {:#x}, IRQ {}: statistics, deflate-on-OOM, free page reporting",
+            dev.window.start, dev.gsi
+        );
+        mmio.push(dev);
+        Some(handle)
+    } else {
+        None
+    };
+    Ok(Devices {
+        slots: mmio,
+        balloon: handle,
+        spec,
+    })
+}
+
+/// A kernel VM's virtio devices.
+struct Devices {
+    /// In slot order.
+    slots: Vec<VirtioSlot>,
+    /// The balloon's handle, when there is one.
+    balloon: Option<BalloonHandle>,
+    /// What a migration's machine spec says of them.
+    spec: Vec<DeviceSpec>,
+}
 
 /// A virtio device on the machine.
 struct VirtioSlot {
@@ -351,6 +379,12 @@ pub fn run_incoming(
 ) -> Result<Ended> {
     let plan = MigrationPlan::from_args(&cli.machine)?;
     check_host_memory(spec.mem)?;
+    // The source's devices, in its slots; its disks are opened here, before any VM.
+    let (disk_configs, balloon) = DeviceSpec::split(&spec.devices);
+    let disks = open_disks(&disk_configs, balloon).context(
+        "the migrating VM's disk cannot be opened here: a disk migrates by its path, which \
+         must name the same image on this host (shared storage, or one host)",
+    )?;
     let mut cfg = machine_config(cli, backing, &plan)?;
     cfg.mem = spec.mem;
     cfg.cpus = spec.cpus;
@@ -358,24 +392,53 @@ pub fn run_incoming(
     // Set-up is done: from here this thread only loads or receives the guest, starts the
     // other threads, runs the VM and tears it down (seccomp's `main` list).
     crate::seccomp::enter_main();
-    let inc = machine.receive(pending)?;
+    let devices = build_devices(&machine, disks, &disk_configs, spec.devices.clone())?;
+    let mut inc = machine.receive(pending)?;
     let vcpus = machine.create_vcpus()?;
     machine.restore(&inc, &vcpus)?;
-    let i8042 = Arc::new(match inc.received.i8042 {
+    // Before the source is told the guest runs here: a device state that does not fit ends
+    // the migration while the source can still run the guest.
+    let states = std::mem::take(&mut inc.received.virtio);
+    restore_devices(&devices.slots, &states)?;
+    let i8042 = Arc::new(match inc.received.i8042.take() {
         Some(st) => I8042::from_state(machine.exit().clone(), st),
         None => I8042::new(machine.exit().clone()),
     });
     let postcopy = machine.take_over(inc)?;
-    serve(
-        cli,
-        machine,
-        vcpus,
-        i8042,
-        &plan,
-        postcopy,
-        Vec::new(),
-        None,
-    )
+    // Guest RAM can be read now (in postcopy, owed pages are fetched on demand): the devices
+    // the driver had started take their queues up again.
+    for (i, dev) in devices.slots.iter().enumerate() {
+        dev.transport
+            .start_restored()
+            .map_err(|e| anyhow::anyhow!("virtio device {i}: {e}"))?;
+    }
+    serve(cli, machine, vcpus, i8042, &plan, postcopy, devices)
+}
+
+/// Restores each device's state from the source's (`virtio-mmio-N` chunks), refusing a
+/// device without one, or one more than this machine has.
+fn restore_devices(
+    virtio: &[VirtioSlot],
+    states: &std::collections::BTreeMap<u32, Vec<u8>>,
+) -> Result<()> {
+    if let Some((&slot, _)) = states.iter().find(|(&i, _)| i as usize >= virtio.len()) {
+        bail!(
+            "the source sent the state of virtio device {slot}, but its machine spec names {} \
+             devices: run the same vmm build on both sides",
+            virtio.len()
+        );
+    }
+    for (i, dev) in virtio.iter().enumerate() {
+        let Some(blob) = states.get(&(i as u32)) else {
+            bail!("the source sent no state for virtio device {i}: run the same vmm build on both sides");
+        };
+        let st =
+            TransportState::decode(blob).map_err(|e| anyhow::anyhow!("virtio device {i}: {e}"))?;
+        dev.transport
+            .restore(&st)
+            .map_err(|e| anyhow::anyhow!("virtio device {i}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Runs a loaded (or received) kernel VM: i8042 on the port bus, the console thread, the
@@ -388,13 +451,17 @@ fn serve(
     i8042: Arc<I8042>,
     plan: &MigrationPlan,
     postcopy: Option<PostcopyRx>,
-    virtio: Vec<VirtioSlot>,
-    balloon: Option<BalloonHandle>,
+    devices: Devices,
 ) -> Result<Ended> {
+    let Devices {
+        slots,
+        balloon,
+        spec: device_spec,
+    } = devices;
     let mut bus = IoBus::new();
-    let migration_blocker = (!virtio.is_empty())
-        .then(|| "this VM has virtio devices, which do not migrate yet".to_string());
-    for dev in virtio {
+    let mut transports = Vec::with_capacity(slots.len());
+    for dev in slots {
+        transports.push(dev.transport.clone());
         bus.register_mmio(dev.window, dev.transport)?;
     }
     bus.register(I8042_DATA..=I8042_DATA, i8042.clone())?;
@@ -439,6 +506,7 @@ fn serve(
                 machine.backing(),
                 Payload::Kernel,
             )
+            .with_devices(device_spec)
             .to_bytes(),
             i8042: Some(i8042),
             power_button: Some(PowerButtonHooks {
@@ -455,8 +523,9 @@ fn serve(
             payload: "kernel".into(),
             guest_report: None,
             harvest_every: cli.machine.dirty_harvest_every(),
-            migration_blocker,
+            migration_blocker: None,
             balloon,
+            virtio: transports,
         },
     )?;
     let mut waited = session.migrate_to(

@@ -361,6 +361,7 @@ impl Machine {
             i8042: None,
             spec: &[],
             host_changes: Some(&self.host_changes),
+            virtio: &[],
         }
     }
 

@@ -25,6 +25,7 @@ use crate::migrate::MigrateError;
 use crate::pager::Pager;
 use crate::vcpu::VmControl;
 use crate::virtio::balloon::BalloonHandle;
+use crate::virtio::MmioTransport;
 
 /// How often the main thread looks for a control-socket `migrate` request.
 const MIGRATE_POLL: Duration = Duration::from_millis(100);
@@ -82,6 +83,8 @@ pub struct SessionConfig {
     /// The virtio-balloon's handle, when the VM has one (`balloon`, and `info` and `stats`
     /// show its figures).
     pub balloon: Option<BalloonHandle>,
+    /// The virtio devices, in slot order (their state migrates).
+    pub virtio: Vec<Arc<MmioTransport>>,
 }
 
 /// What the periodic harvests (`--dirty-harvest-ms`) did, for `stats`.
@@ -126,6 +129,7 @@ pub struct Session<'m> {
     api: Option<ApiServer>,
     migrate_to_failed: std::cell::Cell<bool>,
     migration_blocker: Option<String>,
+    virtio: Vec<Arc<MmioTransport>>,
     idle: std::cell::RefCell<IdleWatch>,
     harvester: std::cell::RefCell<Option<Harvester>>,
 }
@@ -217,6 +221,7 @@ impl<'m> Session<'m> {
             api,
             migrate_to_failed: std::cell::Cell::new(false),
             migration_blocker: cfg.migration_blocker,
+            virtio: cfg.virtio,
             idle: std::cell::RefCell::new(idle),
             harvester: std::cell::RefCell::new(cfg.harvest_every.map(|every| Harvester {
                 every,
@@ -371,6 +376,7 @@ impl<'m> Session<'m> {
         let mut src = self.machine.source(&self.control, &self.dirty);
         src.spec = &self.spec;
         src.i8042 = self.i8042.as_deref();
+        src.virtio = &self.virtio;
         match source::send(&src, addr, cfg) {
             Ok(s) => {
                 println!(

@@ -22,6 +22,88 @@ pub struct MachineSpec {
     pub memory_backend: String,
     /// What runs in the VM.
     pub payload: Payload,
+    /// The virtio devices, in slot order (a booted kernel's `--disk`s, then its balloon).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceSpec>,
+}
+
+/// A virtio device of a migrating VM: the destination builds the same ones, in the same
+/// slots, and takes their state from the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DeviceSpec {
+    /// A virtio-blk disk. The destination opens the same path: the image is on storage both
+    /// hosts see (or both ends are on one host); its size must match.
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// `readonly=on`.
+        readonly: bool,
+        /// `direct=on`.
+        direct: bool,
+    },
+    /// The virtio-balloon.
+    Balloon,
+}
+
+impl DeviceSpec {
+    /// The devices of `--disk` and `--balloon`, in the slot order the VMM gives them; a
+    /// disk's path made absolute (the destination may run elsewhere).
+    pub fn of(disks: &[crate::virtio::block::DiskConfig], balloon: bool) -> Vec<DeviceSpec> {
+        disks
+            .iter()
+            .map(|d| DeviceSpec::Disk {
+                path: absolute(&d.path),
+                readonly: d.readonly,
+                direct: d.direct,
+            })
+            .chain(balloon.then_some(DeviceSpec::Balloon))
+            .collect()
+    }
+
+    /// The `--disk` options and whether there is a balloon, from a list [`DeviceSpec::of`]
+    /// made.
+    pub fn split(devices: &[DeviceSpec]) -> (Vec<crate::virtio::block::DiskConfig>, bool) {
+        let mut disks = Vec::new();
+        let mut balloon = false;
+        for d in devices {
+            match d {
+                DeviceSpec::Disk {
+                    path,
+                    readonly,
+                    direct,
+                } => disks.push(crate::virtio::block::DiskConfig {
+                    path: path.clone(),
+                    readonly: *readonly,
+                    direct: *direct,
+                }),
+                DeviceSpec::Balloon => balloon = true,
+            }
+        }
+        (disks, balloon)
+    }
+}
+
+/// `path` without symbolic links, `.` or `..`, when it exists; as given otherwise.
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// `--disk` options as one comparable string (paths made absolute).
+fn disks_text(disks: &[crate::virtio::block::DiskConfig]) -> String {
+    let one = |d: &crate::virtio::block::DiskConfig| {
+        format!(
+            "path={}{}{}",
+            absolute(&d.path).display(),
+            if d.readonly { ",readonly=on" } else { "" },
+            if d.direct { ",direct=on" } else { "" }
+        )
+    };
+    if disks.is_empty() {
+        "none".into()
+    } else {
+        disks.iter().map(one).collect::<Vec<_>>().join(" ")
+    }
 }
 
 /// What runs in a migrating VM.
@@ -150,7 +232,14 @@ impl MachineSpec {
             hugepages: hugepages.into(),
             memory_backend: memory_backend.into(),
             payload,
+            devices: Vec::new(),
         }
+    }
+
+    /// This spec with `devices`.
+    pub fn with_devices(mut self, devices: Vec<DeviceSpec>) -> MachineSpec {
+        self.devices = devices;
+        self
     }
 }
 
@@ -201,6 +290,9 @@ pub fn reconcile(cli: &Cli, spec: &MachineSpec) -> anyhow::Result<BackingKind> {
         cli.memory_backend_name(),
         spec.memory_backend.clone(),
     );
+    let (disks, balloon) = DeviceSpec::split(&spec.devices);
+    add("disk", disks_text(&cli.disk), disks_text(&disks));
+    add("balloon", cli.balloon.to_string(), balloon.to_string());
     match &spec.payload {
         Payload::Kernel => {
             let guest_flag = std::iter::once("guest")
@@ -278,6 +370,7 @@ mod tests {
                 dirty_rate: 40,
                 expect_reclaim: true,
             }),
+            devices: Vec::new(),
         }
     }
 
@@ -291,7 +384,27 @@ mod tests {
         };
         let text = String::from_utf8(k.to_bytes()).unwrap();
         assert!(text.contains(r#""payload":{"kind":"kernel"}"#), "{text}");
-        assert_eq!(MachineSpec::from_bytes(text.as_bytes()).unwrap(), Some(k));
+        assert!(!text.contains("devices"), "no devices, no field: {text}");
+        assert_eq!(
+            MachineSpec::from_bytes(text.as_bytes()).unwrap(),
+            Some(k.clone())
+        );
+        // A kernel with two disks and a balloon: the slots' order survives, and splits back
+        // into the flags that made it.
+        let disks: Vec<crate::virtio::block::DiskConfig> =
+            ["path=/a.img", "path=/b.img,readonly=on,direct=on"]
+                .iter()
+                .map(|d| d.parse().unwrap())
+                .collect();
+        let with = k.with_devices(DeviceSpec::of(&disks, true));
+        let back = MachineSpec::from_bytes(&with.to_bytes()).unwrap().unwrap();
+        assert_eq!(back, with);
+        assert_eq!(back.devices.last(), Some(&DeviceSpec::Balloon));
+        assert_eq!(DeviceSpec::split(&back.devices), (disks.clone(), true));
+        assert_eq!(
+            disks_text(&disks),
+            "path=/a.img path=/b.img,readonly=on,direct=on"
+        );
     }
 
     /// A destination's own --reclaim-storm is kept for a guest that expects reclaims, and

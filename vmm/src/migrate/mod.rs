@@ -21,6 +21,6 @@ pub mod summary;
 pub mod transport;
 
 pub use error::MigrateError;
-pub use state::{DEVICE_I8042, DEVICE_KVM_VM, DEVICE_SERIAL};
+pub use state::{DEVICE_I8042, DEVICE_KVM_VM, DEVICE_SERIAL, DEVICE_VIRTIO_PREFIX};
 pub use stream::{Chunk, Layout, StreamError, StreamReader, StreamWriter};
 pub use transport::{Address, AddressError, Connection, Listener};

@@ -43,6 +43,9 @@ pub const DEVICE_KVM_VM: &str = "kvm-vm";
 pub const DEVICE_SERIAL: &str = "serial-com1";
 /// Device-state chunk name of the i8042 controller ([`crate::devices::i8042::I8042State`]).
 pub const DEVICE_I8042: &str = "i8042";
+/// Device-state chunk names of the virtio-mmio devices: this and the slot's index
+/// ([`crate::virtio::TransportState`]).
+pub const DEVICE_VIRTIO_PREFIX: &str = "virtio-mmio-";
 
 // MSR indices, Intel SDM Vol. 4 Table 2-2.
 /// IA32_TSC.

@@ -28,7 +28,10 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Interrupt, VirtioDevice, INT_CONFIG, INT_VRING, TYPE_BALLOON};
+use super::{
+    used_ring_range, ActivateError, GuestWrites, Interrupt, VirtioDevice, INT_CONFIG, INT_VRING,
+    TYPE_BALLOON,
+};
 
 /// The balloon's page size (virtio 1.2 §5.5.6: PFNs are of 4096-byte pages).
 pub const PAGE: u64 = 4096;
@@ -224,20 +227,23 @@ pub struct Server {
     shared: Arc<Shared>,
     /// The stats buffer the driver posted and the device holds until it wants new figures.
     stats_held: Option<u16>,
+    /// Where the used rings' writes are recorded (the device writes nothing else of RAM).
+    writes: GuestWrites,
 }
 
 impl Server {
-    fn new(shared: Arc<Shared>) -> Server {
+    fn new(shared: Arc<Shared>, writes: GuestWrites) -> Server {
         Server {
             shared,
             stats_held: None,
+            writes,
         }
     }
 
     /// A server of the balloon `handle` drives, without the device's thread: for tests and
     /// the fuzz target, which run its queues themselves.
     pub fn of(handle: &BalloonHandle) -> Server {
-        Server::new(handle.0.clone())
+        Server::new(handle.0.clone(), GuestWrites::default())
     }
 
     /// Serves the inflate (`deflate == false`) or deflate queue: every buffer is an array of
@@ -249,7 +255,8 @@ impl Server {
         interrupt: &Interrupt,
         deflate: bool,
     ) -> (usize, bool) {
-        drain(mem, queue, interrupt, |chain| {
+        let writes = self.writes.clone();
+        let out = drain(mem, queue, interrupt, |chain| {
             let mut pfns = Vec::new();
             for d in chain {
                 if d.is_write_only() {
@@ -280,7 +287,10 @@ impl Server {
                 }
             }
             0
-        })
+        });
+        // Also when nothing was done: the used ring's flags changed with the notifications.
+        writes.record(&[used_ring_range(queue)]);
+        out
     }
 
     /// Serves the reporting queue: each descriptor is a free range of guest RAM, dropped and
@@ -291,14 +301,16 @@ impl Server {
         queue: &mut Queue,
         interrupt: &Interrupt,
     ) -> (usize, bool) {
-        drain(mem, queue, interrupt, |chain| {
+        let out = drain(mem, queue, interrupt, |chain| {
             for d in chain {
                 let len = u64::from(d.len());
                 self.shared.reported_bytes.fetch_add(len, Ordering::Relaxed);
                 self.give(d.addr().0, len);
             }
             0
-        })
+        });
+        self.writes.record(&[used_ring_range(queue)]);
+        out
     }
 
     /// Serves the stats queue: reads the statistics of the buffer the driver posted and holds
@@ -338,6 +350,7 @@ impl Server {
             }
         }
         let _ = queue.enable_notification(mem);
+        self.writes.record(&[used_ring_range(queue)]);
     }
 
     /// Returns the held stats buffer so that the driver sends fresh figures.
@@ -354,6 +367,7 @@ impl Server {
             warn!("virtio-balloon: cannot return the stats buffer: {e:?}");
             return false;
         }
+        self.writes.record(&[used_ring_range(queue)]);
         if queue.needs_notification(mem).unwrap_or(true) {
             let _ = interrupt.raise(INT_VRING);
         }
@@ -452,15 +466,33 @@ fn drain(
     (done, more)
 }
 
+/// What the device thread is told: serve these queues (holding this stats buffer) until
+/// `stop`, or end.
 enum Command {
-    Serve {
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        events: Vec<Arc<EventFd>>,
-        interrupt: Arc<Interrupt>,
-        map: QueueMap,
-    },
+    Serve(Serving, Vec<Queue>, Option<u16>),
     Exit,
+}
+
+/// An active device's memory, queue events, interrupt and queue numbering.
+#[derive(Clone)]
+struct Serving {
+    mem: GuestMemoryMmap,
+    events: Vec<Arc<EventFd>>,
+    interrupt: Arc<Interrupt>,
+    map: QueueMap,
+}
+
+/// What the thread gives back when it stops serving: the queues and the held stats buffer.
+type Stopped = (Vec<Queue>, Option<u16>);
+
+/// What a migration carries of the balloon besides its queues: the target the host set, the
+/// guest's count, and the stats buffer the device holds (the driver sends no statistics
+/// again until it is returned).
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct BalloonState {
+    target: u32,
+    actual: u32,
+    stats_held: Option<u16>,
 }
 
 /// The virtio-balloon device, with its thread (started by the main thread, as the block
@@ -469,49 +501,47 @@ pub struct Balloon {
     shared: Arc<Shared>,
     commands: std::sync::mpsc::Sender<Command>,
     stop: Arc<EventFd>,
-    stopped: std::sync::mpsc::Receiver<()>,
+    stopped: std::sync::mpsc::Receiver<Stopped>,
     thread: Option<JoinHandle<()>>,
-    active: bool,
+    /// What the thread serves while the device is active.
+    serving: Option<Serving>,
+    /// Paused: the queues and held stats buffer as the thread left them.
+    paused: Option<Stopped>,
+    /// A migrated stats buffer the next activation holds.
+    restored_stats: Option<u16>,
 }
 
 impl Balloon {
-    /// A balloon with its thread, and the handle the control socket drives it with.
-    pub fn new() -> std::io::Result<(Balloon, BalloonHandle)> {
+    /// A balloon with its thread, and the handle the control socket drives it with; the
+    /// guest RAM it writes (its used rings) is recorded in `writes`.
+    pub fn new(writes: GuestWrites) -> std::io::Result<(Balloon, BalloonHandle)> {
         let shared = Arc::new(Shared::default());
         shared.backing_page.store(PAGE, Ordering::SeqCst);
         let refresh = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let _ = shared.refresh.set(refresh.clone());
         let (commands, rx) = std::sync::mpsc::channel::<Command>();
-        let (stopped_tx, stopped) = std::sync::mpsc::channel::<()>();
+        let (stopped_tx, stopped) = std::sync::mpsc::channel::<Stopped>();
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let stop_rx = stop.clone();
-        let mut server = Server::new(shared.clone());
+        let mut server = Server::new(shared.clone(), writes);
         let thread = std::thread::Builder::new()
             .name("virtio-balloon".into())
             .spawn(move || {
                 crate::seccomp::enter(crate::seccomp::ThreadKind::Balloon);
-                while let Ok(Command::Serve {
-                    mem,
-                    mut queues,
-                    events,
-                    interrupt,
-                    map,
-                }) = rx.recv()
-                {
+                while let Ok(Command::Serve(s, mut queues, held)) = rx.recv() {
+                    server.stats_held = held;
                     serve(
                         &mut server,
-                        &mem,
+                        &s.mem,
                         &mut queues,
-                        &events,
-                        &interrupt,
-                        map,
+                        &s.events,
+                        &s.interrupt,
+                        s.map,
                         &refresh,
                         &stop_rx,
                     );
-                    // A reset gives every buffer back to the driver, the held stats one too.
-                    server.stats_held = None;
                     let _ = stop_rx.read();
-                    let _ = stopped_tx.send(());
+                    let _ = stopped_tx.send((queues, server.stats_held.take()));
                 }
             })?;
         let handle = BalloonHandle(shared.clone());
@@ -522,10 +552,29 @@ impl Balloon {
                 stop,
                 stopped,
                 thread: Some(thread),
-                active: false,
+                serving: None,
+                paused: None,
+                restored_stats: None,
             },
             handle,
         ))
+    }
+
+    fn serve(
+        &self,
+        s: &Serving,
+        queues: Vec<Queue>,
+        held: Option<u16>,
+    ) -> Result<(), ActivateError> {
+        self.commands
+            .send(Command::Serve(s.clone(), queues, held))
+            .map_err(|_| ActivateError::Thread(std::io::Error::other("the thread has ended")))
+    }
+
+    /// Stops the thread's serving (after the batch it is in) and takes the queues back.
+    fn stop_thread(&self) -> Option<Stopped> {
+        let _ = self.stop.write(1);
+        self.stopped.recv().ok()
     }
 }
 
@@ -660,27 +709,66 @@ impl VirtioDevice for Balloon {
         events: Vec<Arc<EventFd>>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let map = QueueMap::new(acked_features);
-        *self.shared.interrupt.lock().unwrap() = Some(interrupt.clone());
-        self.commands
-            .send(Command::Serve {
-                mem,
-                queues,
-                events,
-                interrupt,
-                map,
-            })
-            .map_err(|_| ActivateError::Thread(std::io::Error::other("the thread has ended")))?;
-        self.active = true;
+        let serving = Serving {
+            map: QueueMap::new(acked_features),
+            mem,
+            events,
+            interrupt: interrupt.clone(),
+        };
+        *self.shared.interrupt.lock().unwrap() = Some(interrupt);
+        let held = self.restored_stats.take();
+        self.serve(&serving, queues, held)?;
+        self.serving = Some(serving);
         Ok(())
     }
 
     fn reset(&mut self) {
         *self.shared.interrupt.lock().unwrap() = None;
-        if std::mem::take(&mut self.active) {
-            let _ = self.stop.write(1);
-            let _ = self.stopped.recv();
+        // A reset gives every buffer back to the driver, the held stats one too.
+        if self.serving.take().is_some() && self.paused.take().is_none() {
+            let _ = self.stop_thread();
         }
+    }
+
+    fn pause(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.serving.as_ref()?;
+        if self.paused.is_none() {
+            self.paused = Some(self.stop_thread()?);
+        }
+        self.paused
+            .as_ref()
+            .map(|(queues, _)| queues.iter().map(|q| q.state()).collect())
+    }
+
+    fn resume(&mut self) {
+        let (Some(serving), Some((queues, held))) = (&self.serving, self.paused.take()) else {
+            return;
+        };
+        if let Err(e) = self.serve(serving, queues, held) {
+            warn!("virtio-balloon: cannot serve the queues again: {e}");
+            return;
+        }
+        for e in &serving.events {
+            let _ = e.write(1);
+        }
+    }
+
+    fn save(&self) -> Vec<u8> {
+        postcard::to_stdvec(&BalloonState {
+            target: self.shared.target.load(Ordering::SeqCst),
+            actual: self.shared.actual.load(Ordering::SeqCst),
+            stats_held: self.paused.as_ref().and_then(|(_, held)| *held),
+        })
+        .expect("the balloon's state always encodes")
+    }
+
+    fn restore(&mut self, blob: &[u8]) -> Result<(), String> {
+        let st: BalloonState = postcard::from_bytes(blob)
+            .map_err(|e| format!("the source's virtio-balloon state does not decode: {e}"))?;
+        self.shared.target.store(st.target, Ordering::SeqCst);
+        self.shared.actual.store(st.actual, Ordering::SeqCst);
+        self.restored_stats = st.stats_held;
+        Ok(())
     }
 }
 
@@ -710,7 +798,7 @@ mod tests {
     type DropLog = Arc<Mutex<Vec<(u64, u64)>>>;
 
     fn server(page: u64, refuse: bool) -> (Server, BalloonHandle, DropLog) {
-        let (dev, handle) = Balloon::new().unwrap();
+        let (dev, handle) = Balloon::new(GuestWrites::default()).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         handle.set_drop_range(
@@ -723,7 +811,7 @@ mod tests {
             }),
             page,
         );
-        let s = Server::new(dev.shared.clone());
+        let s = Server::new(dev.shared.clone(), GuestWrites::default());
         (s, handle, log)
     }
 
@@ -883,7 +971,7 @@ mod tests {
 
     #[test]
     fn the_target_is_in_the_config_space_and_the_driver_is_told_of_it() {
-        let (mut dev, handle) = Balloon::new().unwrap();
+        let (mut dev, handle) = Balloon::new(GuestWrites::default()).unwrap();
         // Before the driver started the device: set, nobody to tell.
         let v = handle.set_target(64 << 20).unwrap();
         assert_eq!(v["driver_told"], false);
@@ -921,7 +1009,7 @@ mod tests {
     #[test]
     fn the_device_thread_serves_inflate_and_reporting_and_refreshes_statistics() {
         let m = mem();
-        let (mut dev, handle) = Balloon::new().unwrap();
+        let (mut dev, handle) = Balloon::new(GuestWrites::default()).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         handle.set_drop_range(
@@ -989,5 +1077,102 @@ mod tests {
         });
         dev.reset();
         drop(dev);
+    }
+
+    /// A migration: the source's balloon pauses (its thread stops, the queues and the held
+    /// stats buffer come back), its state (target, the guest's count, the held buffer) is
+    /// restored into another balloon, which serves the same queues from where they were and
+    /// returns the held buffer when fresh statistics are asked for. The source's resumes too.
+    #[test]
+    fn a_paused_balloon_carries_its_target_count_and_held_stats_buffer_to_another() {
+        let m = mem();
+        let (mut src, src_handle) = Balloon::new(GuestWrites::default()).unwrap();
+        src_handle.set_target(64 << 20).unwrap();
+        src.write_config(4, &1234u32.to_le_bytes());
+        let mocks: Vec<_> = (0..4)
+            .map(|i| MockSplitQueue::create(&m, GuestAddress(i * 0x1_0000), 16))
+            .collect();
+        let events: Vec<_> = (0..4)
+            .map(|_| Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()))
+            .collect();
+        let stats = RawDescriptor::from(SplitDescriptor::new(BUF + 0x2000, 10, 0, 0));
+        mocks[2].add_desc_chains(&[stats], 0).unwrap();
+        let queues: Vec<Queue> = mocks.iter().map(|q| q.create_queue().unwrap()).collect();
+        assert!(src.pause().is_none(), "not active: nothing to pause");
+        src.activate(
+            m.clone(),
+            src.features(),
+            queues,
+            events.clone(),
+            Arc::new(irq()),
+        )
+        .unwrap();
+        let wait = |what: &str, done: &dyn Fn() -> bool| {
+            let t = Instant::now();
+            while !done() {
+                assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait("the first statistics", &|| {
+            src_handle.info(None)["stats_age_ms"].is_u64()
+        });
+        let queues = src.pause().expect("an active balloon pauses");
+        assert_eq!(queues.len(), 4);
+        assert_eq!(queues[2].next_avail, 1, "the stats buffer was taken");
+        assert_eq!(mocks[2].used().idx().load(), 0, "and is held, not returned");
+        // Paused: an inflate waits.
+        mocks[INFLATE]
+            .add_desc_chains(&[pfn_buffer(&m, BUF, &[0x300])], 0)
+            .unwrap();
+        events[INFLATE].write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            mocks[INFLATE].used().idx().load(),
+            0,
+            "a paused balloon serves nothing"
+        );
+        let blob = src.save();
+
+        let (mut dst, dst_handle) = Balloon::new(GuestWrites::default()).unwrap();
+        assert!(
+            dst.restore(&[0xff, 0xff, 0xff]).is_err(),
+            "garbage is refused"
+        );
+        dst.restore(&blob).unwrap();
+        let info = dst_handle.info(None);
+        assert_eq!(info["target_bytes"], 64u64 << 20, "{info}");
+        assert_eq!(info["actual_bytes"], 1234u64 * PAGE, "{info}");
+        let mut config = [0u8; 8];
+        dst.read_config(0, &mut config);
+        assert_eq!(config[..4], ((64u32 << 20) / 4096).to_le_bytes());
+        let queues: Vec<Queue> = queues
+            .into_iter()
+            .map(|q| Queue::try_from(q).unwrap())
+            .collect();
+        dst.activate(
+            m.clone(),
+            dst.features(),
+            queues,
+            events.clone(),
+            Arc::new(irq()),
+        )
+        .unwrap();
+        // The inflate queued during the pause is served once notified here.
+        events[INFLATE].write(1).unwrap();
+        wait("the inflate on the destination", &|| {
+            mocks[INFLATE].used().idx().load() == 1
+        });
+        // The held stats buffer goes back when the destination wants fresh figures.
+        let _ = dst_handle.info(Some(Duration::from_millis(100)));
+        wait("the held stats buffer's return", &|| {
+            mocks[2].used().idx().load() == 1
+        });
+        dst.reset();
+        drop(dst);
+        // The source's resume serves again (a failed migration): it still holds nothing new.
+        src.resume();
+        assert!(src.pause().is_some(), "resumed, it pauses again");
+        src.reset();
     }
 }

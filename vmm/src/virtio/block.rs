@@ -23,7 +23,10 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Interrupt, VirtioDevice, INT_VRING, TYPE_BLOCK};
+use super::{
+    used_ring_range, writable_ranges, ActivateError, GuestWrites, Interrupt, VirtioDevice,
+    INT_VRING, TYPE_BLOCK,
+};
 
 /// Bytes per sector: the unit of `capacity` and of a request's `sector`.
 pub const SECTOR: u64 = 512;
@@ -248,14 +251,21 @@ enum Failed {
 pub struct Server {
     disk: Disk,
     bounce: Bounce,
+    writes: GuestWrites,
 }
 
 impl Server {
     /// A server of `disk`.
     pub fn new(disk: Disk) -> Server {
+        Server::recording(disk, GuestWrites::default())
+    }
+
+    /// A server of `disk` that records the guest RAM it writes in `writes`.
+    pub fn recording(disk: Disk, writes: GuestWrites) -> Server {
         Server {
             disk,
             bounce: Bounce::new(),
+            writes,
         }
     }
 
@@ -271,6 +281,9 @@ impl Server {
     ) -> (usize, bool) {
         let mut done = 0;
         let mut more = false;
+        // What this batch writes of guest RAM: the requests' writable buffers (read data,
+        // status, ID) and the used ring, recorded for a running migration.
+        let mut written: Vec<(u64, u64)> = Vec::new();
         'drain: loop {
             // Notifications off while the ring is drained, then on and a last look (virtio 1.2
             // §2.7.10): a request the driver adds in between is not missed.
@@ -279,6 +292,7 @@ impl Server {
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 popped = true;
                 let head = chain.head_index();
+                written.extend(writable_ranges(&chain));
                 let used = self.execute(mem, chain);
                 if let Err(e) = queue.add_used(mem, head, used) {
                     warn!("virtio-blk: cannot put request {head} in the used ring: {e:?}");
@@ -305,6 +319,9 @@ impl Server {
                 }
             }
         }
+        // The used ring also when nothing was done: its flags changed with the notifications.
+        written.push(used_ring_range(queue));
+        self.writes.record(&written);
         if done > 0 && queue.needs_notification(mem).unwrap_or(true) {
             if let Err(e) = interrupt.raise(INT_VRING) {
                 warn!("virtio-blk: cannot raise the interrupt: {e}");
@@ -485,9 +502,27 @@ pub struct Block {
     readonly: bool,
     commands: std::sync::mpsc::Sender<Command>,
     stop: Arc<EventFd>,
-    stopped: std::sync::mpsc::Receiver<()>,
+    /// The thread gives the queue back when it stops serving.
+    stopped: std::sync::mpsc::Receiver<Queue>,
     thread: Option<JoinHandle<()>>,
-    active: bool,
+    /// What the thread serves while the device is active (for a resume after a pause).
+    serving: Option<Serving>,
+    /// Paused: the queue as the thread left it.
+    paused: Option<Queue>,
+}
+
+/// An active device's memory, queue event and interrupt.
+struct Serving {
+    mem: GuestMemoryMmap,
+    event: Arc<EventFd>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// What a migration checks of the disk on the destination: the same size and mode.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BlockState {
+    sectors: u64,
+    readonly: bool,
 }
 
 /// What the device's thread is told.
@@ -504,14 +539,14 @@ enum Command {
 }
 
 impl Block {
-    /// A device for `disk`, with its thread.
-    pub fn new(disk: Disk) -> std::io::Result<Block> {
+    /// A device for `disk`, with its thread; the guest RAM it writes is recorded in `writes`.
+    pub fn new(disk: Disk, writes: GuestWrites) -> std::io::Result<Block> {
         let (sectors, readonly, direct) = (disk.sectors, disk.readonly, disk.direct);
         let (commands, rx) = std::sync::mpsc::channel::<Command>();
-        let (stopped_tx, stopped) = std::sync::mpsc::channel::<()>();
+        let (stopped_tx, stopped) = std::sync::mpsc::channel::<Queue>();
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let stop_rx = stop.clone();
-        let mut server = Server::new(disk);
+        let mut server = Server::recording(disk, writes);
         let thread = std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || {
@@ -537,7 +572,14 @@ impl Block {
                         serve(&mut server, &mut queue);
                     }
                     let _ = stop_rx.read();
-                    let _ = stopped_tx.send(());
+                    // Every request taken is done; its writes go to the file's storage before
+                    // the queue is given back (a migration's destination opens the file next).
+                    if !server.disk.readonly {
+                        if let Err(e) = server.disk.file.sync_data() {
+                            warn!("virtio-blk: flushing the disk on stop: {e}");
+                        }
+                    }
+                    let _ = stopped_tx.send(queue);
                 }
             })?;
         Ok(Block {
@@ -547,7 +589,8 @@ impl Block {
             stop,
             stopped,
             thread: Some(thread),
-            active: false,
+            serving: None,
+            paused: None,
         })
     }
 }
@@ -607,24 +650,85 @@ impl VirtioDevice for Block {
     ) -> Result<(), ActivateError> {
         let queue = queues.pop().ok_or(ActivateError::BadQueue(0))?;
         let event = events.first().cloned().ok_or(ActivateError::BadQueue(0))?;
-        self.commands
-            .send(Command::Serve {
-                mem,
-                queue,
-                event,
-                interrupt,
-            })
-            .map_err(|_| ActivateError::Thread(std::io::Error::other("the thread has ended")))?;
-        self.active = true;
+        let serving = Serving {
+            mem,
+            event,
+            interrupt,
+        };
+        self.serve(&serving, queue)?;
+        self.serving = Some(serving);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if std::mem::take(&mut self.active) {
-            let _ = self.stop.write(1);
+        if self.serving.take().is_some() && self.paused.take().is_none() {
             // Its queue is the driver's again only once the thread let go of it.
-            let _ = self.stopped.recv();
+            let _ = self.stop_thread();
         }
+    }
+
+    fn pause(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.serving.as_ref()?;
+        if self.paused.is_none() {
+            self.paused = Some(self.stop_thread()?);
+        }
+        self.paused.as_ref().map(|q| vec![q.state()])
+    }
+
+    fn resume(&mut self) {
+        let (Some(serving), Some(queue)) = (&self.serving, self.paused.take()) else {
+            return;
+        };
+        if let Err(e) = self.serve(serving, queue) {
+            warn!("virtio-blk: cannot serve the queue again: {e}");
+            return;
+        }
+        // A request the driver made available while the device was paused.
+        let _ = serving.event.write(1);
+    }
+
+    fn save(&self) -> Vec<u8> {
+        postcard::to_stdvec(&BlockState {
+            sectors: self.sectors,
+            readonly: self.readonly,
+        })
+        .expect("the disk's state always encodes")
+    }
+
+    fn restore(&mut self, blob: &[u8]) -> Result<(), String> {
+        let st: BlockState = postcard::from_bytes(blob)
+            .map_err(|e| format!("the source's virtio-blk state does not decode: {e}"))?;
+        if st.sectors != self.sectors || st.readonly != self.readonly {
+            return Err(format!(
+                "the source's disk has {} sectors{}, the one here {} sectors{}: give the \
+                 destination the same image",
+                st.sectors,
+                if st.readonly { ", read-only" } else { "" },
+                self.sectors,
+                if self.readonly { ", read-only" } else { "" },
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Block {
+    /// Has the thread serve `queue`.
+    fn serve(&self, s: &Serving, queue: Queue) -> Result<(), ActivateError> {
+        self.commands
+            .send(Command::Serve {
+                mem: s.mem.clone(),
+                queue,
+                event: s.event.clone(),
+                interrupt: s.interrupt.clone(),
+            })
+            .map_err(|_| ActivateError::Thread(std::io::Error::other("the thread has ended")))
+    }
+
+    /// Stops the thread's serving (after the batch it is in) and takes the queue back.
+    fn stop_thread(&self) -> Option<Queue> {
+        let _ = self.stop.write(1);
+        self.stopped.recv().ok()
     }
 }
 
@@ -930,6 +1034,7 @@ mod tests {
                 direct: false,
             })
             .unwrap(),
+            GuestWrites::default(),
         )
         .unwrap();
         assert_ne!(dev.features() & (1 << F_RO), 0);
@@ -1009,7 +1114,7 @@ mod tests {
             direct: false,
         })
         .unwrap();
-        let mut dev = Block::new(disk).unwrap();
+        let mut dev = Block::new(disk, GuestWrites::default()).unwrap();
         let q = MockSplitQueue::new(&m, 16);
         header(&m, T_IN, 3);
         let read = [

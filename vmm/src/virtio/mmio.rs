@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -58,6 +59,103 @@ pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
 /// The driver gave up on the device.
 pub const STATUS_FAILED: u32 = 0x80;
 
+/// One queue as a migration carries it: what the driver set up and where the device is in
+/// its rings (virtio-queue's `QueueState`, which has no serde).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// The largest size the device offers.
+    pub max_size: u16,
+    /// The size the driver chose.
+    pub size: u16,
+    /// `QueueReady`.
+    pub ready: bool,
+    /// The descriptor table's guest address.
+    pub desc_table: u64,
+    /// The available ring's.
+    pub avail_ring: u64,
+    /// The used ring's.
+    pub used_ring: u64,
+    /// The next available entry the device takes.
+    pub next_avail: u16,
+    /// The next used entry the device fills.
+    pub next_used: u16,
+    /// `VIRTIO_F_EVENT_IDX` in use.
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> QueueSnapshot {
+        QueueSnapshot {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> QueueState {
+        QueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+/// A virtio-mmio device as a migration carries it: the transport's registers, the queues
+/// where the paused device left them, the interrupt status and the device's own state.
+/// Requests the device had taken are done before it is saved (see [`VirtioDevice::pause`]);
+/// requests the driver had made available but the device had not taken are in guest RAM and
+/// are taken on the destination, which looks at every queue once the device runs there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    /// The device type, checked on restore.
+    pub device_type: u32,
+    /// The device status the driver set.
+    pub status: u32,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// `DeviceFeaturesSel`.
+    pub device_features_sel: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_sel: u32,
+    /// `QueueSel`.
+    pub queue_sel: u32,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+    /// The queues, by index.
+    pub queues: Vec<QueueSnapshot>,
+    /// [`VirtioDevice::save`].
+    pub device: Vec<u8>,
+}
+
+impl TransportState {
+    /// The compact binary encoding (postcard), as the migration stream carries it.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("a transport state always encodes")
+    }
+
+    /// Decodes [`encode`](Self::encode)'s output.
+    pub fn decode(blob: &[u8]) -> Result<TransportState, String> {
+        postcard::from_bytes(blob).map_err(|e| {
+            format!("a virtio device's state does not decode ({e}): the stream is corrupted or comes from another vmm build")
+        })
+    }
+}
+
 struct State {
     device: Box<dyn VirtioDevice>,
     device_features_sel: u32,
@@ -67,6 +165,10 @@ struct State {
     queues: Vec<Queue>,
     status: u32,
     active: bool,
+    /// Paused for a migration: the device holds its queues ([`VirtioDevice::pause`]).
+    paused: Option<Vec<QueueSnapshot>>,
+    /// A migrated state was restored: the interrupt status to raise when it starts.
+    restored_interrupt: Option<u32>,
 }
 
 /// One virtio device behind its MMIO window.
@@ -104,6 +206,8 @@ impl MmioTransport {
                 queues,
                 status: 0,
                 active: false,
+                paused: None,
+                restored_interrupt: None,
             }),
             mem,
             events,
@@ -124,6 +228,117 @@ impl MmioTransport {
     /// The device status the driver set.
     pub fn status(&self) -> u32 {
         self.lock().status
+    }
+
+    /// Pauses the device for a migration (every request it took done, see
+    /// [`VirtioDevice::pause`]) and returns its state; [`MmioTransport::resume`] undoes the
+    /// pause. Pausing a paused device returns the same state. Call with the vCPUs paused:
+    /// the driver must not change the registers until the resume (or ever, once migrated).
+    pub fn pause(&self) -> TransportState {
+        let mut s = self.lock();
+        if s.paused.is_none() {
+            let queues = match s.device.pause() {
+                Some(qs) => qs.into_iter().map(QueueSnapshot::from).collect(),
+                None => s
+                    .queues
+                    .iter()
+                    .map(|q| QueueSnapshot::from(q.state()))
+                    .collect(),
+            };
+            s.paused = Some(queues);
+        }
+        TransportState {
+            device_type: s.device.device_type(),
+            status: s.status,
+            acked_features: s.acked_features,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            queue_sel: s.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            queues: s.paused.clone().unwrap_or_default(),
+            device: s.device.save(),
+        }
+    }
+
+    /// Serves the queues again after [`MmioTransport::pause`] (a migration failed: the VM
+    /// runs on here).
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        if s.paused.take().is_some() && s.active {
+            s.device.resume();
+        }
+    }
+
+    /// Takes a migration source's state into this transport of a fresh machine, before its
+    /// vCPUs run: the registers, the queues where the source's device left them, the device's
+    /// own state. Nothing of guest RAM is read (a postcopy destination may not have it yet):
+    /// [`MmioTransport::start_restored`] starts the device once RAM can be read.
+    pub fn restore(&self, st: &TransportState) -> Result<(), String> {
+        let mut s = self.lock();
+        let ty = s.device.device_type();
+        if st.device_type != ty {
+            return Err(format!(
+                "the source's device in this slot is of virtio type {}, this one of type {ty}:                  the machine here was built with other devices",
+                st.device_type
+            ));
+        }
+        if st.queues.len() != s.queues.len() {
+            return Err(format!(
+                "the source's device has {} queues, this one {}",
+                st.queues.len(),
+                s.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(st.queues.len());
+        for (i, (q, here)) in st.queues.iter().zip(&s.queues).enumerate() {
+            if q.max_size != here.max_size() {
+                return Err(format!(
+                    "queue {i}: the source's holds {} entries at most, this one {}",
+                    q.max_size,
+                    here.max_size()
+                ));
+            }
+            let queue = Queue::try_from(QueueState::from(*q))
+                .map_err(|e| format!("queue {i}: the source's state is not a queue: {e:?}"))?;
+            if queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(format!(
+                    "queue {i}: its rings lie outside this machine's RAM"
+                ));
+            }
+            queues.push(queue);
+        }
+        s.device.restore(&st.device)?;
+        s.queues = queues;
+        s.device_features_sel = st.device_features_sel;
+        s.driver_features_sel = st.driver_features_sel;
+        s.acked_features = st.acked_features;
+        s.queue_sel = st.queue_sel;
+        s.status = st.status;
+        s.restored_interrupt = Some(st.interrupt_status);
+        Ok(())
+    }
+
+    /// Starts a device [`MmioTransport::restore`] took a state into, if its driver had
+    /// started it: it looks at every queue (requests made available before the source paused
+    /// are taken now), and a pending interrupt status raises the line again.
+    pub fn start_restored(&self) -> Result<(), String> {
+        let mut s = self.lock();
+        let Some(bits) = s.restored_interrupt.take() else {
+            return Ok(());
+        };
+        let broken = STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED;
+        if s.status & STATUS_DRIVER_OK != 0 && s.status & broken == 0 && !s.active {
+            self.activate(&mut s);
+            if !s.active {
+                return Err("the migrated device cannot start here (see the warning)".into());
+            }
+            for e in &self.events {
+                let _ = e.write(1);
+            }
+        }
+        self.interrupt
+            .restore(bits)
+            .map_err(|e| format!("cannot raise the device's interrupt: {e}"))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -262,6 +477,7 @@ impl MmioTransport {
             s.device.reset();
             s.active = false;
         }
+        s.paused = None;
         for q in &mut s.queues {
             q.reset();
         }
@@ -346,6 +562,10 @@ mod tests {
         fn reset(&mut self) {
             *self.resets.lock().unwrap() += 1;
         }
+        fn pause(&mut self) -> Option<Vec<QueueState>> {
+            None
+        }
+        fn resume(&mut self) {}
     }
 
     /// What the probe was activated with: (acked features, queue count).
@@ -457,6 +677,188 @@ mod tests {
         assert_eq!(*resets.lock().unwrap(), 1);
         assert_eq!(r(&t, STATUS), 0);
         assert_eq!(r(&t, QUEUE_READY), 0);
+    }
+
+    /// The driver's side of set-up for a mock queue, features VERSION_1 only, then
+    /// DRIVER_OK.
+    fn start_on(t: &MmioTransport, q: &virtio_queue::mock::MockSplitQueue<'_, GuestMemoryMmap>) {
+        w(t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, DRIVER_FEATURES_SEL, 1);
+        w(t, DRIVER_FEATURES, 1);
+        w(
+            t,
+            STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        w(t, QUEUE_SEL, 0);
+        w(t, QUEUE_NUM, 16);
+        w(t, QUEUE_DESC_LOW, q.desc_table_addr().0 as u32);
+        w(t, QUEUE_DRIVER_LOW, q.avail_addr().0 as u32);
+        w(t, QUEUE_DEVICE_LOW, q.used_addr().0 as u32);
+        w(t, QUEUE_READY, 1);
+        w(t, STATUS, 0xf);
+    }
+
+    /// A migration of a virtio-blk device through its transport: it serves a read (the data,
+    /// the status byte and the used ring recorded as written, for the migration's dirty log),
+    /// pauses (a request made available then waits), and its state, through its encoding,
+    /// starts a fresh transport and disk on the same guest memory, which takes the waiting
+    /// request from where the source left the ring. That one pauses and resumes, serving what
+    /// came meanwhile. A disk of another size, or another device type, refuses the state.
+    #[test]
+    fn a_paused_disk_moves_its_queue_to_a_fresh_transport_that_carries_on() {
+        use crate::dirty::{DirtyBitmap, HostChanges, SlotInfo, VmmDirty};
+        use crate::virtio::block::{Block, Disk, DiskConfig};
+        use crate::virtio::GuestWrites;
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::Bytes;
+
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let img = std::env::temp_dir().join(format!("vmm-mmio-move-{}.img", std::process::id()));
+        // Sector i holds the byte i.
+        let bytes: Vec<u8> = (0..16u8).flat_map(|i| [i; 512]).collect();
+        std::fs::write(&img, &bytes).unwrap();
+        let open = |path: &std::path::Path| {
+            Disk::open(&DiskConfig {
+                path: path.to_path_buf(),
+                readonly: false,
+                direct: false,
+            })
+            .unwrap()
+        };
+        let slots = [SlotInfo {
+            slot: 0,
+            gpa: 0,
+            len: 1 << 20,
+            host_addr: 0,
+        }];
+        let gate = Arc::new(HostChanges::new());
+        let log = Arc::new(VmmDirty::new(&slots));
+        gate.track(log.clone());
+        let transport = |disk: Disk, writes: GuestWrites| {
+            let dev = Block::new(disk, writes).unwrap();
+            MmioTransport::new(
+                Box::new(dev),
+                m.clone(),
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            )
+            .unwrap()
+        };
+        let src = transport(open(&img), GuestWrites::new(gate.clone()));
+        let q = MockSplitQueue::create(&m, GuestAddress(0x1_0000), 16);
+        start_on(&src, &q);
+        // Request n reads sector `sector` into the page at 0x40000 + n * 0x1000.
+        let data = |n: u64| 0x4_0000 + n * 0x1000;
+        let read = |n: u16, sector: u64| {
+            let hdr = 0x3_0000 + u64::from(n) * 0x100;
+            let mut h = [0u8; 16];
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            m.write_slice(&h, GuestAddress(hdr)).unwrap();
+            // The mock stores `next` as given: the chain's own indices.
+            let chain = [
+                RawDescriptor::from(Descriptor::new(hdr, 16, NEXT, n * 3 + 1)),
+                RawDescriptor::from(Descriptor::new(
+                    data(n.into()),
+                    512,
+                    NEXT | WRITE,
+                    n * 3 + 2,
+                )),
+                RawDescriptor::from(Descriptor::new(hdr + 0x80, 1, WRITE, 0)),
+            ];
+            q.add_desc_chains(&chain, n * 3).unwrap();
+        };
+        let wait_used = |n: u16| {
+            let t = std::time::Instant::now();
+            while q.used().idx().load() < n {
+                assert!(t.elapsed().as_secs() < 10, "request {n} was not served");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        let got = |n: u64| {
+            let mut b = [0u8; 512];
+            m.read_slice(&mut b, GuestAddress(data(n))).unwrap();
+            b
+        };
+        read(0, 3);
+        w(&src, QUEUE_NOTIFY, 0);
+        wait_used(1);
+        assert_eq!(got(0), [3; 512]);
+        let mut dirty = DirtyBitmap::empty(&slots);
+        log.take_into(&mut dirty);
+        for (what, gpa) in [
+            ("the data", data(0)),
+            ("the status byte", 0x3_0080),
+            ("the used ring", q.used_addr().0),
+        ] {
+            assert!(
+                dirty.is_dirty(gpa),
+                "{what} at {gpa:#x} is recorded as written"
+            );
+        }
+        assert!(!dirty.is_dirty(0x3_0000 + 0x1000), "and nothing else");
+
+        let st = src.pause();
+        assert_eq!(st.device_type, crate::virtio::TYPE_BLOCK);
+        assert_eq!(st.status, 0xf);
+        assert_eq!((st.queues[0].next_avail, st.queues[0].next_used), (1, 1));
+        assert_eq!(src.pause(), st, "pausing again changes nothing");
+        read(1, 5);
+        w(&src, QUEUE_NOTIFY, 0);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(q.used().idx().load(), 1, "a paused device serves nothing");
+        let moved = TransportState::decode(&st.encode()).unwrap();
+        assert_eq!(moved, st);
+        assert!(TransportState::decode(&[0xff; 3]).is_err());
+
+        let dst = transport(open(&img), GuestWrites::default());
+        dst.restore(&moved).unwrap();
+        assert_eq!(r(&dst, STATUS), 0xf);
+        assert_eq!(r(&dst, QUEUE_READY), 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            q.used().idx().load(),
+            1,
+            "restored, not started: RAM is not read yet"
+        );
+        dst.start_restored().unwrap();
+        wait_used(2);
+        assert_eq!(
+            got(1),
+            [5; 512],
+            "the request made during the pause, served here"
+        );
+        // Paused and resumed: what came meanwhile is served after.
+        let _ = dst.pause();
+        read(2, 7);
+        w(&dst, QUEUE_NOTIFY, 0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(q.used().idx().load(), 2);
+        dst.resume();
+        wait_used(3);
+        assert_eq!(got(2), [7; 512]);
+
+        // Another disk size, another device type: refused, with the reason.
+        let small = img.with_extension("small");
+        std::fs::write(&small, [0u8; 4096]).unwrap();
+        let e = transport(open(&small), GuestWrites::default())
+            .restore(&moved)
+            .unwrap_err();
+        assert!(e.contains("16 sectors") && e.contains("8 sectors"), "{e}");
+        let (balloon, _) = crate::virtio::balloon::Balloon::new(GuestWrites::default()).unwrap();
+        let other = MmioTransport::new(
+            Box::new(balloon),
+            m.clone(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap();
+        let e = other.restore(&moved).unwrap_err();
+        assert!(e.contains("virtio type 2"), "{e}");
+        drop((src, dst, other));
+        let _ = std::fs::remove_file(&img);
+        let _ = std::fs::remove_file(&small);
     }
 
     #[test]

@@ -22,10 +22,13 @@ pub mod mmio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use mmio::MmioTransport;
+use crate::dirty::HostChanges;
+
+pub use mmio::{MmioTransport, QueueSnapshot, TransportState};
 
 /// `VIRTIO_F_VERSION_1`: a modern (virtio 1.x) device; the MMIO transport's version 2 needs it.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -70,6 +73,16 @@ impl Interrupt {
         self.status.load(Ordering::Acquire)
     }
 
+    /// Sets `InterruptStatus` to a migrated device's and, when a bit is set, raises the line
+    /// again: a spurious interrupt is harmless to the driver, a lost one is not.
+    pub fn restore(&self, bits: u32) -> std::io::Result<()> {
+        self.status.store(bits, Ordering::Release);
+        if bits != 0 {
+            self.irqfd.write(1)?;
+        }
+        Ok(())
+    }
+
     /// `InterruptACK`: clears `bits`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
@@ -79,6 +92,43 @@ impl Interrupt {
     pub fn irqfd(&self) -> &EventFd {
         &self.irqfd
     }
+}
+
+/// Where a device records the guest RAM it wrote: the machine's [`HostChanges`] gate, so that
+/// a running migration sends those pages again (the VMM's own writes are in no KVM dirty log,
+/// and stage2-wp sees only the guest's). Without a gate (tests, the fuzz targets) nothing is
+/// recorded.
+#[derive(Clone, Debug, Default)]
+pub struct GuestWrites(Option<Arc<HostChanges>>);
+
+impl GuestWrites {
+    /// Records through `gate`.
+    pub fn new(gate: Arc<HostChanges>) -> GuestWrites {
+        GuestWrites(Some(gate))
+    }
+
+    /// Records `(gpa, len)` ranges the device has written (call after the writes).
+    pub fn record(&self, ranges: &[(u64, u64)]) {
+        if let Some(g) = &self.0 {
+            g.record(ranges);
+        }
+    }
+}
+
+/// The guest RAM a device may write for `chain`: its device-writable buffers.
+pub fn writable_ranges<'a>(
+    chain: &DescriptorChain<&'a GuestMemoryMmap>,
+) -> impl Iterator<Item = (u64, u64)> + 'a {
+    chain
+        .clone()
+        .filter(|d| d.is_write_only())
+        .map(|d| (d.addr().0, u64::from(d.len())))
+}
+
+/// The guest RAM of `queue`'s used ring (flags, index, the elements, `avail_event`): what the
+/// device writes when it returns buffers.
+pub fn used_ring_range(queue: &Queue) -> (u64, u64) {
+    (queue.used_ring(), 6 + 8 * u64::from(queue.size()))
 }
 
 /// Why a device could not start serving its queues.
@@ -116,4 +166,29 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops serving the queues (the driver reset the device); it can be activated again.
     fn reset(&mut self);
+    /// Stops serving the queues once every request taken from them is done (its result in
+    /// the used ring, a disk's writes in its file: nothing is left in flight), and gives the
+    /// queues' state as the device left them, for a migration to save.
+    /// [`VirtioDevice::resume`] serves them again. `None` when the device is not active.
+    fn pause(&mut self) -> Option<Vec<virtio_queue::QueueState>>;
+    /// Serves the queues [`VirtioDevice::pause`] gave back again, with a look at each for
+    /// requests that came meanwhile.
+    fn resume(&mut self);
+    /// What a migration carries of the device beyond its transport and queues (paused):
+    /// empty when nothing.
+    fn save(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes a migration source's [`VirtioDevice::save`] before the device is activated on the
+    /// destination; refuses state that does not fit this device (another disk size, ...).
+    fn restore(&mut self, blob: &[u8]) -> Result<(), String> {
+        if blob.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} bytes of device state this device does not have",
+                blob.len()
+            ))
+        }
+    }
 }

@@ -215,21 +215,6 @@ fn unusable_disks_are_refused_fast_with_the_fix() {
         &["--guest", "stress", "--disk", &disk],
         &["--disk is for booting a kernel"],
     );
-    expect_refused_fast(
-        &["--incoming", "tcp:127.0.0.1:1", "--disk", &disk],
-        &["does not migrate yet", "drop --disk"],
-    );
-    expect_refused_fast(
-        &[
-            "--kernel",
-            &kernel,
-            "--disk",
-            &disk,
-            "--migrate-to",
-            "tcp:127.0.0.1:1",
-        ],
-        &["does not migrate yet"],
-    );
     let seven: Vec<&str> = std::iter::repeat_n(["--disk", disk.as_str()], 7)
         .flatten()
         .collect();

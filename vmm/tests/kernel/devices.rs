@@ -1,6 +1,7 @@
 //! Virtio devices under the project's test kernel: a virtio-blk disk (`--disk`) written by one
-//! boot, read back by the next, and checked on the host; a virtio-balloon (`--balloon`) whose
-//! free page reports and inflations give guest memory back to the host.
+//! boot, read back by the next, and checked on the host; the same disk busy with writes and
+//! reads while the VM migrates live; a virtio-balloon (`--balloon`) whose free page reports
+//! and inflations give guest memory back to the host.
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::common::cores;
 use crate::linux::marker_and_poweroff;
+use crate::migrate_util::{free_port, LISTENING};
 use crate::util::{request, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT, SMALL};
 
 /// The pattern `disk write` puts at the start of the disk (tools/test-initramfs/disk.c): word
@@ -97,6 +99,148 @@ fn test_kernel_powers_off_after_writing_its_disk_and_the_next_boot_reads_it_back
         std::fs::read(&img).unwrap(),
         file,
         "a read-only boot changed the image"
+    );
+    let _ = std::fs::remove_file(&img);
+}
+
+/// The guest writes and reads back its disk (O_DIRECT, round after round, a new pattern each)
+/// while the VM, its balloon inflated, migrates live (precopy) to a second `vmm`, which takes
+/// the disk and both devices' state over: the rounds carry on there, none fails or repeats,
+/// the balloon there has the source's target and the guest's count, the guest powers off
+/// there, and the image holds the last round's pattern. Requests the source had taken are
+/// finished before its device state is saved; requests made available after that are taken
+/// by the destination from the ring in guest RAM.
+#[test]
+fn disk_rounds_and_the_balloon_carry_on_across_a_live_migration() {
+    let test = "disk_rounds_and_the_balloon_carry_on_across_a_live_migration";
+    let Some((k, i)) = test_kernel(test) else {
+        return;
+    };
+    // Source then destination, one vCPU each: they overlap only during the move.
+    let _g = cores(1);
+    let img = tmp(&format!("{test}.img"));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let (mib, seed, rounds) = (1u64, 11u64, 8u64);
+    let sock = tmp(&format!("{test}.sock"));
+    let dst_sock = tmp(&format!("{test}-dst.sock"));
+    let disk = format!("path={}", img.display());
+    let mut src = KernelVm::boot(
+        &k,
+        &i,
+        &format!("{test}-src"),
+        &format!("console=ttyS0 marker=diskmove run=disk,cycle,/dev/vda,{mib},{seed},{rounds}"),
+        SMALL,
+        &[
+            "--disk",
+            &disk,
+            "--balloon",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        src.wait_for("DISK round 1 ", BOOT_LIMIT),
+        "the rounds started on the source:\n{}",
+        src.text()
+    );
+    wait_for_path(&sock);
+    let r = request(&sock, json!({"cmd": "balloon", "size": "4M"}));
+    assert_eq!(r["ok"], true, "{r}");
+    let b = balloon_until(&sock, Duration::from_secs(60), |b| {
+        b["actual_bytes"] == 4 * MIB
+    });
+    assert_eq!(
+        b["actual_bytes"],
+        4 * MIB,
+        "the guest inflated its balloon: {b}"
+    );
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let dst_console = tmp(&format!("{test}-dst.console"));
+    let dst_serial = format!("file:{}", dst_console.display());
+    // The destination takes the disk from the source's machine spec; given here, it agrees.
+    let mut dst = crate::util::spawn(&[
+        "--incoming",
+        &addr,
+        "--serial",
+        &dst_serial,
+        "--disk",
+        &disk,
+        "--api-socket",
+        dst_sock.to_str().unwrap(),
+    ]);
+    let rx = crate::migrate_util::lines(&mut dst);
+    crate::migrate_util::wait_for(&rx, LISTENING);
+    let r = request(&sock, json!({"cmd": "migrate", "to": addr}));
+    eprintln!("{test}: {r}");
+    assert_eq!(r["ok"], true, "the migration completed: {r}");
+    // The balloon moved with its state: the target the host set, the guest's count.
+    wait_for_path(&dst_sock);
+    let b = request(&dst_sock, json!({"cmd": "balloon"}))["balloon"].clone();
+    assert_eq!(b["target_bytes"], 4 * MIB, "{b}");
+    assert_eq!(b["actual_bytes"], 4 * MIB, "{b}");
+    let (src_code, src_err, src_text) = src.wait_end(Duration::from_secs(60));
+    assert_eq!(
+        src_code,
+        Some(0),
+        "the source ends once migrated: {src_err}"
+    );
+    let dst = KernelVm {
+        child: dst,
+        console: dst_console,
+    };
+    let (dst_code, dst_err, dst_text) = dst.wait_end(BOOT_LIMIT);
+    assert_eq!(
+        dst_code,
+        Some(0),
+        "the guest powered off on the destination: {dst_err}"
+    );
+    // One console across the move: every round once, in order, each ok.
+    let whole = format!("{src_text}{dst_text}");
+    let done: Vec<u64> = whole
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("DISK round "))
+        .map(|l| {
+            assert!(
+                l.ends_with(" ok"),
+                "a round failed: DISK round {l}\n{whole}"
+            );
+            l.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        done,
+        (0..rounds).collect::<Vec<_>>(),
+        "every round once:\n{whole}"
+    );
+    let on_dst = dst_text
+        .lines()
+        .filter(|l| l.starts_with("DISK round "))
+        .count();
+    assert!(
+        on_dst > 0,
+        "some rounds ran on the destination:\n{dst_text}"
+    );
+    assert!(
+        dst_text.contains(&format!("DISK cycle /dev/vda {mib} MiB {rounds} rounds ok")),
+        "{dst_text}"
+    );
+    assert!(dst_text.contains("RUN-EXIT 0"), "{dst_text}");
+    // The image: the last round's pattern, nothing past it.
+    let file = std::fs::read(&img).unwrap();
+    let last = pattern(mib, seed + rounds - 1);
+    assert!(
+        file[..last.len()] == last[..],
+        "the image holds the last round's pattern"
+    );
+    assert!(file[last.len()..].iter().all(|&b| b == 0));
+    let last_line = format!("sum {} ok", fnv(&last));
+    assert!(whole.contains(&last_line), "{last_line}:\n{whole}");
+    eprintln!(
+        "{test}: {} rounds on the source, {on_dst} on the destination",
+        rounds as usize - on_dst
     );
     let _ = std::fs::remove_file(&img);
 }

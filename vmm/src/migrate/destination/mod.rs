@@ -24,7 +24,7 @@ use crate::migrate::ram::{
 };
 use crate::migrate::state::{
     restore_vcpu, restore_vm, SerialRegs, StateError, VcpuCaps, VcpuState, VmState, DEVICE_I8042,
-    DEVICE_KVM_VM, DEVICE_SERIAL,
+    DEVICE_KVM_VM, DEVICE_SERIAL, DEVICE_VIRTIO_PREFIX,
 };
 use crate::migrate::stream::{
     chunk_name, digest_crcs, discard_runs, Chunk, Layout, Received, StreamError, StreamReader,
@@ -232,6 +232,8 @@ pub struct ReceivedStream {
     pub serial: Option<SerialRegs>,
     /// The i8042's registers, when the source had one.
     pub i8042: Option<I8042State>,
+    /// The virtio devices' states by slot ([`crate::virtio::TransportState`], encoded).
+    pub virtio: std::collections::BTreeMap<u32, Vec<u8>>,
     /// Rounds seen.
     pub rounds: u32,
     /// Host pages placed whole through the pager.
@@ -283,6 +285,7 @@ fn receive_chunks<R: Read, W: Write>(
     let mut vm = None;
     let mut serial = None;
     let mut i8042 = None;
+    let mut virtio = std::collections::BTreeMap::new();
     let mut rounds = 0;
     let mut owed: Option<PageSet> = None;
     let mut digest: Option<RamDigest> = None;
@@ -327,6 +330,12 @@ fn receive_chunks<R: Read, W: Write>(
                         source,
                     })?,
                 );
+            }
+            Chunk::Device { name, blob } if name.starts_with(DEVICE_VIRTIO_PREFIX) => {
+                let slot = name[DEVICE_VIRTIO_PREFIX.len()..]
+                    .parse::<u32>()
+                    .map_err(|_| MigrateError::Refused(format!("a device state named {name:?}")))?;
+                virtio.insert(slot, blob.to_vec());
             }
             Chunk::Device { name, .. } => info!("ignoring state of unknown device {name:?}"),
             Chunk::Discard { runs } => {
@@ -402,6 +411,7 @@ fn receive_chunks<R: Read, W: Write>(
         vm: vm.ok_or_else(|| MigrateError::Missing("the VM state (irqchip, PIT, clock)".into()))?,
         serial,
         i8042,
+        virtio,
         rounds,
         placed: ram.placed,
         postcopy,

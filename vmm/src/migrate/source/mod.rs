@@ -27,7 +27,7 @@ use crate::migrate::priority::MigrationPriority;
 use crate::migrate::ram::{RamDigest, RamPager, RamSender};
 use crate::migrate::state::{
     complete_pending_io, save_vcpu, save_vm, SerialRegs, StateError, VcpuCaps, DEVICE_I8042,
-    DEVICE_KVM_VM, DEVICE_SERIAL,
+    DEVICE_KVM_VM, DEVICE_SERIAL, DEVICE_VIRTIO_PREFIX,
 };
 use crate::migrate::stream::{
     Layout, StreamError, StreamReader, StreamWriter, MAX_DIGEST_PAGES, PAGE_SIZE,
@@ -35,6 +35,7 @@ use crate::migrate::stream::{
 use crate::migrate::summary::{ms, MigrationMode, MigrationSummary, PostcopyFigures, RoundFigures};
 use crate::migrate::transport::{Address, Connection};
 use crate::vcpu::VmControl;
+use crate::virtio::MmioTransport;
 
 /// Default downtime goal (`--downtime-ms`).
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
@@ -92,6 +93,20 @@ pub struct Source<'a> {
     /// The gate of the host's own changes of guest RAM (reclaims), when the VM has any: the
     /// migration records them from its first harvest and refuses them from its last.
     pub host_changes: Option<&'a HostChanges>,
+    /// The virtio devices, in slot order: paused with the vCPUs (every request they took
+    /// done), saved as `virtio-mmio-N`, and served again if the migration fails. Their
+    /// writes of guest RAM until then reach the migration through `host_changes`.
+    pub virtio: &'a [Arc<MmioTransport>],
+}
+
+/// The device-state chunk name of virtio slot `index`.
+pub fn virtio_chunk_name(index: usize) -> String {
+    format!("{DEVICE_VIRTIO_PREFIX}{index}")
+}
+
+/// Pauses every device of `virtio` and encodes its state, in slot order.
+fn pause_devices(virtio: &[Arc<MmioTransport>]) -> Vec<Vec<u8>> {
+    virtio.iter().map(|t| t.pause().encode()).collect()
 }
 
 fn layout_of(vcpus: usize, regions: &[RamRegion]) -> Layout {
@@ -168,6 +183,9 @@ pub fn send(
         let c = src.control.lock().unwrap_or_else(|p| p.into_inner());
         c.all_paused().then_some(c)
     };
+    // The devices of a paused VM stop now, before host changes are refused: what they
+    // finish is in guest RAM for the first pass. A running VM's stop with its vCPUs.
+    let mut devices = held.is_some().then(|| pause_devices(src.virtio));
     // Before the first harvest: a host change from now on is marked for a later round.
     if let Some(h) = src.host_changes {
         h.track(tracker.vmm_writes().clone());
@@ -190,6 +208,7 @@ pub fn send(
         back,
         dest,
         started,
+        &mut devices,
     );
     if let Some(h) = src.host_changes {
         h.finish(matches!(res, Ok(_) | Err(MigrateError::PostcopyLost(_))));
@@ -204,6 +223,13 @@ pub fn send(
         Err(MigrateError::PostcopyLost(_)) | Ok(_) => false,
         Err(_) => paused,
     };
+    // The devices this migration paused serve again when the VM stays here (also a VM that
+    // stays paused: its devices were serving before).
+    if devices.is_some() && !matches!(res, Ok(_) | Err(MigrateError::PostcopyLost(_))) {
+        for t in src.virtio {
+            t.resume();
+        }
+    }
     if resume {
         src.control
             .lock()
@@ -225,6 +251,7 @@ fn rounds<W: Write>(
     mut back: StreamReader<Connection>,
     dest: Option<DestInfo>,
     started: Instant,
+    devices: &mut Option<Vec<Vec<u8>>>,
 ) -> Result<MigrationSummary, MigrateError> {
     let mut sender = RamSender::new();
     // Paused before the migration and held so: no vCPU writes guest RAM in any round.
@@ -337,6 +364,11 @@ fn rounds<W: Write>(
         blobs.push(st.encode()?);
     }
     let vcpus = control.len() as u32;
+    // The vCPUs are out (their last MMIO accesses completed above): the devices finish what
+    // they took and stop, before host changes are refused below.
+    let device_blobs = devices
+        .get_or_insert_with(|| pause_devices(src.virtio))
+        .clone();
     let vm_state = save_vm(src.vm)?.encode()?;
     let serial = match src.serial {
         Some(s) => Some(SerialRegs::from(&s.state()).encode()?),
@@ -376,6 +408,9 @@ fn rounds<W: Write>(
         }
         if let Some(k) = &i8042 {
             w.device(DEVICE_I8042, k)?;
+        }
+        for (i, b) in device_blobs.iter().enumerate() {
+            w.device(&virtio_chunk_name(i), b)?;
         }
         Ok(())
     };
