@@ -17,7 +17,8 @@ fn missing_kernel_file() {
 /// `path` (not a regular file, `kind` in words) is refused fast as a kernel and as an initrd,
 /// without being read or opened for long.
 fn assert_not_regular_refused(path: &str, kind: &str) {
-    let d = tmpdir("kernel-for-initrd");
+    // One directory per kind: these tests run in parallel, and tmpdir empties its directory.
+    let d = tmpdir(&format!("kernel-for-initrd-{}", kind.replace(' ', "-")));
     let k = write(&d, "vmlinux", &elf());
     expect_refused_fast(
         &["--kernel", path],
