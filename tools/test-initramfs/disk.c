@@ -10,6 +10,10 @@
  *                              O_DIRECT and compare; prints "DISK round R seed S sum SUM ok"
  *                              per round and "DISK cycle DEV MIB MiB N rounds ok" at the end
  *                              (the disk is busy throughout: a migration lands mid-request)
+ *   disk bench DEV MIB KIB     times sequential O_DIRECT writes of KIB KiB (MIB MiB in all),
+ *                              an fsync, then the reads back, and prints per direction
+ *                              "DISKBENCH write|read MIB MiB KIB KiB SECONDS s MBPS MB/s
+ *                              mean LAT us max LAT us" (guest clock; tools' block-bench)
  *
  * The pattern: little-endian 64-bit words, word i of the device = mix(SEED ^ i) (splitmix64's
  * finaliser), so every word differs and a misplaced block shows. SUM is the FNV-1a hash of the
@@ -21,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CHUNK (1u << 20)
@@ -105,13 +110,76 @@ static int cycle(const char *dev, uint64_t mib, uint64_t seed, uint64_t rounds)
     return 0;
 }
 
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* One direction of `bench`: 0, or 1 after printing why. */
+static int bench_pass(int fd, int writing, uint64_t mib, uint64_t kib, uint8_t *buf)
+{
+    uint64_t n = mib * 1024 / kib, bytes = kib * 1024;
+    double start = now(), worst = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        double t = now();
+        ssize_t got = writing ? pwrite(fd, buf, bytes, (off_t)(i * bytes))
+                              : pread(fd, buf, bytes, (off_t)(i * bytes));
+        if (got != (ssize_t)bytes) {
+            printf("DISKBENCH %s: short transfer at request %" PRIu64 ": %m\n",
+                   writing ? "write" : "read", i);
+            return 1;
+        }
+        t = now() - t;
+        if (t > worst)
+            worst = t;
+    }
+    if (writing && fsync(fd) != 0) {
+        printf("DISKBENCH write: fsync: %m\n");
+        return 1;
+    }
+    double s = now() - start;
+    printf("DISKBENCH %s %" PRIu64 " MiB %" PRIu64 " KiB %.3f s %.3f MB/s mean %.0f us max %.0f us\n",
+           writing ? "write" : "read", mib, kib, s, (double)(mib << 20) / s / 1e6, s / n * 1e6,
+           worst * 1e6);
+    fflush(stdout);
+    return 0;
+}
+
+static int bench(const char *dev, uint64_t mib, uint64_t kib)
+{
+    if (kib == 0 || kib > CHUNK / 1024 || (mib * 1024) % kib) {
+        printf("DISKBENCH: KIB must divide MIB MiB and be at most %u\n", CHUNK / 1024);
+        return 1;
+    }
+    int fd = open(dev, O_RDWR | O_DIRECT);
+    if (fd < 0) {
+        printf("DISKBENCH %s: cannot open: %m\n", dev);
+        return 1;
+    }
+    uint8_t *buf;
+    if (posix_memalign((void **)&buf, 4096, CHUNK)) {
+        printf("DISKBENCH out of memory\n");
+        return 1;
+    }
+    fill(buf, 0, 1);
+    if (bench_pass(fd, 1, mib, kib, buf) || bench_pass(fd, 0, mib, kib, buf))
+        return 1;
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 5 && !strcmp(argv[1], "bench"))
+        return bench(argv[2], strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
     if (argc == 6 && !strcmp(argv[1], "cycle"))
         return cycle(argv[2], strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0),
                      strtoull(argv[5], NULL, 0));
     if (argc != 5 || (strcmp(argv[1], "write") && strcmp(argv[1], "verify"))) {
-        fprintf(stderr, "usage: disk write|verify DEV MIB SEED | disk cycle DEV MIB SEED ROUNDS\n");
+        fprintf(stderr, "usage: disk write|verify DEV MIB SEED | disk cycle DEV MIB SEED ROUNDS | "
+                        "disk bench DEV MIB KIB\n");
         return 2;
     }
     int writing = !strcmp(argv[1], "write");
