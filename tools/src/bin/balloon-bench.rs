@@ -90,7 +90,15 @@ fn run(a: &Args, kernel: &std::path::Path, initrd: &std::path::Path) -> Result<R
         .arg(kernel)
         .arg("--initrd")
         .arg(initrd)
-        .args(["--mem", &a.mem, "--cpus", "1", "--hugepages", "none", "--balloon"])
+        .args([
+            "--mem",
+            &a.mem,
+            "--cpus",
+            "1",
+            "--hugepages",
+            "none",
+            "--balloon",
+        ])
         .args(["--cmdline", &cmdline])
         .arg("--api-socket")
         .arg(&sock)

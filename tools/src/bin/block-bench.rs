@@ -234,7 +234,10 @@ fn main() -> Result<()> {
     }
     for &k in &a.kib {
         if k == 0 || k > 1024 || (a.mib * 1024) % k != 0 {
-            bail!("--kib {k}: a request size must divide --mib {} MiB and be 1 to 1024 KiB", a.mib);
+            bail!(
+                "--kib {k}: a request size must divide --mib {} MiB and be 1 to 1024 KiB",
+                a.mib
+            );
         }
     }
     if !a.vmm.exists() {
