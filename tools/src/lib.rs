@@ -33,3 +33,52 @@ pub fn rss(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kib| kib << 10)
 }
+
+/// A child's stdout line by line (read on a thread of its own), with its last lines kept for
+/// an error message.
+pub struct ChildLines {
+    rx: std::sync::mpsc::Receiver<String>,
+    tail: std::collections::VecDeque<String>,
+}
+
+impl ChildLines {
+    /// How many last lines [`ChildLines::tail`] gives.
+    const KEPT: usize = 20;
+
+    /// Takes `child`'s piped stdout.
+    pub fn new(child: &mut std::process::Child) -> ChildLines {
+        use std::io::BufRead;
+        let stdout = child.stdout.take().expect("the child's stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        ChildLines {
+            rx,
+            tail: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// The next line, or `None` once `deadline` passed or the child closed its stdout.
+    pub fn next_until(&mut self, deadline: std::time::Instant) -> Option<String> {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = self.rx.recv_timeout(left).ok()?;
+        if self.tail.len() == Self::KEPT {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.clone());
+        Some(line)
+    }
+
+    /// The last lines seen, one per line.
+    pub fn tail(&self) -> String {
+        self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}

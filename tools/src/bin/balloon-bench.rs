@@ -108,37 +108,22 @@ fn run(a: &Args, kernel: &std::path::Path, initrd: &std::path::Path) -> Result<R
         .spawn()
         .with_context(|| format!("starting {}", a.vmm.display()))?;
     let pid = child.id();
-    let stdout = child.stdout.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut out = tools::ChildLines::new(&mut child);
     let limit = Instant::now() + Duration::from_secs(a.timeout);
-    let mut tail: Vec<String> = Vec::new();
     loop {
-        let left = limit.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains("memtest: freed") => break,
-            Ok(l) if l.contains("memtest: FAIL") => {
+        match out.next_until(limit) {
+            Some(l) if l.contains("memtest: freed") => break,
+            Some(l) if l.contains("memtest: FAIL") => {
                 let _ = child.kill();
                 bail!("the guest's memtest failed: {l}");
             }
-            Ok(l) => {
-                tail.push(l);
-                if tail.len() > 20 {
-                    tail.remove(0);
-                }
-            }
-            Err(_) => {
+            Some(_) => {}
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
                 bail!(
                     "memtest did not free its memory in time (or the VM ended); last lines:\n{}",
-                    tail.join("\n")
+                    out.tail()
                 );
             }
         }

@@ -16,7 +16,6 @@
 //! ```
 
 use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -118,50 +117,34 @@ fn guest_run(a: &Args, kernel: &Path, initrd: &Path, kib: u64) -> Result<Run> {
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", a.vmm.display()))?;
-    let stdout = child.stdout.take().expect("piped");
-    let started = Instant::now();
-    let limit = Duration::from_secs(a.timeout);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut out = tools::ChildLines::new(&mut child);
+    let limit = Instant::now() + Duration::from_secs(a.timeout);
     let mut run = Run::default();
     let mut seen = (false, false);
-    let mut tail = Vec::new();
     while !(seen.0 && seen.1) {
-        let left = limit.saturating_sub(started.elapsed());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                if let Some((write, pass)) = parse_line(&line) {
-                    if write {
-                        run.write = pass;
-                        seen.0 = true;
-                    } else {
-                        run.read = pass;
-                        seen.1 = true;
-                    }
-                } else if line.contains("DISKBENCH") {
-                    let _ = child.kill();
-                    bail!("the guest's bench failed: {line}");
-                }
-                tail.push(line);
-                if tail.len() > 20 {
-                    tail.remove(0);
-                }
+        let Some(line) = out.next_until(limit) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "no figures from the guest within {} s (or it ended); its last lines:\n{}",
+                a.timeout,
+                out.tail()
+            );
+        };
+        match parse_line(&line) {
+            Some((true, pass)) => {
+                run.write = pass;
+                seen.0 = true;
             }
-            Err(_) => {
+            Some((false, pass)) => {
+                run.read = pass;
+                seen.1 = true;
+            }
+            None if line.contains("DISKBENCH") => {
                 let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "no figures from the guest within {} s (or it ended); its last lines:\n{}",
-                    a.timeout,
-                    tail.join("\n")
-                );
+                bail!("the guest's bench failed: {line}");
             }
+            None => {}
         }
     }
     // It powers off after the program: wait for that, so runs do not overlap.
