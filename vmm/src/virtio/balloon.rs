@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use serde_json::{json, Value};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    used_ring_range, ActivateError, GuestWrites, Interrupt, VirtioDevice, INT_CONFIG, INT_VRING,
-    TYPE_BALLOON,
+    drain, used_ring_range, ActivateError, GuestWrites, Interrupt, VirtioDevice, INT_CONFIG,
+    INT_VRING, TYPE_BALLOON,
 };
 
 /// The balloon's page size (virtio 1.2 §5.5.6: PFNs are of 4096-byte pages).
@@ -256,38 +256,45 @@ impl Server {
         deflate: bool,
     ) -> (usize, bool) {
         let writes = self.writes.clone();
-        let out = drain(mem, queue, interrupt, |chain| {
-            let mut pfns = Vec::new();
-            for d in chain {
-                if d.is_write_only() {
-                    continue;
+        let out = drain(
+            mem,
+            queue,
+            interrupt,
+            "virtio-balloon",
+            MAX_BATCH,
+            |chain| {
+                let mut pfns = Vec::new();
+                for d in chain {
+                    if d.is_write_only() {
+                        continue;
+                    }
+                    let n = (d.len() / 4) as usize;
+                    let mut raw = vec![0u8; n * 4];
+                    if mem.read_slice(&mut raw, d.addr()).is_err() {
+                        debug!("virtio-balloon: a PFN buffer outside guest RAM");
+                        continue;
+                    }
+                    pfns.extend(
+                        raw.chunks_exact(4)
+                            .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+                    );
                 }
-                let n = (d.len() / 4) as usize;
-                let mut raw = vec![0u8; n * 4];
-                if mem.read_slice(&mut raw, d.addr()).is_err() {
-                    debug!("virtio-balloon: a PFN buffer outside guest RAM");
-                    continue;
+                let sh = &self.shared;
+                if deflate {
+                    sh.deflated_pages
+                        .fetch_add(pfns.len() as u64, Ordering::Relaxed);
+                } else {
+                    sh.inflated_pages
+                        .fetch_add(pfns.len() as u64, Ordering::Relaxed);
+                    pfns.sort_unstable();
+                    pfns.dedup();
+                    for (start, pages) in runs(&pfns) {
+                        self.give(start * PAGE, pages * PAGE);
+                    }
                 }
-                pfns.extend(
-                    raw.chunks_exact(4)
-                        .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-                );
-            }
-            let sh = &self.shared;
-            if deflate {
-                sh.deflated_pages
-                    .fetch_add(pfns.len() as u64, Ordering::Relaxed);
-            } else {
-                sh.inflated_pages
-                    .fetch_add(pfns.len() as u64, Ordering::Relaxed);
-                pfns.sort_unstable();
-                pfns.dedup();
-                for (start, pages) in runs(&pfns) {
-                    self.give(start * PAGE, pages * PAGE);
-                }
-            }
-            0
-        });
+                0
+            },
+        );
         // Also when nothing was done: the used ring's flags changed with the notifications.
         writes.record(&[used_ring_range(queue)]);
         out
@@ -301,14 +308,21 @@ impl Server {
         queue: &mut Queue,
         interrupt: &Interrupt,
     ) -> (usize, bool) {
-        let out = drain(mem, queue, interrupt, |chain| {
-            for d in chain {
-                let len = u64::from(d.len());
-                self.shared.reported_bytes.fetch_add(len, Ordering::Relaxed);
-                self.give(d.addr().0, len);
-            }
-            0
-        });
+        let out = drain(
+            mem,
+            queue,
+            interrupt,
+            "virtio-balloon",
+            MAX_BATCH,
+            |chain| {
+                for d in chain {
+                    let len = u64::from(d.len());
+                    self.shared.reported_bytes.fetch_add(len, Ordering::Relaxed);
+                    self.give(d.addr().0, len);
+                }
+                0
+            },
+        );
         self.writes.record(&[used_ring_range(queue)]);
         out
     }
@@ -416,54 +430,6 @@ fn runs(pfns: &[u64]) -> Vec<(u64, u64)> {
         }
     }
     out
-}
-
-/// Takes up to [`MAX_BATCH`] chains of `queue`, runs `each` on them, puts them in the used
-/// ring with the length it returns, and interrupts the driver if it wants to hear of it.
-/// Returns the chains done and whether more wait (see [`super::block::Server::process_queue`]).
-fn drain(
-    mem: &GuestMemoryMmap,
-    queue: &mut Queue,
-    interrupt: &Interrupt,
-    mut each: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> (usize, bool) {
-    let mut done = 0;
-    let mut more = false;
-    'drain: loop {
-        let _ = queue.disable_notification(mem);
-        let mut popped = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            popped = true;
-            let head = chain.head_index();
-            let used = each(chain);
-            if let Err(e) = queue.add_used(mem, head, used) {
-                warn!("virtio-balloon: cannot put buffer {head} in the used ring: {e:?}");
-            }
-            done += 1;
-            if done == MAX_BATCH {
-                more = true;
-                break 'drain;
-            }
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) if !popped => {
-                warn!("virtio-balloon: the available ring's index is invalid; buffers ignored");
-                break;
-            }
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                warn!("virtio-balloon: the available ring is not readable: {e:?}");
-                break;
-            }
-        }
-    }
-    if done > 0 && queue.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = interrupt.raise(INT_VRING) {
-            warn!("virtio-balloon: cannot raise the interrupt: {e}");
-        }
-    }
-    (done, more)
 }
 
 /// What the device thread is told: serve these queues (holding this stats buffer) until

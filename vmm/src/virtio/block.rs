@@ -17,15 +17,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::{debug, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    used_ring_range, writable_ranges, ActivateError, GuestWrites, Interrupt, VirtioDevice,
-    INT_VRING, TYPE_BLOCK,
+    drain, used_ring_range, writable_ranges, ActivateError, GuestWrites, Interrupt, VirtioDevice,
+    TYPE_BLOCK,
 };
 
 /// Bytes per sector: the unit of `capacity` and of a request's `sector`.
@@ -279,55 +279,17 @@ impl Server {
         queue: &mut Queue,
         interrupt: &Interrupt,
     ) -> (usize, bool) {
-        let mut done = 0;
-        let mut more = false;
         // What this batch writes of guest RAM: the requests' writable buffers (read data,
-        // status, ID) and the used ring, recorded for a running migration.
+        // status, ID) and the used ring (also when nothing was done: its flags changed with
+        // the notifications), recorded for a running migration.
         let mut written: Vec<(u64, u64)> = Vec::new();
-        'drain: loop {
-            // Notifications off while the ring is drained, then on and a last look (virtio 1.2
-            // §2.7.10): a request the driver adds in between is not missed.
-            let _ = queue.disable_notification(mem);
-            let mut popped = false;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                popped = true;
-                let head = chain.head_index();
-                written.extend(writable_ranges(&chain));
-                let used = self.execute(mem, chain);
-                if let Err(e) = queue.add_used(mem, head, used) {
-                    warn!("virtio-blk: cannot put request {head} in the used ring: {e:?}");
-                }
-                done += 1;
-                if done == MAX_BATCH {
-                    more = true;
-                    break 'drain;
-                }
-            }
-            match queue.enable_notification(mem) {
-                // More offered, but a pass that took nothing will take nothing again: the
-                // available index is one the queue refuses (more than a ring ahead). A fuzzer
-                // found the thread spinning here for ever.
-                Ok(true) if !popped => {
-                    warn!("virtio-blk: the available ring's index is invalid; requests ignored");
-                    break;
-                }
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!("virtio-blk: the available ring is not readable: {e:?}");
-                    break;
-                }
-            }
-        }
-        // The used ring also when nothing was done: its flags changed with the notifications.
+        let out = drain(mem, queue, interrupt, "virtio-blk", MAX_BATCH, |chain| {
+            written.extend(writable_ranges(&chain));
+            self.execute(mem, chain)
+        });
         written.push(used_ring_range(queue));
         self.writes.record(&written);
-        if done > 0 && queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = interrupt.raise(INT_VRING) {
-                warn!("virtio-blk: cannot raise the interrupt: {e}");
-            }
-        }
-        (done, more)
+        out
     }
 
     /// Carries out one request; the bytes written into the chain's device-writable buffers
@@ -770,7 +732,9 @@ fn wait(event: &EventFd, stop: &EventFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::INT_VRING;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::QueueT;
     use virtio_queue::mock::MockSplitQueue;
 
     const NEXT: u16 = 1;
