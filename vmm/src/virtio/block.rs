@@ -734,8 +734,8 @@ mod tests {
     use super::*;
     use crate::virtio::INT_VRING;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::QueueT;
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
 
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
