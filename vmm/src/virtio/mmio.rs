@@ -234,11 +234,19 @@ impl MmioTransport {
     /// [`VirtioDevice::pause`]) and returns its state; [`MmioTransport::resume`] undoes the
     /// pause. Pausing a paused device returns the same state. Call with the vCPUs paused:
     /// the driver must not change the registers until the resume (or ever, once migrated).
-    pub fn pause(&self) -> TransportState {
+    /// Fails when an active device cannot give its queues back (its thread ended): their
+    /// position is then unknown, and a destination would serve requests again.
+    pub fn pause(&self) -> Result<TransportState, String> {
         let mut s = self.lock();
         if s.paused.is_none() {
             let queues = match s.device.pause() {
                 Some(qs) => qs.into_iter().map(QueueSnapshot::from).collect(),
+                None if s.active => {
+                    return Err(format!(
+                        "the virtio device (type {}) cannot pause: its thread has ended",
+                        s.device.device_type()
+                    ))
+                }
                 None => s
                     .queues
                     .iter()
@@ -247,7 +255,7 @@ impl MmioTransport {
             };
             s.paused = Some(queues);
         }
-        TransportState {
+        Ok(TransportState {
             device_type: s.device.device_type(),
             status: s.status,
             acked_features: s.acked_features,
@@ -257,7 +265,7 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             queues: s.paused.clone().unwrap_or_default(),
             device: s.device.save(),
-        }
+        })
     }
 
     /// Serves the queues again after [`MmioTransport::pause`] (a migration failed: the VM
@@ -630,8 +638,16 @@ mod tests {
         set_up(&t, 1, 0x1000);
         assert_ne!(r(&t, STATUS) & STATUS_FEATURES_OK, 0);
         assert!(activated.lock().unwrap().is_none());
+        // Not started: its queues are the transport's, a migration may take them.
+        let st = t.pause().unwrap();
+        assert_eq!(st.status & STATUS_DRIVER_OK, 0);
+        t.resume();
         w(&t, STATUS, 0xf);
         assert_eq!(*activated.lock().unwrap(), Some(((1 << 32) | (1 << 9), 1)));
+        // Started, a device that gives no queues back (the probe: as a device whose thread
+        // ended) cannot pause: where it was in its rings is unknown.
+        let e = t.pause().unwrap_err();
+        assert!(e.contains("cannot pause"), "{e}");
         // Config space reads go to the device.
         let mut d = [0u8; 2];
         t.read(0, CONFIG + 8, &mut d);
@@ -800,11 +816,11 @@ mod tests {
         }
         assert!(!dirty.is_dirty(0x3_0000 + 0x1000), "and nothing else");
 
-        let st = src.pause();
+        let st = src.pause().unwrap();
         assert_eq!(st.device_type, crate::virtio::TYPE_BLOCK);
         assert_eq!(st.status, 0xf);
         assert_eq!((st.queues[0].next_avail, st.queues[0].next_used), (1, 1));
-        assert_eq!(src.pause(), st, "pausing again changes nothing");
+        assert_eq!(src.pause().unwrap(), st, "pausing again changes nothing");
         read(1, 5);
         w(&src, QUEUE_NOTIFY, 0);
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -831,7 +847,7 @@ mod tests {
             "the request made during the pause, served here"
         );
         // Paused and resumed: what came meanwhile is served after.
-        let _ = dst.pause();
+        dst.pause().unwrap();
         read(2, 7);
         w(&dst, QUEUE_NOTIFY, 0);
         std::thread::sleep(std::time::Duration::from_millis(20));

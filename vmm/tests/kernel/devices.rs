@@ -65,7 +65,7 @@ fn disk_rounds_and_the_balloon_carry_on_across_a_live_migration_and_the_next_boo
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    let (mib, seed, rounds) = (1u64, 11u64, 8u64);
+    let (mib, seed, rounds) = (1u64, 11u64, 12u64);
     let sock = tmp(&format!("{tag}.sock"));
     let dst_sock = tmp(&format!("{tag}-dst.sock"));
     let disk = format!("path={}", img.display());
@@ -83,14 +83,16 @@ fn disk_rounds_and_the_balloon_carry_on_across_a_live_migration_and_the_next_boo
             sock.to_str().unwrap(),
         ],
     );
+    // The target is set at once: the driver inflates during the boot, so that the rounds
+    // (about 1-2.5 s each here, with the host's speed) do not end before the migration.
+    wait_for_path(&sock);
+    let r = request(&sock, json!({"cmd": "balloon", "size": "4M"}));
+    assert_eq!(r["ok"], true, "{r}");
     assert!(
         src.wait_for("DISK round 1 ", BOOT_LIMIT),
         "the rounds started on the source:\n{}",
         src.text()
     );
-    wait_for_path(&sock);
-    let r = request(&sock, json!({"cmd": "balloon", "size": "4M"}));
-    assert_eq!(r["ok"], true, "{r}");
     let b = balloon_until(&sock, Duration::from_secs(60), |b| {
         b["actual_bytes"] == 4 * MIB
     });

@@ -104,9 +104,22 @@ pub fn virtio_chunk_name(index: usize) -> String {
     format!("{DEVICE_VIRTIO_PREFIX}{index}")
 }
 
-/// Pauses every device of `virtio` and encodes its state, in slot order.
-fn pause_devices(virtio: &[Arc<MmioTransport>]) -> Vec<Vec<u8>> {
-    virtio.iter().map(|t| t.pause().encode()).collect()
+/// Pauses every device of `virtio` and encodes its state, in slot order. A device that cannot
+/// pause fails the migration, with the ones paused before it serving again.
+fn pause_devices(virtio: &[Arc<MmioTransport>]) -> Result<Vec<Vec<u8>>, MigrateError> {
+    let mut out = Vec::with_capacity(virtio.len());
+    for (i, t) in virtio.iter().enumerate() {
+        match t.pause() {
+            Ok(st) => out.push(st.encode()),
+            Err(why) => {
+                for t in &virtio[..i] {
+                    t.resume();
+                }
+                return Err(MigrateError::Refused(format!("virtio device {i}: {why}")));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn layout_of(vcpus: usize, regions: &[RamRegion]) -> Layout {
@@ -185,7 +198,16 @@ pub fn send(
     };
     // The devices of a paused VM stop now, before host changes are refused: what they
     // finish is in guest RAM for the first pass. A running VM's stop with its vCPUs.
-    let mut devices = held.is_some().then(|| pause_devices(src.virtio));
+    let mut devices = None;
+    if held.is_some() {
+        match pause_devices(src.virtio) {
+            Ok(d) => devices = Some(d),
+            Err(e) => {
+                let _ = tracker.stop();
+                return Err(e);
+            }
+        }
+    }
     // Before the first harvest: a host change from now on is marked for a later round.
     if let Some(h) = src.host_changes {
         h.track(tracker.vmm_writes().clone());
@@ -366,9 +388,10 @@ fn rounds<W: Write>(
     let vcpus = control.len() as u32;
     // The vCPUs are out (their last MMIO accesses completed above): the devices finish what
     // they took and stop, before host changes are refused below.
-    let device_blobs = devices
-        .get_or_insert_with(|| pause_devices(src.virtio))
-        .clone();
+    let device_blobs = match devices {
+        Some(d) => d.clone(),
+        None => devices.insert(pause_devices(src.virtio)?).clone(),
+    };
     let vm_state = save_vm(src.vm)?.encode()?;
     let serial = match src.serial {
         Some(s) => Some(SerialRegs::from(&s.state()).encode()?),
