@@ -19,7 +19,6 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -28,6 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::thread::DeviceThread;
 use super::{
     drain, used_ring_range, ActivateError, GuestWrites, Interrupt, VirtioDevice, INT_CONFIG,
     INT_VRING, TYPE_BALLOON,
@@ -432,24 +432,16 @@ fn runs(pfns: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
-/// What the device thread is told: serve these queues (holding this stats buffer) until
-/// `stop`, or end.
-enum Command {
-    Serve(Serving, Vec<Queue>, Option<u16>),
-    Exit,
-}
-
-/// An active device's memory, queue events, interrupt and queue numbering.
-#[derive(Clone)]
-struct Serving {
+/// What the device's thread serves: the queues, with the memory, the queues' events, the
+/// interrupt and the queue numbering, and the stats buffer the device holds.
+struct Work {
     mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
     events: Vec<Arc<EventFd>>,
     interrupt: Arc<Interrupt>,
     map: QueueMap,
+    stats_held: Option<u16>,
 }
-
-/// What the thread gives back when it stops serving: the queues and the held stats buffer.
-type Stopped = (Vec<Queue>, Option<u16>);
 
 /// What a migration carries of the balloon besides its queues: the target the host set, the
 /// guest's count, and the stats buffer the device holds (the driver sends no statistics
@@ -461,18 +453,10 @@ struct BalloonState {
     stats_held: Option<u16>,
 }
 
-/// The virtio-balloon device, with its thread (started by the main thread, as the block
-/// device's is).
+/// The virtio-balloon device, with its thread (started with it, as the block device's is).
 pub struct Balloon {
     shared: Arc<Shared>,
-    commands: std::sync::mpsc::Sender<Command>,
-    stop: Arc<EventFd>,
-    stopped: std::sync::mpsc::Receiver<Stopped>,
-    thread: Option<JoinHandle<()>>,
-    /// What the thread serves while the device is active.
-    serving: Option<Serving>,
-    /// Paused: the queues and held stats buffer as the thread left them.
-    paused: Option<Stopped>,
+    thread: DeviceThread<Work>,
     /// A migrated stats buffer the next activation holds.
     restored_stats: Option<u16>,
 }
@@ -485,62 +469,35 @@ impl Balloon {
         shared.backing_page.store(PAGE, Ordering::SeqCst);
         let refresh = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let _ = shared.refresh.set(refresh.clone());
-        let (commands, rx) = std::sync::mpsc::channel::<Command>();
-        let (stopped_tx, stopped) = std::sync::mpsc::channel::<Stopped>();
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let stop_rx = stop.clone();
         let mut server = Server::new(shared.clone(), writes);
-        let thread = std::thread::Builder::new()
-            .name("virtio-balloon".into())
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Balloon);
-                while let Ok(Command::Serve(s, mut queues, held)) = rx.recv() {
-                    server.stats_held = held;
-                    serve(
-                        &mut server,
-                        &s.mem,
-                        &mut queues,
-                        &s.events,
-                        &s.interrupt,
-                        s.map,
-                        &refresh,
-                        &stop_rx,
-                    );
-                    let _ = stop_rx.read();
-                    let _ = stopped_tx.send((queues, server.stats_held.take()));
-                }
-            })?;
+        let thread = DeviceThread::spawn(
+            "virtio-balloon",
+            crate::seccomp::ThreadKind::Balloon,
+            move |mut w: Work, stop: &EventFd| {
+                server.stats_held = w.stats_held;
+                serve(
+                    &mut server,
+                    &w.mem,
+                    &mut w.queues,
+                    &w.events,
+                    &w.interrupt,
+                    w.map,
+                    &refresh,
+                    stop,
+                );
+                w.stats_held = server.stats_held.take();
+                w
+            },
+        )?;
         let handle = BalloonHandle(shared.clone());
         Ok((
             Balloon {
                 shared,
-                commands,
-                stop,
-                stopped,
-                thread: Some(thread),
-                serving: None,
-                paused: None,
+                thread,
                 restored_stats: None,
             },
             handle,
         ))
-    }
-
-    fn serve(
-        &self,
-        s: &Serving,
-        queues: Vec<Queue>,
-        held: Option<u16>,
-    ) -> Result<(), ActivateError> {
-        self.commands
-            .send(Command::Serve(s.clone(), queues, held))
-            .map_err(|_| ActivateError::Thread(std::io::Error::other("the thread has ended")))
-    }
-
-    /// Stops the thread's serving (after the batch it is in) and takes the queues back.
-    fn stop_thread(&self) -> Option<Stopped> {
-        let _ = self.stop.write(1);
-        self.stopped.recv().ok()
     }
 }
 
@@ -619,16 +576,6 @@ fn serve(
     }
 }
 
-impl Drop for Balloon {
-    fn drop(&mut self) {
-        self.reset();
-        let _ = self.commands.send(Command::Exit);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 impl VirtioDevice for Balloon {
     fn device_type(&self) -> u32 {
         TYPE_BALLOON
@@ -675,55 +622,38 @@ impl VirtioDevice for Balloon {
         events: Vec<Arc<EventFd>>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let serving = Serving {
-            map: QueueMap::new(acked_features),
+        *self.shared.interrupt.lock().unwrap() = Some(interrupt.clone());
+        self.thread.start(Work {
             mem,
+            queues,
             events,
-            interrupt: interrupt.clone(),
-        };
-        *self.shared.interrupt.lock().unwrap() = Some(interrupt);
-        let held = self.restored_stats.take();
-        self.serve(&serving, queues, held)?;
-        self.serving = Some(serving);
-        Ok(())
+            interrupt,
+            map: QueueMap::new(acked_features),
+            stats_held: self.restored_stats.take(),
+        })
     }
 
     fn reset(&mut self) {
         *self.shared.interrupt.lock().unwrap() = None;
         // A reset gives every buffer back to the driver, the held stats one too.
-        if self.serving.take().is_some() && self.paused.take().is_none() {
-            let _ = self.stop_thread();
-        }
+        self.thread.reset();
     }
 
     fn pause(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.serving.as_ref()?;
-        if self.paused.is_none() {
-            self.paused = Some(self.stop_thread()?);
-        }
-        self.paused
-            .as_ref()
-            .map(|(queues, _)| queues.iter().map(|q| q.state()).collect())
+        self.thread
+            .pause()
+            .map(|w| w.queues.iter().map(|q| q.state()).collect())
     }
 
     fn resume(&mut self) {
-        let (Some(serving), Some((queues, held))) = (&self.serving, self.paused.take()) else {
-            return;
-        };
-        if let Err(e) = self.serve(serving, queues, held) {
-            warn!("virtio-balloon: cannot serve the queues again: {e}");
-            return;
-        }
-        for e in &serving.events {
-            let _ = e.write(1);
-        }
+        self.thread.resume();
     }
 
     fn save(&self) -> Vec<u8> {
         postcard::to_stdvec(&BalloonState {
             target: self.shared.target.load(Ordering::SeqCst),
             actual: self.shared.actual.load(Ordering::SeqCst),
-            stats_held: self.paused.as_ref().and_then(|(_, held)| *held),
+            stats_held: self.thread.paused().and_then(|w| w.stats_held),
         })
         .expect("the balloon's state always encodes")
     }

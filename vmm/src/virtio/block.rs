@@ -14,7 +14,6 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use log::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue};
@@ -23,6 +22,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use super::thread::DeviceThread;
 use super::{
     drain, used_ring_range, writable_ranges, ActivateError, GuestWrites, Interrupt, VirtioDevice,
     TYPE_BLOCK,
@@ -456,26 +456,19 @@ impl Server {
     }
 }
 
-/// The virtio-blk device. Its thread is started with it (by the main thread, before the
-/// vCPUs run: a vCPU thread, which activates the device, may not start threads under its
-/// seccomp filter) and waits for the driver to start the device.
+/// The virtio-blk device. Its thread is started with it and waits for the driver to start
+/// the device.
 pub struct Block {
     sectors: u64,
     readonly: bool,
-    commands: std::sync::mpsc::Sender<Command>,
-    stop: Arc<EventFd>,
-    /// The thread gives the queue back when it stops serving.
-    stopped: std::sync::mpsc::Receiver<Queue>,
-    thread: Option<JoinHandle<()>>,
-    /// What the thread serves while the device is active (for a resume after a pause).
-    serving: Option<Serving>,
-    /// Paused: the queue as the thread left it.
-    paused: Option<Queue>,
+    thread: DeviceThread<Work>,
 }
 
-/// An active device's memory, queue event and interrupt.
-struct Serving {
+/// What the device's thread serves: the request queue, with the memory, the queue's event and
+/// the interrupt.
+struct Work {
     mem: GuestMemoryMmap,
+    queue: Queue,
     event: Arc<EventFd>,
     interrupt: Arc<Interrupt>,
 }
@@ -487,85 +480,43 @@ struct BlockState {
     readonly: bool,
 }
 
-/// What the device's thread is told.
-enum Command {
-    /// Serve this queue until `stop` is signalled.
-    Serve {
-        mem: GuestMemoryMmap,
-        queue: Queue,
-        event: Arc<EventFd>,
-        interrupt: Arc<Interrupt>,
-    },
-    /// End.
-    Exit,
-}
-
 impl Block {
     /// A device for `disk`, with its thread; the guest RAM it writes is recorded in `writes`.
     pub fn new(disk: Disk, writes: GuestWrites) -> std::io::Result<Block> {
         let (sectors, readonly, direct) = (disk.sectors, disk.readonly, disk.direct);
-        let (commands, rx) = std::sync::mpsc::channel::<Command>();
-        let (stopped_tx, stopped) = std::sync::mpsc::channel::<Queue>();
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let stop_rx = stop.clone();
         let mut server = Server::recording(disk, writes);
-        let thread = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Block);
-                while let Ok(Command::Serve {
-                    mem,
-                    mut queue,
-                    event,
-                    interrupt,
-                }) = rx.recv()
-                {
-                    debug!("virtio-blk: serving {sectors} sectors (O_DIRECT {direct})");
-                    // Requests the driver queued before it notified are served at once. A batch
-                    // that ends with requests waiting signals the event again, so the next one
-                    // starts after a look at `stop`.
-                    let serve = |server: &mut Server, queue: &mut Queue| {
-                        if server.process_queue(&mem, queue, &interrupt).1 {
-                            let _ = event.write(1);
-                        }
-                    };
-                    serve(&mut server, &mut queue);
-                    while wait(&event, &stop_rx) {
-                        serve(&mut server, &mut queue);
+        let thread = DeviceThread::spawn(
+            "virtio-blk",
+            crate::seccomp::ThreadKind::Block,
+            move |mut w: Work, stop: &EventFd| {
+                debug!("virtio-blk: serving {sectors} sectors (O_DIRECT {direct})");
+                // Requests the driver queued before it notified are served at once. A batch
+                // that ends with requests waiting signals the event again, so the next one
+                // starts after a look at `stop`.
+                let serve = |server: &mut Server, w: &mut Work| {
+                    if server.process_queue(&w.mem, &mut w.queue, &w.interrupt).1 {
+                        let _ = w.event.write(1);
                     }
-                    let _ = stop_rx.read();
-                    // Every request taken is done; its writes go to the file's storage before
-                    // the queue is given back (a migration's destination opens the file next).
-                    if !server.disk.readonly {
-                        if let Err(e) = server.disk.file.sync_data() {
-                            warn!("virtio-blk: flushing the disk on stop: {e}");
-                        }
-                    }
-                    let _ = stopped_tx.send(queue);
+                };
+                serve(&mut server, &mut w);
+                while wait(&w.event, stop) {
+                    serve(&mut server, &mut w);
                 }
-            })?;
+                // Every request taken is done; its writes go to the file's storage before
+                // the queue is given back (a migration's destination opens the file next).
+                if !server.disk.readonly {
+                    if let Err(e) = server.disk.file.sync_data() {
+                        warn!("virtio-blk: flushing the disk on stop: {e}");
+                    }
+                }
+                w
+            },
+        )?;
         Ok(Block {
             sectors,
             readonly,
-            commands,
-            stop,
-            stopped,
-            thread: Some(thread),
-            serving: None,
-            paused: None,
+            thread,
         })
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        self.reset();
-        let _ = self.commands.send(Command::Exit);
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                warn!("virtio-blk: the device thread panicked");
-            }
-        }
     }
 }
 
@@ -612,41 +563,24 @@ impl VirtioDevice for Block {
     ) -> Result<(), ActivateError> {
         let queue = queues.pop().ok_or(ActivateError::BadQueue(0))?;
         let event = events.first().cloned().ok_or(ActivateError::BadQueue(0))?;
-        let serving = Serving {
+        self.thread.start(Work {
             mem,
+            queue,
             event,
             interrupt,
-        };
-        self.serve(&serving, queue)?;
-        self.serving = Some(serving);
-        Ok(())
+        })
     }
 
     fn reset(&mut self) {
-        if self.serving.take().is_some() && self.paused.take().is_none() {
-            // Its queue is the driver's again only once the thread let go of it.
-            let _ = self.stop_thread();
-        }
+        self.thread.reset();
     }
 
     fn pause(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.serving.as_ref()?;
-        if self.paused.is_none() {
-            self.paused = Some(self.stop_thread()?);
-        }
-        self.paused.as_ref().map(|q| vec![q.state()])
+        self.thread.pause().map(|w| vec![w.queue.state()])
     }
 
     fn resume(&mut self) {
-        let (Some(serving), Some(queue)) = (&self.serving, self.paused.take()) else {
-            return;
-        };
-        if let Err(e) = self.serve(serving, queue) {
-            warn!("virtio-blk: cannot serve the queue again: {e}");
-            return;
-        }
-        // A request the driver made available while the device was paused.
-        let _ = serving.event.write(1);
+        self.thread.resume();
     }
 
     fn save(&self) -> Vec<u8> {
@@ -671,26 +605,6 @@ impl VirtioDevice for Block {
             ));
         }
         Ok(())
-    }
-}
-
-impl Block {
-    /// Has the thread serve `queue`.
-    fn serve(&self, s: &Serving, queue: Queue) -> Result<(), ActivateError> {
-        self.commands
-            .send(Command::Serve {
-                mem: s.mem.clone(),
-                queue,
-                event: s.event.clone(),
-                interrupt: s.interrupt.clone(),
-            })
-            .map_err(|_| ActivateError::Thread(std::io::Error::other("the thread has ended")))
-    }
-
-    /// Stops the thread's serving (after the batch it is in) and takes the queue back.
-    fn stop_thread(&self) -> Option<Queue> {
-        let _ = self.stop.write(1);
-        self.stopped.recv().ok()
     }
 }
 

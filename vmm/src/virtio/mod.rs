@@ -18,6 +18,7 @@
 pub mod balloon;
 pub mod block;
 pub mod mmio;
+mod thread;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
