@@ -14,6 +14,7 @@ pub mod stage2_model;
 pub mod stage2_ops;
 pub mod virtio_balloon;
 pub mod virtio_blk;
+pub mod virtio_net;
 
 /// Longest input any target looks at; the rest of a longer input is ignored.
 pub const MAX_INPUT: usize = 1 << 20;

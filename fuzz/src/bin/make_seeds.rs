@@ -446,6 +446,46 @@ fn virtio_balloon_seeds() {
     }
 }
 
+/// Frames to send and buffers to receive in, good and bad (see `vmm_fuzz::virtio_net`).
+fn virtio_net_seeds() {
+    use vmm_fuzz::virtio_blk::{Input, D_NEXT, D_WRITE};
+    use vmm_fuzz::virtio_net::{F_EVENT_IDX, F_RX};
+    const BUF: u64 = 0x3000;
+    let hdr = [0u8; 12];
+    let frame: Vec<u8> = (0..60u8).collect();
+    // One frame in one buffer; one over two buffers (the header apart).
+    let mut tx = Input::new(0, 16);
+    tx.put(BUF, &hdr).put(BUF + 12, &frame);
+    tx.desc(0, BUF, 72, 0, 0);
+    tx.desc(1, BUF, 12, D_NEXT, 2);
+    tx.desc(2, BUF + 12, 60, 0, 0);
+    write("virtio_net", "tx", &tx.offer(&[0, 1]).bytes());
+    // A device-writable buffer, a runt, a buffer in the hole.
+    let mut bad = Input::new(F_EVENT_IDX, 16);
+    bad.put(BUF, &hdr).put(BUF + 12, &frame);
+    bad.desc(0, BUF, 72, D_WRITE, 0);
+    bad.desc(1, BUF, 20, 0, 0);
+    bad.desc(2, 0x1_8000, 72, 0, 0);
+    write("virtio_net", "tx-bad", &bad.offer(&[0, 1, 2]).bytes());
+    // Buffers for the frames: three of 2 KiB (the 9000-byte frame is too long for one), one
+    // of 9 KiB as a header buffer and a frame buffer.
+    let mut rx = Input::new(F_RX, 16);
+    for k in 0..3u16 {
+        rx.desc(k, BUF + 0x800 * u64::from(k), 2048, D_WRITE, 0);
+    }
+    rx.desc(3, BUF + 0x2000, 12, D_WRITE | D_NEXT, 4);
+    rx.desc(4, BUF + 0x3000, 9000, D_WRITE, 0);
+    rx.put(BUF + 0x5400, &[0]);
+    write("virtio_net", "rx", &rx.offer(&[0, 1, 2, 3]).bytes());
+    // A readable buffer, one running off the first region into the hole, then a good one.
+    let mut rbad = Input::new(F_RX | F_EVENT_IDX, 16);
+    rbad.desc(0, BUF, 2048, 0, 0);
+    rbad.desc(1, 0xff00, 2048, D_WRITE, 0);
+    rbad.desc(2, BUF + 0x1000, 9100, D_WRITE, 0);
+    rbad.put(BUF + 0x1000 + 9100, &[0]);
+    write("virtio_net", "rx-bad", &rbad.offer(&[0, 1, 2]).bytes());
+}
+
 fn main() {
     kernel_seeds();
     migration_seeds();
@@ -453,4 +493,5 @@ fn main() {
     stage2_seeds();
     virtio_blk_seeds();
     virtio_balloon_seeds();
+    virtio_net_seeds();
 }

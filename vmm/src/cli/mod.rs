@@ -242,6 +242,14 @@ pub struct Cli {
     #[arg(long)]
     pub balloon: bool,
 
+    /// A virtio-net device for the kernel on an existing tap device of this network namespace:
+    /// tap=NAME (create it first: ip tuntap add dev NAME mode tap), and mac=MAC for the guest's
+    /// address (without it the guest makes one up). Frames only, no offloads. Give it again for
+    /// more interfaces (the first is the guest's eth0). A migration's destination opens a tap
+    /// of the same name on its host; given there too, it must agree.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    pub net: Vec<crate::virtio::net::NetConfig>,
+
     /// Log level on stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -445,6 +453,7 @@ pub const KERNEL_FLAGS: &[&str] = &[
     "kernel",
     "disk",
     "balloon",
+    "net",
     "initrd",
     "cmdline",
     "no_fast_boot",
@@ -478,12 +487,12 @@ impl Cli {
             );
         }
         if self.machine.incoming.is_some() {
-            // --disk and --balloon may be given: they must agree with the source's devices
+            // --disk, --net and --balloon may be given: they must agree with the source's devices
             // (machine::spec::reconcile).
             let payload_flags: Vec<&str> = KERNEL_FLAGS
                 .iter()
                 .copied()
-                .filter(|id| !matches!(*id, "disk" | "balloon"))
+                .filter(|id| !matches!(*id, "disk" | "balloon" | "net"))
                 .collect();
             if let Some(f) = first(&payload_flags) {
                 return Err(format!(

@@ -13,7 +13,7 @@ use log::{debug, info};
 use super::console::{self, FlushingStdout};
 use super::incoming::PostcopyRx;
 use super::session::{PowerButtonHooks, Session, SessionConfig, Waited};
-use super::spec::{DeviceSpec, MachineSpec, Payload};
+use super::spec::{DeviceConfigs, DeviceSpec, MachineSpec, Payload};
 use super::{Ended, Machine, MachineConfig, MigrationPlan};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, BootSpec, KernelImage};
@@ -26,7 +26,8 @@ use crate::hypervisor;
 use crate::memory::{human, BackingKind};
 use crate::migrate::destination::Pending;
 use crate::virtio::balloon::{Balloon, BalloonHandle};
-use crate::virtio::block::{Block, Disk, DiskConfig};
+use crate::virtio::block::{Block, Disk};
+use crate::virtio::net::{Net, NetError};
 use crate::virtio::{mmio, GuestWrites, MmioTransport, TransportState};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -175,10 +176,11 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
         clock.mark("kernel payload decompressed");
     }
     check_cpus(cli.cpus)?;
-    // Before any VM exists: a disk that cannot be used ends the run here.
-    let disks = open_disks(&cli.disk, cli.balloon)?;
+    // Before any VM exists: a disk or tap that cannot be used ends the run here.
+    let configs = DeviceConfigs::of(cli);
+    let opened = open_devices(&configs)?;
     // Paths made absolute now: the filters entered below refuse readlink.
-    let device_spec = DeviceSpec::of(&cli.disk, cli.balloon);
+    let device_spec = DeviceSpec::of(&configs);
 
     let mut machine = Machine::new(machine_config(cli, cli.backing()?, &plan)?)?;
     // Set-up is done: from here this thread only loads or receives the guest, starts the
@@ -188,7 +190,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<Ended> {
     let mem = machine.mem().clone();
     let software_kvm = hypervisor::software_kvm().filter(|_| !cli.machine.no_host_quirks);
     let (cmdline, appended) = quirk_cmdline(&cli.cmdline, software_kvm.is_some());
-    let devices = build_devices(&machine, disks, &cli.disk, device_spec)?;
+    let devices = build_devices(&machine, opened, &configs, device_spec)?;
     if !appended.is_empty() {
         info!(
             "this host's KVM is {} (software): appended `{}` to the kernel command line \
@@ -251,51 +253,85 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// has 4, the i8042's keyboard and mouse 1 and 12, the RTC's would be 8).
 pub const VIRTIO_GSIS: [u32; 6] = [5, 6, 7, 9, 10, 11];
 
-/// Refuses more virtio devices than interrupt lines, and opens the disks (before any VM
-/// exists: a disk that cannot be used ends the run early).
-fn open_disks(disks: &[DiskConfig], balloon: bool) -> Result<Vec<Disk>> {
-    let devices = disks.len() + usize::from(balloon);
-    if devices > VIRTIO_GSIS.len() {
+/// A kernel VM's disks and taps, opened.
+struct Opened {
+    disks: Vec<Disk>,
+    taps: Vec<File>,
+}
+
+/// Refuses more virtio devices than interrupt lines, and opens the disks and taps (before any
+/// VM exists: one that cannot be used ends the run early).
+fn open_devices(configs: &DeviceConfigs) -> Result<Opened> {
+    if configs.count() > VIRTIO_GSIS.len() {
         bail!(
-            "{} disks{}: at most {} virtio devices fit this machine's interrupt lines",
-            disks.len(),
-            if balloon { " and a balloon" } else { "" },
+            "{} disks, {} network devices{}: at most {} virtio devices fit this machine's \
+             interrupt lines",
+            configs.disks.len(),
+            configs.nets.len(),
+            if configs.balloon {
+                " and a balloon"
+            } else {
+                ""
+            },
             VIRTIO_GSIS.len()
         );
     }
-    Ok(disks
+    let disks = configs
+        .disks
         .iter()
         .map(Disk::open)
-        .collect::<Result<Vec<_>, _>>()?)
+        .collect::<Result<Vec<_>, _>>()?;
+    let taps = configs
+        .nets
+        .iter()
+        .map(|n| crate::virtio::net::open_tap(&n.tap))
+        .collect::<Result<Vec<_>, NetError>>()?;
+    Ok(Opened { disks, taps })
 }
 
-/// The virtio devices of `spec` in slot order: the `disks` (opened from `configs`), then a
-/// balloon when it has one. Their writes of guest RAM are recorded through the machine's
-/// gate.
+/// The virtio devices of `spec` in slot order: the disks, the network devices, then a balloon
+/// when it has one, on what `opened` holds for `configs`. Their writes of guest RAM are
+/// recorded through the machine's gate.
 fn build_devices(
     machine: &Machine,
-    disks: Vec<Disk>,
-    configs: &[DiskConfig],
+    opened: Opened,
+    configs: &DeviceConfigs,
     spec: Vec<DeviceSpec>,
 ) -> Result<Devices> {
-    let balloon = spec.contains(&DeviceSpec::Balloon);
     let writes = || GuestWrites::new(machine.host_changes().clone());
     let mut mmio = Vec::new();
-    for (i, disk) in disks.into_iter().enumerate() {
+    for (i, disk) in opened.disks.into_iter().enumerate() {
         let sectors = disk.sectors();
         let block = Block::new(disk, writes()).context("starting the virtio-blk thread")?;
-        let dev = virtio_device(machine, i, Box::new(block))?;
+        let dev = virtio_device(machine, mmio.len(), Box::new(block))?;
         info!(
             "virtio-blk {}: {} ({} sectors) at {:#x}, IRQ {}",
             i,
-            configs[i].path.display(),
+            configs.disks[i].path.display(),
             sectors,
             dev.window.start,
             dev.gsi
         );
         mmio.push(dev);
     }
-    let handle = if balloon {
+    for (i, tap) in opened.taps.into_iter().enumerate() {
+        let cfg = &configs.nets[i];
+        let net = Net::new(tap, cfg.mac, writes()).context("starting the virtio-net thread")?;
+        let dev = virtio_device(machine, mmio.len(), Box::new(net))?;
+        info!(
+            "virtio-net {}: tap {}, {} at {:#x}, IRQ {}",
+            i,
+            cfg.tap,
+            cfg.mac
+                .map_or("the guest's own address".to_string(), |m| format!(
+                    "address {m}"
+                )),
+            dev.window.start,
+            dev.gsi
+        );
+        mmio.push(dev);
+    }
+    let handle = if configs.balloon {
         let (device, handle) =
             Balloon::new(writes()).context("starting the virtio-balloon thread")?;
         let dev = virtio_device(machine, mmio.len(), Box::new(device))?;
@@ -380,10 +416,11 @@ pub fn run_incoming(
     let plan = MigrationPlan::from_args(&cli.machine)?;
     check_host_memory(spec.mem)?;
     // The source's devices, in its slots; its disks are opened here, before any VM.
-    let (disk_configs, balloon) = DeviceSpec::split(&spec.devices);
-    let disks = open_disks(&disk_configs, balloon).context(
-        "the migrating VM's disk cannot be opened here: a disk migrates by its path, which \
-         must name the same image on this host (shared storage, or one host)",
+    let configs = DeviceSpec::split(&spec.devices);
+    let opened = open_devices(&configs).context(
+        "the migrating VM's devices cannot be opened here: a disk migrates by its path, which \
+         must name the same image on this host (shared storage, or one host), and a network \
+         device by its tap's name, which must name a free tap on this host",
     )?;
     let mut cfg = machine_config(cli, backing, &plan)?;
     cfg.mem = spec.mem;
@@ -392,7 +429,7 @@ pub fn run_incoming(
     // Set-up is done: from here this thread only loads or receives the guest, starts the
     // other threads, runs the VM and tears it down (seccomp's `main` list).
     crate::seccomp::enter_main();
-    let devices = build_devices(&machine, disks, &disk_configs, spec.devices.clone())?;
+    let devices = build_devices(&machine, opened, &configs, spec.devices.clone())?;
     let mut inc = machine.receive(pending)?;
     let vcpus = machine.create_vcpus()?;
     machine.restore(&inc, &vcpus)?;

@@ -42,45 +42,86 @@ pub enum DeviceSpec {
         /// `direct=on`.
         direct: bool,
     },
+    /// A virtio-net device. The destination opens a tap of the same name on its host.
+    Net {
+        /// The tap's name.
+        tap: String,
+        /// `mac=`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<crate::virtio::net::Mac>,
+    },
     /// The virtio-balloon.
     Balloon,
 }
 
+/// The virtio devices of a kernel VM as its flags give them: `--disk`, `--net`, `--balloon`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceConfigs {
+    /// `--disk`, in order.
+    pub disks: Vec<crate::virtio::block::DiskConfig>,
+    /// `--net`, in order.
+    pub nets: Vec<crate::virtio::net::NetConfig>,
+    /// `--balloon`.
+    pub balloon: bool,
+}
+
+impl DeviceConfigs {
+    /// The devices of `cli`'s flags.
+    pub fn of(cli: &Cli) -> DeviceConfigs {
+        DeviceConfigs {
+            disks: cli.disk.clone(),
+            nets: cli.net.clone(),
+            balloon: cli.balloon,
+        }
+    }
+
+    /// How many virtio slots they take.
+    pub fn count(&self) -> usize {
+        self.disks.len() + self.nets.len() + usize::from(self.balloon)
+    }
+}
+
 impl DeviceSpec {
-    /// The devices of `--disk` and `--balloon`, in the slot order the VMM gives them; a
-    /// disk's path made absolute (the destination may run elsewhere).
-    pub fn of(disks: &[crate::virtio::block::DiskConfig], balloon: bool) -> Vec<DeviceSpec> {
+    /// The devices of `configs`, in the slot order the VMM gives them (disks, network
+    /// devices, the balloon); a disk's path made absolute (the destination may run elsewhere).
+    pub fn of(configs: &DeviceConfigs) -> Vec<DeviceSpec> {
+        let disks = configs.disks.iter().map(|d| DeviceSpec::Disk {
+            path: absolute(&d.path),
+            readonly: d.readonly,
+            direct: d.direct,
+        });
+        let nets = configs.nets.iter().map(|n| DeviceSpec::Net {
+            tap: n.tap.clone(),
+            mac: n.mac,
+        });
         disks
-            .iter()
-            .map(|d| DeviceSpec::Disk {
-                path: absolute(&d.path),
-                readonly: d.readonly,
-                direct: d.direct,
-            })
-            .chain(balloon.then_some(DeviceSpec::Balloon))
+            .chain(nets)
+            .chain(configs.balloon.then_some(DeviceSpec::Balloon))
             .collect()
     }
 
-    /// The `--disk` options and whether there is a balloon, from a list [`DeviceSpec::of`]
-    /// made.
-    pub fn split(devices: &[DeviceSpec]) -> (Vec<crate::virtio::block::DiskConfig>, bool) {
-        let mut disks = Vec::new();
-        let mut balloon = false;
+    /// The flags' devices, from a list [`DeviceSpec::of`] made.
+    pub fn split(devices: &[DeviceSpec]) -> DeviceConfigs {
+        let mut c = DeviceConfigs::default();
         for d in devices {
             match d {
                 DeviceSpec::Disk {
                     path,
                     readonly,
                     direct,
-                } => disks.push(crate::virtio::block::DiskConfig {
+                } => c.disks.push(crate::virtio::block::DiskConfig {
                     path: path.clone(),
                     readonly: *readonly,
                     direct: *direct,
                 }),
-                DeviceSpec::Balloon => balloon = true,
+                DeviceSpec::Net { tap, mac } => c.nets.push(crate::virtio::net::NetConfig {
+                    tap: tap.clone(),
+                    mac: *mac,
+                }),
+                DeviceSpec::Balloon => c.balloon = true,
             }
         }
-        (disks, balloon)
+        c
     }
 }
 
@@ -104,6 +145,20 @@ fn disks_text(disks: &[crate::virtio::block::DiskConfig]) -> String {
     } else {
         disks.iter().map(one).collect::<Vec<_>>().join(" ")
     }
+}
+
+/// `--net` options as one comparable string.
+fn nets_text(nets: &[crate::virtio::net::NetConfig]) -> String {
+    if nets.is_empty() {
+        return "none".into();
+    }
+    nets.iter()
+        .map(|n| match n.mac {
+            Some(m) => format!("tap={},mac={m}", n.tap),
+            None => format!("tap={}", n.tap),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What runs in a migrating VM.
@@ -290,9 +345,14 @@ pub fn reconcile(cli: &Cli, spec: &MachineSpec) -> anyhow::Result<BackingKind> {
         cli.memory_backend_name(),
         spec.memory_backend.clone(),
     );
-    let (disks, balloon) = DeviceSpec::split(&spec.devices);
-    add("disk", disks_text(&cli.disk), disks_text(&disks));
-    add("balloon", cli.balloon.to_string(), balloon.to_string());
+    let source = DeviceSpec::split(&spec.devices);
+    add("disk", disks_text(&cli.disk), disks_text(&source.disks));
+    add("net", nets_text(&cli.net), nets_text(&source.nets));
+    add(
+        "balloon",
+        cli.balloon.to_string(),
+        source.balloon.to_string(),
+    );
     match &spec.payload {
         Payload::Kernel => {
             let guest_flag = std::iter::once("guest")
@@ -396,11 +456,27 @@ mod tests {
                 .iter()
                 .map(|d| d.parse().unwrap())
                 .collect();
-        let with = k.with_devices(DeviceSpec::of(&disks, true));
+        let nets: Vec<crate::virtio::net::NetConfig> = ["tap=t0,mac=52:54:00:00:00:01", "tap=t1"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let configs = DeviceConfigs {
+            disks: disks.clone(),
+            nets: nets.clone(),
+            balloon: true,
+        };
+        let with = k.with_devices(DeviceSpec::of(&configs));
+        let text = String::from_utf8(with.to_bytes()).unwrap();
+        assert!(
+            text.contains(r#"{"kind":"net","tap":"t0","mac":"52:54:00:00:00:01"}"#),
+            "{text}"
+        );
         let back = MachineSpec::from_bytes(&with.to_bytes()).unwrap().unwrap();
         assert_eq!(back, with);
+        assert_eq!(back.devices.len(), 5);
         assert_eq!(back.devices.last(), Some(&DeviceSpec::Balloon));
-        assert_eq!(DeviceSpec::split(&back.devices), (disks.clone(), true));
+        assert_eq!(DeviceSpec::split(&back.devices), configs);
+        assert_eq!(nets_text(&nets), "tap=t0,mac=52:54:00:00:00:01 tap=t1");
         assert_eq!(
             disks_text(&disks),
             "path=/a.img path=/b.img,readonly=on,direct=on"

@@ -178,6 +178,8 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         // Drops the pages the guest gives through the reclaim path (as the reclaim storm's
         // thread does) and waits on its queues' events.
         ThreadKind::Balloon => &[DROP_PAGES, &[libc::SYS_poll, libc::SYS_ppoll]],
+        // Frames on its tap (read and write, in BASE) and its queues', tap's and stop events.
+        ThreadKind::Net => &[&[libc::SYS_poll, libc::SYS_ppoll]],
     };
     for list in extra {
         v.extend_from_slice(list);
@@ -225,7 +227,8 @@ fn ioctls(kind: ThreadKind) -> Ioctls {
         ThreadKind::MigrationSender
         | ThreadKind::Signals
         | ThreadKind::Profiler
-        | ThreadKind::Block => Ioctls {
+        | ThreadKind::Block
+        | ThreadKind::Net => Ioctls {
             types: &[],
             numbers: &[],
         },

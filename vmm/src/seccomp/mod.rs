@@ -70,11 +70,13 @@ pub enum ThreadKind {
     Block,
     /// The virtio-balloon's thread (`virtio-balloon`): drops the pages the guest gives.
     Balloon,
+    /// A virtio-net device's thread (`virtio-net`): reads and writes frames on its tap.
+    Net,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 14] = [
+    pub const ALL: [ThreadKind; 15] = [
         ThreadKind::Main,
         ThreadKind::Host,
         ThreadKind::Vcpu,
@@ -89,6 +91,7 @@ impl ThreadKind {
         ThreadKind::Profiler,
         ThreadKind::Block,
         ThreadKind::Balloon,
+        ThreadKind::Net,
     ];
 
     /// The kind's name in messages.
@@ -108,6 +111,7 @@ impl ThreadKind {
             ThreadKind::Profiler => "profiler",
             ThreadKind::Block => "virtio-blk",
             ThreadKind::Balloon => "virtio-balloon",
+            ThreadKind::Net => "virtio-net",
         }
     }
 }

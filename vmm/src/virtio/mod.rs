@@ -18,6 +18,7 @@
 pub mod balloon;
 pub mod block;
 pub mod mmio;
+pub mod net;
 mod thread;
 
 use std::sync::atomic::{AtomicU32, Ordering};

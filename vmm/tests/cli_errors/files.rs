@@ -224,3 +224,42 @@ fn unusable_disks_are_refused_fast_with_the_fix() {
     expect_refused_fast(&args, &["7 disks", "at most 6"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--net`: a tap that does not exist, an interface that is no tap, and options that do not
+/// parse are refused before any VM exists, with what to do; so is `--net` for a test guest.
+#[test]
+fn unusable_taps_are_refused_fast_with_the_fix() {
+    let dir = tmpdir("taps");
+    let kernel = write(&dir, "vmlinux", &elf());
+    let mut cases: Vec<(&str, &[&str])> = vec![
+        (
+            "tap=vmm-nosuch0",
+            &[
+                "no network interface vmm-nosuch0",
+                "ip tuntap add dev vmm-nosuch0 mode tap",
+            ],
+        ),
+        ("tap=a-name-longer-than-15", &["1-15 characters"]),
+        ("mac=52:54:00:00:00:01", &["no tap=NAME"]),
+        ("tap=t0,mac=01:00:5e:00:00:01", &["multicast"]),
+        ("tap=t0,mac=52:54", &["six hex bytes"]),
+        ("tap=t0,vhost=on", &["not a network option"]),
+    ];
+    // The loopback interface is in every namespace and is no tap (as root; another user may
+    // not open /dev/net/tun at all, which is refused too).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 && std::path::Path::new("/dev/net/tun").exists() {
+        cases.push((
+            "tap=lo",
+            &["--net tap=lo: cannot attach to the tap", "it is not a tap"],
+        ));
+    }
+    for (net, fragments) in cases {
+        expect_refused_fast(&["--kernel", &kernel, "--net", net], fragments);
+    }
+    expect_refused_fast(
+        &["--guest", "stress", "--net", "tap=t0"],
+        &["--net is for booting a kernel"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

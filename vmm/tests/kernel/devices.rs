@@ -14,7 +14,7 @@ use crate::util::{request, test_kernel, tmp, wait_for_path, KernelVm, BOOT_LIMIT
 
 /// The pattern `disk write` puts at the start of the disk (tools/test-initramfs/disk.c): word
 /// i is splitmix64's finaliser of `seed ^ i`, little-endian.
-fn pattern(mib: u64, seed: u64) -> Vec<u8> {
+pub fn pattern(mib: u64, seed: u64) -> Vec<u8> {
     let mix = |mut z: u64| {
         z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -26,7 +26,7 @@ fn pattern(mib: u64, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn fnv(bytes: &[u8]) -> String {
+pub fn fnv(bytes: &[u8]) -> String {
     let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
