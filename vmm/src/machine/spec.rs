@@ -530,6 +530,40 @@ mod tests {
         }
     }
 
+    /// A destination's `--net` must name the source's taps and addresses; left out, the
+    /// source's are taken.
+    #[test]
+    fn a_destinations_net_flags_must_agree_with_the_sources_devices() {
+        let spec = MachineSpec {
+            payload: Payload::Kernel,
+            ..guest_spec()
+        }
+        .with_devices(DeviceSpec::of(&DeviceConfigs {
+            nets: vec!["tap=t0,mac=52:54:00:00:00:01".parse().unwrap()],
+            ..DeviceConfigs::default()
+        }));
+        let cli = |extra: &[&str]| {
+            let mut args = vec!["vmm", "--incoming", "tcp:127.0.0.1:1"];
+            args.extend_from_slice(extra);
+            crate::cli::parse_from(args).unwrap()
+        };
+        assert!(reconcile(&cli(&[]), &spec).is_ok());
+        assert!(reconcile(&cli(&["--net", "tap=t0,mac=52:54:00:00:00:01"]), &spec).is_ok());
+        for other in [
+            "tap=t1,mac=52:54:00:00:00:01",
+            "tap=t0",
+            "tap=t0,mac=52:54:00:00:00:02",
+        ] {
+            let e = reconcile(&cli(&["--net", other]), &spec)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--net") && e.contains("tap=t0,mac=52:54:00:00:00:01"),
+                "{other}: {e}"
+            );
+        }
+    }
+
     #[test]
     fn empty_spec_is_none_and_garbage_is_an_error() {
         assert_eq!(MachineSpec::from_bytes(b"").unwrap(), None);
