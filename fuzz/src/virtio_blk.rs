@@ -43,12 +43,23 @@ pub const F_EVENT_IDX: u8 = 2;
 /// The ring addresses follow the queue size.
 pub const F_ADDRESSES: u8 = 4;
 
-/// The disk image's path: one per process, in the temporary directory.
-fn disk_path() -> &'static PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        std::env::temp_dir().join(format!("vmm-fuzz-virtio-blk-{}.img", std::process::id()))
-    })
+/// The disk image's path: one per thread, in the temporary directory (the replay tests run
+/// side by side in one process, and each run empties the image).
+fn disk_path() -> PathBuf {
+    thread_local! {
+        static PATH: PathBuf = {
+            // "ThreadId(N)": its number.
+            let thread: String = format!("{:?}", std::thread::current().id())
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect();
+            std::env::temp_dir().join(format!(
+                "vmm-fuzz-virtio-blk-{}-{thread}.img",
+                std::process::id()
+            ))
+        };
+    }
+    PATH.with(|p| p.clone())
 }
 
 /// A fresh guest memory of [`REGIONS`], zeroed.
@@ -101,7 +112,7 @@ pub fn drain(data: &[u8]) -> Option<(GuestMemoryMmap, usize)> {
 
     // The same disk every run: zeroed and of the same size (a run must not see the last one's
     // writes, or the fuzzer's stability suffers).
-    let path = disk_path();
+    let path = &disk_path();
     {
         let f = OpenOptions::new()
             .create(true)

@@ -116,15 +116,20 @@ fn check_received(mem: &vm_memory::GuestMemoryMmap, input: &[u8], before: u16, d
     let rings_end = USED_RING + 6 + 8 * 256;
     for k in (0..done as u16).rev() {
         let slot = USED_RING + 4 + 8 * u64::from(before.wrapping_add(k) % 256);
-        let id: u32 = mem.read_obj(GuestAddress(slot)).expect("the used ring is in RAM");
-        let len: u32 = mem.read_obj(GuestAddress(slot + 4)).expect("the used ring is in RAM");
+        let id: u32 = mem
+            .read_obj(GuestAddress(slot))
+            .expect("the used ring is in RAM");
+        let len: u32 = mem
+            .read_obj(GuestAddress(slot + 4))
+            .expect("the used ring is in RAM");
         if len == 0 {
             continue;
         }
         let d = DESC_TABLE + 16 * u64::from(id % 256);
         // An earlier frame may have landed on the descriptor: then it says nothing.
         let mut now = [0u8; 16];
-        mem.read_slice(&mut now, GuestAddress(d)).expect("the table is in RAM");
+        mem.read_slice(&mut now, GuestAddress(d))
+            .expect("the table is in RAM");
         let was: Vec<u8> = (d..d + 16)
             .map(|i| input.get(i as usize).copied().unwrap_or(0))
             .collect();
