@@ -177,9 +177,12 @@ fn a_lane_cut_mid_round_fails_both_ends_and_the_source_runs_on() {
     let rx = lines(&mut src);
     let s = finish(src, rx);
     assert_source_passed_after_failed_migration("source", &s);
+    // The source names the lane when its lane's writes fail; when they all fit the socket
+    // buffers before the cut, what it sees first is the destination closing the main
+    // connection (which the destination does because of the lane). Seen under CPU contention.
     assert!(
-        s.2.contains("migration lane"),
-        "the source names the lane: {}",
+        s.2.contains("migration lane") || s.2.contains("truncated"),
+        "the source says why: {}",
         s.2
     );
     let (code, out, err) = dst.finish();
