@@ -9,9 +9,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    Interrupt, VirtioDevice, TRANSPORT_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-};
+use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::MmioDevice;
 
 /// The size of one device's window: registers up to 0x100, then its configuration space.
@@ -363,7 +361,7 @@ impl MmioTransport {
             DEVICE_ID => s.device.device_type(),
             VENDOR_ID => VENDOR,
             DEVICE_FEATURES => {
-                let f = s.device.features() | TRANSPORT_FEATURES;
+                let f = s.device.features() | (1 << VIRTIO_F_VERSION_1);
                 match s.device_features_sel {
                     0 => f as u32,
                     1 => (f >> 32) as u32,
@@ -429,7 +427,7 @@ impl MmioTransport {
         }
         let mut v = v;
         if v & STATUS_FEATURES_OK != 0 && s.status & STATUS_FEATURES_OK == 0 {
-            let offered = s.device.features() | TRANSPORT_FEATURES;
+            let offered = s.device.features() | (1 << VIRTIO_F_VERSION_1);
             let acked = s.acked_features;
             if acked & !offered != 0 || acked & (1 << VIRTIO_F_VERSION_1) == 0 {
                 // The driver sees FEATURES_OK unset when it reads the status back.
@@ -448,16 +446,10 @@ impl MmioTransport {
 
     fn activate(&self, s: &mut State) {
         // The device gets copies; the transport keeps its own for the driver's reads.
-        let event_idx = s.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let queues: Result<Vec<Queue>, _> = s
             .queues
             .iter()
-            .map(|q| {
-                Queue::try_from(q.state()).map(|mut q| {
-                    q.set_event_idx(event_idx);
-                    q
-                })
-            })
+            .map(|q| Queue::try_from(q.state()))
             .collect();
         let Ok(queues) = queues else {
             warn!("virtio-mmio: a queue's state does not make a queue; the device needs a reset");
@@ -546,7 +538,7 @@ mod tests {
 
     /// A device that records what the transport did to it.
     struct Probe {
-        activated: Activated,
+        activated: Arc<Mutex<Option<(u64, usize)>>>,
         resets: Arc<Mutex<u32>>,
     }
 
@@ -572,8 +564,7 @@ mod tests {
             _events: Vec<Arc<EventFd>>,
             _interrupt: Arc<Interrupt>,
         ) -> Result<(), ActivateError> {
-            let event_idx = queues.iter().all(|q| q.state().event_idx_enabled);
-            *self.activated.lock().unwrap() = Some((acked, queues.len(), event_idx));
+            *self.activated.lock().unwrap() = Some((acked, queues.len()));
             Ok(())
         }
         fn reset(&mut self) {
@@ -585,9 +576,8 @@ mod tests {
         fn resume(&mut self) {}
     }
 
-    /// What the probe was activated with: (acked features, queue count, whether its queues
-    /// use event indexes).
-    type Activated = Arc<Mutex<Option<(u64, usize, bool)>>>;
+    /// What the probe was activated with: (acked features, queue count).
+    type Activated = Arc<Mutex<Option<(u64, usize)>>>;
 
     fn transport() -> (MmioTransport, Activated, Arc<Mutex<u32>>) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -617,15 +607,10 @@ mod tests {
 
     /// The driver's side of virtio 1.2 §3.1.1 for one 16-entry queue at `base`.
     fn set_up(t: &MmioTransport, features_hi: u32, base: u64) {
-        set_up_with(t, 1 << 9, features_hi, base);
-    }
-
-    /// [`set_up`] with the low feature word too.
-    fn set_up_with(t: &MmioTransport, features_lo: u32, features_hi: u32, base: u64) {
         w(t, STATUS, STATUS_ACKNOWLEDGE);
         w(t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(t, DRIVER_FEATURES_SEL, 0);
-        w(t, DRIVER_FEATURES, features_lo);
+        w(t, DRIVER_FEATURES, 1 << 9);
         w(t, DRIVER_FEATURES_SEL, 1);
         w(t, DRIVER_FEATURES, features_hi);
         w(
@@ -647,11 +632,6 @@ mod tests {
         assert_eq!(r(&t, MAGIC), MAGIC_VALUE);
         assert_eq!(r(&t, VERSION), 2);
         assert_eq!(r(&t, DEVICE_ID), super::super::TYPE_BLOCK);
-        assert_eq!(
-            r(&t, DEVICE_FEATURES),
-            (1 << 9) | (1 << 29),
-            "the device's features and EVENT_IDX are offered"
-        );
         w(&t, DEVICE_FEATURES_SEL, 1);
         assert_eq!(r(&t, DEVICE_FEATURES), 1, "VERSION_1 is offered");
         assert_eq!(r(&t, QUEUE_NUM_MAX), 16);
@@ -663,10 +643,7 @@ mod tests {
         assert_eq!(st.status & STATUS_DRIVER_OK, 0);
         t.resume();
         w(&t, STATUS, 0xf);
-        assert_eq!(
-            *activated.lock().unwrap(),
-            Some(((1 << 32) | (1 << 9), 1, false))
-        );
+        assert_eq!(*activated.lock().unwrap(), Some(((1 << 32) | (1 << 9), 1)));
         // Started, a device that gives no queues back (the probe: as a device whose thread
         // ended) cannot pause: where it was in its rings is unknown.
         let e = t.pause().unwrap_err();
@@ -675,18 +652,6 @@ mod tests {
         let mut d = [0u8; 2];
         t.read(0, CONFIG + 8, &mut d);
         assert_eq!(d, [8, 8]);
-    }
-
-    /// A driver that accepts `VIRTIO_RING_F_EVENT_IDX` gets queues that use event indexes.
-    #[test]
-    fn an_accepted_event_idx_reaches_the_devices_queues() {
-        let (t, activated, _) = transport();
-        set_up_with(&t, (1 << 9) | (1 << 29), 1, 0x1000);
-        w(&t, STATUS, 0xf);
-        assert_eq!(
-            *activated.lock().unwrap(),
-            Some(((1 << 32) | (1 << 29) | (1 << 9), 1, true))
-        );
     }
 
     #[test]

@@ -34,13 +34,6 @@ pub use mmio::{MmioTransport, QueueSnapshot, TransportState};
 
 /// `VIRTIO_F_VERSION_1`: a modern (virtio 1.x) device; the MMIO transport's version 2 needs it.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
-/// `VIRTIO_RING_F_EVENT_IDX`: the driver and the device say at which used and available index
-/// they want to hear of the other (virtio 1.2 §2.7.10), instead of a flag; it lets a driver
-/// take interrupts for batches of used buffers. Offered by the transport for every device.
-pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-
-/// The feature bits the transport offers for every device, on top of the device's own.
-pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);
 
 /// Device types (virtio 1.2 §5).
 pub const TYPE_NET: u32 = 1;
