@@ -82,3 +82,27 @@ impl ChildLines {
         self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 }
+
+/// The median of `v` (NaN when empty; the mean of the middle two for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Waits up to `limit` for a guest `child` to power off by itself (so that runs do not
+/// overlap), then kills it if it has not.
+pub fn wait_for_poweroff(child: &mut std::process::Child, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while matches!(child.try_wait(), Ok(None)) {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.wait();
+}

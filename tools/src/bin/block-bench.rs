@@ -148,15 +148,7 @@ fn guest_run(a: &Args, kernel: &Path, initrd: &Path, kib: u64) -> Result<Run> {
         }
     }
     // It powers off after the program: wait for that, so runs do not overlap.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.wait();
+    tools::wait_for_poweroff(&mut child, Duration::from_secs(120));
     Ok(run)
 }
 
@@ -199,15 +191,6 @@ fn host_run(a: &Args, kib: u64) -> Result<Run> {
     let write = pass(true, buf)?;
     let read = pass(false, buf)?;
     Ok(Run { write, read })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn main() -> Result<()> {
@@ -285,10 +268,10 @@ fn main() -> Result<()> {
             ("write", (|r: &Run| r.write) as fn(&Run) -> Pass),
             ("read", |r: &Run| r.read),
         ] {
-            let gm = median(guest.iter().map(|r| pick(r).mbps).collect());
-            let hm = median(host.iter().map(|r| pick(r).mbps).collect());
-            let gl = median(guest.iter().map(|r| pick(r).mean_us).collect());
-            let hl = median(host.iter().map(|r| pick(r).mean_us).collect());
+            let gm = tools::median(guest.iter().map(|r| pick(r).mbps).collect());
+            let hm = tools::median(host.iter().map(|r| pick(r).mbps).collect());
+            let gl = tools::median(guest.iter().map(|r| pick(r).mean_us).collect());
+            let hl = tools::median(host.iter().map(|r| pick(r).mean_us).collect());
             println!(
                 "| {kib} KiB | {dir} | {gm:.2} | {hm:.1} | {:.4} | {gl:.0} µs | {hl:.1} µs | {:.0}x |",
                 gm / hm,

@@ -244,15 +244,7 @@ fn guest_run(a: &Args, net: &Net, kernel: &Path, initrd: &Path) -> Result<Run> {
                 let _ = child.kill();
                 bail!("the guest's data was not its pattern");
             }
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while child.try_wait()?.is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.wait();
+            tools::wait_for_poweroff(&mut child, Duration::from_secs(120));
             Ok(run)
         })
         .join()
@@ -291,15 +283,6 @@ fn host_run(a: &Args) -> Result<Run> {
             back: bytes as f64 / back_s / 1e6,
         })
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn main() -> Result<()> {
@@ -351,8 +334,8 @@ fn main() -> Result<()> {
         ("sending", (|r: &Run| r.out) as fn(&Run) -> f64),
         ("receiving", |r: &Run| r.back),
     ] {
-        let g = median(guest.iter().map(pick).collect());
-        let h = median(host.iter().map(pick).collect());
+        let g = tools::median(guest.iter().map(pick).collect());
+        let h = tools::median(host.iter().map(pick).collect());
         println!("| {dir} | {g:.3} | {h:.1} | {:.5} |", g / h);
     }
     Ok(())

@@ -6,30 +6,12 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::common::cores;
 use crate::devices::{fnv, pattern};
 use crate::util::{test_kernel, KernelVm, BOOT_LIMIT, SMALL};
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
 
 /// The first `bytes` bytes (at most 1 MiB) of the `net` program's pattern of `seed` (the
 /// `disk` pattern).
@@ -116,7 +98,7 @@ fn net_rounds_carry_on_after_a_live_migration_to_another_host_with_its_own_tap()
             vec!["-n", ns, "addr", "add", "172.30.0.1/24", "dev", tap],
             vec!["-n", ns, "link", "set", tap, "up"],
         ] {
-            ip(&args).unwrap_or_else(|e| panic!("{test}: {e}"));
+            crate::hosts::ip(&args).unwrap_or_else(|e| panic!("{test}: {e}"));
         }
     }
     let enter = |ns: &str| {

@@ -23,7 +23,8 @@ pub struct TwoHosts {
     pub dst_ip: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+/// Runs `ip` with `args`: its error output when it fails.
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
