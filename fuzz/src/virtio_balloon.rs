@@ -11,13 +11,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
 use vmm::virtio::balloon::{Balloon, BalloonHandle, Server};
 use vmm::virtio::Interrupt;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::virtio_blk::{guest_memory, AVAIL_RING, DESC_TABLE, REGIONS, USED_RING};
+use crate::virtio_blk::fixed_queue;
 
 /// Flag bits of byte 0.
 pub const Q_MASK: u8 = 3;
@@ -46,28 +44,7 @@ pub fn run(data: &[u8]) {
 /// Runs `data` as [`run`] does: the drops the server asked for and the balloon's figures, or
 /// `None` for an input too short or a queue the transport would refuse.
 pub fn serve(data: &[u8]) -> Option<(Vec<(u64, u64)>, serde_json::Value)> {
-    let data = crate::capped(data);
-    let (&flags, rest) = data.split_first()?;
-    if rest.len() < 2 {
-        return None;
-    }
-    let size = u16::from_le_bytes([rest[0], rest[1]]);
-    let image = &rest[2..];
-    let mem = guest_memory();
-    let n = image.len().min(REGIONS[0].1);
-    mem.write_slice(&image[..n], GuestAddress(0))
-        .expect("the first region holds the input");
-
-    let mut queue = Queue::new(256).expect("a queue of 256");
-    queue.set_size(size);
-    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-    queue.set_event_idx(flags & F_EVENT_IDX != 0);
-    queue.set_ready(true);
-    if !queue.is_valid(&mem) {
-        return None;
-    }
+    let (flags, _, mem, mut queue) = fixed_queue(crate::capped(data), |f| f & F_EVENT_IDX != 0)?;
     let page: u64 = if flags & F_HUGE != 0 { 2 << 20 } else { 4096 };
     Some(BALLOON.with(|(_dev, handle, log)| {
         log.lock().unwrap().clear();

@@ -71,6 +71,40 @@ pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&ranges).expect("guest memory")
 }
 
+/// The set-up the balloon and network targets share: from `data` (byte 0 flags, bytes 1-2 the
+/// queue size, the rest guest memory from address 0), a fresh guest memory holding the image
+/// and a queue of that size at the fixed ring addresses, with `VIRTIO_F_EVENT_IDX` as
+/// `event_idx` says of the flags. `None` for an input too short or a queue the transport would
+/// refuse. Returns the flags and the image too.
+pub fn fixed_queue(
+    data: &[u8],
+    event_idx: impl Fn(u8) -> bool,
+) -> Option<(u8, &[u8], GuestMemoryMmap, Queue)> {
+    let (&flags, rest) = data.split_first()?;
+    if rest.len() < 2 {
+        return None;
+    }
+    let size = le16(rest);
+    let image = &rest[2..];
+    let mem = guest_memory();
+    let n = image.len().min(REGIONS[0].1);
+    mem.write_slice(&image[..n], GuestAddress(0))
+        .expect("the first region holds the input");
+    let mut queue = Queue::new(MAX_SIZE).expect("a queue of 256");
+    queue.set_size(size);
+    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+    queue.set_event_idx(event_idx(flags));
+    queue.set_ready(true);
+    // The transport refuses a driver's queue that is not valid (mmio.rs, on DRIVER_OK): the
+    // device never sees one.
+    if !queue.is_valid(&mem) {
+        return None;
+    }
+    Some((flags, &image[..n], mem, queue))
+}
+
 fn le16(b: &[u8]) -> u16 {
     u16::from_le_bytes([b[0], b[1]])
 }

@@ -14,13 +14,12 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::virtio::net::{Counters, Server, HDR_LEN, MAX_BATCH, MAX_FRAME, MIN_FRAME};
 use vmm::virtio::Interrupt;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::virtio_blk::{guest_memory, AVAIL_RING, DESC_TABLE, REGIONS, USED_RING};
+use crate::virtio_blk::{fixed_queue, DESC_TABLE, USED_RING};
 
 /// Flag bits of byte 0: the receive queue.
 pub const F_RX: u8 = 1;
@@ -44,28 +43,8 @@ pub fn run(data: &[u8]) {
 /// Runs `data` as [`run`] does: the frames that reached the network and the server's
 /// counters, or `None` for an input too short or a queue the transport would refuse.
 pub fn serve(data: &[u8]) -> Option<(Vec<Vec<u8>>, Counters)> {
-    let data = crate::capped(data);
-    let (&flags, rest) = data.split_first()?;
-    if rest.len() < 2 {
-        return None;
-    }
-    let size = u16::from_le_bytes([rest[0], rest[1]]);
-    let image = &rest[2..];
-    let mem = guest_memory();
-    let n = image.len().min(REGIONS[0].1);
-    mem.write_slice(&image[..n], GuestAddress(0))
-        .expect("the first region holds the input");
-
-    let mut queue = Queue::new(256).expect("a queue of 256");
-    queue.set_size(size);
-    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-    queue.set_event_idx(flags & F_EVENT_IDX != 0);
-    queue.set_ready(true);
-    if !queue.is_valid(&mem) {
-        return None;
-    }
+    let (flags, image, mem, mut queue) =
+        fixed_queue(crate::capped(data), |f| f & F_EVENT_IDX != 0)?;
     let (tap, net) = UnixDatagram::pair().expect("a socket pair");
     tap.set_nonblocking(true).expect("non-blocking");
     net.set_nonblocking(true).expect("non-blocking");
@@ -84,7 +63,7 @@ pub fn serve(data: &[u8]) -> Option<(Vec<Vec<u8>>, Counters)> {
             c.rx_frames + c.rx_dropped <= RX_FRAMES.len() as u64,
             "more frames than were sent: {c:?}"
         );
-        check_received(&mem, &image[..n], before, pass.done);
+        check_received(&mem, image, before, pass.done);
     } else {
         let (done, more) = server.process_tx(&mem, &mut queue, &irq);
         assert!(done <= MAX_BATCH, "{done} frames in one batch");
