@@ -29,8 +29,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::thread::DeviceThread;
 use super::{
-    drain, used_ring_range, ActivateError, GuestWrites, Interrupt, VirtioDevice, INT_CONFIG,
-    INT_VRING, TYPE_BALLOON,
+    drain, read_config_bytes, used_ring_range, ActivateError, GuestWrites, Interrupt, VirtioDevice,
+    INT_CONFIG, INT_VRING, TYPE_BALLOON,
 };
 
 /// The balloon's page size (virtio 1.2 §5.5.6: PFNs are of 4096-byte pages).
@@ -595,13 +595,7 @@ impl VirtioDevice for Balloon {
         let mut config = [0u8; 16];
         config[0..4].copy_from_slice(&self.shared.target.load(Ordering::SeqCst).to_le_bytes());
         config[4..8].copy_from_slice(&self.shared.actual.load(Ordering::SeqCst).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -24,8 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::thread::DeviceThread;
 use super::{
-    drain, used_ring_range, writable_ranges, ActivateError, GuestWrites, Interrupt, VirtioDevice,
-    TYPE_BLOCK,
+    drain, read_config_bytes, used_ring_range, writable_ranges, ActivateError, GuestWrites,
+    Interrupt, VirtioDevice, TYPE_BLOCK,
 };
 
 /// Bytes per sector: the unit of `capacity` and of a request's `sector`.
@@ -540,13 +540,7 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // capacity (le64) at 0; the rest of the layout is for features not offered.
         let config = self.sectors.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

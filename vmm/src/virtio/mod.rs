@@ -117,6 +117,18 @@ impl GuestWrites {
     }
 }
 
+/// Reads `data.len()` bytes of a configuration space laid out in `config` from `offset`: bytes
+/// past its end (and offsets past `usize`) read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// The guest RAM a device may write for `chain`: its device-writable buffers.
 pub fn writable_ranges<'a>(
     chain: &DescriptorChain<&'a GuestMemoryMmap>,

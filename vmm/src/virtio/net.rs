@@ -28,8 +28,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::thread::DeviceThread;
 use super::{
-    drain, used_ring_range, ActivateError, GuestWrites, Interrupt, VirtioDevice, INT_VRING,
-    TYPE_NET,
+    drain, read_config_bytes, used_ring_range, ActivateError, GuestWrites, Interrupt, VirtioDevice,
+    INT_VRING, TYPE_NET,
 };
 
 /// Each queue's size.
@@ -627,13 +627,7 @@ impl VirtioDevice for Net {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // mac at 0 (with F_MAC); the rest of the layout is for features not offered.
         let config = self.mac.map(|m| m.0).unwrap_or_default();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
