@@ -24,6 +24,21 @@ pub fn test_kernel() -> Result<(PathBuf, PathBuf)> {
     Ok((built("build-test-kernel")?, built("build-test-initramfs")?))
 }
 
+/// `--kernel` and `--initrd` as given, the project's test kernel and initramfs
+/// ([`test_kernel`]) for what was not (they are built only when one is missing).
+pub fn kernel_or_test_kernel(
+    kernel: &Option<PathBuf>,
+    initrd: &Option<PathBuf>,
+) -> Result<(PathBuf, PathBuf)> {
+    match (kernel, initrd) {
+        (Some(k), Some(i)) => Ok((k.clone(), i.clone())),
+        (k, i) => {
+            let (tk, ti) = test_kernel()?;
+            Ok((k.clone().unwrap_or(tk), i.clone().unwrap_or(ti)))
+        }
+    }
+}
+
 /// The resident memory of process `pid` (VmRSS), in bytes; 0 once it is gone.
 pub fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -212,13 +212,7 @@ fn main() -> Result<()> {
             a.vmm.display()
         );
     }
-    let (kernel, initrd) = match (&a.kernel, &a.initrd) {
-        (Some(k), Some(i)) => (k.clone(), i.clone()),
-        (k, i) => {
-            let (tk, ti) = tools::test_kernel()?;
-            (k.clone().unwrap_or(tk), i.clone().unwrap_or(ti))
-        }
-    };
+    let (kernel, initrd) = tools::kernel_or_test_kernel(&a.kernel, &a.initrd)?;
     {
         let f = std::fs::File::create(&a.image)
             .with_context(|| format!("creating {}", a.image.display()))?;
